@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lossfloor-installed
+DEMO_DIR ?= demo-output
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lossfloor estimate --data digits --sigmas 0.02:50:20 --estimator full \
+		--out $(DEMO_DIR)/digits-optimal-loss.json --plot $(DEMO_DIR)/digits-optimal-loss.png
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests'; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

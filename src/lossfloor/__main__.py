@@ -1,0 +1,3 @@
+from lossfloor.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Options several subcommands share: data selection, σ grids, device and dtype."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from lossfloor.errors import UserError
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="digits | fashion-mnist[:test] | mnist10k | FILE.npz | FILE.npy | FOLDER | EDM.zip",
+    )
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N items")
+    g.add_argument("--xflip", action="store_true", help="add mirrored copies (doubles the set)")
+    g.add_argument("--key", default=None, help="array key inside an .npz (default: x, or the only)")
+    g.add_argument("--labels-key", default=None, help="labels key inside an .npz (default: y)")
+
+
+def load_data_from_args(args: argparse.Namespace):
+    """The Dataset named by --data/--limit/--xflip/--key/--labels-key."""
+    from lossfloor.data import load_dataset
+
+    return load_dataset(
+        args.data, limit=args.limit, xflip=args.xflip, key=args.key, labels_key=args.labels_key
+    )
+
+
+def parse_sigmas(text: str) -> list[float]:
+    """``"0.1,1,10"`` (a list) or ``"min:max:count"`` (log-spaced, both ends included)."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise ValueError
+            lo, hi, count = float(parts[0]), float(parts[1]), int(parts[2])
+            if count < 1:
+                raise UserError(f"--sigmas {text}: the count must be at least 1")
+            if lo <= 0 or hi <= 0:
+                raise UserError(f"--sigmas {text}: σ must be > 0 (the grid is log-spaced)")
+            if count == 1:
+                values = [lo]
+            else:
+                step = (math.log(hi) - math.log(lo)) / (count - 1)
+                values = [math.exp(math.log(lo) + i * step) for i in range(count)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(
+            f"--sigmas {text!r}: expected a comma-separated list (0.1,1,10) or min:max:count"
+        ) from None
+    if not values:
+        raise UserError("--sigmas: the σ list is empty; give at least one σ > 0")
+    bad = [v for v in values if not (v > 0 and math.isfinite(v))]
+    if bad:
+        raise UserError(f"--sigmas: every σ must be finite and > 0, got {bad[0]}")
+    return values
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise UserError(f"--dtype {name}: expected float32 or float64")
+    return dtypes[name]

@@ -1,0 +1,54 @@
+"""Atomic output: every file is written to a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lossfloor.errors import UserError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder for {target}: {exc.strerror}") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read JSON, turning a missing or malformed file into a UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"file not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def save_with(path: str | os.PathLike[str], save: Callable[[Path], None]) -> None:
+    """Call ``save(tmp_path)`` (e.g. ``fig.savefig``, ``torch.save``) and rename atomically."""
+    with atomic_path(path) as tmp:
+        save(tmp)
