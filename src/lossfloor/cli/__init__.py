@@ -13,7 +13,7 @@ import sys
 from lossfloor import __version__
 from lossfloor.errors import UserError
 
-SUBCOMMANDS = ["estimate", "data"]
+SUBCOMMANDS = ["data", "estimate"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,5 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lossfloor: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lossfloor: interrupted (finished results are kept; rerun to resume)", file=sys.stderr)
+        print(
+            "lossfloor: interrupted (finished results are kept; rerun to resume)", file=sys.stderr
+        )
         return 130

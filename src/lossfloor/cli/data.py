@@ -1,0 +1,51 @@
+"""``lossfloor data``: describe a dataset (size, shape, range, mean, variance, labels, sha256)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lossfloor import __version__
+from lossfloor.cli.common import add_data_arguments, load_data_from_args
+from lossfloor.data import mean_and_variance
+from lossfloor.io import write_json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "data",
+        help="describe a dataset (size, range, variance = J*(σ→∞), fingerprint)",
+        description=__doc__.splitlines()[0],
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write this as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ds = load_data_from_args(args)
+    mean, variance = mean_and_variance(ds.x)
+    counts = None if ds.labels is None else ds.labels.bincount().tolist()
+    info = {
+        **ds.describe(),
+        "limit": args.limit,
+        "dtype": str(ds.x.dtype).removeprefix("torch."),
+        "min": float(ds.x.min()),
+        "max": float(ds.x.max()),
+        "mean": mean,
+        "variance_per_element": variance,
+        "class_counts": counts,
+        "lossfloor_version": __version__,
+    }
+    shape = "x".join(map(str, ds.shape))
+    labels = "none" if counts is None else f"{len(counts)} classes, counts {counts}"
+    print(f"name      {ds.name}")
+    print(f"items     {ds.n}" + (" (half of them mirrored copies)" if ds.xflip else ""))
+    print(f"shape     {shape} ({ds.dim} elements per item)")
+    print(f"range     {info['dtype']} [{info['min']:.6g}, {info['max']:.6g}]")
+    print(f"mean      {mean:.6g}")
+    print(f"variance  {variance:.6g} per element (the optimal loss J* as σ → ∞)")
+    print(f"labels    {labels}")
+    print(f"sha256    {ds.sha256}")
+    if args.json:
+        write_json(args.json, info)
+    return 0

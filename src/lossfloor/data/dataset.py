@@ -1,0 +1,167 @@
+"""The ``Dataset`` every command works on, and ``load_dataset`` that resolves a ``--data`` spec."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lossfloor.data.formats import (
+    RawData,
+    load_edm_zip,
+    load_image_folder,
+    load_npy,
+    load_npz,
+)
+from lossfloor.data.sources import NAMED_SOURCES
+from lossfloor.errors import UserError
+
+FILE_KINDS = "FILE.npz, FILE.npy, an image FOLDER (PNG/JPEG) or an EDM .zip"
+# Divisor d of each scale: x/d − 1 (uint8 0..255 and digits 0..16 both map onto [−1, 1]).
+_DIVISORS = {"uint8": 127.5, "digits": 8.0}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Items in [−1, 1] (N×C×H×W images or N×D vectors), optional labels, a fingerprint."""
+
+    name: str
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    sha256: str
+    xflip: bool
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.float32 or self.x.ndim < 2:
+            raise ValueError(f"Dataset.x must be float32 of shape N×..., got {self.x.dtype}")
+        if self.labels is not None and (
+            self.labels.dtype != torch.int64 or self.labels.shape != (len(self.x),)
+        ):
+            raise ValueError("Dataset.labels must be int64 of shape N")
+
+    @property
+    def n(self) -> int:
+        """Number of items (mirrored copies included)."""
+        return int(self.x.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one item."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        """Number of elements per item."""
+        return math.prod(self.shape)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Largest label + 1, or None without labels."""
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    def flat(self) -> torch.Tensor:
+        """The items as an N×D tensor."""
+        return self.x.reshape(self.n, self.dim)
+
+    def describe(self) -> dict:
+        """What identifies this dataset in a result file."""
+        return {
+            "name": self.name,
+            "n": self.n,
+            "shape": list(self.shape),
+            "sha256": self.sha256,
+            "xflip": self.xflip,
+            "labels": self.labels is not None,
+            "num_classes": self.num_classes,
+        }
+
+
+def fingerprint(values: np.ndarray, scale: str) -> str:
+    """sha256 of an unscaled array: its scale rule, dtype, shape and little-endian bytes."""
+    arr = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(f"lossfloor-data-v1|{scale}|{arr.dtype.str}|{arr.shape}|".encode())
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()
+
+
+def mean_and_variance(x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """Mean of all elements, and the per-element variance across items (1/N) averaged over
+    elements — the optimal per-element x0 loss as σ → ∞. Accumulated in float64, in chunks."""
+    flat = x.reshape(len(x), -1)
+    n = flat.shape[0]
+    total = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for i in range(0, n, chunk):
+        total += flat[i : i + chunk].sum(0, dtype=torch.float64)
+    mu = total / n
+    squares = torch.zeros_like(mu)
+    for i in range(0, n, chunk):
+        squares += (flat[i : i + chunk].double() - mu).square().sum(0)
+    return float(mu.mean()), float((squares / n).mean())
+
+
+def _reader(spec: str) -> tuple[Callable[..., RawData], bool]:
+    """The function that reads ``spec`` (called with ``limit=``) and whether it is an .npz."""
+    if spec in NAMED_SOURCES:
+        return NAMED_SOURCES[spec], False
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return partial(load_image_folder, path), False
+    if path.is_file():
+        readers = {".npz": load_npz, ".npy": load_npy, ".zip": load_edm_zip}
+        suffix = path.suffix.lower()
+        if suffix not in readers:
+            raise UserError(
+                f"{spec}: unsupported file kind {suffix or '(none)'}; give {FILE_KINDS}"
+            )
+        return partial(readers[suffix], path), suffix == ".npz"
+    if path.suffix or "/" in spec or spec.startswith(("~", ".")):
+        raise UserError(f"file or folder not found: {spec}")
+    names = ", ".join(NAMED_SOURCES)
+    raise UserError(f"unknown dataset {spec!r}: use one of {names}, or a path to {FILE_KINDS}")
+
+
+def load_dataset(
+    spec: str,
+    *,
+    limit: int | None = None,
+    xflip: bool = False,
+    key: str | None = None,
+    labels_key: str | None = None,
+) -> Dataset:
+    """Load a named source or a file, take the first ``limit`` items, scale to [−1, 1] and
+    optionally append horizontally mirrored copies (labels duplicated)."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be at least 1 (leave it out to use all items)")
+    read, is_npz = _reader(spec)
+    if is_npz:
+        raw = read(limit=limit, key=key, labels_key=labels_key)
+    elif key is not None or labels_key is not None:
+        option = "--key" if key is not None else "--labels-key"
+        raise UserError(f"{option} applies only to .npz files, not to {spec}")
+    else:
+        raw = read(limit=limit)
+    values = raw.values
+    if raw.scale == "float":
+        with np.errstate(over="ignore"):  # out-of-range float64 becomes inf, reported below
+            x = torch.from_numpy(np.array(values, dtype=np.float32))
+        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        if nan or inf:
+            raise UserError(
+                f"{spec}: the data holds {nan} NaN and {inf} infinite values (in float32); "
+                "remove or replace them"
+            )
+    else:
+        x = torch.from_numpy(values.astype(np.float32) / np.float32(_DIVISORS[raw.scale]) - 1)
+    labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
+    if xflip:
+        if x.ndim != 4:
+            raise UserError(f"--xflip mirrors images, but {spec} holds N×D vectors; drop --xflip")
+        x = torch.cat([x, x.flip(-1)])
+        labels = None if labels is None else torch.cat([labels, labels])
+    return Dataset(spec, x, labels, fingerprint(values, raw.scale), xflip)

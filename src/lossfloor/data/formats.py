@@ -1,0 +1,258 @@
+"""User data files: ``.npz``, ``.npy`` (memory-mapped), image folders and EDM-style zips.
+
+Every reader returns a :class:`RawData`: the first ``limit`` items in canonical layout
+(N×C×H×W images or N×D vectors), unscaled, with optional int64 labels.
+
+Array layout (``.npz``/``.npy``): N×H×W becomes N×1×H×W; N×H×W×C with C in {1, 3, 4} and
+H, W > 4 is read as channels-last and becomes N×C×H×W; other N×C×H×W arrays and N×D vectors
+are kept. uint8 arrays are pixel values (scaled later as x/127.5 − 1); other integer arrays are
+accepted when every value lies in 0..255 and are then treated as uint8; float arrays are used
+as they are.
+
+Image folders: every PNG/JPEG below the folder, sorted by relative path. Grayscale images give
+1 channel, colour ones 3 (an alpha channel is dropped); all images must share one size.
+Labels: from a ``dataset.json`` in the folder if present (EDM's format), else, when every image
+sits in a subfolder, the first-level subfolder names sorted alphabetically give class ids 0, 1, …
+(``cat/``, ``dog/`` → 0, 1); otherwise none.
+
+EDM zips (as EDM's ``dataset_tool.py`` writes them): the PNG/JPEG members sorted by name, labels
+only from ``dataset.json`` (``{"labels": [[filename, label], ...]}`` or ``{"labels": null}``);
+EDM's numbered subfolders inside the zip are not classes.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from lossfloor.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_LABELS_FILE = "dataset.json"
+
+
+class RawData(NamedTuple):
+    """Items before scaling, in canonical layout, already cut to ``limit``."""
+
+    values: np.ndarray  # N×C×H×W or N×D; uint8 pixel values or floats
+    labels: np.ndarray | None  # int64, shape N
+    scale: str  # "uint8": x/127.5 − 1, "digits": x/8 − 1, "float": as is
+
+
+def check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Labels as int64 of shape N; they must be non-negative integers."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise UserError(f"{where}: labels have shape {labels.shape} but the data has {n} items")
+    if (
+        labels.dtype.kind == "f"
+        and np.all(np.isfinite(labels))
+        and np.all(labels == np.rint(labels))
+    ):
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    if n and labels.min() < 0:
+        raise UserError(f"{where}: labels must be >= 0, found {labels.min()}")
+    return labels.astype(np.int64)
+
+
+def _check_items(shape: tuple[int, ...], where: str) -> None:
+    if len(shape) == 0 or shape[0] == 0:
+        raise UserError(f"{where}: the data is empty (0 items); give a file with at least one item")
+    if 0 in shape:
+        raise UserError(f"{where}: each item has shape {shape[1:]} with no elements")
+
+
+def canonical_array(arr: np.ndarray, where: str) -> tuple[np.ndarray, str]:
+    """Apply the layout and dtype rules above; return the array and its scale name."""
+    _check_items(arr.shape, where)
+    kind = arr.dtype.kind
+    if kind in "iu" and arr.dtype != np.uint8:
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi > 255:
+            raise UserError(
+                f"{where}: integer data ({arr.dtype}) spans {lo}..{hi}; "
+                "give uint8 pixel values 0..255 or float data"
+            )
+        arr = arr.astype(np.uint8)
+    elif kind not in "uf":
+        raise UserError(f"{where}: unsupported dtype {arr.dtype}; give uint8 or float data")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[3] in (1, 3, 4) and arr.shape[1] > 4 and arr.shape[2] > 4:
+        arr = arr.transpose(0, 3, 1, 2)
+    elif arr.ndim not in (2, 4):
+        raise UserError(
+            f"{where}: array of shape {arr.shape} is not N×D, N×H×W, N×C×H×W or N×H×W×C"
+        )
+    return np.ascontiguousarray(arr), ("uint8" if arr.dtype == np.uint8 else "float")
+
+
+def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int | None) -> RawData:
+    """Read array ``key`` (default ``x``, or the only one) and labels (default ``y``)."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} holds a single array (an .npy file); rename it to .npy")
+    with npz:
+        keys = list(npz.files)
+        if not keys:
+            raise UserError(f"{path} holds no arrays; save the data with np.savez(path, x=...)")
+        available = ", ".join(keys)
+        if key is None:
+            if "x" not in keys and len(keys) > 1:
+                raise UserError(
+                    f"{path} has arrays {available} but none named x; choose with --key"
+                )
+            key = "x" if "x" in keys else keys[0]
+        elif key not in keys:
+            raise UserError(f"{path} has no array {key!r}; available keys: {available} (--key)")
+        if labels_key is None:
+            labels_key = "y" if "y" in keys and key != "y" else None
+        elif labels_key not in keys:
+            raise UserError(
+                f"{path} has no array {labels_key!r}; available keys: {available} (--labels-key)"
+            )
+        arr = _npz_member(npz, key, path)
+        labels = None if labels_key is None else _npz_member(npz, labels_key, path)
+    _check_items(arr.shape, f"{path}[{key}]")
+    if labels is not None:
+        labels = check_labels(labels, len(arr), f"{path}[{labels_key}]")[:limit]
+    values, scale = canonical_array(arr[:limit], f"{path}[{key}]")
+    return RawData(values, labels, scale)
+
+
+def _npz_member(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return npz[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise UserError(f"{path}: cannot read array {key!r} ({exc})") from None
+
+
+def load_npy(path: Path, *, limit: int | None) -> RawData:
+    """Memory-map the file and read only the first ``limit`` rows."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npy file ({exc})") from None
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise UserError(f"{path} is an .npz archive; rename it to .npz")
+    _check_items(arr.shape, str(path))
+    values, scale = canonical_array(np.array(arr[:limit]), str(path))
+    return RawData(values, None, scale)
+
+
+def load_image_folder(path: Path, *, limit: int | None) -> RawData:
+    """Decode the first ``limit`` images below ``path`` (see the module docstring for labels)."""
+    files = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not files:
+        raise UserError(f"{path}: the folder holds no PNG/JPEG images")
+    if (path / _LABELS_FILE).is_file():
+        labels = _labels_from_json((path / _LABELS_FILE).read_bytes(), files, str(path))
+    elif all("/" in f for f in files):
+        classes = sorted({f.split("/", 1)[0] for f in files})
+        ids = {c: i for i, c in enumerate(classes)}
+        labels = np.array([ids[f.split("/", 1)[0]] for f in files], dtype=np.int64)
+    else:
+        labels = None
+    files = files[:limit]
+    images = _decode_images([(f, lambda f=f: (path / f).open("rb")) for f in files], str(path))
+    return RawData(images, None if labels is None else labels[:limit], "uint8")
+
+
+def load_edm_zip(path: Path, *, limit: int | None) -> RawData:
+    """Decode the first ``limit`` images of an EDM-style zip; labels from its dataset.json."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path} is not a readable zip file ({exc})") from None
+    with zf:
+        names = zf.namelist()
+        files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{path}: the zip holds no PNG/JPEG images")
+        labels = None
+        if _LABELS_FILE in names:
+            labels = _labels_from_json(_zip_read(zf, _LABELS_FILE, path), files, str(path))
+        files = files[:limit]
+        images = _decode_images([(f, lambda f=f: zf.open(f)) for f in files], str(path))
+    return RawData(images, None if labels is None else labels[:limit], "uint8")
+
+
+def _zip_read(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as exc:
+        raise UserError(f"{path}: cannot read {name} ({exc}); the zip is corrupt") from None
+
+
+def _labels_from_json(text: bytes, files: list[str], where: str) -> np.ndarray | None:
+    """EDM's ``{"labels": [[filename, label], ...]}`` (or null) matched to ``files``."""
+    try:
+        entries = json.loads(text)["labels"]
+        table = None if entries is None else {str(name): label for name, label in entries}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(
+            f'{where}: {_LABELS_FILE} is not {{"labels": [[filename, label], ...]}} or null'
+        ) from None
+    if table is None:
+        return None
+    missing = [f for f in files if f not in table]
+    if missing:
+        raise UserError(f"{where}: {_LABELS_FILE} has no label for {missing[0]}")
+    labels = [table[f] for f in files]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
+        raise UserError(f"{where}: {_LABELS_FILE} labels must be integers >= 0")
+    return np.array(labels, dtype=np.int64)
+
+
+def _image_array(image: Image.Image) -> np.ndarray:
+    """C×H×W uint8: 1 channel for grayscale, 3 for colour (alpha dropped)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise UserError(f"{image.mode} images (16-bit or float) are not supported; save 8-bit")
+    if image.mode in ("1", "L", "LA"):
+        return np.asarray(image.convert("L"))[None]
+    return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}x{shape[2]} {'gray' if shape[0] == 1 else 'RGB'}"
+
+
+def _decode_images(items: list[tuple[str, Callable[[], IO[bytes]]]], where: str) -> np.ndarray:
+    """Stack decoded images into N×C×H×W uint8; all must share one size and channel count."""
+    out: np.ndarray | None = None
+    first = ""
+    for i, (name, open_file) in enumerate(items):
+        try:
+            with open_file() as f, Image.open(f) as image:
+                arr = _image_array(image)
+        except UserError as exc:
+            raise UserError(f"{where}: {name}: {exc}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise UserError(f"{where}: cannot read image {name} ({exc})") from None
+        if out is None:
+            out, first = np.empty((len(items), *arr.shape), dtype=np.uint8), name
+        elif arr.shape != out.shape[1:]:
+            raise UserError(
+                f"{where}: images differ in size: {first} is {_describe(out.shape[1:])} "
+                f"but {name} is {_describe(arr.shape)}; convert them to one size and mode"
+            )
+        out[i] = arr
+    assert out is not None
+    return out

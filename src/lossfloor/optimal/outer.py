@@ -1,0 +1,201 @@
+"""The outer average: M draws (x0, ε), the two forms of J*(σ), their combination and error.
+
+Draws are defined independently of chunk sizes, thread counts and σ: the M outer samples are
+cut into fixed blocks of ``OUTER_BLOCK``; block j's noise and inner random sets come from
+generators seeded by (seed, j). Sources are stratified: every point is used ⌊M/N⌋ or ⌈M/N⌉
+times. The same draws serve every σ of a grid, so a curve is smooth and differences between σ
+(or between estimators, or between a model and the optimum) are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lossfloor.errors import UserError
+from lossfloor.optimal.estimators import Estimator, PerSample, Pool
+from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
+
+Tensor = torch.Tensor
+
+#: Outer samples per block: part of the definition of the draws (not a memory knob).
+OUTER_BLOCK = 1024
+
+#: The "auto" precision policy uses float64 where the fp32 logit error bound exceeds this.
+AUTO_LOGIT_TOLERANCE = 1e-2
+
+FORMS = ("auto", "closed", "direct", "combined")
+
+
+def generator_for(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, *key) through numpy's SeedSequence."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def stratified_sources(n: int, m: int, seed: int) -> Tensor:
+    """M source indices into range(n): each index ⌊M/n⌋ or ⌈M/n⌉ times, in random order."""
+    g = generator_for(seed, 0)
+    reps, rest = divmod(m, n)
+    idx = torch.cat([torch.arange(n).repeat(reps), torch.randperm(n, generator=g)[:rest]])
+    return idx[torch.randperm(m, generator=g)]
+
+
+def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
+    """ε for outer block ``block``: float64 N(0, I), identical for every dtype and σ."""
+    return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
+
+
+@dataclass
+class Moments:
+    """The outer average of one σ: both forms, their min-variance combination and errors."""
+
+    closed: float
+    closed_stderr: float
+    direct: float
+    direct_stderr: float
+    combined: float
+    combined_stderr: float
+    weight_closed: float
+    m: int
+
+    @classmethod
+    def from_samples(cls, s: PerSample) -> Moments:
+        """a* = (V_d − C)/(V_c + V_d − 2C) minimises Var(a·closed + (1−a)·direct)."""
+        c, d = s.closed.double(), s.direct.double()
+        m = c.numel()
+        if m < 2:
+            raise UserError("--outer must be at least 2 to give a standard error")
+        vc, vd = c.var().item(), d.var().item()
+        cov = ((c - c.mean()) * (d - d.mean())).sum().item() / (m - 1)
+        denom = vc + vd - 2 * cov
+        a = (vd - cov) / denom if denom > 1e-300 else 0.5
+        comb = a * c + (1 - a) * d
+        se = math.sqrt(1.0 / m)
+        return cls(
+            closed=c.mean().item(),
+            closed_stderr=c.std().item() * se,
+            direct=d.mean().item(),
+            direct_stderr=d.std().item() * se,
+            combined=comb.mean().item(),
+            combined_stderr=comb.std().item() * se,
+            weight_closed=a,
+            m=m,
+        )
+
+    def pick(self, form: str) -> tuple[float, float]:
+        """(value, stderr) of ``form`` ∈ closed | direct | combined."""
+        return {
+            "closed": (self.closed, self.closed_stderr),
+            "direct": (self.direct, self.direct_stderr),
+            "combined": (self.combined, self.combined_stderr),
+        }[form]
+
+
+def resolve_form(form: str, estimator: Estimator) -> str:
+    """``auto``: the min-variance combination for the exact posterior; for sub-sampled
+    estimators the two forms are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
+    if form not in FORMS:
+        raise UserError(f"--form {form}: expected one of {', '.join(FORMS)}")
+    if form != "auto":
+        return form
+    return "combined" if estimator.name == "full" else "closed"
+
+
+def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
+    """float32 / float64, or ``auto``: float64 where the fp32 logit error bound at σ exceeds
+    AUTO_LOGIT_TOLERANCE (small σ on data with large norms), float32 elsewhere."""
+    if precision == "float32":
+        return torch.float32
+    if precision == "float64":
+        return torch.float64
+    if precision != "auto":
+        raise UserError(f"--dtype {precision}: expected float32, float64 or auto")
+    worst = max(logit_error_bound(float(p.sq.max()), p.dim, sigma, torch.float32) for p in pools)
+    return torch.float64 if worst > AUTO_LOGIT_TOLERANCE else torch.float32
+
+
+@dataclass
+class OuterPlan:
+    """The outer draws for a dataset: sources and (for conditional runs) per-class pools."""
+
+    sources: Tensor
+    groups: list[tuple[Tensor, Tensor]]  # (global indices of the class, its pool index map)
+    data: Tensor
+    seed: int
+
+    @classmethod
+    def build(
+        cls, data: Tensor, labels: Tensor | None, m: int, seed: int, conditional: bool
+    ) -> OuterPlan:
+        n = data.shape[0]
+        if m < 2:
+            raise UserError(f"--outer {m}: need at least 2 outer samples")
+        if conditional and labels is None:
+            raise UserError("--conditional needs labels; this dataset has none")
+        if conditional:
+            classes = torch.unique(labels)
+            members = [torch.nonzero(labels == c).flatten() for c in classes]
+        else:
+            members = [torch.arange(n)]
+        groups = []
+        for idx in members:
+            local = torch.full((n,), -1, dtype=torch.long)
+            local[idx] = torch.arange(idx.numel())
+            groups.append((idx, local))
+        return cls(sources=stratified_sources(n, m, seed), groups=groups, data=data, seed=seed)
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.sources.numel() / OUTER_BLOCK)
+
+
+def per_sample_values(
+    plan: OuterPlan,
+    estimator: Estimator,
+    sigma: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    pools: list[Pool],
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    on_block: Callable[[], None] | None = None,
+) -> PerSample:
+    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``)."""
+    m = plan.sources.numel()
+    dim = plan.data[0].numel()
+    closed = torch.empty(m, dtype=torch.float64)
+    direct = torch.empty(m, dtype=torch.float64)
+    for j in range(plan.blocks):
+        lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
+        src = plan.sources[lo:hi]
+        noise = block_noise(plan.seed, j, hi - lo, dim)
+        inner_g = generator_for(plan.seed, 2, j)
+        for (_, local), pool in zip(plan.groups, pools, strict=True):
+            sel = torch.nonzero(local[src] >= 0).flatten() if len(plan.groups) > 1 else None
+            s_local = local[src] if sel is None else local[src[sel]]
+            eps = noise if sel is None else noise[sel]
+            if s_local.numel() == 0:
+                continue
+            out = estimator(
+                pool,
+                s_local.to(device),
+                eps.to(device=device, dtype=dtype),
+                sigma,
+                inner_g,
+                tile_bytes,
+            )
+            where = slice(lo, hi) if sel is None else sel + lo
+            closed[where] = out.closed.cpu()
+            direct[where] = out.direct.cpu()
+        if on_block is not None:
+            on_block()
+    return PerSample(closed=closed, direct=direct)
+
+
+def make_pools(plan: OuterPlan, dtype: torch.dtype, device: torch.device) -> list[Pool]:
+    """One centred pool per group (the whole set, or each class)."""
+    return [Pool.from_data(plan.data[members], dtype, device) for members, _ in plan.groups]

@@ -1,0 +1,48 @@
+"""PNG plots of curves (matplotlib, Agg backend), written atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lossfloor.io import save_with  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike[str]) -> None:
+    save_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_optimal_loss(
+    path: str | os.PathLike[str],
+    curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    data_variance: float | None = None,
+    title: str = "",
+) -> None:
+    """J*(σ) per element against σ (log–log), one line per (label, σ, J*, stderr), ±2 s.e."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    positive = [v[v > 0] for _, _, v, _ in curves]
+    vmax = max((float(p.max()) for p in positive if p.size), default=1.0)
+    floor = max(min((float(p.min()) for p in positive if p.size), default=vmax) / 3, vmax * 1e-8)
+    for label, s, v, se in curves:
+        ax.plot(s, np.maximum(v, floor), marker="o", ms=3, label=label)
+        lo = np.maximum(v - 2 * se, np.maximum(v / 10, floor))
+        ax.fill_between(s, lo, np.maximum(v + 2 * se, floor), alpha=0.25)
+    ax.set_ylim(bottom=floor)
+    if data_variance is not None:
+        ax.axhline(data_variance, color="gray", ls="--", lw=1, label="data variance (σ→∞)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("σ (VE)")
+    ax.set_ylabel("optimal loss J*(σ) per element (x0 units)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save(fig, path)

@@ -1,0 +1,99 @@
+"""The streaming posterior-mean kernel against float64 brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lossfloor.optimal.kernel import SoftmaxState, logit_error_bound, posterior_mean
+
+
+def brute_posterior_mean(q: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """μ(q) = Σ softmax_n(−‖q − x_n‖²/2σ²)·x_n with explicit differences, float64."""
+    d2 = ((q[:, None, :].double() - x[None, :, :].double()) ** 2).sum(-1)
+    return torch.softmax(-d2 / (2 * sigma**2), dim=1) @ x.double()
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0, 5.0])
+def test_kernel_matches_brute_force_float64(small_set, sigma):
+    g = torch.Generator().manual_seed(2)
+    q = small_set[torch.randint(40, (17,), generator=g)] + sigma * torch.randn(
+        17, 6, generator=g, dtype=torch.float64
+    )
+    mu = posterior_mean(q, small_set, sigma).mean()
+    torch.testing.assert_close(
+        mu, brute_posterior_mean(q, small_set, sigma), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_result_does_not_depend_on_tile_size(small_set):
+    q = small_set[:9] + 0.7 * torch.randn(9, 6, dtype=torch.float64)
+    ref = posterior_mean(q, small_set, 0.7).mean()
+    for tile in (8, 64 * 8, 10**9):  # 1 key per tile (at least 64), many tiles, one tile
+        got = posterior_mean(q, small_set, 0.7, tile_bytes=tile).mean()
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_running_max_is_per_query():
+    """A query far from all points (logits ≈ −1e6) next to a query on a point (logit ≈ 0): a max
+    shared across queries would underflow the far query's weights to 0/0."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float32)
+    q = torch.tensor([[0.0, 0.0], [300.0, 300.0]], dtype=torch.float32)
+    mu = posterior_mean(q, x, 0.2).mean()
+    assert torch.isfinite(mu).all()
+    torch.testing.assert_close(mu.double(), brute_posterior_mean(q, x, 0.2), rtol=1e-5, atol=1e-6)
+
+
+def test_no_underflow_in_high_dimensions():
+    """Per-dimension pdf products underflow in high D; logits in log space do not."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 3000, generator=g)
+    q = x[:5] + 0.5 * torch.randn(5, 3000, generator=g)
+    mu = posterior_mean(q, x, 0.5).mean()
+    assert torch.isfinite(mu).all()
+    torch.testing.assert_close(mu.double(), brute_posterior_mean(q, x, 0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_can_be_combined_with_a_per_query_term(small_set):
+    """Streaming keys in two calls and adding one key per query equals one softmax over all."""
+    q = small_set[:5] + 0.4 * torch.randn(5, 6, dtype=torch.float64)
+    extra = small_set[10:15]
+    state = posterior_mean(q, small_set[:20], 0.4)
+    state = posterior_mean(q, small_set[20:], 0.4, state=state)
+    logit = ((q * extra).sum(1) - 0.5 * extra.pow(2).sum(1)) / 0.4**2
+    state.add_one(logit, extra)
+    # brute force: all 40 points plus a duplicate of point 10+b for query b
+    for b in range(5):
+        keys = torch.cat([small_set, extra[b : b + 1]])
+        ref = brute_posterior_mean(q[b : b + 1], keys, 0.4)
+        torch.testing.assert_close(state.mean()[b : b + 1], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_excluded_keys_are_masked(small_set):
+    q = small_set[:4] + 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    ids = torch.arange(40)
+    exclude = torch.tensor([0, 1, 2, 3])
+    mu = posterior_mean(q, small_set, 0.3, key_ids=ids, exclude_ids=exclude).mean()
+    for b in range(4):
+        keep = torch.cat([small_set[:b], small_set[b + 1 :]])
+        ref = brute_posterior_mean(q[b : b + 1], keep, 0.3)
+        torch.testing.assert_close(mu[b : b + 1], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_log_normaliser_is_log_sum_exp(small_set):
+    q = small_set[:3] + torch.randn(3, 6, dtype=torch.float64)
+    state: SoftmaxState = posterior_mean(q, small_set, 1.0)
+    logits = (q @ small_set.T - 0.5 * small_set.pow(2).sum(1)) / 1.0
+    torch.testing.assert_close(
+        state.log_normaliser(), torch.logsumexp(logits, 1), rtol=1e-12, atol=0
+    )
+
+
+def test_error_bound_grows_as_sigma_shrinks():
+    big = logit_error_bound(400.0, 784, 0.01, torch.float32)
+    small = logit_error_bound(400.0, 784, 1.0, torch.float32)
+    assert big > 1e3 * small
+    assert logit_error_bound(400.0, 784, 0.01, torch.float64) < big * 1e-8
+    assert math.isfinite(big)
