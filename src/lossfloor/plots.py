@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from lossfloor.io import save_with  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike[str]) -> None:
+def save_figure(fig, path: str | os.PathLike[str]) -> None:
     save_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     plt.close(fig)
 
@@ -45,4 +45,4 @@ def plot_optimal_loss(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
