@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lossfloor estimate --data digits --sigmas 0.02:50:20 --estimator full \
+	$(VENV)/bin/lossfloor estimate --data digits --sigmas 0.02:50:20 --estimator full --total edm \
 		--out $(DEMO_DIR)/digits-optimal-loss.json --plot $(DEMO_DIR)/digits-optimal-loss.png
 
 lint: $(STAMP)

@@ -97,3 +97,19 @@ def test_error_bound_grows_as_sigma_shrinks():
     assert big > 1e3 * small
     assert logit_error_bound(400.0, 784, 0.01, torch.float64) < big * 1e-8
     assert math.isfinite(big)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [0.02, 0.1, 0.5, 2.0])
+def test_keys_streamed_far_to_near_raise_the_shift_correctly(dtype, sigma):
+    """Keys sorted from far to near, 64 per tile: each tile's weights exceed the running shift by
+    e^50…e^1000, which overflows and is recomputed (small σ) or renormalised (larger σ)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    q = x[:3] + 0.3 * sigma * torch.randn(3, 8, generator=g, dtype=torch.float64)
+    order = torch.argsort(((x - q[0]) ** 2).sum(1), descending=True)
+    keys = x[order]
+    tile = 64 * 3 * torch.finfo(dtype).bits // 8
+    mu = posterior_mean(q.to(dtype), keys.to(dtype), sigma, tile_bytes=tile).mean().double()
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(mu, brute_posterior_mean(q, keys, sigma), rtol=tol, atol=tol)

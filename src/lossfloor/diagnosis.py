@@ -50,19 +50,18 @@ class OptimalDenoiser(nn.Module):
         self.conditional = conditional
         self.precision = precision
         flat = dataset.flat()
-        self.groups: dict[int, Pool] = {}
         if conditional:
-            for c in torch.unique(dataset.labels).tolist():
-                self.groups[c] = Pool.from_data(flat[dataset.labels == c], torch.float64, "cpu")
+            self.groups = {
+                c: flat[dataset.labels == c] for c in torch.unique(dataset.labels).tolist()
+            }
         else:
-            self.groups[-1] = Pool.from_data(flat, torch.float64, "cpu")
-        self._cast: dict[tuple[int, torch.dtype], Pool] = {}
+            self.groups = {-1: flat}
+        self._pools: dict[tuple[int, torch.dtype], Pool] = {}
 
     def _pool(self, key: int, dtype: torch.dtype) -> Pool:
-        if (key, dtype) not in self._cast:
-            p = self.groups[key]
-            self._cast[(key, dtype)] = Pool(p.x.to(dtype), p.sq.to(dtype), p.mean, p.a)
-        return self._cast[(key, dtype)]
+        if (key, dtype) not in self._pools:
+            self._pools[(key, dtype)] = Pool.from_data(self.groups[key], dtype, "cpu")
+        return self._pools[(key, dtype)]
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         n = x.shape[0]
@@ -77,12 +76,11 @@ class OptimalDenoiser(nn.Module):
         for key in set(keys):
             for sv in torch.unique(s[key_t == key]).tolist():
                 sel = torch.nonzero((key_t == key) & (s == sv)).flatten()
-                base = self.groups[key]
-                dtype = choose_dtype(self.precision, [base], sv)
+                dtype = choose_dtype(self.precision, [self._pool(key, torch.float64)], sv)
                 pool = self._pool(key, dtype)
-                q = flat[sel].cpu().double() - base.mean
-                mu = posterior_mean(q.to(dtype), pool.x, sv, keys_sq=pool.sq).mean()
-                out[sel] = mu.double() + base.mean
+                q = flat[sel].cpu().double() - pool.mean
+                mu = posterior_mean(q.to(dtype), None, sv, keys_aug=pool.aug).mean()
+                out[sel] = mu.double() + pool.mean
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
 

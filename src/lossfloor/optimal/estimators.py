@@ -25,19 +25,21 @@ from dataclasses import dataclass, field
 import torch
 
 from lossfloor.errors import UserError
-from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, SoftmaxState, posterior_mean
+from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, SoftmaxState, augment, posterior_mean
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class Pool:
-    """The points a posterior ranges over: centred data x_n − x̄ (N×D), ‖x_n − x̄‖², A = mean‖·‖²."""
+    """The points a posterior ranges over: centred data x_n − x̄ (N×D), ‖x_n − x̄‖², A = mean‖·‖²,
+    and the kernel's augmented keys [x | 1 | −‖x‖²/2]."""
 
     x: Tensor
     sq: Tensor
     mean: Tensor
     a: float
+    aug: Tensor
 
     @classmethod
     def from_data(cls, data: Tensor, dtype: torch.dtype, device: torch.device | str) -> Pool:
@@ -45,7 +47,8 @@ class Pool:
         mean = x64.mean(dim=0)
         xc = x64 - mean
         sq = xc.pow(2).sum(dim=1)
-        return cls(x=xc.to(dtype), sq=sq.to(dtype), mean=mean, a=float(sq.mean()))
+        xd = xc.to(dtype)
+        return cls(x=xd, sq=sq.to(dtype), mean=mean, a=float(sq.mean()), aug=augment(xd))
 
     @property
     def n(self) -> int:
@@ -118,7 +121,7 @@ class Full(Estimator):
     def posterior_mean(
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
-        state = posterior_mean(queries, pool.x, sigma, keys_sq=pool.sq, tile_bytes=tile_bytes)
+        state = posterior_mean(queries, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
         return state.mean()
 
 
@@ -203,9 +206,9 @@ class Subset(Estimator):
                     exclude = torch.where(torch.isin(src, idx), src, idx[-1])
             state = posterior_mean(
                 q,
-                pool.x[idx],
+                None,
                 sigma,
-                keys_sq=pool.sq[idx],
+                keys_aug=pool.aug[idx],
                 key_ids=idx,
                 exclude_ids=exclude,
                 tile_bytes=tile_bytes,

@@ -52,13 +52,6 @@ class SoftmaxState:
         self.m = m_new
         return m_safe
 
-    def add_block(self, logits: Tensor, values: Tensor) -> None:
-        """Add keys shared by all queries: logits B×n, values n×D. Consumes ``logits``."""
-        m_safe = self._rescale(logits.amax(dim=1))
-        p = logits.sub_(m_safe[:, None]).exp_()
-        self.z.add_(p.sum(dim=1))
-        self.acc.addmm_(p, values)
-
     def add_batched(self, logits: Tensor, values: Tensor) -> None:
         """Add keys of each query's own: logits B×n, values B×n×D. Consumes ``logits``."""
         m_safe = self._rescale(logits.amax(dim=1))
@@ -87,44 +80,103 @@ def keys_per_tile(batch: int, itemsize: int, tile_bytes: int = DEFAULT_TILE_BYTE
     return max(64, tile_bytes // (itemsize * max(batch, 1)))
 
 
+def augment(keys: Tensor) -> Tensor:
+    """The keys as both GEMMs read them: [x | 1 | −‖x‖²/2] (N×(D+2)).
+
+    With queries written [q/σ², −s, 1/σ²], one GEMM gives the shifted logits
+    ⟨q,x⟩/σ² − ‖x‖²/2σ² − s, and the weights times the same matrix give [Σp·x | Σp | ·].
+    """
+    ones = torch.ones(keys.shape[0], 1, dtype=keys.dtype, device=keys.device)
+    return torch.cat([keys, ones, -0.5 * keys.pow(2).sum(dim=1, keepdim=True)], dim=1)
+
+
+def _shift(state: SoftmaxState) -> Tensor:
+    """The per-query shift s: the running max, 0 where no key has been seen yet."""
+    return torch.where(torch.isfinite(state.m), state.m, torch.zeros_like(state.m))
+
+
+def _exact_tile(state: SoftmaxState, shifted: Tensor, keys_aug: Tensor, rows: Tensor) -> None:
+    """Fold a tile into ``rows`` of the state with an explicit per-row max (no overflow)."""
+    d = state.acc.shape[1]
+    s = _shift(state)[rows]
+    m_new = torch.maximum(state.m[rows], s + shifted.amax(dim=1))
+    finite = torch.isfinite(m_new)
+    delta = torch.where(finite, m_new - s, torch.zeros_like(s))
+    scale = torch.where(finite, torch.exp(state.m[rows] - m_new), torch.ones_like(s))
+    t = shifted.sub_(delta[:, None]).exp_() @ keys_aug
+    state.z[rows] = state.z[rows] * scale + t[:, d]
+    state.acc[rows] = state.acc[rows] * scale[:, None] + t[:, :d]
+    state.m[rows] = m_new
+
+
+def _logits(q_aug: Tensor, chunk: Tensor, ids: Tensor | None, exclude: Tensor | None) -> Tensor:
+    """Shifted logits of a tile, with each query's excluded key (if any) at −inf."""
+    logits = q_aug @ chunk.T
+    if ids is not None and exclude is not None:
+        logits.masked_fill_(ids[None, :] == exclude[:, None], -math.inf)
+    return logits
+
+
 def posterior_mean(
     queries: Tensor,
-    keys: Tensor,
+    keys: Tensor | None,
     sigma: float,
     *,
-    keys_sq: Tensor | None = None,
-    key_bias: Tensor | None = None,
+    keys_aug: Tensor | None = None,
     key_ids: Tensor | None = None,
     exclude_ids: Tensor | None = None,
     state: SoftmaxState | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> SoftmaxState:
-    """Stream ``keys`` (N×D) for ``queries`` (B×D) at VE noise σ; returns the softmax state.
+    """Stream keys (N×D, or ``keys_aug`` = ``augment(keys)``) for ``queries`` (B×D) at VE σ.
 
-    logits_bn = ⟨q_b, x_n⟩/σ² − ‖x_n‖²/2σ² + bias_n, computed by one ``addmm`` per tile and
-    folded into a per-query running max. ``state.mean()`` is μ(q); pass ``state`` to continue
-    with further keys (e.g. a per-query source term, see ``SoftmaxState.add_one``).
-    With ``key_ids`` (N) and ``exclude_ids`` (B), key n is masked out for query b where
-    key_ids[n] == exclude_ids[b] (a query's own source inside a shared random set).
+    Per tile: one GEMM gives logits ⟨q,x_n⟩/σ² − ‖x_n‖²/2σ² shifted by each query's running
+    max; one exp pass; one GEMM gives [Σp·x | Σp]. The shift is only raised where a tile's
+    weights overflow (they are then recomputed for those queries with an explicit max) or grow
+    past 2^64, so the usual tile costs the two GEMMs and one elementwise pass. ``state.mean()``
+    is μ(q); pass ``state`` to continue with further keys. With ``key_ids`` (N) and
+    ``exclude_ids`` (B), key n is masked for query b where key_ids[n] == exclude_ids[b].
     """
     b, d = queries.shape
-    if keys_sq is None:
-        keys_sq = keys.pow(2).sum(dim=1)
-    inv_var = 1.0 / (sigma * sigma)
-    q_scaled = queries * inv_var
-    bias = keys_sq * (-0.5 * inv_var)
-    if key_bias is not None:
-        bias = bias + key_bias
+    if keys_aug is None:
+        keys_aug = augment(keys)
     if state is None:
         state = SoftmaxState.empty(b, d, queries.dtype, queries.device)
+    inv_var = 1.0 / (sigma * sigma)
+    q_aug = torch.empty(b, d + 2, dtype=queries.dtype, device=queries.device)
+    torch.mul(queries, inv_var, out=q_aug[:, :d])
+    q_aug[:, d + 1] = inv_var
+    big = 2.0**64
     step = keys_per_tile(b, queries.element_size(), tile_bytes)
-    for start in range(0, keys.shape[0], step):
-        chunk = keys[start : start + step]
-        logits = torch.addmm(bias[start : start + step], q_scaled, chunk.T)
-        if exclude_ids is not None and key_ids is not None:
-            own = key_ids[start : start + step][None, :] == exclude_ids[:, None]
-            logits.masked_fill_(own, -math.inf)
-        state.add_block(logits, chunk)
+    for start in range(0, keys_aug.shape[0], step):
+        chunk = keys_aug[start : start + step]
+        ids = None if key_ids is None else key_ids[start : start + step]
+        q_aug[:, d] = -_shift(state)
+        logits = _logits(q_aug, chunk, ids, exclude_ids)
+        fresh = ~torch.isfinite(state.m)
+        if bool(fresh.all()):
+            _exact_tile(state, logits, chunk, torch.arange(b, device=queries.device))
+            continue
+        if bool(fresh.any()):
+            rows = torch.nonzero(fresh).flatten()
+            _exact_tile(state, logits[rows], chunk, rows)
+            logits[rows] = -math.inf
+        t = logits.exp_() @ chunk
+        bad = ~torch.isfinite(t).all(dim=1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()
+            t[rows] = 0
+            excl = None if exclude_ids is None else exclude_ids[rows]
+            _exact_tile(state, _logits(q_aug[rows], chunk, ids, excl), chunk, rows)  # rare
+        state.z.add_(t[:, d])
+        state.acc.add_(t[:, :d])
+        large = state.z > big
+        if bool(large.any()):
+            rows = torch.nonzero(large).flatten()
+            f = state.z[rows]
+            state.acc[rows] /= f[:, None]
+            state.z[rows] = 1.0
+            state.m[rows] = state.m[rows] + torch.log(f)
     return state
 
 
