@@ -25,8 +25,10 @@ Tensor = torch.Tensor
 #: Outer samples per block: part of the definition of the draws (not a memory knob).
 OUTER_BLOCK = 1024
 
-#: The "auto" precision policy uses float64 where the fp32 logit error bound exceeds this.
-AUTO_LOGIT_TOLERANCE = 1e-2
+#: The "auto" precision policy uses float64 where the fp32 logit error bound exceeds this. A
+#: logit error δ moves J* by about δ·J* at worst; on Fashion-MNIST the measured fp32 error is
+#: ~100× below the bound (docs/benchmarks.md), so 0.1 keeps J* within ~1e-3 relative.
+AUTO_LOGIT_TOLERANCE = 0.1
 
 FORMS = ("auto", "closed", "direct", "combined")
 

@@ -1,0 +1,26 @@
+"""Training: a preset diffusers UNet behind any process/target, EMA, exact resume, ``load_run``."""
+
+from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config, make_backbone
+from lossfloor.training.ema import EMA
+from lossfloor.training.loop import (
+    Callback,
+    TrainConfig,
+    Trainer,
+    check_compatible,
+    load_run,
+    train,
+)
+
+__all__ = [
+    "EMA",
+    "PRESETS",
+    "Callback",
+    "TrainConfig",
+    "Trainer",
+    "UNetBackbone",
+    "backbone_config",
+    "check_compatible",
+    "load_run",
+    "make_backbone",
+    "train",
+]

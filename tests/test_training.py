@@ -1,0 +1,305 @@
+"""Trainer, backbone, EMA, checkpoints and the ``train`` CLI (tiny models on 8×8 digits)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lossfloor.cli
+from lossfloor.data import load_dataset
+from lossfloor.errors import UserError
+from lossfloor.training.backbone import UNetBackbone, backbone_config, make_backbone
+from lossfloor.training.ema import EMA
+from lossfloor.training.loop import (
+    SIGMA_BIN_EDGES,
+    TrainConfig,
+    Trainer,
+    check_compatible,
+    load_run,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    monkeypatch.setattr(lossfloor.cli, "SUBCOMMANDS", ["train"])
+    return lossfloor.cli.main
+
+
+def _digits(limit: int = 24):
+    return load_dataset("digits", limit=limit)
+
+
+def _tiny(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(steps=steps, **{"batch": 8, "model": "tiny", "warmup": 2, **kw})
+
+
+def _states_equal(a, b) -> bool:
+    """Bitwise equality of nested dicts/lists of tensors and numbers."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def _ckpt(run_dir):
+    return torch.load(run_dir / "checkpoint-latest.pt", weights_only=True)
+
+
+# ----- backbone ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("shape", "levels"),
+    [((1, 8, 8), 2), ((1, 28, 28), 3), ((3, 32, 32), 3), ((2, 30, 17), 3), ((3, 7, 9), 1)],
+)
+def test_backbone_maps_any_image_size_to_the_same_shape(shape, levels):
+    net = make_backbone(shape, "tiny")
+    assert len(net.config["unet"]["block_out_channels"]) == levels
+    x = torch.randn(3, *shape)
+    out = net(x, torch.tensor([-1.0, 0.0, 2.0]))
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_backbone_pads_to_the_levels_multiple_and_crops_back():
+    config = backbone_config((2, 30, 17), "tiny")
+    assert config["padding"] == [1, 1, 1, 2]  # 30 → 32, 17 → 20: multiples of 2^(3−1)
+    assert config["unet"]["sample_size"] == [32, 20]
+
+
+def test_preset_sizes_at_28x28_are_small_enough_for_cpu():
+    counts = {
+        p: sum(q.numel() for q in make_backbone((1, 28, 28), p).parameters())
+        for p in ("tiny", "small")
+    }
+    assert 0.2e6 < counts["tiny"] < 0.4e6
+    assert 0.9e6 < counts["small"] < 1.3e6
+
+
+def test_conditional_backbone_uses_labels_and_requires_them():
+    net = make_backbone((1, 8, 8), "tiny", num_classes=10)
+    torch.nn.init.normal_(net.unet.class_embedding.weight)
+    x, c = torch.randn(2, 1, 8, 8), torch.zeros(2)
+    a = net(x, c, torch.tensor([0, 0]))
+    b = net(x, c, torch.tensor([3, 3]))
+    assert not torch.allclose(a, b)
+    with pytest.raises(UserError, match="class-conditional"):
+        net(x, c)
+
+
+def test_backbone_rejects_images_of_another_shape():
+    with pytest.raises(UserError, match="expects 1×8×8"):
+        make_backbone((1, 8, 8), "tiny")(torch.randn(2, 1, 9, 8), torch.zeros(2))
+
+
+# ----- EMA --------------------------------------------------------------------------------
+def test_ema_halves_the_distance_after_one_halflife():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, halflife_images=100, rampup_ratio=None)
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, images_seen=100, batch_size=100)  # β = 0.5^(100/100)
+    for e, s, p in zip(ema.model.parameters(), start, model.parameters(), strict=True):
+        torch.testing.assert_close(e, (s + p) / 2, rtol=0, atol=1e-6)
+
+
+def test_ema_rampup_limits_the_halflife_early_on():
+    ema = EMA(torch.nn.Linear(1, 1), halflife_images=10_000, rampup_ratio=0.05)
+    assert ema.beta(images_seen=1000, batch_size=50) == pytest.approx(0.5 ** (50 / 50))
+    assert ema.beta(images_seen=10**6, batch_size=50) == pytest.approx(0.5 ** (50 / 10_000))
+
+
+# ----- trainer ----------------------------------------------------------------------------
+def test_resume_gives_bitwise_identical_weights_ema_optimizer_and_rng(tmp_path):
+    data = _digits(20)  # 6 steps of 8 images cross epoch boundaries of the 20 items
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(_tiny(6, checkpoint_every=3), data, full, progress=False)
+    train(_tiny(3, checkpoint_every=3), data, half, progress=False)
+    train(_tiny(6, checkpoint_every=3), data, half, resume=True, progress=False)
+    a, b = _ckpt(full), _ckpt(half)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert _states_equal(a[key], b[key]), key
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "stats.jsonl").read_text().splitlines()]
+        for d in (full, half)
+    ]
+    assert losses[0] == losses[1]
+    # the comparison is not vacuous: another seed trains to other weights
+    other = tmp_path / "other"
+    train(_tiny(6, checkpoint_every=3, seed=1), data, other, progress=False)
+    assert not _states_equal(a["model"], _ckpt(other)["model"])
+
+
+def test_train_cli_writes_run_files_and_the_loss_decreases(tmp_path, cli):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--limit", "64", "--run-dir", str(run_dir)]
+    opts = ["--steps", "100", "--batch", "16", "--model", "tiny", "--lr", "2e-3"]
+    opts += ["--warmup", "10", "--log-every", "20", "--checkpoint-every", "50"]
+    opts += ["--snapshot-every", "50", "--no-progress"]
+    assert cli(argv + opts) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"] == _digits(64).describe()
+    assert config["process"]["name"] == "edm" and config["target"]["name"] == "F"
+    assert config["schedule"]["name"] == "edm"
+    assert config["train"]["steps"] == 100 and config["train"]["batch"] == 16
+    assert config["model"]["image_shape"] == [1, 8, 8]
+    assert config["optimizer"]["name"] == "AdamW"
+    records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [20, 40, 50, 60, 80, 100]
+    assert [r["images"] for r in records] == [16 * r["step"] for r in records]
+    for r in records:
+        assert len(r["bin_loss_x0"]) == len(SIGMA_BIN_EDGES) - 1
+        assert r["images_per_s"] > 0 and r["lr"] == pytest.approx(2e-3)
+    assert sum(records[0]["bin_count"]) == 20 * 16
+    assert records[-1]["loss"] < 0.75 * records[0]["loss"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == [
+        "checkpoint-00000050.pt",
+        "checkpoint-00000100.pt",
+        "checkpoint-latest.pt",
+    ]
+    assert _ckpt(run_dir)["step"] == 100
+
+
+def test_per_bin_loss_is_the_x0_loss_of_the_sigmas_in_each_bin(tmp_path):
+    # one step, one record: the bins' weighted mean is the record's x0 loss
+    last = train(_tiny(1, batch=32, log_every=1), _digits(), tmp_path / "r", progress=False)
+    counts, losses = last["bin_count"], last["bin_loss_x0"]
+    assert sum(counts) == 32
+    total = sum(c * v for c, v in zip(counts, losses, strict=True) if c)
+    assert total / 32 == pytest.approx(last["loss_x0"], rel=1e-9)
+    assert all((v is None) == (c == 0) for c, v in zip(counts, losses, strict=True))
+
+
+def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, cli, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    base = ["train", "--data", "digits", "--limit", "24", "--run-dir", str(run_dir)]
+    base += ["--model", "tiny", "--batch", "8", "--checkpoint-every", "2", "--no-progress"]
+    assert cli([*base, "--steps", "2"]) == 0
+    before = (run_dir / "checkpoint-latest.pt").read_bytes()
+
+    def nan_forward(self, x_in, c_noise, labels=None):
+        return torch.full_like(x_in, float("nan"))
+
+    monkeypatch.setattr(UNetBackbone, "forward", nan_forward)
+    capsys.readouterr()
+    assert cli([*base, "--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "step 3" in err and "loss is nan" in err and "checkpoint" in err
+    assert (run_dir / "checkpoint-latest.pt").read_bytes() == before
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    trainer = Trainer(_tiny(4, checkpoint_every=1), _digits(), tmp_path / "r", progress=False)
+    trainer.run()
+    good = (tmp_path / "r" / "checkpoint-latest.pt").read_bytes()
+    step = trainer.optimizer.step
+
+    def blow_up():
+        step()
+        with torch.no_grad():
+            trainer.params[0].fill_(float("inf"))
+
+    trainer.optimizer.step = blow_up
+    trainer.config.steps = 5
+    with pytest.raises(UserError, match="step 5: the model weights became non-finite"):
+        trainer.run()
+    assert (tmp_path / "r" / "checkpoint-latest.pt").read_bytes() == good
+
+
+def test_learning_rates_above_one_are_refused():
+    with pytest.raises(UserError, match="--lr"):
+        _tiny(1, lr=1e30)
+
+
+def test_resume_with_data_of_another_shape_is_a_user_error(tmp_path, cli, capsys):
+    run_dir = tmp_path / "run"
+    train(_tiny(1), _digits(), run_dir, progress=False)
+    other = tmp_path / "small.npz"
+    np.savez(other, x=np.zeros((5, 1, 4, 4), dtype=np.uint8))
+    argv = ["train", "--data", str(other), "--run-dir", str(run_dir), "--steps", "2", "--resume"]
+    assert cli(argv) == 2
+    assert "trained on 1×8×8 images" in capsys.readouterr().err
+    _, config = load_run(run_dir)
+    with pytest.raises(UserError, match="1×4×4"):
+        check_compatible(config, load_dataset(str(other)))
+
+
+def test_resume_with_other_data_of_the_same_shape_is_a_user_error(tmp_path):
+    train(_tiny(1), _digits(24), tmp_path / "r", progress=False)
+    with pytest.raises(UserError, match="not the data"):
+        train(_tiny(2), _digits(30), tmp_path / "r", resume=True, progress=False)
+
+
+def test_resume_of_a_missing_run_dir_is_a_user_error(tmp_path, cli, capsys):
+    argv = ["train", "--data", "digits", "--run-dir", str(tmp_path / "nope"), "--steps", "2"]
+    assert cli([*argv, "--resume"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+
+
+def test_resume_with_a_changed_option_is_a_user_error(tmp_path):
+    train(_tiny(1), _digits(), tmp_path / "r", progress=False)
+    with pytest.raises(UserError, match="lr"):
+        train(_tiny(2, lr=5e-3), _digits(), tmp_path / "r", resume=True, progress=False)
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(tmp_path):
+    train(_tiny(1), _digits(), tmp_path / "r", progress=False)
+    with pytest.raises(UserError, match="--resume"):
+        train(_tiny(1), _digits(), tmp_path / "r", progress=False)
+
+
+def test_callbacks_get_the_ema_denoiser_and_may_add_stats(tmp_path):
+    calls = []
+
+    def monitor(step, denoiser, record):
+        x = torch.zeros(2, 1, 8, 8)
+        assert denoiser(x, torch.full((2,), 1.0)).shape == x.shape
+        assert not any(p.requires_grad for p in denoiser.parameters())
+        calls.append(step)
+        record["monitor"] = step * 10
+
+    run_dir = tmp_path / "r"
+    train(_tiny(4), _digits(), run_dir, callbacks=[monitor], callback_every=2, progress=False)
+    assert calls == [2, 4]
+    records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [r.get("monitor") for r in records if r["step"] in (2, 4)] == [20, 40]
+
+
+def test_load_run_gives_the_ema_or_raw_denoiser_of_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "r"
+    train(_tiny(3, conditional=True), _digits(), run_dir, progress=False)
+    ckpt = _ckpt(run_dir)
+    for ema, key in ((True, "ema"), (False, "model")):
+        denoiser, config = load_run(run_dir / "checkpoint-latest.pt", ema=ema)
+        assert _states_equal(denoiser.net.state_dict(), ckpt[key])
+        assert config["train"]["conditional"] and config["model"]["num_classes"] == 10
+        x = torch.randn(4, 1, 8, 8)
+        out = denoiser(x, torch.full((4,), 0.5), torch.tensor([0, 1, 2, 3]))
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not _states_equal(ckpt["ema"], ckpt["model"])
+
+
+def test_conditional_training_needs_labels(tmp_path):
+    data = _digits()
+    unlabelled = type(data)(data.name, data.x, None, data.sha256, data.xflip)
+    with pytest.raises(UserError, match="labels"):
+        Trainer(_tiny(1, conditional=True), unlabelled, tmp_path / "r", progress=False)
