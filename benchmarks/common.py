@@ -38,3 +38,18 @@ def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def interleaved_times(
+    a: Callable[[], object], b: Callable[[], object], repeat: int = 5
+) -> tuple[float, float]:
+    """Minimum wall times of ``a`` and ``b`` run alternately (a, b, a, b, …), after a warm-up,
+    so that load from elsewhere falls on both alike."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeat):
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(ta), min(tb)

@@ -13,7 +13,7 @@ import sys
 from lossfloor import __version__
 from lossfloor.errors import UserError
 
-SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample"]
+SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,86 @@
+"""``lossfloor fid``: FID and KID of samples against a dataset (Inception-v3 and/or classifier
+features), with the sample counts stated."""
+
+from __future__ import annotations
+
+import argparse
+
+from lossfloor import __version__
+from lossfloor.cli.common import add_data_arguments, load_data_from_args, resolve_device
+from lossfloor.evaluation.fid import FEATURES, KID_SUBSETS, evaluate, load_samples
+from lossfloor.io import write_json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fid",
+        help="FID/KID of samples against a dataset (Inception and/or classifier features)",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "--samples",
+        required=True,
+        metavar="FILE|FOLDER",
+        help="samples: .npz (array 'samples', else as --data reads it), .npy, image folder, .zip",
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--n", type=int, default=None, help="use the first N samples (default all)")
+    parser.add_argument(
+        "--n-reference",
+        type=int,
+        default=None,
+        metavar="M",
+        help="reference items (default: as many as samples, at most the dataset)",
+    )
+    parser.add_argument("--feature", choices=[*FEATURES, "both"], default="inception")
+    parser.add_argument("--batch", type=int, default=32, help="images per feature batch")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets")
+    parser.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help="KID's random subsets")
+    parser.add_argument("--out", metavar="FILE.json", default=None, help="write the result here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    samples = load_samples(args.samples, args.n)
+    dataset = load_data_from_args(args)
+    features = FEATURES if args.feature == "both" else (args.feature,)
+    result = evaluate(
+        samples.x,
+        dataset,
+        features=features,
+        n_reference=args.n_reference,
+        batch=args.batch,
+        device=device,
+        seed=args.seed,
+        kid_subsets=args.kid_subsets,
+        progress=not args.quiet,
+    )
+    result = {
+        "samples": {"path": args.samples, **samples.describe()},
+        **result,
+        "options": {
+            "data": args.data,
+            "limit": args.limit,
+            "xflip": args.xflip,
+            "feature": args.feature,
+            "batch": args.batch,
+            "seed": args.seed,
+            "kid_subsets": args.kid_subsets,
+            "n": args.n,
+            "n_reference": args.n_reference,
+        },
+        "lossfloor_version": __version__,
+    }
+    for s in result["scores"].values():
+        print(
+            f"{s['metric']:<13} {s['frechet_distance']:.4f}   "
+            f"KID {s['kid_mean']:.5f} ± {s['kid_std']:.5f}   "
+            f"({s['n_samples']} samples vs {s['n_reference']} reference items of {args.data}; "
+            f"{s['extractor']}, {s['feature_dim']}-d)"
+        )
+    if args.out:
+        write_json(args.out, result)
+    return 0
