@@ -40,8 +40,9 @@ def run(x, est, outer, sigmas=SIGMAS, precision="auto"):
     }
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> list[float]:
-    return [float(v) for v in (a - b) / b]
+def rel(a: np.ndarray, b: np.ndarray) -> list[float | None]:
+    """(a − b)/b, None where b = 0 (J* below float resolution)."""
+    return [float((x - y) / y) if y > 0 else None for x, y in zip(a, b, strict=True)]
 
 
 def main() -> int:
@@ -70,7 +71,7 @@ def main() -> int:
                 {
                     "inner": inner,
                     "C": c_name,
-                    "C_value": c,
+                    "C_value": c if math.isfinite(c) else "inf",
                     "seconds": r["seconds"],
                     "speedup_vs_full": full["seconds"] / r["seconds"],
                     "closed_rel_error": rel(r["closed"], full["value"]),

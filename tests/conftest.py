@@ -7,9 +7,18 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _quiet_threads():
+def _seeded():
+    """Tests that use the global RNG get the same numbers whatever ran before them."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread (small convolutions are faster without thread hand-offs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

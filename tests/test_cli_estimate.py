@@ -41,6 +41,14 @@ def test_json_contract_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_infinite_C_is_recorded_in_valid_json(tmp_path, capsys):
+    out = tmp_path / "snis.json"
+    rc, _, err = run_cli(capsys, "--sigmas", "1", "--estimator", "cdol", "--inner", "20",
+                         "--C", "inf", "--out", str(out))  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out.read_text())["estimator"]["C"] == "inf"
+
+
 def test_target_units_follow_the_process(tmp_path, capsys):
     out = tmp_path / "fm.json"
     rc, _, err = run_cli(capsys, "--sigmas", "0.5,2", "--process", "fm", "--target", "velocity",

@@ -25,12 +25,7 @@ from lossfloor.training.loop import TrainConfig, train
 SIGMA_MAX = 80.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def optimal_denoiser(points: torch.Tensor):

@@ -160,7 +160,7 @@ class Subset(Estimator):
         return {
             "name": self.name,
             "inner": self.inner,
-            "C": self.C,
+            "C": self.C if self.C is None or math.isfinite(self.C) else "inf",
             "replace": self.replace,
             "exclude_source": self.exclude_source,
             "layout": self.layout,
