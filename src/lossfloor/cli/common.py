@@ -71,10 +71,3 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: expected cpu or cuda")
     return torch.device(name)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if name not in dtypes:
-        raise UserError(f"--dtype {name}: expected float32 or float64")
-    return dtypes[name]

@@ -59,11 +59,6 @@ class Curve:
             )
         return np.interp(np.log(s), np.log(self.sigmas), self.values)
 
-    def stderr_at(self, sigma: float | np.ndarray) -> np.ndarray:
-        return np.interp(
-            np.log(np.asarray(sigma, dtype=np.float64)), np.log(self.sigmas), self.stderrs
-        )
-
 
 def total_optimal_loss(
     sigmas: np.ndarray, values: np.ndarray, stderrs: np.ndarray, schedule: NoiseSchedule

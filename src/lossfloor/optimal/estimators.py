@@ -278,22 +278,20 @@ def make_estimator(
 ) -> Estimator:
     """Build an estimator for a pool of n points; checks every parameter (UserError)."""
     if name == "full":
+        if inner is not None or C is not None:
+            raise UserError("--inner and --C apply to snis, dol and cdol, not to full")
         return Full()
     if name not in ESTIMATOR_NAMES:
         raise UserError(f"unknown estimator {name!r}; choose one of: {', '.join(ESTIMATOR_NAMES)}")
     if inner is None:
         inner = max(2, min(n, n // 10))
-    if inner < 2:
-        raise UserError(f"--inner {inner}: the inner set needs at least 2 points (L ≥ 2)")
-    if inner > n:
-        raise UserError(f"--inner {inner} exceeds the number of data points N = {n}")
     if exclude_source is None:
         exclude_source = name != "snis"
     c_value = {"snis": None, "dol": 1.0}.get(name)
-    if name == "cdol":
-        c_value = resolve_C(C, n, inner)
-    elif C is not None:
+    if name != "cdol" and C is not None:
         raise UserError(f"--C applies to cdol only, not {name}")
+    if name == "cdol":
+        c_value = resolve_C(C, n, max(inner, 2))
     est = Subset(
         inner=inner,
         C=c_value,
@@ -303,4 +301,5 @@ def make_estimator(
         share=share,
         name=name,
     )
+    est.check(n)
     return est

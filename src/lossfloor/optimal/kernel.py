@@ -1,8 +1,8 @@
 """The one hot kernel: the posterior mean of noisy queries over a set of data points.
 
-For VE noise σ and keys x_n with prior log-weights b_n, the posterior over keys given a query q is
+For VE noise σ and keys x_n (equally weighted), the posterior over keys given a query q is
 
-    p(n | q) ∝ exp(b_n − ‖q − x_n‖² / 2σ²) ∝ exp(b_n + ⟨q, x_n⟩/σ² − ‖x_n‖²/2σ²),
+    p(n | q) ∝ exp(−‖q − x_n‖² / 2σ²) ∝ exp(⟨q, x_n⟩/σ² − ‖x_n‖²/2σ²),
 
 (‖q‖² is the same for every key of a query and cancels), and μ(q) = Σ_n p(n|q)·x_n. The logits are
 one GEMM and the weighted sum a second; keys are streamed in chunks with a running max per query
@@ -28,7 +28,11 @@ DEFAULT_TILE_BYTES = 32 * 2**20
 
 @dataclass
 class SoftmaxState:
-    """Running per-query (max logit m, Σ exp(l − m), Σ exp(l − m)·x)."""
+    """Running per-query (reference logit m, z = Σ exp(l − m), acc = Σ exp(l − m)·x).
+
+    m is the running max or lags it by a bounded amount (``posterior_mean`` raises it lazily,
+    keeping z < 2^64); μ = acc/z and log Σ exp(l) = m + log z either way.
+    """
 
     m: Tensor
     z: Tensor
