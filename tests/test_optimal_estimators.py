@@ -141,7 +141,7 @@ def test_no_nan_or_inf_from_tiny_to_huge_sigma_with_duplicates(name, precision):
     base = torch.rand(30, 16, generator=g) * 2 - 1
     data = torch.cat([base, base[:10], base[:10]])  # identical points
     sigmas = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
-    est = make_estimator(name, data.shape[0], inner=8)
+    est = make_estimator(name, data.shape[0], inner=None if name == "full" else 8)
     curve = estimate_curve(data, sigmas, est, outer=200, precision=precision, progress=False)
     for p in curve.record["points"]:
         for key in ("optimal_loss", "stderr", "closed", "direct"):
@@ -189,6 +189,7 @@ def test_conditional_posterior_is_the_class_average(digits):
         (dict(name="cdol", inner=10, C=0), "must be > 0"),
         (dict(name="cdol", inner=10, C="many"), "expected a number"),
         (dict(name="nope"), "unknown estimator"),
+        (dict(name="full", inner=10), "not to full"),
     ],
 )
 def test_bad_estimator_parameters_are_user_errors(kwargs, message):
