@@ -56,8 +56,11 @@ def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
         assert p["direct"] == pytest.approx(direct, rel=rtol)
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0, 4.0])
 def test_two_point_dataset_matches_the_tanh_closed_form(sigma):
+    """r = 2 in 8 dims. Not below σ = 0.7: there J* comes from draws whose noise carries x_t
+    across the midplane (probability ~1e-5 at σ = 0.5), so 20,000 draws hold ~0 such events and
+    the sample standard error cannot be trusted — a limit of any finite M, not of the kernel."""
     dim, r = 8, 2.0
     a = torch.full((dim,), r / math.sqrt(dim), dtype=torch.float64)
     data = torch.stack([a, -a])

@@ -13,12 +13,12 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lossfloor.errors import UserError
 from lossfloor.optimal.estimators import Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
+from lossfloor.seeding import generator_for
 
 Tensor = torch.Tensor
 
@@ -31,12 +31,6 @@ OUTER_BLOCK = 1024
 AUTO_LOGIT_TOLERANCE = 0.1
 
 FORMS = ("auto", "closed", "direct", "combined")
-
-
-def generator_for(seed: int, *key: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, *key) through numpy's SeedSequence."""
-    state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def stratified_sources(n: int, m: int, seed: int) -> Tensor:

@@ -32,6 +32,7 @@ from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import UserError
 from lossfloor.io import atomic_path, save_with, write_json
 from lossfloor.schedules import get_schedule
+from lossfloor.seeding import derived_seed, generator_for
 from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config, count_parameters
 from lossfloor.training.ema import EMA
 
@@ -93,17 +94,7 @@ class TrainConfig:
                 raise UserError(message)
 
 
-def _derived_seed(seed: int, *keys: int) -> int:
-    """A well-mixed 63-bit seed for the stream (seed, *keys)."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint32)
-    return int(state.view(np.uint64)[0]) >> 1
-
-
 _STREAM_MODEL, _STREAM_DATA, _STREAM_SIGMA, _STREAM_NOISE = range(4)
-
-
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_derived_seed(seed, *keys))
 
 
 class _DataOrder:
@@ -115,7 +106,7 @@ class _DataOrder:
 
     def _permutation(self, epoch: int) -> Tensor:
         if epoch != self._epoch:
-            g = _generator(self.seed, _STREAM_DATA, epoch)
+            g = generator_for(self.seed, _STREAM_DATA, epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm
 
@@ -281,7 +272,7 @@ class Trainer:
         self.schedule = get_schedule(config.schedule)
         num_classes = dataset.num_classes if config.conditional else None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derived_seed(config.seed, _STREAM_MODEL))
+            torch.manual_seed(derived_seed(config.seed, _STREAM_MODEL))
             net = UNetBackbone(backbone_config(dataset.shape, config.model, num_classes))
         self.net = net.to(self.device)
         self.params = list(self.net.parameters())
@@ -298,8 +289,8 @@ class Trainer:
             weight_decay=config.weight_decay,
             foreach=True,
         )
-        self.g_sigma = _generator(config.seed, _STREAM_SIGMA)
-        self.g_noise = _generator(config.seed, _STREAM_NOISE)
+        self.g_sigma = generator_for(config.seed, _STREAM_SIGMA)
+        self.g_noise = generator_for(config.seed, _STREAM_NOISE)
         self.order = _DataOrder(dataset.n, config.seed)
         self.x = dataset.x.to(self.device)
         self.labels = dataset.labels.to(self.device) if config.conditional else None
