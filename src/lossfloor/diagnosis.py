@@ -11,7 +11,6 @@ underfitting.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,9 +27,11 @@ from lossfloor.optimal import Curve, Full, Pool, posterior_mean
 from lossfloor.optimal.outer import (
     OUTER_BLOCK,
     OuterPlan,
+    base_dtype,
     block_noise,
     choose_dtype,
     make_pools,
+    mean_and_stderr,
     per_sample_values,
 )
 
@@ -76,7 +77,8 @@ class OptimalDenoiser(nn.Module):
         for key in set(keys):
             for sv in torch.unique(s[key_t == key]).tolist():
                 sel = torch.nonzero((key_t == key) & (s == sv)).flatten()
-                dtype = choose_dtype(self.precision, [self._pool(key, torch.float64)], sv)
+                base = self._pool(key, base_dtype(self.precision))
+                dtype = choose_dtype(self.precision, [base], sv)
                 pool = self._pool(key, dtype)
                 q = flat[sel].cpu().double() - pool.mean
                 mu = posterior_mean(q.to(dtype), None, sv, keys_aug=pool.aug).mean()
@@ -143,28 +145,28 @@ def diagnose(
     labels = dataset.labels if use_labels else None
     if use_labels and labels is None:
         raise UserError("the model is class-conditional but the dataset has no labels")
-    pools = {torch.float64: make_pools(plan, torch.float64, device)}
+    pools = {torch.float32: make_pools(plan, torch.float32, device)}
     points = []
     for sigma in tqdm(sigmas, disable=not progress, desc="diagnose", unit="σ", leave=False):
         t0 = time.perf_counter()
-        dtype = choose_dtype("auto", pools[torch.float64], sigma)
+        dtype = choose_dtype("auto", pools[torch.float32], sigma)
         if dtype not in pools:
             pools[dtype] = make_pools(plan, dtype, device)
         opt = per_sample_values(plan, Full(), sigma, dtype, device, pools[dtype]).direct
         mod = model_per_sample_loss(model, dataset, plan, sigma, batch, device, labels)
         if not torch.isfinite(mod).all():
             raise UserError(f"the model's output is not finite at σ = {sigma:g}")
-        gap = mod - opt
-        se = 1.0 / math.sqrt(outer)
+        (jm, jm_se), (jo, jo_se) = mean_and_stderr(mod), mean_and_stderr(opt)
+        gap, gap_se = mean_and_stderr(mod - opt)
         point = {
             "sigma": sigma,
-            "model_loss": mod.mean().item(),
-            "model_loss_stderr": mod.std().item() * se,
-            "optimal_loss": opt.mean().item(),
-            "optimal_loss_stderr": opt.std().item() * se,
-            "gap": gap.mean().item(),
-            "gap_stderr": gap.std().item() * se,
-            "relative_gap": gap.mean().item() / opt.mean().item() if opt.mean() > 0 else None,
+            "model_loss": jm,
+            "model_loss_stderr": jm_se,
+            "optimal_loss": jo,
+            "optimal_loss_stderr": jo_se,
+            "gap": gap,
+            "gap_stderr": gap_se,
+            "relative_gap": gap / jo if jo > 0 else None,
             "seconds": time.perf_counter() - t0,
         }
         factor = loss_factor_of(model, sigma)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lossfloor import __version__
+from lossfloor.data import mean_and_variance
 from lossfloor.errors import UserError
 from lossfloor.optimal.curve import Curve, total_optimal_loss
 from lossfloor.optimal.estimators import Estimator, Pool
@@ -22,6 +23,7 @@ from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
     Moments,
     OuterPlan,
+    base_dtype,
     choose_dtype,
     make_pools,
     per_sample_values,
@@ -78,7 +80,6 @@ def estimate_curve(
             pools_by_dtype[dtype] = make_pools(plan, dtype, device)
         return pools_by_dtype[dtype]
 
-    whole = Pool.from_data(data, torch.float64, "cpu")
     done = dict(done or {})
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
@@ -90,7 +91,7 @@ def estimate_curve(
             points.append(done[sigma])
             continue
         bar.set_postfix(sigma=f"{sigma:.4g}")
-        dtype = choose_dtype(precision, pools(torch.float64), sigma)
+        dtype = choose_dtype(precision, pools(base_dtype(precision)), sigma)
         t0 = time.perf_counter()
         samples = per_sample_values(
             plan, estimator, sigma, dtype, device, pools(dtype), tile_bytes, bar.update
@@ -123,7 +124,7 @@ def estimate_curve(
         **(record or {}),
         "estimator": {**estimator.params(), "outer": m, "seed": seed, "form": form_used},
         "per_element": True,
-        "data_variance": whole.a / whole.dim,
+        "data_variance": mean_and_variance(data)[1],
         "precision": precision,
         "lossfloor_version": __version__,
         "points": points,

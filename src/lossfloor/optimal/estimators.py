@@ -33,12 +33,13 @@ Tensor = torch.Tensor
 @dataclass
 class Pool:
     """The points a posterior ranges over: centred data x_n − x̄ (N×D), ‖x_n − x̄‖², A = mean‖·‖²,
-    and the kernel's augmented keys [x | 1 | −‖x‖²/2]."""
+    max‖·‖² (float64, whatever the pool's dtype), and the kernel's keys [x | 1 | −‖x‖²/2]."""
 
     x: Tensor
     sq: Tensor
     mean: Tensor
     a: float
+    max_sq: float
     aug: Tensor
 
     @classmethod
@@ -48,7 +49,14 @@ class Pool:
         xc = x64 - mean
         sq = xc.pow(2).sum(dim=1)
         xd = xc.to(dtype)
-        return cls(x=xd, sq=sq.to(dtype), mean=mean, a=float(sq.mean()), aug=augment(xd))
+        return cls(
+            x=xd,
+            sq=sq.to(dtype),
+            mean=mean,
+            a=float(sq.mean()),
+            max_sq=float(sq.max()),
+            aug=augment(xd),
+        )
 
     @property
     def n(self) -> int:

@@ -46,6 +46,18 @@ def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
     return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
 
 
+def mean_and_stderr(values: Tensor) -> tuple[float, float]:
+    """(mean, s/√M) of M per-sample values (the i.i.d. formula; stratified sources make it
+    conservative)."""
+    return values.mean().item(), values.std().item() / math.sqrt(values.numel())
+
+
+def base_dtype(precision: str) -> torch.dtype:
+    """The dtype a precision policy works in by default: float64 for ``float64``, else float32
+    (``auto`` switches to float64 per σ where ``choose_dtype`` says so)."""
+    return torch.float64 if precision == "float64" else torch.float32
+
+
 @dataclass
 class Moments:
     """The outer average of one σ: both forms, their min-variance combination and errors."""
@@ -70,18 +82,10 @@ class Moments:
         cov = ((c - c.mean()) * (d - d.mean())).sum().item() / (m - 1)
         denom = vc + vd - 2 * cov
         a = (vd - cov) / denom if denom > 1e-300 else 0.5
-        comb = a * c + (1 - a) * d
-        se = math.sqrt(1.0 / m)
-        return cls(
-            closed=c.mean().item(),
-            closed_stderr=c.std().item() * se,
-            direct=d.mean().item(),
-            direct_stderr=d.std().item() * se,
-            combined=comb.mean().item(),
-            combined_stderr=comb.std().item() * se,
-            weight_closed=a,
-            m=m,
-        )
+        closed, closed_se = mean_and_stderr(c)
+        direct, direct_se = mean_and_stderr(d)
+        combined, combined_se = mean_and_stderr(a * c + (1 - a) * d)
+        return cls(closed, closed_se, direct, direct_se, combined, combined_se, a, m)
 
     def pick(self, form: str) -> tuple[float, float]:
         """(value, stderr) of ``form`` ∈ closed | direct | combined."""
@@ -111,7 +115,7 @@ def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.d
         return torch.float64
     if precision != "auto":
         raise UserError(f"--dtype {precision}: expected float32, float64 or auto")
-    worst = max(logit_error_bound(float(p.sq.max()), p.dim, sigma, torch.float32) for p in pools)
+    worst = max(logit_error_bound(p.max_sq, p.dim, sigma, torch.float32) for p in pools)
     return torch.float64 if worst > AUTO_LOGIT_TOLERANCE else torch.float32
 
 
