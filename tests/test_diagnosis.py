@@ -10,8 +10,10 @@ import torch
 
 from lossfloor.cli import main
 from lossfloor.data import load_dataset
-from lossfloor.diagnosis import GapMonitor, OptimalDenoiser, diagnose, load_diffusers_pipeline
-from lossfloor.optimal import Curve, estimate_curve, make_estimator
+from lossfloor.diagnosis import diagnose
+from lossfloor.models import load_diffusers_pipeline
+from lossfloor.optimal import Curve, OptimalDenoiser, estimate_curve, make_estimator
+from lossfloor.training.monitor import GapMonitor
 
 #: relative float32 rounding between two evaluation paths of the same μ (the reference works on
 #: pre-centred data, the model on raw inputs): ~16 unit round-offs of 6e-8
@@ -128,7 +130,8 @@ def test_bad_diagnose_input_is_one_line(tmp_path, capsys, args, message):
 def test_trained_model_never_beats_the_floor_and_training_lowers_the_gap(tmp_path, capsys):
     """A tiny seeded run on 200 digits: at every σ the gap is ≥ −3 s.e. (no model beats the
     optimum on its own training set), and 200 more steps lower the gap at intermediate σ."""
-    from lossfloor.training.loop import TrainConfig, load_run, train
+    from lossfloor.models import load_run
+    from lossfloor.training.loop import TrainConfig, train
 
     ds = load_dataset("digits", limit=200)
     sigmas = [0.2, 0.5, 1.0, 2.0, 5.0]

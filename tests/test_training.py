@@ -11,16 +11,10 @@ import torch
 import lossfloor.cli
 from lossfloor.data import load_dataset
 from lossfloor.errors import UserError
+from lossfloor.models import check_compatible, load_run
 from lossfloor.training.backbone import UNetBackbone, backbone_config, make_backbone
 from lossfloor.training.ema import EMA
-from lossfloor.training.loop import (
-    SIGMA_BIN_EDGES,
-    TrainConfig,
-    Trainer,
-    check_compatible,
-    load_run,
-    train,
-)
+from lossfloor.training.loop import SIGMA_BIN_EDGES, TrainConfig, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -45,4 +46,29 @@ def plot_optimal_loss(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+def plot_diagnosis(path: str | os.PathLike[str], rec: dict[str, Any], title: str = "") -> None:
+    """J* and J_θ against σ (log axes) above, the gap ± 2 s.e. below."""
+    pts = rec["points"]
+    s = np.array([p["sigma"] for p in pts])
+    jm = np.array([p["model_loss"] for p in pts])
+    jo = np.array([p["optimal_loss"] for p in pts])
+    g = np.array([p["gap"] for p in pts])
+    gse = np.array([p["gap_stderr"] for p in pts])
+    fig, (a, b) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, height_ratios=[3, 2])
+    floor = max(min(v for v in np.concatenate([jm, jo]) if v > 0) / 3, jm.max() * 1e-8)
+    a.plot(s, np.maximum(jm, floor), "o-", ms=3, label="model J_θ(σ)")
+    a.plot(s, np.maximum(jo, floor), "s-", ms=3, label="optimal J*(σ)")
+    a.set(xscale="log", yscale="log", ylabel="loss per element (x0 units)", title=title)
+    b.errorbar(s, g, yerr=2 * gse, fmt="o-", ms=3, capsize=2, color="C3")
+    b.axhline(0, color="gray", lw=0.8)
+    b.set(xscale="log", xlabel="σ (VE)", ylabel="gap J_θ − J*")
+    b.text(0.01, 0.97, "where J* ≈ 0 the optimum memorises: a gap there is\npartly the price "
+           "of generalisation, not only underfitting", transform=b.transAxes, va="top",
+           fontsize=7, color="gray")  # fmt: skip
+    for ax in (a, b):
+        ax.grid(True, which="both", alpha=0.3)
+    a.legend()
     save_figure(fig, path)

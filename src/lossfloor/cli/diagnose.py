@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.diagnosis import diagnose, load_model, plot_diagnosis
+    from lossfloor.diagnosis import diagnose
+    from lossfloor.models import load_model
+    from lossfloor.plots import plot_diagnosis
 
     sigmas = parse_sigmas(args.sigmas)
     if args.outer < 2:

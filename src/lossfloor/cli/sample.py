@@ -66,8 +66,8 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 
 
 def run(args: argparse.Namespace) -> int:
+    from lossfloor.models import load_run
     from lossfloor.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate, image_grid
-    from lossfloor.training.loop import load_run
 
     if args.out_grid is None and args.out_npz is None:
         raise UserError("give --out-grid FILE.png and/or --out-npz FILE.npz")

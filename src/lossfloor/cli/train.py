@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_data_from_args(args)
     callbacks = []
     if args.monitor:
-        from lossfloor.diagnosis import GapMonitor
         from lossfloor.optimal import Curve
+        from lossfloor.training.monitor import GapMonitor
 
         if args.monitor_every < 1 or args.monitor_n < 2:
             raise UserError("--monitor-every must be ≥ 1 and --monitor-n ≥ 2")

@@ -1,6 +1,7 @@
 """The optimal loss J*(σ) of a dataset and its estimators (method.md §2–3)."""
 
 from lossfloor.optimal.curve import Curve, total_optimal_loss
+from lossfloor.optimal.denoiser import OptimalDenoiser
 from lossfloor.optimal.estimate import estimate_curve
 from lossfloor.optimal.estimators import (
     ESTIMATOR_NAMES,
@@ -18,6 +19,7 @@ __all__ = [
     "Curve",
     "Estimator",
     "Full",
+    "OptimalDenoiser",
     "Pool",
     "SoftmaxState",
     "Subset",

@@ -1,4 +1,4 @@
-"""Training: a preset diffusers UNet behind any process/target, EMA, exact resume, ``load_run``."""
+"""Training: a preset diffusers UNet behind any process/target, EMA, exact resume, gap monitor."""
 
 from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config, make_backbone
 from lossfloor.training.ema import EMA
@@ -6,8 +6,6 @@ from lossfloor.training.loop import (
     Callback,
     TrainConfig,
     Trainer,
-    check_compatible,
-    load_run,
     train,
 )
 
@@ -19,8 +17,6 @@ __all__ = [
     "Trainer",
     "UNetBackbone",
     "backbone_config",
-    "check_compatible",
-    "load_run",
     "make_backbone",
     "train",
 ]

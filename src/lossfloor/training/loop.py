@@ -31,6 +31,12 @@ from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import UserError
 from lossfloor.io import atomic_path, save_with, write_json
+from lossfloor.models import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_LATEST,
+    check_compatible,
+    load_checkpoint,
+)
 from lossfloor.schedules import get_schedule
 from lossfloor.seeding import derived_seed, generator_for
 from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config, count_parameters
@@ -39,8 +45,6 @@ from lossfloor.training.ema import EMA
 Tensor = torch.Tensor
 Callback = Callable[[int, Denoiser, dict[str, Any]], None]
 
-CHECKPOINT_LATEST = "checkpoint-latest.pt"
-CHECKPOINT_FORMAT = "lossfloor-run/1"
 # Per-σ-bin statistics: 8 log-spaced bins over EDM's sampling range [0.002, 80]; the first and
 # last bins are open-ended (they also hold σ below 0.002 and above 80).
 SIGMA_BIN_EDGES: list[float] = np.geomspace(0.002, 80.0, 9).tolist()
@@ -120,19 +124,6 @@ class _DataOrder:
         return torch.cat(out)
 
 
-def check_compatible(config: dict[str, Any], dataset: Dataset) -> None:
-    """UserError unless ``dataset`` has the image shape (and labels) the run's model needs."""
-    model = config["model"]
-    want = tuple(model["image_shape"])
-    if tuple(dataset.shape) != want:
-        raise UserError(
-            f"the model was trained on {'×'.join(map(str, want))} images but {dataset.name} holds "
-            f"{'×'.join(map(str, dataset.shape))} items; use data of the model's shape"
-        )
-    if model["num_classes"] is not None and dataset.labels is None:
-        raise UserError(f"the model is class-conditional but {dataset.name} has no labels")
-
-
 def _run_config(config: TrainConfig, dataset: Dataset, denoiser: Denoiser, device: str) -> dict:
     """config.json: the training options and everything they resolve to."""
     net = denoiser.net
@@ -158,43 +149,6 @@ def _run_config(config: TrainConfig, dataset: Dataset, denoiser: Denoiser, devic
         "sigma_bin_edges": SIGMA_BIN_EDGES,
         "device": device,
     }
-
-
-def _load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say so in one line
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a lossfloor training checkpoint")
-    return ckpt
-
-
-def _checkpoint_path(run: str | Path) -> Path:
-    path = Path(run)
-    if path.is_dir():
-        return path / CHECKPOINT_LATEST
-    if not path.exists():
-        raise UserError(f"run directory or checkpoint not found: {path}")
-    return path
-
-
-def load_run(
-    run: str | Path, ema: bool = True, device: str | torch.device = "cpu"
-) -> tuple[Denoiser, dict[str, Any]]:
-    """(Denoiser in eval mode, run config) from a run directory or a checkpoint file.
-
-    ``ema=True`` loads the EMA weights (what a run is sampled and diagnosed with).
-    """
-    ckpt = _load_checkpoint(_checkpoint_path(run), device)
-    config = ckpt["config"]
-    net = UNetBackbone(config["model"])
-    net.load_state_dict(ckpt["ema" if ema else "model"])
-    train = config["train"]
-    denoiser = Denoiser(net, train["process"], train["target"], train["sigma_data"])
-    return denoiser.to(device).eval().requires_grad_(False), config
 
 
 class _Accumulator:
@@ -329,7 +283,7 @@ class Trainer:
                 f"--resume: {self.run_dir} has no {CHECKPOINT_LATEST}; start a new run without "
                 "--resume"
             )
-        ckpt = _load_checkpoint(self.latest_path, "cpu")
+        ckpt = load_checkpoint(self.latest_path, "cpu")
         saved = ckpt["config"]
         check_compatible(saved, self.dataset)
         identity = {k: v for k, v in self.dataset.describe().items() if k != "name"}

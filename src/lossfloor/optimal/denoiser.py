@@ -1,0 +1,64 @@
+"""The optimal denoiser D*(x, σ, labels) = E[x0 | x0 + σε = x] of an empirical dataset."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lossfloor.data import Dataset
+from lossfloor.errors import UserError
+from lossfloor.optimal.estimators import Pool
+from lossfloor.optimal.kernel import posterior_mean
+from lossfloor.optimal.outer import base_dtype, choose_dtype
+
+Tensor = torch.Tensor
+
+
+class OptimalDenoiser(nn.Module):
+    """D*(x, σ, labels) = Σ_n softmax_n(−‖x − x_n‖²/2σ²)·x_n over the empirical set; with
+    ``conditional``, over the points of each query's class (labels required)."""
+
+    def __init__(self, dataset: Dataset, conditional: bool = False, precision: str = "auto"):
+        super().__init__()
+        if conditional and dataset.labels is None:
+            raise UserError("a conditional optimal denoiser needs labels; this dataset has none")
+        self.shape = dataset.shape
+        self.conditional = conditional
+        self.precision = precision
+        flat = dataset.flat()
+        if conditional:
+            self.groups = {
+                c: flat[dataset.labels == c] for c in torch.unique(dataset.labels).tolist()
+            }
+        else:
+            self.groups = {-1: flat}
+        self._pools: dict[tuple[int, torch.dtype], Pool] = {}
+
+    def _pool(self, key: int, dtype: torch.dtype) -> Pool:
+        if (key, dtype) not in self._pools:
+            self._pools[(key, dtype)] = Pool.from_data(self.groups[key], dtype, "cpu")
+        return self._pools[(key, dtype)]
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        if self.conditional and labels is None:
+            raise UserError("the conditional optimal denoiser needs class labels")
+        n = x.shape[0]
+        flat = x.reshape(n, -1)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).cpu()
+        s = s.expand(n) if s.numel() == 1 else s
+        keys = labels.reshape(-1).tolist() if self.conditional else [-1] * n
+        unknown = sorted(set(keys) - set(self.groups))
+        if unknown:
+            raise UserError(f"the optimal denoiser has no data points of class {unknown[0]}")
+        out = torch.empty(n, flat.shape[1], dtype=torch.float64)
+        key_t = torch.tensor(keys)
+        for key in set(keys):
+            for sv in torch.unique(s[key_t == key]).tolist():
+                sel = torch.nonzero((key_t == key) & (s == sv)).flatten()
+                base = self._pool(key, base_dtype(self.precision))
+                dtype = choose_dtype(self.precision, [base], sv)
+                pool = self._pool(key, dtype)
+                q = flat[sel].cpu().double() - pool.mean
+                mu = posterior_mean(q.to(dtype), None, sv, keys_aug=pool.aug).mean()
+                out[sel] = mu.double() + pool.mean
+        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
