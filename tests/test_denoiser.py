@@ -25,7 +25,7 @@ from lossfloor.errors import UserError
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
 SIGMA_DATA = 0.5
-PROCESSES = [get_process(n) for n in PROCESS_NAMES] + [
+PROCESSES = [get_process(n) for n in PROCESS_NAMES if n != "vp-discrete"] + [
     VPDiscrete(torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))))
 ]
 CASES = [(p, n) for p in PROCESSES for n in TARGET_NAMES]

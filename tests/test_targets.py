@@ -31,7 +31,7 @@ from lossfloor.errors import UserError
 
 F64 = torch.float64
 SIGMA_DATA = 0.5
-PROCESSES = [get_process(n) for n in PROCESS_NAMES] + [
+PROCESSES = [get_process(n) for n in PROCESS_NAMES if n != "vp-discrete"] + [
     VPDiscrete(torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))))
 ]
 VP_PROCESSES = [p for p in PROCESSES if p.name.startswith("vp")]
@@ -282,3 +282,18 @@ def test_to_config_is_json():
     for target in TARGETS:
         assert json.loads(json.dumps(target.to_config()))["name"] == target.name
     assert EDMF(0.7).to_config() == {"name": "F", "sigma_data": 0.7}
+
+
+@pytest.mark.parametrize("name", TARGET_NAMES)
+def test_target_config_round_trip(name):
+    t = get_target(name, sigma_data=0.7)
+    config = json.loads(json.dumps(t.to_config()))
+    assert get_target(config).to_config() == config
+    assert get_target(config).to_config()["name"] == name
+
+
+def test_sigma_data_is_a_parameter_of_F_only():
+    assert get_target("F", sigma_data=0.3).to_config() == {"name": "F", "sigma_data": 0.3}
+    assert get_target("eps", sigma_data=0.3).to_config() == {"name": "eps"}
+    with pytest.raises(UserError, match="sigma_data"):
+        get_target("F", sigma_data=-1.0)

@@ -1,4 +1,8 @@
-"""The one exception a user sees: a bad input, reported as one line and exit code 2."""
+"""The exceptions a user sees: a bad input, reported as one line and exit code 2."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class UserError(Exception):
@@ -6,3 +10,19 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class ParameterError(UserError):
+    """A bad value of a named parameter of the Python API: ``"<param> = <value>: <reason>"``.
+
+    The library speaks of its own parameters; the CLI reports the error under the option that
+    set the parameter (``ParameterError.for_option``).
+    """
+
+    def __init__(self, param: str, value: Any, reason: str) -> None:
+        self.param, self.value, self.reason = param, value, reason
+        super().__init__(f"{param} = {value!r}: {reason}")
+
+    def for_option(self, option: str) -> str:
+        """The message as the CLI shows it: ``"<option> <value>: <reason>"``."""
+        return " ".join(f"{option} {self.value}: {self.reason}".split())

@@ -1,7 +1,9 @@
 """Command-line interface: one thin module per subcommand over the Python API.
 
 Each subcommand module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
-A ``UserError`` anywhere becomes one line on stderr and exit code 2.
+A ``UserError`` anywhere becomes one line on stderr and exit code 2; a ``ParameterError`` of the
+Python API is reported under the option that sets the parameter (``--<param>``, or the name a
+subcommand gives in ``set_defaults(param_options={param: option})``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import importlib
 import sys
 
 from lossfloor import __version__
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 
 SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid"]
 
@@ -30,10 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_of(parser: argparse.ArgumentParser, args: argparse.Namespace, param: str) -> str | None:
+    """The option of ``args.command`` that sets the API parameter ``param``, if it has one."""
+    named = getattr(args, "param_options", {}).get(param)
+    option = named or "--" + param.replace("_", "-")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return option if option in sub.choices[args.command]._option_string_actions else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = None
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         return int(args.run(args) or 0)
+    except ParameterError as exc:
+        option = None if args is None else _option_of(parser, args, exc.param)
+        print(f"lossfloor: error: {exc if option is None else exc.for_option(option)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except UserError as exc:
         print(f"lossfloor: error: {exc}", file=sys.stderr)
         return 2

@@ -44,8 +44,8 @@ class Denoiser(torch.nn.Module):
         if not 0 < sigma_data < math.inf:
             raise UserError(f"sigma_data must be a positive number, got {sigma_data}")
         self.net = net
-        self.process = get_process(process) if isinstance(process, str) else process
-        self.target = get_target(target, sigma_data) if isinstance(target, str) else target
+        self.process = get_process(process)
+        self.target = get_target(target, sigma_data)
         if isinstance(self.target, EDMF) and self.target.sigma_data != sigma_data:
             raise UserError(
                 f"target F has sigma_data={self.target.sigma_data} but the Denoiser got "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lossfloor.errors import UserError
+from lossfloor.registry import Registry
 
 TensorLike = float | Tensor
 
@@ -42,6 +44,9 @@ def as_sigma(value: TensorLike, x: Tensor, dtype: torch.dtype | None = None) -> 
             f"shape {tuple(x.shape)}; pass a float, shape [{n}] or [{n}{', 1' * (x.ndim - 1)}]"
         )
     return v.reshape(-1, *([1] * (x.ndim - 1))).expand(n, *([1] * (x.ndim - 1)))
+
+
+PROCESSES: Registry[Process] = Registry("process")
 
 
 class Process(ABC):
@@ -87,6 +92,7 @@ class Process(ABC):
         return f"{type(self).__name__}({self.to_config()})"
 
 
+@PROCESSES.register("ve")
 class VE(Process):
     """Variance exploding (NCSN): α = 1, σ = t, so t is σ̃. c_noise = ln(σ/2) (EDM's VEPrecond).
 
@@ -129,6 +135,7 @@ class VE(Process):
         return {"name": self.name, "sigma_min": self.t_min, "sigma_max": self.t_max}
 
 
+@PROCESSES.register("edm")
 class EDM(VE):
     """EDM (Karras et al. 2022): α = 1, σ = t as in VE; c_noise = ¼·ln σ. Range σ ∈ [0.002, 80]."""
 
@@ -142,6 +149,7 @@ class EDM(VE):
         return 0.25 * torch.log(_f64(t))
 
 
+@PROCESSES.register("vp-linear", "vp")
 class VPLinear(Process):
     """Continuous-time DDPM, linear β(t) = β_min + (β_max − β_min)·t on t ∈ [1e-5, 1].
 
@@ -205,6 +213,7 @@ class VPLinear(Process):
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
 
 
+@PROCESSES.register("vp-edm")
 class VPEDM(VPLinear):
     """EDM's VP: σ̃(t) = √(exp(½β_d·t² + β_min·t) − 1), β_d = 19.9, β_min = 0.1, t ∈ [1e-5, 1].
 
@@ -224,6 +233,7 @@ class VPEDM(VPLinear):
         return {"name": self.name, "beta_d": self._beta_d, "beta_min": self.beta_min}
 
 
+@PROCESSES.register("vp-cosine")
 class VPCosine(Process):
     """Nichol–Dhariwal cosine schedule on t ∈ [1e-5, 0.999].
 
@@ -277,6 +287,7 @@ class VPCosine(Process):
         return {"name": self.name, "s": self.s}
 
 
+@PROCESSES.register("fm", "flow", "rectified-flow")
 class FlowMatching(Process):
     """Rectified flow: α = 1 − t, σ = t, σ̃ = t/(1 − t), t = σ̃/(1 + σ̃); t ∈ [1e-5, 0.999].
 
@@ -312,6 +323,7 @@ class FlowMatching(Process):
         return {"name": self.name}
 
 
+@PROCESSES.register("vp-discrete")
 class VPDiscrete(Process):
     """A discrete VP model (e.g. diffusers' DDPMScheduler) given ᾱ at integer timesteps 0…T−1.
 
@@ -386,24 +398,16 @@ class VPDiscrete(Process):
         return {"name": self.name, "alphas_cumprod": self.alphas_cumprod.tolist()}
 
 
-_PROCESSES: dict[str, type[Process]] = {
-    "ve": VE,
-    "edm": EDM,
-    "vp-linear": VPLinear,
-    "vp-cosine": VPCosine,
-    "vp-edm": VPEDM,
-    "fm": FlowMatching,
-}
-PROCESS_NAMES: tuple[str, ...] = tuple(_PROCESSES)
+def get_process(spec: str | Mapping[str, Any] | Process, **params: Any) -> Process:
+    """A process from its name (case-insensitive; ``params`` override its defaults), from a
+    ``to_config()`` dict, or returned as is."""
+    if isinstance(spec, Process):
+        return spec
+    if isinstance(spec, Mapping):
+        return PROCESSES.from_config({**spec, **params})
+    return PROCESSES.create(spec, **params)
+
+
+PROCESS_NAMES: tuple[str, ...] = PROCESSES.names
 """The canonical names ``get_process`` takes; ``PROCESS_ALIASES`` lists the other spellings."""
-PROCESS_ALIASES: dict[str, str] = {"vp": "vp-linear", "flow": "fm", "rectified-flow": "fm"}
-
-
-def get_process(name: str) -> Process:
-    """The process called ``name`` (case-insensitive), with its default parameters."""
-    key = str(name).strip().lower()
-    key = PROCESS_ALIASES.get(key, key)
-    if key not in _PROCESSES:
-        valid = ", ".join([*PROCESS_NAMES, *PROCESS_ALIASES])
-        raise UserError(f"unknown process {name!r}; use one of: {valid}")
-    return _PROCESSES[key]()
+PROCESS_ALIASES: dict[str, str] = PROCESSES.aliases

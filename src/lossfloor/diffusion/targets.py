@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lossfloor.diffusion.processes import Process, TensorLike, as_sigma
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError
+from lossfloor.registry import Registry
 
 
 def edm_c_skip(sigma: TensorLike, sigma_data: float = 0.5) -> Tensor:
@@ -45,6 +47,9 @@ def edm_lambda(sigma: TensorLike, sigma_data: float = 0.5) -> Tensor:
     """EDM's loss weight λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/c_out²."""
     s = torch.as_tensor(sigma, dtype=torch.float64)
     return (s**2 + sigma_data**2) / (s * sigma_data) ** 2
+
+
+TARGETS: Registry[Target] = Registry("target")
 
 
 class Target(ABC):
@@ -84,6 +89,7 @@ class Target(ABC):
         return f"{type(self).__name__}({self.to_config()})"
 
 
+@TARGETS.register("x0")
 class X0(Target):
     """x̂0 itself: a = 1, b = 0; factor 1."""
 
@@ -94,6 +100,7 @@ class X0(Target):
         return one, torch.zeros_like(one)
 
 
+@TARGETS.register("eps", "epsilon")
 class Epsilon(Target):
     """ε̂ = (x_t − α·x̂0)/σ: a = −α/σ, b = 1/σ; factor α²/σ² = 1/σ̃²."""
 
@@ -104,6 +111,7 @@ class Epsilon(Target):
         return -alpha / sigma, 1 / sigma
 
 
+@TARGETS.register("score")
 class Score(Target):
     """Score −ε̂/σ = (α·x̂0 − x_t)/σ²: a = α/σ², b = −1/σ²; factor α²/σ⁴."""
 
@@ -114,6 +122,7 @@ class Score(Target):
         return alpha / sigma**2, -1 / sigma**2
 
 
+@TARGETS.register("velocity", "flow")
 class Velocity(Target):
     """Flow velocity v = α̇·x̂0 + σ̇·ε̂: a = α̇ − σ̇·α/σ, b = σ̇/σ; factor (α̇ − σ̇α/σ)².
 
@@ -128,6 +137,7 @@ class Velocity(Target):
         return alpha_dot - sigma_dot * alpha / sigma, sigma_dot / sigma
 
 
+@TARGETS.register("v")
 class VPV(Target):
     """Salimans–Ho v = α·ε̂ − σ·x̂0: a = −(α²/σ + σ), b = α/σ; factor (α²/σ + σ)².
 
@@ -142,6 +152,7 @@ class VPV(Target):
         return -(alpha**2 / sigma + sigma), alpha / sigma
 
 
+@TARGETS.register("F", "edm")
 class EDMF(Target):
     """EDM's raw output F with D = c_skip·x + c_out·F in VE coordinates x = x_t/α, σ̃ = σ/α.
 
@@ -153,7 +164,7 @@ class EDMF(Target):
 
     def __init__(self, sigma_data: float = 0.5) -> None:
         if not 0 < sigma_data < math.inf:
-            raise UserError(f"target F: sigma_data must be a positive number, got {sigma_data}")
+            raise ParameterError("sigma_data", sigma_data, "target F needs a positive number")
         self.sigma_data = float(sigma_data)
 
     def coefficients(self, t: TensorLike, process: Process) -> tuple[Tensor, Tensor]:
@@ -170,25 +181,23 @@ class EDMF(Target):
         return {"name": self.name, "sigma_data": self.sigma_data}
 
 
-_TARGETS: dict[str, type[Target]] = {
-    "x0": X0,
-    "eps": Epsilon,
-    "score": Score,
-    "velocity": Velocity,
-    "v": VPV,
-    "F": EDMF,
-}
-TARGET_NAMES: tuple[str, ...] = tuple(_TARGETS)
+def get_target(
+    spec: str | Mapping[str, Any] | Target, sigma_data: float | None = None, **params: Any
+) -> Target:
+    """A target from its name (case-insensitive), a ``to_config()`` dict, or as is.
+
+    ``sigma_data`` is a parameter of F only and ignored by the other targets (so callers can pass
+    one value whatever the target).
+    """
+    if isinstance(spec, Target):
+        return spec
+    config = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    name = TARGETS.canonical(config.get("name", ""))
+    if name == EDMF.name and sigma_data is not None:
+        params["sigma_data"] = sigma_data
+    return TARGETS.from_config({**config, **params, "name": name})
+
+
+TARGET_NAMES: tuple[str, ...] = TARGETS.names
 """The canonical names ``get_target`` takes; ``TARGET_ALIASES`` lists the other spellings."""
-TARGET_ALIASES: dict[str, str] = {"epsilon": "eps", "flow": "velocity", "edm": "F"}
-
-
-def get_target(name: str, sigma_data: float = 0.5) -> Target:
-    """The target called ``name`` (case-insensitive); ``sigma_data`` is used by F only."""
-    by_key = {k.lower(): k for k in [*TARGET_NAMES, *TARGET_ALIASES]}
-    key = by_key.get(str(name).strip().lower())
-    if key is None:
-        valid = ", ".join([*TARGET_NAMES, *TARGET_ALIASES])
-        raise UserError(f"unknown target {name!r}; use one of: {valid}")
-    key = TARGET_ALIASES.get(key, key)
-    return EDMF(sigma_data) if key == "F" else _TARGETS[key]()
+TARGET_ALIASES: dict[str, str] = TARGETS.aliases
