@@ -77,7 +77,7 @@ def true_target(name, x0, eps, t, p):
 
 
 def expected_factor(name, t, p):
-    """The loss-factor table of method.md §1, in α, σ, α̇, σ̇."""
+    """The loss-factor table of docs/method.md §1, in α, σ, α̇, σ̇."""
     alpha, sigma = p.alpha(t), p.sigma(t)
     s = sigma / alpha
     return {

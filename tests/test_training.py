@@ -12,7 +12,7 @@ import lossfloor.cli
 from lossfloor.data import load_dataset
 from lossfloor.errors import UserError
 from lossfloor.models import check_compatible, load_run
-from lossfloor.training.backbone import UNetBackbone, backbone_config, make_backbone
+from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.ema import EMA
 from lossfloor.training.loop import SIGMA_BIN_EDGES, TrainConfig, Trainer, train
 
@@ -54,7 +54,7 @@ def _ckpt(run_dir):
     [((1, 8, 8), 2), ((1, 28, 28), 3), ((3, 32, 32), 3), ((2, 30, 17), 3), ((3, 7, 9), 1)],
 )
 def test_backbone_maps_any_image_size_to_the_same_shape(shape, levels):
-    net = make_backbone(shape, "tiny")
+    net = UNetBackbone(backbone_config(shape, "tiny"))
     assert len(net.config["unet"]["block_out_channels"]) == levels
     x = torch.randn(3, *shape)
     out = net(x, torch.tensor([-1.0, 0.0, 2.0]))
@@ -70,7 +70,7 @@ def test_backbone_pads_to_the_levels_multiple_and_crops_back():
 
 def test_preset_sizes_at_28x28_are_small_enough_for_cpu():
     counts = {
-        p: sum(q.numel() for q in make_backbone((1, 28, 28), p).parameters())
+        p: sum(q.numel() for q in UNetBackbone(backbone_config((1, 28, 28), p)).parameters())
         for p in ("tiny", "small")
     }
     assert 0.2e6 < counts["tiny"] < 0.4e6
@@ -78,7 +78,7 @@ def test_preset_sizes_at_28x28_are_small_enough_for_cpu():
 
 
 def test_conditional_backbone_uses_labels_and_requires_them():
-    net = make_backbone((1, 8, 8), "tiny", num_classes=10)
+    net = UNetBackbone(backbone_config((1, 8, 8), "tiny", num_classes=10))
     torch.nn.init.normal_(net.unet.class_embedding.weight)
     x, c = torch.randn(2, 1, 8, 8), torch.zeros(2)
     a = net(x, c, torch.tensor([0, 0]))
@@ -90,7 +90,8 @@ def test_conditional_backbone_uses_labels_and_requires_them():
 
 def test_backbone_rejects_images_of_another_shape():
     with pytest.raises(UserError, match="expects 1×8×8"):
-        make_backbone((1, 8, 8), "tiny")(torch.randn(2, 1, 9, 8), torch.zeros(2))
+        net = UNetBackbone(backbone_config((1, 8, 8), "tiny"))
+        net(torch.randn(2, 1, 9, 8), torch.zeros(2))
 
 
 # ----- EMA --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Diagnosis: a model's per-σ loss against the optimal loss on the same draws (method.md §4).
+"""Diagnosis: a model's per-σ loss against the optimal loss on the same draws (docs/method.md §4).
 
     gap(σ) = J_θ(σ) − J*(σ),  J_θ(σ) = E‖D_θ(x0 + σε, σ) − x0‖²/D,  J*(σ) = E‖μ(x0 + σε) − x0‖²/D
 

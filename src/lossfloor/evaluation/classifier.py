@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from lossfloor.errors import UserError
-from lossfloor.io import read_json
 
 IMAGE_SHAPE = (1, 28, 28)
 FEATURE_DIM = 128
@@ -74,12 +73,6 @@ def load_classifier(path: str | Path | None = None) -> SmallClassifier:
     except (RuntimeError, ValueError, OSError) as exc:
         raise UserError(f"{p} does not hold SmallClassifier weights ({exc})") from None
     return model.eval().requires_grad_(False)
-
-
-def classifier_metadata(path: str | Path | None = None) -> dict:
-    """The JSON written beside the weights (architecture, test accuracy, command, seed, date)."""
-    weights = Path(path) if path is not None else default_weights_path()
-    return read_json(weights.with_suffix(".json"))
 
 
 @torch.no_grad()

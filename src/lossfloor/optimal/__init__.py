@@ -1,4 +1,4 @@
-"""The optimal loss J*(σ) of a dataset and its estimators (method.md §2–3)."""
+"""The optimal loss J*(σ) of a dataset and its estimators (docs/method.md §2–3)."""
 
 from lossfloor.optimal.curve import Curve, total_optimal_loss
 from lossfloor.optimal.denoiser import OptimalDenoiser

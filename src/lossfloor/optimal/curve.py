@@ -82,7 +82,7 @@ def total_optimal_loss(
         [np.linspace(u[i], u[i + 1], REFINE, endpoint=False) for i in range(u.size - 1)] + [u[-1:]]
     )
     s = torch.from_numpy(np.exp(fine_u))
-    qw = (schedule.log_pdf(s) * schedule.weight(s)).numpy()
+    qw = (schedule.density_ln_sigma(s) * schedule.weight(s)).numpy()
     weights = np.array(
         [np.trapezoid(qw * np.interp(fine_u, u, np.eye(u.size)[i]), fine_u) for i in range(u.size)]
     )
@@ -93,7 +93,9 @@ def total_optimal_loss(
     for end, (a, b) in ((0, (math.log(lo_s), u[0])), (-1, (u[-1], math.log(hi_s)))):
         if b > a:
             t = np.linspace(a, b, 2001)
-            mass = float(np.trapezoid(schedule.log_pdf(torch.from_numpy(np.exp(t))).numpy(), t))
+            mass = float(
+                np.trapezoid(schedule.density_ln_sigma(torch.from_numpy(np.exp(t))).numpy(), t)
+            )
             tail += mass * float(schedule.weight(float(sigmas[end]))) * float(values[end])
     return {
         "schedule": schedule.to_config(),

@@ -1,4 +1,5 @@
-"""The optimal-loss curve of a dataset: J*(σ) over a σ grid with standard errors (method.md §2–3).
+"""The optimal-loss curve of a dataset: J*(σ) over a σ grid with standard errors
+(docs/method.md §2–3).
 
     J*(σ) = E‖x0 − μ(x0 + σε)‖²/D = (A − E‖μ‖²)/D,   μ(x) = E[x0 | x_t = x]
 

@@ -1,4 +1,5 @@
-"""Estimators of the posterior mean μ(x_t) = E[x0 | x_t] of an empirical dataset (method.md §3).
+"""Estimators of the posterior mean μ(x_t) = E[x0 | x_t] of an empirical dataset
+(docs/method.md §3).
 
 All of them are softmaxes of the one kernel (``kernel.py``) over different inner sets:
 

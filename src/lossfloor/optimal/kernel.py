@@ -74,10 +74,6 @@ class SoftmaxState:
         """μ = acc / z (rows with no keys give NaN, which callers must not produce)."""
         return self.acc / self.z[:, None]
 
-    def log_normaliser(self) -> Tensor:
-        """log Σ exp(logits) per query."""
-        return self.m + torch.log(self.z)
-
 
 def keys_per_tile(batch: int, itemsize: int, tile_bytes: int = DEFAULT_TILE_BYTES) -> int:
     """How many keys one tile holds so that the B×n logits stay within ``tile_bytes``."""

@@ -2,7 +2,7 @@
 
 Each schedule gives, in VE σ (σ̃ = σ_t/α_t) and x0 units:
   sample(n, g)  σ ~ p(σ)
-  log_pdf(σ)    density of ln σ under p, q(ln σ) = p(σ)·σ
+  density_ln_sigma(σ)    density of ln σ under p, q(ln σ) = p(σ)·σ
   weight(σ)     w(σ) with loss = w(σ)·‖D − x0‖² per element
 """
 
@@ -33,7 +33,7 @@ class NoiseSchedule(ABC):
         """n noise levels σ ~ p(σ) (float64)."""
 
     @abstractmethod
-    def log_pdf(self, sigma: float | Tensor) -> Tensor:
+    def density_ln_sigma(self, sigma: float | Tensor) -> Tensor:
         """Density of ln σ at σ (not log of the density): q(ln σ) = σ·p(σ)."""
 
     @abstractmethod
@@ -61,7 +61,7 @@ class EDMSchedule(NoiseSchedule):
         z = torch.randn(n, generator=generator, dtype=torch.float64)
         return (self.p_mean + self.p_std * z).exp()
 
-    def log_pdf(self, sigma: float | Tensor) -> Tensor:
+    def density_ln_sigma(self, sigma: float | Tensor) -> Tensor:
         u = (_f64(sigma).log() - self.p_mean) / self.p_std
         return torch.exp(-0.5 * u**2) / (self.p_std * math.sqrt(2 * math.pi))
 
@@ -87,7 +87,7 @@ class VESchedule(NoiseSchedule):
         lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
         return (lo + (hi - lo) * u).exp()
 
-    def log_pdf(self, sigma: float | Tensor) -> Tensor:
+    def density_ln_sigma(self, sigma: float | Tensor) -> Tensor:
         s = _f64(sigma)
         inside = (s >= self.sigma_min) & (s <= self.sigma_max)
         return inside.double() / (math.log(self.sigma_max) - math.log(self.sigma_min))
@@ -120,7 +120,7 @@ class VPSchedule(NoiseSchedule):
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         return self._sigma(self.eps_t + (1 - self.eps_t) * u)
 
-    def log_pdf(self, sigma: float | Tensor) -> Tensor:
+    def density_ln_sigma(self, sigma: float | Tensor) -> Tensor:
         # q(ln σ) = p_t(t)·dt/d ln σ, with d ln σ/dt = (β_d t + β_min)(1+σ²)/(2σ²)
         s = _f64(sigma)
         t = self._t(s)
@@ -151,7 +151,7 @@ class FlowMatchingSchedule(NoiseSchedule):
         t = self._t_sample(n, generator).clamp(1e-7, 1 - 1e-7)
         return t / (1 - t)
 
-    def log_pdf(self, sigma: float | Tensor) -> Tensor:
+    def density_ln_sigma(self, sigma: float | Tensor) -> Tensor:
         s = _f64(sigma)
         t = s / (1 + s)
         return self._t_pdf(t) * t * (1 - t)  # dt/d ln σ̃ = t(1−t)

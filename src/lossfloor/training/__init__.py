@@ -1,6 +1,6 @@
 """Training: a preset diffusers UNet behind any process/target, EMA, exact resume, gap monitor."""
 
-from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config, make_backbone
+from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config
 from lossfloor.training.ema import EMA
 from lossfloor.training.loop import (
     Callback,
@@ -17,6 +17,5 @@ __all__ = [
     "Trainer",
     "UNetBackbone",
     "backbone_config",
-    "make_backbone",
     "train",
 ]

@@ -131,12 +131,5 @@ class UNetBackbone(nn.Module):
         return out[:, :, top : top + h, left : left + w]
 
 
-def make_backbone(
-    shape: tuple[int, int, int] | list[int], preset: str = "small", num_classes: int | None = None
-) -> UNetBackbone:
-    """A freshly initialised preset UNet for C×H×W images."""
-    return UNetBackbone(backbone_config(shape, preset, num_classes))
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
