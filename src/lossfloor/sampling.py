@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
@@ -111,9 +111,9 @@ def generate(
     from tqdm import tqdm
 
     if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise ParameterError("sampler", sampler, f"choose one of: {', '.join(SAMPLERS)}")
     if batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
+        raise ParameterError("batch", batch, "must be at least 1")
     if labels is not None and len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels for {len(seeds)} samples; give one per sample")
     run = sample_heun if sampler == "heun" else sample_euler

@@ -23,7 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from lossfloor.data import Dataset, cache_dir, load_dataset
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 from lossfloor.evaluation.classifier import ClassifierFeatures
 from lossfloor.evaluation.inception import InceptionFeatures
 from lossfloor.io import save_with
@@ -106,7 +106,7 @@ def make_extractor(feature: str) -> nn.Module:
         return InceptionFeatures()
     if feature == "classifier":
         return ClassifierFeatures()
-    raise UserError(f"--feature {feature}: expected one of {', '.join(FEATURES)} or both")
+    raise ParameterError("feature", feature, f"expected one of {', '.join(FEATURES)} or both")
 
 
 @torch.inference_mode()
@@ -121,7 +121,7 @@ def extract_features(
 ) -> np.ndarray:
     """N×d float32 features of images ``x`` (N×C×H×W in [−1, 1]), ``batch`` at a time."""
     if batch < 1:
-        raise UserError(f"--batch {batch}: must be at least 1")
+        raise ParameterError("batch", batch, "must be at least 1")
     extractor = extractor.to(device).eval()
     out = []
     for i in tqdm(range(0, len(x), batch), desc=desc, disable=not progress, file=sys.stderr):
@@ -236,7 +236,7 @@ def load_samples(path: str | Path, n: int | None = None) -> Dataset:
     if not p.exists():
         raise UserError(f"samples not found: {p}; give the .npz written by `lossfloor sample`")
     if n is not None and n < 2:
-        raise UserError(f"--n {n}: a Fréchet distance needs at least 2 samples")
+        raise ParameterError("n", n, "a Fréchet distance needs at least 2 samples")
     key = None
     if p.suffix.lower() == ".npz":
         try:
@@ -248,10 +248,59 @@ def load_samples(path: str | Path, n: int | None = None) -> Dataset:
     if samples.x.ndim != 4:
         raise UserError(f"{p}: samples must be images N×C×H×W, got shape {tuple(samples.x.shape)}")
     if n is not None and samples.n < n:
-        raise UserError(f"--n {n}: {p} holds only {samples.n} samples; lower --n")
+        raise ParameterError("n", n, f"{p} holds only {samples.n} samples; ask for fewer")
     if samples.n < 2:
         raise UserError(f"{p} holds {samples.n} sample; a Fréchet distance needs at least 2")
     return samples
+
+
+def _check_samples(samples: torch.Tensor, dataset: Dataset) -> None:
+    """UserError unless ``samples`` are ≥ 2 finite images of the dataset's item shape."""
+    if len(samples) < 2:
+        raise UserError(f"{len(samples)} sample given; a Fréchet distance needs at least 2")
+    if tuple(samples.shape[1:]) != dataset.shape:
+        raise UserError(
+            f"samples are {'×'.join(map(str, samples.shape[1:]))} but {dataset.name} items are "
+            f"{'×'.join(map(str, dataset.shape))}; compare samples with the data they model"
+        )
+    if not torch.isfinite(samples).all():
+        raise UserError("the samples hold NaN or infinite values; the sampler diverged")
+
+
+def _score(
+    extractor: nn.Module,
+    feature: str,
+    samples: torch.Tensor,
+    dataset: Dataset,
+    n_ref: int,
+    *,
+    batch: int,
+    device: torch.device | str,
+    seed: int,
+    kid_subsets: int,
+    progress: bool,
+) -> dict:
+    """FD and KID of ``samples`` against ``n_ref`` reference items in one feature space."""
+    extractor.check_shape(dataset.shape)
+    ref_feats, ref_stats, hit = reference_features(
+        extractor, dataset, n_ref, batch=batch, device=device, progress=progress
+    )
+    sample_feats = extract_features(
+        extractor, samples, batch=batch, device=device, desc="samples", progress=progress
+    )
+    stats = FeatureStats.from_features(sample_feats)
+    factor = features_factor(sample_feats) if stats.n < stats.mean.shape[0] else None
+    fd = frechet_distance(stats.mean, stats.cov, ref_stats.mean, ref_stats.cov, factor1=factor)
+    return {
+        "metric": METRIC_NAMES[feature],
+        "extractor": extractor.name,
+        "feature_dim": int(ref_stats.mean.shape[0]),
+        "frechet_distance": fd,
+        **kernel_distance(ref_feats, sample_feats, subsets=kid_subsets, seed=seed),
+        "n_samples": len(samples),
+        "n_reference": ref_stats.n,
+        "reference_cache_hit": hit,
+    }
 
 
 def evaluate(
@@ -272,42 +321,17 @@ def evaluate(
 
     ``extractors`` maps a feature name to a ready module (default: ``make_extractor``)."""
     if kid_subsets < 1:
-        raise UserError(f"--kid-subsets {kid_subsets}: must be at least 1")
-    if len(samples) < 2:
-        raise UserError(f"{len(samples)} sample given; a Fréchet distance needs at least 2")
-    if tuple(samples.shape[1:]) != dataset.shape:
-        raise UserError(
-            f"samples are {'×'.join(map(str, samples.shape[1:]))} but {dataset.name} items are "
-            f"{'×'.join(map(str, dataset.shape))}; compare samples with the data they model"
-        )
-    if not torch.isfinite(samples).all():
-        raise UserError("the samples hold NaN or infinite values; the sampler diverged")
+        raise ParameterError("kid_subsets", kid_subsets, "must be at least 1")
+    _check_samples(samples, dataset)
     n_ref = min(len(samples), dataset.n) if n_reference is None else n_reference
     scores = {}
     for feature in features:
         given = (extractors or {}).get(feature)
         extractor = given if given is not None else make_extractor(feature)
-        extractor.check_shape(dataset.shape)
-        ref_feats, ref_stats, hit = reference_features(
-            extractor, dataset, n_ref, batch=batch, device=device, progress=progress
-        )
-        sample_feats = extract_features(
-            extractor, samples, batch=batch, device=device, desc="samples", progress=progress
-        )
-        stats = FeatureStats.from_features(sample_feats)
-        d = stats.mean.shape[0]
-        factor = features_factor(sample_feats) if stats.n < d else None
-        fd = frechet_distance(stats.mean, stats.cov, ref_stats.mean, ref_stats.cov, factor1=factor)
-        scores[feature] = {
-            "metric": METRIC_NAMES[feature],
-            "extractor": extractor.name,
-            "feature_dim": int(ref_stats.mean.shape[0]),
-            "frechet_distance": fd,
-            **kernel_distance(ref_feats, sample_feats, subsets=kid_subsets, seed=seed),
-            "n_samples": len(samples),
-            "n_reference": ref_stats.n,
-            "reference_cache_hit": hit,
-        }
+        scores[feature] = _score(
+            extractor, feature, samples, dataset, n_ref, batch=batch, device=device, seed=seed,
+            kid_subsets=kid_subsets, progress=progress,
+        )  # fmt: skip
     return {
         "reference": {
             **dataset.describe(),
