@@ -340,7 +340,7 @@ def test_callbacks_get_the_ema_denoiser_and_may_add_stats(tmp_path):
         assert denoiser(x, torch.full((2,), 1.0)).shape == x.shape
         assert not any(p.requires_grad for p in denoiser.parameters())
         calls.append(step)
-        record.extra["monitor"] = step * 10
+        record["monitor"] = step * 10
 
     run_dir = tmp_path / "r"
     train(_tiny(4), _digits(), run_dir, callbacks=[monitor], callback_every=2, progress=False)

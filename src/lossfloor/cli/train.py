@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
     add_data_arguments,
@@ -14,6 +14,12 @@ from lossfloor.cli.common import (
 )
 from lossfloor.errors import UserError
 from lossfloor.io import read_json
+
+if TYPE_CHECKING:  # heavy imports (torch) only when running
+    import torch
+
+    from lossfloor.data import Dataset
+    from lossfloor.training.monitor import GapMonitor
 
 # CLI option → TrainConfig field; all default to None so that only options given are used
 # (a resumed run takes the rest from its config.json).
@@ -87,8 +93,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _saved_options(run_dir: Path) -> dict[str, Any]:
-    """The options of the run in ``run_dir``, its process, target and schedule as the full
-    configs it recorded (config.json of any lossfloor version)."""
+    """The options of the run in ``run_dir``; its process, target and schedule as the full
+    configs its config.json recorded (``train`` holds them as given, e.g. names)."""
     if not run_dir.is_dir():
         raise UserError(f"--resume: run directory not found: {run_dir}")
     saved = read_json(run_dir / "config.json")
@@ -98,7 +104,9 @@ def _saved_options(run_dir: Path) -> dict[str, Any]:
     return {**saved["train"], **resolved}
 
 
-def _monitor(args: argparse.Namespace, dataset: Any, conditional: bool, device: Any) -> Any:
+def _monitor(
+    args: argparse.Namespace, dataset: Dataset, conditional: bool, device: torch.device
+) -> GapMonitor:
     """The --monitor callback: GapMonitor on the curve, checked to be of this dataset."""
     from lossfloor.optimal import Curve
     from lossfloor.training.monitor import GapMonitor

@@ -39,7 +39,7 @@ from lossfloor.training.stats import StatsAccumulator, StatsRecord
 __all__ = ["Callback", "TrainConfig", "Trainer", "train"]
 
 Tensor = torch.Tensor
-Callback = Callable[[int, Denoiser, StatsRecord], None]
+Callback = Callable[[int, Denoiser, dict[str, Any]], None]
 
 _STREAM_MODEL, _STREAM_DATA, _STREAM_SIGMA, _STREAM_NOISE = range(4)
 
@@ -79,9 +79,10 @@ class Trainer:
     ``DenoisingLoss`` interface; its schedule must be the one ``config.schedule`` names, and it
     is checked against the model's process, target and σ_data. ``callbacks`` are called as
     ``cb(step, ema_denoiser, record)`` every ``callback_every`` steps (on the EMA weights, after
-    the step; a callback may add JSON-able entries to ``record.extra``, which is then written to
-    stats.jsonl). The trainer draws no randomness from the global torch RNG after building the
-    net, so a callback that leaves the weights alone never changes the training result.
+    the step, ``record`` the stats record as a dict; a callback may add JSON-able keys, which
+    are then written to stats.jsonl). The trainer draws no randomness from the global torch
+    RNG after building the net, so a callback that leaves the weights alone never changes the
+    training result.
     """
 
     def __init__(
@@ -231,13 +232,16 @@ class Trainer:
         self.optimizer.step()
 
     def _log(self, acc: StatsAccumulator, call: bool) -> StatsRecord:
-        """The record of the interval ending now, after the callbacks if ``call``."""
+        """The record of the interval ending now; if ``call``, the callbacks see it as a dict
+        (``to_json()``) and what they add becomes ``extra``."""
         step = self.step
         record = acc.record(step, step * self.config.batch, self.lr_at(step - 1), self.seconds)
         if call:
             started = time.perf_counter()
+            view = record.to_json()
             for cb in self.callbacks:
-                cb(step, self.ema_denoiser, record)
+                cb(step, self.ema_denoiser, view)
+            record = StatsRecord.from_json(view)
             record.callback_seconds = time.perf_counter() - started
         return record
 

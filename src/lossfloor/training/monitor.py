@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -11,13 +12,12 @@ from lossfloor.data import Dataset
 from lossfloor.diagnosis import DenoiserFn, model_per_sample_loss
 from lossfloor.optimal import Curve
 from lossfloor.optimal.outer import OuterPlan
-from lossfloor.training.stats import StatsRecord
 
 
 class GapMonitor:
     """The gap J_θ(σ) − J*(σ) at a few σ, J* from a cached curve, J_θ on fixed draws.
 
-    Call as ``monitor(step, denoiser, record)``; adds ``record.extra["gap"] = {σ: J_θ − J*}``. The
+    Call as ``monitor(step, denoiser, record)``; adds ``record["gap"] = {σ: J_θ − J*}``. The
     draws (``n`` sources and noises) are fixed at construction, so successive values are paired.
     """
 
@@ -39,7 +39,7 @@ class GapMonitor:
         self.labels = dataset.labels if labels else None
         self.seconds = 0.0
 
-    def __call__(self, step: int, denoiser: DenoiserFn, record: StatsRecord) -> None:
+    def __call__(self, step: int, denoiser: DenoiserFn, record: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         gaps = {}
         for s in self.sigmas:
@@ -47,5 +47,5 @@ class GapMonitor:
                 denoiser, self.dataset, self.plan, s, 256, self.device, self.labels
             ).mean()
             gaps[f"{s:g}"] = float(loss) - self.optimal[s]
-        record.extra["gap"] = gaps
+        record["gap"] = gaps
         self.seconds += time.perf_counter() - t0

@@ -49,9 +49,6 @@ class StatsRecord:
     def to_json(self) -> dict[str, Any]:
         """The stats.jsonl object: the fields, then ``extra``'s keys, then callback_seconds."""
         names = [f.name for f in fields(self) if f.name not in ("extra", "callback_seconds")]
-        clash = set(self.extra) & {f.name for f in fields(self)}
-        if clash:
-            raise ValueError(f"callbacks may not overwrite the record's fields {sorted(clash)}")
         out = {name: getattr(self, name) for name in names}
         out.update(self.extra)
         if self.callback_seconds is not None:
