@@ -20,7 +20,7 @@ from lossfloor.sampling import (
     sample_euler,
     sample_heun,
 )
-from lossfloor.training.loop import TrainConfig, train
+from lossfloor.training import TrainConfig, train
 
 SIGMA_MAX = 80.0
 

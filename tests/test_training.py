@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import lossfloor.cli
+import lossfloor.cli.train
 from lossfloor.data import load_dataset
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 from lossfloor.models import check_compatible, load_run
+from lossfloor.training import (
+    SIGMA_BIN_EDGES,
+    DenoisingLoss,
+    Losses,
+    StatsRecord,
+    TrainConfig,
+    Trainer,
+    read_stats,
+    train,
+)
 from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.ema import EMA
-from lossfloor.training.loop import SIGMA_BIN_EDGES, TrainConfig, Trainer, train
+from lossfloor.training.stats import StatsAccumulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture
@@ -165,14 +180,67 @@ def test_train_cli_writes_run_files_and_the_loss_decreases(tmp_path, cli):
     assert _ckpt(run_dir)["step"] == 100
 
 
-def test_per_bin_loss_is_the_x0_loss_of_the_sigmas_in_each_bin(tmp_path):
-    # one step, one record: the bins' weighted mean is the record's x0 loss
-    last = train(_tiny(1, batch=32, log_every=1), _digits(), tmp_path / "r", progress=False)
-    counts, losses = last["bin_count"], last["bin_loss_x0"]
-    assert sum(counts) == 32
-    total = sum(c * v for c, v in zip(counts, losses, strict=True) if c)
-    assert total / 32 == pytest.approx(last["loss_x0"], rel=1e-9)
-    assert all((v is None) == (c == 0) for c, v in zip(counts, losses, strict=True))
+def test_each_sigma_lands_in_its_bin_and_each_bin_averages_its_own_losses():
+    edges = SIGMA_BIN_EDGES
+    nbins = len(edges) - 1
+    mids = [math.sqrt(edges[k] * edges[k + 1]) for k in range(nbins)]
+    # bin k: k+1 images at its geometric midpoint, each with x0 loss k; the open ends also take
+    # σ below 0.002 and above 80, and an inner edge belongs to the bin below it
+    sigma = [m for k, m in enumerate(mids) for _ in range(k + 1)] + [1e-4, 1e3, edges[4]]
+    loss_x0 = [float(k) for k in range(nbins) for _ in range(k + 1)] + [0.0, 7.0, 3.0]
+    acc = StatsAccumulator(torch.device("cpu"))
+    acc.add(torch.tensor(2.0), torch.tensor(sigma, dtype=torch.float64), torch.tensor(loss_x0), 1.0)
+    record = acc.record(1, len(sigma), 1e-3, 1.0)
+    expected = [k + 1 for k in range(nbins)]
+    expected[0], expected[3], expected[-1] = expected[0] + 1, expected[3] + 1, expected[-1] + 1
+    assert record.bin_count == expected
+    assert record.bin_loss_x0 == [float(k) for k in range(nbins)]
+    assert record.loss == 2.0 and record.loss_x0 == pytest.approx(np.mean(loss_x0), rel=1e-12)
+    empty = StatsAccumulator(torch.device("cpu"))
+    empty.add(torch.tensor(1.0), torch.tensor([mids[2]], dtype=torch.float64), torch.ones(1), 1.0)
+    assert empty.record(1, 1, 1e-3, 1.0).bin_loss_x0 == [None, None, 1.0] + [None] * (nbins - 3)
+
+
+class _Recording(DenoisingLoss):
+    """The default objective, keeping what it returned."""
+
+    def __init__(self) -> None:
+        super().__init__("edm")
+        self.seen: list[Losses] = []
+
+    def __call__(self, denoiser, x0, labels, **generators):
+        out = super().__call__(denoiser, x0, labels, **generators)
+        self.seen.append(out)
+        return out
+
+
+def test_the_record_bins_the_sigmas_the_objective_drew(tmp_path):
+    objective = _Recording()
+    last = train(_tiny(2, batch=32, log_every=2), _digits(), tmp_path / "r", objective=objective,
+                 progress=False)  # fmt: skip
+    sigma = torch.cat([o.sigma for o in objective.seen]).numpy()
+    loss_x0 = torch.cat([o.loss_x0.detach() for o in objective.seen]).double().numpy()
+    bins = np.searchsorted(np.array(SIGMA_BIN_EDGES[1:-1]), sigma, side="left")
+    counts = np.bincount(bins, minlength=len(SIGMA_BIN_EDGES) - 1)
+    assert last.bin_count == counts.tolist() and sum(counts) == 64
+    means = [loss_x0[bins == k].mean() if counts[k] else None for k in range(len(counts))]
+    assert last.bin_loss_x0 == [None if m is None else pytest.approx(m, rel=1e-12) for m in means]
+    assert last.loss_x0 == pytest.approx(loss_x0.mean(), rel=1e-12)
+    batch_means = [float(o.loss.detach().double().mean()) for o in objective.seen]
+    assert last.loss == pytest.approx(np.mean(batch_means), rel=1e-6)
+
+
+def test_stats_written_by_lossfloor_0_1_read_and_write_back_unchanged(tmp_path):
+    path = DATA / "train-stats-0.1.0.jsonl"
+    lines = path.read_text().splitlines()
+    records = read_stats(path)
+    assert [r.step for r in records] == [json.loads(line)["step"] for line in lines]
+    assert all(set(r.extra) == {"gap"} and r.callback_seconds is not None for r in records)
+    assert [json.dumps(r.to_json()) for r in records] == lines  # same keys, order and values
+    assert StatsRecord.from_json(records[0].to_json()) == records[0]
+    cut = tmp_path / "stats.jsonl"
+    cut.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # an interrupted write
+    assert read_stats(cut) == records[:2]
 
 
 def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(
@@ -214,9 +282,17 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     assert (tmp_path / "r" / "checkpoint-latest.pt").read_bytes() == good
 
 
-def test_learning_rates_above_one_are_refused():
-    with pytest.raises(UserError, match="--lr"):
+def test_bad_options_are_errors_of_the_parameter_and_of_its_cli_option(tmp_path, cli, capsys):
+    with pytest.raises(ParameterError, match=r"^lr = 1e\+30: must be in \(0, 1\]") as info:
         _tiny(1, lr=1e30)
+    assert info.value.param == "lr"
+    with pytest.raises(ParameterError, match="^ema_rampup = 0"):
+        _tiny(1, ema_rampup=0)
+    argv = ["train", "--data", "digits", "--run-dir", str(tmp_path / "r"), "--steps", "1"]
+    assert cli([*argv, "--grad-clip", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lossfloor: error: --grad-clip -1.0: must be >= 0 (0 turns clipping off)"
+    )
 
 
 def test_resume_with_data_of_another_shape_is_a_user_error(tmp_path, cli, capsys):
@@ -252,7 +328,7 @@ def test_resume_with_a_changed_option_is_a_user_error(tmp_path):
 
 def test_a_new_run_does_not_overwrite_an_existing_one(tmp_path):
     train(_tiny(1), _digits(), tmp_path / "r", progress=False)
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="already holds a run; resume it"):
         train(_tiny(1), _digits(), tmp_path / "r", progress=False)
 
 
@@ -292,3 +368,119 @@ def test_conditional_training_needs_labels(tmp_path):
     unlabelled = type(data)(data.name, data.x, None, data.sha256, data.xflip)
     with pytest.raises(UserError, match="labels"):
         Trainer(_tiny(1, conditional=True), unlabelled, tmp_path / "r", progress=False)
+
+
+# ----- objectives, consistency, configs ---------------------------------------------------
+class _RunningMeanLoss(DenoisingLoss):
+    """Divides each batch's loss by a running mean of past x0 losses: state every step changes."""
+
+    def __init__(self) -> None:
+        super().__init__("edm")
+        self.mean = torch.ones((), dtype=torch.float64)
+
+    def __call__(self, denoiser, x0, labels, **generators):
+        out = super().__call__(denoiser, x0, labels, **generators)
+        scale = self.mean.to(out.loss.dtype)
+        self.mean = 0.5 * self.mean + 0.5 * out.loss_x0.detach().double().mean()
+        return Losses(out.loss / scale, out.loss_x0, out.sigma)
+
+    def state_dict(self):
+        return {"mean": self.mean.clone()}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"].clone()
+
+
+def test_an_objective_with_state_is_checkpointed_and_resumes_bitwise(tmp_path):
+    data = _digits(20)
+    full, half, forgot = tmp_path / "full", tmp_path / "half", tmp_path / "forgot"
+    objective = _RunningMeanLoss()
+    train(_tiny(6, checkpoint_every=3), data, full, objective=objective, progress=False)
+    for run_dir in (half, forgot):
+        train(_tiny(3), data, run_dir, objective=_RunningMeanLoss(), progress=False)
+    assert float(_ckpt(half)["objective"]["mean"]) != 1.0
+    train(_tiny(6), data, half, resume=True, objective=_RunningMeanLoss(), progress=False)
+    a, b = _ckpt(full), _ckpt(half)
+    for key in ("model", "ema", "optimizer", "rng", "objective"):
+        assert _states_equal(a[key], b[key]), key
+    assert torch.equal(a["objective"]["mean"], objective.mean)
+
+    # the state matters: resumed without it, the run trains to other weights
+    class Forgetful(_RunningMeanLoss):
+        def load_state_dict(self, state):
+            pass
+
+    train(_tiny(6), data, forgot, resume=True, objective=Forgetful(), progress=False)
+    assert not _states_equal(a["model"], _ckpt(forgot)["model"])
+    # and an objective without state refuses a checkpoint that has some
+    with pytest.raises(UserError, match="DenoisingLoss has no state"):
+        train(_tiny(7), data, half, resume=True, progress=False)
+
+
+def test_a_checkpoint_without_objective_state_resumes_like_before(tmp_path):
+    """Checkpoints of lossfloor 0.1 hold no objective state; the default objective has none."""
+    data = _digits(20)
+    train(_tiny(4), data, tmp_path / "full", progress=False)
+    train(_tiny(2), data, tmp_path / "old", progress=False)
+    ckpt = _ckpt(tmp_path / "old")
+    del ckpt["objective"]
+    torch.save(ckpt, tmp_path / "old" / "checkpoint-latest.pt")
+    train(_tiny(4), data, tmp_path / "old", resume=True, progress=False)
+    assert _states_equal(_ckpt(tmp_path / "full")["model"], _ckpt(tmp_path / "old")["model"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"process": {"name": "vp-linear", "beta_max": 10.0}, "target": "eps",
+             "schedule": "vp"},
+            "schedule vp draws t of",
+        ),
+        ({"schedule": {"name": "edm", "sigma_data": 0.3}}, "schedule edm has sigma_data=0.3"),
+        ({"target": {"name": "F", "sigma_data": 0.3}}, "sigma_data"),
+    ],
+)  # fmt: skip
+def test_inconsistent_process_target_and_schedule_are_one_line_errors(tmp_path, options, message):
+    with pytest.raises(UserError, match=message) as info:
+        Trainer(_tiny(1, **options), _digits(), tmp_path / "r", progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_schedule_parameters_are_recorded_and_a_run_reloads_them(tmp_path, cli):
+    vp = {"beta_min": 0.2, "beta_d": 10.0}
+    config = _tiny(2, process={"name": "vp-edm", **vp}, target="eps",
+                   schedule={"name": "vp", **vp})  # fmt: skip
+    run_dir = tmp_path / "r"
+    train(config, _digits(), run_dir, progress=False)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["process"] == {"name": "vp-edm", "beta_d": 10.0, "beta_min": 0.2}
+    assert saved["schedule"] == {"name": "vp", "beta_min": 0.2, "beta_d": 10.0, "eps_t": 1e-5}
+    denoiser, _ = load_run(run_dir)
+    assert denoiser.process.to_config() == saved["process"]
+    # the CLI resumes from the recorded configs; the API refuses other schedule parameters
+    argv = ["train", "--data", "digits", "--limit", "24", "--run-dir", str(run_dir)]
+    assert cli([*argv, "--steps", "3", "--resume", "--no-progress"]) == 0
+    assert _ckpt(run_dir)["step"] == 3
+    other = {"name": "vp", **vp, "eps_t": 1e-3}
+    with pytest.raises(UserError, match="trained with schedule="):
+        train(_tiny(4, process=saved["process"], target="eps", schedule=other), _digits(),
+              run_dir, resume=True, progress=False)  # fmt: skip
+
+
+def test_the_edm_schedule_takes_the_configs_sigma_data(tmp_path):
+    trainer = Trainer(_tiny(1, sigma_data=0.3), _digits(), tmp_path / "r", progress=False)
+    assert trainer.objective.schedule.sigma_data == 0.3 == trainer.denoiser.target.sigma_data
+
+
+def test_an_objective_must_be_the_schedule_the_config_names(tmp_path):
+    with pytest.raises(UserError, match="the objective's schedule is 'fm'"):
+        Trainer(_tiny(1), _digits(), tmp_path / "r", objective=DenoisingLoss("fm"))
+
+
+def test_the_train_cli_module_imports_no_heavy_library_at_top_level():
+    tree = ast.parse(Path(lossfloor.cli.train.__file__).read_text())
+    top = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
+    top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {m.split(".")[0] for m in top} & {"torch", "numpy", "scipy", "diffusers"}

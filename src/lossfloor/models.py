@@ -67,7 +67,9 @@ def load_run(
 ) -> tuple[Denoiser, dict[str, Any]]:
     """(Denoiser in eval mode, run config) from a run directory or a checkpoint file.
 
-    ``ema=True`` loads the EMA weights (what a run is sampled and diagnosed with).
+    ``ema=True`` loads the EMA weights (what a run is sampled and diagnosed with). The process
+    and target are rebuilt from the full configs the run recorded (``config["process"]``,
+    ``config["target"]``), so every parameter (e.g. a VP β range) is the trained one.
     """
     from lossfloor.training.backbone import UNetBackbone
 
@@ -75,8 +77,7 @@ def load_run(
     config = ckpt["config"]
     net = UNetBackbone(config["model"])
     net.load_state_dict(ckpt["ema" if ema else "model"])
-    train = config["train"]
-    denoiser = Denoiser(net, train["process"], train["target"], train["sigma_data"])
+    denoiser = Denoiser(net, config["process"], config["target"], config["train"]["sigma_data"])
     return denoiser.to(device).eval().requires_grad_(False), config
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
     add_data_arguments,
@@ -15,6 +14,12 @@ from lossfloor.cli.common import (
 )
 from lossfloor.errors import UserError
 from lossfloor.io import read_json
+
+if TYPE_CHECKING:  # heavy imports (torch) only when running
+    import torch
+
+    from lossfloor.data import Dataset
+    from lossfloor.training.monitor import GapMonitor
 
 # CLI option → TrainConfig field; all default to None so that only options given are used
 # (a resumed run takes the rest from its config.json).
@@ -87,42 +92,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _saved_options(run_dir: Path) -> dict[str, Any]:
+    """The options of the run in ``run_dir``; its process, target and schedule as the full
+    configs its config.json recorded (``train`` holds them as given, e.g. names)."""
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: run directory not found: {run_dir}")
+    saved = read_json(run_dir / "config.json")
+    if not isinstance(saved, dict) or "train" not in saved:
+        raise UserError(f"{run_dir / 'config.json'} is not a lossfloor run config")
+    resolved = {k: saved[k] for k in ("process", "target", "schedule") if k in saved}
+    return {**saved["train"], **resolved}
+
+
+def _monitor(
+    args: argparse.Namespace, dataset: Dataset, conditional: bool, device: torch.device
+) -> GapMonitor:
+    """The --monitor callback: GapMonitor on the curve, checked to be of this dataset."""
+    from lossfloor.optimal import Curve
+    from lossfloor.training.monitor import GapMonitor
+
+    if args.monitor_every < 1 or args.monitor_n < 2:
+        raise UserError("--monitor-every must be ≥ 1 and --monitor-n ≥ 2")
+    curve = Curve.load(args.monitor)
+    if curve.record.get("dataset", {}).get("sha256") != dataset.sha256:
+        raise UserError(f"--monitor {args.monitor} was computed on another dataset")
+    sigmas = parse_sigmas(args.monitor_sigmas)
+    return GapMonitor(curve, dataset, sigmas, n=args.monitor_n, labels=conditional, device=device)
+
+
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.training.loop import TrainConfig, train
+    import torch
+
+    from lossfloor.training import TrainConfig, train
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional")}
     options = {k: v for k, v in given.items() if v is not None}
     run_dir = Path(args.run_dir)
     if args.resume:
-        if not run_dir.is_dir():
-            raise UserError(f"--resume: run directory not found: {run_dir}")
-        saved = read_json(run_dir / "config.json")
-        if not isinstance(saved, dict) or "train" not in saved:
-            raise UserError(f"{run_dir / 'config.json'} is not a lossfloor run config")
-        options = {**saved["train"], **options}
+        options = {**_saved_options(run_dir), **options}
     config = TrainConfig(**{**options, "steps": args.steps})
     dataset = load_data_from_args(args)
-    callbacks = []
-    if args.monitor:
-        from lossfloor.optimal import Curve
-        from lossfloor.training.monitor import GapMonitor
-
-        if args.monitor_every < 1 or args.monitor_n < 2:
-            raise UserError("--monitor-every must be ≥ 1 and --monitor-n ≥ 2")
-        curve = Curve.load(args.monitor)
-        if curve.record.get("dataset", {}).get("sha256") != dataset.sha256:
-            raise UserError(f"--monitor {args.monitor} was computed on another dataset")
-        callbacks.append(
-            GapMonitor(
-                curve,
-                dataset,
-                parse_sigmas(args.monitor_sigmas),
-                n=args.monitor_n,
-                labels=bool(config.conditional),
-                device=device,
-            )
-        )
+    callbacks = [_monitor(args, dataset, config.conditional, device)] if args.monitor else []
     last = train(
         config,
         dataset,
@@ -137,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{run_dir}: already trained for {config.steps} steps; raise --steps to continue")
     else:
         print(
-            f"{run_dir}: step {last['step']}, {last['images']} images, loss {last['loss']:.4g} "
-            f"(x0 units {last['loss_x0']:.4g}), {last['seconds']:.0f} s training"
+            f"{run_dir}: step {last.step}, {last.images} images, loss {last.loss:.4g} "
+            f"(x0 units {last.loss_x0:.4g}), {last.seconds:.0f} s training"
         )
     return 0

@@ -2,26 +2,34 @@
 
 A training loss is  E_{σ~p} [ w(σ) · mean‖D(x0 + σε, σ) − x0‖² ],  so its optimal value is
 E_{σ~p}[w(σ)·J*(σ)]. ``density_ln_sigma`` is the density of ln σ (what a quadrature on log σ needs).
+Schedules are created by name and parameters through ``SCHEDULES`` (``get_schedule``), and
+``to_config()`` records them so that ``get_schedule(config)`` rebuilds them exactly.
 """
 
 from lossfloor.schedules.base import (
     SCHEDULE_NAMES,
+    SCHEDULES,
     EDMSchedule,
     FlowMatchingSchedule,
     LogitNormalFlowSchedule,
     NoiseSchedule,
+    ProcessTimeSchedule,
     VESchedule,
     VPSchedule,
+    dlog_sigma_ve_dt,
     get_schedule,
 )
 
 __all__ = [
+    "SCHEDULES",
     "SCHEDULE_NAMES",
     "EDMSchedule",
     "FlowMatchingSchedule",
     "LogitNormalFlowSchedule",
     "NoiseSchedule",
+    "ProcessTimeSchedule",
     "VESchedule",
     "VPSchedule",
+    "dlog_sigma_ve_dt",
     "get_schedule",
 ]

@@ -1,21 +1,29 @@
-"""Training: a preset diffusers UNet behind any process/target, EMA, exact resume, gap monitor."""
+"""Training: a preset diffusers UNet behind any process/target, objectives, EMA, exact resume,
+gap monitor.
+
+Modules: ``config`` (TrainConfig, config.json), ``loss`` (objectives), ``stats`` (stats.jsonl
+records), ``rundir`` (run directory, checkpoints), ``loop`` (the Trainer), ``monitor``.
+"""
 
 from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config
+from lossfloor.training.config import TrainConfig
 from lossfloor.training.ema import EMA
-from lossfloor.training.loop import (
-    Callback,
-    TrainConfig,
-    Trainer,
-    train,
-)
+from lossfloor.training.loop import Callback, Trainer, train
+from lossfloor.training.loss import DenoisingLoss, Losses
+from lossfloor.training.stats import SIGMA_BIN_EDGES, StatsRecord, read_stats
 
 __all__ = [
     "EMA",
     "PRESETS",
+    "SIGMA_BIN_EDGES",
     "Callback",
+    "DenoisingLoss",
+    "Losses",
+    "StatsRecord",
     "TrainConfig",
     "Trainer",
     "UNetBackbone",
     "backbone_config",
+    "read_stats",
     "train",
 ]

@@ -1,17 +1,16 @@
-"""The trainer: a preset UNet behind the ``Denoiser`` of any process/target, under any schedule.
+"""The trainer: a preset UNet behind the ``Denoiser`` of any process/target, under an objective.
 
-Per step, with x0 a batch of B training images, σ_i ~ p(σ), ε ~ N(0, I):
+Per step, with x0 a batch of B training images, the objective (``training.loss``; by default
+``DenoisingLoss`` of the config's schedule) draws σ_i ~ p(σ), ε_i ~ N(0, I) and the trainer
+minimises
 
   loss = (1/B) Σ_i w(σ_i) · mean_elements (D(x0_i + σ_i ε_i, σ_i, y_i) − x0_i)²
 
-(per element, x0 units; with the matching schedule this equals the target-unit loss, e.g. EDM's
-λ(σ)=1/c_out² makes it the F loss). AdamW, linear LR warm-up over ``warmup`` steps, gradient-norm
-clipping, EMA (half-life in images). Randomness: data order from a permutation per epoch seeded
-by (seed, epoch) — a pure function of the images seen — and σ and ε from two seeded CPU
-generators whose states are checkpointed, so a resumed run is bitwise the uninterrupted one.
-
-Run directory: ``config.json`` (everything that defines the run), ``stats.jsonl`` (one record per
-log interval), ``checkpoint-latest.pt`` (atomic) and optional ``checkpoint-<step>.pt`` snapshots.
+with AdamW, linear LR warm-up over ``warmup`` steps, gradient-norm clipping and an EMA (half-life
+in images). Randomness: data order from a permutation per epoch seeded by (seed, epoch) — a pure
+function of the images seen — and σ and ε from two seeded CPU generators whose states are
+checkpointed with the objective's state, so a resumed run is bitwise the uninterrupted one.
+Files: ``training.rundir``; options: ``training.config``; stats records: ``training.stats``.
 """
 
 from __future__ import annotations
@@ -19,84 +18,28 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from lossfloor import __version__
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
-from lossfloor.errors import UserError
-from lossfloor.io import atomic_path, save_with, write_json
-from lossfloor.models import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_LATEST,
-    check_compatible,
-    load_checkpoint,
-)
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.models import CHECKPOINT_FORMAT
 from lossfloor.schedules import get_schedule
 from lossfloor.seeding import derived_seed, generator_for
-from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config, count_parameters
+from lossfloor.training.backbone import UNetBackbone, backbone_config
+from lossfloor.training.config import ADAM_BETAS, ADAM_EPS, TrainConfig, run_config
 from lossfloor.training.ema import EMA
+from lossfloor.training.loss import DenoisingLoss
+from lossfloor.training.rundir import RunDir
+from lossfloor.training.stats import StatsAccumulator, StatsRecord
+
+__all__ = ["Callback", "TrainConfig", "Trainer", "train"]
 
 Tensor = torch.Tensor
 Callback = Callable[[int, Denoiser, dict[str, Any]], None]
-
-# Per-σ-bin statistics: 8 log-spaced bins over EDM's sampling range [0.002, 80]; the first and
-# last bins are open-ended (they also hold σ below 0.002 and above 80).
-SIGMA_BIN_EDGES: list[float] = np.geomspace(0.002, 80.0, 9).tolist()
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-# Fields that may change when a run is resumed; every other field must match the checkpoint.
-RESUMABLE_FIELDS = ("steps", "checkpoint_every", "snapshot_every", "log_every")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (the device is not part of it)."""
-
-    steps: int
-    batch: int = 64
-    process: str = "edm"
-    target: str = "F"
-    schedule: str = "edm"
-    model: str = "small"
-    conditional: bool = False
-    lr: float = 1e-3
-    warmup: int = 100
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    ema_halflife: float = 10_000.0
-    ema_rampup: float | None = 0.05
-    sigma_data: float = 0.5
-    seed: int = 0
-    checkpoint_every: int = 500
-    snapshot_every: int = 0
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 1, "--steps must be at least 1"),
-            (self.seed >= 0, "--seed must be >= 0"),
-            (self.batch >= 1, "--batch must be at least 1"),
-            (0 < self.lr <= 1, "--lr must be in (0, 1] (AdamW moves each weight by about lr)"),
-            (self.warmup >= 0, "--warmup must be >= 0 steps"),
-            (self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.ema_halflife > 0, "--ema-halflife must be > 0 images"),
-            (self.ema_rampup is None or self.ema_rampup > 0, "the EMA ramp-up must be > 0"),
-            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1 step"),
-            (self.snapshot_every >= 0, "--snapshot-every must be >= 0 (0: no snapshots)"),
-            (self.log_every >= 1, "--log-every must be at least 1 step"),
-            (self.model in PRESETS, f"--model must be one of: {', '.join(PRESETS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
 
 _STREAM_MODEL, _STREAM_DATA, _STREAM_SIGMA, _STREAM_NOISE = range(4)
 
@@ -124,78 +67,20 @@ class _DataOrder:
         return torch.cat(out)
 
 
-def _run_config(config: TrainConfig, dataset: Dataset, denoiser: Denoiser, device: str) -> dict:
-    """config.json: the training options and everything they resolve to."""
-    net = denoiser.net
-    return {
-        "lossfloor_version": __version__,
-        "train": asdict(config),
-        "data": dataset.describe(),
-        "process": denoiser.process.to_config(),
-        "target": denoiser.target.to_config(),
-        "schedule": get_schedule(config.schedule).to_config(),
-        "model": net.config,
-        "parameters": count_parameters(net),
-        "optimizer": {
-            "name": "AdamW",
-            "lr": config.lr,
-            "betas": list(ADAM_BETAS),
-            "eps": ADAM_EPS,
-            "weight_decay": config.weight_decay,
-            "warmup_steps": config.warmup,
-            "grad_clip": config.grad_clip,
-        },
-        "ema": {"halflife_images": config.ema_halflife, "rampup_ratio": config.ema_rampup},
-        "sigma_bin_edges": SIGMA_BIN_EDGES,
-        "device": device,
-    }
-
-
-class _Accumulator:
-    """Sums over one log interval: weighted loss, x0 loss, per-σ-bin x0 loss and counts."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.inner_edges = torch.tensor(SIGMA_BIN_EDGES[1:-1], dtype=torch.float64)
-        nbins = len(SIGMA_BIN_EDGES) - 1
-        self.bin_sum = torch.zeros(nbins, dtype=torch.float64, device=device)
-        self.bin_count = torch.zeros(nbins, dtype=torch.float64, device=device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps = 0
-        self.images = 0
-        self.seconds = 0.0
-
-    def add(self, loss: Tensor, sigma: Tensor, per_sample_x0: Tensor, seconds: float) -> None:
-        bins = torch.bucketize(sigma, self.inner_edges).to(self.bin_sum.device)
-        self.bin_sum.index_add_(0, bins, per_sample_x0.detach().double())
-        self.bin_count.index_add_(0, bins, torch.ones_like(per_sample_x0, dtype=torch.float64))
-        self.loss_sum += loss.detach().double()
-        self.steps += 1
-        self.images += len(sigma)
-        self.seconds += seconds
-
-    def record(self, step: int, images: int, lr: float, total_seconds: float) -> dict[str, Any]:
-        counts = self.bin_count.cpu().tolist()
-        sums = self.bin_sum.cpu().tolist()
-        return {
-            "step": step,
-            "images": images,
-            "loss": float(self.loss_sum) / self.steps,
-            "loss_x0": sum(sums) / sum(counts),
-            "bin_loss_x0": [s / c if c else None for s, c in zip(sums, counts, strict=True)],
-            "bin_count": [int(c) for c in counts],
-            "lr": lr,
-            "seconds": total_seconds,
-            "step_seconds": self.seconds / self.steps,
-            "images_per_s": self.images / self.seconds if self.seconds > 0 else None,
-        }
+def _schedule_name(spec: Any) -> str:
+    """The (lower-case) name a schedule spec gives: a name or a config's ``name``."""
+    return str(spec.get("name", "") if isinstance(spec, dict) else spec).lower()
 
 
 class Trainer:
     """One training run in ``run_dir``; ``run()`` trains up to ``config.steps``.
 
-    ``callbacks`` are called as ``cb(step, ema_denoiser, record)`` every ``callback_every``
-    steps (on the EMA weights, after the step; a callback may add JSON-able keys to ``record``,
-    which is then written to stats.jsonl). The trainer draws no randomness from the global torch
+    ``objective`` (default ``DenoisingLoss`` of ``config.schedule``) is any objective with the
+    ``DenoisingLoss`` interface; its schedule must be the one ``config.schedule`` names, and it
+    is checked against the model's process, target and σ_data. ``callbacks`` are called as
+    ``cb(step, ema_denoiser, record)`` every ``callback_every`` steps (on the EMA weights, after
+    the step, ``record`` the stats record as a dict; a callback may add JSON-able keys, which
+    are then written to stats.jsonl). The trainer draws no randomness from the global torch
     RNG after building the net, so a callback that leaves the weights alone never changes the
     training result.
     """
@@ -208,6 +93,7 @@ class Trainer:
         *,
         resume: bool = False,
         device: str | torch.device = "cpu",
+        objective: DenoisingLoss | None = None,
         callbacks: Sequence[Callback] = (),
         callback_every: int = 0,
         progress: bool | None = None,
@@ -215,34 +101,16 @@ class Trainer:
         if dataset.x.ndim != 4:
             raise UserError(f"training needs images (N×C×H×W); {dataset.name} holds N×D vectors")
         if config.conditional and dataset.labels is None:
-            raise UserError(f"--conditional needs labels, but {dataset.name} has none")
+            raise UserError(f"a conditional model needs labels, but {dataset.name} has none")
         if callbacks and callback_every < 1:
-            raise UserError("callbacks need callback_every >= 1 step")
+            raise ParameterError("callback_every", callback_every, "callbacks need at least 1")
         self.config, self.dataset = config, dataset
-        self.run_dir = Path(run_dir)
+        self.rundir = RunDir(run_dir)
         self.device = torch.device(device)
         self.callbacks, self.callback_every = list(callbacks), callback_every
         self.progress = progress
-        self.schedule = get_schedule(config.schedule)
-        num_classes = dataset.num_classes if config.conditional else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(config.seed, _STREAM_MODEL))
-            net = UNetBackbone(backbone_config(dataset.shape, config.model, num_classes))
-        self.net = net.to(self.device)
-        self.params = list(self.net.parameters())
-        self.denoiser = Denoiser(self.net, config.process, config.target, config.sigma_data)
-        self.ema = EMA(self.net, config.ema_halflife, config.ema_rampup)
-        self.ema_denoiser = Denoiser(
-            self.ema.model, config.process, config.target, config.sigma_data
-        ).eval()
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=config.lr,
-            betas=ADAM_BETAS,
-            eps=ADAM_EPS,
-            weight_decay=config.weight_decay,
-            foreach=True,
-        )
+        self._build_model()
+        self.objective = self._objective(objective)
         self.g_sigma = generator_for(config.seed, _STREAM_SIGMA)
         self.g_noise = generator_for(config.seed, _STREAM_NOISE)
         self.order = _DataOrder(dataset.n, config.seed)
@@ -250,77 +118,66 @@ class Trainer:
         self.labels = dataset.labels.to(self.device) if config.conditional else None
         self.step = 0
         self.seconds = 0.0
-        self.run_config = _run_config(config, dataset, self.denoiser, str(self.device))
+        self.run_config = run_config(
+            config, dataset, self.denoiser, self.objective.schedule, str(self.device)
+        )
         if resume:
             self._resume()
         else:
-            self._start()
+            self.rundir.start(self.run_config)
+
+    # ----- setup ---------------------------------------------------------------------------
+    def _build_model(self) -> None:
+        """Net (seeded from the config alone), its Denoiser, EMA copy and optimizer."""
+        c, dataset = self.config, self.dataset
+        num_classes = dataset.num_classes if c.conditional else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(c.seed, _STREAM_MODEL))
+            net = UNetBackbone(backbone_config(dataset.shape, c.model, num_classes))
+        self.net = net.to(self.device)
+        self.params = list(self.net.parameters())
+        self.denoiser = Denoiser(self.net, c.process, c.target, c.sigma_data)
+        self.ema = EMA(self.net, c.ema_halflife, c.ema_rampup)
+        self.ema_denoiser = Denoiser(self.ema.model, c.process, c.target, c.sigma_data).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=c.lr,
+            betas=ADAM_BETAS,
+            eps=ADAM_EPS,
+            weight_decay=c.weight_decay,
+            foreach=True,
+        )
+
+    def _objective(self, objective: DenoisingLoss | None) -> DenoisingLoss:
+        """The given objective (whose schedule ``config.schedule`` must name) or the config's,
+        checked against the model."""
+        spec = self.config.schedule
+        if objective is None:
+            objective = DenoisingLoss(get_schedule(spec, sigma_data=self.config.sigma_data))
+        elif objective.schedule.name.lower() != _schedule_name(spec):
+            raise UserError(
+                f"the objective's schedule is {objective.schedule.name!r} but the config names "
+                f"{_schedule_name(spec)!r}; set TrainConfig.schedule to the objective's"
+            )
+        objective.check(self.denoiser)
+        return objective
 
     # ----- run directory -------------------------------------------------------------------
-    @property
-    def latest_path(self) -> Path:
-        return self.run_dir / CHECKPOINT_LATEST
-
-    @property
-    def stats_path(self) -> Path:
-        return self.run_dir / "stats.jsonl"
-
-    def _start(self) -> None:
-        if self.latest_path.exists():
-            raise UserError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                "another --run-dir"
-            )
-        write_json(self.run_dir / "config.json", self.run_config)
-        with atomic_path(self.stats_path) as tmp:
-            tmp.write_text("")
-
     def _resume(self) -> None:
-        if not self.run_dir.is_dir():
-            raise UserError(f"--resume: run directory not found: {self.run_dir}")
-        if not self.latest_path.exists():
-            raise UserError(
-                f"--resume: {self.run_dir} has no {CHECKPOINT_LATEST}; start a new run without "
-                "--resume"
-            )
-        ckpt = load_checkpoint(self.latest_path, "cpu")
-        saved = ckpt["config"]
-        check_compatible(saved, self.dataset)
-        identity = {k: v for k, v in self.dataset.describe().items() if k != "name"}
-        if any(saved["data"].get(k) != v for k, v in identity.items()):
-            raise UserError(
-                f"--resume: {self.dataset.name} is not the data this run was trained on "
-                f"({saved['data']['name']}, sha256 {saved['data']['sha256'][:12]}…); pass that data"
-            )
-        for key, old in saved["train"].items():
-            new = getattr(self.config, key)
-            if key not in RESUMABLE_FIELDS and old != new:
-                raise UserError(
-                    f"--resume: the run was trained with {key}={old!r}, not {new!r}; drop the "
-                    "option or start a new run"
-                )
+        ckpt = self.rundir.open_resume(self.run_config, self.dataset)
         self.net.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.objective.load_state_dict(ckpt.get("objective", {}))  # none before lossfloor 0.2
         self.g_sigma.set_state(ckpt["rng"]["sigma"])
         self.g_noise.set_state(ckpt["rng"]["noise"])
         self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
-        write_json(self.run_dir / "config.json", self.run_config)
-        kept = []
-        if self.stats_path.exists():
-            for line in self.stats_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        kept.append(line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut off by an interrupted write
-        with atomic_path(self.stats_path) as tmp:
-            tmp.write_text("".join(kept))
+        self.rundir.continue_at(self.step, self.run_config)
 
     def _save(self) -> None:
         for name, module in (("model", self.net), ("EMA", self.ema.model)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-                raise self._diverged(self.step, f"the {name} weights became non-finite")
+                raise self.rundir.diverged(self.step, f"the {name} weights became non-finite")
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -330,24 +187,11 @@ class Trainer:
             "model": self.net.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
             "rng": {"sigma": self.g_sigma.get_state(), "noise": self.g_noise.get_state()},
         }
-        save_with(self.latest_path, lambda p: torch.save(ckpt, p))
         every = self.config.snapshot_every
-        if every and self.step % every == 0:
-            snapshot = self.run_dir / f"checkpoint-{self.step:08d}.pt"
-            save_with(snapshot, lambda p: torch.save(ckpt, p))
-
-    def _diverged(self, step: int, what: str) -> UserError:
-        kept = (
-            f"the last good checkpoint {self.latest_path} is kept"
-            if self.latest_path.exists()
-            else "no checkpoint had been written yet"
-        )
-        return UserError(
-            f"training stopped at step {step}: {what}; {kept}; lower --lr (or raise "
-            "--warmup) and start again"
-        )
+        self.rundir.save(ckpt, snapshot=bool(every) and self.step % every == 0)
 
     # ----- training ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -355,54 +199,66 @@ class Trainer:
         warmup = self.config.warmup
         return self.config.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
-    def _train_step(self, acc: _Accumulator) -> None:
+    def _train_step(self, acc: StatsAccumulator) -> None:
+        """One optimiser step on the next batch; adds it to ``acc``."""
         start = time.perf_counter()
-        c, b = self.config, self.config.batch
+        b = self.config.batch
         idx = self.order.indices(self.step * b, b).to(self.device)
         x0 = self.x[idx]
         labels = None if self.labels is None else self.labels[idx]
-        sigma = self.schedule.sample(b, self.g_sigma)
-        weight = self.schedule.weight(sigma).to(self.device, torch.float32)
-        eps = torch.randn(x0.shape, generator=self.g_noise).to(self.device)
-        s = sigma.to(self.device, torch.float32)
-        x = x0 + s.view(-1, 1, 1, 1) * eps
-        per_sample = (self.denoiser(x, s, labels) - x0).square().mean(dim=(1, 2, 3))
-        loss = (weight * per_sample).mean()
+        losses = self.objective(
+            self.denoiser, x0, labels, g_sigma=self.g_sigma, g_noise=self.g_noise
+        )
+        loss = losses.loss.mean()
         if not torch.isfinite(loss):
-            raise self._diverged(self.step + 1, f"the loss is {float(loss.detach())}")
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-            if not torch.isfinite(norm):
-                raise self._diverged(self.step + 1, f"the gradient norm is {float(norm)}")
-        self.optimizer.step()
+            raise self.rundir.diverged(self.step + 1, f"the loss is {float(loss.detach())}")
+        self._optimize(loss)
         self.step += 1
         self.ema.update(self.net, self.step * b, b)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        acc.add(loss, sigma, per_sample, seconds)
+        acc.add(loss, losses.sigma, losses.loss_x0, seconds)
 
-    def run(self) -> dict[str, Any] | None:
+    def _optimize(self, loss: Tensor) -> None:
+        """Backward, gradient clipping and the AdamW step at the warm-up learning rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            if not torch.isfinite(norm):
+                raise self.rundir.diverged(self.step + 1, f"the gradient norm is {float(norm)}")
+        self.optimizer.step()
+
+    def _log(self, acc: StatsAccumulator, call: bool) -> StatsRecord:
+        """The record of the interval ending now; if ``call``, the callbacks see it as a dict
+        (``to_json()``) and what they add becomes ``extra``."""
+        step = self.step
+        record = acc.record(step, step * self.config.batch, self.lr_at(step - 1), self.seconds)
+        if call:
+            started = time.perf_counter()
+            view = record.to_json()
+            for cb in self.callbacks:
+                cb(step, self.ema_denoiser, view)
+            record = StatsRecord.from_json(view)
+            record.callback_seconds = time.perf_counter() - started
+        return record
+
+    def run(self) -> StatsRecord | None:
         """Train to ``config.steps``; the last stats record (None if there was nothing to do)."""
         from tqdm import tqdm
 
         c = self.config
         last = None
-        acc = _Accumulator(self.device)
+        acc = StatsAccumulator(self.device)
         self.net.train()
+        disable = None if self.progress is None else not self.progress
         bar = tqdm(
-            total=c.steps,
-            initial=self.step,
-            disable=None if self.progress is None else not self.progress,
-            unit="step",
-            dynamic_ncols=True,
+            total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
         try:
-            with open(self.stats_path, "a") as stats:
+            with open(self.rundir.stats, "a") as stats:
                 while self.step < c.steps:
                     self._train_step(acc)
                     bar.update(1)
@@ -411,18 +267,13 @@ class Trainer:
                     ckpt = step % c.checkpoint_every == 0 or step == c.steps
                     if not (call or ckpt or step % c.log_every == 0):
                         continue
-                    record = acc.record(step, step * c.batch, self.lr_at(step - 1), self.seconds)
-                    if call:
-                        started = time.perf_counter()
-                        for cb in self.callbacks:
-                            cb(step, self.ema_denoiser, record)
-                        record["callback_seconds"] = time.perf_counter() - started
-                    stats.write(json.dumps(record) + "\n")
+                    record = self._log(acc, call)
+                    stats.write(json.dumps(record.to_json()) + "\n")
                     stats.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+                    bar.set_postfix(loss=f"{record.loss:.4g}")
                     if ckpt:
                         self._save()
-                    last, acc = record, _Accumulator(self.device)
+                    last, acc = record, StatsAccumulator(self.device)
         finally:
             bar.close()
         return last
@@ -435,10 +286,11 @@ def train(
     *,
     resume: bool = False,
     device: str | torch.device = "cpu",
+    objective: DenoisingLoss | None = None,
     callbacks: Sequence[Callback] = (),
     callback_every: int = 0,
     progress: bool | None = None,
-) -> dict[str, Any] | None:
+) -> StatsRecord | None:
     """Train (or resume) the run in ``run_dir``; returns the last stats record."""
     trainer = Trainer(
         config,
@@ -446,6 +298,7 @@ def train(
         run_dir,
         resume=resume,
         device=device,
+        objective=objective,
         callbacks=callbacks,
         callback_every=callback_every,
         progress=progress,

@@ -1,0 +1,85 @@
+"""Training objectives, in the style of EDM's ``training/loss.py``: a callable that draws σ, noises
+the batch and returns per-sample losses.
+
+  loss_i = w(σ_i) · mean_elements (D(x0_i + σ_i·ε_i, σ_i, y_i) − x0_i)²,  σ_i ~ p(σ), ε_i ~ N(0, I)
+
+in VE σ and x0 units (docs/method.md §1): with the schedule's weight equal to a target's loss
+factor this is that target's loss (EDM's λ = 1/c_out² makes it the F loss). The trainer minimises
+the batch mean. Any schedule works, including one built from data (an optimal-loss ``Curve``, a
+measured gap): construct it and pass ``DenoisingLoss(schedule)`` to the trainer.
+
+An objective whose state changes during training (e.g. an online gap estimate) returns that state
+from ``state_dict()`` (tensors, numbers, lists, dicts: what ``torch.load(weights_only=True)``
+reads) and takes it back in ``load_state_dict()``; the trainer saves it in every checkpoint, so
+a resumed run stays bitwise the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lossfloor.diffusion.denoiser import Denoiser
+from lossfloor.errors import UserError
+from lossfloor.schedules import NoiseSchedule, get_schedule
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Losses:
+    """One batch: ``loss`` = w(σ)·``loss_x0`` per sample (what is minimised), ``loss_x0`` the
+    per-sample x0 loss (x0's device and dtype) and the σ drawn (float64, CPU)."""
+
+    loss: Tensor
+    loss_x0: Tensor
+    sigma: Tensor
+
+
+class DenoisingLoss:
+    """The denoising loss under ``schedule`` (p(σ) and w(σ)); a schedule object, name or config.
+
+    Randomness, in this order: σ from ``g_sigma`` (the schedule's ``sample``), then
+    ε = randn(x0.shape) from ``g_noise``, both CPU generators.
+    """
+
+    def __init__(self, schedule: NoiseSchedule | str | Mapping[str, Any] = "edm") -> None:
+        self.schedule = get_schedule(schedule)
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x0: Tensor,
+        labels: Tensor | None,
+        *,
+        g_sigma: torch.Generator,
+        g_noise: torch.Generator,
+    ) -> Losses:
+        """Per-sample losses of the batch x0 (N×…) with optional labels."""
+        sigma = self.schedule.sample(len(x0), g_sigma)
+        weight = self.schedule.weight(sigma).to(x0.device, x0.dtype)
+        eps = torch.randn(x0.shape, generator=g_noise).to(x0.device)
+        s = sigma.to(x0.device, x0.dtype)
+        x = x0 + s.view(-1, *[1] * (x0.ndim - 1)) * eps
+        loss_x0 = (denoiser(x, s, labels) - x0).square().mean(dim=tuple(range(1, x0.ndim)))
+        return Losses(weight * loss_x0, loss_x0, sigma)
+
+    def check(self, denoiser: Denoiser) -> None:
+        """UserError unless the schedule is consistent with the denoiser's process, target and
+        σ_data (``lossfloor.schedules.base``)."""
+        self.schedule.check(denoiser.process, denoiser.target, denoiser.sigma_data)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state that changes during training (none here)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s state."""
+        if state:
+            raise UserError(
+                f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}; "
+                "resume with the objective the run was trained with"
+            )

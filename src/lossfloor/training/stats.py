@@ -1,0 +1,122 @@
+"""Training statistics: one ``StatsRecord`` per log interval, a line of stats.jsonl.
+
+Per-σ-bin x0 losses use 8 log-spaced bins over EDM's sampling range [0.002, 80]: bin k holds
+σ ∈ (edges[k], edges[k+1]], the first and last bins open-ended (they also hold σ ≤ 0.002 and
+σ > 80).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lossfloor.errors import UserError
+
+Tensor = torch.Tensor
+
+SIGMA_BIN_EDGES: list[float] = np.geomspace(0.002, 80.0, 9).tolist()
+
+
+@dataclass
+class StatsRecord:
+    """Means over the log interval that ends at ``step``.
+
+    loss: mean over steps of the batch loss (what is minimised); loss_x0: mean over images of the
+    x0 loss mean‖D − x0‖²; bin_loss_x0[k], bin_count[k]: the same over the images whose σ fell in
+    bin k (None where none did); lr: the learning rate of the last step; seconds: training time
+    of the run so far; step_seconds, images_per_s: over the interval (callbacks excluded);
+    extra: what callbacks added (e.g. the monitor's ``gap``); callback_seconds: their time.
+    """
+
+    step: int
+    images: int
+    loss: float
+    loss_x0: float
+    bin_loss_x0: list[float | None]
+    bin_count: list[int]
+    lr: float
+    seconds: float
+    step_seconds: float
+    images_per_s: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    callback_seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats.jsonl object: the fields, then ``extra``'s keys, then callback_seconds."""
+        names = [f.name for f in fields(self) if f.name not in ("extra", "callback_seconds")]
+        out = {name: getattr(self, name) for name in names}
+        out.update(self.extra)
+        if self.callback_seconds is not None:
+            out["callback_seconds"] = self.callback_seconds
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StatsRecord:
+        """Inverse of ``to_json``: keys that are not fields go to ``extra``."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = names - set(obj) - {"callback_seconds"}
+        if missing:
+            raise UserError(f"a stats record needs {sorted(missing)}")
+        known = {k: v for k, v in obj.items() if k in names}
+        return cls(**known, extra={k: v for k, v in obj.items() if k not in names})
+
+
+def parse_stats_line(line: str) -> StatsRecord | None:
+    """The record on one stats.jsonl line; None for a line an interrupted write cut off."""
+    try:
+        obj = json.loads(line)
+        return StatsRecord.from_json(obj) if isinstance(obj, dict) else None
+    except (json.JSONDecodeError, UserError, TypeError):
+        return None
+
+
+def read_stats(path: str | Path) -> list[StatsRecord]:
+    """The records of a stats.jsonl file, skipping lines an interrupted write cut off."""
+    records = (parse_stats_line(line) for line in Path(path).read_text().splitlines())
+    return [r for r in records if r is not None]
+
+
+class StatsAccumulator:
+    """Sums over one log interval: batch loss, x0 loss and image count per σ bin, time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.inner_edges = torch.tensor(SIGMA_BIN_EDGES[1:-1], dtype=torch.float64)
+        nbins = len(SIGMA_BIN_EDGES) - 1
+        self.bin_sum = torch.zeros(nbins, dtype=torch.float64, device=device)
+        self.bin_count = torch.zeros(nbins, dtype=torch.float64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, loss: Tensor, sigma: Tensor, loss_x0: Tensor, seconds: float) -> None:
+        """One step: its batch loss, the images' σ (CPU) and per-image x0 losses, its time."""
+        bins = torch.bucketize(sigma, self.inner_edges).to(self.bin_sum.device)
+        self.bin_sum.index_add_(0, bins, loss_x0.detach().double())
+        self.bin_count.index_add_(0, bins, torch.ones_like(loss_x0, dtype=torch.float64))
+        self.loss_sum += loss.detach().double()
+        self.steps += 1
+        self.images += len(sigma)
+        self.seconds += seconds
+
+    def record(self, step: int, images: int, lr: float, total_seconds: float) -> StatsRecord:
+        """The interval's record (``images``, ``lr``, ``total_seconds``: of the run)."""
+        counts = self.bin_count.cpu().tolist()
+        sums = self.bin_sum.cpu().tolist()
+        return StatsRecord(
+            step=step,
+            images=images,
+            loss=float(self.loss_sum) / self.steps,
+            loss_x0=sum(sums) / sum(counts),
+            bin_loss_x0=[s / c if c else None for s, c in zip(sums, counts, strict=True)],
+            bin_count=[int(c) for c in counts],
+            lr=lr,
+            seconds=total_seconds,
+            step_seconds=self.seconds / self.steps,
+            images_per_s=self.images / self.seconds if self.seconds > 0 else None,
+        )
