@@ -25,6 +25,12 @@ def digits300():
     return load_dataset("digits", limit=300)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """J* cache files of these tests go to a temporary folder, not the user's cache."""
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+
+
 def test_gap_of_the_optimal_denoiser_is_zero(tmp_path, capsys):
     out = tmp_path / "d.json"
     rc = main(["diagnose", "--model", "optimal", "--data", "digits", "--limit", "300",
