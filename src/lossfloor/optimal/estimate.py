@@ -87,12 +87,7 @@ def estimate_curve(
         "process": None if process is None else process.to_config(),
         "target": None if target is None else target.to_config(),
     }
-    saved = None
-    if checkpoint is not None:
-        saved = Checkpoint.open(checkpoint, _checkpoint_key(options, plan))
-        if progress and saved.points:
-            print(f"resuming: {len(saved.points)} σ already computed in {saved.path}",
-                  file=sys.stderr)  # fmt: skip
+    saved = None if checkpoint is None else _resume(checkpoint, options, plan, progress)
     points = _estimate_points(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
         process, target, saved, progress,
@@ -205,6 +200,17 @@ def _estimate_point(
         combined_weight_closed=mom.weight_closed,
         dtype=str(dtype).removeprefix("torch."),
     )
+
+
+def _resume(
+    path: str | os.PathLike[str], options: dict, plan: OuterPlan, announce: bool
+) -> Checkpoint:
+    """The checkpoint at ``path`` for these options and draws (saying so on stderr when it
+    holds points, if ``announce``)."""
+    saved = Checkpoint.open(path, _checkpoint_key(options, plan))
+    if announce and saved.points:
+        print(f"resuming: {len(saved.points)} σ already computed in {saved.path}", file=sys.stderr)
+    return saved
 
 
 def _checkpoint_key(options: dict, plan: OuterPlan) -> str:
