@@ -41,7 +41,7 @@ def gemm_ratio(x: torch.Tensor, batch: int, tile_mb: float, repeat: int) -> dict
             acc += torch.mm(torch.mm(c, q_aug.T).T, c)
 
     def kernel() -> None:
-        posterior_mean(q, None, 3.0, keys_aug=keys_aug, tile_bytes=tile).mean()
+        posterior_mean(q, None, 3.0, keys_aug=keys_aug, tile_bytes=tile)
 
     t_mm, t_k = interleaved_times(bare, kernel, repeat)
     flops = 4.0 * batch * x.shape[0] * keys_aug.shape[1]
@@ -68,10 +68,10 @@ def naive_comparison(x: torch.Tensor, batch: int) -> dict:
     q = x[:batch] + 3.0 * torch.randn(batch, x.shape[1])
     t_naive = best_time(lambda: naive_posterior_mean(q, x, 3.0), repeat=1)
     qk = x[:1024] + 3.0 * torch.randn(1024, x.shape[1])
-    t_kernel = best_time(lambda: posterior_mean(qk, x, 3.0).mean(), repeat=1)
+    t_kernel = best_time(lambda: posterior_mean(qk, x, 3.0), repeat=1)
     per_naive, per_kernel = t_naive / batch, t_kernel / 1024
     ref = naive_posterior_mean(q, x, 3.0).double()
-    got = posterior_mean(q, x, 3.0).mean().double()
+    got = posterior_mean(q, x, 3.0).double()
     return {
         "naive_batch": batch,
         "naive_seconds_per_query": per_naive,

@@ -25,6 +25,12 @@ def digits300():
     return load_dataset("digits", limit=300)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """J* cache files of these tests go to a temporary folder, not the user's cache."""
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+
+
 def test_gap_of_the_optimal_denoiser_is_zero(tmp_path, capsys):
     out = tmp_path / "d.json"
     rc = main(["diagnose", "--model", "optimal", "--data", "digits", "--limit", "300",
@@ -46,10 +52,10 @@ def test_a_blurred_denoiser_has_a_positive_gap(digits300):
     def blurred(x, sigma, labels=None):
         return opt(x, sigma * 1.5, labels)
 
-    rec = diagnose(blurred, digits300, [0.5, 1.0, 3.0], outer=600, progress=False)
-    for p in rec["points"]:
-        assert p["gap"] > 5 * p["gap_stderr"] > 0
-        assert p["model_loss"] == pytest.approx(p["optimal_loss"] + p["gap"], rel=1e-12)
+    result = diagnose(blurred, digits300, [0.5, 1.0, 3.0], outer=600, progress=False)
+    for p in result.points:
+        assert p.gap > 5 * p.gap_stderr > 0
+        assert p.model_loss == pytest.approx(p.optimal_loss + p.gap, rel=1e-12)
 
 
 def test_optimal_denoiser_is_the_estimators_posterior_mean(digits300):
@@ -93,14 +99,14 @@ def test_diffusers_pipeline_is_diagnosed_through_the_wrapper(tmp_path, digits300
         eps = unet(xt, torch.full((4,), 500.0)).sample
     ref = (xt - (1 - ab).sqrt().float() * eps) / ab.sqrt().float()
     torch.testing.assert_close(d(x, sigma), ref, rtol=1e-4, atol=1e-4)
-    rec = diagnose(d, digits300, [0.5, 2.0], outer=64, progress=False)
-    assert all(np.isfinite(p["gap"]) and "gap_target" in p for p in rec["points"])
+    result = diagnose(d, digits300, [0.5, 2.0], outer=64, progress=False)
+    assert all(np.isfinite(p.gap) and p.gap_target is not None for p in result.points)
 
 
 def test_monitor_logs_the_gap_from_a_cached_curve(digits300):
     curve = estimate_curve(digits300.x, [0.1, 0.5, 2.0, 10.0], make_estimator("full", 300),
                            progress=False)  # fmt: skip
-    curve = Curve.from_record(curve.record)
+    curve = Curve.from_json(curve.to_json())
     mon = GapMonitor(curve, digits300, sigmas=[0.5, 2.0], n=128)
     rec: dict = {}
     mon(10, OptimalDenoiser(digits300), rec)
@@ -141,10 +147,10 @@ def test_trained_model_never_beats_the_floor_and_training_lowers_the_gap(tmp_pat
         run = tmp_path / "run"
         train(TrainConfig(steps=steps, **cfg), ds, run, resume=run.exists(), progress=False)
         model, _ = load_run(run)
-        rec = diagnose(model, ds, sigmas, outer=400, seed=1, progress=False)
-        for p in rec["points"]:
-            assert p["gap"] >= -3 * p["gap_stderr"], p
-        gaps.append({p["sigma"]: (p["gap"], p["gap_stderr"]) for p in rec["points"]})
+        result = diagnose(model, ds, sigmas, outer=400, seed=1, progress=False)
+        for p in result.points:
+            assert p.gap >= -3 * p.gap_stderr, p
+        gaps.append({p.sigma: (p.gap, p.gap_stderr) for p in result.points})
     for s in (0.5, 1.0, 2.0):
         (g0, e0), (g1, e1) = gaps[0][s], gaps[1][s]
         assert g1 < g0 - 3 * (e0**2 + e1**2) ** 0.5, (s, gaps)

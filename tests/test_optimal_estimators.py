@@ -50,10 +50,10 @@ def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
     sigmas = [0.3, 1.0, 3.0]
     curve = estimate_curve(data, sigmas, make_estimator("full", 60), outer=1500, seed=7,
                            precision=precision, progress=False)  # fmt: skip
-    for p, s in zip(curve.record["points"], sigmas, strict=True):
+    for p, s in zip(curve.points, sigmas, strict=True):
         closed, direct = brute_force_per_sample(data, 1500, 7, s)
-        assert p["closed"] == pytest.approx(closed, rel=rtol)
-        assert p["direct"] == pytest.approx(direct, rel=rtol)
+        assert p.closed == pytest.approx(closed, rel=rtol)
+        assert p.direct == pytest.approx(direct, rel=rtol)
 
 
 @pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0, 4.0])
@@ -92,7 +92,7 @@ def test_gaussian_data_matches_the_population_closed_form():
 def test_limits_and_monotonicity(digits):
     sigmas = [1e-3, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 1e3]
     curve = estimate_curve(digits.x, sigmas, make_estimator("full", digits.n), progress=False)
-    var = curve.record["data_variance"]
+    var = curve.data_variance
     assert curve.values[0] < 1e-12  # distinct points: J* → 0 as σ → 0
     assert curve.values[-1] == pytest.approx(var, rel=1e-3)  # J* → data variance as σ → ∞
     steps = np.diff(curve.values)
@@ -131,7 +131,7 @@ def test_cdol_default_tracks_full_on_digits(digits):
     kw = dict(outer=digits.n, seed=5, progress=False)
     full = estimate_curve(digits.x, sigmas, make_estimator("full", digits.n), **kw)
     cdol = estimate_curve(digits.x, sigmas, make_estimator("cdol", digits.n, inner=180), **kw)
-    tol = 0.03 * full.record["data_variance"]
+    tol = 0.03 * full.data_variance
     assert np.all(np.abs(cdol.values - full.values) < tol), cdol.values - full.values
     dol = estimate_curve(digits.x, sigmas, make_estimator("dol", digits.n, inner=18), **kw)
     assert np.any(np.abs(dol.values - full.values) > tol)
@@ -146,9 +146,9 @@ def test_no_nan_or_inf_from_tiny_to_huge_sigma_with_duplicates(name, precision):
     sigmas = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]
     est = make_estimator(name, data.shape[0], inner=None if name == "full" else 8)
     curve = estimate_curve(data, sigmas, est, outer=200, precision=precision, progress=False)
-    for p in curve.record["points"]:
-        for key in ("optimal_loss", "stderr", "closed", "direct"):
-            assert math.isfinite(p[key]), (name, p)
+    for p in curve.points:
+        for value in (p.optimal_loss, p.stderr, p.closed, p.direct):
+            assert math.isfinite(value), (name, p)
 
 
 def test_auto_precision_switches_to_float64_where_float32_loses_digits():
@@ -165,7 +165,7 @@ def test_auto_precision_switches_to_float64_where_float32_loses_digits():
     f32 = estimate_curve(data, [0.03], est, precision="float32", **kw).values[0]
     auto = estimate_curve(data, [0.03], est, precision="auto", **kw)
     assert abs(f32 - ref) > 1e-3 * ref
-    assert auto.record["points"][0]["dtype"] == "float64"
+    assert auto.points[0].dtype == "float64"
     assert auto.values[0] == pytest.approx(ref, rel=1e-9)
 
 

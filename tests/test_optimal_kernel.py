@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lossfloor.optimal.kernel import logit_error_bound, posterior_mean
+from lossfloor.optimal.kernel import accumulate_softmax, logit_error_bound, posterior_mean
 
 
 def brute_posterior_mean(q: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -22,7 +22,7 @@ def test_kernel_matches_brute_force_float64(small_set, sigma):
     q = small_set[torch.randint(40, (17,), generator=g)] + sigma * torch.randn(
         17, 6, generator=g, dtype=torch.float64
     )
-    mu = posterior_mean(q, small_set, sigma).mean()
+    mu = posterior_mean(q, small_set, sigma)
     torch.testing.assert_close(
         mu, brute_posterior_mean(q, small_set, sigma), rtol=1e-10, atol=1e-12
     )
@@ -30,9 +30,9 @@ def test_kernel_matches_brute_force_float64(small_set, sigma):
 
 def test_result_does_not_depend_on_tile_size(small_set):
     q = small_set[:9] + 0.7 * torch.randn(9, 6, dtype=torch.float64)
-    ref = posterior_mean(q, small_set, 0.7).mean()
+    ref = posterior_mean(q, small_set, 0.7)
     for tile in (8, 64 * 8, 10**9):  # 1 key per tile (at least 64), many tiles, one tile
-        got = posterior_mean(q, small_set, 0.7, tile_bytes=tile).mean()
+        got = posterior_mean(q, small_set, 0.7, tile_bytes=tile)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
 
 
@@ -41,7 +41,7 @@ def test_running_max_is_per_query():
     shared across queries would underflow the far query's weights to 0/0."""
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float32)
     q = torch.tensor([[0.0, 0.0], [300.0, 300.0]], dtype=torch.float32)
-    mu = posterior_mean(q, x, 0.2).mean()
+    mu = posterior_mean(q, x, 0.2)
     assert torch.isfinite(mu).all()
     torch.testing.assert_close(mu.double(), brute_posterior_mean(q, x, 0.2), rtol=1e-5, atol=1e-6)
 
@@ -51,7 +51,7 @@ def test_no_underflow_in_high_dimensions():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 3000, generator=g)
     q = x[:5] + 0.5 * torch.randn(5, 3000, generator=g)
-    mu = posterior_mean(q, x, 0.5).mean()
+    mu = posterior_mean(q, x, 0.5)
     assert torch.isfinite(mu).all()
     torch.testing.assert_close(mu.double(), brute_posterior_mean(q, x, 0.5), rtol=1e-4, atol=1e-4)
 
@@ -60,8 +60,8 @@ def test_chunks_can_be_combined_with_a_per_query_term(small_set):
     """Streaming keys in two calls and adding one key per query equals one softmax over all."""
     q = small_set[:5] + 0.4 * torch.randn(5, 6, dtype=torch.float64)
     extra = small_set[10:15]
-    state = posterior_mean(q, small_set[:20], 0.4)
-    state = posterior_mean(q, small_set[20:], 0.4, state=state)
+    state = accumulate_softmax(q, small_set[:20], 0.4)
+    state = accumulate_softmax(q, small_set[20:], 0.4, state=state)
     logit = ((q * extra).sum(1) - 0.5 * extra.pow(2).sum(1)) / 0.4**2
     state.add_one(logit, extra)
     # brute force: all 40 points plus a duplicate of point 10+b for query b
@@ -75,7 +75,7 @@ def test_excluded_keys_are_masked(small_set):
     q = small_set[:4] + 0.3 * torch.randn(4, 6, dtype=torch.float64)
     ids = torch.arange(40)
     exclude = torch.tensor([0, 1, 2, 3])
-    mu = posterior_mean(q, small_set, 0.3, key_ids=ids, exclude_ids=exclude).mean()
+    mu = posterior_mean(q, small_set, 0.3, key_ids=ids, exclude_ids=exclude)
     for b in range(4):
         keep = torch.cat([small_set[:b], small_set[b + 1 :]])
         ref = brute_posterior_mean(q[b : b + 1], keep, 0.3)
@@ -101,6 +101,6 @@ def test_keys_streamed_far_to_near_raise_the_shift_correctly(dtype, sigma):
     order = torch.argsort(((x - q[0]) ** 2).sum(1), descending=True)
     keys = x[order]
     tile = 64 * 3 * torch.finfo(dtype).bits // 8
-    mu = posterior_mean(q.to(dtype), keys.to(dtype), sigma, tile_bytes=tile).mean().double()
+    mu = posterior_mean(q.to(dtype), keys.to(dtype), sigma, tile_bytes=tile).double()
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(mu, brute_posterior_mean(q, keys, sigma), rtol=tol, atol=tol)

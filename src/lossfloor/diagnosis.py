@@ -11,28 +11,162 @@ underfitting.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lossfloor import __version__
 from lossfloor.data import Dataset
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.io import read_json, write_json
 from lossfloor.optimal import Full
+from lossfloor.optimal.cache import cached_per_sample, per_sample_key
+from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
     OUTER_BLOCK,
     OuterPlan,
+    PoolsByDtype,
     block_noise,
-    choose_dtype,
-    make_pools,
     mean_and_stderr,
     per_sample_values,
 )
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
+
+#: The units of every diagnosis.
+UNITS = "VE sigma, x0 per element; *_target in the model's target units"
+
+#: Keys of a point's JSON derived from the others (written, recomputed on reading).
+DERIVED = ("relative_gap", "model_loss_target", "optimal_loss_target", "gap_target")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GapPoint:
+    """One σ of a diagnosis: J_θ, J* and gap = J_θ − J* (per element, x0 units; means over the
+    same draws, so the gap's standard error is that of the paired differences), the seconds it
+    took, and the model's loss factor (target units / x0 units) when it is a lossfloor Denoiser.
+    """
+
+    sigma: float
+    model_loss: float
+    model_loss_stderr: float
+    optimal_loss: float
+    optimal_loss_stderr: float
+    gap: float
+    gap_stderr: float
+    seconds: float
+    loss_factor: float | None = None
+
+    @property
+    def relative_gap(self) -> float | None:
+        """gap / J* (None where J* = 0)."""
+        return self.gap / self.optimal_loss if self.optimal_loss > 0 else None
+
+    @property
+    def model_loss_target(self) -> float | None:
+        """J_θ in the model's target units (J_θ·loss factor)."""
+        return None if self.loss_factor is None else self.model_loss * self.loss_factor
+
+    @property
+    def optimal_loss_target(self) -> float | None:
+        """J* in the model's target units."""
+        return None if self.loss_factor is None else self.optimal_loss * self.loss_factor
+
+    @property
+    def gap_target(self) -> float | None:
+        """The gap in the model's target units."""
+        return None if self.loss_factor is None else self.gap * self.loss_factor
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "sigma": self.sigma,
+            "model_loss": self.model_loss,
+            "model_loss_stderr": self.model_loss_stderr,
+            "optimal_loss": self.optimal_loss,
+            "optimal_loss_stderr": self.optimal_loss_stderr,
+            "gap": self.gap,
+            "gap_stderr": self.gap_stderr,
+            "relative_gap": self.relative_gap,
+            "seconds": self.seconds,
+        }
+        if self.loss_factor is not None:
+            out["loss_factor"] = self.loss_factor
+            out["model_loss_target"] = self.model_loss_target
+            out["optimal_loss_target"] = self.optimal_loss_target
+            out["gap_target"] = self.gap_target
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> GapPoint:
+        if not isinstance(obj, dict):
+            raise UserError(f"not a diagnosis point: {obj!r}")
+        try:
+            return cls(**{k: v for k, v in obj.items() if k not in DERIVED})
+        except TypeError as exc:
+            raise UserError(f"not a diagnosis point ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A model's per-σ gap to the optimal loss (``diagnose``): the points, the data, the draws
+    (outer M, seed) and a description of the model. ``to_json`` / ``save`` write what
+    ``lossfloor diagnose --out`` writes; ``from_json`` / ``load`` read it back."""
+
+    points: tuple[GapPoint, ...]
+    dataset: dict[str, Any]
+    outer: int
+    seed: int
+    model: dict[str, Any] | None = None
+    per_element: bool = True
+    units: str = UNITS
+    lossfloor_version: str = __version__
+
+    @property
+    def largest_gap(self) -> GapPoint:
+        """The point with the largest gap."""
+        return max(self.points, key=lambda p: p.gap)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **({} if self.model is None else {"model": self.model}),
+            "dataset": self.dataset,
+            "outer": self.outer,
+            "seed": self.seed,
+            "per_element": self.per_element,
+            "units": self.units,
+            "lossfloor_version": self.lossfloor_version,
+            "points": [p.to_json() for p in self.points],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Diagnosis:
+        if not isinstance(obj, dict) or not isinstance(obj.get("points"), list):
+            raise UserError("not a diagnosis: expected points with sigma, model_loss, gap, …")
+        try:
+            fields = {k: obj[k] for k in ("dataset", "outer", "seed")}
+        except KeyError as exc:
+            raise UserError(f"not a diagnosis: no {exc.args[0]!r}") from None
+        return cls(
+            points=tuple(GapPoint.from_json(p) for p in obj["points"]),
+            **fields,
+            model=obj.get("model"),
+            per_element=obj.get("per_element", True),
+            units=obj.get("units", UNITS),
+            lossfloor_version=obj.get("lossfloor_version", __version__),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Diagnosis:
+        return cls.from_json(read_json(path))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``to_json()`` atomically."""
+        write_json(path, self.to_json())
 
 
 def loss_factor_of(model: DenoiserFn, sigma: float) -> float | None:
@@ -81,57 +215,82 @@ def diagnose(
     use_labels: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    record: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    model_info: dict[str, Any] | None = None,
+    cache: bool = True,
+) -> Diagnosis:
     """Per σ: model loss, optimal loss, the paired gap and its standard error (per element, x0
-    units; also in the model's target units when it is a lossfloor Denoiser)."""
+    units; also in the model's target units when it is a lossfloor Denoiser). ``model_info``
+    is recorded as the diagnosis' ``model``. With ``cache``, J*'s per-sample values are read
+    from (or written to) ``lossfloor.optimal.cache``.
+    """
     from tqdm.auto import tqdm
 
     if not sigmas:
-        raise UserError("the σ list is empty; give at least one σ > 0")
+        raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
+    if not batch >= 1:
+        raise ParameterError("batch", batch, "must be ≥ 1")
     device = torch.device(device)
     plan = OuterPlan.build(dataset.x, dataset.labels, outer, seed, conditional)
     labels = dataset.labels if use_labels else None
     if use_labels and labels is None:
         raise UserError("the model is class-conditional but the dataset has no labels")
-    pools = {torch.float32: make_pools(plan, torch.float32, device)}
-    points = []
-    for sigma in tqdm(sigmas, disable=not progress, desc="diagnose", unit="σ", leave=False):
-        t0 = time.perf_counter()
-        dtype = choose_dtype("auto", pools[torch.float32], sigma)
-        if dtype not in pools:
-            pools[dtype] = make_pools(plan, dtype, device)
-        opt = per_sample_values(plan, Full(), sigma, dtype, device, pools[dtype]).direct
-        mod = model_per_sample_loss(model, dataset, plan, sigma, batch, device, labels)
-        if not torch.isfinite(mod).all():
-            raise UserError(f"the model's output is not finite at σ = {sigma:g}")
-        (jm, jm_se), (jo, jo_se) = mean_and_stderr(mod), mean_and_stderr(opt)
-        gap, gap_se = mean_and_stderr(mod - opt)
-        point = {
-            "sigma": sigma,
-            "model_loss": jm,
-            "model_loss_stderr": jm_se,
-            "optimal_loss": jo,
-            "optimal_loss_stderr": jo_se,
-            "gap": gap,
-            "gap_stderr": gap_se,
-            "relative_gap": gap / jo if jo > 0 else None,
-            "seconds": time.perf_counter() - t0,
-        }
-        factor = loss_factor_of(model, sigma)
-        if factor is not None:
-            point["loss_factor"] = factor
-            point["model_loss_target"] = point["model_loss"] * factor
-            point["optimal_loss_target"] = point["optimal_loss"] * factor
-            point["gap_target"] = point["gap"] * factor
-        points.append(point)
-    return {
-        **(record or {}),
-        "dataset": {**dataset.describe(), "conditional": conditional},
-        "outer": outer,
-        "seed": seed,
-        "per_element": True,
-        "units": "VE sigma, x0 per element; *_target in the model's target units",
-        "lossfloor_version": __version__,
-        "points": points,
-    }
+    pools = PoolsByDtype(plan, device)
+    points = [
+        _gap_point(model, dataset, plan, pools, sigma, batch, labels, cache)
+        for sigma in tqdm(sigmas, disable=not progress, desc="diagnose", unit="σ", leave=False)
+    ]
+    return Diagnosis(
+        points=tuple(points),
+        dataset={**dataset.describe(), "conditional": conditional},
+        outer=outer,
+        seed=seed,
+        model=model_info,
+    )
+
+
+def optimal_per_sample_loss(
+    plan: OuterPlan, pools: PoolsByDtype, sigma: float, cache: bool = True
+) -> Tensor:
+    """‖μ(x0 + σε) − x0‖²/D for every outer draw of ``plan`` (the exact posterior mean, dtype
+    by the ``auto`` policy; float64), from the cache when ``cache`` and it holds them."""
+    dtype = pools.dtype_at("auto", sigma)
+    estimator = Full()
+
+    def compute():
+        return per_sample_values(plan, estimator, sigma, dtype, pools.device, pools(dtype))
+
+    if not cache:
+        return compute().direct
+    key = per_sample_key(plan, estimator, sigma, dtype, pools.device, DEFAULT_TILE_BYTES)
+    return cached_per_sample(key, plan.outer, compute).direct
+
+
+def _gap_point(
+    model: DenoiserFn,
+    dataset: Dataset,
+    plan: OuterPlan,
+    pools: PoolsByDtype,
+    sigma: float,
+    batch: int,
+    labels: Tensor | None,
+    cache: bool,
+) -> GapPoint:
+    """J_θ(σ), J*(σ) and the gap, each a mean over the draws with its standard error."""
+    t0 = time.perf_counter()
+    opt = optimal_per_sample_loss(plan, pools, sigma, cache)
+    mod = model_per_sample_loss(model, dataset, plan, sigma, batch, pools.device, labels)
+    if not torch.isfinite(mod).all():
+        raise UserError(f"the model's output is not finite at σ = {sigma:g}")
+    (jm, jm_se), (jo, jo_se) = mean_and_stderr(mod), mean_and_stderr(opt)
+    gap, gap_se = mean_and_stderr(mod - opt)
+    return GapPoint(
+        sigma=sigma,
+        model_loss=jm,
+        model_loss_stderr=jm_se,
+        optimal_loss=jo,
+        optimal_loss_stderr=jo_se,
+        gap=gap,
+        gap_stderr=gap_se,
+        seconds=time.perf_counter() - t0,
+        loss_factor=loss_factor_of(model, sigma),
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,6 +14,10 @@ import numpy as np  # noqa: E402
 
 from lossfloor.io import save_with  # noqa: E402
 
+if TYPE_CHECKING:
+    from lossfloor.diagnosis import Diagnosis
+    from lossfloor.optimal import Curve
+
 
 def save_figure(fig, path: str | os.PathLike[str]) -> None:
     save_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
@@ -22,17 +26,18 @@ def save_figure(fig, path: str | os.PathLike[str]) -> None:
 
 def plot_optimal_loss(
     path: str | os.PathLike[str],
-    curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    curves: Sequence[tuple[str, Curve]],
     *,
     data_variance: float | None = None,
     title: str = "",
 ) -> None:
-    """J*(σ) per element against σ (log–log), one line per (label, σ, J*, stderr), ±2 s.e."""
+    """J*(σ) per element against σ (log–log), one line per (label, curve), ±2 s.e."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    positive = [v[v > 0] for _, _, v, _ in curves]
+    positive = [c.values[c.values > 0] for _, c in curves]
     vmax = max((float(p.max()) for p in positive if p.size), default=1.0)
     floor = max(min((float(p.min()) for p in positive if p.size), default=vmax) / 3, vmax * 1e-8)
-    for label, s, v, se in curves:
+    for label, curve in curves:
+        s, v, se = curve.sigmas, curve.values, curve.stderrs
         ax.plot(s, np.maximum(v, floor), marker="o", ms=3, label=label)
         lo = np.maximum(v - 2 * se, np.maximum(v / 10, floor))
         ax.fill_between(s, lo, np.maximum(v + 2 * se, floor), alpha=0.25)
@@ -49,14 +54,14 @@ def plot_optimal_loss(
     save_figure(fig, path)
 
 
-def plot_diagnosis(path: str | os.PathLike[str], rec: dict[str, Any], title: str = "") -> None:
+def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: str = "") -> None:
     """J* and J_θ against σ (log axes) above, the gap ± 2 s.e. below."""
-    pts = rec["points"]
-    s = np.array([p["sigma"] for p in pts])
-    jm = np.array([p["model_loss"] for p in pts])
-    jo = np.array([p["optimal_loss"] for p in pts])
-    g = np.array([p["gap"] for p in pts])
-    gse = np.array([p["gap_stderr"] for p in pts])
+    pts = diagnosis.points
+    s = np.array([p.sigma for p in pts])
+    jm = np.array([p.model_loss for p in pts])
+    jo = np.array([p.optimal_loss for p in pts])
+    g = np.array([p.gap for p in pts])
+    gse = np.array([p.gap_stderr for p in pts])
     fig, (a, b) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, height_ratios=[3, 2])
     floor = max(min(v for v in np.concatenate([jm, jo]) if v > 0) / 3, jm.max() * 1e-8)
     a.plot(s, np.maximum(jm, floor), "o-", ms=3, label="model J_θ(σ)")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import (
-    add_data_arguments,
-    load_data_from_args,
-    parse_sigmas,
-    resolve_device,
-)
-from lossfloor.errors import UserError
-from lossfloor.io import write_json
+from lossfloor.cli.common import add_data_arguments
+
+if TYPE_CHECKING:
+    from lossfloor.diagnosis import Diagnosis
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,25 +30,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--plot", default=None, help="PNG: J_θ and J* against σ, gap below")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute J* instead of reusing $LOSSFLOOR_CACHE/optimal (same draws, same values)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
     from lossfloor.diagnosis import diagnose
     from lossfloor.models import load_model
+    from lossfloor.optimal.outer import check_outer
     from lossfloor.plots import plot_diagnosis
 
     sigmas = parse_sigmas(args.sigmas)
-    if args.outer < 2:
-        raise UserError(f"--outer {args.outer}: need at least 2 paired draws")
-    if args.batch < 1:
-        raise UserError(f"--batch {args.batch}: must be ≥ 1")
+    check_outer(args.outer)
     device = resolve_device(args.device)
     ds = load_data_from_args(args)
     model, info = load_model(args.model, ds, device, ema=not args.no_ema)
     conditional = bool(info.get("conditional"))
-    rec = diagnose(
+    result = diagnose(
         model,
         ds,
         sigmas,
@@ -62,20 +63,25 @@ def run(args: argparse.Namespace) -> int:
         use_labels=conditional,
         device=device,
         progress=not args.quiet,
-        record={"model": {k: v for k, v in info.items() if k != "config"}},
+        model_info={k: v for k, v in info.items() if k != "config"},
+        cache=not args.no_cache,
     )
     if not args.quiet:
-        print(f"{'sigma':>9} {'model':>11} {'optimal':>11} {'gap':>11} {'±':>9} {'rel':>8}")
-        for p in rec["points"]:
-            rel = p["relative_gap"]
-            print(
-                f"{p['sigma']:9.4g} {p['model_loss']:11.5g} {p['optimal_loss']:11.5g} "
-                f"{p['gap']:11.5g} {p['gap_stderr']:9.2g} "
-                f"{(rel if rel is not None else float('nan')):8.3g}"
-            )
-        worst = max(rec["points"], key=lambda p: p["gap"])
-        print(f"largest gap at σ = {worst['sigma']:.4g}: {worst['gap']:.4g}")
-    write_json(args.out, rec)
+        _print_table(result)
+    result.save(args.out)
     if args.plot:
-        plot_diagnosis(args.plot, rec, title=f"{ds.name}: {args.model}")
+        plot_diagnosis(args.plot, result, title=f"{ds.name}: {args.model}")
     return 0
+
+
+def _print_table(result: Diagnosis) -> None:
+    print(f"{'sigma':>9} {'model':>11} {'optimal':>11} {'gap':>11} {'±':>9} {'rel':>8}")
+    for p in result.points:
+        rel = p.relative_gap
+        print(
+            f"{p.sigma:9.4g} {p.model_loss:11.5g} {p.optimal_loss:11.5g} "
+            f"{p.gap:11.5g} {p.gap_stderr:9.2g} "
+            f"{(rel if rel is not None else float('nan')):8.3g}"
+        )
+    worst = result.largest_gap
+    print(f"largest gap at σ = {worst.sigma:.4g}: {worst.gap:.4g}")

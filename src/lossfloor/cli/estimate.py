@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import (
-    add_data_arguments,
-    load_data_from_args,
-    parse_sigmas,
-    resolve_device,
-)
+from lossfloor.cli.common import add_data_arguments
 from lossfloor.errors import UserError
-from lossfloor.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from lossfloor.data import Dataset
+    from lossfloor.optimal import Curve, Estimator
+
+#: Parameters of the Python API that options of another name set (for its errors).
+PARAM_OPTIONS = {"precision": "--dtype"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,71 +51,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="result JSON (checkpointed per σ; reruns resume)")
     p.add_argument("--plot", default=None, help="PNG of J*(σ)")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(run=run)
-
-
-def _partial_path(out: str) -> Path:
-    return Path(out).with_name(Path(out).name + ".partial")
+    p.set_defaults(run=run, param_options=PARAM_OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
     from lossfloor.diffusion import get_process, get_target
-    from lossfloor.optimal import estimate_curve, make_estimator
-    from lossfloor.plots import plot_optimal_loss
+    from lossfloor.optimal import estimate_curve
+    from lossfloor.optimal.outer import check_outer
     from lossfloor.schedules import get_schedule
 
     sigmas = parse_sigmas(args.sigmas)
+    if args.outer is not None:
+        check_outer(args.outer)
     process = get_process(args.process)
     target = get_target(args.target, sigma_data=args.sigma_data)
     schedule = get_schedule(args.total) if args.total else None
     device = resolve_device(args.device)
     if args.tile_mb <= 0:
         raise UserError(f"--tile-mb {args.tile_mb}: must be > 0")
-    if args.outer is not None and args.outer < 1:
-        raise UserError(f"--outer {args.outer}: need at least 1 outer sample (M ≥ 1)")
     ds = load_data_from_args(args)
-    source_in_random = {"auto": None, "yes": False, "no": True}[args.source_in_random]
-    estimator = make_estimator(
-        args.estimator,
-        ds.n,
-        inner=args.inner,
-        C=args.C,
-        replace=args.replace,
-        exclude_source=source_in_random,
-        layout=args.layout,
-        share=args.share,
-    )
-    record: dict[str, Any] = {
-        "dataset": {**ds.describe(), "conditional": args.conditional},
-        "process": process.to_config(),
-        "target": target.to_config(),
-    }
-    key = hashlib.sha256(
-        json.dumps(
-            [record, estimator.params(), args.outer, args.seed, args.form, args.dtype],
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()
-    done: dict[float, dict[str, Any]] = {}
-    partial = _partial_path(args.out) if args.out else None
-    if partial is not None and partial.is_file():
-        saved = read_json(partial)
-        if saved.get("key") == key:
-            done = {p["sigma"]: p for p in saved["points"]}
-            if not args.quiet:
-                print(f"resuming: {len(done)} σ already computed in {partial}", file=sys.stderr)
-
-    def checkpoint(point: dict[str, Any]) -> None:
-        done[point["sigma"]] = point
-        if partial is not None:
-            write_json(partial, {"key": key, "points": list(done.values())})
-
     curve = estimate_curve(
-        ds.x,
+        ds,
         sigmas,
-        estimator,
-        labels=ds.labels,
+        _estimator(args, ds.n),
         conditional=args.conditional,
         outer=args.outer,
         seed=args.seed,
@@ -128,41 +85,59 @@ def run(args: argparse.Namespace) -> int:
         target=target,
         schedule=schedule,
         tile_bytes=int(args.tile_mb * 2**20),
-        record=record,
-        done=done,
-        on_point=checkpoint,
+        checkpoint=Path(args.out + ".partial") if args.out else None,
         progress=not args.quiet,
     )
-    rec = curve.record
-    if not args.quiet:
-        _print_table(rec, args.target)
-    if args.plot:
-        plot_optimal_loss(
-            args.plot,
-            [(rec["estimator"]["name"], curve.sigmas, curve.values, curve.stderrs)],
-            data_variance=rec["data_variance"],
-            title=f"{ds.name}: optimal loss (n={ds.n}, M={rec['estimator']['outer']})",
-        )
-    if args.out:
-        write_json(args.out, rec)
-        if partial is not None and partial.exists():
-            partial.unlink()
+    _report(curve, args, ds)
     return 0
 
 
-def _print_table(rec: dict[str, Any], target: str) -> None:
+def _estimator(args: argparse.Namespace, n: int) -> Estimator:
+    """The estimator the options name, for n data points."""
+    from lossfloor.optimal import make_estimator
+
+    return make_estimator(
+        args.estimator,
+        n,
+        inner=args.inner,
+        C=args.C,
+        replace=args.replace,
+        exclude_source={"auto": None, "yes": False, "no": True}[args.source_in_random],
+        layout=args.layout,
+        share=args.share,
+    )
+
+
+def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
+    """The table (unless --quiet), the plot and the JSON the options ask for."""
+    from lossfloor.plots import plot_optimal_loss
+
+    if not args.quiet:
+        _print_table(curve, args.target)
+    if args.plot:
+        plot_optimal_loss(
+            args.plot,
+            [(curve.estimator["name"], curve)],
+            data_variance=curve.data_variance,
+            title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
+        )
+    if args.out:
+        curve.save(args.out)
+
+
+def _print_table(curve: Curve, target: str) -> None:
     head = f"J*({target})"
     print(f"{'sigma':>10} {'t':>10} {'J*(x0)':>12} {'stderr':>10} {head:>12} {'s':>7}")
-    for p in rec["points"]:
-        tgt = p["optimal_loss_target"]
+    for p in curve.points:
+        tgt = p.optimal_loss_target
         print(
-            f"{p['sigma']:10.4g} {p['t']:10.4g} {p['optimal_loss']:12.6g} {p['stderr']:10.3g} "
-            f"{(tgt if tgt is not None else float('nan')):12.6g} {p['seconds']:7.2f}"
+            f"{p.sigma:10.4g} {p.t:10.4g} {p.optimal_loss:12.6g} {p.stderr:10.3g} "
+            f"{(tgt if tgt is not None else float('nan')):12.6g} {p.seconds:7.2f}"
         )
-    print(f"data variance per element: {rec['data_variance']:.6g}")
-    if rec["total"]:
-        t = rec["total"]
+    print(f"data variance per element: {curve.data_variance:.6g}")
+    if curve.total is not None:
+        t = curve.total
         print(
-            f"total under {t['schedule']['name']}: {t['optimal_loss']:.6g} ± {t['stderr']:.2g} "
-            f"(quadrature ±{t['quadrature_error']:.2g}, tail {t['tail']:.2g})"
+            f"total under {t.schedule['name']}: {t.optimal_loss:.6g} ± {t.stderr:.2g} "
+            f"(quadrature ±{t.quadrature_error:.2g}, tail {t.tail:.2g})"
         )

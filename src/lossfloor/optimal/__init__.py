@@ -1,10 +1,13 @@
 """The optimal loss J*(σ) of a dataset and its estimators (docs/method.md §2–3)."""
 
-from lossfloor.optimal.curve import Curve, total_optimal_loss
+from lossfloor.optimal.curve import Curve, CurvePoint, Total, total_optimal_loss
 from lossfloor.optimal.denoiser import OptimalDenoiser
-from lossfloor.optimal.estimate import estimate_curve
+from lossfloor.optimal.estimate import Checkpoint, estimate_curve
 from lossfloor.optimal.estimators import (
-    ESTIMATOR_NAMES,
+    CDOL,
+    DOL,
+    ESTIMATORS,
+    SNIS,
     Estimator,
     Full,
     Pool,
@@ -12,17 +15,24 @@ from lossfloor.optimal.estimators import (
     make_estimator,
     resolve_C,
 )
-from lossfloor.optimal.kernel import SoftmaxState, posterior_mean
+from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, posterior_mean
 
 __all__ = [
-    "ESTIMATOR_NAMES",
+    "CDOL",
+    "DOL",
+    "ESTIMATORS",
+    "SNIS",
+    "Checkpoint",
     "Curve",
+    "CurvePoint",
     "Estimator",
     "Full",
     "OptimalDenoiser",
     "Pool",
     "SoftmaxState",
     "Subset",
+    "Total",
+    "accumulate_softmax",
     "estimate_curve",
     "make_estimator",
     "posterior_mean",

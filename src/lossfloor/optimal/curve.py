@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from lossfloor import __version__
 from lossfloor.errors import UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.schedules import NoiseSchedule
@@ -17,37 +19,182 @@ from lossfloor.schedules import NoiseSchedule
 #: Sub-intervals per grid interval for the refined quadrature that estimates the trapezoid error.
 REFINE = 16
 
+#: The estimator block of a curve's JSON holds the estimator's config and these draw parameters.
+DRAW_KEYS = ("outer", "seed", "form")
 
-@dataclass
-class Curve:
-    """J*(σ) per element in VE σ and x0 units, with the record of what produced it."""
 
-    sigmas: np.ndarray
-    values: np.ndarray
-    stderrs: np.ndarray
-    record: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True, kw_only=True)
+class CurvePoint:
+    """J*(σ) at one σ (per element, x0 units): the reported value and its standard error, both
+    forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight a of
+    the closed form in the combination a·closed + (1−a)·direct, the process time t, the value in
+    the target's units (J*·loss factor, None without a target), the dtype and the seconds.
+    The fields are the JSON's keys, in order."""
+
+    sigma: float
+    t: float | None = None
+    optimal_loss: float
+    stderr: float = 0.0
+    optimal_loss_target: float | None = None
+    seconds: float | None = None
+    closed: float | None = None
+    closed_stderr: float | None = None
+    direct: float | None = None
+    direct_stderr: float | None = None
+    combined_weight_closed: float | None = None
+    dtype: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Curve:
+    def from_json(cls, obj: Any) -> CurvePoint:
+        """A point as ``to_json`` writes it; only sigma and optimal_loss are required."""
+        if not isinstance(obj, dict) or not {"sigma", "optimal_loss"} <= set(obj):
+            raise UserError("not an optimal-loss curve: expected points with sigma, optimal_loss")
+        unknown = sorted(set(obj) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"not an optimal-loss curve: unknown point field {unknown[0]!r}")
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class Total:
+    """The total optimal loss E_{σ~p}[w(σ)·J*(σ)] of a training objective (``Total.compute``)."""
+
+    schedule: dict[str, Any]
+    optimal_loss: float
+    stderr: float
+    quadrature_error: float
+    tail: float
+    grid: tuple[float, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "grid": list(self.grid)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Total:
         try:
-            pts = sorted(record["points"], key=lambda p: p["sigma"])
-            sig = np.array([p["sigma"] for p in pts], dtype=np.float64)
-            val = np.array([p["optimal_loss"] for p in pts], dtype=np.float64)
-            se = np.array([p.get("stderr", 0.0) for p in pts], dtype=np.float64)
+            return cls(**{**obj, "grid": tuple(obj["grid"])})
         except (KeyError, TypeError):
-            raise UserError(
-                "not an optimal-loss curve: expected points with sigma, optimal_loss"
-            ) from None
-        if sig.size == 0:
-            raise UserError("the optimal-loss curve has no points")
-        return cls(sigmas=sig, values=val, stderrs=se, record=record)
+            raise UserError(f"not a total optimal loss: {obj!r}") from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Curve:
-        return cls.from_record(read_json(path))
+    def compute(
+        cls, sigmas: np.ndarray, values: np.ndarray, stderrs: np.ndarray, schedule: NoiseSchedule
+    ) -> Total:
+        """E_{σ~p}[w(σ)·J*(σ)] = ∫ q(ln σ)·w(σ)·J*(σ) d ln σ over the grid (sorted σ).
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        write_json(path, self.record)
+        q·w is exact; J* is interpolated linearly in ln σ between grid points and the integral
+        taken by the trapezoid rule on a grid REFINE× finer. Reported errors:
+        ``quadrature_error`` = the difference to a monotone cubic (PCHIP) interpolation of J*;
+        ``tail`` = the mass of p outside the grid times the end values of w·J* (added to the
+        value, an estimate of what the grid misses); ``stderr`` = Σ_i c_i·se_i with c_i the
+        integral's weight of point i (the draws are shared across σ, so per-σ errors are
+        positively correlated and this sum bounds the error).
+        """
+        import torch
+        from scipy.interpolate import PchipInterpolator
+
+        if sigmas.size < 2:
+            raise UserError("a total over a schedule needs at least 2 σ values on the grid")
+        u = np.log(sigmas)
+        fine_u = np.concatenate(
+            [np.linspace(u[i], u[i + 1], REFINE, endpoint=False) for i in range(u.size - 1)]
+            + [u[-1:]]
+        )
+        s = torch.from_numpy(np.exp(fine_u))
+        qw = (schedule.density_ln_sigma(s) * schedule.weight(s)).numpy()
+        weights = np.array(
+            [
+                np.trapezoid(qw * np.interp(fine_u, u, np.eye(u.size)[i]), fine_u)
+                for i in range(u.size)
+            ]
+        )
+        value = float(weights @ values)
+        cubic = float(np.trapezoid(qw * PchipInterpolator(u, values)(fine_u), fine_u))
+        lo_s, hi_s = schedule.support()
+        tail = 0.0
+        for end, (a, b) in ((0, (math.log(lo_s), u[0])), (-1, (u[-1], math.log(hi_s)))):
+            if b > a:
+                t = np.linspace(a, b, 2001)
+                mass = float(
+                    np.trapezoid(schedule.density_ln_sigma(torch.from_numpy(np.exp(t))).numpy(), t)
+                )
+                tail += mass * float(schedule.weight(float(sigmas[end]))) * float(values[end])
+        return cls(
+            schedule=schedule.to_config(),
+            optimal_loss=value + tail,
+            stderr=float(weights @ stderrs),
+            quadrature_error=abs(cubic - value),
+            tail=tail,
+            grid=(float(sigmas[0]), float(sigmas[-1])),
+        )
+
+
+@dataclass(frozen=True)
+class Curve:
+    """J*(σ) per element in VE σ and x0 units: the points, what produced them and the total.
+
+    ``estimator`` is the estimator's ``to_config()`` (``ESTIMATORS.from_config`` rebuilds it);
+    ``outer``, ``seed`` and ``form`` fix the draws and the reported form. ``dataset``,
+    ``process`` and ``target`` describe the data and the units of ``t`` and
+    ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
+    ``lossfloor estimate --out`` writes; ``from_json`` / ``load`` read it back.
+    """
+
+    points: tuple[CurvePoint, ...]
+    estimator: dict[str, Any] | None = None
+    outer: int | None = None
+    seed: int | None = None
+    form: str | None = None
+    data_variance: float | None = None
+    precision: str | None = None
+    dataset: dict[str, Any] | None = None
+    process: dict[str, Any] | None = None
+    target: dict[str, Any] | None = None
+    total: Total | None = None
+    per_element: bool = True
+    lossfloor_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise UserError("the optimal-loss curve has no points")
+
+    # --- derived views ---------------------------------------------------------------------
+
+    @cached_property
+    def _by_sigma(self) -> tuple[CurvePoint, ...]:
+        return tuple(sorted(self.points, key=lambda p: p.sigma))
+
+    @cached_property
+    def sigmas(self) -> np.ndarray:
+        """The grid, increasing."""
+        return np.array([p.sigma for p in self._by_sigma], dtype=np.float64)
+
+    @cached_property
+    def values(self) -> np.ndarray:
+        """J*(σ) on ``sigmas``."""
+        return np.array([p.optimal_loss for p in self._by_sigma], dtype=np.float64)
+
+    @cached_property
+    def stderrs(self) -> np.ndarray:
+        """The standard errors of ``values``."""
+        return np.array([p.stderr for p in self._by_sigma], dtype=np.float64)
+
+    @property
+    def total_optimal_loss(self) -> float:
+        """E_{σ~p}[w(σ)·J*(σ)] under the schedule the curve was estimated with."""
+        if self.total is None:
+            raise UserError(
+                "this curve has no total: estimate it with a schedule, or use total_under()"
+            )
+        return self.total.optimal_loss
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The JSON form (``to_json()``), as a dict."""
+        return self.to_json()
 
     def __call__(self, sigma: float | np.ndarray) -> np.ndarray:
         """J*(σ) by linear interpolation in ln σ; σ outside the grid is an error."""
@@ -59,49 +206,68 @@ class Curve:
             )
         return np.interp(np.log(s), np.log(self.sigmas), self.values)
 
+    def total_under(self, schedule: NoiseSchedule) -> Total:
+        """The total E_{σ~p}[w(σ)·J*(σ)] under ``schedule`` (``Total.compute``)."""
+        return Total.compute(self.sigmas, self.values, self.stderrs, schedule)
+
+    # --- JSON ------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The result file: dataset, process, target (where known), the estimator block
+        (config + outer, seed, form), per_element, data_variance, precision, version, points,
+        total."""
+        out: dict[str, Any] = {}
+        for key in ("dataset", "process", "target"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.estimator is not None:
+            out["estimator"] = {**self.estimator, **{k: getattr(self, k) for k in DRAW_KEYS}}
+        return {
+            **out,
+            "per_element": self.per_element,
+            "data_variance": self.data_variance,
+            "precision": self.precision,
+            "lossfloor_version": self.lossfloor_version,
+            "points": [p.to_json() for p in self.points],
+            "total": None if self.total is None else self.total.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Curve:
+        """Read what ``to_json`` writes (every file ``lossfloor estimate`` has written); only
+        ``points`` with sigma and optimal_loss are required."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("points"), list):
+            raise UserError("not an optimal-loss curve: expected points with sigma, optimal_loss")
+        block = obj.get("estimator") or {}
+        if not isinstance(block, dict):
+            raise UserError(f"not an optimal-loss curve: the estimator block is {block!r}")
+        config = {k: v for k, v in block.items() if k not in DRAW_KEYS}
+        total = obj.get("total")
+        return cls(
+            points=tuple(CurvePoint.from_json(p) for p in obj["points"]),
+            estimator=config or None,
+            **{k: block.get(k) for k in DRAW_KEYS},
+            data_variance=obj.get("data_variance"),
+            precision=obj.get("precision"),
+            dataset=obj.get("dataset"),
+            process=obj.get("process"),
+            target=obj.get("target"),
+            total=None if total is None else Total.from_json(total),
+            per_element=obj.get("per_element", True),
+            lossfloor_version=obj.get("lossfloor_version", __version__),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Curve:
+        return cls.from_json(read_json(path))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``to_json()`` atomically: the same file as ``lossfloor estimate --out``."""
+        write_json(path, self.to_json())
+
 
 def total_optimal_loss(
     sigmas: np.ndarray, values: np.ndarray, stderrs: np.ndarray, schedule: NoiseSchedule
 ) -> dict[str, Any]:
-    """E_{σ~p}[w(σ)·J*(σ)] = ∫ q(ln σ)·w(σ)·J*(σ) d ln σ over the grid.
-
-    q·w is exact; J* is interpolated linearly in ln σ between grid points and the integral taken
-    by the trapezoid rule on a grid REFINE× finer. Reported errors: ``quadrature_error`` = the
-    difference to a monotone cubic (PCHIP) interpolation of J*; ``tail`` = the mass of p outside
-    the grid times the end values of w·J* (added to the value, an estimate of what the grid
-    misses); ``stderr`` = Σ_i c_i·se_i with c_i the integral's weight of point i (the draws are
-    shared across σ, so per-σ errors are positively correlated and this sum bounds the error).
-    """
-    import torch
-    from scipy.interpolate import PchipInterpolator
-
-    if sigmas.size < 2:
-        raise UserError("a total over a schedule needs at least 2 σ values on the grid")
-    u = np.log(sigmas)
-    fine_u = np.concatenate(
-        [np.linspace(u[i], u[i + 1], REFINE, endpoint=False) for i in range(u.size - 1)] + [u[-1:]]
-    )
-    s = torch.from_numpy(np.exp(fine_u))
-    qw = (schedule.density_ln_sigma(s) * schedule.weight(s)).numpy()
-    weights = np.array(
-        [np.trapezoid(qw * np.interp(fine_u, u, np.eye(u.size)[i]), fine_u) for i in range(u.size)]
-    )
-    value = float(weights @ values)
-    cubic = float(np.trapezoid(qw * PchipInterpolator(u, values)(fine_u), fine_u))
-    lo_s, hi_s = schedule.support()
-    tail = 0.0
-    for end, (a, b) in ((0, (math.log(lo_s), u[0])), (-1, (u[-1], math.log(hi_s)))):
-        if b > a:
-            t = np.linspace(a, b, 2001)
-            mass = float(
-                np.trapezoid(schedule.density_ln_sigma(torch.from_numpy(np.exp(t))).numpy(), t)
-            )
-            tail += mass * float(schedule.weight(float(sigmas[end]))) * float(values[end])
-    return {
-        "schedule": schedule.to_config(),
-        "optimal_loss": value + tail,
-        "stderr": float(weights @ stderrs),
-        "quadrature_error": abs(cubic - value),
-        "tail": tail,
-        "grid": [float(sigmas[0]), float(sigmas[-1])],
-    }
+    """``Total.compute(...)`` in its JSON form (the ``total`` of a curve's file)."""
+    return Total.compute(sigmas, values, stderrs, schedule).to_json()

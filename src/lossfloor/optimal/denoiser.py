@@ -24,6 +24,7 @@ class OptimalDenoiser(nn.Module):
             raise UserError("a conditional optimal denoiser needs labels; this dataset has none")
         self.shape = dataset.shape
         self.conditional = conditional
+        base_dtype(precision)  # an unknown policy fails here, not at the first call
         self.precision = precision
         flat = dataset.flat()
         if conditional:
@@ -59,6 +60,6 @@ class OptimalDenoiser(nn.Module):
                 dtype = choose_dtype(self.precision, [base], sv)
                 pool = self._pool(key, dtype)
                 q = flat[sel].cpu().double() - pool.mean
-                mu = posterior_mean(q.to(dtype), None, sv, keys_aug=pool.aug).mean()
+                mu = posterior_mean(q.to(dtype), None, sv, keys_aug=pool.aug)
                 out[sel] = mu.double() + pool.mean
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)

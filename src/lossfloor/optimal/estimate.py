@@ -3,38 +3,49 @@
 
     J*(σ) = E‖x0 − μ(x0 + σε)‖²/D = (A − E‖μ‖²)/D,   μ(x) = E[x0 | x_t = x]
 
-estimated from M outer draws shared across the grid; μ from one of the estimators.
+estimated from M outer draws shared across the grid; μ from one of the estimators. With a
+``checkpoint`` file every finished σ is saved, and a rerun with the same data and options
+resumes from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lossfloor import __version__
-from lossfloor.data import mean_and_variance
-from lossfloor.errors import UserError
-from lossfloor.optimal.curve import Curve, total_optimal_loss
-from lossfloor.optimal.estimators import Estimator, Pool
+from lossfloor.data import Dataset, mean_and_variance
+from lossfloor.diffusion import Process, Target
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.io import read_json, write_json
+from lossfloor.optimal.curve import Curve, CurvePoint
+from lossfloor.optimal.estimators import Estimator
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
     Moments,
     OuterPlan,
+    PoolsByDtype,
     base_dtype,
-    choose_dtype,
-    make_pools,
     per_sample_values,
     resolve_form,
 )
 from lossfloor.schedules import NoiseSchedule
 
+#: Bumped when a checkpoint's points would no longer match what the code computes.
+CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/1"
+
 
 def estimate_curve(
-    data: torch.Tensor,
+    data: torch.Tensor | Dataset,
     sigmas: Sequence[float],
     estimator: Estimator,
     *,
@@ -45,93 +56,202 @@ def estimate_curve(
     form: str = "auto",
     precision: str = "auto",
     device: str | torch.device = "cpu",
-    process: Any = None,
-    target: Any = None,
+    process: Process | None = None,
+    target: Target | None = None,
     schedule: NoiseSchedule | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
-    record: dict[str, Any] | None = None,
-    done: dict[float, dict[str, Any]] | None = None,
-    on_point: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Curve:
-    """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...).
+    """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...,
+    or a Dataset: its labels, and its description recorded in the curve).
 
     ``outer`` M defaults to N (every point once). ``process``/``target`` (lossfloor.diffusion)
-    add each σ's process time t and the value in the target's units. ``done`` holds points
-    already computed (resume); ``on_point`` is called with each new point (checkpointing).
+    add each σ's process time t and the value in the target's units; ``schedule`` the total
+    E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a file path), each finished σ is saved there and
+    a rerun with the same data and options computes only the missing σ; the file is removed
+    once the curve is complete.
     """
-    n = data.shape[0]
-    if n < 1:
-        raise UserError("the dataset is empty")
-    if not sigmas:
-        raise UserError("the σ list is empty; give at least one σ > 0")
-    for s in sigmas:
-        if not s > 0:
-            raise UserError(f"every σ must be > 0, got {s}")
-    device = torch.device(device)
-    m = n if outer is None else outer
-    plan = OuterPlan.build(data, labels, m, seed, conditional)
+    x, labels, described = _unpack(data, labels, conditional)
+    _check_grid(x, sigmas)
+    plan = OuterPlan.build(x, labels, x.shape[0] if outer is None else outer, seed, conditional)
     for members, _ in plan.groups:
         estimator.check(members.numel())
-    form_used = resolve_form(form, estimator)
-    pools_by_dtype: dict[torch.dtype, list[Pool]] = {}
+    base_dtype(precision)  # an unknown policy fails before any work
+    options = {
+        "estimator": estimator.to_config(),
+        "outer": plan.outer,
+        "seed": seed,
+        "form": resolve_form(form, estimator),
+        "precision": precision,
+        "process": None if process is None else process.to_config(),
+        "target": None if target is None else target.to_config(),
+    }
+    saved = None if checkpoint is None else _resume(checkpoint, options, plan, progress)
+    points = _estimate_points(
+        plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
+        process, target, saved, progress,
+    )  # fmt: skip
+    curve = Curve(
+        points=tuple(points), data_variance=mean_and_variance(x)[1], dataset=described, **options
+    )
+    if schedule is not None:
+        curve = dataclasses.replace(curve, total=curve.total_under(schedule))
+    if saved is not None:
+        saved.remove()
+    return curve
 
-    def pools(dtype: torch.dtype) -> list[Pool]:
-        if dtype not in pools_by_dtype:
-            pools_by_dtype[dtype] = make_pools(plan, dtype, device)
-        return pools_by_dtype[dtype]
 
-    done = dict(done or {})
+def _unpack(
+    data: torch.Tensor | Dataset, labels: torch.Tensor | None, conditional: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+    """(items, labels, the dataset's description for the result or None) of a tensor or a
+    Dataset (whose labels serve unless ``labels`` are given)."""
+    if isinstance(data, Dataset):
+        described = {**data.describe(), "conditional": conditional}
+        return data.x, data.labels if labels is None else labels, described
+    return data, labels, None
+
+
+def _check_grid(x: torch.Tensor, sigmas: Sequence[float]) -> None:
+    """A non-empty dataset and a non-empty list of σ > 0."""
+    if x.shape[0] < 1:
+        raise UserError("the dataset is empty")
+    if not sigmas:
+        raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
+    for s in sigmas:
+        if not s > 0:
+            raise ParameterError("sigmas", s, "every σ must be > 0")
+
+
+def _estimate_points(
+    plan: OuterPlan,
+    estimator: Estimator,
+    sigmas: Sequence[float],
+    form: str,
+    precision: str,
+    device: torch.device,
+    tile_bytes: int,
+    process: Process | None,
+    target: Target | None,
+    saved: Checkpoint | None,
+    progress: bool,
+) -> list[CurvePoint]:
+    """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
+    added to ``saved``)."""
+    done = {} if saved is None else saved.points
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
         total=len(todo) * plan.blocks, disable=not progress, unit="block", desc="J*(σ)", leave=False
     )
+    pools = PoolsByDtype(plan, device)
     points = []
     for sigma in sigmas:
         if sigma in done:
             points.append(done[sigma])
             continue
         bar.set_postfix(sigma=f"{sigma:.4g}")
-        dtype = choose_dtype(precision, pools(base_dtype(precision)), sigma)
-        t0 = time.perf_counter()
-        samples = per_sample_values(
-            plan, estimator, sigma, dtype, device, pools(dtype), tile_bytes, bar.update
+        point = _estimate_point(
+            plan, estimator, sigma, form, precision, pools, tile_bytes, process, target, bar.update
         )
-        seconds = time.perf_counter() - t0
-        mom = Moments.from_samples(samples)
-        value, se = mom.pick(form_used)
-        point: dict[str, Any] = {
-            "sigma": sigma,
-            "t": float(process.t_of_sigma_ve(sigma)) if process is not None else sigma,
-            "optimal_loss": value,
-            "stderr": se,
-            "optimal_loss_target": None,
-            "seconds": seconds,
-            "closed": mom.closed,
-            "closed_stderr": mom.closed_stderr,
-            "direct": mom.direct,
-            "direct_stderr": mom.direct_stderr,
-            "combined_weight_closed": mom.weight_closed,
-            "dtype": str(dtype).removeprefix("torch."),
-        }
-        if process is not None and target is not None:
-            factor = float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
-            point["optimal_loss_target"] = value * factor
         points.append(point)
-        if on_point is not None:
-            on_point(point)
+        if saved is not None:
+            saved.add(point)
     bar.close()
-    rec: dict[str, Any] = {
-        **(record or {}),
-        "estimator": {**estimator.params(), "outer": m, "seed": seed, "form": form_used},
-        "per_element": True,
-        "data_variance": mean_and_variance(data)[1],
-        "precision": precision,
-        "lossfloor_version": __version__,
-        "points": points,
-        "total": None,
-    }
-    curve = Curve.from_record(rec)
-    if schedule is not None:
-        rec["total"] = total_optimal_loss(curve.sigmas, curve.values, curve.stderrs, schedule)
-    return curve
+    return points
+
+
+def _estimate_point(
+    plan: OuterPlan,
+    estimator: Estimator,
+    sigma: float,
+    form: str,
+    precision: str,
+    pools: PoolsByDtype,
+    tile_bytes: int,
+    process: Process | None,
+    target: Target | None,
+    on_block: Callable[[], None],
+) -> CurvePoint:
+    """J*(σ) from the per-sample values of both forms (``Moments``), with the process time t
+    and the value in the target's units (J*·loss factor) where a process and target are given."""
+    dtype = pools.dtype_at(precision, sigma)
+    t0 = time.perf_counter()
+    samples = per_sample_values(
+        plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block
+    )
+    seconds = time.perf_counter() - t0
+    mom = Moments.from_samples(samples)
+    value, se = mom.pick(form)
+    in_target = None
+    if process is not None and target is not None:
+        in_target = value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
+    return CurvePoint(
+        sigma=sigma,
+        t=float(process.t_of_sigma_ve(sigma)) if process is not None else sigma,
+        optimal_loss=value,
+        stderr=se,
+        optimal_loss_target=in_target,
+        seconds=seconds,
+        closed=mom.closed,
+        closed_stderr=mom.closed_stderr,
+        direct=mom.direct,
+        direct_stderr=mom.direct_stderr,
+        combined_weight_closed=mom.weight_closed,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def _resume(
+    path: str | os.PathLike[str], options: dict, plan: OuterPlan, announce: bool
+) -> Checkpoint:
+    """The checkpoint at ``path`` for these options and draws (saying so on stderr when it
+    holds points, if ``announce``)."""
+    saved = Checkpoint.open(path, _checkpoint_key(options, plan))
+    if announce and saved.points:
+        print(f"resuming: {len(saved.points)} σ already computed in {saved.path}", file=sys.stderr)
+    return saved
+
+
+def _checkpoint_key(options: dict, plan: OuterPlan) -> str:
+    """sha256 of everything a point's numbers depend on: the draws (data fingerprint, M, seed,
+    conditional), the estimator, the form, the precision, process and target."""
+    draws = [plan.fingerprint, plan.conditional]
+    text = json.dumps([CHECKPOINT_FORMAT, draws, options], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """The finished points of an estimate, saved one σ at a time to ``path`` (atomically) under
+    the ``key`` of the data and options that produced them; a file with another key, or one
+    that cannot be read, is ignored (and overwritten by the first new point)."""
+
+    path: Path
+    key: str
+    points: dict[float, CurvePoint]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], key: str) -> Checkpoint:
+        path = Path(path)
+        points: dict[float, CurvePoint] = {}
+        if path.is_file():
+            try:
+                saved = read_json(path)
+                if saved.get("key") == key:
+                    loaded = (CurvePoint.from_json(p) for p in saved["points"])
+                    points = {p.sigma: p for p in loaded}
+            except (UserError, AttributeError, KeyError, TypeError):
+                points = {}
+        return cls(path=path, key=key, points=points)
+
+    def add(self, point: CurvePoint) -> None:
+        """Record ``point`` and rewrite the file."""
+        self.points[point.sigma] = point
+        write_json(
+            self.path, {"key": self.key, "points": [p.to_json() for p in self.points.values()]}
+        )
+
+    def remove(self) -> None:
+        """Delete the file (the curve is complete)."""
+        self.path.unlink(missing_ok=True)

@@ -15,6 +15,10 @@ query keeping its own source term: the inner sums are GEMMs) and ``independent``
 own R: memory-bound gathers). ``exclude_source`` keeps the query's own source out of R (with a
 shared R, the source is masked and a spare point takes its place, so every query sees exactly
 L−1 random points when sampling without replacement).
+
+Each is a class registered in ``ESTIMATORS`` under its name, built from keyword parameters
+(``ESTIMATORS.create("cdol", inner=180, C=40.0)``) with a ``to_config()`` / ``from_config()``
+round trip; ``make_estimator(name, n, ...)`` adds the defaults that depend on the pool size N.
 """
 
 from __future__ import annotations
@@ -22,11 +26,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from lossfloor.errors import UserError
-from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, SoftmaxState, augment, posterior_mean
+from lossfloor.errors import ParameterError
+from lossfloor.optimal.kernel import (
+    DEFAULT_TILE_BYTES,
+    SoftmaxState,
+    accumulate_softmax,
+    augment,
+    posterior_mean,
+)
+from lossfloor.registry import Registry
 
 Tensor = torch.Tensor
 
@@ -77,14 +89,20 @@ class PerSample:
     direct: Tensor
 
 
-class Estimator(ABC):
-    """One interface: ``name``, ``params()``, ``posterior_mean`` and ``__call__`` → PerSample."""
+ESTIMATORS: Registry[Estimator] = Registry("estimator")
 
-    name: str
+
+class Estimator(ABC):
+    """One interface: ``name``, ``to_config()``, ``posterior_mean`` and ``__call__`` → PerSample.
+
+    ``ESTIMATORS.from_config(estimator.to_config())`` rebuilds an equal estimator.
+    """
+
+    name: ClassVar[str]
 
     @abstractmethod
-    def params(self) -> dict:
-        """The estimator's parameters as recorded in results."""
+    def to_config(self) -> dict[str, Any]:
+        """The name and parameters, as recorded in results (C = ∞ as "inf")."""
 
     @abstractmethod
     def posterior_mean(
@@ -99,7 +117,7 @@ class Estimator(ABC):
         """μ̂(q) for centred queries q = x_{source} + σε (B×D); ``sources`` index ``pool``."""
 
     def check(self, n: int) -> None:  # noqa: B027 (most estimators run on any pool)
-        """Raise UserError if the estimator cannot run on a pool of n points."""
+        """Raise ParameterError if the estimator cannot run on a pool of n points."""
 
     def __call__(
         self,
@@ -119,53 +137,68 @@ class Estimator(ABC):
         return PerSample(closed=closed, direct=direct)
 
 
+@ESTIMATORS.register("full")
+@dataclass(frozen=True, kw_only=True)
 class Full(Estimator):
-    """μ over all N points: the exact posterior mean."""
+    """μ over all N points: the exact posterior mean. ``inner`` and ``C`` are recorded as None
+    (the inner set is the whole pool) and must stay None."""
 
-    name = "full"
+    name: ClassVar[str] = "full"
+    inner: None = None
+    C: None = None
 
-    def params(self) -> dict:
+    def __post_init__(self) -> None:
+        for param in ("inner", "C"):
+            if getattr(self, param) is not None:
+                raise ParameterError(
+                    param, getattr(self, param), "applies to snis, dol and cdol, not to full"
+                )
+
+    def to_config(self) -> dict[str, Any]:
         return {"name": self.name, "inner": None, "C": None}
 
     def posterior_mean(
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
-        state = posterior_mean(queries, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
-        return state.mean()
+        return posterior_mean(queries, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Subset(Estimator):
-    """SNIS / DOL / cDOL: μ over a random set R (and the source, weighted 1/C).
+    """μ over a random set R (and, for DOL / cDOL, the source, weighted 1/C): the base of
+    ``SNIS`` (C = None), ``DOL`` (C = 1) and ``CDOL`` (any C > 0, ∞ allowed).
 
     ``inner`` is L, the total inner size: R has L points for SNIS and L−1 with a source term.
-    ``C`` is None for SNIS (no source term), else the source's weight divisor (math.inf allowed).
     """
 
     inner: int
     C: float | None = None
     replace: bool = False
-    exclude_source: bool = False
+    exclude_source: bool = True
     layout: str = "shared"
-    share: int = 256
-    name: str = field(default="snis")
+    share: int | None = 256
 
     def __post_init__(self) -> None:
-        if self.inner < 2:
-            raise UserError(f"--inner {self.inner}: the inner set needs at least 2 points (L ≥ 2)")
-        if self.C is not None and not self.C > 0:
-            raise UserError(f"--C {self.C}: the correction C must be > 0 (1 is DOL, inf is SNIS)")
+        if not self.inner >= 2:
+            raise ParameterError("inner", self.inner, "the inner set needs at least 2 points")
         if self.layout not in ("shared", "independent"):
-            raise UserError(f"--layout {self.layout}: expected shared or independent")
-        if self.share < 1:
-            raise UserError(f"--share {self.share}: must be ≥ 1")
+            raise ParameterError("layout", self.layout, "expected shared or independent")
+        if self.layout == "independent":
+            object.__setattr__(self, "share", None)  # each query has its own set: no sharing
+        elif not (self.share is not None and self.share >= 1):
+            raise ParameterError("share", self.share, "must be ≥ 1")
+        self._check_C()
+
+    @abstractmethod
+    def _check_C(self) -> None:
+        """Raise ParameterError unless C is what this estimator allows; store it as a float."""
 
     @property
     def n_random(self) -> int:
         """|R|: L for SNIS, L−1 beside the source for DOL/cDOL."""
         return self.inner if self.C is None else self.inner - 1
 
-    def params(self) -> dict:
+    def to_config(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "inner": self.inner,
@@ -173,12 +206,12 @@ class Subset(Estimator):
             "replace": self.replace,
             "exclude_source": self.exclude_source,
             "layout": self.layout,
-            "share": self.share if self.layout == "shared" else None,
+            "share": self.share,
         }
 
     def check(self, n: int) -> None:
         if self.inner > n:
-            raise UserError(f"--inner {self.inner} exceeds the number of data points N = {n}")
+            raise ParameterError("inner", self.inner, f"exceeds the number of data points N = {n}")
 
     def _draw(self, n: int, k: int, generator: torch.Generator, device) -> Tensor:
         """k indices from range(n), with or without replacement."""
@@ -213,7 +246,7 @@ class Subset(Estimator):
                 exclude = src
                 if spare:  # the spare point is dropped where the source did not take a slot
                     exclude = torch.where(torch.isin(src, idx), src, idx[-1])
-            state = posterior_mean(
+            state = accumulate_softmax(
                 q,
                 None,
                 sigma,
@@ -256,11 +289,55 @@ class Subset(Estimator):
         return state
 
 
-ESTIMATOR_NAMES = ("full", "snis", "dol", "cdol")
+@ESTIMATORS.register("snis")
+@dataclass(frozen=True, kw_only=True)
+class SNIS(Subset):
+    """Self-normalised importance sampling: μ over L random points, no source term."""
+
+    name: ClassVar[str] = "snis"
+    exclude_source: bool = False
+
+    def _check_C(self) -> None:
+        if self.C is not None:
+            raise ParameterError("C", self.C, "applies to cdol only, not snis")
+
+
+@ESTIMATORS.register("dol")
+@dataclass(frozen=True, kw_only=True)
+class DOL(Subset):
+    """The source plus L−1 random points, all weighted alike: cDOL with C = 1."""
+
+    name: ClassVar[str] = "dol"
+    C: float | None = 1.0
+
+    def _check_C(self) -> None:
+        if self.C != 1:
+            raise ParameterError("C", self.C, "applies to cdol only; dol is C = 1")
+        object.__setattr__(self, "C", 1.0)
+
+
+@ESTIMATORS.register("cdol")
+@dataclass(frozen=True, kw_only=True)
+class CDOL(Subset):
+    """The source weighted 1/C plus L−1 random points (docs/method.md §3, reconstructed)."""
+
+    name: ClassVar[str] = "cdol"
+    C: float = field()
+
+    def _check_C(self) -> None:
+        try:
+            value = float(self.C)  # "inf" as recorded in results
+        except (TypeError, ValueError):
+            raise ParameterError("C", self.C, "expected a number") from None
+        if not value > 0:
+            raise ParameterError(
+                "C", self.C, "the correction C must be > 0 (1 is DOL, inf is SNIS)"
+            )
+        object.__setattr__(self, "C", value)
 
 
 def resolve_C(c: str | float | None, n: int, inner: int) -> float:
-    """C from a number, ``paper`` (4N/L) or ``balanced`` ((N−1)/(L−1))."""
+    """C from a number, ``paper`` (4N/L, the default) or ``balanced`` ((N−1)/(L−1))."""
     if c is None or c == "paper":
         return 4.0 * n / inner
     if c == "balanced":
@@ -268,9 +345,9 @@ def resolve_C(c: str | float | None, n: int, inner: int) -> float:
     try:
         value = float(c)
     except (TypeError, ValueError):
-        raise UserError(f"--C {c!r}: expected a number, 'paper' (4N/L) or 'balanced'") from None
+        raise ParameterError("C", c, "expected a number, 'paper' (4N/L) or 'balanced'") from None
     if not value > 0:
-        raise UserError(f"--C {c}: the correction C must be > 0 (1 is DOL, inf is SNIS)")
+        raise ParameterError("C", c, "the correction C must be > 0 (1 is DOL, inf is SNIS)")
     return value
 
 
@@ -285,30 +362,21 @@ def make_estimator(
     layout: str = "shared",
     share: int = 256,
 ) -> Estimator:
-    """Build an estimator for a pool of n points; checks every parameter (UserError)."""
-    if name == "full":
-        if inner is not None or C is not None:
-            raise UserError("--inner and --C apply to snis, dol and cdol, not to full")
-        return Full()
-    if name not in ESTIMATOR_NAMES:
-        raise UserError(f"unknown estimator {name!r}; choose one of: {', '.join(ESTIMATOR_NAMES)}")
+    """The estimator ``name`` for a pool of n points, through ``ESTIMATORS``, with the defaults
+    that depend on n: L = max(2, N/10), C = ``resolve_C`` (cdol), exclude_source = (not snis).
+    Every parameter is checked (ParameterError)."""
+    key = ESTIMATORS.canonical(name)
+    if key == "full":
+        return ESTIMATORS.create(key, inner=inner, C=C)
     if inner is None:
         inner = max(2, min(n, n // 10))
-    if exclude_source is None:
-        exclude_source = name != "snis"
-    c_value = {"snis": None, "dol": 1.0}.get(name)
-    if name != "cdol" and C is not None:
-        raise UserError(f"--C applies to cdol only, not {name}")
-    if name == "cdol":
-        c_value = resolve_C(C, n, max(inner, 2))
-    est = Subset(
-        inner=inner,
-        C=c_value,
-        replace=replace,
-        exclude_source=exclude_source,
-        layout=layout,
-        share=share,
-        name=name,
-    )
+    params: dict[str, Any] = dict(inner=inner, replace=replace, layout=layout, share=share)
+    if exclude_source is not None:
+        params["exclude_source"] = exclude_source
+    if key == "cdol":
+        params["C"] = resolve_C(C, n, max(inner, 2))
+    elif C is not None:
+        params["C"] = C
+    est = ESTIMATORS.create(key, **params)
     est.check(n)
     return est

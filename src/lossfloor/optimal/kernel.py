@@ -6,7 +6,8 @@ For VE noise σ and keys x_n (equally weighted), the posterior over keys given a
 
 (‖q‖² is the same for every key of a query and cancels), and μ(q) = Σ_n p(n|q)·x_n. The logits are
 one GEMM and the weighted sum a second; keys are streamed in chunks with a running max per query
-(online log-sum-exp), so memory is O(B·chunk + B·D), never O(B·N).
+(online log-sum-exp), so memory is O(B·chunk + B·D), never O(B·N). ``posterior_mean`` returns
+μ(q); ``accumulate_softmax`` returns the running ``SoftmaxState``, which further keys can extend.
 
 Precision: the expanded form loses digits when ‖x‖²/σ² is large and σ small. The data are centred
 by the caller (J* is translation invariant), and `logit_error_bound` gives the guard that the
@@ -30,8 +31,8 @@ DEFAULT_TILE_BYTES = 32 * 2**20
 class SoftmaxState:
     """Running per-query (reference logit m, z = Σ exp(l − m), acc = Σ exp(l − m)·x).
 
-    m is the running max or lags it by a bounded amount (``posterior_mean`` raises it lazily,
-    keeping z < 2^64); μ = acc/z and log Σ exp(l) = m + log z either way.
+    m is the running max or lags it by a bounded amount (``accumulate_softmax`` raises it
+    lazily, keeping z < 2^64); μ = acc/z and log Σ exp(l) = m + log z either way.
     """
 
     m: Tensor
@@ -139,7 +140,7 @@ def _logits_t(q_aug: Tensor, chunk: Tensor, ids: Tensor | None, exclude: Tensor 
     return logits_t
 
 
-def posterior_mean(
+def accumulate_softmax(
     queries: Tensor,
     keys: Tensor | None,
     sigma: float,
@@ -150,14 +151,17 @@ def posterior_mean(
     state: SoftmaxState | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> SoftmaxState:
-    """Stream keys (N×D, or ``keys_aug`` = ``augment(keys)``) for ``queries`` (B×D) at VE σ.
+    """Stream keys (N×D, or ``keys_aug`` = ``augment(keys)``) for ``queries`` (B×D) at VE σ into
+    the softmax state (m, z = Σ exp(l − m), acc = Σ exp(l − m)·x) of the logits
 
-    Per tile: one GEMM gives logits ⟨q,x_n⟩/σ² − ‖x_n‖²/2σ² shifted by each query's running
-    max; one exp pass; one GEMM gives [Σp·x | Σp]. The shift is only raised where a tile's
-    weights overflow (they are then recomputed for those queries with an explicit max) or grow
-    past 2^64, so the usual tile costs the two GEMMs and one elementwise pass. ``state.mean()``
-    is μ(q); pass ``state`` to continue with further keys. With ``key_ids`` (N) and
-    ``exclude_ids`` (B), key n is masked for query b where key_ids[n] == exclude_ids[b].
+        l_n = ⟨q, x_n⟩/σ² − ‖x_n‖²/2σ²,   so that μ(q) = acc/z = ``state.mean()``.
+
+    Per tile: one GEMM gives the logits shifted by each query's running max; one exp pass; one
+    GEMM gives [Σp·x | Σp]. The shift is only raised where a tile's weights overflow (they are
+    then recomputed for those queries with an explicit max) or grow past 2^64, so the usual tile
+    costs the two GEMMs and one elementwise pass. Pass ``state`` to continue with further keys.
+    With ``key_ids`` (N) and ``exclude_ids`` (B), key n is masked for query b where
+    key_ids[n] == exclude_ids[b].
     """
     b, d = queries.shape
     if keys_aug is None:
@@ -168,38 +172,87 @@ def posterior_mean(
     q_aug = torch.zeros(b, keys_aug.shape[1], dtype=queries.dtype, device=queries.device)
     torch.mul(queries, inv_var, out=q_aug[:, :d])
     q_aug[:, d + 1] = inv_var
-    big = 2.0**64
     step = keys_per_tile(b, queries.element_size(), tile_bytes)
     for start in range(0, keys_aug.shape[0], step):
         chunk = keys_aug[start : start + step]
         ids = None if key_ids is None else key_ids[start : start + step]
         q_aug[:, d] = -_shift(state)
         logits_t = _logits_t(q_aug, chunk, ids, exclude_ids)
-        fresh = ~torch.isfinite(state.m)
-        if bool(fresh.all()):
-            _exact_tile(state, logits_t, chunk, torch.arange(b, device=queries.device))
+        if _fold_fresh_queries(state, logits_t, chunk):
             continue
-        if bool(fresh.any()):
-            rows = torch.nonzero(fresh).flatten()
-            _exact_tile(state, logits_t[:, rows], chunk, rows)
-            logits_t[:, rows] = -math.inf
         t = _exp_(logits_t).T @ chunk
-        bad = ~torch.isfinite(t).all(dim=1)
-        if bool(bad.any()):
-            rows = torch.nonzero(bad).flatten()
-            t[rows] = 0
-            excl = None if exclude_ids is None else exclude_ids[rows]
-            _exact_tile(state, _logits_t(q_aug[rows], chunk, ids, excl), chunk, rows)  # rare
+        _redo_overflowed(state, t, q_aug, chunk, ids, exclude_ids)
         state.z.add_(t[:, d])
         state.acc.add_(t[:, :d])
-        large = state.z > big
-        if bool(large.any()):
-            rows = torch.nonzero(large).flatten()
-            f = state.z[rows]
-            state.acc[rows] /= f[:, None]
-            state.z[rows] = 1.0
-            state.m[rows] = state.m[rows] + torch.log(f)
+        _renormalise_large(state)
     return state
+
+
+def posterior_mean(
+    queries: Tensor,
+    keys: Tensor | None,
+    sigma: float,
+    *,
+    keys_aug: Tensor | None = None,
+    key_ids: Tensor | None = None,
+    exclude_ids: Tensor | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> Tensor:
+    """μ(q) = Σ_n softmax_n(⟨q, x_n⟩/σ² − ‖x_n‖²/2σ²)·x_n for each query (B×D) over the keys:
+    the optimal denoiser of the empirical set ``keys`` at VE σ (``accumulate_softmax``'s mean)."""
+    return accumulate_softmax(
+        queries,
+        keys,
+        sigma,
+        keys_aug=keys_aug,
+        key_ids=key_ids,
+        exclude_ids=exclude_ids,
+        tile_bytes=tile_bytes,
+    ).mean()
+
+
+def _fold_fresh_queries(state: SoftmaxState, logits_t: Tensor, keys_aug: Tensor) -> bool:
+    """Fold the tile exactly (explicit max) into the queries that have seen no key yet, and
+    drop them from ``logits_t``; True when that was every query (the tile is done)."""
+    fresh = ~torch.isfinite(state.m)
+    if bool(fresh.all()):
+        rows = torch.arange(fresh.numel(), device=fresh.device)
+        _exact_tile(state, logits_t, keys_aug, rows)
+        return True
+    if bool(fresh.any()):
+        rows = torch.nonzero(fresh).flatten()
+        _exact_tile(state, logits_t[:, rows], keys_aug, rows)
+        logits_t[:, rows] = -math.inf
+    return False
+
+
+def _redo_overflowed(
+    state: SoftmaxState,
+    t: Tensor,
+    q_aug: Tensor,
+    keys_aug: Tensor,
+    ids: Tensor | None,
+    exclude_ids: Tensor | None,
+) -> None:
+    """Where a query's row of [Σp·x | Σp] overflowed, zero it and fold the tile into that query
+    again with an explicit max (rare: the running max lagged too far)."""
+    bad = ~torch.isfinite(t).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        t[rows] = 0
+        excl = None if exclude_ids is None else exclude_ids[rows]
+        _exact_tile(state, _logits_t(q_aug[rows], keys_aug, ids, excl), keys_aug, rows)
+
+
+def _renormalise_large(state: SoftmaxState, big: float = 2.0**64) -> None:
+    """Where z > ``big``, divide z and acc by z and raise m by ln z (μ and m + ln z unchanged)."""
+    large = state.z > big
+    if bool(large.any()):
+        rows = torch.nonzero(large).flatten()
+        f = state.z[rows]
+        state.acc[rows] /= f[:, None]
+        state.z[rows] = 1.0
+        state.m[rows] = state.m[rows] + torch.log(f)
 
 
 def logit_error_bound(max_sq_norm: float, dim: int, sigma: float, dtype: torch.dtype) -> float:

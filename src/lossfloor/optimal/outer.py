@@ -9,13 +9,16 @@ times. The same draws serve every σ of a grid, so a curve is smooth and differe
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
-from lossfloor.errors import UserError
+from lossfloor.data.dataset import fingerprint
+from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.estimators import Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
 from lossfloor.seeding import generator_for
@@ -31,6 +34,14 @@ OUTER_BLOCK = 1024
 AUTO_LOGIT_TOLERANCE = 0.1
 
 FORMS = ("auto", "closed", "direct", "combined")
+PRECISIONS = ("auto", "float32", "float64")
+
+
+def check_outer(m: int) -> None:
+    """M ≥ 2 outer samples: a standard error needs at least two. The one check of M, made by
+    ``OuterPlan.build`` and, before any work, by the commands that take M."""
+    if not m >= 2:
+        raise ParameterError("outer", m, "need at least 2 outer samples (M ≥ 2)")
 
 
 def stratified_sources(n: int, m: int, seed: int) -> Tensor:
@@ -55,6 +66,8 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
 def base_dtype(precision: str) -> torch.dtype:
     """The dtype a precision policy works in by default: float64 for ``float64``, else float32
     (``auto`` switches to float64 per σ where ``choose_dtype`` says so)."""
+    if precision not in PRECISIONS:
+        raise ParameterError("precision", precision, f"expected one of {', '.join(PRECISIONS)}")
     return torch.float64 if precision == "float64" else torch.float32
 
 
@@ -76,8 +89,6 @@ class Moments:
         """a* = (V_d − C)/(V_c + V_d − 2C) minimises Var(a·closed + (1−a)·direct)."""
         c, d = s.closed.double(), s.direct.double()
         m = c.numel()
-        if m < 2:
-            raise UserError("--outer must be at least 2 to give a standard error")
         vc, vd = c.var().item(), d.var().item()
         cov = ((c - c.mean()) * (d - d.mean())).sum().item() / (m - 1)
         denom = vc + vd - 2 * cov
@@ -100,7 +111,7 @@ def resolve_form(form: str, estimator: Estimator) -> str:
     """``auto``: the min-variance combination for the exact posterior; for sub-sampled
     estimators the two forms are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
     if form not in FORMS:
-        raise UserError(f"--form {form}: expected one of {', '.join(FORMS)}")
+        raise ParameterError("form", form, f"expected one of {', '.join(FORMS)}")
     if form != "auto":
         return form
     return "combined" if estimator.name == "full" else "closed"
@@ -109,34 +120,31 @@ def resolve_form(form: str, estimator: Estimator) -> str:
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
     """float32 / float64, or ``auto``: float64 where the fp32 logit error bound at σ exceeds
     AUTO_LOGIT_TOLERANCE (small σ on data with large norms), float32 elsewhere."""
-    if precision == "float32":
-        return torch.float32
-    if precision == "float64":
-        return torch.float64
     if precision != "auto":
-        raise UserError(f"--dtype {precision}: expected float32, float64 or auto")
+        return base_dtype(precision)
     worst = max(logit_error_bound(p.max_sq, p.dim, sigma, torch.float32) for p in pools)
     return torch.float64 if worst > AUTO_LOGIT_TOLERANCE else torch.float32
 
 
 @dataclass
 class OuterPlan:
-    """The outer draws for a dataset: sources and (for conditional runs) per-class pools."""
+    """The outer draws for a dataset: M sources and (for conditional runs) per-class pools.
+    The draws are fixed by (data, M, seed, conditional)."""
 
     sources: Tensor
     groups: list[tuple[Tensor, Tensor]]  # (global indices of the class, its pool index map)
     data: Tensor
     seed: int
+    conditional: bool
 
     @classmethod
     def build(
         cls, data: Tensor, labels: Tensor | None, m: int, seed: int, conditional: bool
     ) -> OuterPlan:
         n = data.shape[0]
-        if m < 2:
-            raise UserError(f"--outer {m}: need at least 2 outer samples")
+        check_outer(m)
         if conditional and labels is None:
-            raise UserError("--conditional needs labels; this dataset has none")
+            raise UserError("a conditional estimate needs labels; this dataset has none")
         if conditional:
             classes = torch.unique(labels)
             members = [torch.nonzero(labels == c).flatten() for c in classes]
@@ -147,7 +155,23 @@ class OuterPlan:
             local = torch.full((n,), -1, dtype=torch.long)
             local[idx] = torch.arange(idx.numel())
             groups.append((idx, local))
-        return cls(sources=stratified_sources(n, m, seed), groups=groups, data=data, seed=seed)
+        sources = stratified_sources(n, m, seed)
+        return cls(sources=sources, groups=groups, data=data, seed=seed, conditional=conditional)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the data and, conditional, of the class partition: with (M, seed,
+        conditional) it identifies the draws and the pools."""
+        digest = hashlib.sha256(fingerprint(self.data.detach().cpu().numpy(), "tensor").encode())
+        if self.conditional:
+            for members, _ in self.groups:
+                digest.update(members.numpy().tobytes() + b"|")
+        return digest.hexdigest()
+
+    @property
+    def outer(self) -> int:
+        """M, the number of outer draws."""
+        return self.sources.numel()
 
     @property
     def blocks(self) -> int:
@@ -199,3 +223,22 @@ def per_sample_values(
 def make_pools(plan: OuterPlan, dtype: torch.dtype, device: torch.device) -> list[Pool]:
     """One centred pool per group (the whole set, or each class)."""
     return [Pool.from_data(plan.data[members], dtype, device) for members, _ in plan.groups]
+
+
+@dataclass
+class PoolsByDtype:
+    """``make_pools(plan, dtype, device)`` for each dtype a precision policy asks for, built on
+    first use."""
+
+    plan: OuterPlan
+    device: torch.device
+    built: dict[torch.dtype, list[Pool]] = field(default_factory=dict)
+
+    def __call__(self, dtype: torch.dtype) -> list[Pool]:
+        if dtype not in self.built:
+            self.built[dtype] = make_pools(self.plan, dtype, self.device)
+        return self.built[dtype]
+
+    def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
+        """The dtype ``precision`` works in at σ (``choose_dtype`` on the base dtype's pools)."""
+        return choose_dtype(precision, self(base_dtype(precision)), sigma)

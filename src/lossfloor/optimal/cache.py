@@ -1,0 +1,112 @@
+"""On-disk cache of the optimal denoiser's per-sample values, so that diagnosing many
+checkpoints of one run, or many runs, on the same draws computes J* once.
+
+One file per (data fingerprint, outer draws: M, seed, conditional; σ; dtype; estimator; device
+type and tile size, which can change the last bits) under ``$LOSSFLOOR_CACHE/optimal``
+(default ``~/.cache/lossfloor/optimal``): an .npz holding both forms (float64, in the order of
+the draws) and the key it was computed for. A file that cannot be read, or whose key or shapes
+do not match, is recomputed and overwritten, never trusted. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lossfloor.data import cache_dir
+from lossfloor.errors import UserError
+from lossfloor.io import save_with
+from lossfloor.optimal.estimators import Estimator, PerSample
+from lossfloor.optimal.outer import OuterPlan
+
+#: Part of every key: bumped when the per-sample values of the same key would change.
+CACHE_FORMAT = "lossfloor-per-sample/1"
+
+
+def per_sample_key(
+    plan: OuterPlan,
+    estimator: Estimator,
+    sigma: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    tile_bytes: int,
+) -> dict[str, Any]:
+    """Everything the per-sample values of ``per_sample_values(plan, estimator, σ, dtype, …)``
+    depend on, as JSON."""
+    return {
+        "format": CACHE_FORMAT,
+        "data": plan.fingerprint,
+        "outer": plan.outer,
+        "seed": plan.seed,
+        "conditional": plan.conditional,
+        "sigma": float(sigma),
+        "dtype": str(dtype).removeprefix("torch."),
+        "estimator": estimator.to_config(),
+        "device": torch.device(device).type,
+        "tile_bytes": int(tile_bytes),
+    }
+
+
+def cache_path(key: dict[str, Any]) -> Path:
+    """The file of ``key``: ``$LOSSFLOOR_CACHE/optimal/<sha256 of the key>.npz``."""
+    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()
+    return cache_dir() / "optimal" / f"{digest[:32]}.npz"
+
+
+def cached_per_sample(key: dict[str, Any], m: int, compute: Callable[[], PerSample]) -> PerSample:
+    """The M per-sample values of ``key`` from the cache, or ``compute()``d and stored."""
+    path = cache_path(key)
+    hit = _read(path, key, m)
+    if hit is not None:
+        return hit
+    values = compute()
+    _write(path, key, values)
+    return values
+
+
+def _canonical(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def _read(path: Path, key: dict[str, Any], m: int) -> PerSample | None:
+    """The stored values if ``path`` holds exactly ``key`` with M finite float64 values per
+    form; None otherwise (missing, truncated, foreign or mismatching)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) != _canonical(key):
+                return None
+            closed, direct = f["closed"], f["direct"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    for arr in (closed, direct):
+        if arr.dtype != np.float64 or arr.shape != (m,) or not np.isfinite(arr).all():
+            return None
+    return PerSample(closed=torch.from_numpy(closed), direct=torch.from_numpy(direct))
+
+
+def _write(path: Path, key: dict[str, Any], values: PerSample) -> None:
+    """Store atomically; a cache that cannot be written only costs a recomputation later."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                key=np.array(_canonical(key)),
+                closed=values.closed.numpy(),
+                direct=values.direct.numpy(),
+            )
+
+    try:
+        save_with(path, save)
+    except (OSError, UserError) as exc:
+        warnings.warn(f"could not write the J* cache {path}: {exc}", stacklevel=3)
