@@ -28,12 +28,12 @@ SIGMAS = [0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]
 def run(x, est, outer, sigmas=SIGMAS, precision="auto"):
     t0 = time.perf_counter()
     c = estimate_curve(x, sigmas, est, outer=outer, seed=0, progress=False, precision=precision)
-    pts = c.record["points"]
+    pts = c.points
     return {
-        "closed": np.array([p["closed"] for p in pts]),
-        "closed_stderr": np.array([p["closed_stderr"] for p in pts]),
-        "direct": np.array([p["direct"] for p in pts]),
-        "direct_stderr": np.array([p["direct_stderr"] for p in pts]),
+        "closed": np.array([p.closed for p in pts]),
+        "closed_stderr": np.array([p.closed_stderr for p in pts]),
+        "direct": np.array([p.direct for p in pts]),
+        "direct_stderr": np.array([p.direct_stderr for p in pts]),
         "value": c.values,
         "stderr": c.stderrs,
         "seconds": time.perf_counter() - t0,

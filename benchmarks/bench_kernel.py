@@ -99,9 +99,9 @@ def precision_check(x: torch.Tensor, sigmas: list[float], outer: int) -> list[di
                 "float32": a,
                 "relative_difference": abs(a - b) / b if b > 0 else None,
                 "stderr_float64": f64.stderrs[i],
-                "auto_dtype": auto.record["points"][i]["dtype"],
-                "seconds_float32": f32.record["points"][i]["seconds"],
-                "seconds_float64": f64.record["points"][i]["seconds"],
+                "auto_dtype": auto.points[i].dtype,
+                "seconds_float32": f32.points[i].seconds,
+                "seconds_float64": f64.points[i].seconds,
             }
         )
     return rows

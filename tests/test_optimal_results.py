@@ -88,9 +88,16 @@ def test_the_views_of_a_curve_come_from_its_points(path):
     halfway = (pts[3]["optimal_loss"] + pts[4]["optimal_loss"]) / 2
     assert float(curve(mid)) == pytest.approx(halfway, rel=1e-12)
     assert curve.total_optimal_loss == rec["total"]["optimal_loss"]
-    # the total is a function of the points: recomputing it gives the recorded one exactly
+    # the total is a function of the points: recomputing it gives the recorded one, exactly
+    # under EDM's schedule; VP and FM densities now come from the process objects (σ̃(t), t(σ̃),
+    # d ln σ̃/dt), whose float64 rounding differs from the old closed forms by ~1e-14 relative
     schedule = get_schedule(rec["total"]["schedule"]["name"])
-    assert curve.total_under(schedule) == Total.from_json(rec["total"])
+    again, recorded = curve.total_under(schedule), Total.from_json(rec["total"])
+    if schedule.name == "edm":
+        assert again == recorded
+    else:
+        assert again.optimal_loss == pytest.approx(recorded.optimal_loss, rel=1e-12, abs=0)
+        assert again.tail == pytest.approx(recorded.tail, rel=1e-9, abs=0)
     # the estimator block splits into the estimator's config and the draws, and rebuilds
     block = rec["estimator"]
     assert (curve.outer, curve.seed, curve.form) == (block["outer"], block["seed"], block["form"])

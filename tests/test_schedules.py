@@ -20,7 +20,7 @@ from lossfloor.diffusion import (
     get_target,
 )
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.optimal import total_optimal_loss
+from lossfloor.optimal import Total
 from lossfloor.optimal.analytic import gaussian_optimal_loss
 from lossfloor.schedules import SCHEDULE_NAMES, SCHEDULES, get_schedule
 from lossfloor.training import DenoisingLoss
@@ -61,7 +61,7 @@ def test_total_matches_quadrature_of_a_closed_form_curve(name):
     lo, hi = s.support()
     sig = np.exp(np.linspace(math.log(max(lo, 1e-4)), math.log(min(hi, 1e3)), 60))
     j = np.array([gaussian_optimal_loss(np.array([0.3]), x) for x in sig])
-    got = total_optimal_loss(sig, j, np.zeros_like(j), s)
+    got = Total.compute(sig, j, np.zeros_like(j), s)
 
     def f(u: float) -> float:
         x = math.exp(u)
@@ -70,8 +70,8 @@ def test_total_matches_quadrature_of_a_closed_form_curve(name):
         )
 
     exact, _ = integrate.quad(f, math.log(lo), math.log(hi), limit=500, points=[0.0])
-    err = abs(got["optimal_loss"] - exact)
-    assert err <= 3 * got["quadrature_error"] + abs(got["tail"]) + 1e-6 * exact, (got, exact)
+    err = abs(got.optimal_loss - exact)
+    assert err <= 3 * got.quadrature_error + abs(got.tail) + 1e-6 * exact, (got, exact)
     assert err < 0.01 * exact
 
 

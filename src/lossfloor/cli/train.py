@@ -114,7 +114,7 @@ def _monitor(
     if args.monitor_every < 1 or args.monitor_n < 2:
         raise UserError("--monitor-every must be ≥ 1 and --monitor-n ≥ 2")
     curve = Curve.load(args.monitor)
-    if curve.record.get("dataset", {}).get("sha256") != dataset.sha256:
+    if (curve.dataset or {}).get("sha256") != dataset.sha256:
         raise UserError(f"--monitor {args.monitor} was computed on another dataset")
     sigmas = parse_sigmas(args.monitor_sigmas)
     return GapMonitor(curve, dataset, sigmas, n=args.monitor_n, labels=conditional, device=device)

@@ -1,6 +1,6 @@
 """The optimal loss J*(σ) of a dataset and its estimators (docs/method.md §2–3)."""
 
-from lossfloor.optimal.curve import Curve, CurvePoint, Total, total_optimal_loss
+from lossfloor.optimal.curve import Curve, CurvePoint, Total
 from lossfloor.optimal.denoiser import OptimalDenoiser
 from lossfloor.optimal.estimate import Checkpoint, estimate_curve
 from lossfloor.optimal.estimators import (
@@ -37,5 +37,4 @@ __all__ = [
     "make_estimator",
     "posterior_mean",
     "resolve_C",
-    "total_optimal_loss",
 ]

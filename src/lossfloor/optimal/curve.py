@@ -191,11 +191,6 @@ class Curve:
             )
         return self.total.optimal_loss
 
-    @property
-    def record(self) -> dict[str, Any]:
-        """The JSON form (``to_json()``), as a dict."""
-        return self.to_json()
-
     def __call__(self, sigma: float | np.ndarray) -> np.ndarray:
         """J*(σ) by linear interpolation in ln σ; σ outside the grid is an error."""
         s = np.asarray(sigma, dtype=np.float64)
@@ -264,10 +259,3 @@ class Curve:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_json()`` atomically: the same file as ``lossfloor estimate --out``."""
         write_json(path, self.to_json())
-
-
-def total_optimal_loss(
-    sigmas: np.ndarray, values: np.ndarray, stderrs: np.ndarray, schedule: NoiseSchedule
-) -> dict[str, Any]:
-    """``Total.compute(...)`` in its JSON form (the ``total`` of a curve's file)."""
-    return Total.compute(sigmas, values, stderrs, schedule).to_json()
