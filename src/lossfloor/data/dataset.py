@@ -90,6 +90,14 @@ def fingerprint(values: np.ndarray, scale: str) -> str:
     return digest.hexdigest()
 
 
+def scale_to_unit(values: np.ndarray, divisor: float) -> torch.Tensor:
+    """float32 ``values/divisor − 1``, bit for bit numpy's ``values.astype(float32) / divisor − 1``
+    (both round each float32 operation once), but in place and on torch's threads."""
+    x = torch.empty(values.shape, dtype=torch.float32)
+    x.numpy()[...] = values
+    return x.div_(divisor).sub_(1)
+
+
 def mean_and_variance(x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
     """Mean of all elements, and the per-element variance across items (1/N) averaged over
     elements — the optimal per-element x0 loss as σ → ∞. Accumulated in float64, in chunks."""
@@ -157,7 +165,7 @@ def load_dataset(
                 "remove or replace them"
             )
     else:
-        x = torch.from_numpy(values.astype(np.float32) / np.float32(_DIVISORS[raw.scale]) - 1)
+        x = scale_to_unit(values, _DIVISORS[raw.scale])
     labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
     if xflip:
         if x.ndim != 4:
