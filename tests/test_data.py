@@ -542,6 +542,16 @@ def test_fingerprint_depends_on_values_dtype_shape_and_scale():
     assert fingerprint(big_endian, "float") == fingerprint(a.astype("<f4"), "float")
 
 
+def test_mean_and_variance_are_the_chunked_float64_sums_bit_for_bit():
+    x = torch.from_numpy(RNG.standard_normal((1000, 3, 7)).astype(np.float32))
+    flat = x.reshape(1000, -1)
+    total = sum(flat[i : i + 64].sum(0, dtype=torch.float64) for i in range(0, 1000, 64))
+    mu = total / 1000
+    squares = sum((flat[i : i + 64].double() - mu).square().sum(0) for i in range(0, 1000, 64))
+    expected = (float(mu.mean()), float((squares / 1000).mean()))
+    assert mean_and_variance(x, chunk=64) == expected
+
+
 def test_mean_and_variance_match_numpy():
     x = torch.from_numpy(RNG.normal(size=(37, 2, 3)).astype(np.float32))
     mean, var = mean_and_variance(x, chunk=5)
