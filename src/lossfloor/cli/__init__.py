@@ -1,6 +1,8 @@
 """Command-line interface: one thin module per subcommand over the Python API.
 
-Each subcommand module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
+Each subcommand module defines ``add_parser(subparsers)`` and ``run(args) -> int``, and imports
+what its command needs (torch, the API) inside ``run``: ``lossfloor <command>`` imports only
+that command's module, and ``--help`` loads no torch.
 A ``UserError`` anywhere becomes one line on stderr and exit code 2; a ``ParameterError`` of the
 Python API is reported under the option that sets the parameter (``--<param>``, or the name a
 subcommand gives in ``set_defaults(param_options={param: option})``).
@@ -23,12 +25,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; with ``only``, that subcommand's alone is built (the others
+    are named, so usage and errors read the same, but their modules are not imported)."""
     parser = _Parser(prog="lossfloor", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lossfloor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"lossfloor.cli.{name}").add_parser(sub)
+        if only is None or name == only:
+            importlib.import_module(f"lossfloor.cli.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name)
     return parser
 
 
@@ -41,7 +48,8 @@ def _option_of(parser: argparse.ArgumentParser, args: argparse.Namespace, param:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = None
     try:
         args = parser.parse_args(argv)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lossfloor.errors import UserError
+
+if TYPE_CHECKING:  # torch and the data layer load when a command runs, not for --help
+    import torch
+
+    from lossfloor.data import Dataset
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +28,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels-key", default=None, help="labels key inside an .npz (default: y)")
 
 
-def load_data_from_args(args: argparse.Namespace):
+def load_data_from_args(args: argparse.Namespace) -> Dataset:
     """The Dataset named by --data/--limit/--xflip/--key/--labels-key."""
     from lossfloor.data import load_dataset
 
@@ -66,6 +70,9 @@ def parse_sigmas(text: str) -> list[float]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device named by --device (cpu or cuda, which must be available)."""
+    import torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
     if name not in ("cpu", "cuda"):

@@ -6,7 +6,6 @@ import argparse
 
 from lossfloor import __version__
 from lossfloor.cli.common import add_data_arguments, load_data_from_args
-from lossfloor.data import mean_and_variance
 from lossfloor.io import write_json
 
 
@@ -22,6 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lossfloor.data import mean_and_variance
+
     ds = load_data_from_args(args)
     mean, variance = mean_and_variance(ds.x)
     counts = None if ds.labels is None else ds.labels.bincount().tolist()

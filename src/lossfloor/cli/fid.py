@@ -7,7 +7,7 @@ import argparse
 
 from lossfloor import __version__
 from lossfloor.cli.common import add_data_arguments, load_data_from_args, resolve_device
-from lossfloor.evaluation.fid import FEATURES, KID_SUBSETS, evaluate, load_samples
+from lossfloor.evaluation import FEATURES, KID_SUBSETS
 from lossfloor.io import write_json
 
 
@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lossfloor.evaluation.fid import evaluate, load_samples
+
     device = resolve_device(args.device)
     samples = load_samples(args.samples, args.n)
     dataset = load_data_from_args(args)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from lossfloor import __version__
 from lossfloor.cli.common import resolve_device
 from lossfloor.errors import UserError
 from lossfloor.io import save_with
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor | None:
     """The label of each sample: the list (or 0..C−1) repeated to n entries."""
+    import torch
+
     if num_classes is None:
         if text is not None:
             raise UserError("--labels: this run is unconditional; drop --labels")
@@ -66,6 +69,9 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from lossfloor.models import load_run
     from lossfloor.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate, image_grid
 

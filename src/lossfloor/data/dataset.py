@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -90,18 +91,36 @@ def fingerprint(values: np.ndarray, scale: str) -> str:
     return digest.hexdigest()
 
 
+def scale_to_unit(values: np.ndarray, divisor: float) -> torch.Tensor:
+    """float32 ``values/divisor − 1``, bit for bit numpy's ``values.astype(float32) / divisor − 1``
+    (each float32 operation rounded once), on torch's threads. ``values`` (possibly a read-only
+    memory map) are only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(values)
+    return source.to(torch.float32).div_(divisor).sub_(1)
+
+
 def mean_and_variance(x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
     """Mean of all elements, and the per-element variance across items (1/N) averaged over
-    elements — the optimal per-element x0 loss as σ → ∞. Accumulated in float64, in chunks."""
+    elements — the optimal per-element x0 loss as σ → ∞. Accumulated in float64, in chunks
+    converted into one reused buffer."""
     flat = x.reshape(len(x), -1)
     n = flat.shape[0]
+    buf = torch.empty(min(chunk, n), flat.shape[1], dtype=torch.float64)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for i in range(0, n, chunk):
+            rows = flat[i : i + chunk]
+            yield buf[: len(rows)].copy_(rows)
+
     total = torch.zeros(flat.shape[1], dtype=torch.float64)
-    for i in range(0, n, chunk):
-        total += flat[i : i + chunk].sum(0, dtype=torch.float64)
+    for c in chunks():
+        total += c.sum(0)
     mu = total / n
     squares = torch.zeros_like(mu)
-    for i in range(0, n, chunk):
-        squares += (flat[i : i + chunk].double() - mu).square().sum(0)
+    for c in chunks():
+        squares += c.sub_(mu).square_().sum(0)
     return float(mu.mean()), float((squares / n).mean())
 
 
@@ -157,7 +176,7 @@ def load_dataset(
                 "remove or replace them"
             )
     else:
-        x = torch.from_numpy(values.astype(np.float32) / np.float32(_DIVISORS[raw.scale]) - 1)
+        x = scale_to_unit(values, _DIVISORS[raw.scale])
     labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
     if xflip:
         if x.ndim != 4:

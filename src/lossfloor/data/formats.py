@@ -27,12 +27,14 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from lossfloor.errors import UserError
+
+if TYPE_CHECKING:  # PIL loads only when images are decoded
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _LABELS_FILE = "dataset.json"
@@ -236,6 +238,8 @@ def _describe(shape: tuple[int, ...]) -> str:
 
 def _decode_images(items: list[tuple[str, Callable[[], IO[bytes]]]], where: str) -> np.ndarray:
     """Stack decoded images into N×C×H×W uint8; all must share one size and channel count."""
+    from PIL import Image
+
     out: np.ndarray | None = None
     first = ""
     for i, (name, open_file) in enumerate(items):

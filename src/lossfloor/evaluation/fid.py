@@ -19,19 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from lossfloor.data import Dataset, cache_dir, load_dataset
 from lossfloor.errors import ParameterError, UserError
+from lossfloor.evaluation import FEATURES, KID_SUBSETS
 from lossfloor.evaluation.classifier import ClassifierFeatures
 from lossfloor.evaluation.inception import InceptionFeatures
 from lossfloor.io import save_with
 
-FEATURES = ("inception", "classifier")
 METRIC_NAMES = {"inception": "FID", "classifier": "FD-classifier"}
 REFERENCE_SEED = 0
-KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 _CACHE_VERSION = "fid-reference-v1"
 
@@ -211,6 +209,8 @@ def kernel_distance(
 ) -> dict:
     """KID (torchmetrics): unbiased MMD² with kernel (f·g/d + 1)³, mean and std over ``subsets``
     random subsets of min(subset_size, n_ref, n_samples) items each, float64, seeded."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     size = min(subset_size, len(ref_features), len(sample_features))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")

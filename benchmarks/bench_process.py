@@ -1,0 +1,168 @@
+"""The whole process: start-up, data loading and a Fashion-MNIST estimate against bare GEMMs.
+
+1. ``lossfloor estimate --data fashion-mnist --sigmas 1,10 --outer 6000`` as a subprocess
+   (wall clock, dataset cache warm) against plain ``torch.mm`` of the kernel's two GEMMs per
+   tile over all 60,000 keys for the same 6,000 queries (in the estimator's outer blocks) × 2 σ,
+   timed in this process with the same thread count, alternately with the subprocess:
+   ratio = t_gemm / t_process (best of each, and the median of the pairs).
+2. Start-up: ``python -c "import torch"``, ``lossfloor --help``, ``lossfloor data --data
+   fashion-mnist`` and ``lossfloor estimate --data digits --sigmas 1 --outer 10``.
+
+Every run uses a fresh, temporary dataset cache (``LOSSFLOOR_CACHE``): the first ``lossfloor data``
+of each dataset is timed separately (decoding and writing the cache), the others find it warm.
+
+Usage: python benchmarks/bench_process.py [--out docs/results/bench_process.json] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import machine
+
+from lossfloor.data import load_dataset
+from lossfloor.io import write_json
+from lossfloor.optimal import Pool
+from lossfloor.optimal.kernel import augment, keys_per_tile
+from lossfloor.optimal.outer import OUTER_BLOCK
+
+SIGMAS = (1.0, 10.0)
+OUTER = 6000
+ESTIMATE = ["estimate", "--data", "fashion-mnist", "--sigmas", "1,10", "--outer", str(OUTER)]
+STARTUP = {
+    "import_torch": [sys.executable, "-c", "import torch"],
+    "help": ["--help"],
+    "data_fashion_mnist": ["data", "--data", "fashion-mnist"],
+    "estimate_digits": ["estimate", "--data", "digits", "--sigmas", "1", "--outer", "10"],
+}
+# Targets of issue 15.
+HELP_SECONDS = 0.5
+DIGITS_OVER_TORCH_SECONDS = 1.2
+PROCESS_GEMM_RATIO = 0.9
+
+
+def lossfloor_command() -> list[str]:
+    """The console script beside this interpreter (as users run it), else ``python -m``."""
+    script = Path(sys.executable).with_name("lossfloor")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lossfloor"]
+
+
+def run_seconds(cmd: list[str]) -> float:
+    """Wall time of a subprocess (output discarded; a failure stops the benchmark)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def summary(times: list[float]) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "all": times}
+
+
+def bare_gemm(keys_aug: torch.Tensor) -> None:
+    """The kernel's GEMMs for OUTER queries × SIGMAS: per outer block and tile of keys,
+    logitsᵀ = keys·q_augᵀ (keys × queries), then weightsᵀ·keys."""
+    for _ in SIGMAS:
+        for lo in range(0, OUTER, OUTER_BLOCK):
+            b = min(OUTER_BLOCK, OUTER - lo)
+            q_aug = torch.randn(b, keys_aug.shape[1])
+            step = keys_per_tile(b, keys_aug.element_size())
+            for start in range(0, keys_aug.shape[0], step):
+                chunk = keys_aug[start : start + step]
+                torch.mm(torch.mm(chunk, q_aug.T).T, chunk)
+
+
+def estimate_vs_gemm(base: list[str], repeat: int) -> dict:
+    """The whole estimate and the bare GEMMs, alternately, ``repeat`` times each."""
+    ds = load_dataset("fashion-mnist")
+    keys_aug = augment(Pool.from_data(ds.x, torch.float32, "cpu").x)
+    t_gemm, t_proc = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "estimate.json"
+        cmd = [*base, *ESTIMATE, "--out", str(out)]
+        bare_gemm(keys_aug)  # warm-up
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            bare_gemm(keys_aug)
+            t_gemm.append(time.perf_counter() - t0)
+            t_proc.append(run_seconds(cmd))
+        rec = json.loads(out.read_text())
+    ratios = [g / p for g, p in zip(t_gemm, t_proc, strict=True)]
+    flops = 4.0 * len(SIGMAS) * OUTER * keys_aug.shape[0] * keys_aug.shape[1]
+    return {
+        "command": " ".join(["lossfloor", *ESTIMATE]),
+        "dataset_sha256": rec["dataset"]["sha256"],
+        "optimal_loss": [p["optimal_loss"] for p in rec["points"]],
+        "estimator_seconds": [p["seconds"] for p in rec["points"]],
+        "gemm_gflops": flops / min(t_gemm) / 1e9,
+        "gemm_seconds": summary(t_gemm),
+        "process_seconds": summary(t_proc),
+        "ratio": summary(ratios),
+    }
+
+
+def run_all(repeat: int, repeat_estimate: int) -> dict:
+    """Cold loads, start-up commands (round-robin), then the estimate against bare GEMMs."""
+    base = lossfloor_command()
+    result: dict = {"machine": machine(), "command": base}
+    result["cold_cache_seconds"] = {
+        name: run_seconds([*base, "data", "--data", name]) for name in ("digits", "fashion-mnist")
+    }
+    startup: dict[str, list[float]] = {}
+    for _ in range(repeat):  # round-robin, so that load falls on all alike
+        for name, cmd in STARTUP.items():
+            full = cmd if name == "import_torch" else [*base, *cmd]
+            startup.setdefault(name, []).append(run_seconds(full))
+    result["startup"] = {name: summary(times) for name, times in startup.items()}
+    print(json.dumps(result["startup"], indent=1), file=sys.stderr)
+    result["estimate"] = estimate_vs_gemm(base, repeat_estimate)
+    print(json.dumps(result["estimate"], indent=1), file=sys.stderr)
+    over_torch = [
+        d - t for d, t in zip(startup["estimate_digits"], startup["import_torch"], strict=True)
+    ]
+    result["targets"] = {
+        "help_seconds": {
+            "min": min(startup["help"]),
+            "median": statistics.median(startup["help"]),
+            "limit": HELP_SECONDS,
+        },
+        "digits_minus_import_torch_seconds": {
+            "min": min(over_torch),
+            "median": statistics.median(over_torch),
+            "limit": DIGITS_OVER_TORCH_SECONDS,
+        },
+        "process_over_gemm": {
+            "best": result["estimate"]["gemm_seconds"]["min"]
+            / result["estimate"]["process_seconds"]["min"],
+            "median_of_pairs": result["estimate"]["ratio"]["median"],
+            "limit": PROCESS_GEMM_RATIO,
+        },
+    }
+    result["machine"]["load_average_end"] = machine()["load_average"]
+    print(json.dumps(result["targets"], indent=1), file=sys.stderr)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs/results/bench_process.json")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each start-up command")
+    ap.add_argument("--repeat-estimate", type=int, default=3, help="estimate/GEMM pairs")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["LOSSFLOOR_CACHE"] = cache  # for this process and its subprocesses
+        result = run_all(args.repeat, args.repeat_estimate)
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
