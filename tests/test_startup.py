@@ -13,9 +13,6 @@ from lossfloor.cli import SUBCOMMANDS
 
 # Packages only some code paths need: FID/KID, training, plots, splines, the digits decoder.
 HEAVY = {"torchmetrics", "diffusers", "matplotlib", "scipy", "sklearn"}
-TRAIN_IMPORTS_TORCH = pytest.mark.xfail(
-    strict=True, reason="cli/train.py imports torch at module level (its owner moves it into run)"
-)
 
 
 def _imported(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -51,9 +48,8 @@ def test_cli_modules_import_no_heavy_package(name):
 @pytest.mark.parametrize(
     "argv",
     [
-        *[(name, "--help") for name in SUBCOMMANDS if name != "train"],
-        pytest.param(("train", "--help"), marks=TRAIN_IMPORTS_TORCH),
-        pytest.param(("--help",), marks=TRAIN_IMPORTS_TORCH),
+        *[(name, "--help") for name in SUBCOMMANDS],
+        ("--help",),
     ],
     ids=" ".join,
 )
@@ -76,9 +72,6 @@ def test_commands_on_cached_digits_import_no_sklearn_nor_evaluation_or_training(
     assert not _imported(estimate, env) & (HEAVY - {"matplotlib"})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="cli/estimate.py imports lossfloor.plots (matplotlib) without --plot"
-)
 def test_estimate_without_plot_does_not_import_matplotlib(tmp_path):
     estimate = _main("estimate", "--data", "digits", "--sigmas", "1", "--outer", "10", "--quiet")
     assert "matplotlib" not in _imported(estimate, {"LOSSFLOOR_CACHE": str(tmp_path)})

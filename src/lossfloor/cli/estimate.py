@@ -110,11 +110,11 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
 
 def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
     """The table (unless --quiet), the plot and the JSON the options ask for."""
-    from lossfloor.plots import plot_optimal_loss
-
     if not args.quiet:
         _print_table(curve, args.target)
     if args.plot:
+        from lossfloor.plots import plot_optimal_loss
+
         plot_optimal_loss(
             args.plot,
             [(curve.estimator["name"], curve)],
