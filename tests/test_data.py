@@ -372,7 +372,7 @@ def test_npz_float_vectors_are_taken_as_is(tmp_path):
     ds = load_dataset(str(tmp_path / "v.npz"))
     assert ds.shape == (3,) and ds.dim == 3
     assert torch.equal(ds.x, torch.from_numpy(x.astype(np.float32)))
-    assert "--xflip mirrors images" in _error(str(tmp_path / "v.npz"), xflip=True)
+    assert "xflip = True: mirrors images" in _error(str(tmp_path / "v.npz"), xflip=True)
 
 
 def test_channels_last_arrays_become_channels_first(tmp_path):
@@ -416,11 +416,12 @@ def test_nan_and_inf_are_counted_in_the_message(tmp_path):
 
 def test_wrong_npz_keys_list_the_available_ones(tmp_path):
     np.savez(tmp_path / "d.npz", images=_u8(2, 5, 5), labels=np.zeros(2, int))
-    assert "none named x; choose with --key" in _error(str(tmp_path / "d.npz"))
+    assert "key = None:" in _error(str(tmp_path / "d.npz"))
+    assert "none named x; choose one" in _error(str(tmp_path / "d.npz"))
     message = _error(str(tmp_path / "d.npz"), key="pics")
-    assert "no array 'pics'" in message and "available keys: images, labels" in message
+    assert "key = 'pics': " in message and "no such array; available: images, labels" in message
     message = _error(str(tmp_path / "d.npz"), key="images", labels_key="y")
-    assert "no array 'y'" in message and "--labels-key" in message
+    assert "labels_key = 'y': " in message and "no such array" in message
     np.savez(tmp_path / "n.npz", x=_u8(3, 5, 5), y=np.zeros(2, int))
     assert "labels have shape (2,) but the data has 3 items" in _error(str(tmp_path / "n.npz"))
     assert "applies only to .npz" in _error("digits", key="x")
@@ -515,7 +516,7 @@ def test_limit_takes_the_first_items_and_a_large_limit_takes_all():
     assert torch.equal(first.x, full.x[:10]) and torch.equal(first.labels, full.labels[:10])
     assert first.sha256 != full.sha256
     assert load_dataset("digits", limit=10**6).sha256 == full.sha256
-    assert "--limit 0: must be at least 1" in _error("digits", limit=0)
+    assert "limit = 0: must be at least 1" in _error("digits", limit=0)
 
 
 def test_xflip_appends_mirrored_copies_with_duplicated_labels():
@@ -623,3 +624,21 @@ def test_cli_bad_input_is_one_line_exit_2_and_no_json(tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("lossfloor: error: ")
     assert "Traceback" not in captured.err and captured.out == ""
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_cli_names_its_options_in_data_errors(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", images=_u8(2, 5, 5), labels=np.zeros(2, int))
+    np.save(tmp_path / "vec.npy", RNG.normal(size=(4, 3)))
+    cases = {
+        ("--data", "digits", "--limit", "0"): "--limit 0: must be at least 1",
+        ("--data", str(tmp_path / "d.npz")): "--key: ",
+        ("--data", str(tmp_path / "d.npz"), "--key", "pics"): "--key pics: ",
+        ("--data", str(tmp_path / "d.npz"), "--key", "images", "--labels-key", "y"): (
+            "--labels-key y: "
+        ),
+        ("--data", "digits", "--key", "x"): "--key x: applies only to .npz files",
+        ("--data", str(tmp_path / "vec.npy"), "--xflip"): "--xflip: mirrors images",
+    }
+    for argv, expected in cases.items():
+        assert main(["data", *argv]) == 2
+        assert capsys.readouterr().err.startswith(f"lossfloor: error: {expected}"), argv

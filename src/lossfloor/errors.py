@@ -24,5 +24,7 @@ class ParameterError(UserError):
         super().__init__(f"{param} = {value!r}: {reason}")
 
     def for_option(self, option: str) -> str:
-        """The message as the CLI shows it: ``"<option> <value>: <reason>"``."""
-        return " ".join(f"{option} {self.value}: {self.reason}".split())
+        """The message as the CLI shows it: ``"<option> <value>: <reason>"`` (without the value
+        for a flag or an option that was not given: value True or None)."""
+        value = "" if self.value is None or self.value is True else f" {self.value}"
+        return " ".join(f"{option}{value}: {self.reason}".split())

@@ -21,7 +21,7 @@ from lossfloor.data.formats import (
     load_npz,
 )
 from lossfloor.data.sources import NAMED_SOURCES
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 
 FILE_KINDS = "FILE.npz, FILE.npy, an image FOLDER (PNG/JPEG) or an EDM .zip"
 # Divisor d of each scale: x/d − 1 (uint8 0..255 and digits 0..16 both map onto [−1, 1]).
@@ -156,13 +156,13 @@ def load_dataset(
     """Load a named source or a file, take the first ``limit`` items, scale to [−1, 1] and
     optionally append horizontally mirrored copies (labels duplicated)."""
     if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be at least 1 (leave it out to use all items)")
+        raise ParameterError("limit", limit, "must be at least 1 (leave it out to use all items)")
     read, is_npz = _reader(spec)
     if is_npz:
         raw = read(limit=limit, key=key, labels_key=labels_key)
     elif key is not None or labels_key is not None:
-        option = "--key" if key is not None else "--labels-key"
-        raise UserError(f"{option} applies only to .npz files, not to {spec}")
+        param, value = ("key", key) if key is not None else ("labels_key", labels_key)
+        raise ParameterError(param, value, f"applies only to .npz files, not to {spec}")
     else:
         raw = read(limit=limit)
     values = raw.values
@@ -180,7 +180,7 @@ def load_dataset(
     labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
     if xflip:
         if x.ndim != 4:
-            raise UserError(f"--xflip mirrors images, but {spec} holds N×D vectors; drop --xflip")
+            raise ParameterError("xflip", True, f"mirrors images, but {spec} holds N×D vectors")
         x = torch.cat([x, x.flip(-1)])
         labels = None if labels is None else torch.cat([labels, labels])
     return Dataset(spec, x, labels, fingerprint(values, raw.scale), xflip)

@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 
 if TYPE_CHECKING:  # PIL loads only when images are decoded
     from PIL import Image
@@ -113,17 +113,17 @@ def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int 
         available = ", ".join(keys)
         if key is None:
             if "x" not in keys and len(keys) > 1:
-                raise UserError(
-                    f"{path} has arrays {available} but none named x; choose with --key"
+                raise ParameterError(
+                    "key", None, f"{path} has arrays {available} but none named x; choose one"
                 )
             key = "x" if "x" in keys else keys[0]
         elif key not in keys:
-            raise UserError(f"{path} has no array {key!r}; available keys: {available} (--key)")
+            raise ParameterError("key", key, f"{path} has no such array; available: {available}")
         if labels_key is None:
             labels_key = "y" if "y" in keys and key != "y" else None
         elif labels_key not in keys:
-            raise UserError(
-                f"{path} has no array {labels_key!r}; available keys: {available} (--labels-key)"
+            raise ParameterError(
+                "labels_key", labels_key, f"{path} has no such array; available: {available}"
             )
         arr = _npz_member(npz, key, path)
         labels = None if labels_key is None else _npz_member(npz, labels_key, path)
