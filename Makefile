@@ -20,8 +20,8 @@ demo: $(STAMP)
 		--out $(DEMO_DIR)/digits-optimal-loss.json --plot $(DEMO_DIR)/digits-optimal-loss.png
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
 test: lint
 	$(PY) -m pytest -q; rc=$$?; \

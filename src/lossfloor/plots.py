@@ -17,6 +17,7 @@ from lossfloor.io import save_with  # noqa: E402
 if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis
     from lossfloor.optimal import Curve
+    from lossfloor.scaling import ScalingFit
 
 
 def save_figure(fig, path: str | os.PathLike[str]) -> None:
@@ -76,4 +77,35 @@ def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: st
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
     a.legend()
+    save_figure(fig, path)
+
+
+def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> None:
+    """One panel per σ (and the total): J against F on log axes, the raw fit β·F^α and the
+    subtracted fit J* + β·F^α, J* dashed; rows with J ≤ J* marked ×."""
+    n = len(result.fits)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, f in zip(axes.flat, result.fits, strict=False):
+        x, j = np.array(f.x), np.array(f.loss)
+        grid = np.geomspace(x.min(), x.max(), 100)
+        above = j > f.optimal_loss
+        ax.plot(x[above], j[above], "o", ms=3, color="k", alpha=0.6, label="runs")
+        if (~above).any():
+            ax.plot(x[~above], j[~above], "x", ms=5, color="C3", label="J ≤ J*")
+        r, s = f.raw, f.subtracted
+        ax.plot(grid, r.beta * grid**r.alpha, "-", color="C0",
+                label=f"raw α={r.alpha:.3g} ρ={r.rho:.3f}")  # fmt: skip
+        ax.plot(grid, f.optimal_loss + s.beta * grid**s.alpha, "-", color="C1",
+                label=f"J*+βF^α α={s.alpha:.3g} ρ={s.rho:.3f}")  # fmt: skip
+        if f.optimal_loss > 0:
+            ax.axhline(f.optimal_loss, color="C1", ls="--", lw=0.8, label="J*")
+        ax.set(xscale="log", yscale="log", xlabel=result.x, ylabel="loss per element",
+               title="total loss" if f.sigma is None else f"σ = {f.sigma:.3g}")  # fmt: skip
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
     save_figure(fig, path)

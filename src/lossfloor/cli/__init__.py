@@ -17,7 +17,7 @@ import sys
 from lossfloor import __version__
 from lossfloor.errors import ParameterError, UserError
 
-SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid"]
+SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling"]
 
 
 class _Parser(argparse.ArgumentParser):

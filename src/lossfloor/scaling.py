@@ -1,0 +1,508 @@
+"""Scaling laws of the loss minus the optimal loss (docs/method.md §6).
+
+For each σ (and for the total loss) the rows (F_i, J_i) of many runs and checkpoints are fitted
+three ways, side by side:
+
+  raw          J = β·F^α               ln J = ln β + α·ln F, least squares in log–log
+  subtracted   J − J* = β·F^α          the same on ln(J − J*), J* from an optimal-loss Curve
+  offset       J = β·F^α + c           c free, nonlinear least squares on relative residuals
+                                       (J − Ĵ)/J, with parameter standard errors from the
+                                       Jacobian (``scipy.optimize.curve_fit``)
+
+Reported per log–log fit: α, β, ρ = Pearson correlation of (ln F, ln y), R² of the fitted J in
+linear units (1 − Σ(J − Ĵ)²/Σ(J − J̄)², so raw and subtracted are scored on the same J) and the
+residuals ln y − (ln β + α ln F). Rows with J ≤ J* have no logarithm after subtraction: they are
+counted (``dropped_rows``) and listed, never silently dropped.
+
+``read_runs`` reads RUNS.csv (``run,params,flops,images_seen,sigma,loss``; sigma empty for the
+total loss; other columns are kept but unused); ``fit_scaling`` fits it against a ``Curve``;
+``collect`` (torch, imported when called) measures the rows from training runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from lossfloor.data import Dataset
+    from lossfloor.optimal import Curve
+
+#: The columns RUNS.csv must have; ``collect`` writes these and EXTRA_COLUMNS.
+COLUMNS = ("run", "params", "flops", "images_seen", "sigma", "loss")
+EXTRA_COLUMNS = ("step", "loss_stderr", "optimal_loss")
+#: What F can be.
+X_CHOICES = ("flops", "params", "images_seen")
+#: Fewest rows a fit takes (two points always lie on a line: ρ = ±1 says nothing).
+MIN_ROWS = 3
+#: Relative tolerance when matching a requested σ to the σ of the rows.
+SIGMA_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One row of RUNS.csv: a run's checkpoint at one σ (None: the total loss)."""
+
+    run: str
+    params: float
+    flops: float
+    images_seen: float
+    sigma: float | None
+    loss: float
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def x(self, name: str) -> float:
+        """F: flops, params or images_seen."""
+        return float(getattr(self, name))
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """y = β·F^α fitted in log–log (y = J raw, or J − J* subtracted); ρ and residuals in
+    log–log, R² of Ĵ = ŷ (+ J*) against J in linear units; ``dropped`` lists the rows with
+    y ≤ 0 (J ≤ J*) as (run, F, J)."""
+
+    alpha: float
+    beta: float
+    rho: float
+    r2: float
+    n: int
+    residuals: tuple[float, ...]
+    dropped: tuple[tuple[str, float, float], ...] = ()
+
+    def to_json(self, with_dropped: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "rho": self.rho,
+            "r2": self.r2,
+            "n": self.n,
+            "residuals": list(self.residuals),
+        }
+        if with_dropped:
+            out["dropped_rows"] = len(self.dropped)
+            out["dropped"] = [{"run": r, "x": x, "loss": j} for r, x, j in self.dropped]
+        return out
+
+
+@dataclass(frozen=True)
+class OffsetFit:
+    """J = β·F^α + c with c free; standard errors from curve_fit's covariance (None where it
+    is singular); ``c_minus_optimal`` = c − J*."""
+
+    alpha: float
+    beta: float
+    c: float
+    alpha_stderr: float | None
+    beta_stderr: float | None
+    c_stderr: float | None
+    c_minus_optimal: float
+    r2: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "c": self.c,
+            "c_stderr": self.c_stderr,
+            "alpha_stderr": self.alpha_stderr,
+            "beta_stderr": self.beta_stderr,
+            "c_minus_optimal": self.c_minus_optimal,
+            "r2": self.r2,
+        }
+
+
+@dataclass(frozen=True)
+class SigmaFit:
+    """The three fits at one σ (None: the total loss) against J* = ``optimal_loss``; ``x``
+    and ``loss`` are the rows fitted (for plots)."""
+
+    sigma: float | None
+    optimal_loss: float
+    raw: PowerLawFit
+    subtracted: PowerLawFit
+    offset: OffsetFit | None
+    x: tuple[float, ...]
+    loss: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sigma": self.sigma,
+            "optimal_loss": self.optimal_loss,
+            "n": len(self.x),
+            "raw": self.raw.to_json(with_dropped=False),
+            "subtracted": self.subtracted.to_json(with_dropped=True),
+            "offset": None if self.offset is None else self.offset.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """All fits of a RUNS.csv against F = ``x`` (``fit_scaling``); ``to_json`` is the file
+    ``lossfloor scaling fit --out`` writes."""
+
+    x: str
+    fits: tuple[SigmaFit, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"x": self.x, "fits": [f.to_json() for f in self.fits]}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``to_json()`` atomically."""
+        write_json(path, self.to_json())
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _number(path: Path, line: int, column: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{path}, line {line}: {column} = {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"{path}, line {line}: {column} = {text!r} is not finite")
+    return value
+
+
+def read_runs(path: str | os.PathLike[str]) -> list[RunRow]:
+    """The rows of RUNS.csv; UserError for a missing file or column, an empty file, or a cell
+    that is not a finite number (sigma may be empty: the total loss)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"file not found: {p}")
+    with p.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        if not header:
+            raise UserError(f"{p} is empty; expected a header {','.join(COLUMNS)} and rows")
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise UserError(
+                f"{p}: missing column(s) {', '.join(missing)}; need {','.join(COLUMNS)}"
+            )
+        rows = []
+        for i, rec in enumerate(reader, start=2):
+            if any(rec.get(c) is None for c in COLUMNS):
+                raise UserError(f"{p}, line {i}: fewer cells than columns")
+            sigma_text = rec["sigma"].strip()
+            sigma = None if sigma_text == "" else _number(p, i, "sigma", sigma_text)
+            if sigma is not None and sigma <= 0:
+                raise UserError(f"{p}, line {i}: sigma = {sigma_text} must be > 0 (or empty)")
+            nums = {c: _number(p, i, c, rec[c]) for c in ("params", "flops", "images_seen", "loss")}
+            extra = {k: v for k, v in rec.items() if k not in COLUMNS and k is not None}
+            rows.append(RunRow(run=rec["run"], sigma=sigma, extra=extra, **nums))
+    if not rows:
+        raise UserError(f"{p} has a header but no rows")
+    return rows
+
+
+def write_runs(path: str | os.PathLike[str], rows: Sequence[RunRow]) -> None:
+    """Write rows as RUNS.csv (COLUMNS, then the extra columns the rows carry), atomically."""
+    extra = [c for c in EXTRA_COLUMNS if any(c in r.extra for r in rows)]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*COLUMNS, *extra])
+        for r in rows:
+            sigma = "" if r.sigma is None else repr(float(r.sigma))
+            nums = [repr(float(v)) for v in (r.params, r.flops, r.images_seen)]
+            w.writerow(
+                [r.run, *nums, sigma, repr(float(r.loss)), *(r.extra.get(c, "") for c in extra)]
+            )
+
+
+# --- fitting ---------------------------------------------------------------------------------
+
+
+def _r2(j: np.ndarray, j_hat: np.ndarray) -> float:
+    """1 − Σ(J − Ĵ)²/Σ(J − J̄)² (nan when J is constant)."""
+    total = float(np.sum((j - j.mean()) ** 2))
+    return 1.0 - float(np.sum((j - j_hat) ** 2)) / total if total > 0 else math.nan
+
+
+def power_law_fit(
+    x: np.ndarray, loss: np.ndarray, floor: float = 0.0, runs: Sequence[str] | None = None
+) -> PowerLawFit:
+    """y = J − floor = β·F^α by least squares on (ln F, ln y) over the rows with y > 0 (the
+    others are returned in ``dropped``); ρ = Pearson(ln F, ln y), R² of Ĵ = floor + β·F^α
+    against J. UserError if fewer than MIN_ROWS rows remain or F is constant."""
+    x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    names = list(runs) if runs is not None else [""] * x.size
+    y = loss - floor
+    keep = y > 0
+    dropped = tuple((names[i], float(x[i]), float(loss[i])) for i in np.flatnonzero(~keep))
+    if keep.sum() < MIN_ROWS:
+        raise UserError(
+            f"{int(keep.sum())} of {x.size} rows have J > J* = {floor:.6g}; a fit needs at "
+            f"least {MIN_ROWS} (the rows' losses are at or below the optimal loss)"
+            if floor > 0 or dropped
+            else f"{x.size} rows; a fit needs at least {MIN_ROWS}"
+        )
+    lx, ly = np.log(x[keep]), np.log(y[keep])
+    if np.ptp(lx) == 0:
+        raise UserError(f"every row has the same F = {x[keep][0]:g}: nothing to fit")
+    alpha, ln_beta = np.polyfit(lx, ly, 1)
+    rho = float(np.corrcoef(lx, ly)[0, 1]) if np.ptp(ly) > 0 else math.nan
+    resid = ly - (ln_beta + alpha * lx)
+    j_hat = floor + np.exp(ln_beta + alpha * lx)
+    return PowerLawFit(
+        alpha=float(alpha),
+        beta=float(math.exp(ln_beta)),
+        rho=rho,
+        r2=_r2(loss[keep], j_hat),
+        n=int(keep.sum()),
+        residuals=tuple(float(r) for r in resid),
+        dropped=dropped,
+    )
+
+
+def offset_fit(x: np.ndarray, loss: np.ndarray, optimal_loss: float) -> OffsetFit | None:
+    """J = β·F^α + c by ``curve_fit`` on relative residuals (sigma = J), in (α, ln β, c),
+    started from the log–log fit of J − c₀ with c₀ = min(J)/2; β's standard error is
+    β·se(ln β). None if the fit does not converge."""
+    from scipy.optimize import curve_fit
+
+    x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    if x.size < MIN_ROWS + 1:  # three parameters: need a residual degree of freedom
+        return None
+    lx = np.log(x)
+    c0 = 0.5 * float(loss.min())
+    a0, lb0 = np.polyfit(lx, np.log(loss - c0), 1)
+
+    def model(u: np.ndarray, a: float, lb: float, c: float) -> np.ndarray:
+        return np.exp(lb + a * u) + c
+
+    try:
+        popt, pcov = curve_fit(model, lx, loss, p0=[a0, lb0, c0], sigma=loss, maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    a, lb, c = (float(v) for v in popt)
+    se = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else None
+    return OffsetFit(
+        alpha=a,
+        beta=math.exp(lb),
+        c=c,
+        alpha_stderr=None if se is None else float(se[0]),
+        beta_stderr=None if se is None else float(math.exp(lb) * se[1]),
+        c_stderr=None if se is None else float(se[2]),
+        c_minus_optimal=c - optimal_loss,
+        r2=_r2(loss, model(lx, a, lb, c)),
+    )
+
+
+def _select_sigmas(rows: Sequence[RunRow], sigmas: Sequence[float] | None) -> list[float | None]:
+    """The σ values to fit: every σ of the rows and the total (None), or those requested."""
+    present = sorted({r.sigma for r in rows if r.sigma is not None})
+    has_total = any(r.sigma is None for r in rows)
+    if sigmas is None:
+        return [*present, *([None] if has_total else [])]
+    chosen: list[float | None] = []
+    for s in sigmas:
+        match = [p for p in present if abs(p - s) <= SIGMA_RTOL * s]
+        if not match:
+            have = ", ".join(f"{p:g}" for p in present) or "none"
+            raise ParameterError("sigma", s, f"no rows at this σ (the file has: {have})")
+        chosen.append(match[0])
+    return chosen
+
+
+def fit_scaling(
+    rows: Sequence[RunRow],
+    curve: Curve,
+    x: str = "flops",
+    sigmas: Sequence[float] | None = None,
+) -> ScalingFit:
+    """Raw, subtracted and offset fits of J against F = ``x`` per σ (pooled over runs and
+    checkpoints) and for the total loss. J*(σ) = ``curve(σ)`` (linear in ln σ; a σ outside
+    the curve's grid is an error), J* of the total = ``curve.total``'s (it must have been
+    estimated under the runs' schedule). ``sigmas`` restricts the σ values fitted."""
+    if x not in X_CHOICES:
+        raise ParameterError("x", x, f"must be one of: {', '.join(X_CHOICES)}")
+    if not rows:
+        raise UserError("no rows to fit")
+    bad = [r for r in rows if not r.x(x) > 0]
+    if bad:
+        raise UserError(
+            f"{x} = {bad[0].x(x):g} (run {bad[0].run!r}) is not > 0: a power law needs F > 0; "
+            "drop the rows of step 0"
+        )
+    lo, hi = float(curve.sigmas[0]), float(curve.sigmas[-1])
+    fits = []
+    for sigma in _select_sigmas(rows, sigmas):
+        sel = [r for r in rows if r.sigma == sigma]
+        where = "the total loss" if sigma is None else f"σ = {sigma:g}"
+        if sigma is None:
+            if curve.total is None:
+                raise UserError(
+                    "the rows hold a total loss but the estimate has no total; estimate J* "
+                    "with the runs' --schedule, or fit single σ with --sigma"
+                )
+            floor = curve.total.optimal_loss
+        else:
+            if not lo * (1 - 1e-9) <= sigma <= hi * (1 + 1e-9):
+                raise UserError(
+                    f"σ = {sigma:g} of the runs is outside the estimate's grid [{lo:g}, {hi:g}]; "
+                    "estimate J* on a grid that covers it"
+                )
+            floor = float(curve(sigma))
+        fx = np.array([r.x(x) for r in sel])
+        fj = np.array([r.loss for r in sel])
+        names = [r.run for r in sel]
+        try:
+            raw = power_law_fit(fx, fj, 0.0, names)
+            sub = power_law_fit(fx, fj, floor, names)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        fits.append(
+            SigmaFit(
+                sigma=sigma,
+                optimal_loss=floor,
+                raw=raw,
+                subtracted=sub,
+                offset=offset_fit(fx, fj, floor),
+                x=tuple(float(v) for v in fx),
+                loss=tuple(float(v) for v in fj),
+            )
+        )
+    return ScalingFit(x=x, fits=tuple(fits))
+
+
+# --- collecting ------------------------------------------------------------------------------
+
+_SNAPSHOT = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of a run, by step: the ``checkpoint-<step>.pt``
+    snapshots and ``checkpoint-latest.pt`` where its step has no snapshot."""
+    from lossfloor.models import CHECKPOINT_LATEST, load_checkpoint
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UserError(f"run directory not found: {root}")
+    found = {
+        int(m.group(1)): p for p in root.iterdir() if (m := _SNAPSHOT.match(p.name)) is not None
+    }
+    latest = root / CHECKPOINT_LATEST
+    if latest.is_file():
+        step = int(load_checkpoint(latest)["step"])
+        found.setdefault(step, latest)
+    if not found:
+        raise UserError(f"{root} holds no checkpoint (checkpoint-latest.pt or -<step>.pt)")
+    return sorted(found.items())
+
+
+def step_flops(step: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one training step, counted by ``torch.utils.flop_counter.FlopCounterMode``:
+    ``step()`` returns the loss (forward) and its ``backward()`` is counted too. The
+    optimiser's update (elementwise) is not a counted op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step().backward()
+    return int(counter.get_total_flops())
+
+
+def denoiser_step_flops(denoiser: Any, config: dict[str, Any], dataset: Dataset) -> int:
+    """FLOPs of one training step of a run (its batch size and schedule, forward + backward
+    of ``DenoisingLoss`` on the run's model), by ``step_flops``. The weights are restored to
+    eval mode without gradients afterwards."""
+    import torch
+
+    from lossfloor.schedules import get_schedule
+    from lossfloor.training.loss import DenoisingLoss
+
+    batch = int(config["train"]["batch"])
+    objective = DenoisingLoss(get_schedule(config["schedule"]))
+    idx = torch.arange(batch) % dataset.n
+    x0 = dataset.x[idx]
+    labels = None if config["model"].get("num_classes") is None else dataset.labels[idx]
+    gs, gn = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    denoiser.train().requires_grad_(True)
+    try:
+        return step_flops(
+            lambda: objective(denoiser, x0, labels, g_sigma=gs, g_noise=gn).loss.mean()
+        )
+    finally:
+        denoiser.zero_grad(set_to_none=True)
+        denoiser.eval().requires_grad_(False)
+
+
+def collect(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    dataset: Dataset,
+    sigmas: Sequence[float],
+    *,
+    outer: int = 2048,
+    seed: int = 0,
+    batch: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[RunRow]:
+    """RUNS.csv rows of every checkpoint of every run (EMA weights): per σ, the model's loss
+    J_θ(σ) on the training set on ``diagnose``'s fixed draws (outer, seed; J* cached across
+    checkpoints); the total E_{σ~p}[w(σ)·J_θ(σ)] under the run's own schedule by
+    ``Total.compute``'s quadrature (J_θ linear in ln σ between the grid's σ, trapezoid on a
+    finer grid, plus the schedule's mass outside the grid times the end values); the
+    parameter count; FLOPs = ``denoiser_step_flops`` × step; images_seen = step × batch.
+    Extra columns: step, loss_stderr, optimal_loss (J* on the same draws)."""
+    from lossfloor.diagnosis import diagnose
+    from lossfloor.models import load_model
+    from lossfloor.optimal.curve import Total
+    from lossfloor.schedules import get_schedule
+
+    if len(sigmas) < 2:
+        raise ParameterError("sigmas", list(sigmas), "the total loss needs at least 2 σ values")
+    grid = np.array(sorted(sigmas), dtype=np.float64)
+    rows: list[RunRow] = []
+    for run_dir in run_dirs:
+        name = Path(run_dir).name
+        per_step = None
+        for step, path in run_checkpoints(run_dir):
+            model, info = load_model(str(path), dataset, device)
+            config = info["config"]
+            if per_step is None:
+                per_step = denoiser_step_flops(model, config, dataset)
+            cond = bool(info["conditional"])
+            diag = diagnose(model, dataset, [float(s) for s in grid], outer=outer, seed=seed,
+                            batch=batch, conditional=cond, use_labels=cond, device=device,
+                            progress=progress)  # fmt: skip
+            common = {
+                "run": name,
+                "params": float(config["parameters"]),
+                "flops": float(per_step * step),
+                "images_seen": float(step * config["train"]["batch"]),
+            }
+            for p in diag.points:
+                extra = {"step": str(step), "loss_stderr": repr(float(p.model_loss_stderr)),
+                         "optimal_loss": repr(float(p.optimal_loss))}  # fmt: skip
+                rows.append(RunRow(**common, sigma=p.sigma, loss=p.model_loss, extra=extra))
+            schedule = get_schedule(config["schedule"])
+            model_total = Total.compute(
+                grid,
+                np.array([p.model_loss for p in diag.points]),
+                np.array([p.model_loss_stderr for p in diag.points]),
+                schedule,
+            )
+            opt_total = Total.compute(
+                grid, np.array([p.optimal_loss for p in diag.points]), np.zeros(grid.size),
+                schedule,
+            )  # fmt: skip
+            extra = {"step": str(step), "loss_stderr": repr(float(model_total.stderr)),
+                     "optimal_loss": repr(float(opt_total.optimal_loss))}  # fmt: skip
+            rows.append(RunRow(**common, sigma=None, loss=model_total.optimal_loss, extra=extra))
+    return rows
