@@ -8,7 +8,7 @@ trainer's table of backbone shapes: channels (w, 2w, 2w), one ResNet block per l
 attention, as the ``tiny`` preset); the run's config.json records the full UNet config, so
 ``load_run`` rebuilds the nets without this script.
 
-    python experiments/scaling/run.py --out runs/scaling [--steps 60] [--limit 2000]
+    python experiments/scaling/run.py --out runs/scaling [--steps 180] [--limit 2000]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lossfloor.cli import main as lossfloor
 from lossfloor.data import load_dataset
+from lossfloor.scaling import read_runs, write_runs
 from lossfloor.training import PRESETS, TrainConfig, train
 from lossfloor.training.rundir import RunDir
 
@@ -44,7 +45,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/scaling")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--limit", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=180)
     p.add_argument("--every", type=int, default=15, help="snapshot interval (steps)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--outer", type=int, default=512)
@@ -75,8 +76,13 @@ def main() -> None:
             runs = [str(out / f"w{w}") for w in WIDTHS]
             lossfloor(["scaling", "collect", *runs, *data, "--sigmas", SIGMAS, "--outer",
                        str(args.outer), "--out", str(runs_csv), "--quiet"])  # fmt: skip
-        for x in ("flops", "params"):
-            lossfloor(["scaling", "fit", "--runs", str(runs_csv), "--optimal", str(est),
+        # F = compute over every checkpoint; F = model size over each run's last checkpoint
+        final_csv = out / "runs-final.csv"
+        rows = read_runs(runs_csv)
+        last = {r.run: max(int(q.extra["step"]) for q in rows if q.run == r.run) for r in rows}
+        write_runs(final_csv, [r for r in rows if int(r.extra["step"]) == last[r.run]])
+        for x, csv in (("flops", runs_csv), ("params", final_csv)):
+            lossfloor(["scaling", "fit", "--runs", str(csv), "--optimal", str(est),
                        "--x", x, "--out", str(out / f"fit-{x}.json"),
                        "--plot", str(out / f"fit-{x}.png")])  # fmt: skip
 
