@@ -25,6 +25,7 @@ import csv
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,7 +277,8 @@ def offset_fit(x: np.ndarray, loss: np.ndarray, optimal_loss: float) -> OffsetFi
     from scipy.optimize import curve_fit
 
     x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
-    if x.size < MIN_ROWS + 1:  # three parameters: need a residual degree of freedom
+    # three parameters need a residual degree of freedom; relative residuals need J > 0
+    if x.size < MIN_ROWS + 1 or not loss.min() > 0:
         return None
     lx = np.log(x)
     c0 = 0.5 * float(loss.min())
@@ -285,10 +287,12 @@ def offset_fit(x: np.ndarray, loss: np.ndarray, optimal_loss: float) -> OffsetFi
     def model(u: np.ndarray, a: float, lb: float, c: float) -> np.ndarray:
         return np.exp(lb + a * u) + c
 
-    try:
-        popt, pcov = curve_fit(model, lx, loss, p0=[a0, lb0, c0], sigma=loss, maxfev=20000)
-    except (RuntimeError, ValueError):
-        return None
+    with warnings.catch_warnings():  # a singular covariance is reported as None, not printed
+        warnings.simplefilter("ignore")
+        try:
+            popt, pcov = curve_fit(model, lx, loss, p0=[a0, lb0, c0], sigma=loss, maxfev=20000)
+        except (RuntimeError, ValueError):
+            return None
     a, lb, c = (float(v) for v in popt)
     se = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else None
     return OffsetFit(
