@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=15, help="snapshot interval (steps)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--outer", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (training and collecting)")
     p.add_argument("--phase", choices=["all", "train", "analyse"], default="all")
     args = p.parse_args()
     out = Path(args.out)
@@ -64,7 +65,9 @@ def main() -> None:
             cfg = TrainConfig(steps=args.steps, batch=args.batch, model=f"w{w}", lr=2e-3,
                               warmup=10, ema_halflife=500.0, checkpoint_every=args.every,
                               snapshot_every=args.every, log_every=args.every)  # fmt: skip
-            train(cfg, ds, run, resume=RunDir(run).latest.exists(), progress=False)
+            train(
+                cfg, ds, run, resume=RunDir(run).latest.exists(), device=args.device, progress=False
+            )
             print(f"w{w}: {args.steps} steps in {time.time() - t0:.0f} s", flush=True)
     if args.phase in ("all", "analyse"):
         runs_csv, est = out / "runs.csv", out / "optimal.json"
@@ -75,7 +78,8 @@ def main() -> None:
         if not runs_csv.exists():
             runs = [str(out / f"w{w}") for w in WIDTHS]
             lossfloor(["scaling", "collect", *runs, *data, "--sigmas", SIGMAS, "--outer",
-                       str(args.outer), "--out", str(runs_csv), "--quiet"])  # fmt: skip
+                       str(args.outer), "--device", args.device, "--out", str(runs_csv),
+                       "--quiet"])  # fmt: skip
         # F = compute over every checkpoint; F = model size over each run's last checkpoint
         final_csv = out / "runs-final.csv"
         rows = read_runs(runs_csv)
