@@ -40,12 +40,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
+    from lossfloor.cli.common import (
+        check_outputs,
+        load_data_from_args,
+        parse_sigmas,
+        resolve_device,
+        write_plot,
+    )
     from lossfloor.diagnosis import diagnose
     from lossfloor.models import load_model
     from lossfloor.optimal.outer import check_outer
     from lossfloor.plots import plot_diagnosis
 
+    check_outputs(args, "--out", "--plot")
     sigmas = parse_sigmas(args.sigmas)
     check_outer(args.outer)
     device = resolve_device(args.device)
@@ -70,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         _print_table(result)
     result.save(args.out)
     if args.plot:
-        plot_diagnosis(args.plot, result, title=f"{ds.name}: {args.model}")
+        write_plot(
+            args.plot,
+            lambda: plot_diagnosis(args.plot, result, title=f"{ds.name}: {args.model}"),
+            args.out,
+        )
     return 0
 
 

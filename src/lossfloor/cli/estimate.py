@@ -55,12 +55,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
+    from lossfloor.cli.common import (
+        check_outputs,
+        load_data_from_args,
+        parse_sigmas,
+        resolve_device,
+    )
     from lossfloor.diffusion import get_process, get_target
     from lossfloor.optimal import estimate_curve
     from lossfloor.optimal.outer import check_outer
     from lossfloor.schedules import get_schedule
 
+    check_outputs(args, "--out", "--plot")
     sigmas = parse_sigmas(args.sigmas)
     if args.outer is not None:
         check_outer(args.outer)
@@ -109,20 +115,27 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
 
 
 def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
-    """The table (unless --quiet), the plot and the JSON the options ask for."""
+    """The table (unless --quiet), the JSON and the plot the options ask for (in that order:
+    a failing plot leaves the JSON written)."""
+    from lossfloor.cli.common import write_plot
+
     if not args.quiet:
         _print_table(curve, args.target)
+    if args.out:
+        curve.save(args.out)
     if args.plot:
         from lossfloor.plots import plot_optimal_loss
 
-        plot_optimal_loss(
+        write_plot(
             args.plot,
-            [(curve.estimator["name"], curve)],
-            data_variance=curve.data_variance,
-            title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
+            lambda: plot_optimal_loss(
+                args.plot,
+                [(curve.estimator["name"], curve)],
+                data_variance=curve.data_variance,
+                title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
+            ),
+            args.out,
         )
-    if args.out:
-        curve.save(args.out)
 
 
 def _print_table(curve: Curve, target: str) -> None:
