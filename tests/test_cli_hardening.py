@@ -58,3 +58,55 @@ def test_a_failing_plot_still_writes_the_json(tmp_path, capsys, monkeypatch):
     line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", str(out), "--plot", str(png)])
     assert "--plot" in line and str(out) in line
     assert len(json.loads(out.read_text())["points"]) == 1 and not png.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "words"),
+    [
+        (["--sigmas", "1e300"], "--sigmas", "must lie in"),
+        (["--sigmas", "1e-200"], "--sigmas", "must lie in"),
+        (["--sigmas", "2,1,1", "--total", "edm"], "--sigmas 1.0", "twice"),
+        (["--sigmas", "1", "--seed", "-1"], "--seed -1", "≥ 0"),
+        (["--sigmas", "1", "--tile-mb", "nan"], "--tile-mb nan", "finite"),
+        (["--sigmas", "1", "--outer", "1000000000000"], "--outer", "memory"),
+        (["--sigmas", "1e-30", "--dtype", "float32"], "--sigmas 1e-30", "float64"),
+        (["--sigmas", "1", "--limit", "1"], "--outer:", "the dataset has 1 item"),
+    ],
+)
+def test_extreme_estimate_options_are_one_line(tmp_path, capsys, args, option, words):
+    out = tmp_path / "e.json"
+    line = one_line_error(capsys, [*EST, *args, "--out", str(out)])
+    assert option in line and words in line
+    assert not out.exists() and not (tmp_path / "e.json.partial").exists()
+
+
+@pytest.mark.parametrize("sigmas", ["1e-300", "1e400", "1e300"])
+def test_diagnose_refuses_sigmas_beyond_the_float_range(tmp_path, capsys, sigmas):
+    argv = ["diagnose", "--model", "optimal", "--data", "digits", "--limit", "50",
+            "--sigmas", sigmas, "--out", str(tmp_path / "d.json")]  # fmt: skip
+    assert "--sigmas" in one_line_error(capsys, argv)
+
+
+def test_huge_and_tiny_sigma_give_the_limits_not_nan(tmp_path, capsys):
+    """J*(σ → ∞) is the data variance; J*(σ → 0) is 0 (float32 overflows at 1e50: auto uses
+    float64 there)."""
+    out = tmp_path / "e.json"
+    assert main([*EST, "--sigmas", "1e-100,1e50,1e100", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    tiny, big, huge = (p["optimal_loss"] for p in rec["points"])
+    assert tiny == 0
+    assert big == pytest.approx(rec["data_variance"], rel=1e-12)
+    assert huge == pytest.approx(rec["data_variance"], rel=1e-12)
+
+
+def test_data_near_the_float32_range_is_computed_in_float64(tmp_path, capsys):
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32) * 1e19
+    np.save(tmp_path / "big.npy", x)
+    out = tmp_path / "e.json"
+    argv = ["estimate", "--data", str(tmp_path / "big.npy"), "--sigmas", "1e25", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["points"][0]["dtype"] == "float64"
+    assert rec["points"][0]["optimal_loss"] == pytest.approx(rec["data_variance"], rel=1e-9)

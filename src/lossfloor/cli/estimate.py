@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     target = get_target(args.target, sigma_data=args.sigma_data)
     schedule = get_schedule(args.total) if args.total else None
     device = resolve_device(args.device)
-    if args.tile_mb <= 0:
-        raise UserError(f"--tile-mb {args.tile_mb}: must be > 0")
+    if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
+        raise UserError(f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte")
     ds = load_data_from_args(args)
     curve = estimate_curve(
         ds,

@@ -28,13 +28,14 @@ from lossfloor.diffusion import Process, Target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
-from lossfloor.optimal.estimators import Estimator
+from lossfloor.optimal.estimators import Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
     Moments,
     OuterPlan,
     PoolsByDtype,
     base_dtype,
+    check_sigmas,
     per_sample_values,
     resolve_form,
 )
@@ -73,7 +74,7 @@ def estimate_curve(
     once the curve is complete.
     """
     x, labels, described = _unpack(data, labels, conditional)
-    _check_grid(x, sigmas)
+    _check_grid(x, sigmas, outer)
     plan = OuterPlan.build(x, labels, x.shape[0] if outer is None else outer, seed, conditional)
     for members, _ in plan.groups:
         estimator.check(members.numel())
@@ -113,15 +114,16 @@ def _unpack(
     return data, labels, None
 
 
-def _check_grid(x: torch.Tensor, sigmas: Sequence[float]) -> None:
-    """A non-empty dataset and a non-empty list of σ > 0."""
+def _check_grid(x: torch.Tensor, sigmas: Sequence[float], outer: int | None) -> None:
+    """A non-empty dataset, a valid σ grid, and M ≥ 2 where M defaults to N."""
     if x.shape[0] < 1:
         raise UserError("the dataset is empty")
-    if not sigmas:
-        raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
-    for s in sigmas:
-        if not s > 0:
-            raise ParameterError("sigmas", s, "every σ must be > 0")
+    check_sigmas(sigmas)
+    if outer is None and x.shape[0] < 2:
+        raise ParameterError(
+            "outer", None, f"the dataset has {x.shape[0]} item and M defaults to N; a standard "
+            "error needs M ≥ 2 outer samples: give M or more data",
+        )  # fmt: skip
 
 
 def _estimate_points(
@@ -177,9 +179,16 @@ def _estimate_point(
     and the value in the target's units (J*·loss factor) where a process and target are given."""
     dtype = pools.dtype_at(precision, sigma)
     t0 = time.perf_counter()
-    samples = per_sample_values(
-        plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block
-    )
+    samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block)
+    if samples is None and precision == "auto" and dtype != torch.float64:
+        dtype = torch.float64  # float32 overflowed: σ is far from the data's scale
+        samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block)
+    if samples is None:
+        hint = "" if dtype == torch.float64 else "; choose precision float64"
+        raise ParameterError(
+            "sigmas", sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at this σ for "
+            f"this data's scale{hint}",
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
@@ -200,6 +209,27 @@ def _estimate_point(
         combined_weight_closed=mom.weight_closed,
         dtype=str(dtype).removeprefix("torch."),
     )
+
+
+def _finite_values(
+    plan: OuterPlan,
+    estimator: Estimator,
+    sigma: float,
+    dtype: torch.dtype,
+    pools: PoolsByDtype,
+    tile_bytes: int,
+    on_block: Callable[[], None],
+) -> PerSample | None:
+    """``per_sample_values`` at σ in ``dtype``, or None where they overflow it."""
+    try:
+        s = per_sample_values(
+            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block
+        )
+    except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
+        if "overflow" not in str(exc):
+            raise
+        return None
+    return s if bool(s.closed.isfinite().all() and s.direct.isfinite().all()) else None
 
 
 def _resume(
