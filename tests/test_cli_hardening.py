@@ -110,3 +110,9 @@ def test_data_near_the_float32_range_is_computed_in_float64(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert rec["points"][0]["dtype"] == "float64"
     assert rec["points"][0]["optimal_loss"] == pytest.approx(rec["data_variance"], rel=1e-9)
+
+
+def test_argparse_errors_carry_one_prefix(capsys):
+    line = one_line_error(capsys, [*EST, "--sigmas"])
+    assert line.count("lossfloor") == 2 and "lossfloor estimate --help" in line
+    assert not line.startswith("lossfloor: error: lossfloor")
