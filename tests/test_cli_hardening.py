@@ -116,3 +116,50 @@ def test_argparse_errors_carry_one_prefix(capsys):
     line = one_line_error(capsys, [*EST, "--sigmas"])
     assert line.count("lossfloor") == 2 and "lossfloor estimate --help" in line
     assert not line.startswith("lossfloor: error: lossfloor")
+
+
+def _partial_of(capsys, tmp_path, monkeypatch, args: list[str]):
+    """Interrupt an estimate with ``args`` after its first σ; return its --out path."""
+    import lossfloor.optimal.estimate as estimate_module
+
+    real, calls = estimate_module.per_sample_values, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "run.json"
+    monkeypatch.setattr(estimate_module, "per_sample_values", flaky)
+    assert main([*EST, *args, "--out", str(out)]) == 130
+    monkeypatch.setattr(estimate_module, "per_sample_values", real)
+    capsys.readouterr()
+    return out
+
+
+def test_a_partial_of_other_options_is_refused_unless_restart(tmp_path, capsys, monkeypatch):
+    out = _partial_of(capsys, tmp_path, monkeypatch, ["--sigmas", "0.5,2", "--seed", "1"])
+    partial = out.with_name("run.json.partial")
+    before = partial.read_text()
+    line = one_line_error(capsys, [*EST, "--sigmas", "0.5,2", "--seed", "2", "--out", str(out)])
+    assert "--restart" in line and "other data or options" in line
+    assert partial.read_text() == before and not out.exists()
+    assert main([*EST, "--sigmas", "0.5,2", "--seed", "2", "--restart", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["estimator"]["seed"] == 2 and not partial.exists()
+
+
+def test_resume_matches_sigma_within_a_relative_tolerance(tmp_path, capsys, monkeypatch):
+    out = _partial_of(capsys, tmp_path, monkeypatch, ["--sigmas", "0.1,2"])
+    rc = main(["estimate", "--data", "digits", "--limit", "100", "--sigmas",
+               "0.10000000000000002,2", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "resuming: 1 of 2 σ already computed" in err and "σ = 0.1)" in err
+
+
+def test_a_malformed_partial_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    out.with_name("run.json.partial").write_text('["not", "a", "checkpoint"]')
+    line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", str(out)])
+    assert "is not a checkpoint" in line and "--restart" in line

@@ -50,6 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
     p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile (MiB)")
     p.add_argument("--out", default=None, help="result JSON (checkpointed per σ; reruns resume)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard OUT.partial of an earlier estimate with other options (default: refuse it)",
+    )
     p.add_argument("--plot", default=None, help="PNG of J*(σ)")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(run=run, param_options=PARAM_OPTIONS)
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=schedule,
         tile_bytes=int(args.tile_mb * 2**20),
         checkpoint=Path(args.out + ".partial") if args.out else None,
+        restart=args.restart,
         progress=not args.quiet,
     )
     _report(curve, args, ds)
