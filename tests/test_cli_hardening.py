@@ -163,3 +163,38 @@ def test_a_malformed_partial_is_one_line(tmp_path, capsys):
     out.with_name("run.json.partial").write_text('["not", "a", "checkpoint"]')
     line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", str(out)])
     assert "is not a checkpoint" in line and "--restart" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny run on the first 24 digits."""
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    argv = ["train", "--data", "digits", "--limit", "24", "--run-dir", str(run_dir),
+            "--steps", "2", "--batch", "8", "--model", "tiny", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    return run_dir
+
+
+def test_diagnose_on_other_data_warns(tmp_path, capsys, monkeypatch, tiny_run):
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+    base = ["diagnose", "--model", str(tiny_run), "--data", "digits", "--sigmas", "1",
+            "--outer", "16", "--quiet", "--out", str(tmp_path / "d.json")]  # fmt: skip
+    capsys.readouterr()
+    assert main([*base, "--limit", "24"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*base, "--limit", "30"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "trained on other data" in err
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys, tiny_run):
+    import torch
+
+    ckpt = torch.load(tiny_run / "checkpoint-latest.pt", weights_only=True)
+    name = next(iter(ckpt["ema"]))
+    ckpt["ema"][name] = torch.zeros(3, 1)
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    argv = ["sample", "--run", str(bad), "--n", "1", "--out-npz", str(tmp_path / "s.npz")]
+    assert "do not fit the model its config describes" in one_line_error(capsys, argv)
+    assert not (tmp_path / "s.npz").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from lossfloor.cli.common import add_data_arguments
@@ -58,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ds = load_data_from_args(args)
     model, info = load_model(args.model, ds, device, ema=not args.no_ema)
+    trained_on = info.get("config", {}).get("data", {}).get("sha256")
+    if trained_on is not None and trained_on != ds.sha256:
+        print(
+            f"lossfloor: warning: {args.model} was trained on other data (sha256 "
+            f"{trained_on[:12]}…, not {ds.sha256[:12]}…); its loss on {ds.name} is not comparable "
+            "with J* of this data",
+            file=sys.stderr,
+        )
     conditional = bool(info.get("conditional"))
     result = diagnose(
         model,
