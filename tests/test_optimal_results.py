@@ -354,7 +354,9 @@ def test_estimate_curve_resumes_from_its_checkpoint(tmp_path, monkeypatch, digit
     ],
     ids=["foreign", "truncated", "malformed"],
 )
-def test_a_foreign_or_unreadable_checkpoint_is_ignored(tmp_path, monkeypatch, content, small_set):
+def test_a_foreign_or_unreadable_checkpoint_is_refused_unless_restart(
+    tmp_path, monkeypatch, content, small_set
+):
     ref = estimate_curve(small_set, [0.5, 1.0], Full(), progress=False)
     ckpt = tmp_path / "c.partial"
     ckpt.write_text(content)
@@ -362,13 +364,18 @@ def test_a_foreign_or_unreadable_checkpoint_is_ignored(tmp_path, monkeypatch, co
     calls = []
     monkeypatch.setattr(estimate_module, "per_sample_values",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
-    got = estimate_curve(small_set, [0.5, 1.0], Full(), checkpoint=ckpt, progress=False)
+    with pytest.raises(ParameterError) as exc:
+        estimate_curve(small_set, [0.5, 1.0], Full(), checkpoint=ckpt, progress=False)
+    assert exc.value.param == "restart" and calls == [] and ckpt.read_text() == content
+    got = estimate_curve(
+        small_set, [0.5, 1.0], Full(), checkpoint=ckpt, restart=True, progress=False
+    )
     assert calls == [0.5, 1.0]
     assert without_seconds(got.to_json()) == without_seconds(ref.to_json())
     assert not ckpt.exists()
 
 
-def test_a_checkpoint_of_another_seed_is_not_reused(tmp_path, monkeypatch, small_set):
+def test_a_checkpoint_of_another_seed_is_refused_not_reused(tmp_path, monkeypatch, small_set):
     ckpt = tmp_path / "c.partial"
     real = estimate_module.per_sample_values
     calls = []
@@ -386,5 +393,10 @@ def test_a_checkpoint_of_another_seed_is_not_reused(tmp_path, monkeypatch, small
     monkeypatch.setattr(estimate_module, "per_sample_values",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
     calls.clear()
-    estimate_curve(small_set, [0.5, 1.0], Full(), seed=1, checkpoint=ckpt, progress=False)
+    with pytest.raises(ParameterError, match="other data or options"):
+        estimate_curve(small_set, [0.5, 1.0], Full(), seed=1, checkpoint=ckpt, progress=False)
+    assert calls == []
+    estimate_curve(
+        small_set, [0.5, 1.0], Full(), seed=1, checkpoint=ckpt, restart=True, progress=False
+    )
     assert calls == [0.5, 1.0]

@@ -31,6 +31,7 @@ from lossfloor.optimal.outer import (
     OuterPlan,
     PoolsByDtype,
     block_noise,
+    check_sigmas,
     mean_and_stderr,
     per_sample_values,
 )
@@ -225,8 +226,7 @@ def diagnose(
     """
     from tqdm.auto import tqdm
 
-    if not sigmas:
-        raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
+    check_sigmas(sigmas)
     if not batch >= 1:
         raise ParameterError("batch", batch, "must be ≥ 1")
     device = torch.device(device)
@@ -278,6 +278,8 @@ def _gap_point(
     """J_θ(σ), J*(σ) and the gap, each a mean over the draws with its standard error."""
     t0 = time.perf_counter()
     opt = optimal_per_sample_loss(plan, pools, sigma, cache)
+    if not torch.isfinite(opt).all():
+        raise ParameterError("sigmas", sigma, "J* overflows at this σ for this data's scale")
     mod = model_per_sample_loss(model, dataset, plan, sigma, batch, pools.device, labels)
     if not torch.isfinite(mod).all():
         raise UserError(f"the model's output is not finite at σ = {sigma:g}")

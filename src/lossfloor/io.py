@@ -34,6 +34,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_writable(path: str | os.PathLike[str], option: str) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a folder, a path
+    under a file, or a folder without write permission (``option`` names it in the message)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {target}: is a folder; give a file name")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # atomic_path creates the missing folders below this one
+    if not folder.is_dir():
+        raise UserError(f"{option} {target}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {target}: cannot write in {folder} (permission denied)")
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

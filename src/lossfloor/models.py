@@ -73,10 +73,18 @@ def load_run(
     """
     from lossfloor.training.backbone import UNetBackbone
 
-    ckpt = load_checkpoint(checkpoint_path(run), device)
+    path = checkpoint_path(run)
+    ckpt = load_checkpoint(path, device)
     config = ckpt["config"]
     net = UNetBackbone(config["model"])
-    net.load_state_dict(ckpt["ema" if ema else "model"])
+    try:
+        net.load_state_dict(ckpt["ema" if ema else "model"])
+    except RuntimeError as exc:  # weights of another architecture than the config's
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"{path}: its weights do not fit the model its config describes ({first})"
+        ) from None
+
     denoiser = Denoiser(net, config["process"], config["target"], config["train"]["sigma_data"])
     return denoiser.to(device).eval().requires_grad_(False), config
 

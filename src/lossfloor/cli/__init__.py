@@ -22,7 +22,7 @@ SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scalin
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: also one line, exit 2
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")  # main adds "lossfloor: error:"
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

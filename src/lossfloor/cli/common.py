@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lossfloor.errors import UserError
+from lossfloor.io import check_writable
 
 if TYPE_CHECKING:  # torch and the data layer load when a command runs, not for --help
     import torch
@@ -35,6 +37,25 @@ def load_data_from_args(args: argparse.Namespace) -> Dataset:
     return load_dataset(
         args.data, limit=args.limit, xflip=args.xflip, key=args.key, labels_key=args.labels_key
     )
+
+
+def check_outputs(args: argparse.Namespace, *options: str) -> None:
+    """Refuse, before any work, the output paths given to ``options`` that cannot be written."""
+    for option in options:
+        path = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if path is not None:
+            check_writable(path, option)
+
+
+def write_plot(path: str, draw: Callable[[], None], written: str | None) -> None:
+    """``draw()`` the plot at ``path``; a failure is one line that says which result file
+    (``written``) was saved before it."""
+    try:
+        draw()
+    except Exception as exc:  # any plotting failure: the results are already safe
+        kept = f"; the results are in {written}" if written else ""
+        reason = f"{type(exc).__name__}: {exc}"
+        raise UserError(f"--plot {path}: the plot failed ({reason}){kept}") from None
 
 
 def parse_sigmas(text: str) -> list[float]:

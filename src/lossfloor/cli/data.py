@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lossfloor import __version__
-from lossfloor.cli.common import add_data_arguments, load_data_from_args
+from lossfloor.cli.common import add_data_arguments, check_outputs, load_data_from_args
 from lossfloor.io import write_json
 
 
@@ -23,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lossfloor.data import mean_and_variance
 
+    check_outputs(args, "--json")
     ds = load_data_from_args(args)
     mean, variance = mean_and_variance(ds.x)
     counts = None if ds.labels is None else ds.labels.bincount().tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from lossfloor.cli.common import add_data_arguments
@@ -40,17 +41,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
+    from lossfloor.cli.common import (
+        check_outputs,
+        load_data_from_args,
+        parse_sigmas,
+        resolve_device,
+        write_plot,
+    )
     from lossfloor.diagnosis import diagnose
     from lossfloor.models import load_model
     from lossfloor.optimal.outer import check_outer
     from lossfloor.plots import plot_diagnosis
 
+    check_outputs(args, "--out", "--plot")
     sigmas = parse_sigmas(args.sigmas)
     check_outer(args.outer)
     device = resolve_device(args.device)
     ds = load_data_from_args(args)
     model, info = load_model(args.model, ds, device, ema=not args.no_ema)
+    trained_on = info.get("config", {}).get("data", {}).get("sha256")
+    if trained_on is not None and trained_on != ds.sha256:
+        print(
+            f"lossfloor: warning: {args.model} was trained on other data (sha256 "
+            f"{trained_on[:12]}…, not {ds.sha256[:12]}…); its loss on {ds.name} is not comparable "
+            "with J* of this data",
+            file=sys.stderr,
+        )
     conditional = bool(info.get("conditional"))
     result = diagnose(
         model,
@@ -70,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         _print_table(result)
     result.save(args.out)
     if args.plot:
-        plot_diagnosis(args.plot, result, title=f"{ds.name}: {args.model}")
+        write_plot(
+            args.plot,
+            lambda: plot_diagnosis(args.plot, result, title=f"{ds.name}: {args.model}"),
+            args.out,
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,18 +50,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
     p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile (MiB)")
     p.add_argument("--out", default=None, help="result JSON (checkpointed per σ; reruns resume)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard OUT.partial of an earlier estimate with other options (default: refuse it)",
+    )
     p.add_argument("--plot", default=None, help="PNG of J*(σ)")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(run=run, param_options=PARAM_OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
+    from lossfloor.cli.common import (
+        check_outputs,
+        load_data_from_args,
+        parse_sigmas,
+        resolve_device,
+    )
     from lossfloor.diffusion import get_process, get_target
     from lossfloor.optimal import estimate_curve
     from lossfloor.optimal.outer import check_outer
     from lossfloor.schedules import get_schedule
 
+    check_outputs(args, "--out", "--plot")
     sigmas = parse_sigmas(args.sigmas)
     if args.outer is not None:
         check_outer(args.outer)
@@ -68,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     target = get_target(args.target, sigma_data=args.sigma_data)
     schedule = get_schedule(args.total) if args.total else None
     device = resolve_device(args.device)
-    if args.tile_mb <= 0:
-        raise UserError(f"--tile-mb {args.tile_mb}: must be > 0")
+    if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
+        raise UserError(f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte")
     ds = load_data_from_args(args)
     curve = estimate_curve(
         ds,
@@ -86,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=schedule,
         tile_bytes=int(args.tile_mb * 2**20),
         checkpoint=Path(args.out + ".partial") if args.out else None,
+        restart=args.restart,
         progress=not args.quiet,
     )
     _report(curve, args, ds)
@@ -109,20 +122,27 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
 
 
 def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
-    """The table (unless --quiet), the plot and the JSON the options ask for."""
+    """The table (unless --quiet), the JSON and the plot the options ask for (in that order:
+    a failing plot leaves the JSON written)."""
+    from lossfloor.cli.common import write_plot
+
     if not args.quiet:
         _print_table(curve, args.target)
+    if args.out:
+        curve.save(args.out)
     if args.plot:
         from lossfloor.plots import plot_optimal_loss
 
-        plot_optimal_loss(
+        write_plot(
             args.plot,
-            [(curve.estimator["name"], curve)],
-            data_variance=curve.data_variance,
-            title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
+            lambda: plot_optimal_loss(
+                args.plot,
+                [(curve.estimator["name"], curve)],
+                data_variance=curve.data_variance,
+                title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
+            ),
+            args.out,
         )
-    if args.out:
-        curve.save(args.out)
 
 
 def _print_table(curve: Curve, target: str) -> None:

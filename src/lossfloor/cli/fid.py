@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 
 from lossfloor import __version__
-from lossfloor.cli.common import add_data_arguments, load_data_from_args, resolve_device
+from lossfloor.cli.common import (
+    add_data_arguments,
+    check_outputs,
+    load_data_from_args,
+    resolve_device,
+)
 from lossfloor.evaluation import FEATURES, KID_SUBSETS
 from lossfloor.io import write_json
 
@@ -45,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lossfloor.evaluation.fid import evaluate, load_samples
 
+    check_outputs(args, "--out")
     device = resolve_device(args.device)
     samples = load_samples(args.samples, args.n)
     dataset = load_data_from_args(args)

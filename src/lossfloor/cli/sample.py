@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from lossfloor import __version__
-from lossfloor.cli.common import resolve_device
+from lossfloor.cli.common import check_outputs, resolve_device
 from lossfloor.errors import UserError
 from lossfloor.io import save_with
 
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out_grid is None and args.out_npz is None:
         raise UserError("give --out-grid FILE.png and/or --out-npz FILE.npz")
+    check_outputs(args, "--out-grid", "--out-npz")
     if args.n < 1:
         raise UserError(f"--n {args.n}: must be at least 1")
     if args.seed < 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -28,13 +29,14 @@ from lossfloor.diffusion import Process, Target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
-from lossfloor.optimal.estimators import Estimator
+from lossfloor.optimal.estimators import Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
     Moments,
     OuterPlan,
     PoolsByDtype,
     base_dtype,
+    check_sigmas,
     per_sample_values,
     resolve_form,
 )
@@ -61,6 +63,7 @@ def estimate_curve(
     schedule: NoiseSchedule | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
     checkpoint: str | os.PathLike[str] | None = None,
+    restart: bool = False,
     progress: bool = True,
 ) -> Curve:
     """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...,
@@ -70,10 +73,11 @@ def estimate_curve(
     add each σ's process time t and the value in the target's units; ``schedule`` the total
     E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a file path), each finished σ is saved there and
     a rerun with the same data and options computes only the missing σ; the file is removed
-    once the curve is complete.
+    once the curve is complete. A checkpoint of other data or options is refused unless
+    ``restart`` (which discards it).
     """
     x, labels, described = _unpack(data, labels, conditional)
-    _check_grid(x, sigmas)
+    _check_grid(x, sigmas, outer)
     plan = OuterPlan.build(x, labels, x.shape[0] if outer is None else outer, seed, conditional)
     for members, _ in plan.groups:
         estimator.check(members.numel())
@@ -87,7 +91,11 @@ def estimate_curve(
         "process": None if process is None else process.to_config(),
         "target": None if target is None else target.to_config(),
     }
-    saved = None if checkpoint is None else _resume(checkpoint, options, plan, progress)
+    saved = (
+        None
+        if checkpoint is None
+        else _resume(checkpoint, options, plan, sigmas, restart, progress)
+    )
     points = _estimate_points(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
         process, target, saved, progress,
@@ -113,15 +121,16 @@ def _unpack(
     return data, labels, None
 
 
-def _check_grid(x: torch.Tensor, sigmas: Sequence[float]) -> None:
-    """A non-empty dataset and a non-empty list of σ > 0."""
+def _check_grid(x: torch.Tensor, sigmas: Sequence[float], outer: int | None) -> None:
+    """A non-empty dataset, a valid σ grid, and M ≥ 2 where M defaults to N."""
     if x.shape[0] < 1:
         raise UserError("the dataset is empty")
-    if not sigmas:
-        raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
-    for s in sigmas:
-        if not s > 0:
-            raise ParameterError("sigmas", s, "every σ must be > 0")
+    check_sigmas(sigmas)
+    if outer is None and x.shape[0] < 2:
+        raise ParameterError(
+            "outer", None, f"the dataset has {x.shape[0]} item and M defaults to N; a standard "
+            "error needs M ≥ 2 outer samples: give M or more data",
+        )  # fmt: skip
 
 
 def _estimate_points(
@@ -139,7 +148,7 @@ def _estimate_points(
 ) -> list[CurvePoint]:
     """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
     added to ``saved``)."""
-    done = {} if saved is None else saved.points
+    done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
         total=len(todo) * plan.blocks, disable=not progress, unit="block", desc="J*(σ)", leave=False
@@ -177,9 +186,16 @@ def _estimate_point(
     and the value in the target's units (J*·loss factor) where a process and target are given."""
     dtype = pools.dtype_at(precision, sigma)
     t0 = time.perf_counter()
-    samples = per_sample_values(
-        plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block
-    )
+    samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block)
+    if samples is None and precision == "auto" and dtype != torch.float64:
+        dtype = torch.float64  # float32 overflowed: σ is far from the data's scale
+        samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block)
+    if samples is None:
+        hint = "" if dtype == torch.float64 else "; choose precision float64"
+        raise ParameterError(
+            "sigmas", sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at this σ for "
+            f"this data's scale{hint}",
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
@@ -202,14 +218,46 @@ def _estimate_point(
     )
 
 
+def _finite_values(
+    plan: OuterPlan,
+    estimator: Estimator,
+    sigma: float,
+    dtype: torch.dtype,
+    pools: PoolsByDtype,
+    tile_bytes: int,
+    on_block: Callable[[], None],
+) -> PerSample | None:
+    """``per_sample_values`` at σ in ``dtype``, or None where they overflow it."""
+    try:
+        s = per_sample_values(
+            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block
+        )
+    except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
+        if "overflow" not in str(exc):
+            raise
+        return None
+    return s if bool(s.closed.isfinite().all() and s.direct.isfinite().all()) else None
+
+
 def _resume(
-    path: str | os.PathLike[str], options: dict, plan: OuterPlan, announce: bool
+    path: str | os.PathLike[str],
+    options: dict,
+    plan: OuterPlan,
+    sigmas: Sequence[float],
+    restart: bool,
+    announce: bool,
 ) -> Checkpoint:
-    """The checkpoint at ``path`` for these options and draws (saying so on stderr when it
-    holds points, if ``announce``)."""
-    saved = Checkpoint.open(path, _checkpoint_key(options, plan))
-    if announce and saved.points:
-        print(f"resuming: {len(saved.points)} σ already computed in {saved.path}", file=sys.stderr)
+    """The checkpoint at ``path`` for these options and draws (saying on stderr which of
+    ``sigmas`` it holds, if ``announce``)."""
+    saved = Checkpoint.open(path, _checkpoint_key(options, plan), restart)
+    found = [s for s in sigmas if saved.find(s) is not None]
+    if announce and found:
+        listed = ", ".join(f"{s:.4g}" for s in found)
+        print(
+            f"resuming: {len(found)} of {len(sigmas)} σ already computed in {saved.path} "
+            f"(σ = {listed})",
+            file=sys.stderr,
+        )
     return saved
 
 
@@ -221,29 +269,51 @@ def _checkpoint_key(options: dict, plan: OuterPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: Relative tolerance within which a requested σ is the σ of a saved point (a grid written
+#: as 0.1 and one computed as 0.10000000000000002 name the same σ).
+SIGMA_MATCH_RTOL = 1e-9
+
+
 @dataclass
 class Checkpoint:
     """The finished points of an estimate, saved one σ at a time to ``path`` (atomically) under
-    the ``key`` of the data and options that produced them; a file with another key, or one
-    that cannot be read, is ignored (and overwritten by the first new point)."""
+    the ``key`` of the data and options that produced them. A file of other options, or one
+    that is not a checkpoint, is refused unless ``restart`` (then it is overwritten by the
+    first new point)."""
 
     path: Path
     key: str
     points: dict[float, CurvePoint]
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], key: str) -> Checkpoint:
+    def open(cls, path: str | os.PathLike[str], key: str, restart: bool = False) -> Checkpoint:
         path = Path(path)
         points: dict[float, CurvePoint] = {}
-        if path.is_file():
+        if path.is_file() and not restart:
             try:
                 saved = read_json(path)
-                if saved.get("key") == key:
-                    loaded = (CurvePoint.from_json(p) for p in saved["points"])
-                    points = {p.sigma: p for p in loaded}
-            except (UserError, AttributeError, KeyError, TypeError):
-                points = {}
+                if not isinstance(saved, dict) or not isinstance(saved.get("points"), list):
+                    raise ValueError
+                loaded = [CurvePoint.from_json(p) for p in saved["points"]]
+            except (UserError, AttributeError, KeyError, TypeError, ValueError):
+                raise ParameterError(
+                    "restart", None, f"{path} is not a checkpoint of an estimate; delete it, "
+                    "or restart to overwrite it",
+                ) from None  # fmt: skip
+            if saved.get("key") != key:
+                raise ParameterError(
+                    "restart", None, f"{path} holds {len(loaded)} σ of an estimate with other "
+                    "data or options; rerun with those, or restart to discard them",
+                )  # fmt: skip
+            points = {p.sigma: p for p in loaded}
         return cls(path=path, key=key, points=points)
+
+    def find(self, sigma: float) -> CurvePoint | None:
+        """The saved point at ``sigma`` (within SIGMA_MATCH_RTOL), if any."""
+        return next(
+            (p for s, p in self.points.items() if math.isclose(s, sigma, rel_tol=SIGMA_MATCH_RTOL)),
+            None,
+        )
 
     def add(self, point: CurvePoint) -> None:
         """Record ``point`` and rewrite the file."""

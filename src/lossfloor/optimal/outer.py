@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -33,6 +34,18 @@ OUTER_BLOCK = 1024
 #: ~100× below the bound (docs/benchmarks.md), so 0.1 keeps J* within ~1e-3 relative.
 AUTO_LOGIT_TOLERANCE = 0.1
 
+#: The σ a grid may hold. Beyond it σ² or 1/σ² (times the data's scale) leaves float64's
+#: range, and J* is the data variance (σ ≥ 1e100) or 0 (σ ≤ 1e-100) to every digit anyway.
+SIGMA_RANGE = (1e-100, 1e100)
+
+#: Bytes per outer draw held at once (source index, both forms in float64): M is checked
+#: against the machine's memory before any work.
+BYTES_PER_DRAW = 24
+
+#: The "auto" policy also uses float64 for data whose centred squared norms exceed this: their
+#: sums of squares come near float32's maximum (3.4e38) and lose digits or overflow.
+FLOAT32_MAX_SQ_NORM = 1e30
+
 FORMS = ("auto", "closed", "direct", "combined")
 PRECISIONS = ("auto", "float32", "float64")
 
@@ -42,6 +55,37 @@ def check_outer(m: int) -> None:
     ``OuterPlan.build`` and, before any work, by the commands that take M."""
     if not m >= 2:
         raise ParameterError("outer", m, "need at least 2 outer samples (M ≥ 2)")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if m * BYTES_PER_DRAW > memory:
+        raise ParameterError(
+            "outer", m, f"{m} outer samples need {m * BYTES_PER_DRAW / 2**30:.3g} GiB, more "
+            f"than this machine's {memory / 2**30:.3g} GiB of memory",
+        )  # fmt: skip
+
+
+def check_sigmas(sigmas: Sequence[float]) -> None:
+    """A non-empty σ grid, each σ finite, within SIGMA_RANGE, and no σ twice: the one check of
+    a grid, made before any work by ``estimate_curve`` and ``diagnose``."""
+    if not sigmas:
+        raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
+    lo, hi = SIGMA_RANGE
+    for s in sigmas:
+        if not s > 0:
+            raise ParameterError("sigmas", s, "every σ must be > 0")
+        if not lo <= s <= hi:
+            raise ParameterError(
+                "sigmas", s, f"σ must lie in [{lo:g}, {hi:g}] (beyond it J* is 0 or the data "
+                "variance to every digit, and σ² leaves the float range)",
+            )  # fmt: skip
+    if len(set(sigmas)) < len(sigmas):
+        twice = next(s for i, s in enumerate(sigmas) if s in sigmas[:i])
+        raise ParameterError("sigmas", twice, "this σ appears twice in the list")
+
+
+def check_seed(seed: int) -> None:
+    """A seed ≥ 0 (numpy's SeedSequence takes no negative entropy)."""
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ParameterError("seed", seed, "must be an integer ≥ 0")
 
 
 def stratified_sources(n: int, m: int, seed: int) -> Tensor:
@@ -119,9 +163,12 @@ def resolve_form(form: str, estimator: Estimator) -> str:
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
     """float32 / float64, or ``auto``: float64 where the fp32 logit error bound at σ exceeds
-    AUTO_LOGIT_TOLERANCE (small σ on data with large norms), float32 elsewhere."""
+    AUTO_LOGIT_TOLERANCE (small σ on data with large norms) or the norms themselves exceed
+    FLOAT32_MAX_SQ_NORM, float32 elsewhere."""
     if precision != "auto":
         return base_dtype(precision)
+    if max(p.max_sq for p in pools) > FLOAT32_MAX_SQ_NORM:
+        return torch.float64
     worst = max(logit_error_bound(p.max_sq, p.dim, sigma, torch.float32) for p in pools)
     return torch.float64 if worst > AUTO_LOGIT_TOLERANCE else torch.float32
 
@@ -143,6 +190,7 @@ class OuterPlan:
     ) -> OuterPlan:
         n = data.shape[0]
         check_outer(m)
+        check_seed(seed)
         if conditional and labels is None:
             raise UserError("a conditional estimate needs labels; this dataset has none")
         if conditional:
