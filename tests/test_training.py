@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 import lossfloor.cli
 import lossfloor.cli.train
 from lossfloor.data import load_dataset
-from lossfloor.errors import ParameterError, UserError
+from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import check_compatible, load_run
 from lossfloor.training import (
     SIGMA_BIN_EDGES,
@@ -484,3 +486,67 @@ def test_the_train_cli_module_imports_no_heavy_library_at_top_level():
     top = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
     top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert not {m.split(".")[0] for m in top} & {"torch", "numpy", "scipy", "diffusers"}
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_config_kept(tmp_path, cli, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--limit", "24", "--run-dir", str(run_dir)]
+    small = ["--model", "tiny", "--batch", "8", "--no-progress"]
+    assert cli([*argv, *small, "--steps", "3"]) == 0
+    config = (run_dir / "config.json").read_text()
+    capsys.readouterr()
+    assert cli([*argv, "--steps", "2", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lossfloor: error: --steps 2: ") and "already at step 3" in err
+    assert (run_dir / "config.json").read_text() == config and _ckpt(run_dir)["step"] == 3
+
+
+def _interrupt_at(step: int, signum: int = signal.SIGINT):
+    """A callback that sends ``signum`` to this process at ``step``."""
+
+    def callback(at: int, denoiser, record) -> None:
+        if at == step:
+            os.kill(os.getpid(), signum)
+
+    return callback
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bitwise_the_same(tmp_path, signum):
+    data = _digits(20)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(_tiny(6, checkpoint_every=100), data, full, progress=False)
+    with pytest.raises(Interrupted, match="saved a checkpoint at step 4"):
+        train(_tiny(6, checkpoint_every=100), data, cut, progress=False,
+              callbacks=[_interrupt_at(4, signum)], callback_every=1)  # fmt: skip
+    assert _ckpt(cut)["step"] == 4  # no regular checkpoint had been written before step 6
+    train(_tiny(6, checkpoint_every=100), data, cut, resume=True, progress=False)
+    a, b = _ckpt(full), _ckpt(cut)
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert _states_equal(a[key], b[key]), key
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)
+
+
+def test_an_interrupt_through_the_cli_says_what_was_kept(tmp_path, cli, capsys, monkeypatch):
+    from lossfloor.training import loop
+
+    step = loop.Trainer._train_step
+
+    def ctrl_c_during_the_first_step(self, acc):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still completes
+        step(self, acc)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", ctrl_c_during_the_first_step)
+    argv = ["train", "--data", "digits", "--limit", "24", "--model", "tiny", "--no-progress"]
+    assert cli([*argv, "--run-dir", str(tmp_path / "r"), "--steps", "3"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("lossfloor: interrupted: saved a checkpoint at step 1 in ")
+    assert _ckpt(tmp_path / "r")["step"] == 1
+
+    def ctrl_c_while_building(self):
+        raise KeyboardInterrupt  # before the training loop: nothing can be saved
+
+    monkeypatch.setattr(loop.Trainer, "_build_model", ctrl_c_while_building)
+    assert cli([*argv, "--run-dir", str(tmp_path / "s"), "--steps", "3"]) == 130
+    err = capsys.readouterr().err
+    assert "resume" not in err and not (tmp_path / "s" / "checkpoint-latest.pt").exists()

@@ -12,6 +12,11 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, after the library has put its work in a resumable state; the message
+    says what was kept."""
+
+
 class ParameterError(UserError):
     """A bad value of a named parameter of the Python API: ``"<param> = <value>: <reason>"``.
 

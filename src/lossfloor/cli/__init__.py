@@ -15,7 +15,7 @@ import importlib
 import sys
 
 from lossfloor import __version__
-from lossfloor.errors import ParameterError, UserError
+from lossfloor.errors import Interrupted, ParameterError, UserError
 
 SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling"]
 
@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"lossfloor: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"lossfloor: interrupted: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(
-            "lossfloor: interrupted (finished results are kept; rerun to resume)", file=sys.stderr
-        )
+        print("lossfloor: interrupted (outputs written before the interrupt are kept)",
+              file=sys.stderr)  # fmt: skip
         return 130

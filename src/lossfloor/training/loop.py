@@ -16,6 +16,8 @@ Files: ``training.rundir``; options: ``training.config``; stats records: ``train
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
-from lossfloor.errors import ParameterError, UserError
+from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import CHECKPOINT_FORMAT
 from lossfloor.schedules import get_schedule
 from lossfloor.seeding import derived_seed, generator_for
@@ -172,6 +174,11 @@ class Trainer:
         self.g_sigma.set_state(ckpt["rng"]["sigma"])
         self.g_noise.set_state(ckpt["rng"]["noise"])
         self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
+        if self.config.steps < self.step:
+            raise ParameterError(
+                "steps", self.config.steps, f"the run in {self.rundir.path} is already at step "
+                f"{self.step}; give at least {self.step} to continue it",
+            )  # fmt: skip
         self.rundir.continue_at(self.step, self.run_config)
 
     def _save(self) -> None:
@@ -245,6 +252,16 @@ class Trainer:
             record.callback_seconds = time.perf_counter() - started
         return record
 
+    def _interrupted(self) -> Interrupted:
+        """Save the state after the last whole step (if any) and say what was kept."""
+        if self.step > 0:
+            self._save()
+            return Interrupted(
+                f"saved a checkpoint at step {self.step} in {self.rundir.path}; run the same "
+                "command with --resume to continue"
+            )
+        return Interrupted("no training step had finished; nothing was saved")
+
     def run(self) -> StatsRecord | None:
         """Train to ``config.steps``; the last stats record (None if there was nothing to do)."""
         from tqdm import tqdm
@@ -258,10 +275,14 @@ class Trainer:
             total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
         try:
-            with open(self.rundir.stats, "a") as stats:
+            with open(self.rundir.stats, "a") as stats, _StopRequests() as stop:
                 while self.step < c.steps:
+                    if stop.requested:
+                        raise self._interrupted()
                     self._train_step(acc)
                     bar.update(1)
+                    if stop.requested:
+                        raise self._interrupted()
                     step = self.step
                     call = bool(self.callbacks) and step % self.callback_every == 0
                     ckpt = step % c.checkpoint_every == 0 or step == c.steps
@@ -277,6 +298,28 @@ class Trainer:
         finally:
             bar.close()
         return last
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM only set ``requested`` (the loop stops between steps,
+    where the state is whole); outside the main thread signals are left alone."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(
