@@ -298,7 +298,12 @@ def test_cli_fid_of_samples_npz_against_their_own_data_is_zero(tmp_path, monkeyp
     score = result["scores"]["classifier"]
     assert (score["n_samples"], score["n_reference"], result["samples"]["n"]) == (60, 60, 60)
     assert abs(score["frechet_distance"]) < 1e-8
-    assert "60 samples vs 60 reference items" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "60 samples vs 60 reference items" in captured.out
+    assert "(5 subsets of 60)" in captured.out  # KID states its subsets
+    warning = captured.err.strip()
+    assert warning.startswith("lossfloor: warning: KID from subsets of 60 < 1000 items")
+    assert "± is 0 by construction" in warning and warning.count("\n") == 0
 
 
 def test_cli_missing_samples_file_is_one_line_error(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ features), with the sample counts stated."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lossfloor import __version__
 from lossfloor.cli.common import (
@@ -83,12 +84,35 @@ def run(args: argparse.Namespace) -> int:
         "lossfloor_version": __version__,
     }
     for s in result["scores"].values():
+        _warn_small_kid(s)
         print(
             f"{s['metric']:<13} {s['frechet_distance']:.4f}   "
-            f"KID {s['kid_mean']:.5f} ± {s['kid_std']:.5f}   "
+            f"KID {s['kid_mean']:.5f} ± {s['kid_std']:.5f} "
+            f"({s['kid_subsets']} subsets of {s['kid_subset_size']})   "
             f"({s['n_samples']} samples vs {s['n_reference']} reference items of {args.data}; "
             f"{s['extractor']}, {s['feature_dim']}-d)"
         )
     if args.out:
         write_json(args.out, result)
     return 0
+
+
+def _warn_small_kid(score: dict) -> None:
+    """A warning on stderr when KID's subsets are smaller than its usual size: the unbiased
+    MMD² is noisy there (it can be negative), and when the subsets hold every sample their
+    spread is 0 and says nothing about the error."""
+    from lossfloor.evaluation.fid import KID_SUBSET_SIZE
+
+    size, n = score["kid_subset_size"], score["n_samples"]
+    if size >= KID_SUBSET_SIZE:
+        return
+    spread = (
+        "every subset is the whole sample set, so its ± is 0 by construction"
+        if size >= n
+        else "its ± is the spread over subsets, not the error against the data"
+    )
+    print(
+        f"lossfloor: warning: KID from subsets of {size} < {KID_SUBSET_SIZE} items is noisy "
+        f"(it can be negative); {spread}; use ≥ {KID_SUBSET_SIZE} samples for a stable KID",
+        file=sys.stderr,
+    )
