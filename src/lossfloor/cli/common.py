@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lossfloor.errors import UserError
+from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import check_writable
 
 if TYPE_CHECKING:  # torch and the data layer load when a command runs, not for --help
@@ -58,8 +58,11 @@ def write_plot(path: str, draw: Callable[[], None], written: str | None) -> None
         raise UserError(f"--plot {path}: the plot failed ({reason}){kept}") from None
 
 
-def parse_sigmas(text: str) -> list[float]:
-    """``"0.1,1,10"`` (a list) or ``"min:max:count"`` (log-spaced, both ends included)."""
+def parse_sigmas(text: str, option: str = "--sigmas") -> list[float]:
+    """``"0.1,1,10"`` (a list) or ``"min:max:count"`` (log-spaced, both ends included), checked
+    as a σ grid (``lossfloor.optimal.outer.check_sigmas``) and reported under ``option``."""
+    from lossfloor.optimal.outer import check_sigmas
+
     text = text.strip()
     try:
         if ":" in text:
@@ -68,9 +71,9 @@ def parse_sigmas(text: str) -> list[float]:
                 raise ValueError
             lo, hi, count = float(parts[0]), float(parts[1]), int(parts[2])
             if count < 1:
-                raise UserError(f"--sigmas {text}: the count must be at least 1")
+                raise UserError(f"{option} {text}: the count must be at least 1")
             if lo <= 0 or hi <= 0:
-                raise UserError(f"--sigmas {text}: σ must be > 0 (the grid is log-spaced)")
+                raise UserError(f"{option} {text}: σ must be > 0 (the grid is log-spaced)")
             if count == 1:
                 values = [lo]
             else:
@@ -80,13 +83,12 @@ def parse_sigmas(text: str) -> list[float]:
             values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(
-            f"--sigmas {text!r}: expected a comma-separated list (0.1,1,10) or min:max:count"
+            f"{option} {text!r}: expected a comma-separated list (0.1,1,10) or min:max:count"
         ) from None
-    if not values:
-        raise UserError("--sigmas: the σ list is empty; give at least one σ > 0")
-    bad = [v for v in values if not (v > 0 and math.isfinite(v))]
-    if bad:
-        raise UserError(f"--sigmas: every σ must be finite and > 0, got {bad[0]}")
+    try:
+        check_sigmas(values)
+    except ParameterError as exc:
+        raise UserError(exc.for_option(option)) from None
     return values
 
 

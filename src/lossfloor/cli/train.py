@@ -116,7 +116,7 @@ def _monitor(
     curve = Curve.load(args.monitor)
     if (curve.dataset or {}).get("sha256") != dataset.sha256:
         raise UserError(f"--monitor {args.monitor} was computed on another dataset")
-    sigmas = parse_sigmas(args.monitor_sigmas)
+    sigmas = parse_sigmas(args.monitor_sigmas, "--monitor-sigmas")
     return GapMonitor(curve, dataset, sigmas, n=args.monitor_n, labels=conditional, device=device)
 
 
