@@ -1,0 +1,192 @@
+"""Drop-in with EDM: the presets equal EDM's preconditioners (Table 1 of Karras et al. 2022,
+written out here), and the wrapper speaks EDM's denoiser protocol."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lossfloor.diffusion import Denoiser, as_denoiser, read_protocol
+from lossfloor.errors import UserError
+
+F64 = torch.float64
+SIGMAS = torch.exp(torch.linspace(math.log(0.002), math.log(80.0), 9, dtype=F64))
+
+
+class Inner(torch.nn.Module):
+    """A random inner network F(x_in, c_noise, class_labels, augment_labels) in float64 that
+    depends on every input (EDM's SongUNet/DhariwalUNet signature)."""
+
+    def __init__(self, channels: int = 2, label_dim: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, dtype=F64)
+        self.noise = torch.nn.Linear(1, channels, dtype=F64)
+        self.label = torch.nn.Linear(max(label_dim, 1), channels, bias=False, dtype=F64)
+        self.augment = torch.nn.Linear(3, channels, bias=False, dtype=F64)
+        self.seen: dict[str, torch.Tensor | None] = {}
+        self.requires_grad_(False)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        self.seen = {"x": x, "noise": noise_labels, "labels": class_labels}
+        h = self.conv(x) + self.noise(noise_labels.reshape(-1, 1)).reshape(-1, x.shape[1], 1, 1)
+        if class_labels is not None:
+            h = h + self.label(class_labels.to(x.dtype)).reshape(-1, x.shape[1], 1, 1)
+        if augment_labels is not None:
+            h = h + self.augment(augment_labels).reshape(-1, x.shape[1], 1, 1)
+        return torch.tanh(h) - 0.3 * x
+
+
+def table1(kind: str, sigma: torch.Tensor, sigma_data: float = 0.5, M: int = 1000):
+    """EDM Table 1: (c_skip, c_out, c_in, c_noise) of VP, VE and EDM, σ shaped [N, 1, 1, 1]."""
+    if kind == "edm":
+        d = sigma**2 + sigma_data**2
+        return sigma_data**2 / d, sigma * sigma_data / d.sqrt(), 1 / d.sqrt(), sigma.log() / 4
+    if kind == "vp":
+        beta_d, beta_min = 19.9, 0.1
+        t = ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (M - 1) * t
+    assert kind == "ve"
+    return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+
+def published(kind, net, x, sigma, labels=None, augment=None, **kw):
+    """D = c_skip·x + c_out·F(c_in·x, c_noise) with Table 1's coefficients."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip, c_out, c_in, c_noise = table1(kind, s, **kw)
+    return c_skip * x + c_out * net(c_in * x, c_noise.flatten(), labels, augment)
+
+
+PRESETS = {
+    "edm": lambda net, **kw: Denoiser.edm(net, **kw),
+    "vp": lambda net, **kw: Denoiser.vp(net, **kw),
+    "ve": lambda net, **kw: Denoiser.ve(net, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
+def test_presets_equal_edm_preconditioning(kind):
+    net = Inner(seed={"edm": 1, "vp": 2, "ve": 3}[kind])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(len(SIGMAS), 2, 4, 4, generator=g, dtype=F64) * 2 - 1
+    x = x0 + SIGMAS.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g, dtype=F64)
+    D = PRESETS[kind](net)
+    expected = published(kind, net, x, SIGMAS)
+    actual = D(x, SIGMAS)
+    scale = expected.abs().flatten(1).amax(1).reshape(-1, 1, 1, 1)
+    assert float(((actual - expected).abs() / scale).max()) < 1e-12
+    if kind == "edm":  # σ_d is a parameter of the preset, as of EDMPrecond
+        D1 = Denoiser.edm(net, sigma_data=1.0)
+        torch.testing.assert_close(
+            D1(x, SIGMAS), published(kind, net, x, SIGMAS, sigma_data=1.0), rtol=1e-12, atol=0
+        )
+
+
+def test_vp_preset_takes_edm_parameters_m_and_epsilon_t():
+    net = Inner(seed=4)
+    D = Denoiser.vp(net, M=500, epsilon_t=1e-3)
+    x = torch.randn(len(SIGMAS), 2, 4, 4, dtype=F64)
+    torch.testing.assert_close(D(x, SIGMAS), published("vp", net, x, SIGMAS, M=500),
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    vp_sigma = lambda t: math.sqrt(math.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1)  # noqa: E731
+    assert D.sigma_min == pytest.approx(vp_sigma(1e-3), rel=1e-12)
+    assert D.sigma_max == pytest.approx(vp_sigma(1.0), rel=1e-12)
+
+
+def test_presets_expose_the_edm_protocol():
+    net = Inner()
+    edm, vp, ve = Denoiser.edm(net), Denoiser.vp(net), Denoiser.ve(net)
+    assert (edm.sigma_min, edm.sigma_max, edm.sigma_data) == (0.0, math.inf, 0.5)
+    assert (ve.sigma_min, ve.sigma_max) == (0.02, 100.0)
+    assert vp.sigma_min == pytest.approx(math.sqrt(math.expm1(0.5 * 19.9 * 1e-10 + 1e-6)))
+    s = torch.tensor([0.3, 7.0], dtype=F64)
+    for D in (edm, vp, ve):
+        assert torch.equal(D.round_sigma(s), s)
+        p = read_protocol(D, strict=True)
+        assert (p.sigma_min, p.sigma_max, p.label_dim) == (D.sigma_min, D.sigma_max, 0)
+
+
+def test_labels_reach_an_edm_net_one_hot_from_indices_or_rows():
+    net = Inner(label_dim=3, seed=5)
+    D = Denoiser.edm(net, label_dim=3)
+    x = torch.randn(2, 2, 4, 4, dtype=F64)
+    sigma = torch.tensor([0.5, 2.0], dtype=F64)
+    from_index = D(x, sigma, torch.tensor([2, 0]))
+    assert torch.equal(net.seen["labels"], torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=F64))
+    one_hot = torch.tensor([[0.0, 0, 1], [1, 0, 0]])
+    assert torch.equal(D(x, sigma, one_hot), from_index)
+    expected = published("edm", net, x, sigma, one_hot.double())
+    torch.testing.assert_close(from_index, expected, rtol=1e-12, atol=0)
+    D(x, sigma)  # no labels: EDM's zero rows
+    assert torch.equal(net.seen["labels"], torch.zeros(2, 3, dtype=F64))
+    with pytest.raises(UserError, match="0..2"):
+        D(x, sigma, torch.tensor([3, 0]))
+
+
+def test_index_nets_get_indices_from_one_hot_rows():
+    seen = {}
+
+    def net(x_in, c_noise, labels):
+        seen["labels"] = labels
+        return torch.zeros_like(x_in)
+
+    D = Denoiser(net, "edm", "F", label_dim=4)
+    x = torch.zeros(2, 1, 2, 2)
+    D(x, 1.0, torch.tensor([[0.0, 0, 0, 1], [0, 1, 0, 0]]))
+    assert seen["labels"].tolist() == [3, 1]
+    with pytest.raises(UserError, match="one-hot"):
+        D(x, 1.0, torch.tensor([[0.5, 0.5, 0, 0], [0, 1, 0, 0]]))
+
+
+def test_augment_labels_and_edm_loss_use_the_wrapper_unchanged():
+    """EDM's EDMLoss (training/loss.py), written out: it calls
+    net(y + n, sigma, labels, augment_labels=augment_labels) and weights by λ(σ)."""
+    net = Inner(seed=6)
+    D = Denoiser.edm(net)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(4, 2, 4, 4, generator=g, dtype=F64)
+    aug = torch.randn(4, 3, generator=g, dtype=F64)
+    sigma = (torch.randn(4, 1, 1, 1, generator=g, dtype=F64) * 1.2 - 1.2).exp()
+    n = torch.randn(y.shape, generator=g, dtype=F64) * sigma
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    loss = weight * (D(y + n, sigma, None, augment_labels=aug) - y) ** 2
+    expected = weight * (published("edm", net, y + n, sigma.flatten(), None, aug) - y) ** 2
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(D(y + n, sigma, None, augment_labels=aug), D(y + n, sigma))
+
+    def plain(x_in, c_noise, labels):
+        return x_in
+
+    with pytest.raises(UserError, match="augment_labels"):
+        Denoiser.edm(plain)(y, sigma, None, augment_labels=aug)
+
+
+class EDMLikeNet(torch.nn.Module):
+    """An object with EDM's protocol and a one-hot label input, as a loaded EDM pickle is."""
+
+    sigma_min, sigma_max, sigma_data, label_dim = 0.02, 100.0, 0.5, 3
+
+    def forward(self, x, sigma, class_labels=None):
+        self.labels = class_labels
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma).round(decimals=1)
+
+
+def test_read_protocol_and_as_denoiser_on_foreign_objects():
+    net = EDMLikeNet()
+    p = read_protocol(net, strict=True)
+    assert (p.sigma_min, p.sigma_max, p.sigma_data, p.label_dim) == (0.02, 100.0, 0.5, 3)
+    assert float(p.round_sigma(0.123)) == pytest.approx(0.1)
+    D = as_denoiser(net)
+    D(torch.zeros(2, 1, 2, 2), torch.ones(2), torch.tensor([1, 2]))
+    assert net.labels.tolist() == [[0, 1, 0], [0, 0, 1]]
+    plain = read_protocol(lambda x, s, labels=None: x)
+    assert (plain.sigma_min, plain.sigma_max, plain.sigma_data) == (0.0, math.inf, None)
+    with pytest.raises(UserError, match="sigma_min or sigma_max"):
+        read_protocol(lambda x, s: x, strict=True)
+    with pytest.raises(UserError, match="not callable"):
+        read_protocol(object())
