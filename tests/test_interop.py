@@ -190,3 +190,84 @@ def test_read_protocol_and_as_denoiser_on_foreign_objects():
         read_protocol(lambda x, s: x, strict=True)
     with pytest.raises(UserError, match="not callable"):
         read_protocol(object())
+
+
+# --- EDM's sampler (Algorithms 1 and 2), written out on the protocol ---------------------------
+
+
+def edm_reference_sampler(net, latents, labels, randn_like, num_steps, churn=(0, 0, math.inf, 1)):
+    """EDM's Algorithm 2 (Heun, churn) on net's protocol, in float64, written from the paper:
+    levels clamped to [net.sigma_min, net.sigma_max] and rounded; one noise draw per step."""
+    s_churn, s_min, s_max, s_noise = churn
+    lo, hi, rho = max(0.002, net.sigma_min), min(80.0, net.sigma_max), 7.0
+    i = torch.arange(num_steps, dtype=F64)
+    t = (hi ** (1 / rho) + i / (num_steps - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    t = torch.cat([net.round_sigma(t), torch.zeros(1, dtype=F64)])
+    x_next = latents.to(F64) * t[0]
+    for k in range(num_steps):
+        t_cur, t_next, x_cur = t[k], t[k + 1], x_next
+        gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_min <= t_cur <= s_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * s_noise * randn_like(x_cur)
+        d_cur = (x_hat - net(x_hat, t_hat.expand(len(x_hat)), labels).to(F64)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if k < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next.expand(len(x_hat)), labels).to(F64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def edm_streams(seeds):
+    """EDM generate.py's per-seed streams: torch.Generator().manual_seed(seed mod 2³²)."""
+    gens = [torch.Generator().manual_seed(s % (1 << 32)) for s in seeds]
+    latents = torch.stack([torch.randn(2, 4, 4, generator=g) for g in gens])  # float32 [C,H,W]
+
+    def randn_like(x):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
+
+    return latents, randn_like
+
+
+@pytest.mark.parametrize("churn", [None, (30.0, 0.05, 20.0, 1.007)])
+def test_generate_equals_edm_sampler_from_the_same_seeds(churn):
+    from lossfloor.sampling import Churn, generate
+
+    D = Denoiser.ve(Inner(seed=7))  # range [0.02, 100]: the sampler runs 80 → 0.02
+    seeds = [3, 2**32 + 5, 11]
+    latents, randn_like = edm_streams(seeds)
+    expected = edm_reference_sampler(D, latents, None, randn_like, 6, churn or (0, 0, math.inf, 1))
+    options = {} if churn is None else {"churn": Churn(*churn)}
+    actual = generate(D, (2, 4, 4), seeds, steps=6, batch=2, dtype=F64, progress=False, **options)
+    torch.testing.assert_close(actual, expected.float(), rtol=1e-6, atol=1e-6)
+    if churn is not None:  # the churn noise changed the samples
+        plain = generate(D, (2, 4, 4), seeds, steps=6, dtype=F64, progress=False)
+        assert float((plain - actual).abs().max()) > 1e-3
+
+
+def test_sampler_clamps_to_the_model_range_and_rounds_sigma():
+    from lossfloor.sampling import generate, sampling_sigmas
+
+    net = EDMLikeNet()  # range [0.02, 100], round_sigma to one decimal
+    s = sampling_sigmas(net, 5)
+    assert float(s[0]) == 80.0 and float(s[-1]) == 0 and torch.equal(s, s.round(decimals=1))
+    assert float(s[1]) == round(float(sampling_sigmas(Denoiser.ve(Inner()), 5)[1]), 1)
+    ve = sampling_sigmas(Denoiser.ve(Inner()), 4)
+    assert (float(ve[0]), float(ve[-2])) == (80.0, 0.02)
+    vp = sampling_sigmas(Denoiser.vp(Inner()), 4)
+    assert (float(vp[0]), float(vp[-2])) == (80.0, 0.002)  # VP's range [0.001, 152] holds it
+    assert float(sampling_sigmas(Denoiser.edm(Inner()), 4, sigma_max=200.0)[0]) == 200.0
+    with pytest.raises(UserError, match="sigma_min = 0.01: outside the model's range"):
+        generate(Denoiser.ve(Inner()), (2, 4, 4), [0], sigma_min=0.01, progress=False)
+
+
+def test_callback_sees_every_step_like_k_diffusion():
+    from lossfloor.sampling import Churn, generate
+
+    seen = []
+    generate(Denoiser.edm(Inner()), (2, 4, 4), [0, 1], steps=4, dtype=F64, progress=False,
+             churn=Churn(S_churn=10.0), callback=seen.append)  # fmt: skip
+    assert [c["i"] for c in seen] == [0, 1, 2, 3]
+    assert all(set(c) == {"x", "i", "sigma", "sigma_hat", "denoised"} for c in seen)
+    gamma = min(10.0 / 4, math.sqrt(2) - 1)
+    assert all(c["sigma_hat"] == pytest.approx(c["sigma"] * (1 + gamma)) for c in seen)
+    assert seen[0]["denoised"].shape == (2, 2, 4, 4)
