@@ -193,7 +193,7 @@ def test_sample_cli_bad_inputs_are_one_line_errors(conditional_run, tmp_path, mo
     out = ["--out-grid", str(tmp_path / "g.png")]
     base = ["sample", "--run", str(conditional_run), "--n", "2"]
     cases = [
-        ([*base, *out, "--labels", "12"], "not a class of this run"),
+        ([*base, *out, "--labels", "12"], "not a class of this model"),
         ([*base, *out, "--labels", "a,b"], "comma-separated integers"),
         (base, "give --out-grid"),
         (["sample", "--run", str(tmp_path / "none"), "--n", "2", *out], "not found"),

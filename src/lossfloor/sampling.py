@@ -4,8 +4,8 @@ Karras et al. 2022 (EDM), Algorithms 1 and 2, on any D(x, sigma, labels) (a loss
 ``Denoiser``, an EDM network, a wrapped k-diffusion model — ``read_protocol``):
   levels: σ_min ← max(σ_min, net.sigma_min), σ_max ← min(σ_max, net.sigma_max),
           σ_i = round_sigma((σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ), i < N,  σ_N = 0;
-  churn:  γ_i = min(S_churn/N, √2 − 1) if S_min ≤ σ_i ≤ S_max else 0,  σ̂ = round_sigma(σ_i + γ_i·σ_i),
-          x̂ = x_i + √(σ̂² − σ_i²)·S_noise·z,  z ~ N(0, I);
+  churn:  γ_i = min(S_churn/N, √2 − 1) if S_min ≤ σ_i ≤ S_max else 0,
+          σ̂ = round_sigma(σ_i + γ_i·σ_i),  x̂ = x_i + √(σ̂² − σ_i²)·S_noise·z,  z ~ N(0, I);
   Euler:  d = (x̂ − D(x̂, σ̂))/σ̂,  x_{i+1} = x̂ + (σ_{i+1} − σ̂)·d;
   Heun:   if σ_{i+1} ≠ 0, d' = (x_{i+1} − D(x_{i+1}, σ_{i+1}))/σ_{i+1},
           x_{i+1} = x̂ + (σ_{i+1} − σ̂)·(½d + ½d')   (2N − 1 evaluations of D without churn).
