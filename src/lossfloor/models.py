@@ -143,7 +143,8 @@ def load_diffusers(
     description (image shape, classes, prediction type, timesteps used).
 
     Any scheduler with ``alphas_cumprod`` (DDPM, DDIM, Euler, DPM-Solver, …); a zero-terminal-SNR
-    table (ᾱ = 0, σ̃ = ∞ at the end) is restricted to its timesteps with ᾱ > 0. prediction_type
+    table (ᾱ = 0, σ̃ = ∞ at the end) is restricted to its timesteps with ᾱ > 0 (the σ range
+    ends at the last finite σ̃; ``timesteps_dropped`` says how many were cut). prediction_type
     epsilon / v_prediction / sample → target eps / v / x0. A class-conditional UNet
     (``num_class_embeds``) takes integer labels; a learned-variance UNet (2C outputs,
     variance_type learned or learned_range) has its variance channels split off as diffusers'
@@ -173,7 +174,12 @@ def load_diffusers(
     if ac is None:
         raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
     ac = torch.as_tensor(ac, dtype=torch.float64)
-    kept = int((ac > 0).sum())  # zero terminal SNR: σ̃ = ∞ where ᾱ = 0, at the end of the table
+    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
+    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
+    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
+    kept = int(torch.cumprod(ok.long(), 0).sum())
+    if kept < 2:
+        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TARGETS:
         raise UserError(f"{sched_dir}: prediction_type {prediction!r} is not supported "
