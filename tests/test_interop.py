@@ -271,3 +271,19 @@ def test_callback_sees_every_step_like_k_diffusion():
     gamma = min(10.0 / 4, math.sqrt(2) - 1)
     assert all(c["sigma_hat"] == pytest.approx(c["sigma"] * (1 + gamma)) for c in seen)
     assert seen[0]["denoised"].shape == (2, 2, 4, 4)
+
+
+def test_diagnose_takes_a_foreign_edm_object_with_one_hot_labels():
+    from lossfloor.data import load_dataset
+    from lossfloor.diagnosis import diagnose
+
+    ds = load_dataset("digits", limit=40)
+    net = EDMLikeNet()
+    net.label_dim = 10
+    result = diagnose(net, ds, [0.5, 3.0], outer=16, conditional=True, use_labels=True,
+                      progress=False, cache=False)  # fmt: skip
+    assert net.labels.shape[1] == 10 and bool((net.labels.sum(1) == 1).all())
+    # D(x) = x/(1 + σ²) on x = x0 + σε: its loss is E‖(x0 + σε)/(1 + σ²) − x0‖² > 0
+    assert all(p.model_loss > 0 and p.loss_factor is None for p in result.points)
+    with pytest.raises(UserError, match=r"sigmas = 0.01: outside the model's range \[0.02, 100\]"):
+        diagnose(net, ds, [0.01, 1.0], outer=16, progress=False)
