@@ -217,10 +217,14 @@ def edm_reference_sampler(net, latents, labels, randn_like, num_steps, churn=(0,
     return x_next
 
 
-def edm_streams(seeds):
-    """EDM generate.py's per-seed streams: torch.Generator().manual_seed(seed mod 2³²)."""
+def edm_streams(seeds, label_dim=0):
+    """EDM generate.py's per-seed streams: torch.Generator().manual_seed(seed mod 2³²); latents
+    float32 [C, H, W], then (class-conditional nets) one class index per image."""
     gens = [torch.Generator().manual_seed(s % (1 << 32)) for s in seeds]
-    latents = torch.stack([torch.randn(2, 4, 4, generator=g) for g in gens])  # float32 [C,H,W]
+    latents = torch.stack([torch.randn(2, 4, 4, generator=g) for g in gens])
+    if label_dim:
+        classes = torch.stack([torch.randint(label_dim, size=[], generator=g) for g in gens])
+        latents = (latents, torch.eye(label_dim, dtype=F64)[classes])
 
     def randn_like(x):
         return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
@@ -242,6 +246,20 @@ def test_generate_equals_edm_sampler_from_the_same_seeds(churn):
     if churn is not None:  # the churn noise changed the samples
         plain = generate(D, (2, 4, 4), seeds, steps=6, dtype=F64, progress=False)
         assert float((plain - actual).abs().max()) > 1e-3
+
+
+def test_conditional_generate_draws_edm_classes_before_the_churn_noise():
+    from lossfloor.sampling import Churn, generate
+
+    D = Denoiser.edm(Inner(label_dim=4, seed=8), label_dim=4)
+    seeds, churn = [0, 1, 2], (5.0, 0.0, math.inf, 1.0)
+    (latents, one_hot), randn_like = edm_streams(seeds, label_dim=4)
+    expected = edm_reference_sampler(D, latents, one_hot, randn_like, 5, churn)
+    actual = generate(D, (2, 4, 4), seeds, steps=5, dtype=F64, progress=False, churn=Churn(*churn))
+    torch.testing.assert_close(actual, expected.float(), rtol=1e-6, atol=1e-6)
+    given = generate(D, (2, 4, 4), seeds, steps=5, dtype=F64, progress=False,
+                     churn=Churn(*churn), labels=one_hot.argmax(1))  # fmt: skip
+    assert torch.equal(given, actual)  # the same classes given: the same images
 
 
 def test_sampler_clamps_to_the_model_range_and_rounds_sigma():

@@ -11,8 +11,9 @@ Karras et al. 2022 (EDM), Algorithms 1 and 2, on any D(x, sigma, labels) (a loss
           x_{i+1} = x̂ + (σ_{i+1} − σ̂)·(½d + ½d')   (2N − 1 evaluations of D without churn).
 ``generate`` draws image i's latents as EDM's generate.py does: a torch.Generator on the
 sampling device seeded ``seed mod 2³²``, float32 normals of shape [C, H, W]; the churn noise z
-comes from the same per-image generators (float64, one draw per step), so the same seed,
-resolution and device give EDM's images. The state is float64, D is evaluated in ``dtype``.
+comes from the same per-image generators (float64, one draw per step, after EDM's class draw
+for a class-conditional model), so the same seed, resolution and device give EDM's images.
+The state is float64, D is evaluated in ``dtype``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ class SeedStreams:
             for g in self.generators
         ])  # fmt: skip
 
+    def randint(self, high: int) -> Tensor:
+        """One integer in [0, high) per image (EDM's class draw), int64."""
+        return torch.stack([
+            torch.randint(high, size=[], generator=g, device=self.device) for g in self.generators
+        ])  # fmt: skip
+
     def randn_like(self, x: Tensor) -> Tensor:
         """Normals shaped and typed like the batch ``x``."""
         return self.randn(x.shape[1:], x.dtype)
@@ -224,7 +231,9 @@ def generate(
     progress: bool | None = None,
 ) -> Tensor:
     """One sample per seed (N×C×H×W on CPU, float32), drawn in batches of ``batch`` on EDM's
-    levels for the model (``sampling_sigmas``) from EDM's latents, with EDM's churn noise."""
+    levels for the model (``sampling_sigmas``) from EDM's latents, with EDM's churn noise. A
+    class-conditional model (``label_dim`` > 0) gets ``labels``, or else EDM's random classes
+    (one draw per image from its stream, after the latents, made in either case as EDM does)."""
     from tqdm import tqdm
 
     if sampler not in SAMPLERS:
@@ -234,6 +243,7 @@ def generate(
     if labels is not None and len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels for {len(seeds)} samples; give one per sample")
     sigmas = sampling_sigmas(denoiser, steps, sigma_min, sigma_max, rho)
+    label_dim = read_protocol(denoiser).label_dim
     out = []
     for i in tqdm(
         range(0, len(seeds), batch),
@@ -242,7 +252,8 @@ def generate(
     ):
         streams = SeedStreams(seeds[i : i + batch], device)
         x_T = streams.randn(shape).to(torch.float64) * float(sigmas[0])
-        y = None if labels is None else labels[i : i + batch].to(device)
+        drawn = streams.randint(label_dim) if label_dim else None  # EDM draws it after x_T
+        y = drawn if labels is None else labels[i : i + batch].to(device)
         x = _integrate(denoiser, x_T, sigmas, y, sampler == "heun", churn=churn,
                        randn_like=streams.randn_like, callback=callback, dtype=dtype)  # fmt: skip
         out.append(x.float().cpu())
