@@ -108,6 +108,18 @@ def test_presets_expose_the_edm_protocol():
         assert (p.sigma_min, p.sigma_max, p.label_dim) == (D.sigma_min, D.sigma_max, 0)
 
 
+def test_a_float32_net_runs_in_float32_under_float64_inputs_as_edm_samplers_give():
+    net = Inner(seed=9).float()
+    D = Denoiser.edm(net)
+    x = torch.randn(len(SIGMAS), 2, 4, 4, dtype=F64) * SIGMAS.reshape(-1, 1, 1, 1)
+    out = D(x, SIGMAS)
+    assert out.dtype == F64 and net.seen["x"].dtype == torch.float32
+    s = SIGMAS.reshape(-1, 1, 1, 1)
+    c_skip, c_out, c_in, c_noise = table1("edm", s)
+    F = net((c_in * x).float(), c_noise.flatten().float()).double()
+    torch.testing.assert_close(out, c_skip * x + c_out * F, rtol=1e-12, atol=1e-12)
+
+
 def test_labels_reach_an_edm_net_one_hot_from_indices_or_rows():
     net = Inner(label_dim=3, seed=5)
     D = Denoiser.edm(net, label_dim=3)

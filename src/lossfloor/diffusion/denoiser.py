@@ -190,15 +190,20 @@ class Denoiser(torch.nn.Module):
     ) -> Tensor:
         """x̂0 for x = x0 + σ̃·ε; σ̃ a float, [N] or [N, 1, …, 1]. Output has x's dtype.
 
-        c_noise is passed flat ([N]) in float32 (float64 when x is float64). ``labels``: class
+        The net runs in its weights' dtype (x's for a net without weights), as EDM's
+        preconditioners run theirs in float32 whatever x is; the coefficients and the output are
+        in x's dtype. c_noise is passed flat ([N]) in float32 (float64 for a float64 net or
+        input). ``labels``: class
         indices or one-hot rows (converted to what the net takes); ``augment_labels`` (EDM's
         augmentation conditioning) reach the net as a keyword when given.
         """
         sigma_ve, t, alpha = self._point(x, sigma)
         x_t = alpha.to(x.dtype) * x
         x_in = edm_c_in(sigma_ve, self.sigma_data).to(x.dtype) * x if self.scale_input else x_t
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        x_in = x_in if weight is None else x_in.to(weight.dtype)
         c_noise = self.target.c_noise(t, self.process).reshape(-1)
-        c_noise = c_noise.to(torch.promote_types(x.dtype, torch.float32))
+        c_noise = c_noise.to(torch.promote_types(x_in.dtype, torch.float32))
         y = labels_for(labels, x.shape[0], self.label_dim, self.one_hot, x_in.dtype)
         if y is not None:
             y = y.to(x.device)
