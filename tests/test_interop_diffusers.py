@@ -184,3 +184,27 @@ def test_unsupported_models_are_one_line_errors_naming_the_problem(tmp_path, dig
     for path, message in cases:
         with pytest.raises(UserError, match=message):
             load_model(str(path), digits)
+
+
+def test_cli_samples_and_diagnoses_a_class_conditional_pipeline(tmp_path, capsys):
+    import numpy as np
+
+    import lossfloor.cli
+
+    path = save(tmp_path / "m", tiny_unet(seed=7, num_class_embeds=10), diffusers.DDPMScheduler())
+    npz, out = tmp_path / "s.npz", tmp_path / "d.json"
+    argv = ["sample", "--model", str(path), "--n", "3", "--steps", "3", "--labels", "4,7",
+            "--churn", "5", "--no-progress", "--out-npz", str(npz)]  # fmt: skip
+    assert lossfloor.cli.main(argv) == 0
+    with np.load(npz) as f:
+        meta = json.loads(str(f["meta"]))
+        assert f["x"].shape == (3, 1, 8, 8) and f["y"].tolist() == [4, 7, 4]
+    # the range of DDPM's linear table is [σ̃(0), σ̃(999)] ≈ [0.01, 157]: the sampler's 80 → 0.01
+    ab = diffusers.DDPMScheduler().alphas_cumprod[0].double()
+    assert meta["sigma_min"] == pytest.approx(float(((1 - ab) / ab).sqrt()), rel=1e-9)
+    assert meta["sigma_max"] == 80.0 and meta["churn"]["S_churn"] == 5.0
+    argv = ["diagnose", "--model", str(path), "--data", "digits", "--limit", "40", "--sigmas",
+            "0.5,5", "--outer", "16", "--no-cache", "--quiet", "--out", str(out)]  # fmt: skip
+    assert lossfloor.cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"]["conditional"] and result["model"]["num_classes"] == 10
