@@ -48,27 +48,56 @@ def table1(kind: str, sigma: torch.Tensor, sigma_data: float = 0.5, M: int = 100
         beta_d, beta_min = 19.9, 0.1
         t = ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
         return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (M - 1) * t
+    if kind == "iddpm":  # c_noise = M − 1 − (index of the nearest level)
+        u = iddpm_u(M)
+        j = (sigma.reshape(-1, 1) - u.reshape(1, -1)).abs().argmin(1).reshape(sigma.shape)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (M - 1 - j).to(F64)
     assert kind == "ve"
     return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+
+def iddpm_u(M=1000, C_1=0.001, C_2=0.008):
+    """EDM's iDDPMPrecond levels: u_M = 0, u_{j−1} = √((u_j² + 1)/max(ᾱ_{j−1}/ᾱ_j, C_1) − 1),
+    ᾱ_j = sin²(½π j/M/(C_2 + 1)), written out in float64."""
+    u = torch.zeros(M + 1, dtype=F64)
+    alpha_bar = lambda j: math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2  # noqa: E731
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return u
+
+
+class WithVariance(torch.nn.Module):
+    """A random net with 2C outputs: a mean half and a (learned-variance) half."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.mean, self.var = Inner(seed=seed), Inner(seed=seed + 100)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        args = (x, noise_labels, class_labels, augment_labels)
+        return torch.cat([self.mean(*args), 5 * self.var(*args)], dim=1)
 
 
 def published(kind, net, x, sigma, labels=None, augment=None, **kw):
     """D = c_skip·x + c_out·F(c_in·x, c_noise) with Table 1's coefficients."""
     s = sigma.reshape(-1, 1, 1, 1)
     c_skip, c_out, c_in, c_noise = table1(kind, s, **kw)
-    return c_skip * x + c_out * net(c_in * x, c_noise.flatten(), labels, augment)
+    F = net(c_in * x, c_noise.flatten(), labels, augment)[:, : x.shape[1]]  # iDDPM: F[:, :C]
+    return c_skip * x + c_out * F
 
 
 PRESETS = {
     "edm": lambda net, **kw: Denoiser.edm(net, **kw),
     "vp": lambda net, **kw: Denoiser.vp(net, **kw),
     "ve": lambda net, **kw: Denoiser.ve(net, **kw),
+    "iddpm": lambda net, **kw: Denoiser.iddpm(net, **kw),
 }
 
 
-@pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve", "iddpm"])
 def test_presets_equal_edm_preconditioning(kind):
-    net = Inner(seed={"edm": 1, "vp": 2, "ve": 3}[kind])
+    seed = {"edm": 1, "vp": 2, "ve": 3, "iddpm": 4}[kind]
+    net = WithVariance(seed) if kind == "iddpm" else Inner(seed=seed)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(len(SIGMAS), 2, 4, 4, generator=g, dtype=F64) * 2 - 1
     x = x0 + SIGMAS.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g, dtype=F64)
@@ -93,6 +122,20 @@ def test_vp_preset_takes_edm_parameters_m_and_epsilon_t():
     vp_sigma = lambda t: math.sqrt(math.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1)  # noqa: E731
     assert D.sigma_min == pytest.approx(vp_sigma(1e-3), rel=1e-12)
     assert D.sigma_max == pytest.approx(vp_sigma(1.0), rel=1e-12)
+
+
+def test_iddpm_preset_rounds_to_its_levels_and_samples_on_them():
+    from lossfloor.sampling import sampling_sigmas
+
+    u = iddpm_u()
+    D = Denoiser.iddpm(WithVariance(seed=5))
+    assert (D.sigma_min, D.sigma_max) == (float(u[999]), float(u[0]))
+    s = torch.tensor([0.05, 1.0, 30.0], dtype=F64)
+    nearest = u[(s[:, None] - u[None]).abs().argmin(1)]
+    assert torch.equal(D.round_sigma(s), nearest)
+    assert D.round_sigma(s.float()).dtype == torch.float32
+    levels = sampling_sigmas(D, 8)[:-1]  # 80 → max(0.002, u_999), every level one of u
+    assert bool(torch.isin(levels, u).all()) and float(levels[-1]) == D.sigma_min
 
 
 def test_presets_expose_the_edm_protocol():

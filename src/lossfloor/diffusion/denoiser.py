@@ -35,7 +35,7 @@ from lossfloor.diffusion.processes import (
 from lossfloor.diffusion.targets import EDMF, Target, edm_c_in, get_target
 from lossfloor.errors import ParameterError, UserError
 
-__all__ = ["Denoiser", "Protocol", "as_denoiser", "as_sigma", "read_protocol"]
+__all__ = ["Denoiser", "Protocol", "as_denoiser", "as_sigma", "iddpm_levels", "read_protocol"]
 
 Backbone = Callable[..., Tensor]
 DenoiserFn = Callable[..., Tensor]
@@ -76,6 +76,54 @@ def labels_for(labels: Tensor | None, n: int, label_dim: int, one_hot: bool, dty
     return torch.nn.functional.one_hot(labels, label_dim).to(dtype) if one_hot else labels
 
 
+def iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+    """iDDPM's M + 1 noise levels as EDM's iDDPMPrecond defines them (float64, decreasing):
+    u_M = 0, u_{j−1} = √((u_j² + 1)/max(ᾱ(j−1)/ᾱ(j), C_1) − 1), ᾱ(j) = sin²(½π·j/(M(C_2 + 1)))."""
+    if not (isinstance(M, int) and M >= 2):
+        raise ParameterError("M", M, "must be an integer >= 2")
+    if not (0 < C_1 <= 1 and 0 <= C_2 < math.inf):
+        raise ParameterError("C_1", C_1, f"need 0 < C_1 <= 1 and C_2 >= 0 (C_2 = {C_2})")
+    alpha_bar = [math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2 for j in range(M + 1)]
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar[j - 1] / alpha_bar[j], C_1) - 1)
+    return torch.tensor(u, dtype=torch.float64)
+
+
+class _NearestLevel:
+    """A discrete model's levels u (decreasing): the index j(σ) = argmin_j |σ − u_j| (the first
+    on a tie), c_noise = M − 1 − j(σ) and round_sigma(σ) = u_{j(σ)}, as EDM's iDDPMPrecond."""
+
+    def __init__(self, levels: Tensor) -> None:
+        self.levels = levels
+        self.M = levels.numel() - 1
+
+    def index(self, sigma: TensorLike) -> Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        return (s[..., None] - self.levels.to(s.device)).abs().argmin(-1)
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return (self.M - 1 - self.index(sigma)).to(torch.float64)
+
+    def round(self, sigma: TensorLike) -> Tensor:
+        s = torch.as_tensor(sigma)
+        dtype = s.dtype if s.is_floating_point() else torch.float64
+        return self.levels.to(s.device)[self.index(s)].to(dtype)
+
+
+class _MeanChannels(torch.nn.Module):
+    """The first C of a net's 2C output channels (mean; the other C are its learned variance)."""
+
+    def __init__(self, net: Backbone) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:  # fmt: skip
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        return self.net(x_in, c_noise, labels, **extra)[:, : x_in.shape[1]]
+
+
 class Denoiser(torch.nn.Module):
     """D(x, σ, labels) = target.to_x0(net(c_in·x_t, c_noise, labels), x_t, t), x_t = α(t(σ))·x.
 
@@ -83,8 +131,10 @@ class Denoiser(torch.nn.Module):
     ``target`` are objects or names. ``scale_input=False`` feeds x_t unscaled. For target F,
     ``sigma_data`` must equal the target's. ``sigma_min``/``sigma_max``: the σ range the model
     supports (default the process's σ̃(t_min)…σ̃(t_max)); ``label_dim``: its number of classes
-    (0: unconditional), ``one_hot``: whether the net takes one-hot rows instead of indices.
-    To port EDM's networks use the presets ``Denoiser.edm``, ``.vp`` and ``.ve``.
+    (0: unconditional), ``one_hot``: whether the net takes one-hot rows instead of indices;
+    ``c_noise``: a function of σ̃ replacing the target's noise conditioning; ``round_sigma``: the
+    levels of a discrete model (default σ itself). To port EDM's networks use the presets
+    ``Denoiser.edm``, ``.vp``, ``.ve`` and ``.iddpm``.
     """
 
     def __init__(
@@ -99,6 +149,8 @@ class Denoiser(torch.nn.Module):
         sigma_max: float | None = None,
         label_dim: int = 0,
         one_hot: bool = False,
+        c_noise: Callable[[Tensor], Tensor] | None = None,
+        round_sigma: Callable[[TensorLike], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not 0 < sigma_data < math.inf:
@@ -124,6 +176,7 @@ class Denoiser(torch.nn.Module):
             raise ParameterError("label_dim", label_dim, "must be an integer >= 0")
         self.label_dim, self.one_hot = label_dim, bool(one_hot)
         self._net_takes_augment = _takes_keyword(net, "augment_labels")
+        self._c_noise, self._round_sigma = c_noise, round_sigma or _identity_sigma
 
     @classmethod
     def edm(
@@ -171,9 +224,30 @@ class Denoiser(torch.nn.Module):
                    sigma_min=sigma_min, sigma_max=sigma_max, label_dim=label_dim, one_hot=True,
                    **kwargs)  # fmt: skip
 
+    @classmethod
+    def iddpm(
+        cls,
+        net: Backbone,
+        C_1: float = 0.001,
+        C_2: float = 0.008,
+        M: int = 1000,
+        label_dim: int = 0,
+        **kwargs: Any,
+    ) -> Denoiser:
+        """EDM's iDDPMPrecond: D = x − σ·F(x/√(σ² + 1), M − 1 − j(σ), labels)[:, :C], j(σ) the
+        nearest of iDDPM's levels u (``iddpm_levels``); round_sigma(σ) = u_j; σ ∈ [u_{M−1}, u_0].
+        ``net`` outputs 2C channels (mean, learned variance); the variance half is dropped."""
+        levels = _NearestLevel(iddpm_levels(M, C_1, C_2))
+        u = levels.levels
+        return cls(_MeanChannels(net), VPEDM(), "eps", scale_input=False,
+                   sigma_min=float(u[M - 1]), sigma_max=float(u[0]), label_dim=label_dim,
+                   one_hot=True, c_noise=levels.c_noise, round_sigma=levels.round,
+                   **kwargs)  # fmt: skip
+
     def round_sigma(self, sigma: TensorLike) -> Tensor:
-        """EDM's protocol: the σ the model is evaluated at (σ itself: continuous models)."""
-        return _identity_sigma(sigma)
+        """EDM's protocol: the σ the model is evaluated at (σ itself for continuous models, the
+        nearest level for discrete ones)."""
+        return self._round_sigma(sigma)
 
     def _point(self, x: Tensor, sigma: TensorLike) -> tuple[Tensor, Tensor, Tensor]:
         """(σ̃, t, α) in float64, each shaped [N, 1, …, 1]."""
@@ -202,8 +276,8 @@ class Denoiser(torch.nn.Module):
         x_in = edm_c_in(sigma_ve, self.sigma_data).to(x.dtype) * x if self.scale_input else x_t
         weight = next((p for p in self.parameters() if p.is_floating_point()), None)
         x_in = x_in if weight is None else x_in.to(weight.dtype)
-        c_noise = self.target.c_noise(t, self.process).reshape(-1)
-        c_noise = c_noise.to(torch.promote_types(x_in.dtype, torch.float32))
+        c_noise = self._c_noise(sigma_ve) if self._c_noise else self.target.c_noise(t, self.process)
+        c_noise = c_noise.reshape(-1).to(torch.promote_types(x_in.dtype, torch.float32))
         y = labels_for(labels, x.shape[0], self.label_dim, self.one_hot, x_in.dtype)
         if y is not None:
             y = y.to(x.device)
