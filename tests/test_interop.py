@@ -136,6 +136,13 @@ def test_iddpm_preset_rounds_to_its_levels_and_samples_on_them():
     assert D.round_sigma(s.float()).dtype == torch.float32
     levels = sampling_sigmas(D, 8)[:-1]  # 80 → max(0.002, u_999), every level one of u
     assert bool(torch.isin(levels, u).all()) and float(levels[-1]) == D.sigma_min
+    given = u.float() * 1.01  # a pickle's own (float32) levels are used as given
+    D = Denoiser.iddpm(WithVariance(seed=5), levels=given)
+    g64 = given.double()
+    assert D.sigma_min == float(given[999])
+    assert torch.equal(D.round_sigma(s), g64[(s[:, None] - g64).abs().argmin(1)])
+    with pytest.raises(UserError, match="1001 decreasing levels"):
+        Denoiser.iddpm(WithVariance(seed=5), levels=u[:10])
 
 
 def test_presets_expose_the_edm_protocol():

@@ -232,13 +232,17 @@ class Denoiser(torch.nn.Module):
         C_2: float = 0.008,
         M: int = 1000,
         label_dim: int = 0,
+        levels: Tensor | None = None,
         **kwargs: Any,
     ) -> Denoiser:
         """EDM's iDDPMPrecond: D = x − σ·F(x/√(σ² + 1), M − 1 − j(σ), labels)[:, :C], j(σ) the
         nearest of iDDPM's levels u (``iddpm_levels``); round_sigma(σ) = u_j; σ ∈ [u_{M−1}, u_0].
-        ``net`` outputs 2C channels (mean, learned variance); the variance half is dropped."""
-        levels = _NearestLevel(iddpm_levels(M, C_1, C_2))
-        u = levels.levels
+        ``net`` outputs 2C channels (mean, learned variance); the variance half is dropped.
+        ``levels``: the M + 1 levels to use instead (e.g. an EDM pickle's float32 ``u``)."""
+        u = iddpm_levels(M, C_1, C_2) if levels is None else torch.as_tensor(levels).double()
+        if u.shape != (M + 1,) or not bool((u[1:] < u[:-1]).all()):
+            raise ParameterError("levels", tuple(u.shape), f"need {M + 1} decreasing levels")
+        levels = _NearestLevel(u.cpu())
         return cls(_MeanChannels(net), VPEDM(), "eps", scale_input=False,
                    sigma_min=float(u[M - 1]), sigma_max=float(u[0]), label_dim=label_dim,
                    one_hot=True, c_noise=levels.c_noise, round_sigma=levels.round,
