@@ -229,7 +229,8 @@ def diagnose(
     from tqdm.auto import tqdm
 
     check_sigmas(sigmas)
-    lo, hi = (p := read_protocol(model)).sigma_min, p.sigma_max
+    protocol = read_protocol(model)
+    lo, hi = protocol.sigma_min, protocol.sigma_max
     outside = [s for s in sigmas if not lo <= s <= hi]
     if outside:
         raise ParameterError("sigmas", outside[0], f"outside the model's range [{lo:g}, {hi:g}]")

@@ -56,7 +56,9 @@ def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def labels_for(labels: Tensor | None, n: int, label_dim: int, one_hot: bool, dtype: torch.dtype):
+def labels_for(
+    labels: Tensor | None, n: int, label_dim: int, one_hot: bool, dtype: torch.dtype
+) -> Tensor | None:
     """Class labels in the form a net takes: one-hot rows of ``label_dim`` (``one_hot``) or
     integer indices. Integer labels become one-hot rows and one-hot rows become indices as
     needed; a one-hot net gets zero rows for ``None`` (EDM's unconditional input)."""
