@@ -113,7 +113,7 @@ def test_ve_and_edm_have_unit_alpha_and_sigma_equal_t():
         assert torch.equal(p.alpha(t), torch.ones_like(t))
         assert torch.equal(p.sigma(t), t) and torch.equal(p.sigma_ve(t), t)
         assert torch.equal(p.t_of_sigma_ve(t), t)
-    assert (VE().t_min, VE().t_max, EDM().t_min, EDM().t_max) == (0.01, 50.0, 0.002, 80.0)
+    assert (VE().t_min, VE().t_max, EDM().t_min, EDM().t_max) == (0.02, 100.0, 0.002, 80.0)
 
 
 def test_c_noise_conventions():

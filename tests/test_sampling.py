@@ -112,6 +112,33 @@ def test_heun_is_second_order_and_euler_first_order_on_a_gaussian():
     assert heun[-1] < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deterministic_heun_is_unchanged(dtype):
+    """The loop before churn and callbacks existed, written out: same x_T, same levels, D in
+    x's dtype ⇒ bitwise the same samples."""
+    g = torch.Generator().manual_seed(2)
+    points = (torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    D = optimal_denoiser(points)
+    x = x_T = (80 * torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)).to(dtype)
+    sigmas = karras_sigmas(7).tolist()
+    for cur, nxt in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = (x - D(x, torch.full((4,), cur, dtype=dtype))) / cur
+        x_next = x + (nxt - cur) * d
+        if nxt != 0:
+            d2 = (x_next - D(x_next, torch.full((4,), nxt, dtype=dtype))) / nxt
+            x_next = x + (nxt - cur) * 0.5 * (d + d2)
+        x = x_next
+    assert torch.equal(sample_heun(D, x_T, karras_sigmas(7)), x)
+
+
+def test_edm_latents_are_per_seed_float32_normals():
+    # EDM's generate.py: torch.Generator(device).manual_seed(seed % 2**32), randn([C, H, W])
+    x_T = initial_noise([4, 2**32 + 9], (1, 3, 3), 80.0)
+    for k, seed in enumerate([4, 9]):
+        z = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(seed))
+        assert z.dtype == torch.float32 and torch.equal(x_T[k], z.double() * 80.0)
+
+
 def test_samples_do_not_depend_on_the_batch_size():
     m = torch.zeros(1, 1, 3, 3)
     shape, seeds = (1, 3, 3), list(range(10, 17))
@@ -166,7 +193,7 @@ def test_sample_cli_bad_inputs_are_one_line_errors(conditional_run, tmp_path, mo
     out = ["--out-grid", str(tmp_path / "g.png")]
     base = ["sample", "--run", str(conditional_run), "--n", "2"]
     cases = [
-        ([*base, *out, "--labels", "12"], "not a class of this run"),
+        ([*base, *out, "--labels", "12"], "not a class of this model"),
         ([*base, *out, "--labels", "a,b"], "comma-separated integers"),
         (base, "give --out-grid"),
         (["sample", "--run", str(tmp_path / "none"), "--n", "2", *out], "not found"),

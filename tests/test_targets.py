@@ -65,6 +65,8 @@ def true_target(name, x0, eps, t, p):
         return eps
     if name == "score":
         return -eps / sigma
+    if name == "sigma-score":  # σ·score: EDM's VEPrecond output
+        return -eps
     if name == "velocity":
         return p.alpha_dot(t)[:, None] * x0 + p.sigma_dot(t)[:, None] * eps
     if name == "v":
@@ -84,6 +86,7 @@ def expected_factor(name, t, p):
         "x0": torch.ones_like(t),
         "eps": alpha**2 / sigma**2,
         "score": alpha**2 / sigma**4,
+        "sigma-score": alpha**2 / sigma**2,
         "velocity": (p.alpha_dot(t) - p.sigma_dot(t) * alpha / sigma) ** 2,
         "v": (alpha**2 / sigma + sigma) ** 2,
         "F": (s**2 + SIGMA_DATA**2) / (s * SIGMA_DATA) ** 2,

@@ -21,6 +21,7 @@ import torch
 
 from lossfloor import __version__
 from lossfloor.data import Dataset
+from lossfloor.diffusion.denoiser import as_denoiser, read_protocol
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal import Full
@@ -221,12 +222,18 @@ def diagnose(
 ) -> Diagnosis:
     """Per σ: model loss, optimal loss, the paired gap and its standard error (per element, x0
     units; also in the model's target units when it is a lossfloor Denoiser). ``model_info``
-    is recorded as the diagnosis' ``model``. With ``cache``, J*'s per-sample values are read
-    from (or written to) ``lossfloor.optimal.cache``.
+    is recorded as the diagnosis' ``model``. σ outside the model's declared range
+    (``sigma_min``/``sigma_max`` of EDM's protocol, ``read_protocol``) is refused. With
+    ``cache``, J*'s per-sample values are read from (or written to) ``lossfloor.optimal.cache``.
     """
     from tqdm.auto import tqdm
 
     check_sigmas(sigmas)
+    protocol = read_protocol(model)
+    lo, hi = protocol.sigma_min, protocol.sigma_max
+    outside = [s for s in sigmas if not lo <= s <= hi]
+    if outside:
+        raise ParameterError("sigmas", outside[0], f"outside the model's range [{lo:g}, {hi:g}]")
     if not batch >= 1:
         raise ParameterError("batch", batch, "must be ≥ 1")
     device = torch.device(device)
@@ -280,7 +287,9 @@ def _gap_point(
     opt = optimal_per_sample_loss(plan, pools, sigma, cache)
     if not torch.isfinite(opt).all():
         raise ParameterError("sigmas", sigma, "J* overflows at this σ for this data's scale")
-    mod = model_per_sample_loss(model, dataset, plan, sigma, batch, pools.device, labels)
+    mod = model_per_sample_loss(
+        as_denoiser(model), dataset, plan, sigma, batch, pools.device, labels
+    )
     if not torch.isfinite(mod).all():
         raise UserError(f"the model's output is not finite at σ = {sigma:g}")
     (jm, jm_se), (jo, jo_se) = mean_and_stderr(mod), mean_and_stderr(opt)

@@ -1,13 +1,19 @@
 """The one place that turns a path or a name into a denoiser.
 
 ``load_model(spec, dataset)`` takes ``optimal`` (the dataset's exact posterior mean), a lossfloor
-run directory or checkpoint (``load_run``), or a locally saved diffusers UNet2DModel +
-DDPMScheduler (``load_diffusers_pipeline``). ``diagnose``, ``sample``, ``fid`` and the trainer's
-resume all go through here.
+run directory or checkpoint (``load_run``), a locally saved diffusers UNet2DModel with its
+scheduler (``load_diffusers``), or ``python:MODULE:CALLABLE``, a factory returning any
+object with EDM's denoiser protocol (``load_python_model``). ``diagnose``, ``sample`` and the
+trainer's resume go through here.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,7 @@ from typing import Any
 import torch
 
 from lossfloor.data import Dataset
-from lossfloor.diffusion.denoiser import Denoiser
+from lossfloor.diffusion.denoiser import Denoiser, read_protocol
 from lossfloor.errors import UserError
 
 Tensor = torch.Tensor
@@ -85,67 +91,264 @@ def load_run(
             f"{path}: its weights do not fit the model its config describes ({first})"
         ) from None
 
-    denoiser = Denoiser(net, config["process"], config["target"], config["train"]["sigma_data"])
+    num_classes = config["model"].get("num_classes") or 0
+    denoiser = Denoiser(net, config["process"], config["target"], config["train"]["sigma_data"],
+                        label_dim=num_classes)  # fmt: skip
     return denoiser.to(device).eval().requires_grad_(False), config
 
 
+PREDICTION_TARGETS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+"""diffusers' ``prediction_type`` → lossfloor's target (v: Salimans–Ho, diffusers' get_velocity)."""
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable JSON config ({type(exc).__name__})") from None
+
+
+def _diffusers_dirs(root: Path) -> tuple[Path, Path]:
+    """(UNet folder, scheduler folder) of a saved pipeline (unet/, scheduler/) or of a UNet saved
+    alone with a scheduler_config.json beside its config.json."""
+    unet_dir = root / "unet" if (root / "unet").is_dir() else root
+    sched_dir = next(
+        (
+            d
+            for d in (root / "scheduler", root, unet_dir)
+            if (d / "scheduler_config.json").is_file()
+        ),
+        None,
+    )
+    if not (unet_dir / "config.json").is_file():
+        raise UserError(f"{root}: no UNet config.json (in {root} or {root / 'unet'})")
+    if sched_dir is None:
+        raise UserError(
+            f"{root}: no scheduler_config.json beside the UNet or in {root / 'scheduler'}; "
+            f"save the training scheduler there with scheduler.save_pretrained({str(root)!r})"
+        )
+    return unet_dir, sched_dir
+
+
 def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu") -> Denoiser:
-    """A locally saved diffusers UNet2DModel + DDPMScheduler (``save_pretrained``) as a Denoiser:
-    ε-prediction on the scheduler's discrete VP process, timesteps as the noise input."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """The Denoiser of ``load_diffusers`` (without its description)."""
+    return load_diffusers(path, device)[0]
+
+
+def load_diffusers(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Denoiser, dict[str, Any]]:
+    """A locally saved diffusers UNet2DModel and the scheduler it was trained with, as a
+    Denoiser on the scheduler's discrete VP process (timesteps as the noise input), and its
+    description (image shape, classes, prediction type, timesteps used).
+
+    Any scheduler with ``alphas_cumprod`` (DDPM, DDIM, Euler, DPM-Solver, …); a zero-terminal-SNR
+    table (ᾱ = 0, σ̃ = ∞ at the end) is restricted to its timesteps with ᾱ > 0 (the σ range
+    ends at the last finite σ̃; ``timesteps_dropped`` says how many were cut). prediction_type
+    epsilon / v_prediction / sample → target eps / v / x0. A class-conditional UNet
+    (``num_class_embeds``) takes integer labels; a learned-variance UNet (2C outputs,
+    variance_type learned or learned_range) has its variance channels split off as diffusers'
+    pipelines do. Anything else is a one-line error naming it.
+    """
+    import diffusers
+    from diffusers import UNet2DModel
 
     from lossfloor.diffusion import VPDiscrete
 
     root = Path(path)
-    unet_dir = root / "unet" if (root / "unet").is_dir() else root
-    sched_dir = root / "scheduler" if (root / "scheduler").is_dir() else root
+    unet_dir, sched_dir = _diffusers_dirs(root)
+    unet_class = _json(unet_dir / "config.json").get("_class_name")
+    if unet_class != "UNet2DModel":
+        raise UserError(f"{unet_dir}: a {unet_class} is not supported (only UNet2DModel)")
+    sched_class = _json(sched_dir / "scheduler_config.json").get("_class_name")
+    scheduler_cls = getattr(diffusers, str(sched_class), None)
+    if scheduler_cls is None:
+        raise UserError(f"{sched_dir}: unknown scheduler class {sched_class!r}")
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
+        scheduler = scheduler_cls.from_pretrained(sched_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{root}: cannot load the UNet or the scheduler ({first})") from None
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
+    ac = torch.as_tensor(ac, dtype=torch.float64)
+    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
+    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
+    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
+    kept = int(torch.cumprod(ok.long(), 0).sum())
+    if kept < 2:
+        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TARGETS:
+        raise UserError(f"{sched_dir}: prediction_type {prediction!r} is not supported "
+                        f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
+    cfg = unet.config
+    channels, out_channels = cfg.in_channels, cfg.out_channels
+    variance = scheduler.config.get("variance_type")
+    split = out_channels == 2 * channels and variance in ("learned", "learned_range")
+    if out_channels != channels and not split:
         raise UserError(
-            f"{root} is not a saved diffusers UNet2DModel + DDPMScheduler: {exc}"
-        ) from None
-    if scheduler.config.prediction_type != "epsilon":
-        raise UserError(
-            f"{root}: prediction_type {scheduler.config.prediction_type!r}; "
-            "only epsilon is supported"
+            f"{unet_dir}: the UNet has {out_channels} output channels for {channels} input "
+            f"channels and variance_type {variance!r}; supported: equal counts, or twice as many "
+            "with variance_type learned or learned_range"
         )
+    if cfg.class_embed_type is not None and cfg.num_class_embeds is None:
+        raise UserError(f"{unet_dir}: class_embed_type {cfg.class_embed_type!r} is not "
+                        "supported (only num_class_embeds class labels)")  # fmt: skip
+    num_classes = cfg.num_class_embeds or 0
 
     def net(x_in: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        if num_classes and labels is None:
+            raise UserError(f"{root}: the UNet is class-conditional; it needs class labels")
         t = c_noise.reshape(-1).expand(x_in.shape[0])
-        return unet(x_in, t, class_labels=labels).sample
+        out = unet(x_in, t, class_labels=labels).sample
+        return out[:, :channels] if split else out
 
-    process = VPDiscrete(scheduler.alphas_cumprod.double())
-    denoiser = Denoiser(net, process, "eps", scale_input=False)
+    denoiser = Denoiser(net, VPDiscrete(ac[:kept]), PREDICTION_TARGETS[prediction],
+                        scale_input=False, label_dim=num_classes)  # fmt: skip
     denoiser.unet = unet  # registers the weights with the Module (device moves, eval)
-    return denoiser.to(device).eval().requires_grad_(False)
+    size = cfg.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    info = {
+        "kind": "diffusers",
+        "path": str(root),
+        "scheduler": sched_class,
+        "prediction_type": prediction,
+        "timesteps": kept,
+        "timesteps_dropped": int(ac.numel()) - kept,
+        "image_shape": [channels, height, width],
+        "num_classes": num_classes or None,
+        "conditional": num_classes > 0,
+    }
+    return denoiser.to(device).eval().requires_grad_(False), info
+
+
+PYTHON_PREFIX = "python:"
+
+
+def _image_shape(model: Any) -> list[int] | None:
+    """The C×H×W image shape a model declares: EDM's img_channels/img_resolution, or the
+    config of a lossfloor backbone (``model.net.config``); None if it declares none."""
+    if hasattr(model, "img_channels") and hasattr(model, "img_resolution"):
+        res = int(model.img_resolution)
+        return [int(model.img_channels), res, res]
+    config = getattr(getattr(model, "net", None), "config", None)
+    if isinstance(config, dict) and "image_shape" in config:
+        return list(config["image_shape"])
+    return None
+
+
+def load_python_model(
+    spec: str, device: str | torch.device = "cpu"
+) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+    """``python:MODULE:CALLABLE``: import MODULE (from sys.path and the current directory), call
+    CALLABLE() and return what it returns — any object with EDM's denoiser protocol (callable as
+    D(x, sigma, class_labels), with sigma_min and sigma_max; see ``read_protocol``) — moved to
+    ``device`` in eval mode, with its description."""
+    module_name, _, attr = spec.removeprefix(PYTHON_PREFIX).partition(":")
+    if not module_name or not attr:
+        raise UserError(f"model {spec!r}: expected python:MODULE:CALLABLE (e.g. python:mine:make)")
+    cwd, added = os.getcwd(), os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise UserError(f"model {spec}: no module named {exc.name!r} (looked on sys.path "
+                            f"and in {cwd})") from None  # fmt: skip
+        except Exception as exc:  # the user's module failed: say how, in one line
+            raise UserError(f"model {spec}: importing {module_name} failed "
+                            f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+        try:
+            factory = functools.reduce(getattr, attr.split("."), module)
+        except AttributeError:
+            raise UserError(f"model {spec}: {module_name} has no attribute {attr!r}") from None
+        if not callable(factory):
+            raise UserError(f"model {spec}: {attr} is not callable")
+        try:
+            model = factory()
+        except Exception as exc:  # the user's factory failed: say how, in one line
+            raise UserError(f"model {spec}: {attr}() raised {type(exc).__name__}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    protocol = read_protocol(model, strict=True)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device).eval().requires_grad_(False)
+    info = {
+        "kind": "python",
+        "spec": spec,
+        "class": type(model).__name__,
+        "sigma_range": [protocol.sigma_min, protocol.sigma_max],
+        "image_shape": _image_shape(model),
+        "num_classes": protocol.label_dim or None,
+        "conditional": protocol.label_dim > 0,
+    }
+    return model, info
 
 
 def _is_diffusers_pipeline(path: Path) -> bool:
-    return (
-        (path / "model_index.json").is_file()
-        or (path / "scheduler").is_dir()
-        or (path / "scheduler_config.json").is_file()
-    )
+    if (path / "model_index.json").is_file() or (path / "scheduler").is_dir():
+        return True
+    config = path / "config.json"
+    return config.is_file() and _json(config).get("_class_name") == "UNet2DModel"
+
+
+def check_model_data(info: dict[str, Any], dataset: Dataset) -> None:
+    """UserError unless ``dataset`` has the image shape the model declares (if it declares one)
+    and the labels a class-conditional model needs, within its classes."""
+    shape = info.get("image_shape")
+    if shape is not None and tuple(dataset.shape) != tuple(shape):
+        raise UserError(
+            f"the model takes {'×'.join(map(str, shape))} images but {dataset.name} holds "
+            f"{'×'.join(map(str, dataset.shape))} items; use data of the model's shape"
+        )
+    if info.get("conditional"):
+        if dataset.labels is None:
+            raise UserError(f"the model is class-conditional but {dataset.name} has no labels")
+        classes = info.get("num_classes")
+        if classes and int(dataset.labels.max()) >= classes:
+            raise UserError(f"{dataset.name} has labels up to {int(dataset.labels.max())} but "
+                            f"the model knows {classes} classes")  # fmt: skip
 
 
 def load_model(
-    spec: str, dataset: Dataset, device: str | torch.device = "cpu", ema: bool = True
+    spec: str, dataset: Dataset | None, device: str | torch.device = "cpu", ema: bool = True
 ) -> tuple[DenoiserFn, dict[str, Any]]:
-    """``optimal`` | a lossfloor run directory or checkpoint | a saved diffusers pipeline, as
-    (denoiser, description); a run is checked against ``dataset``'s shape and labels."""
+    """``optimal`` | ``python:MODULE:CALLABLE`` | a lossfloor run directory or checkpoint | a
+    saved diffusers pipeline or UNet, as (denoiser, description); the description holds
+    ``image_shape``, ``num_classes`` and ``conditional`` where known. Given a ``dataset``, the
+    model is checked against its shape and labels (``optimal`` needs one)."""
     if spec == "optimal":
+        if dataset is None:
+            raise UserError("model 'optimal' is the posterior mean of a dataset; give the data")
         from lossfloor.optimal import OptimalDenoiser
 
-        return OptimalDenoiser(dataset), {"kind": "optimal", "conditional": False}
-    path = Path(spec)
-    if not path.exists():
-        raise UserError(f"model not found: {spec} (a run directory, checkpoint, or 'optimal')")
-    if _is_diffusers_pipeline(path):
-        return load_diffusers_pipeline(path, device), {"kind": "diffusers", "path": str(path)}
-    denoiser, config = load_run(path, ema=ema, device=device)
-    check_compatible(config, dataset)
-    conditional = config["model"].get("num_classes") is not None
-    return denoiser, {"kind": "lossfloor-run", "path": str(path), "ema": ema,
-                      "conditional": conditional, "config": config}  # fmt: skip
+        return OptimalDenoiser(dataset), {"kind": "optimal", "conditional": False,
+                                          "image_shape": list(dataset.shape)}  # fmt: skip
+    if spec.startswith(PYTHON_PREFIX):
+        model, info = load_python_model(spec, device)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise UserError(
+                f"model not found: {spec} (a run directory, checkpoint, saved diffusers "
+                "pipeline or UNet, python:MODULE:CALLABLE, or 'optimal')"
+            )
+        if _is_diffusers_pipeline(path):
+            model, info = load_diffusers(path, device)
+        else:
+            model, config = load_run(path, ema=ema, device=device)
+            if dataset is not None:
+                check_compatible(config, dataset)
+            num_classes = config["model"].get("num_classes")
+            info = {"kind": "lossfloor-run", "path": str(path), "ema": ema,
+                    "image_shape": list(config["model"]["image_shape"]),
+                    "num_classes": num_classes, "conditional": num_classes is not None,
+                    "config": config}  # fmt: skip
+    if dataset is not None:
+        check_model_data(info, dataset)
+    return model, info

@@ -1,25 +1,37 @@
-"""Deterministic samplers of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ in VE coordinates.
+"""EDM's samplers of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ in VE coordinates.
 
-Karras et al. 2022 (EDM), Algorithm 1 with S_churn = 0:
-  σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i < N,  σ_N = 0;
-  d_i = (x_i − D(x_i, σ_i))/σ_i,  x_{i+1} = x_i + (σ_{i+1} − σ_i)·d_i          (Euler)
-  Heun: if σ_{i+1} ≠ 0, d' = (x_{i+1} − D(x_{i+1}, σ_{i+1}))/σ_{i+1},
-        x_{i+1} = x_i + (σ_{i+1} − σ_i)·(d_i + d')/2   (2N − 1 evaluations of D).
-Works with any D(x, sigma, labels); σ is passed as one value per image, in x's dtype.
+Karras et al. 2022 (EDM), Algorithms 1 and 2, on any D(x, sigma, labels) (a lossfloor
+``Denoiser``, an EDM network, a wrapped k-diffusion model — ``read_protocol``):
+  levels: σ_min ← max(σ_min, net.sigma_min), σ_max ← min(σ_max, net.sigma_max),
+          σ_i = round_sigma((σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ), i < N,  σ_N = 0;
+  churn:  γ_i = min(S_churn/N, √2 − 1) if S_min ≤ σ_i ≤ S_max else 0,
+          σ̂ = round_sigma(σ_i + γ_i·σ_i),  x̂ = x_i + √(σ̂² − σ_i²)·S_noise·z,  z ~ N(0, I);
+  Euler:  d = (x̂ − D(x̂, σ̂))/σ̂,  x_{i+1} = x̂ + (σ_{i+1} − σ̂)·d;
+  Heun:   if σ_{i+1} ≠ 0, d' = (x_{i+1} − D(x_{i+1}, σ_{i+1}))/σ_{i+1},
+          x_{i+1} = x̂ + (σ_{i+1} − σ̂)·(½d + ½d')   (2N − 1 evaluations of D without churn).
+``generate`` draws image i's latents as EDM's generate.py does: a torch.Generator on the
+sampling device seeded ``seed mod 2³²``, float32 normals of shape [C, H, W]; the churn noise z
+comes from the same per-image generators (float64, one draw per step, after EDM's class draw
+for a class-conditional model), so the same seed, resolution and device give EDM's images.
+The state is float64, D is evaluated in ``dtype``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 
+from lossfloor.diffusion.denoiser import as_denoiser, read_protocol
 from lossfloor.errors import ParameterError, UserError
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
+Callback = Callable[[dict[str, Any]], None]
 SAMPLERS = ("heun", "euler")
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's defaults
 
@@ -43,56 +55,165 @@ def karras_sigmas(
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-def _d(denoiser: DenoiserFn, x: Tensor, sigma: float, labels: Tensor | None) -> Tensor:
-    """dx/dσ = (x − D(x, σ))/σ."""
-    s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-    return (x - denoiser(x, s, labels).to(x.dtype)) / sigma
+def sigma_range(
+    model: Any, sigma_min: float | None = None, sigma_max: float | None = None
+) -> tuple[float, float]:
+    """The sampling range: EDM's (0.002, 80) clamped to the model's [sigma_min, sigma_max] as
+    EDM's sampler does; a value given here must lie in the model's range (else a one-line
+    error naming the parameter)."""
+    p = read_protocol(model)
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if value is not None and not p.sigma_min <= value <= p.sigma_max:
+            raise ParameterError(
+                name, value, f"outside the model's range [{p.sigma_min:g}, {p.sigma_max:g}]"
+            )
+    lo = max(SIGMA_MIN, p.sigma_min) if sigma_min is None else sigma_min
+    hi = min(SIGMA_MAX, p.sigma_max) if sigma_max is None else sigma_max
+    if not 0 < lo < hi:
+        raise ParameterError("sigma_min", lo, f"need 0 < sigma_min < sigma_max = {hi:g}")
+    return lo, hi
+
+
+def sampling_sigmas(
+    model: Any,
+    n: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = RHO,
+) -> Tensor:
+    """EDM's levels for ``model``: ``karras_sigmas`` on ``sigma_range``, through the model's
+    ``round_sigma``, then σ_N = 0 (float64)."""
+    lo, hi = sigma_range(model, sigma_min, sigma_max)
+    sigmas = karras_sigmas(n, lo, hi, rho)
+    rounded = torch.as_tensor(read_protocol(model).round_sigma(sigmas[:-1])).to(torch.float64)
+    return torch.cat([rounded.cpu(), sigmas[-1:]])
+
+
+@dataclass(frozen=True)
+class Churn:
+    """EDM Algorithm 2's stochasticity: γ = min(S_churn/N, √2 − 1) on levels σ ∈ [S_min, S_max],
+    fresh noise scaled by S_noise. The default (S_churn = 0) is the deterministic sampler."""
+
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.S_churn < math.inf:
+            raise ParameterError("S_churn", self.S_churn, "must be a number >= 0")
+        if not 0 <= self.S_min <= self.S_max:
+            raise ParameterError("S_min", self.S_min, f"need 0 <= S_min <= S_max = {self.S_max}")
+        if not 0 <= self.S_noise < math.inf:
+            raise ParameterError("S_noise", self.S_noise, "must be a number >= 0")
+
+
+class SeedStreams:
+    """EDM's per-image random streams (its ``StackedRandomGenerator``): image i draws from a
+    torch.Generator on ``device`` seeded ``seeds[i] mod 2³²``, so an image does not depend on
+    the batch it is drawn in."""
+
+    def __init__(self, seeds: Sequence[int], device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generators = [
+            torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds
+        ]
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """[len(seeds), *shape] standard normals, image i's from its own generator."""
+        return torch.stack([
+            torch.randn(tuple(shape), generator=g, dtype=dtype, device=self.device)
+            for g in self.generators
+        ])  # fmt: skip
+
+    def randint(self, high: int) -> Tensor:
+        """One integer in [0, high) per image (EDM's class draw), int64."""
+        return torch.stack([
+            torch.randint(high, size=[], generator=g, device=self.device) for g in self.generators
+        ])  # fmt: skip
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Normals shaped and typed like the batch ``x``."""
+        return self.randn(x.shape[1:], x.dtype)
 
 
 @torch.no_grad()
 def _integrate(
-    denoiser: DenoiserFn, x_T: Tensor, sigmas: Tensor, labels: Tensor | None, heun: bool
+    denoiser: Any,
+    x_T: Tensor,
+    sigmas: Tensor,
+    labels: Tensor | None,
+    heun: bool,
+    churn: Churn | None = None,
+    randn_like: Callable[[Tensor], Tensor] | None = None,
+    callback: Callback | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
+    """The module docstring's loop; the state keeps x_T's dtype, D sees ``dtype`` (default the
+    same). The callback gets k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} after
+    each step's first evaluation of D."""
     levels = [float(s) for s in sigmas]
     steps = list(zip(levels[:-1], levels[1:], strict=True))
     if not steps or levels[-1] != 0 or any(a <= b for a, b in steps):
         raise UserError("sigmas must decrease strictly to a final 0 (use karras_sigmas)")
+    churn = churn or Churn()
+    round_sigma = read_protocol(denoiser).round_sigma
+    D = as_denoiser(denoiser)
+    dtype = dtype or x_T.dtype
+    draw = randn_like or torch.randn_like
+    gamma_max = min(churn.S_churn / len(steps), math.sqrt(2) - 1)
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        s = torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device)
+        return D(x.to(dtype), s, labels).to(x.dtype)
+
     x = x_T
-    for cur, nxt in steps:
-        d = _d(denoiser, x, cur, labels)
-        x_next = x + (nxt - cur) * d
+    for i, (cur, nxt) in enumerate(steps):
+        hat = cur
+        if churn.S_churn > 0:  # one draw per step, as EDM's loop, so streams stay in step
+            z = draw(x)
+            if churn.S_min <= cur <= churn.S_max and gamma_max > 0:
+                hat = float(round_sigma(torch.tensor(cur + gamma_max * cur, dtype=torch.float64)))
+                x = x + math.sqrt(hat**2 - cur**2) * churn.S_noise * z
+        denoised = denoise(x, hat)
+        d = (x - denoised) / hat
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": cur, "sigma_hat": hat, "denoised": denoised})
+        x_next = x + (nxt - hat) * d
         if heun and nxt != 0:
-            x_next = x + (nxt - cur) * 0.5 * (d + _d(denoiser, x_next, nxt, labels))
+            d_prime = (x_next - denoise(x_next, nxt)) / nxt
+            x_next = x + (nxt - hat) * (0.5 * d + 0.5 * d_prime)
         x = x_next
     return x
 
 
 def sample_heun(
-    denoiser: DenoiserFn, x_T: Tensor, sigmas: Tensor, labels: Tensor | None = None
+    denoiser: Any, x_T: Tensor, sigmas: Tensor, labels: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """EDM's deterministic 2nd-order sampler from x_T (≈ σ_0·N(0, I)) down the levels ``sigmas``."""
-    return _integrate(denoiser, x_T, sigmas, labels, heun=True)
+    """EDM's 2nd-order sampler from x_T (≈ σ_0·N(0, I)) down the levels ``sigmas``; options:
+    ``churn``, ``randn_like``, ``callback``, ``dtype`` (of D's evaluations)."""
+    return _integrate(denoiser, x_T, sigmas, labels, heun=True, **options)
 
 
 def sample_euler(
-    denoiser: DenoiserFn, x_T: Tensor, sigmas: Tensor, labels: Tensor | None = None
+    denoiser: Any, x_T: Tensor, sigmas: Tensor, labels: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """The 1st-order (Euler) sampler on the same ODE: N evaluations of D."""
-    return _integrate(denoiser, x_T, sigmas, labels, heun=False)
+    """The 1st-order (Euler) sampler on the same ODE: N evaluations of D; options as Heun's."""
+    return _integrate(denoiser, x_T, sigmas, labels, heun=False, **options)
 
 
-def initial_noise(seeds: Sequence[int], shape: Sequence[int], sigma_max: float) -> Tensor:
-    """x_T = σ_max·z with image i's z drawn from its own generator seeded ``seeds[i]`` (EDM),
-    so each image is independent of the batch it is drawn in (float64, CPU)."""
-    z = [
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        for s in seeds
-    ]
-    return sigma_max * torch.stack(z)
+def initial_noise(
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    sigma_max: float,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """EDM's x_T = σ_0·z, z image i's float32 latents from ``SeedStreams`` (float64 result)."""
+    return SeedStreams(seeds, device).randn(shape).to(torch.float64) * sigma_max
 
 
 def generate(
-    denoiser: DenoiserFn,
+    denoiser: Any,
     shape: Sequence[int],
     seeds: Sequence[int],
     *,
@@ -100,14 +221,19 @@ def generate(
     sampler: str = "heun",
     labels: Tensor | None = None,
     batch: int = 64,
-    sigma_min: float = SIGMA_MIN,
-    sigma_max: float = SIGMA_MAX,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
     rho: float = RHO,
+    churn: Churn | None = None,
+    callback: Callback | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
 ) -> Tensor:
-    """One sample per seed (N×C×H×W on CPU, float32), drawn in batches of ``batch``."""
+    """One sample per seed (N×C×H×W on CPU, float32), drawn in batches of ``batch`` on EDM's
+    levels for the model (``sampling_sigmas``) from EDM's latents, with EDM's churn noise. A
+    class-conditional model (``label_dim`` > 0) gets ``labels``, or else EDM's random classes
+    (one draw per image from its stream, after the latents, made in either case as EDM does)."""
     from tqdm import tqdm
 
     if sampler not in SAMPLERS:
@@ -116,17 +242,21 @@ def generate(
         raise ParameterError("batch", batch, "must be at least 1")
     if labels is not None and len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels for {len(seeds)} samples; give one per sample")
-    run = sample_heun if sampler == "heun" else sample_euler
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+    sigmas = sampling_sigmas(denoiser, steps, sigma_min, sigma_max, rho)
+    label_dim = read_protocol(denoiser).label_dim
     out = []
     for i in tqdm(
         range(0, len(seeds), batch),
         disable=None if progress is None else not progress,
         unit="batch",
     ):
-        x_T = initial_noise(seeds[i : i + batch], shape, sigma_max).to(device, dtype)
-        y = None if labels is None else labels[i : i + batch].to(device)
-        out.append(run(denoiser, x_T, sigmas, y).float().cpu())
+        streams = SeedStreams(seeds[i : i + batch], device)
+        x_T = streams.randn(shape).to(torch.float64) * float(sigmas[0])
+        drawn = streams.randint(label_dim) if label_dim else None  # EDM draws it after x_T
+        y = drawn if labels is None else labels[i : i + batch].to(device)
+        x = _integrate(denoiser, x_T, sigmas, y, sampler == "heun", churn=churn,
+                       randn_like=streams.randn_like, callback=callback, dtype=dtype)  # fmt: skip
+        out.append(x.float().cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 

@@ -20,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "same draws, and the gap with its standard error (per element, x0 and target units).",
     )
     p.add_argument(
-        "--model", required=True, help="RUN_DIR | CHECKPOINT | optimal | saved diffusers pipeline"
+        "--model",
+        required=True,
+        help="RUN_DIR | CHECKPOINT | optimal | saved diffusers pipeline or UNet | "
+        "python:MODULE:CALLABLE (a factory returning a denoiser with EDM's protocol)",
     )
     add_data_arguments(p)
     p.add_argument("--sigmas", default="0.02:80:13", help="list or min:max:count (log-spaced)")

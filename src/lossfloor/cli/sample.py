@@ -1,4 +1,4 @@
-"""``lossfloor sample``: draw images from a trained run with EDM's Heun (or Euler) sampler."""
+"""``lossfloor sample``: draw images from a model with EDM's Heun (or Euler) sampler."""
 
 from __future__ import annotations
 
@@ -18,17 +18,38 @@ if TYPE_CHECKING:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sample",
-        help="sample images from a trained run",
-        description="Deterministic EDM sampler on the Karras σ schedule (σ 80 → 0.002, ρ = 7). "
-        "Image i uses seed SEED+i, so samples do not depend on --batch.",
+        help="sample images from a model (run, diffusers, python:MODULE:CALLABLE)",
+        description="EDM's sampler (Karras et al. 2022, Algorithms 1 and 2) on its σ schedule "
+        "(ρ = 7, σ 80 → 0.002 clamped to the model's range, through its round_sigma). Image i "
+        "uses seed SEED+i with EDM's per-seed latents, so samples do not depend on --batch and "
+        "an EDM model gives EDM's images for the same seeds on the same kind of device.",
     )
     p.add_argument(
-        "--run", dest="run_path", required=True, metavar="RUN", help="run directory or checkpoint"
+        "--model",
+        "--run",
+        dest="model",
+        required=True,
+        metavar="SPEC",
+        help="RUN_DIR | CHECKPOINT | saved diffusers pipeline or UNet | python:MODULE:CALLABLE "
+        "(a factory returning a denoiser with EDM's protocol)",
     )
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--steps", type=int, default=18, help="σ levels N (Heun: 2N−1 evaluations)")
     p.add_argument("--sampler", choices=("heun", "euler"), default="heun")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--shape", default=None, metavar="C,H,W",
+                   help="image shape, for a model that does not declare one")  # fmt: skip
+    g = p.add_argument_group("σ levels and churn (EDM's Algorithm 2)")
+    g.add_argument("--sigma-min", type=float, default=None,
+                   help="lowest σ (default max(0.002, the model's))")  # fmt: skip
+    g.add_argument("--sigma-max", type=float, default=None,
+                   help="highest σ (default min(80, the model's))")  # fmt: skip
+    g.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent (default 7)")
+    g.add_argument("--churn", type=float, default=0.0, metavar="S_CHURN",
+                   help="stochasticity S_churn (default 0: deterministic)")  # fmt: skip
+    g.add_argument("--s-min", type=float, default=0.0, help="churn only for σ ≥ S_min")
+    g.add_argument("--s-max", type=float, default=float("inf"), help="churn only for σ ≤ S_max")
+    g.add_argument("--s-noise", type=float, default=1.0, help="churn noise scale S_noise")
     p.add_argument(
         "--labels",
         default=None,
@@ -47,7 +68,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="x: float32 N×C×H×W in [−1, 1] (clipped), y: labels, seeds, meta",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(
+        run=run,
+        param_options={"S_churn": "--churn", "S_min": "--s-min", "S_noise": "--s-noise"},
+    )
+
+
+def _shape(text: str | None, declared: list[int] | None) -> list[int]:
+    """The image shape: --shape C,H,W, else the one the model declares."""
+    if text is None:
+        if declared is None:
+            raise UserError("the model declares no image shape; give --shape C,H,W")
+        return list(declared)
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"--shape {text!r}: expected three positive integers C,H,W")
+    if declared is not None and shape != list(declared):
+        raise UserError(f"--shape {text}: the model takes {','.join(map(str, declared))}")
+    return shape
 
 
 def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor | None:
@@ -56,7 +97,7 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 
     if num_classes is None:
         if text is not None:
-            raise UserError("--labels: this run is unconditional; drop --labels")
+            raise UserError("--labels: this model is unconditional; drop --labels")
         return None
     try:
         values = list(range(num_classes)) if text is None else [int(v) for v in text.split(",")]
@@ -64,7 +105,7 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
         raise UserError(f"--labels {text!r}: expected comma-separated integers") from None
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
-        raise UserError(f"--labels: {bad[0]} is not a class of this run (0..{num_classes - 1})")
+        raise UserError(f"--labels: {bad[0]} is not a class of this model (0..{num_classes - 1})")
     return torch.tensor(values, dtype=torch.long).repeat(-(-n // len(values)))[:n]
 
 
@@ -72,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from lossfloor.models import load_run
-    from lossfloor.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate, image_grid
+    from lossfloor.models import load_model
+    from lossfloor.sampling import Churn, generate, image_grid, sampling_sigmas
 
     if args.out_grid is None and args.out_npz is None:
         raise UserError("give --out-grid FILE.png and/or --out-npz FILE.npz")
@@ -82,18 +123,25 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n {args.n}: must be at least 1")
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: must be >= 0")
+    churn = Churn(args.churn, args.s_min, args.s_max, args.s_noise)
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    denoiser, config = load_run(args.run_path, ema=not args.raw, device=device)
-    labels = _labels(args.labels, args.n, config["model"]["num_classes"])
+    denoiser, info = load_model(args.model, None, device, ema=not args.raw)
+    shape = _shape(args.shape, info.get("image_shape"))
+    labels = _labels(args.labels, args.n, info.get("num_classes"))
+    sigmas = sampling_sigmas(denoiser, args.steps, args.sigma_min, args.sigma_max, args.rho)
     seeds = list(range(args.seed, args.seed + args.n))
     x = generate(
         denoiser,
-        config["model"]["image_shape"],
+        shape,
         seeds,
         steps=args.steps,
         sampler=args.sampler,
         labels=labels,
         batch=args.batch,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        rho=args.rho,
+        churn=churn,
         device=device,
         progress=False if args.no_progress else None,
     ).clamp(-1, 1)
@@ -102,15 +150,16 @@ def run(args: argparse.Namespace) -> int:
         save_with(args.out_grid, lambda p: grid.save(p, format="PNG"))
     if args.out_npz is not None:
         meta = {
-            "run": str(args.run_path),
+            "model": {k: v for k, v in info.items() if k != "config"},
             "ema": not args.raw,
             "sampler": args.sampler,
             "steps": args.steps,
-            "sigma_min": SIGMA_MIN,
-            "sigma_max": SIGMA_MAX,
-            "rho": RHO,
+            "sigma_min": float(sigmas[-2]) if args.steps > 1 else None,
+            "sigma_max": float(sigmas[0]),
+            "rho": args.rho,
+            "churn": vars(churn) if churn.S_churn > 0 else None,
             "seeds": [args.seed, args.seed + args.n - 1],
-            "data": config["data"],
+            "data": info.get("config", {}).get("data"),
             "lossfloor_version": __version__,
         }
         arrays = {"x": x.numpy(), "seeds": np.asarray(seeds, dtype=np.int64)}
@@ -123,5 +172,6 @@ def run(args: argparse.Namespace) -> int:
                 np.savez(f, **arrays)
 
         save_with(args.out_npz, save)
-    print(f"{args.n} samples ({args.sampler}, {args.steps} steps) from {args.run_path}")
+    print(f"{args.n} samples ({args.sampler}, {args.steps} steps, σ {float(sigmas[0]):g} → "
+          f"{float(sigmas[-2]):g}) from {args.model}")  # fmt: skip
     return 0

@@ -1,6 +1,6 @@
 """One formulation for all diffusion models: processes, prediction targets, the Denoiser wrapper."""
 
-from lossfloor.diffusion.denoiser import Denoiser
+from lossfloor.diffusion.denoiser import Denoiser, Protocol, as_denoiser, read_protocol
 from lossfloor.diffusion.processes import (
     EDM,
     PROCESS_ALIASES,
@@ -23,6 +23,7 @@ from lossfloor.diffusion.targets import (
     X0,
     Epsilon,
     Score,
+    SigmaScore,
     Target,
     Velocity,
     edm_c_in,
@@ -48,12 +49,15 @@ __all__ = [
     "Epsilon",
     "FlowMatching",
     "Process",
+    "Protocol",
     "Score",
+    "SigmaScore",
     "Target",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
     "Velocity",
+    "as_denoiser",
     "as_sigma",
     "edm_c_in",
     "edm_c_noise",
@@ -62,4 +66,5 @@ __all__ = [
     "edm_lambda",
     "get_process",
     "get_target",
+    "read_protocol",
 ]

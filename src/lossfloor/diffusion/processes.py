@@ -96,12 +96,13 @@ class Process(ABC):
 class VE(Process):
     """Variance exploding (NCSN): α = 1, σ = t, so t is σ̃. c_noise = ln(σ/2) (EDM's VEPrecond).
 
-    Default range σ ∈ [0.01, 50] (Song et al. 2021, CIFAR-10).
+    Default range σ ∈ [0.02, 100]: EDM's VEPrecond and lossfloor's ``ve`` schedule (Song et al.
+    2021 used [0.01, 50] on CIFAR-10; pass it explicitly for those models).
     """
 
     name = "ve"
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0) -> None:
         if not 0 < sigma_min < sigma_max < math.inf:
             raise UserError(
                 f"{self.name}: need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}"
@@ -218,19 +219,28 @@ class VPEDM(VPLinear):
     """EDM's VP: σ̃(t) = √(exp(½β_d·t² + β_min·t) − 1), β_d = 19.9, β_min = 0.1, t ∈ [1e-5, 1].
 
     α = 1/√(1 + σ̃²), σ = α·σ̃. This is VPLinear with β_max = β_min + β_d (the same curve, EDM's
-    parameters); c_noise = 999·t as in EDM's VPPrecond.
+    parameters); c_noise = (M − 1)·t as in EDM's VPPrecond (M = 1000 DDPM steps: 999·t).
     """
 
     name = "vp-edm"
 
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1) -> None:
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000) -> None:
         if not 0 < beta_d < math.inf:
             raise UserError(f"{self.name}: need 0 < beta_d < inf, got {beta_d}")
+        if not (isinstance(M, int) and M >= 2):
+            raise UserError(f"{self.name}: need an integer M >= 2, got {M!r}")
         super().__init__(beta_min, beta_min + beta_d)
         self._beta_d = float(beta_d)
+        self.M = M
+
+    def c_noise(self, t: TensorLike) -> Tensor:
+        """(M − 1)·t."""
+        return (self.M - 1) * _f64(t)
 
     def to_config(self) -> dict[str, Any]:
-        return {"name": self.name, "beta_d": self._beta_d, "beta_min": self.beta_min}
+        """Name, β_d, β_min, and M when it is not EDM's 1000 (older configs stay the same)."""
+        extra = {} if self.M == 1000 else {"M": self.M}
+        return {"name": self.name, "beta_d": self._beta_d, "beta_min": self.beta_min, **extra}
 
 
 @PROCESSES.register("vp-cosine")

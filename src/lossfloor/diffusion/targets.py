@@ -122,6 +122,20 @@ class Score(Target):
         return alpha / sigma**2, -1 / sigma**2
 
 
+@TARGETS.register("sigma-score", "ncsn")
+class SigmaScore(Target):
+    """σ·score = −ε̂ = (α·x̂0 − x_t)/σ: a = α/σ, b = −1/σ; factor α²/σ² = 1/σ̃².
+
+    The raw output F of EDM's VEPrecond (D = x + σ·F) and of NCSN-style score networks.
+    """
+
+    name = "sigma-score"
+
+    def coefficients(self, t: TensorLike, process: Process) -> tuple[Tensor, Tensor]:
+        alpha, sigma = process.alpha(t), process.sigma(t)
+        return alpha / sigma, -1 / sigma
+
+
 @TARGETS.register("velocity", "flow")
 class Velocity(Target):
     """Flow velocity v = α̇·x̂0 + σ̇·ε̂: a = α̇ − σ̇·α/σ, b = σ̇/σ; factor (α̇ − σ̇α/σ)².

@@ -10,6 +10,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diagnosis import DenoiserFn, model_per_sample_loss
+from lossfloor.diffusion.denoiser import as_denoiser
 from lossfloor.optimal import Curve
 from lossfloor.optimal.outer import OuterPlan
 
@@ -17,8 +18,9 @@ from lossfloor.optimal.outer import OuterPlan
 class GapMonitor:
     """The gap J_θ(σ) − J*(σ) at a few σ, J* from a cached curve, J_θ on fixed draws.
 
-    Call as ``monitor(step, denoiser, record)``; adds ``record["gap"] = {σ: J_θ − J*}``. The
-    draws (``n`` sources and noises) are fixed at construction, so successive values are paired.
+    Call as ``monitor(step, denoiser, record)`` (any denoiser with EDM's protocol); adds
+    ``record["gap"] = {σ: J_θ − J*}``. The draws (``n`` sources and noises) are fixed at
+    construction, so successive values are paired.
     """
 
     def __init__(
@@ -44,7 +46,7 @@ class GapMonitor:
         gaps = {}
         for s in self.sigmas:
             loss = model_per_sample_loss(
-                denoiser, self.dataset, self.plan, s, 256, self.device, self.labels
+                as_denoiser(denoiser), self.dataset, self.plan, s, 256, self.device, self.labels
             ).mean()
             gaps[f"{s:g}"] = float(loss) - self.optimal[s]
         record["gap"] = gaps
