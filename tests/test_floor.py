@@ -19,7 +19,7 @@ from lossfloor.floor import (
     smoothed_posterior_mean,
     subset_sizes,
 )
-from lossfloor.optimal import Full, Pool, estimate_curve
+from lossfloor.optimal import Curve, Full, Pool, estimate_curve
 
 
 def test_smoothed_posterior_mean_matches_1d_quadrature():
@@ -211,3 +211,39 @@ def test_floor_cli_empty_heldout(tmp_path, npz, capsys):
     code = main(["floor", "--data", train, "--heldout", held, "--sigmas", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "empty" in err
+
+
+def test_estimate_sources_equal_to_data_gives_the_direct_form(tmp_path, npz):
+    rng = np.random.default_rng(2)
+    train = npz("train.npz", rng.standard_normal((150, 6)).astype(np.float32))
+    plain, held = tmp_path / "plain.json", tmp_path / "held.json"
+    common = ["estimate", "--data", train, "--sigmas", "0.1,1", "--outer", "200", "--seed", "4"]
+    assert main([*common, "--out", str(plain), "--quiet"]) == 0
+    assert main([*common, "--sources", train, "--bandwidth", "0.2", "--out", str(held)]) == 0
+    a, b = Curve.load(str(plain)), Curve.load(str(held))
+    for p, q in zip(a.points, b.points, strict=True):
+        assert q.heldout_loss == p.direct and q.heldout_stderr == p.direct_stderr
+        assert q.optimal_loss == p.optimal_loss and q.bandwidth == 0.2
+        assert q.smoothed_loss is not None
+    assert b.sources["sha256"] == b.dataset["sha256"] and b.sources["n"] == 150
+    assert "heldout_loss" not in plain.read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--bandwidth", "auto"], "--bandwidth: applies to held-out sources"),
+        (["--sources", "HELD", "--bandwidth", "x"], "--bandwidth x"),
+        (["--sources", "HELD", "--conditional"], "--sources"),
+        (["--sources", "OTHER"], "--sources"),
+    ],
+)
+def test_estimate_sources_bad_input(tmp_path, npz, capsys, extra, message):
+    rng = np.random.default_rng(2)
+    train = npz("train.npz", rng.standard_normal((50, 6)).astype(np.float32))
+    held = npz("held.npz", rng.standard_normal((20, 6)).astype(np.float32))
+    other = npz("other.npz", rng.standard_normal((20, 5)).astype(np.float32))
+    extra = [{"HELD": held, "OTHER": other}.get(e, e) for e in extra]
+    code = main(["estimate", "--data", train, "--sigmas", "1", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err

@@ -35,6 +35,7 @@ from lossfloor import __version__
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
+from lossfloor.optimal.curve import Curve
 from lossfloor.optimal.estimate import estimate_curve
 from lossfloor.optimal.estimators import ESTIMATORS, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, posterior_mean
@@ -574,3 +575,39 @@ def _floor_point(
         heldout=held,
         by_n=by_n,
     )
+
+
+def with_heldout(
+    curve: Curve,
+    train: Dataset,
+    heldout: Dataset,
+    *,
+    outer: int | None = None,
+    bandwidth: float | str | None = None,
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    progress: bool = False,
+) -> Curve:
+    """``curve`` (J* of ``train``) with each point's held-out losses (``heldout_losses`` with
+    the curve's seed; M = ``outer``, default the held-out size) and ``sources`` = the held-out
+    dataset's description."""
+    if curve.dataset is not None and curve.dataset.get("conditional"):
+        raise ParameterError("sources", heldout.name, "held-out sources need an unconditional J*")
+    held = heldout_losses(
+        train.x,
+        heldout.x,
+        [p.sigma for p in curve.points],
+        outer=outer,
+        seed=curve.seed or 0,
+        bandwidth=bandwidth,
+        precision=precision,
+        device=device,
+        tile_bytes=tile_bytes,
+        progress=progress,
+    )
+    points = tuple(
+        dataclasses.replace(p, **{k: v for k, v in h.to_json().items() if k != "sigma"})
+        for p, h in zip(curve.points, held, strict=True)
+    )
+    return dataclasses.replace(curve, points=points, sources=heldout.describe())
