@@ -247,3 +247,147 @@ def test_estimate_sources_bad_input(tmp_path, npz, capsys, extra, message):
     code = main(["estimate", "--data", train, "--sigmas", "1", *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def _gap(gap: float, se: float):
+    from lossfloor.diagnosis import GapPoint
+
+    return GapPoint(
+        sigma=1.0,
+        model_loss=0.5 + gap,
+        model_loss_stderr=se,
+        optimal_loss=0.5,
+        optimal_loss_stderr=se,
+        gap=gap,
+        gap_stderr=se,
+        seconds=0.0,
+    )
+
+
+def _floor_point(converged: bool, upper: float):
+    from lossfloor.floor import FloorPoint, HeldoutPoint
+
+    held = HeldoutPoint(sigma=1.0, heldout_loss=upper, heldout_stderr=0.01)
+    return FloorPoint(
+        sigma=1.0,
+        lower=0.5,
+        lower_stderr=0.01,
+        upper=upper,
+        upper_stderr=0.01,
+        upper_source="heldout",
+        converged=converged,
+        verdict="converged" if converged else "rising",
+        rise=0.0,
+        rise_stderr=0.01,
+        extrapolated=0.5,
+        extrapolated_stderr=0.0,
+        heldout=held,
+        by_n=[],
+    )
+
+
+def test_readings():
+    from lossfloor.floor import reading
+
+    assert reading(_gap(0.2, 0.01), (0.8, 0.01), _floor_point(True, 0.6)) == "underfitting"
+    assert reading(_gap(0.2, 0.01), (0.8, 0.01), _floor_point(False, 0.6)) == "provable headroom"
+    assert reading(_gap(0.2, 0.01), (0.61, 0.01), _floor_point(False, 0.6)) == "within the bracket"
+    assert reading(_gap(0.01, 0.01), (0.61, 0.01), _floor_point(True, 0.6)) == "within the bracket"
+
+
+def test_diagnose_heldout_with_floor(tmp_path, npz, capsys):
+    """The optimal denoiser of the training set: no gap, and its held-out loss is the floor's
+    own held-out bound (same draws), so every σ reads 'within the bracket'."""
+    rng = np.random.default_rng(5)
+    train = npz("train.npz", rng.standard_normal((128, 3)).astype(np.float32))
+    held = npz("held.npz", rng.standard_normal((64, 3)).astype(np.float32))
+    floor_json, diag = tmp_path / "floor.json", tmp_path / "diag.json"
+    sig = ["--sigmas", "0.3,3"]
+    assert (
+        main(
+            [
+                "floor",
+                "--data",
+                train,
+                "--heldout",
+                held,
+                *sig,
+                "--levels",
+                "3",
+                "--outer",
+                "64",
+                "--bandwidth",
+                "none",
+                "--out",
+                str(floor_json),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "diagnose",
+                "--model",
+                "optimal",
+                "--data",
+                train,
+                *sig,
+                "--outer",
+                "64",
+                "--heldout",
+                held,
+                "--floor",
+                str(floor_json),
+                "--out",
+                str(diag),
+            ]
+        )
+        == 0
+    )
+    from lossfloor.diagnosis import Diagnosis
+
+    result, fl = Diagnosis.load(str(diag)), Floor.load(str(floor_json))
+    assert result.heldout["n"] == 64
+    for p in result.points:
+        assert p.reading == "within the bracket"
+        ref = fl.at(p.sigma).heldout.heldout_loss
+        assert p.heldout_model_loss == pytest.approx(ref, rel=1e-5)
+    out = capsys.readouterr().out
+    assert "within the bracket" in out
+    # a floor of other data, or --floor without --heldout: one line, exit 2
+    other = npz("other.npz", rng.standard_normal((128, 3)).astype(np.float32))
+    code = main(
+        [
+            "diagnose",
+            "--model",
+            "optimal",
+            "--data",
+            other,
+            *sig,
+            "--heldout",
+            held,
+            "--floor",
+            str(floor_json),
+            "--out",
+            str(diag),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "floor of other data" in err and err.count("\n") == 1
+    code = main(
+        [
+            "diagnose",
+            "--model",
+            "optimal",
+            "--data",
+            train,
+            *sig,
+            "--floor",
+            str(floor_json),
+            "--out",
+            str(diag),
+        ]
+    )
+    assert code == 2 and "needs --heldout" in capsys.readouterr().err
