@@ -52,6 +52,8 @@ class GapPoint:
     """One σ of a diagnosis: J_θ, J* and gap = J_θ − J* (per element, x0 units; means over the
     same draws, so the gap's standard error is that of the paired differences), the seconds it
     took, and the model's loss factor (target units / x0 units) when it is a lossfloor Denoiser.
+    With held-out data (``lossfloor.floor.read_heldout``): the model's held-out loss and, with a
+    floor, the reading of the gap (underfitting | provable headroom | within the bracket).
     """
 
     sigma: float
@@ -63,6 +65,9 @@ class GapPoint:
     gap_stderr: float
     seconds: float
     loss_factor: float | None = None
+    heldout_model_loss: float | None = None
+    heldout_model_loss_stderr: float | None = None
+    reading: str | None = None
 
     @property
     def relative_gap(self) -> float | None:
@@ -101,6 +106,9 @@ class GapPoint:
             out["model_loss_target"] = self.model_loss_target
             out["optimal_loss_target"] = self.optimal_loss_target
             out["gap_target"] = self.gap_target
+        for key in ("heldout_model_loss", "heldout_model_loss_stderr", "reading"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -116,14 +124,16 @@ class GapPoint:
 @dataclass(frozen=True)
 class Diagnosis:
     """A model's per-σ gap to the optimal loss (``diagnose``): the points, the data, the draws
-    (outer M, seed) and a description of the model. ``to_json`` / ``save`` write what
-    ``lossfloor diagnose --out`` writes; ``from_json`` / ``load`` read it back."""
+    (outer M, seed), a description of the model and of the held-out data (if any).
+    ``to_json`` / ``save`` write what ``lossfloor diagnose --out`` writes; ``from_json`` /
+    ``load`` read it back."""
 
     points: tuple[GapPoint, ...]
     dataset: dict[str, Any]
     outer: int
     seed: int
     model: dict[str, Any] | None = None
+    heldout: dict[str, Any] | None = None
     per_element: bool = True
     units: str = UNITS
     lossfloor_version: str = __version__
@@ -137,6 +147,7 @@ class Diagnosis:
         return {
             **({} if self.model is None else {"model": self.model}),
             "dataset": self.dataset,
+            **({} if self.heldout is None else {"heldout": self.heldout}),
             "outer": self.outer,
             "seed": self.seed,
             "per_element": self.per_element,
@@ -157,6 +168,7 @@ class Diagnosis:
             points=tuple(GapPoint.from_json(p) for p in obj["points"]),
             **fields,
             model=obj.get("model"),
+            heldout=obj.get("heldout"),
             per_element=obj.get("per_element", True),
             units=obj.get("units", UNITS),
             lossfloor_version=obj.get("lossfloor_version", __version__),

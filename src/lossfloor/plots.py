@@ -16,6 +16,7 @@ from lossfloor.io import save_with  # noqa: E402
 
 if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis
+    from lossfloor.floor import Floor
     from lossfloor.optimal import Curve
     from lossfloor.scaling import ScalingFit
 
@@ -107,5 +108,83 @@ def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> None:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> None:
+    """Left: the bracket [J*_train(N), least held-out bound] against σ (log axes), J* of each
+    subset size and the extrapolation; right: J*(n)/J*(N) against n per σ (the N-trend).
+    Points with J* = 0 are drawn at the axis floor as open markers."""
+    pts = result.points
+    s = np.array([p.sigma for p in pts])
+    lo, up = np.array([p.lower for p in pts]), np.array([p.upper for p in pts])
+    positive = np.concatenate([lo[lo > 0], up[up > 0]])
+    bottom = max(float(positive.min()) / 3, float(up.max()) * 1e-8) if positive.size else 1e-12
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
+    sizes = [q.n for q in pts[0].by_n]
+    for k, n in enumerate(sizes):
+        v = np.array([p.by_n[k].optimal_loss for p in pts])
+        a.plot(
+            s,
+            np.maximum(v, bottom),
+            "-",
+            lw=0.8,
+            color=plt.cm.viridis(k / max(1, len(sizes) - 1)),
+            label=f"J* of n = {n}",
+        )
+    a.fill_between(
+        s,
+        np.maximum(lo, bottom),
+        np.maximum(up, bottom),
+        color="C1",
+        alpha=0.2,
+        label="bracket [J*_train, held-out bound]",
+    )
+    a.plot(s, np.maximum(up, bottom), "v-", ms=4, color="C1", label="least held-out bound")
+    a.plot(
+        s,
+        np.maximum([p.extrapolated for p in pts], bottom),
+        "x--",
+        ms=4,
+        color="C3",
+        label="extrapolated J*_∞",
+    )
+    zero = lo <= 0
+    if zero.any():
+        a.plot(
+            s[zero],
+            np.full(zero.sum(), bottom),
+            "o",
+            mfc="none",
+            color="k",
+            label="J* = 0 (drawn at the floor)",
+        )
+    for p in pts:
+        if p.converged:
+            a.axvline(p.sigma, color="C2", lw=0.5, alpha=0.4)
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="σ (VE)",
+        ylim=(bottom, None),
+        ylabel="loss per element (x0 units)",
+        title=title or "generalising floor",
+    )
+    a.text(
+        0.01, 0.01, "green lines: J* converged in N", transform=a.transAxes, fontsize=7, color="C2"
+    )
+    for p in pts:
+        last = p.by_n[-1].optimal_loss
+        if last > 0:
+            ratio = [q.optimal_loss / last for q in p.by_n]
+            b.plot(
+                [q.n for q in p.by_n], ratio, "o-", ms=3, label=f"σ = {p.sigma:.3g} ({p.verdict})"
+            )
+    b.axhline(1, color="gray", lw=0.8)
+    b.set(xscale="log", xlabel="subset size n", ylabel="J*(n) / J*(N)", title="N-trend")
+    for ax in (a, b):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)

@@ -39,8 +39,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute J* instead of reusing $LOSSFLOOR_CACHE/optimal (same draws, same values)",
     )
+    p.add_argument(
+        "--heldout",
+        default=None,
+        metavar="SPEC",
+        help="held-out data: add the model's held-out loss per σ (its generalisation gap is "
+        "held-out − training loss; docs/floor.md)",
+    )
+    p.add_argument(
+        "--floor",
+        default=None,
+        metavar="FLOOR.json",
+        help="with --heldout: read each gap through `lossfloor floor`'s bracket (underfitting "
+        "| provable headroom | within the bracket)",
+    )
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, param_options={"heldout": "--heldout", "floor": "--floor"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
         write_plot,
     )
+    from lossfloor.data import load_dataset
     from lossfloor.diagnosis import diagnose
+    from lossfloor.errors import UserError
+    from lossfloor.floor import Floor, check_floor, check_heldout, read_heldout
     from lossfloor.models import load_model
     from lossfloor.optimal.outer import check_outer
     from lossfloor.plots import plot_diagnosis
@@ -60,7 +77,15 @@ def run(args: argparse.Namespace) -> int:
     sigmas = parse_sigmas(args.sigmas)
     check_outer(args.outer)
     device = resolve_device(args.device)
+    if args.floor is not None and args.heldout is None:
+        raise UserError("--floor: reading a gap through a floor needs --heldout SPEC")
+    floor_result = None if args.floor is None else Floor.load(args.floor)
     ds = load_data_from_args(args)
+    heldout = None if args.heldout is None else load_dataset(args.heldout)
+    if heldout is not None:
+        check_heldout(ds.x, heldout.x)
+        if floor_result is not None:
+            check_floor(floor_result, ds, sigmas)
     model, info = load_model(args.model, ds, device, ema=not args.no_ema)
     trained_on = info.get("config", {}).get("data", {}).get("sha256")
     if trained_on is not None and trained_on != ds.sha256:
@@ -85,6 +110,17 @@ def run(args: argparse.Namespace) -> int:
         model_info={k: v for k, v in info.items() if k != "config"},
         cache=not args.no_cache,
     )
+    if heldout is not None:
+        result = read_heldout(
+            result,
+            model,
+            ds,
+            heldout,
+            floor_result=floor_result,
+            batch=args.batch,
+            use_labels=conditional,
+            device=device,
+        )
     if not args.quiet:
         _print_table(result)
     result.save(args.out)
@@ -106,5 +142,11 @@ def _print_table(result: Diagnosis) -> None:
             f"{p.gap:11.5g} {p.gap_stderr:9.2g} "
             f"{(rel if rel is not None else float('nan')):8.3g}"
         )
+    if result.heldout is not None:
+        print(f"held-out {result.heldout['name']} (n={result.heldout['n']}), per element:")
+        print(f"{'sigma':>9} {'train':>11} {'held-out':>11} {'±':>9} {'reading':>20}")
+        for p in result.points:
+            print(f"{p.sigma:9.4g} {p.model_loss:11.5g} {p.heldout_model_loss:11.5g} "
+                  f"{p.heldout_model_loss_stderr:9.2g} {p.reading or '':>20}")  # fmt: skip
     worst = result.largest_gap
     print(f"largest gap at σ = {worst.sigma:.4g}: {worst.gap:.4g}")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from lossfloor.optimal import Curve, Estimator
 
 #: Parameters of the Python API that options of another name set (for its errors).
-PARAM_OPTIONS = {"precision": "--dtype"}
+PARAM_OPTIONS = {"precision": "--dtype", "heldout": "--sources"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_data_arguments(p)
     p.add_argument("--conditional", action="store_true", help="posterior within the source's class")
+    p.add_argument(
+        "--sources",
+        default=None,
+        metavar="SPEC",
+        help="held-out data (e.g. fashion-mnist:test): add each σ's held-out loss of the "
+        "training set's optimal denoiser (an upper bound on the population's J*; docs/floor.md)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        default=None,
+        help="with --sources: also the held-out loss of the smoothed denoiser (kernel width "
+        "b: auto = leave-one-out on the data | a number ≥ 0)",
+    )
     p.add_argument("--sigmas", default="0.01:100:25", help="list 0.1,1,10 or min:max:count (log)")
     p.add_argument("--estimator", default="full", help="full | snis | dol | cdol")
     p.add_argument("--inner", type=int, default=None, metavar="L", help="inner set size (N/10)")
@@ -82,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
         raise UserError(f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte")
+    bandwidth = _bandwidth(args)
     ds = load_data_from_args(args)
+    heldout = _heldout(args, ds)
     curve = estimate_curve(
         ds,
         sigmas,
@@ -101,8 +116,50 @@ def run(args: argparse.Namespace) -> int:
         restart=args.restart,
         progress=not args.quiet,
     )
+    if heldout is not None:
+        from lossfloor.floor import with_heldout
+
+        curve = with_heldout(
+            curve,
+            ds,
+            heldout,
+            outer=args.outer,
+            bandwidth=bandwidth,
+            precision=args.dtype,
+            device=device,
+            tile_bytes=int(args.tile_mb * 2**20),
+            progress=not args.quiet,
+        )
     _report(curve, args, ds)
     return 0
+
+
+def _bandwidth(args: argparse.Namespace) -> float | str | None:
+    """--bandwidth, which needs --sources (checked before any work)."""
+    from lossfloor.cli.floor import parse_bandwidth
+    from lossfloor.floor import check_bandwidth
+
+    if args.bandwidth is None:
+        return None
+    if args.sources is None:
+        raise UserError("--bandwidth: applies to held-out sources; give --sources SPEC")
+    bandwidth = parse_bandwidth(args.bandwidth)
+    check_bandwidth(bandwidth)
+    return bandwidth
+
+
+def _heldout(args: argparse.Namespace, ds: Dataset) -> Dataset | None:
+    """The --sources dataset, checked against the training data before any work."""
+    if args.sources is None:
+        return None
+    from lossfloor.data import load_dataset
+    from lossfloor.floor import check_heldout
+
+    if args.conditional:
+        raise UserError("--sources: held-out sources need an unconditional J* (no --conditional)")
+    heldout = load_dataset(args.sources)
+    check_heldout(ds.x, heldout.x)
+    return heldout
 
 
 def _estimator(args: argparse.Namespace, n: int) -> Estimator:
@@ -128,6 +185,8 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
 
     if not args.quiet:
         _print_table(curve, args.target)
+        if curve.sources is not None:
+            _print_heldout(curve)
     if args.out:
         curve.save(args.out)
     if args.plot:
@@ -143,6 +202,20 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
             ),
             args.out,
         )
+
+
+def _print_heldout(curve: Curve) -> None:
+    """Held-out losses (upper bounds on the population's J*) beside J* of the training set."""
+    print(f"held-out sources {curve.sources['name']} (n={curve.sources['n']}), per element:")
+    print(f"{'sigma':>10} {'J*(train)':>12} {'held-out':>12} {'stderr':>10} {'smoothed':>12} "
+          f"{'stderr':>10} {'b':>8}")  # fmt: skip
+    for p in curve.points:
+        sm = (
+            "" if p.smoothed_loss is None else f"{p.smoothed_loss:12.6g} {p.smoothed_stderr:10.3g} "
+        )
+        b = "" if p.bandwidth is None else f"{p.bandwidth:8.3g}"
+        print(f"{p.sigma:10.4g} {p.optimal_loss:12.6g} {p.heldout_loss:12.6g} "
+              f"{p.heldout_stderr:10.3g} {sm}{b}")  # fmt: skip
 
 
 def _print_table(curve: Curve, target: str) -> None:

@@ -22,14 +22,19 @@ REFINE = 16
 #: The estimator block of a curve's JSON holds the estimator's config and these draw parameters.
 DRAW_KEYS = ("outer", "seed", "form")
 
+#: Point fields present only for held-out sources.
+HELDOUT_KEYS = ("heldout_loss", "heldout_stderr", "smoothed_loss", "smoothed_stderr", "bandwidth")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CurvePoint:
     """J*(σ) at one σ (per element, x0 units): the reported value and its standard error, both
     forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight a of
     the closed form in the combination a·closed + (1−a)·direct, the process time t, the value in
-    the target's units (J*·loss factor, None without a target), the dtype and the seconds.
-    The fields are the JSON's keys, in order."""
+    the target's units (J*·loss factor, None without a target), the dtype and the seconds; with
+    held-out sources (``lossfloor.floor.with_heldout``) the held-out losses of the optimal
+    denoiser and of its smoothed version at ``bandwidth`` (upper bounds on the population's J*).
+    The fields are the JSON's keys, in order; the None held-out fields are left out."""
 
     sigma: float
     t: float | None = None
@@ -43,9 +48,15 @@ class CurvePoint:
     direct_stderr: float | None = None
     combined_weight_closed: float | None = None
     dtype: str | None = None
+    heldout_loss: float | None = None
+    heldout_stderr: float | None = None
+    smoothed_loss: float | None = None
+    smoothed_stderr: float | None = None
+    bandwidth: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in out.items() if v is not None or k not in HELDOUT_KEYS}
 
     @classmethod
     def from_json(cls, obj: Any) -> CurvePoint:
@@ -138,7 +149,8 @@ class Curve:
 
     ``estimator`` is the estimator's ``to_config()`` (``ESTIMATORS.from_config`` rebuilds it);
     ``outer``, ``seed`` and ``form`` fix the draws and the reported form. ``dataset``,
-    ``process`` and ``target`` describe the data and the units of ``t`` and
+    ``sources`` the held-out data of the outer draws (if any), ``process`` and ``target``
+    describe the data and the units of ``t`` and
     ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
     ``lossfloor estimate --out`` writes; ``from_json`` / ``load`` read it back.
     """
@@ -151,6 +163,7 @@ class Curve:
     data_variance: float | None = None
     precision: str | None = None
     dataset: dict[str, Any] | None = None
+    sources: dict[str, Any] | None = None
     process: dict[str, Any] | None = None
     target: dict[str, Any] | None = None
     total: Total | None = None
@@ -212,7 +225,7 @@ class Curve:
         (config + outer, seed, form), per_element, data_variance, precision, version, points,
         total."""
         out: dict[str, Any] = {}
-        for key in ("dataset", "process", "target"):
+        for key in ("dataset", "sources", "process", "target"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.estimator is not None:
@@ -245,6 +258,7 @@ class Curve:
             data_variance=obj.get("data_variance"),
             precision=obj.get("precision"),
             dataset=obj.get("dataset"),
+            sources=obj.get("sources"),
             process=obj.get("process"),
             target=obj.get("target"),
             total=None if total is None else Total.from_json(total),

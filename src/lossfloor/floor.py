@@ -1,0 +1,682 @@
+"""The generalising floor: is J*(σ) of a training set converged in N, and what bounds the
+population's optimal loss from above (docs/floor.md has the proofs).
+
+J*_train(σ) is the loss of the denoiser that memorises the training set. Two facts bracket the
+population value J*_pop(σ) = E‖x0 − E[x0 | x]‖²/D (x0 from the data distribution):
+
+- lower: E[J*_train(σ)] ≤ J*_pop(σ) (the empirical minimum is at most the empirical risk of the
+  population-optimal denoiser, whose expectation is J*_pop), and E[J*] of a random n-subset
+  rises toward J*_pop as n grows;
+- upper: any denoiser fixed without the held-out data has expected held-out loss ≥ J*_pop: the
+  training set's optimal denoiser μ_train and its smoothed version D_b (the posterior mean under
+  a Gaussian kernel density estimate of the training set, bandwidth b):
+
+      D_b(x, σ) = (σ²·μ_s(x) + b²·x)/(σ² + b²),   s = √(σ² + b²),
+
+  with μ_s the optimal denoiser of the training set at noise level s (the same kernel).
+
+``heldout_losses`` computes both held-out losses; ``floor`` adds J* on nested random subsets
+(n = N/2^k … N) and a per-σ verdict (``FloorPoint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lossfloor import __version__
+from lossfloor.data import Dataset, mean_and_variance
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.io import read_json, write_json
+from lossfloor.optimal.curve import Curve
+from lossfloor.optimal.estimate import estimate_curve
+from lossfloor.optimal.estimators import ESTIMATORS, Pool
+from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, posterior_mean
+from lossfloor.optimal.outer import (
+    OUTER_BLOCK,
+    OuterPlan,
+    base_dtype,
+    check_outer,
+    check_seed,
+    check_sigmas,
+    choose_dtype,
+    mean_and_stderr,
+    stratified_sources,
+)
+from lossfloor.seeding import generator_for
+
+if TYPE_CHECKING:
+    from lossfloor.diagnosis import Diagnosis, GapPoint
+
+Tensor = torch.Tensor
+
+#: Random-stream purposes of this module (the estimate uses 0 sources, 1 noise, 2 inner sets).
+_SUBSETS, _VALIDATION = 10, 11
+
+#: Candidate bandwidths of ``bandwidth="auto"``, in units of the data's per-element std.
+AUTO_BANDWIDTHS = tuple(float(b) for b in np.geomspace(0.01, 1.0, 9))
+
+#: J*(N) below this fraction of the data variance is memorisation, not a converged floor.
+MEMORISED = 1e-3
+
+#: Extrapolation: the rise per doubling of n shrinks by a ratio r ≤ R_MAX (a geometric series).
+R_MAX = 0.95
+
+FORMAT = "lossfloor-floor/1"
+
+
+def smoothed_posterior_mean(
+    pool: Pool,
+    queries: Tensor,
+    sigma: float,
+    bandwidth: float,
+    *,
+    exclude: Tensor | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> Tensor:
+    """D_b(q) = (σ²·μ_s(q) + b²·q)/(σ² + b²), s = √(σ² + b²): E[x0 | q] under the prior
+    (1/N)·Σ_n 𝒩(x0; x_n, b²I) (b = 0 is μ_σ). ``exclude`` (B pool indices) leaves each query's
+    own point out of the sum (leave-one-out validation)."""
+    s = math.sqrt(sigma * sigma + bandwidth * bandwidth)
+    ids = None if exclude is None else torch.arange(pool.n, device=queries.device)
+    mu = posterior_mean(
+        queries, None, s, keys_aug=pool.aug, key_ids=ids, exclude_ids=exclude, tile_bytes=tile_bytes
+    )
+    v, b2 = sigma * sigma, bandwidth * bandwidth
+    return (v * mu + b2 * queries) / (v + b2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldoutPoint:
+    """Held-out losses at σ (per element, x0 units): of the training set's optimal denoiser
+    (``heldout_loss`` = E‖x0_h − μ_train(x0_h + σε)‖²/D) and of the smoothed one at bandwidth b
+    (None without a bandwidth). Both are upper bounds on J*_pop(σ) in expectation."""
+
+    sigma: float
+    heldout_loss: float
+    heldout_stderr: float
+    smoothed_loss: float | None = None
+    smoothed_stderr: float | None = None
+    bandwidth: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_heldout(train: Tensor, heldout: Tensor) -> None:
+    """Held-out data must be items of the training data's shape."""
+    if heldout.shape[0] < 1:
+        raise ParameterError("heldout", 0, "the held-out set is empty")
+    if tuple(heldout.shape[1:]) != tuple(train.shape[1:]):
+        raise ParameterError(
+            "heldout",
+            "x".join(map(str, heldout.shape[1:])),
+            f"items differ in shape from the training data's {'x'.join(map(str, train.shape[1:]))}",
+        )
+
+
+def check_bandwidth(bandwidth: float | str | None) -> None:
+    """None, ``"auto"`` or a finite b ≥ 0."""
+    if bandwidth is None or bandwidth == "auto":
+        return
+    if not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth >= 0):
+        raise ParameterError("bandwidth", bandwidth, "expected auto or a finite number ≥ 0")
+
+
+class _Pools:
+    """The training pool in each dtype a precision policy asks for, built on first use, and the
+    dtype at σ (the fp32 error bound over training and held-out norms)."""
+
+    def __init__(self, train: Tensor, heldout_max_sq: float, device: torch.device) -> None:
+        self.train, self.device, self.heldout_max_sq = train, device, heldout_max_sq
+        self.built: dict[torch.dtype, Pool] = {}
+
+    def __call__(self, dtype: torch.dtype) -> Pool:
+        if dtype not in self.built:
+            self.built[dtype] = Pool.from_data(self.train, dtype, self.device)
+        return self.built[dtype]
+
+    def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
+        pool = self(base_dtype(precision))
+        bound = dataclasses.replace(pool, max_sq=max(pool.max_sq, self.heldout_max_sq))
+        return choose_dtype(precision, [bound], sigma)
+
+
+def _centred(x: Tensor, pool: Pool) -> Tensor:
+    """x (n×...) flattened, in float64, centred by the training pool's mean."""
+    return x.reshape(x.shape[0], -1).to(device=pool.mean.device, dtype=torch.float64) - pool.mean
+
+
+def _losses(
+    pools: _Pools,
+    x0: Tensor,
+    sources: Tensor,
+    sigma: float,
+    bandwidths: Sequence[float],
+    *,
+    seed: int,
+    stream: tuple[int, ...],
+    precision: str,
+    tile_bytes: int,
+    exclude: bool = False,
+) -> Tensor:
+    """Per-sample ‖x0_s − D_b(x0_s + σε)‖²/D for each b (K×M, float64; b = 0 is μ_σ); ε from the
+    stream (seed, *stream, block) in blocks of OUTER_BLOCK: the estimate's ε when stream = (1,)."""
+    dtype = pools.dtype_at(precision, sigma)
+    pool = pools(dtype)
+    m, d = sources.numel(), x0.shape[1]
+    out = torch.empty(len(bandwidths), m, dtype=torch.float64)
+    for j in range(math.ceil(m / OUTER_BLOCK)):
+        lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
+        src = sources[lo:hi].to(pool.x.device)
+        eps = torch.randn(
+            hi - lo, d, generator=generator_for(seed, *stream, j), dtype=torch.float64
+        )
+        x = x0[src].to(dtype)
+        q = x + sigma * eps.to(device=pool.x.device, dtype=dtype)
+        for k, b in enumerate(bandwidths):
+            excl = src if exclude else None
+            if b == 0 and not exclude:
+                mu = posterior_mean(q, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
+            else:
+                mu = smoothed_posterior_mean(pool, q, sigma, b, exclude=excl, tile_bytes=tile_bytes)
+            out[k, lo:hi] = ((x - mu).double().pow(2).sum(dim=1) / d).cpu()
+    return out
+
+
+def choose_bandwidth(
+    pools: _Pools,
+    sigma: float,
+    *,
+    outer: int,
+    seed: int,
+    precision: str = "auto",
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> float:
+    """The b of AUTO_BANDWIDTHS (× the data's per-element std) with the least leave-one-out
+    loss on the training set: M draws x0_n + σε scored by D_b over the other N − 1 points. The
+    held-out set plays no part, so D_b stays a fixed denoiser for it (a valid upper bound)."""
+    pool = pools(base_dtype(precision))
+    scale = math.sqrt(pool.a / pool.dim)
+    candidates = [b * scale for b in AUTO_BANDWIDTHS]
+    sources = stratified_sources(pool.n, outer, seed)
+    x0 = _centred(pools.train, pool)
+    losses = _losses(
+        pools,
+        x0,
+        sources,
+        sigma,
+        candidates,
+        seed=seed,
+        stream=(_VALIDATION,),
+        precision=precision,
+        tile_bytes=tile_bytes,
+        exclude=True,
+    )
+    return candidates[int(losses.mean(dim=1).argmin())]
+
+
+def heldout_losses(
+    train: Tensor,
+    heldout: Tensor,
+    sigmas: Sequence[float],
+    *,
+    outer: int | None = None,
+    seed: int = 0,
+    bandwidth: float | str | None = None,
+    validation: int | None = None,
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    progress: bool = False,
+) -> list[HeldoutPoint]:
+    """Per σ, the held-out losses of μ_train and (with ``bandwidth``: a number, or ``"auto"``
+    = ``choose_bandwidth`` per σ on ``validation`` draws, default M) of D_b.
+
+    M = ``outer`` (default: the held-out size) draws x0 from ``heldout`` (stratified as the
+    estimate draws its sources) with the estimate's noise, so with heldout = train and
+    b = None ``heldout_loss`` equals the direct form of ``estimate_curve``'s full estimator on
+    the same draws, bitwise.
+    """
+    check_heldout(train, heldout)
+    check_sigmas(list(sigmas))
+    check_seed(seed)
+    check_bandwidth(bandwidth)
+    m = heldout.shape[0] if outer is None else outer
+    check_outer(m)
+    device = torch.device(device)
+    pools = _Pools(train, 0.0, device)
+    x0 = _centred(heldout, pools(base_dtype(precision)))
+    pools.heldout_max_sq = float(x0.pow(2).sum(dim=1).max())
+    sources = stratified_sources(heldout.shape[0], m, seed)
+    points = []
+    for sigma in tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress):
+        b = bandwidth
+        if b == "auto":
+            b = choose_bandwidth(
+                pools,
+                sigma,
+                outer=validation or m,
+                seed=seed,
+                precision=precision,
+                tile_bytes=tile_bytes,
+            )
+        bws = [0.0] if b is None else [0.0, float(b)]
+        losses = _losses(
+            pools,
+            x0,
+            sources,
+            sigma,
+            bws,
+            seed=seed,
+            stream=(1,),
+            precision=precision,
+            tile_bytes=tile_bytes,
+        )
+        value, se = mean_and_stderr(losses[0])
+        smooth = (None, None) if b is None else mean_and_stderr(losses[1])
+        points.append(
+            HeldoutPoint(
+                sigma=float(sigma),
+                heldout_loss=value,
+                heldout_stderr=se,
+                smoothed_loss=smooth[0],
+                smoothed_stderr=smooth[1],
+                bandwidth=None if b is None else float(b),
+            )
+        )
+    return points
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizePoint:
+    """J* at σ of random n-subsets: the mean over ``repeats`` subsets and its standard error
+    (the spread over subsets/√repeats combined with the draws' own errors)."""
+
+    n: int
+    optimal_loss: float
+    stderr: float
+    repeats: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class FloorPoint:
+    """The floor at σ: ``lower`` = J*_train(N) (± ``lower_stderr``), ``upper`` = the least
+    held-out bound (± ``upper_stderr``, from ``upper_source``), the verdict (``converged``:
+    J*(N) − J*(N/2) within 2 standard errors and J*(N) ≥ MEMORISED·variance; ``memorised``:
+    J*(N) below that; ``rising`` otherwise) and the N-trend's extrapolation J*_∞ (± its error),
+    clipped to [lower, upper]."""
+
+    sigma: float
+    lower: float
+    lower_stderr: float
+    upper: float
+    upper_stderr: float
+    upper_source: str
+    converged: bool
+    verdict: str
+    rise: float
+    rise_stderr: float
+    extrapolated: float
+    extrapolated_stderr: float
+    heldout: HeldoutPoint
+    by_n: list[SizePoint]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["heldout"] = self.heldout.to_json()
+        out["by_n"] = [dataclasses.asdict(s) for s in self.by_n]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> FloorPoint:
+        return cls(
+            **{
+                **obj,
+                "heldout": HeldoutPoint(**obj["heldout"]),
+                "by_n": [SizePoint(**s) for s in obj["by_n"]],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The floor over a σ grid (``floor``): points, both datasets and the parameters."""
+
+    points: list[FloorPoint]
+    dataset: dict[str, Any]
+    heldout: dict[str, Any]
+    data_variance: float
+    params: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": __version__,
+            "dataset": self.dataset,
+            "heldout": self.heldout,
+            "data_variance": self.data_variance,
+            "params": self.params,
+            "points": [p.to_json() for p in self.points],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Floor:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise UserError(f"not a floor file (expected format {FORMAT!r})")
+        try:
+            return cls(
+                points=[FloorPoint.from_json(p) for p in obj["points"]],
+                dataset=obj["dataset"],
+                heldout=obj["heldout"],
+                data_variance=obj["data_variance"],
+                params=obj["params"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"not a floor file: {exc}") from None
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> Floor:
+        return cls.from_json(read_json(path))
+
+    def at(self, sigma: float) -> FloorPoint | None:
+        """The point at σ (relative tolerance 1e-9), or None."""
+        return next((p for p in self.points if math.isclose(p.sigma, sigma, rel_tol=1e-9)), None)
+
+
+def subset_sizes(n: int, levels: int = 5, sizes: Sequence[int] | None = None) -> list[int]:
+    """The subset sizes: ``sizes`` (increasing, 2 ≤ n_i ≤ N; N is appended if missing) or
+    N/2^(levels−1), …, N/2, N (rounded down, each ≥ 2)."""
+    if sizes is None:
+        if not levels >= 2:
+            raise ParameterError("levels", levels, "need at least 2 sizes (N/2 and N)")
+        sizes = [n >> k for k in range(levels - 1, 0, -1)]
+        if sizes[0] < 2:
+            raise ParameterError("levels", levels, f"N/2^{levels - 1} < 2 points for N = {n}")
+    out = [int(s) for s in sizes]
+    for s in out:
+        if not 2 <= s <= n:
+            raise ParameterError("sizes", s, f"a subset needs 2 to N = {n} points")
+    if out != sorted(set(out)):
+        raise ParameterError("sizes", ",".join(map(str, sizes)), "sizes must increase")
+    if out[-1] != n:
+        out.append(n)
+    if len(out) < 2:
+        raise ParameterError("sizes", ",".join(map(str, sizes)), "need a size below N")
+    return out
+
+
+def extrapolate(values: Sequence[float]) -> float:
+    """J*_∞ from J* at n = …, N/4, N/2, N: the rise per doubling Δ_k shrinks by
+    r = Δ_last/Δ_prev (clipped to [0, R_MAX]), so J*_∞ = J*(N) + Δ_last·r/(1 − r); no rise
+    (Δ_last ≤ 0) gives J*(N)."""
+    d_prev, d_last = values[-2] - values[-3], values[-1] - values[-2]
+    if d_last <= 0:
+        return values[-1]
+    r = min(max(d_last / d_prev, 0.0), R_MAX) if d_prev > 0 else R_MAX
+    return values[-1] + d_last * r / (1 - r)
+
+
+def _extrapolation(
+    by_n: list[SizePoint], seed: int, lower: float, upper: float
+) -> tuple[float, float]:
+    """``extrapolate`` of the size means, clipped to [lower, upper], and its error: the spread
+    over 500 parametric resamples of the means within their standard errors."""
+    if len(by_n) < 3:
+        return lower, upper - lower
+    mean = np.array([s.optimal_loss for s in by_n])
+    se = np.array([s.stderr for s in by_n])
+    rng = np.random.default_rng(seed)
+    draws = [extrapolate(mean + se * rng.standard_normal(mean.size)) for _ in range(500)]
+    clip = float(np.clip(extrapolate(mean), lower, max(lower, upper)))
+    return clip, float(np.std(np.clip(draws, lower, max(lower, upper))))
+
+
+def floor(
+    train: Dataset,
+    heldout: Dataset,
+    sigmas: Sequence[float],
+    *,
+    levels: int = 5,
+    sizes: Sequence[int] | None = None,
+    repeats: int = 3,
+    outer: int = 2048,
+    seed: int = 0,
+    bandwidth: float | str | None = "auto",
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    progress: bool = True,
+) -> Floor:
+    """Per σ: J* of nested random subsets of ``train`` (``subset_sizes(N, levels, sizes)``,
+    ``repeats`` subsets per size below N; subset r of size n is the first n points of the
+    permutation r, so sizes are nested), the held-out bounds and the verdict (``FloorPoint``).
+    Each J* is the full estimator with min(n, ``outer``) draws."""
+    x, xh = train.x, heldout.x
+    check_heldout(x, xh)
+    check_sigmas(list(sigmas))
+    check_seed(seed)
+    check_bandwidth(bandwidth)
+    check_outer(outer)
+    if not repeats >= 1:
+        raise ParameterError("repeats", repeats, "need at least 1 subset per size")
+    sizes = subset_sizes(train.n, levels, sizes)
+    full = ESTIMATORS.create("full")
+    by_size: dict[int, list[list[tuple[float, float]]]] = {n: [] for n in sizes}
+    perms = [
+        torch.randperm(train.n, generator=generator_for(seed, _SUBSETS, r)) for r in range(repeats)
+    ]
+    work = [(n, r) for n in sizes for r in range(repeats if n < train.n else 1)]
+    for n, r in tqdm(work, desc="subsets", unit="subset", disable=not progress):
+        subset = x if n == train.n else x[perms[r][:n]]
+        curve = estimate_curve(
+            subset,
+            sigmas,
+            full,
+            outer=min(n, outer),
+            seed=seed,
+            precision=precision,
+            device=device,
+            tile_bytes=tile_bytes,
+            progress=False,
+        )
+        by_size[n].append([(p.optimal_loss, p.stderr) for p in curve.points])
+    held = heldout_losses(
+        x,
+        xh,
+        sigmas,
+        outer=min(heldout.n, outer),
+        seed=seed,
+        bandwidth=bandwidth,
+        precision=precision,
+        device=device,
+        tile_bytes=tile_bytes,
+        progress=progress,
+    )
+    variance = mean_and_variance(x)[1]
+    points = [
+        _floor_point(i, sigma, sizes, by_size, held[i], variance, seed)
+        for i, sigma in enumerate(sigmas)
+    ]
+    return Floor(
+        points=points,
+        dataset=train.describe(),
+        heldout=heldout.describe(),
+        data_variance=variance,
+        params={
+            "sizes": sizes,
+            "repeats": repeats,
+            "outer": outer,
+            "seed": seed,
+            "bandwidth": bandwidth,
+            "precision": precision,
+            "memorised_below": MEMORISED,
+        },
+    )
+
+
+def _floor_point(
+    i: int,
+    sigma: float,
+    sizes: list[int],
+    by_size: dict[int, list[list[tuple[float, float]]]],
+    held: HeldoutPoint,
+    variance: float,
+    seed: int,
+) -> FloorPoint:
+    by_n = []
+    for n in sizes:
+        vals = np.array([run[i][0] for run in by_size[n]])
+        ses = np.array([run[i][1] for run in by_size[n]])
+        spread = vals.std(ddof=1) / math.sqrt(vals.size) if vals.size > 1 else 0.0
+        own = math.sqrt(float((ses**2).sum())) / vals.size
+        by_n.append(
+            SizePoint(
+                n=n, optimal_loss=float(vals.mean()), stderr=max(spread, own), repeats=vals.size
+            )
+        )
+    last, half = by_n[-1], by_n[-2]
+    rise = last.optimal_loss - half.optimal_loss
+    rise_se = math.hypot(last.stderr, half.stderr)
+    bounds = [("heldout", held.heldout_loss, held.heldout_stderr)]
+    if held.smoothed_loss is not None:
+        bounds.append(("smoothed", held.smoothed_loss, held.smoothed_stderr))
+    source, upper, upper_se = min(bounds, key=lambda b: b[1])
+    if last.optimal_loss < MEMORISED * variance:
+        verdict = "memorised"
+    elif abs(rise) <= 2 * rise_se:
+        verdict = "converged"
+    else:
+        verdict = "rising"
+    extra, extra_se = (
+        (last.optimal_loss, last.stderr)
+        if verdict != "rising"
+        else _extrapolation(by_n, seed, last.optimal_loss, upper)
+    )
+    return FloorPoint(
+        sigma=float(sigma),
+        lower=last.optimal_loss,
+        lower_stderr=last.stderr,
+        upper=upper,
+        upper_stderr=upper_se,
+        upper_source=source,
+        converged=verdict == "converged",
+        verdict=verdict,
+        rise=rise,
+        rise_stderr=rise_se,
+        extrapolated=extra,
+        extrapolated_stderr=extra_se,
+        heldout=held,
+        by_n=by_n,
+    )
+
+
+def with_heldout(
+    curve: Curve,
+    train: Dataset,
+    heldout: Dataset,
+    *,
+    outer: int | None = None,
+    bandwidth: float | str | None = None,
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    progress: bool = False,
+) -> Curve:
+    """``curve`` (J* of ``train``) with each point's held-out losses (``heldout_losses`` with
+    the curve's seed; M = ``outer``, default the held-out size) and ``sources`` = the held-out
+    dataset's description."""
+    if curve.dataset is not None and curve.dataset.get("conditional"):
+        raise ParameterError("sources", heldout.name, "held-out sources need an unconditional J*")
+    held = heldout_losses(
+        train.x,
+        heldout.x,
+        [p.sigma for p in curve.points],
+        outer=outer,
+        seed=curve.seed or 0,
+        bandwidth=bandwidth,
+        precision=precision,
+        device=device,
+        tile_bytes=tile_bytes,
+        progress=progress,
+    )
+    points = tuple(
+        dataclasses.replace(p, **{k: v for k, v in h.to_json().items() if k != "sigma"})
+        for p, h in zip(curve.points, held, strict=True)
+    )
+    return dataclasses.replace(curve, points=points, sources=heldout.describe())
+
+
+#: Readings of a gap against a floor (``read_heldout``).
+READINGS = ("underfitting", "provable headroom", "within the bracket")
+
+
+def reading(point: GapPoint, heldout: tuple[float, float], at: FloorPoint) -> str:
+    """The gap at σ read through the floor: ``underfitting`` where J* is converged in N and the
+    gap exceeds 2 standard errors (J*_train ≈ J*_pop, so the gap is headroom a model can
+    reach); ``provable headroom`` where the model's held-out loss exceeds the least held-out
+    bound by 2 standard errors (another fixed denoiser generalises better); otherwise
+    ``within the bracket`` (the headroom is at most the model's held-out loss − J*_train)."""
+    if at.converged and point.gap > 2 * point.gap_stderr:
+        return READINGS[0]
+    loss, se = heldout
+    if loss - at.upper > 2 * math.hypot(se, at.upper_stderr):
+        return READINGS[1]
+    return READINGS[2]
+
+
+def check_floor(result: Floor, dataset: Dataset, sigmas: Sequence[float]) -> None:
+    """A floor of this dataset with a point at every σ of the grid."""
+    if result.dataset.get("sha256") != dataset.sha256:
+        raise ParameterError("floor", result.dataset.get("name"), "is the floor of other data")
+    missing = [s for s in sigmas if result.at(s) is None]
+    if missing:
+        raise ParameterError("floor", f"σ = {missing[0]:g}", "has no point at this σ of the grid")
+
+
+def read_heldout(
+    diagnosis: Diagnosis,
+    model: Callable[..., Tensor],
+    train: Dataset,
+    heldout: Dataset,
+    *,
+    floor_result: Floor | None = None,
+    batch: int = 256,
+    use_labels: bool = False,
+    device: str | torch.device = "cpu",
+) -> Diagnosis:
+    """``diagnosis`` with each point's held-out model loss E‖D_θ(x0_h + σε) − x0_h‖²/D (draws
+    as the diagnosis': outer M and seed, over ``heldout``) and, with the floor of ``train``, its
+    ``reading``."""
+    from lossfloor.diagnosis import model_per_sample_loss
+
+    check_heldout(train.x, heldout.x)
+    if floor_result is not None:
+        check_floor(floor_result, train, [p.sigma for p in diagnosis.points])
+    if use_labels and heldout.labels is None:
+        raise ParameterError("heldout", heldout.name, "has no labels for a conditional model")
+    plan = OuterPlan.build(heldout.x, heldout.labels, diagnosis.outer, diagnosis.seed, False)
+    labels = heldout.labels if use_labels else None
+    points = []
+    for p in diagnosis.points:
+        per = model_per_sample_loss(
+            model, heldout, plan, p.sigma, batch, torch.device(device), labels
+        )
+        loss = mean_and_stderr(per)
+        read = None if floor_result is None else reading(p, loss, floor_result.at(p.sigma))
+        points.append(
+            dataclasses.replace(
+                p, heldout_model_loss=loss[0], heldout_model_loss_stderr=loss[1], reading=read
+            )
+        )
+    return dataclasses.replace(diagnosis, points=tuple(points), heldout=heldout.describe())

@@ -1,0 +1,393 @@
+"""The generalising floor: the smoothed denoiser against quadrature, held-out sources against the
+estimate on the same draws, the bracket E[J*_train] ≤ J*_pop ≤ held-out bounds on Gaussian data,
+and the floor command's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lossfloor.cli import main
+from lossfloor.data import Dataset, load_dataset
+from lossfloor.errors import ParameterError
+from lossfloor.floor import (
+    Floor,
+    extrapolate,
+    floor,
+    heldout_losses,
+    smoothed_posterior_mean,
+    subset_sizes,
+)
+from lossfloor.optimal import Curve, Full, Pool, estimate_curve
+
+
+def test_smoothed_posterior_mean_matches_1d_quadrature():
+    """E[x0 | x] under the prior (1/N)·Σ 𝒩(x0; x_n, b²), by quadrature over x0 in 1-D."""
+    points = torch.tensor([[-1.0], [0.3], [2.0]], dtype=torch.float64)
+    pool = Pool.from_data(points, torch.float64, "cpu")
+    sigma, b = 0.7, 0.4
+    grid = np.linspace(-12, 12, 200001)
+    prior = sum(np.exp(-((grid - p) ** 2) / (2 * b * b)) for p in points[:, 0].numpy())
+    for x in (-2.5, 0.1, 1.7):
+        like = np.exp(-((x - grid) ** 2) / (2 * sigma * sigma))
+        ref = np.trapezoid(grid * prior * like, grid) / np.trapezoid(prior * like, grid)
+        q = torch.tensor([[x]], dtype=torch.float64) - pool.mean
+        got = smoothed_posterior_mean(pool, q, sigma, b)[0, 0] + pool.mean[0]
+        assert got.item() == pytest.approx(ref, abs=1e-9)
+
+
+def test_zero_bandwidth_is_the_optimal_denoiser_and_loo_drops_the_source():
+    x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pool = Pool.from_data(x, torch.float64, "cpu")
+    q = pool.x[:7] + 0.3
+    from lossfloor.optimal import posterior_mean
+
+    mu = posterior_mean(q, None, 0.5, keys_aug=pool.aug)
+    assert torch.equal(smoothed_posterior_mean(pool, q, 0.5, 0.0), mu)
+    loo = smoothed_posterior_mean(pool, q, 0.5, 0.0, exclude=torch.arange(7))
+    for i in range(7):
+        rest = torch.cat([pool.x[:i], pool.x[i + 1 :]])
+        ref = posterior_mean(q[i : i + 1], rest, 0.5)
+        torch.testing.assert_close(loo[i : i + 1], ref, rtol=0, atol=1e-12)
+
+
+def test_heldout_equal_to_train_is_the_direct_form_on_the_same_draws():
+    ds = load_dataset("digits", limit=200)
+    sigmas = [0.02, 1.0, 10.0]  # 0.02 runs in float64 under the auto policy
+    curve = estimate_curve(ds.x, sigmas, Full(), outer=300, seed=3, progress=False)
+    held = heldout_losses(ds.x, ds.x, sigmas, outer=300, seed=3)
+    for p, h in zip(curve.points, held, strict=True):
+        assert h.heldout_loss == p.direct
+        assert h.heldout_stderr == p.direct_stderr
+
+
+def _gaussian(n: int, dim: int, seed: int) -> Dataset:
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return Dataset(f"gauss{seed}", x, None, f"{seed:064x}", False)
+
+
+def test_gaussian_bracket_and_subset_trend():
+    """For x0 ~ 𝒩(0, I) in D = 4, J*_pop = σ²/(1+σ²) per element: averaged over drawn training
+    sets E[J*_train] ≤ J*_pop ≤ both held-out bounds, and J* of nested subsets rises toward it."""
+    sigmas = [0.3, 1.0, 3.0]
+    pop = np.array([s * s / (1 + s * s) for s in sigmas])
+    heldout = _gaussian(3000, 4, 99)
+    runs = [
+        floor(
+            _gaussian(256, 4, k),
+            heldout,
+            sigmas,
+            levels=4,
+            repeats=3,
+            outer=1024,
+            seed=k,
+            progress=False,
+        )
+        for k in range(4)
+    ]
+    lower = np.array([[p.lower for p in r.points] for r in runs])
+    lower_se = lower.std(axis=0, ddof=1) / 2
+    assert np.all(lower.mean(axis=0) <= pop + 2 * lower_se)
+    for r in runs:
+        for p, j in zip(r.points, pop, strict=True):
+            h = p.heldout
+            assert j <= h.heldout_loss + 2 * h.heldout_stderr
+            assert j <= h.smoothed_loss + 2 * h.smoothed_stderr
+    # the trend over n (averaged over training sets) rises toward J*_pop from below
+    trend = np.array([[[s.optimal_loss for s in p.by_n] for p in r.points] for r in runs])
+    mean, se = trend.mean(axis=0), trend.std(axis=0, ddof=1) / 2
+    assert np.all(np.diff(mean, axis=1) > -2 * se[:, 1:])
+    assert np.all(mean[:, 0] < mean[:, -1])
+    assert np.all(mean[:, -1] <= pop + 2 * se[:, -1])
+    # at small σ the training set's denoiser snaps to its points; the smoothed one generalises
+    small = [r.points[0].heldout for r in runs]
+    assert all(h.smoothed_loss < h.heldout_loss for h in small)
+
+
+def test_verdicts_and_extrapolation():
+    assert extrapolate([0.1, 0.2, 0.25]) == pytest.approx(0.25 + 0.05 * 0.5 / 0.5)
+    assert extrapolate([0.1, 0.2, 0.2]) == 0.2
+    assert subset_sizes(100, levels=3) == [25, 50, 100]
+    assert subset_sizes(100, sizes=[10, 40]) == [10, 40, 100]
+    with pytest.raises(ParameterError, match="2 to N = 100"):
+        subset_sizes(100, sizes=[10, 200])
+    with pytest.raises(ParameterError, match="increase"):
+        subset_sizes(100, sizes=[40, 10])
+    # memorised: digits at σ = 0.01 have J* = 0 at every N; converged: σ = 30, where the
+    # posterior is spread over the whole set
+    ds = load_dataset("digits", limit=400)
+    held = Dataset("held", load_dataset("digits").x[1500:], None, "0" * 64, False)
+    result = floor(
+        ds, held, [0.01, 30.0], levels=3, repeats=2, outer=400, bandwidth=None, progress=False
+    )
+    small, large = result.points
+    assert small.verdict == "memorised" and not small.converged
+    assert large.verdict == "converged" and large.converged
+    again = Floor.from_json(result.to_json())
+    assert again.to_json() == result.to_json()
+
+
+@pytest.fixture()
+def npz(tmp_path):
+    def write(name: str, x: np.ndarray) -> str:
+        path = tmp_path / name
+        np.savez(path, x=x)
+        return str(path)
+
+    return write
+
+
+def test_floor_cli_writes_json_and_plot(tmp_path, npz, capsys):
+    rng = np.random.default_rng(0)
+    train = npz("train.npz", rng.standard_normal((128, 3)).astype(np.float32))
+    held = npz("held.npz", rng.standard_normal((64, 3)).astype(np.float32))
+    out, plot = tmp_path / "floor.json", tmp_path / "floor.png"
+    code = main(
+        [
+            "floor",
+            "--data",
+            train,
+            "--heldout",
+            held,
+            "--sigmas",
+            "0.3,3",
+            "--levels",
+            "3",
+            "--repeats",
+            "2",
+            "--outer",
+            "128",
+            "--out",
+            str(out),
+            "--plot",
+            str(plot),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    result = Floor.load(str(out))
+    assert [p.sigma for p in result.points] == [0.3, 3.0]
+    assert result.heldout["n"] == 64 and result.dataset["n"] == 128
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("held_shape", "extra", "message"),
+    [
+        ((10, 4), [], "--heldout"),
+        ((10, 3), ["--bandwidth", "-1"], "--bandwidth -1"),
+        ((10, 3), ["--sizes", "500"], "--sizes 500"),
+        ((10, 3), ["--repeats", "0"], "--repeats 0"),
+    ],
+)
+def test_floor_cli_bad_input(tmp_path, npz, capsys, held_shape, extra, message):
+    rng = np.random.default_rng(0)
+    train = npz("train.npz", rng.standard_normal((100, 3)).astype(np.float32))
+    held = npz("held.npz", rng.standard_normal(held_shape).astype(np.float32))
+    code = main(
+        [
+            "floor",
+            "--data",
+            train,
+            "--heldout",
+            held,
+            "--sigmas",
+            "1",
+            "--out",
+            str(tmp_path / "f.json"),
+            *extra,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_floor_cli_empty_heldout(tmp_path, npz, capsys):
+    train = npz("train.npz", np.zeros((20, 3), np.float32))
+    held = npz("held.npz", np.zeros((0, 3), np.float32))
+    code = main(["floor", "--data", train, "--heldout", held, "--sigmas", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "empty" in err
+
+
+def test_estimate_sources_equal_to_data_gives_the_direct_form(tmp_path, npz):
+    rng = np.random.default_rng(2)
+    train = npz("train.npz", rng.standard_normal((150, 6)).astype(np.float32))
+    plain, held = tmp_path / "plain.json", tmp_path / "held.json"
+    common = ["estimate", "--data", train, "--sigmas", "0.1,1", "--outer", "200", "--seed", "4"]
+    assert main([*common, "--out", str(plain), "--quiet"]) == 0
+    assert main([*common, "--sources", train, "--bandwidth", "0.2", "--out", str(held)]) == 0
+    a, b = Curve.load(str(plain)), Curve.load(str(held))
+    for p, q in zip(a.points, b.points, strict=True):
+        assert q.heldout_loss == p.direct and q.heldout_stderr == p.direct_stderr
+        assert q.optimal_loss == p.optimal_loss and q.bandwidth == 0.2
+        assert q.smoothed_loss is not None
+    assert b.sources["sha256"] == b.dataset["sha256"] and b.sources["n"] == 150
+    assert "heldout_loss" not in plain.read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--bandwidth", "auto"], "--bandwidth: applies to held-out sources"),
+        (["--sources", "HELD", "--bandwidth", "x"], "--bandwidth x"),
+        (["--sources", "HELD", "--conditional"], "--sources"),
+        (["--sources", "OTHER"], "--sources"),
+    ],
+)
+def test_estimate_sources_bad_input(tmp_path, npz, capsys, extra, message):
+    rng = np.random.default_rng(2)
+    train = npz("train.npz", rng.standard_normal((50, 6)).astype(np.float32))
+    held = npz("held.npz", rng.standard_normal((20, 6)).astype(np.float32))
+    other = npz("other.npz", rng.standard_normal((20, 5)).astype(np.float32))
+    extra = [{"HELD": held, "OTHER": other}.get(e, e) for e in extra]
+    code = main(["estimate", "--data", train, "--sigmas", "1", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def _gap(gap: float, se: float):
+    from lossfloor.diagnosis import GapPoint
+
+    return GapPoint(
+        sigma=1.0,
+        model_loss=0.5 + gap,
+        model_loss_stderr=se,
+        optimal_loss=0.5,
+        optimal_loss_stderr=se,
+        gap=gap,
+        gap_stderr=se,
+        seconds=0.0,
+    )
+
+
+def _floor_point(converged: bool, upper: float):
+    from lossfloor.floor import FloorPoint, HeldoutPoint
+
+    held = HeldoutPoint(sigma=1.0, heldout_loss=upper, heldout_stderr=0.01)
+    return FloorPoint(
+        sigma=1.0,
+        lower=0.5,
+        lower_stderr=0.01,
+        upper=upper,
+        upper_stderr=0.01,
+        upper_source="heldout",
+        converged=converged,
+        verdict="converged" if converged else "rising",
+        rise=0.0,
+        rise_stderr=0.01,
+        extrapolated=0.5,
+        extrapolated_stderr=0.0,
+        heldout=held,
+        by_n=[],
+    )
+
+
+def test_readings():
+    from lossfloor.floor import reading
+
+    assert reading(_gap(0.2, 0.01), (0.8, 0.01), _floor_point(True, 0.6)) == "underfitting"
+    assert reading(_gap(0.2, 0.01), (0.8, 0.01), _floor_point(False, 0.6)) == "provable headroom"
+    assert reading(_gap(0.2, 0.01), (0.61, 0.01), _floor_point(False, 0.6)) == "within the bracket"
+    assert reading(_gap(0.01, 0.01), (0.61, 0.01), _floor_point(True, 0.6)) == "within the bracket"
+
+
+def test_diagnose_heldout_with_floor(tmp_path, npz, capsys):
+    """The optimal denoiser of the training set: no gap, and its held-out loss is the floor's
+    own held-out bound (same draws), so every σ reads 'within the bracket'."""
+    rng = np.random.default_rng(5)
+    train = npz("train.npz", rng.standard_normal((128, 3)).astype(np.float32))
+    held = npz("held.npz", rng.standard_normal((64, 3)).astype(np.float32))
+    floor_json, diag = tmp_path / "floor.json", tmp_path / "diag.json"
+    sig = ["--sigmas", "0.3,3"]
+    assert (
+        main(
+            [
+                "floor",
+                "--data",
+                train,
+                "--heldout",
+                held,
+                *sig,
+                "--levels",
+                "3",
+                "--outer",
+                "64",
+                "--bandwidth",
+                "none",
+                "--out",
+                str(floor_json),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "diagnose",
+                "--model",
+                "optimal",
+                "--data",
+                train,
+                *sig,
+                "--outer",
+                "64",
+                "--heldout",
+                held,
+                "--floor",
+                str(floor_json),
+                "--out",
+                str(diag),
+            ]
+        )
+        == 0
+    )
+    from lossfloor.diagnosis import Diagnosis
+
+    result, fl = Diagnosis.load(str(diag)), Floor.load(str(floor_json))
+    assert result.heldout["n"] == 64
+    for p in result.points:
+        assert p.reading == "within the bracket"
+        ref = fl.at(p.sigma).heldout.heldout_loss
+        assert p.heldout_model_loss == pytest.approx(ref, rel=1e-5)
+    out = capsys.readouterr().out
+    assert "within the bracket" in out
+    # a floor of other data, or --floor without --heldout: one line, exit 2
+    other = npz("other.npz", rng.standard_normal((128, 3)).astype(np.float32))
+    code = main(
+        [
+            "diagnose",
+            "--model",
+            "optimal",
+            "--data",
+            other,
+            *sig,
+            "--heldout",
+            held,
+            "--floor",
+            str(floor_json),
+            "--out",
+            str(diag),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "floor of other data" in err and err.count("\n") == 1
+    code = main(
+        [
+            "diagnose",
+            "--model",
+            "optimal",
+            "--data",
+            train,
+            *sig,
+            "--floor",
+            str(floor_json),
+            "--out",
+            str(diag),
+        ]
+    )
+    assert code == 2 and "needs --heldout" in capsys.readouterr().err
