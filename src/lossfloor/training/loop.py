@@ -195,7 +195,7 @@ class Trainer:
                 f"{_schedule_name(spec)!r}; set TrainConfig.schedule to the objective's"
             )
         objective.check(self.denoiser)
-        if self.group.world > 1 and "part" not in inspect.signature(objective).parameters:
+        if self.group.world > 1 and not _takes_part(objective):
             raise UserError(
                 f"the objective {type(objective).__name__} takes no part=(start, total), so its "
                 "draws cannot be split across processes; train it in one process"
@@ -365,6 +365,12 @@ class Trainer:
         finally:
             bar.close()
         return last
+
+
+def _takes_part(objective: Callable[..., Any]) -> bool:
+    """Whether ``objective`` can be called with ``part=`` (named, or through ``**kwargs``)."""
+    params = inspect.signature(objective).parameters.values()
+    return any(p.name == "part" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class _StopRequests:
