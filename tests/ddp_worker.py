@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def cli(argv: list[str]) -> dict[str, object]:
 
 @contextlib.contextmanager
 def broken_objective(rank: int, after: int, failure: str):
-    """On ``rank``, from the objective's call ``after`` on: a NaN loss or a RuntimeError."""
+    """On ``rank``, from the objective's call ``after`` + 1 on: a NaN loss, a RuntimeError or
+    a SIGINT to this process."""
     original = DenoisingLoss.__call__
     calls = 0
 
@@ -52,6 +55,9 @@ def broken_objective(rank: int, after: int, failure: str):
             return losses
         if failure == "raise":
             raise RuntimeError("forced failure")
+        if failure == "signal":  # Ctrl-C reaching rank 1 alone, during its step `after`+1
+            os.kill(os.getpid(), signal.SIGINT)
+            return losses
         return Losses(losses.loss * float("nan"), losses.loss_x0, losses.sigma)
 
     if dist.get_rank() == rank:
@@ -99,6 +105,10 @@ def main(out: Path) -> None:
         with broken_objective(rank=1, after=0, failure="raise"):
             results["raise"] = cli(
                 [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", str(out / "raise")]
+            )
+        with broken_objective(rank=1, after=1, failure="signal"):
+            results["stop"] = cli(
+                [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", str(out / "stop")]
             )
         limit = "24" if rank == 0 else "23"  # another data set on rank 1
         results["data"] = cli(

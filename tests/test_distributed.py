@@ -145,6 +145,16 @@ def test_an_exception_on_rank_1_stops_rank_0_with_its_message(launch):
     assert "process 1 failed with RuntimeError: forced failure" in results[0]["raise"]["stderr"]
 
 
+def test_an_interrupt_on_rank_1_stops_both_ranks_after_the_same_step(launch):
+    out, results = launch
+    for rank in (0, 1):
+        assert results[rank]["stop"]["rc"] == 130
+        assert "saved a checkpoint at step 2" in results[rank]["stop"]["stderr"]
+    assert _ckpt(out / "stop")["step"] == 2
+    # as in one process, the interrupted step's interval gets no stats record
+    assert [r.step for r in read_stats(out / "stop" / "stats.jsonl")] == [1]
+
+
 def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
     out, results = launch
     for rank in (0, 1):

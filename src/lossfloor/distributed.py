@@ -64,7 +64,9 @@ class Group:
         return tensor
 
     def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process."""
+        """Whether ``flag`` is true on any process (one process: no tensor, no device sync)."""
+        if self.world == 1:
+            return flag
         return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item())
 
     def gather(self, value: object) -> list[object]:
