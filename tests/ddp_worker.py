@@ -98,6 +98,8 @@ def main(out: Path) -> None:
         results["resumed"] = cli(
             [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", half, "--resume"]
         )
+        across = str(out / "across")  # left at step 2 for the test to resume in one process
+        results["across"] = cli([*TRAIN, "--limit", "24", "--steps", "2", "--run-dir", across])
         with broken_objective(rank=1, after=2, failure="nan"):
             results["nan"] = cli(
                 [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", str(out / "nan")]

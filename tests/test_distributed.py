@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,21 @@ def test_resume_under_torchrun_is_bitwise_the_uninterrupted_run(launch):
         for path in (out / "resumed" / "stats.jsonl", out / "full" / "stats.jsonl")
     ]
     assert stats[0] == stats[1] and [r["step"] for r in stats[0]] == [1, 2, 3, 4]
+
+
+def test_a_two_process_run_resumes_in_one_process(launch, single, tmp_path):
+    out, results = launch
+    assert results[0]["across"]["rc"] == 0
+    run_dir = tmp_path / "across"
+    shutil.copytree(out / "across", run_dir)
+    argv = [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", str(run_dir), "--resume"]
+    assert lossfloor.cli.main(argv) == 0
+    one, resumed = _ckpt(single), _ckpt(run_dir)
+    assert torch.equal(one["rng"]["noise"], resumed["rng"]["noise"])
+    for key in ("model", "ema"):  # the same bound as 2 processes against 1 (see above)
+        for name, w in one[key].items():
+            torch.testing.assert_close(resumed[key][name], w, rtol=0, atol=1e-4)
+    assert json.loads((run_dir / "config.json").read_text())["processes"] == 1
 
 
 # ----- a failure on one rank stops both, with the same line -------------------------------

@@ -69,6 +69,14 @@ class Group:
             return flag
         return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item())
 
+    def mean_and_any(self, value: Tensor, flag: bool) -> tuple[Tensor, bool]:
+        """The mean over processes of the scalar ``value`` and whether ``flag`` is true on any,
+        in one all-reduce (one process: ``value`` itself)."""
+        if self.world == 1:
+            return value, flag
+        both = self.sum(torch.stack([value.detach(), value.new_tensor(float(flag))]))
+        return both[0] / self.world, bool(both[1])
+
     def gather(self, value: object) -> list[object]:
         """Every process's ``value`` (picklable), by rank."""
         if self.world == 1:

@@ -121,6 +121,7 @@ class Trainer:
         self.group.check_same("checkpoints", f"step {self.step}")
         self.train_denoiser = self._data_parallel()
         self.progress = progress
+        self.stop = _StopRequests()
 
     def _setup(
         self,
@@ -261,7 +262,8 @@ class Trainer:
 
     def _train_step(self, acc: StatsAccumulator) -> None:
         """One optimiser step on the next batch (this process's rows of it); adds it to ``acc``
-        with the batch loss: the mean over processes of their rows' mean losses."""
+        with the batch loss: the mean over processes of their rows' mean losses. The processes
+        agree on a stop request (``self.stop.agreed``) in the same all-reduce."""
         start = time.perf_counter()
         b, (lo, hi) = self.config.batch, self.rows
         idx = self.order.indices(self.step * b, b)[lo:hi].to(self.device)
@@ -273,7 +275,8 @@ class Trainer:
                 self.train_denoiser, x0, labels, g_sigma=self.g_sigma, g_noise=self.g_noise, **part
             )
             loss = losses.loss.mean()
-        batch_loss = self.group.sum(loss.detach() / self.group.world)
+        batch_loss, agreed = self.group.mean_and_any(loss.detach(), self.stop.requested)
+        self.stop.agreed = agreed
         if not torch.isfinite(batch_loss):
             raise self.rundir.diverged(self.step + 1, f"the loss is {float(batch_loss)}")
         self._optimize(loss)
@@ -310,6 +313,14 @@ class Trainer:
             record.callback_seconds = time.perf_counter() - started
         return record
 
+    def _stop_now(self, after_step: bool) -> bool:
+        """Whether to stop between steps: one process as soon as it is asked; several processes
+        after a step in which any had been asked by the end of its forward pass, so that all
+        stop after the same step."""
+        if self.group.world == 1:
+            return self.stop.requested
+        return after_step and self.stop.agreed
+
     def _stats_file(self) -> AbstractContextManager[TextIO | None]:
         """stats.jsonl, opened to append on rank 0 (the others write nothing)."""
         return open(self.rundir.stats, "a") if self.group.main else nullcontext()
@@ -339,13 +350,13 @@ class Trainer:
             total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
         try:
-            with self._stats_file() as stats, _StopRequests() as stop:
+            with self._stats_file() as stats, self.stop:
                 while self.step < c.steps:
-                    if self.group.any(stop.requested):
+                    if self._stop_now(after_step=False):
                         raise self._interrupted()
                     self._train_step(acc)
                     bar.update(1)
-                    if self.group.any(stop.requested):
+                    if self._stop_now(after_step=True):
                         raise self._interrupted()
                     step = self.step
                     call = bool(self.callbacks) and step % self.callback_every == 0
@@ -379,9 +390,11 @@ class _StopRequests:
 
     def __init__(self) -> None:
         self.requested = False
+        self.agreed = False  # several processes: whether any had been asked (Trainer._train_step)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequests:
+        self.requested = self.agreed = False
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._request)

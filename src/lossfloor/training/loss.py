@@ -43,7 +43,8 @@ class DenoisingLoss:
     """The denoising loss under ``schedule`` (p(σ) and w(σ)); a schedule object, name or config.
 
     Randomness, in this order: σ from ``g_sigma`` (the schedule's ``sample``), then
-    ε = randn(x0.shape) from ``g_noise``, both CPU generators.
+    ε = randn(x0.shape) from ``g_noise`` (both for the whole batch under ``part=``), both CPU
+    generators.
     """
 
     def __init__(self, schedule: NoiseSchedule | str | Mapping[str, Any] = "edm") -> None:
