@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 import lossfloor.cli
+from lossfloor.data import load_dataset
 from lossfloor.distributed import launched
-from lossfloor.training import DenoisingLoss, Losses
+from lossfloor.errors import UserError
+from lossfloor.training import DenoisingLoss, Losses, TrainConfig, train
 
 TRAIN = ["train", "--data", "digits", "--model", "tiny", "--batch", "8", "--warmup", "2"]
 TRAIN += ["--log-every", "1", "--checkpoint-every", "2", "--no-progress", "--device", "cpu"]
@@ -85,6 +87,23 @@ def recorded_parts(parts: list[list[int]]):
         DenoisingLoss.__call__ = original
 
 
+class WholeBatchLoss(DenoisingLoss):
+    """An objective that cannot draw for a part of the batch (no ``part=``)."""
+
+    def __call__(self, denoiser, x0, labels, *, g_sigma, g_noise) -> Losses:
+        return super().__call__(denoiser, x0, labels, g_sigma=g_sigma, g_noise=g_noise)
+
+
+def api_error(run_dir: Path) -> str | None:
+    """The UserError of ``train`` with ``WholeBatchLoss`` (None if it trained)."""
+    config = TrainConfig(steps=1, batch=8, model="tiny", warmup=2)
+    try:
+        train(config, load_dataset("digits", limit=24), run_dir, objective=WholeBatchLoss())
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     with launched(torch.device("cpu")) as (group, _):
@@ -112,6 +131,10 @@ def main(out: Path) -> None:
             results["stop"] = cli(
                 [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", str(out / "stop")]
             )
+        results["batch"] = cli(
+            [*TRAIN, "--limit", "24", "--steps", "2", "--batch", "7", "--run-dir", str(out / "b")]
+        )
+        results["objective"] = api_error(out / "objective")
         limit = "24" if rank == 0 else "23"  # another data set on rank 1
         results["data"] = cli(
             [*TRAIN, "--limit", limit, "--steps", "2", "--run-dir", str(out / "data")]

@@ -180,6 +180,15 @@ def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
     assert not (out / "data" / "checkpoint-latest.pt").exists()
 
 
+def test_a_batch_that_does_not_split_and_an_unsplittable_objective_are_refused(launch):
+    _, results = launch
+    for rank in (0, 1):
+        assert results[rank]["batch"]["rc"] == 2
+        line = "--batch 7: must be a multiple of the number of processes (2)"
+        assert line in results[rank]["batch"]["stderr"]
+        assert "WholeBatchLoss takes no part=(start, total)" in results[rank]["objective"]
+
+
 def test_a_bad_checkpoint_stops_every_rank(launch):
     _, results = launch
     for rank in (0, 1):

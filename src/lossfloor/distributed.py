@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ TIMEOUT_ENV = "LOSSFLOOR_DIST_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 600.0
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,11 @@ class Group:
         both = self.sum(torch.stack([value.detach(), value.new_tensor(float(flag))]))
         return both[0] / self.world, bool(both[1])
 
-    def gather(self, value: object) -> list[object]:
+    def gather(self, value: T) -> list[T]:
         """Every process's ``value`` (picklable), by rank."""
         if self.world == 1:
             return [value]
-        values: list[object] = [None] * self.world
+        values: list[Any] = [None] * self.world
         dist.all_gather_object(values, value)
         return values
 
@@ -108,11 +110,12 @@ class Group:
             error = exc
         self.settle(error)
 
-    def check_same(self, what: str, value: str) -> None:
-        """UserError on every process unless ``value`` (e.g. a fingerprint) is the same on all."""
-        values = self.gather(value)
-        if len(set(values)) > 1:
-            listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+    def check_same(self, what: str, value: str, shown: str | None = None) -> None:
+        """UserError on every process unless ``value`` (e.g. a fingerprint) is the same on all;
+        the message lists each process's ``shown`` (default: the value)."""
+        pairs = self.gather((value, value if shown is None else shown))
+        if len({v for v, _ in pairs}) > 1:
+            listed = ", ".join(f"rank {r}: {s}" for r, (_, s) in enumerate(pairs))
             raise UserError(
                 f"the {self.world} processes hold different {what} ({listed}); give every "
                 "process the same inputs"

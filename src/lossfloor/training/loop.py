@@ -115,7 +115,8 @@ class Trainer:
     ) -> None:
         self.device = torch.device(device)
         self.group = current(self.device)
-        self.group.check_same("data", f"{dataset.name} (sha256 {dataset.sha256[:12]}…)")
+        shown = f"{dataset.name}, sha256 {dataset.sha256[:12]}…"
+        self.group.check_same("data", dataset.sha256, shown)
         with self.group.together():
             self._setup(config, dataset, run_dir, resume, objective, callbacks, callback_every)
         self.group.check_same("checkpoints", f"step {self.step}")
