@@ -121,7 +121,7 @@ class Trainer:
             self._setup(config, dataset, run_dir, resume, objective, callbacks, callback_every)
         self.group.check_same("checkpoints", f"step {self.step}")
         self.train_denoiser = self._data_parallel()
-        self.progress = progress
+        self.progress = progress if self.group.main else False  # one bar: rank 0's
         self.stop = _StopRequests()
 
     def _setup(
@@ -346,7 +346,6 @@ class Trainer:
         acc = StatsAccumulator(self.device)
         self.net.train()
         disable = None if self.progress is None else not self.progress
-        disable = disable if self.group.main else True
         bar = tqdm(
             total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
