@@ -87,6 +87,12 @@ def _schedule_name(spec: Any) -> str:
     return str(spec.get("name", "") if isinstance(spec, dict) else spec).lower()
 
 
+def _takes_part(objective: Callable[..., Any]) -> bool:
+    """Whether ``objective`` can be called with ``part=`` (named, or through ``**kwargs``)."""
+    params = inspect.signature(objective).parameters.values()
+    return any(p.name == "part" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 class Trainer:
     """One training run in ``run_dir``; ``run()`` trains up to ``config.steps``.
 
@@ -376,12 +382,6 @@ class Trainer:
         finally:
             bar.close()
         return last
-
-
-def _takes_part(objective: Callable[..., Any]) -> bool:
-    """Whether ``objective`` can be called with ``part=`` (named, or through ``**kwargs``)."""
-    params = inspect.signature(objective).parameters.values()
-    return any(p.name == "part" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class _StopRequests:
