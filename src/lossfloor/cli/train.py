@@ -62,7 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a diffusion model on a dataset",
         description="Train a preset UNet on --data under any process/target/schedule; "
-        "--resume continues a run exactly (bitwise the same as an uninterrupted run).",
+        "--resume continues a run exactly (bitwise the same as an uninterrupted run). Under "
+        "torchrun (torchrun --nproc_per_node K -m lossfloor train ...) the K processes train "
+        "with DistributedDataParallel on the same global batch (--batch, split K ways).",
     )
     add_data_arguments(p)
     p.add_argument("--run-dir", required=True, metavar="DIR", help="run directory (created)")
@@ -123,27 +125,32 @@ def _monitor(
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lossfloor.distributed import launched
     from lossfloor.training import TrainConfig, train
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional")}
-    options = {k: v for k, v in given.items() if v is not None}
-    run_dir = Path(args.run_dir)
-    if args.resume:
-        options = {**_saved_options(run_dir), **options}
-    config = TrainConfig(**{**options, "steps": args.steps})
-    dataset = load_data_from_args(args)
-    callbacks = [_monitor(args, dataset, config.conditional, device)] if args.monitor else []
-    last = train(
-        config,
-        dataset,
-        run_dir,
-        resume=args.resume,
-        device=device,
-        progress=False if args.no_progress else None,
-        callbacks=callbacks,
-        callback_every=args.monitor_every if callbacks else 0,
-    )
+    with launched(device) as (group, device):  # under torchrun: one process of a group
+        with group.together():
+            given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional")}
+            options = {k: v for k, v in given.items() if v is not None}
+            run_dir = Path(args.run_dir)
+            if args.resume:
+                options = {**_saved_options(run_dir), **options}
+            config = TrainConfig(**{**options, "steps": args.steps})
+            dataset = load_data_from_args(args)
+            monitor = _monitor(args, dataset, config.conditional, device) if args.monitor else None
+        last = train(
+            config,
+            dataset,
+            run_dir,
+            resume=args.resume,
+            device=device,
+            progress=False if args.no_progress else None,
+            callbacks=[monitor] if monitor else [],
+            callback_every=args.monitor_every if monitor else 0,
+        )
+    if not group.main:
+        return 0
     if last is None:
         print(f"{run_dir}: already trained for {config.steps} steps; raise --steps to continue")
     else:

@@ -10,23 +10,36 @@ with AdamW, linear LR warm-up over ``warmup`` steps, gradient-norm clipping and 
 in images). Randomness: data order from a permutation per epoch seeded by (seed, epoch) — a pure
 function of the images seen — and σ and ε from two seeded CPU generators whose states are
 checkpointed with the objective's state, so a resumed run is bitwise the uninterrupted one.
+
+Data parallelism (torch.distributed set up, e.g. by torchrun; ``lossfloor.distributed``): process
+r of K trains on rows [rB/K, (r+1)B/K) of the same global batch — the same image indices and the
+same σ and ε draws as one process (every process draws the whole batch's, ``part=`` of the
+objective) — through DistributedDataParallel, whose gradient average equals one process's batch
+gradient up to reduction order. The batch loss and the stats are summed over processes; rank 0
+writes config.json, checkpoints and stats; every process loads the checkpoint on resume. Errors
+are agreed on (start-up, every step's forward, every log and checkpoint), so a failure on one
+process stops all with the same message.
+
 Files: ``training.rundir``; options: ``training.config``; stats records: ``training.stats``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
+from lossfloor.distributed import current
 from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import CHECKPOINT_FORMAT
 from lossfloor.schedules import get_schedule
@@ -74,6 +87,12 @@ def _schedule_name(spec: Any) -> str:
     return str(spec.get("name", "") if isinstance(spec, dict) else spec).lower()
 
 
+def _takes_part(objective: Callable[..., Any]) -> bool:
+    """Whether ``objective`` can be called with ``part=`` (named, or through ``**kwargs``)."""
+    params = inspect.signature(objective).parameters.values()
+    return any(p.name == "part" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 class Trainer:
     """One training run in ``run_dir``; ``run()`` trains up to ``config.steps``.
 
@@ -100,6 +119,28 @@ class Trainer:
         callback_every: int = 0,
         progress: bool | None = None,
     ) -> None:
+        self.device = torch.device(device)
+        self.group = current(self.device)
+        shown = f"{dataset.name}, sha256 {dataset.sha256[:12]}…"
+        self.group.check_same("data", dataset.sha256, shown)
+        with self.group.together():
+            self._setup(config, dataset, run_dir, resume, objective, callbacks, callback_every)
+        self.group.check_same("checkpoints", f"step {self.step}")
+        self.train_denoiser = self._data_parallel()
+        self.progress = progress if self.group.main else False  # one bar: rank 0's
+        self.stop = _StopRequests()
+
+    def _setup(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        run_dir: str | Path,
+        resume: bool,
+        objective: DenoisingLoss | None,
+        callbacks: Sequence[Callback],
+        callback_every: int,
+    ) -> None:
+        """Checks, model, objective, draws and the run directory (started or resumed)."""
         if dataset.x.ndim != 4:
             raise UserError(f"training needs images (N×C×H×W); {dataset.name} holds N×D vectors")
         if config.conditional and dataset.labels is None:
@@ -108,9 +149,8 @@ class Trainer:
             raise ParameterError("callback_every", callback_every, "callbacks need at least 1")
         self.config, self.dataset = config, dataset
         self.rundir = RunDir(run_dir)
-        self.device = torch.device(device)
         self.callbacks, self.callback_every = list(callbacks), callback_every
-        self.progress = progress
+        self.rows = self.group.part(config.batch)
         self._build_model()
         self.objective = self._objective(objective)
         self.g_sigma = generator_for(config.seed, _STREAM_SIGMA)
@@ -120,12 +160,13 @@ class Trainer:
         self.labels = dataset.labels.to(self.device) if config.conditional else None
         self.step = 0
         self.seconds = 0.0
-        self.run_config = run_config(
-            config, dataset, self.denoiser, self.objective.schedule, str(self.device)
-        )
+        self.run_config = {
+            **run_config(config, dataset, self.denoiser, self.objective.schedule, str(self.device)),
+            "processes": self.group.world,
+        }
         if resume:
             self._resume()
-        else:
+        elif self.group.main:
             self.rundir.start(self.run_config)
 
     # ----- setup ---------------------------------------------------------------------------
@@ -162,7 +203,24 @@ class Trainer:
                 f"{_schedule_name(spec)!r}; set TrainConfig.schedule to the objective's"
             )
         objective.check(self.denoiser)
+        if self.group.world > 1 and not _takes_part(objective):
+            raise UserError(
+                f"the objective {type(objective).__name__} takes no part=(start, total), so its "
+                "draws cannot be split across processes; train it in one process"
+            )
         return objective
+
+    def _data_parallel(self) -> Denoiser:
+        """The denoiser the steps train through: under data parallelism, the net wrapped in
+        DistributedDataParallel (it averages the gradients over processes)."""
+        if self.group.world == 1:
+            return self.denoiser
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device] if self.device.type == "cuda" else None
+        net = DistributedDataParallel(self.net, device_ids=ids)
+        c = self.config
+        return Denoiser(net, c.process, c.target, c.sigma_data)
 
     # ----- run directory -------------------------------------------------------------------
     def _resume(self) -> None:
@@ -179,7 +237,8 @@ class Trainer:
                 "steps", self.config.steps, f"the run in {self.rundir.path} is already at step "
                 f"{self.step}; give at least {self.step} to continue it",
             )  # fmt: skip
-        self.rundir.continue_at(self.step, self.run_config)
+        if self.group.main:
+            self.rundir.continue_at(self.step, self.run_config)
 
     def _save(self) -> None:
         for name, module in (("model", self.net), ("EMA", self.ema.model)):
@@ -198,7 +257,9 @@ class Trainer:
             "rng": {"sigma": self.g_sigma.get_state(), "noise": self.g_noise.get_state()},
         }
         every = self.config.snapshot_every
-        self.rundir.save(ckpt, snapshot=bool(every) and self.step % every == 0)
+        with self.group.together():
+            if self.group.main:
+                self.rundir.save(ckpt, snapshot=bool(every) and self.step % every == 0)
 
     # ----- training ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -207,24 +268,30 @@ class Trainer:
         return self.config.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
     def _train_step(self, acc: StatsAccumulator) -> None:
-        """One optimiser step on the next batch; adds it to ``acc``."""
+        """One optimiser step on the next batch (this process's rows of it); adds it to ``acc``
+        with the batch loss: the mean over processes of their rows' mean losses. The processes
+        agree on a stop request (``self.stop.agreed``) in the same all-reduce."""
         start = time.perf_counter()
-        b = self.config.batch
-        idx = self.order.indices(self.step * b, b).to(self.device)
+        b, (lo, hi) = self.config.batch, self.rows
+        idx = self.order.indices(self.step * b, b)[lo:hi].to(self.device)
         x0 = self.x[idx]
         labels = None if self.labels is None else self.labels[idx]
-        losses = self.objective(
-            self.denoiser, x0, labels, g_sigma=self.g_sigma, g_noise=self.g_noise
-        )
-        loss = losses.loss.mean()
-        if not torch.isfinite(loss):
-            raise self.rundir.diverged(self.step + 1, f"the loss is {float(loss.detach())}")
+        part = {} if self.group.world == 1 else {"part": (lo, b)}
+        with self.group.together():
+            losses = self.objective(
+                self.train_denoiser, x0, labels, g_sigma=self.g_sigma, g_noise=self.g_noise, **part
+            )
+            loss = losses.loss.mean()
+        batch_loss, agreed = self.group.mean_and_any(loss.detach(), self.stop.requested)
+        self.stop.agreed = agreed
+        if not torch.isfinite(batch_loss):
+            raise self.rundir.diverged(self.step + 1, f"the loss is {float(batch_loss)}")
         self._optimize(loss)
         self.step += 1
         self.ema.update(self.net, self.step * b, b)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        acc.add(loss, losses.sigma, losses.loss_x0, seconds)
+        acc.add(batch_loss, losses.sigma, losses.loss_x0, seconds)
 
     def _optimize(self, loss: Tensor) -> None:
         """Backward, gradient clipping and the AdamW step at the warm-up learning rate."""
@@ -239,11 +306,12 @@ class Trainer:
         self.optimizer.step()
 
     def _log(self, acc: StatsAccumulator, call: bool) -> StatsRecord:
-        """The record of the interval ending now; if ``call``, the callbacks see it as a dict
-        (``to_json()``) and what they add becomes ``extra``."""
+        """The record of the interval ending now (``acc`` reduced over the processes); if
+        ``call`` (and on rank 0), the callbacks see it as a dict (``to_json()``) and what they add
+        becomes ``extra``."""
         step = self.step
         record = acc.record(step, step * self.config.batch, self.lr_at(step - 1), self.seconds)
-        if call:
+        if call and self.group.main:
             started = time.perf_counter()
             view = record.to_json()
             for cb in self.callbacks:
@@ -251,6 +319,18 @@ class Trainer:
             record = StatsRecord.from_json(view)
             record.callback_seconds = time.perf_counter() - started
         return record
+
+    def _stop_now(self, after_step: bool) -> bool:
+        """Whether to stop between steps: one process as soon as it is asked; several processes
+        after a step in which any had been asked by the end of its forward pass, so that all
+        stop after the same step."""
+        if self.group.world == 1:
+            return self.stop.requested
+        return after_step and self.stop.agreed
+
+    def _stats_file(self) -> AbstractContextManager[TextIO | None]:
+        """stats.jsonl, opened to append on rank 0 (the others write nothing)."""
+        return open(self.rundir.stats, "a") if self.group.main else nullcontext()
 
     def _interrupted(self) -> Interrupted:
         """Save the state after the last whole step (if any) and say what was kept."""
@@ -263,7 +343,8 @@ class Trainer:
         return Interrupted("no training step had finished; nothing was saved")
 
     def run(self) -> StatsRecord | None:
-        """Train to ``config.steps``; the last stats record (None if there was nothing to do)."""
+        """Train to ``config.steps``; the last stats record (None if there was nothing to do;
+        under data parallelism callbacks run, and add to it, on rank 0 only)."""
         from tqdm import tqdm
 
         c = self.config
@@ -275,22 +356,25 @@ class Trainer:
             total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
         try:
-            with open(self.rundir.stats, "a") as stats, _StopRequests() as stop:
+            with self._stats_file() as stats, self.stop:
                 while self.step < c.steps:
-                    if stop.requested:
+                    if self._stop_now(after_step=False):
                         raise self._interrupted()
                     self._train_step(acc)
                     bar.update(1)
-                    if stop.requested:
+                    if self._stop_now(after_step=True):
                         raise self._interrupted()
                     step = self.step
                     call = bool(self.callbacks) and step % self.callback_every == 0
                     ckpt = step % c.checkpoint_every == 0 or step == c.steps
                     if not (call or ckpt or step % c.log_every == 0):
                         continue
-                    record = self._log(acc, call)
-                    stats.write(json.dumps(record.to_json()) + "\n")
-                    stats.flush()
+                    acc.reduce(self.group)
+                    with self.group.together():
+                        record = self._log(acc, call)
+                        if self.group.main:
+                            stats.write(json.dumps(record.to_json()) + "\n")
+                            stats.flush()
                     bar.set_postfix(loss=f"{record.loss:.4g}")
                     if ckpt:
                         self._save()
@@ -306,9 +390,11 @@ class _StopRequests:
 
     def __init__(self) -> None:
         self.requested = False
+        self.agreed = False  # several processes: whether any had been asked (Trainer._train_step)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequests:
+        self.requested = self.agreed = False
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._request)

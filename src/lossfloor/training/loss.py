@@ -43,7 +43,8 @@ class DenoisingLoss:
     """The denoising loss under ``schedule`` (p(σ) and w(σ)); a schedule object, name or config.
 
     Randomness, in this order: σ from ``g_sigma`` (the schedule's ``sample``), then
-    ε = randn(x0.shape) from ``g_noise``, both CPU generators.
+    ε = randn(x0.shape) from ``g_noise`` (both for the whole batch under ``part=``), both CPU
+    generators.
     """
 
     def __init__(self, schedule: NoiseSchedule | str | Mapping[str, Any] = "edm") -> None:
@@ -57,11 +58,19 @@ class DenoisingLoss:
         *,
         g_sigma: torch.Generator,
         g_noise: torch.Generator,
+        part: tuple[int, int] | None = None,
     ) -> Losses:
-        """Per-sample losses of the batch x0 (N×…) with optional labels."""
-        sigma = self.schedule.sample(len(x0), g_sigma)
+        """Per-sample losses of the batch x0 (N×…) with optional labels.
+
+        ``part=(start, total)``: x0 is rows start…start+N−1 of a batch of ``total`` split across
+        processes (data-parallel training); σ and ε are drawn for the whole batch, as one
+        process draws them, and these rows' are used, so the draws do not depend on the split.
+        """
+        start, total = (0, len(x0)) if part is None else part
+        rows = slice(start, start + len(x0))
+        sigma = self.schedule.sample(total, g_sigma)[rows]
         weight = self.schedule.weight(sigma).to(x0.device, x0.dtype)
-        eps = torch.randn(x0.shape, generator=g_noise).to(x0.device)
+        eps = torch.randn((total, *x0.shape[1:]), generator=g_noise)[rows].to(x0.device)
         s = sigma.to(x0.device, x0.dtype)
         x = x0 + s.view(-1, *[1] * (x0.ndim - 1)) * eps
         loss_x0 = (denoiser(x, s, labels) - x0).square().mean(dim=tuple(range(1, x0.ndim)))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 
 Tensor = torch.Tensor
@@ -82,7 +83,8 @@ def read_stats(path: str | Path) -> list[StatsRecord]:
 
 
 class StatsAccumulator:
-    """Sums over one log interval: batch loss, x0 loss and image count per σ bin, time."""
+    """Sums over one log interval: batch loss, x0 loss and image count per σ bin, time; under
+    data parallelism each process adds its rows and ``reduce`` sums them."""
 
     def __init__(self, device: torch.device) -> None:
         self.inner_edges = torch.tensor(SIGMA_BIN_EDGES[1:-1], dtype=torch.float64)
@@ -103,6 +105,16 @@ class StatsAccumulator:
         self.steps += 1
         self.images += len(sigma)
         self.seconds += seconds
+
+    def reduce(self, group: Group) -> None:
+        """Sum the per-bin x0-loss sums and image counts over ``group``'s processes, each of
+        which added its rows of every batch (the batch losses added are already the global
+        batch's); the time stays this process's."""
+        if group.world == 1:
+            return
+        sums = group.sum(torch.stack([self.bin_sum, self.bin_count]))
+        self.bin_sum, self.bin_count = sums[0], sums[1]
+        self.images = int(self.bin_count.sum())
 
     def record(self, step: int, images: int, lr: float, total_seconds: float) -> StatsRecord:
         """The interval's record (``images``, ``lr``, ``total_seconds``: of the run)."""
