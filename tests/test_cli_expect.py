@@ -3,11 +3,13 @@ reusing an estimate in diagnose, CSV tables, help texts and progress lines (thro
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-import pytest
+from test_cli_hardening import EST, one_line_error
 
 from lossfloor.cli import main
-from test_cli_hardening import one_line_error
+from lossfloor.plots import BELOW_FLOOR
 
 
 def test_random_bytes_are_not_a_valid_npz_or_npy(tmp_path, capsys):
@@ -31,3 +33,51 @@ def test_gray_and_rgb_images_of_one_size_differ_in_channels(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.png")
     line = one_line_error(capsys, ["data", "--data", str(tmp_path)])
     assert "differ in channels" in line and "gray (1 channel)" in line and "size" not in line
+
+
+def _drawn_lines(monkeypatch) -> list[list[tuple[str, np.ndarray, np.ndarray]]]:
+    """Record (label, x, y) of every line of each figure the plots save."""
+    import lossfloor.plots
+
+    figures, real = [], lossfloor.plots.save_figure
+
+    def keep(fig, path):
+        figures.append(
+            [
+                (ln.get_label(), ln.get_xdata(), ln.get_ydata())
+                for ax in fig.axes
+                for ln in ax.get_lines()
+            ]  # fmt: skip
+        )
+        real(fig, path)
+
+    monkeypatch.setattr(lossfloor.plots, "save_figure", keep)
+    return figures
+
+
+def test_estimate_plot_marks_a_zero_optimal_loss(tmp_path, capsys, monkeypatch):
+    figures = _drawn_lines(monkeypatch)
+    out, png = tmp_path / "e.json", tmp_path / "e.png"
+    argv = [*EST, "--sigmas", "1e-4,1,10", "--out", str(out), "--plot", str(png)]
+    assert main(argv) == 0 and png.stat().st_size > 0
+    values = [p["optimal_loss"] for p in json.loads(out.read_text())["points"]]
+    assert values[0] == 0 and min(values[1:]) > 0
+    (marked,) = [(x, y) for label, x, y in figures[0] if label == BELOW_FLOOR]
+    assert list(marked[0]) == [1e-4]  # only the zero is marked, at the axis' floor
+    curve = next(y for label, _, y in figures[0] if label == "full")
+    assert marked[1][0] == curve[0] < min(values[1:]) / 2
+
+
+def test_diagnosis_plot_with_no_positive_loss(tmp_path, capsys, monkeypatch):
+    """The optimal denoiser at σ = 1e-4 has J_θ = J* = 0 at every draw: the plot is drawn (it
+    crashed on min() of nothing) and both points are marked as below the floor."""
+    figures = _drawn_lines(monkeypatch)
+    png = tmp_path / "d.png"
+    argv = ["diagnose", "--model", "optimal", "--data", "digits", "--limit", "50", "--sigmas",
+            "1e-4", "--outer", "8", "--no-cache", "--quiet", "--out", str(tmp_path / "d.json"),
+            "--plot", str(png)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert png.stat().st_size > 0
+    marked = [x for label, x, _ in figures[0] if label == BELOW_FLOOR]
+    assert len(marked) == 1 and list(marked[0]) == [1e-4]
+    assert sum(label.startswith("_") for label, _, _ in figures[0]) >= 1  # the second ▽: no label
