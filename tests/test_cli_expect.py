@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_cli_hardening import EST, one_line_error
 
 from lossfloor.cli import main
@@ -81,3 +82,21 @@ def test_diagnosis_plot_with_no_positive_loss(tmp_path, capsys, monkeypatch):
     marked = [x for label, x, _ in figures[0] if label == BELOW_FLOOR]
     assert len(marked) == 1 and list(marked[0]) == [1e-4]
     assert sum(label.startswith("_") for label, _, _ in figures[0]) >= 1  # the second ▽: no label
+
+
+def test_diagnose_at_huge_sigma_gives_the_data_variance(tmp_path, capsys):
+    """σ up to float32's range: J* (auto precision: float64 once R² + D·σ² passes 1e30) and the
+    optimal model's loss are the data variance (M = N: every point drawn once). Beyond it the
+    model's float32 input overflows: one line."""
+    from lossfloor.data import load_dataset, mean_and_variance
+
+    variance = mean_and_variance(load_dataset("digits", limit=50).x)[1]
+    out = tmp_path / "d.json"
+    base = ["diagnose", "--model", "optimal", "--data", "digits", "--limit", "50", "--outer",
+            "50", "--no-cache", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main([*base, "--sigmas", "1e20,1e37"]) == 0, capsys.readouterr().err
+    for p in json.loads(out.read_text())["points"]:
+        assert p["optimal_loss"] == pytest.approx(variance, rel=1e-9)
+        assert p["model_loss"] == pytest.approx(variance, rel=1e-6)  # the model's float32 output
+    line = one_line_error(capsys, [*base, "--sigmas", "1,1e38"])
+    assert "--sigmas 1e+38" in line and "overflows the data's float32" in line

@@ -227,6 +227,7 @@ def diagnose(
     from tqdm.auto import tqdm
 
     check_sigmas(sigmas)
+    _check_model_input_range(sigmas, dataset.x.dtype)
     if not batch >= 1:
         raise ParameterError("batch", batch, "must be ≥ 1")
     device = torch.device(device)
@@ -246,6 +247,23 @@ def diagnose(
         seed=seed,
         model=model_info,
     )
+
+
+#: |ε| bound used for the model input's range: P(|ε| > 10) ≈ 1.5e-23 per element.
+EPS_BOUND = 10.0
+
+
+def _check_model_input_range(sigmas: Sequence[float], dtype: torch.dtype) -> None:
+    """Refuse a σ at which the model's input x0 + σε (in the data's dtype) would overflow:
+    σ·EPS_BOUND above the dtype's largest value."""
+    top = torch.finfo(dtype).max
+    for sigma in sigmas:
+        if sigma * EPS_BOUND > top:
+            name = str(dtype).removeprefix("torch.")
+            raise ParameterError(
+                "sigmas", sigma, f"the model's input x0 + σε overflows the data's {name} (max "
+                f"{top:.3g}) at this σ; J* there is the data variance (lossfloor data)",
+            )  # fmt: skip
 
 
 def optimal_per_sample_loss(
