@@ -3,6 +3,7 @@ reusing an estimate in diagnose, CSV tables, help texts and progress lines (thro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -100,3 +101,108 @@ def test_diagnose_at_huge_sigma_gives_the_data_variance(tmp_path, capsys):
         assert p["model_loss"] == pytest.approx(variance, rel=1e-6)  # the model's float32 output
     line = one_line_error(capsys, [*base, "--sigmas", "1,1e38"])
     assert "--sigmas 1e+38" in line and "overflows the data's float32" in line
+
+
+DIAG = ["diagnose", "--model", "optimal", "--data", "digits", "--limit", "60", "--no-cache"]
+
+
+def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
+    """--curve: J* is the estimate's direct form, the same per-sample mean diagnose computes,
+    so every number equals a paired run's except the gap's ±, the bound se(J_θ) + se(J*)."""
+    est = tmp_path / "c.json"
+    assert main([*EST[:4], "60", "--quiet", "--sigmas", "0.3,1,3", "--outer", "90",
+                 "--seed", "2", "--out", str(est)]) == 0  # fmt: skip
+    paired, reused = tmp_path / "p.json", tmp_path / "r.json"
+    assert main([*DIAG, "--sigmas", "0.3,1,3", "--outer", "90", "--seed", "2", "--quiet",
+                 "--out", str(paired)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*DIAG, "--curve", str(est), "--out", str(reused)]) == 0  # grid, M, seed: its own
+    table = capsys.readouterr().out
+    assert "a bound on the gap's standard error" in table and str(est) in table
+    p, r = (json.loads(f.read_text()) for f in (paired, reused))
+    assert (r["outer"], r["seed"], r["paired"], r["optimal_from"]) == (90, 2, False, str(est))
+    assert p["paired"] is True and "optimal_from" not in p
+    for a, b in zip(p["points"], r["points"], strict=True):
+        for key in ("sigma", "model_loss", "optimal_loss", "optimal_loss_stderr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-12, abs=1e-300), key
+        assert b["gap"] == pytest.approx(a["gap"], rel=1e-9, abs=1e-15)
+        assert b["gap_stderr"] == pytest.approx(b["model_loss_stderr"] + b["optimal_loss_stderr"])
+        assert b["gap_stderr"] >= a["gap_stderr"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--seed", "3"], "not M = 90, seed 3"),
+        (["--outer", "50"], "not M = 50, seed 2"),
+        (["--sigmas", "0.5"], "no J* at σ = 0.5"),
+        (["--limit", "59"], "of other data"),
+    ],
+)
+def test_diagnose_refuses_an_estimate_it_cannot_pair(tmp_path, capsys, args, words):
+    est = tmp_path / "c.json"
+    assert main([*EST[:4], "60", "--quiet", "--sigmas", "0.3,1", "--outer", "90", "--seed", "2",
+                 "--out", str(est)]) == 0  # fmt: skip
+    out = tmp_path / "d.json"
+    line = one_line_error(capsys, [*DIAG, "--curve", str(est), *args, "--out", str(out)])
+    assert line.startswith("lossfloor: error: --curve: ") and words in line
+    assert not out.exists()
+
+
+def test_diagnose_refuses_a_subsampled_estimate(tmp_path, capsys):
+    est = tmp_path / "c.json"
+    assert main([*EST[:4], "60", "--quiet", "--sigmas", "1", "--estimator", "cdol",
+                 "--out", str(est)]) == 0  # fmt: skip
+    line = one_line_error(capsys, [*DIAG, "--curve", str(est), "--out", str(tmp_path / "d")])
+    assert "cdol estimate" in line and "exact posterior" in line
+
+
+def _csv(path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_estimate_csv_is_the_json_table_with_units(tmp_path, capsys):
+    from lossfloor.optimal.curve import CSV_COLUMNS, CurvePoint
+
+    out, table = tmp_path / "e.json", tmp_path / "e.csv"
+    assert main([*EST, "--sigmas", "0.2,2", "--out", str(out), "--csv", str(table)]) == 0
+    rows, points = _csv(table), json.loads(out.read_text())["points"]
+    assert list(CSV_COLUMNS) == [f.name for f in dataclasses.fields(CurvePoint)]
+    assert list(rows[0])[:3] == ["sigma [VE sigma]", "t [process time]",
+                                 "optimal_loss [x0 units per element]"]  # fmt: skip
+    for row, point in zip(rows, points, strict=True):
+        for head, value in row.items():
+            key = head.split(" [")[0]
+            want = point[key]
+            assert (value == want) if isinstance(want, str) else float(value) == want, head
+
+
+def test_diagnose_csv_and_csv_checked_before_work(tmp_path, capsys):
+    out, table = tmp_path / "d.json", tmp_path / "d.csv"
+    argv = [*DIAG, "--sigmas", "0.5,2", "--outer", "16", "--quiet", "--out", str(out)]
+    assert main([*argv, "--csv", str(table)]) == 0
+    rows, points = _csv(table), json.loads(out.read_text())["points"]
+    for row, point in zip(rows, points, strict=True):
+        assert float(row["gap [x0 units per element]"]) == point["gap"]
+        assert float(row["relative_gap [gap / optimal_loss]"]) == point["relative_gap"]
+        assert row["loss_factor [target units / x0 units]"] == ""  # the optimal model has none
+    out.unlink()
+    line = one_line_error(capsys, [*argv, "--csv", str(tmp_path)])
+    assert "--csv" in line and "folder" in line and not out.exists()
+    line = one_line_error(capsys, [*EST, "--sigmas", "1", "--csv", str(tmp_path)])
+    assert "--csv" in line
+
+
+def test_tables_say_what_their_columns_are(tmp_path, capsys):
+    assert main([*EST[:-1], "--sigmas", "1e-4,1"]) == 0
+    out = capsys.readouterr()
+    assert "s: seconds for that σ" in out.out and "x0 units" in out.out
+    assert "blocks of up to 1024 draws" in out.err
+    assert main([*DIAG, "--sigmas", "1e-4,1", "--outer", "16", "--out", str(tmp_path / "d")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = lines[1].split()
+    assert first[0] == "0.0001" and first[-1] == "—"  # J* = 0: no ratio
+    assert "rel: gap / J*" in lines[3] and "paired standard error" in lines[3]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
     add_data_arguments,
+    add_device_argument,
     load_data_from_args,
     parse_sigmas,
     resolve_device,
@@ -78,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="class-conditional model (needs labels)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--monitor",
@@ -121,11 +122,9 @@ def _monitor(
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from lossfloor.training import TrainConfig, train
 
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional")}
     options = {k: v for k, v in given.items() if v is not None}
     run_dir = Path(args.run_dir)
