@@ -3,6 +3,7 @@ reusing an estimate in diagnose, CSV tables, help texts and progress lines (thro
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -206,3 +207,59 @@ def test_tables_say_what_their_columns_are(tmp_path, capsys):
     first = lines[1].split()
     assert first[0] == "0.0001" and first[-1] == "—"  # J* = 0: no ratio
     assert "rel: gap / J*" in lines[3] and "paired standard error" in lines[3]
+
+
+def _parsers() -> list[argparse.ArgumentParser]:
+    """Every command's parser (scaling's actions included)."""
+    from lossfloor.cli import build_parser
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    return list(walk(build_parser()))
+
+
+def test_every_option_has_help_that_states_its_default():
+    parsers = _parsers()
+    assert len(parsers) == 10  # lossfloor, 7 commands, scaling fit and collect
+    for parser in parsers:
+        helper = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.option_strings[0] == "-h":
+                continue
+            name = f"{parser.prog} {action.option_strings[0]}"
+            assert action.help, name  # --seed of estimate and diagnose had none
+            shown = helper._get_help_string(action)
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in shown, name
+
+
+def test_help_states_units_and_the_fid_description_is_whole(capsys):
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "in MiB (default: 32.0)" in text and "σ grid (VE σ, x0 units)" in text
+    with pytest.raises(SystemExit):
+        main(["fid", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "reference counts." in text and "KID is the unbiased MMD²" in text
+
+
+def test_one_device_rule_for_every_command(capsys):
+    import torch
+
+    from lossfloor.cli.common import resolve_device
+
+    with_device = [p for p in _parsers() if "--device" in p._option_string_actions]
+    assert len(with_device) == 6  # estimate, diagnose, train, sample, fid, scaling collect
+    for parser in with_device:
+        action = parser._option_string_actions["--device"]
+        assert action.default == "auto" and "auto: cuda when" in action.help, parser.prog
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+    line = one_line_error(capsys, [*EST, "--sigmas", "1", "--device", "gpu"])
+    assert "--device gpu: expected auto | cpu | cuda" in line

@@ -20,7 +20,7 @@ from lossfloor.errors import Interrupted, ParameterError, UserError
 SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling"]
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
+class _Help(argparse.HelpFormatter):
     """Every option's help ends with its default, unless the help already states it (says
     "default") or there is none to state (a flag, or None: the help says what happens)."""
 
