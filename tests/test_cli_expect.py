@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -263,3 +264,16 @@ def test_one_device_rule_for_every_command(capsys):
     assert resolve_device("auto").type == want
     line = one_line_error(capsys, [*EST, "--sigmas", "1", "--device", "gpu"])
     assert "--device gpu: expected auto | cpu | cuda" in line
+
+
+def test_train_prints_a_line_per_log_interval_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    argv = ["train", "--data", "digits", "--limit", "16", "--steps", "4", "--batch", "8",
+            "--model", "tiny", "--log-every", "2", "--checkpoint-every", "100"]  # fmt: skip
+    assert main([*argv, "--run-dir", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert not sys.stderr.isatty()  # captured
+    lines = [ln for ln in err.splitlines() if ln.startswith("train: step")]
+    assert [ln.split(",")[0] for ln in lines] == ["train: step 2/4", "train: step 4/4"]
+    assert "16 images" in lines[0] and "32 images" in lines[1] and "loss" in lines[1]
+    assert main([*argv, "--run-dir", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "train: step" not in capsys.readouterr().err

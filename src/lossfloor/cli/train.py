@@ -80,7 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     add_device_argument(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (on a terminal) or progress lines (elsewhere, one per --log-every)",
+    )
     p.add_argument(
         "--monitor",
         default=None,
