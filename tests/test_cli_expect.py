@@ -277,3 +277,29 @@ def test_train_prints_a_line_per_log_interval_when_stderr_is_not_a_terminal(tmp_
     assert "16 images" in lines[0] and "32 images" in lines[1] and "loss" in lines[1]
     assert main([*argv, "--run-dir", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "train: step" not in capsys.readouterr().err
+
+
+def test_the_readme_python_example_writes_what_the_cli_writes(tmp_path, capsys, monkeypatch):
+    """The README's Python API block, run as it is, saves the same JSON and CSV as the command
+    its comment names (on the CPU: same numbers to the last bit; only the seconds differ)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    argv = ["estimate", "--data", "digits", "--sigmas", "0.1,0.3,1,3,10", "--outer", "3594",
+            "--total", "edm", "--device", "cpu", "--quiet", "--out", "cli.json", "--csv",
+            "cli.csv"]  # fmt: skip
+    assert "--sigmas 0.1,0.3,1,3,10 --outer 3594 --total edm" in block
+    assert main(argv) == 0
+    api, cli = (json.loads(Path(f).read_text()) for f in ("digits.json", "cli.json"))
+    for rec in (api, cli):
+        for p in rec["points"]:
+            p.pop("seconds")
+    assert api == cli
+    rows = [_csv(f) for f in ("digits.csv", "cli.csv")]
+    for row in (r for rs in rows for r in rs):
+        row.pop("seconds [s]")
+    assert rows[0] == rows[1] and len(rows[0]) == 5
