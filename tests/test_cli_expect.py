@@ -123,7 +123,10 @@ def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
     assert "a bound on the gap's standard error" in table and str(est) in table
     p, r = (json.loads(f.read_text()) for f in (paired, reused))
     assert (r["outer"], r["seed"], r["paired"], r["optimal_from"]) == (90, 2, False, str(est))
-    assert p["paired"] is True and "optimal_from" not in p
+    assert "paired" not in p and "optimal_from" not in p  # paired: the files as before
+    from lossfloor.diagnosis import Diagnosis
+
+    assert Diagnosis.load(reused).to_json() == r  # paired: False survives reading back
     for a, b in zip(p["points"], r["points"], strict=True):
         for key in ("sigma", "model_loss", "optimal_loss", "optimal_loss_stderr"):
             assert b[key] == pytest.approx(a[key], rel=1e-12, abs=1e-300), key

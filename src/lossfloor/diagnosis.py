@@ -135,7 +135,8 @@ class Diagnosis:
     (outer M, seed) and a description of the model. ``paired``: the gap's standard error is
     that of the paired per-sample differences; False when J* was read from an estimate
     (``optimal_from``) without its per-sample values: then it is the bound s.e.(J_θ) + s.e.(J*)
-    (Cauchy–Schwarz). ``to_json`` / ``save`` write what ``lossfloor diagnose --out`` writes;
+    (Cauchy–Schwarz); only then the JSON has ``paired`` and ``optimal_from``. ``to_json`` /
+    ``save`` write what ``lossfloor diagnose --out`` writes;
     ``from_json`` / ``load`` read it back."""
 
     points: tuple[GapPoint, ...]
@@ -163,8 +164,7 @@ class Diagnosis:
             "per_element": self.per_element,
             "units": self.units,
             "lossfloor_version": self.lossfloor_version,
-            "paired": self.paired,
-            **({} if self.optimal_from is None else {"optimal_from": self.optimal_from}),
+            **({} if self.paired else {"paired": False, "optimal_from": self.optimal_from}),
             "points": [p.to_json() for p in self.points],
         }
 
