@@ -136,8 +136,8 @@ class Diagnosis:
     that of the paired per-sample differences; False when J* was read from an estimate
     (``optimal_from``) without its per-sample values: then it is the bound s.e.(J_θ) + s.e.(J*)
     (Cauchy–Schwarz); only then the JSON has ``paired`` and ``optimal_from``. ``to_json`` /
-    ``save`` write what ``lossfloor diagnose --out`` writes;
-    ``from_json`` / ``load`` read it back."""
+    ``save`` write what ``lossfloor diagnose --out`` writes; ``from_json`` / ``load`` read it
+    back."""
 
     points: tuple[GapPoint, ...]
     dataset: dict[str, Any]
@@ -277,7 +277,7 @@ def diagnose(
     known: list[tuple[float, float] | None] = (
         [None] * len(sigmas)
         if optimal is None
-        else list(optimal_from_curve(optimal, dataset, sigmas, outer, seed, conditional))
+        else optimal_from_curve(optimal, dataset, sigmas, outer, seed, conditional)
     )
     pools = PoolsByDtype(plan, device)
     todo = tqdm(list(zip(sigmas, known, strict=True)), disable=not progress, desc="diagnose",
