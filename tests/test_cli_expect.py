@@ -210,7 +210,7 @@ def test_tables_say_what_their_columns_are(tmp_path, capsys):
     assert main([*EST[:-1], "--sigmas", "1e-4,1"]) == 0
     out = capsys.readouterr()
     assert "s: seconds for that σ" in out.out and "x0 units" in out.out
-    assert "blocks of up to 1024 draws" in out.err
+    assert "J*(σ) in blocks of the 100 draws (1 per σ)" in out.err  # what the bar counts
     assert main([*DIAG, "--sigmas", "1e-4,1", "--outer", "16", "--out", str(tmp_path / "d")]) == 0
     lines = capsys.readouterr().out.splitlines()
     first = lines[1].split()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from lossfloor.diffusion import get_process, get_target
     from lossfloor.optimal import estimate_curve
-    from lossfloor.optimal.outer import OUTER_BLOCK, check_outer
+    from lossfloor.optimal.outer import check_outer
     from lossfloor.schedules import get_schedule
 
     check_outputs(args, "--out", "--csv", "--plot")
@@ -145,13 +144,6 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
         raise UserError(f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte")
     ds = load_data_from_args(args)
-    if not args.quiet:
-        m = ds.n if args.outer is None else args.outer
-        print(
-            f"J*(σ) at {len(sigmas)} σ on M = {m} outer draws; the progress bar counts blocks "
-            f"of up to {OUTER_BLOCK} draws ({math.ceil(m / OUTER_BLOCK)} per σ)",
-            file=sys.stderr,
-        )
     curve = estimate_curve(
         ds,
         sigmas,
