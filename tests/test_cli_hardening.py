@@ -198,3 +198,26 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, 
     argv = ["sample", "--run", str(bad), "--n", "1", "--out-npz", str(tmp_path / "s.npz")]
     assert "do not fit the model its config describes" in one_line_error(capsys, argv)
     assert not (tmp_path / "s.npz").exists()
+
+
+def _read_only_folder(tmp_path) -> str:
+    """A folder this process cannot write in: a chmod 555 one, or (as root, whom chmod does not
+    stop) /proc/1, which even root cannot write; skip where neither exists."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return str(folder)
+    if os.path.isdir("/proc/1") and not os.access("/proc/1", os.W_OK):
+        return "/proc/1"
+    pytest.skip("running as root without a folder root cannot write in (no /proc/1)")
+
+
+def test_an_output_in_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
+    out = f"{_read_only_folder(tmp_path)}/e.json"
+    line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", out])
+    assert (
+        line.startswith(f"lossfloor: error: --out {out}: cannot write in") and "permission" in line
+    )

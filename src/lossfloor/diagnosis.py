@@ -23,8 +23,8 @@ from lossfloor import __version__
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import as_denoiser, read_protocol
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.io import read_json, write_json
-from lossfloor.optimal import Full
+from lossfloor.io import read_json, write_csv, write_json
+from lossfloor.optimal import Curve, Full
 from lossfloor.optimal.cache import cached_per_sample, per_sample_key
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
@@ -42,6 +42,26 @@ DenoiserFn = Callable[..., Tensor]
 
 #: The units of every diagnosis.
 UNITS = "VE sigma, x0 per element; *_target in the model's target units"
+
+#: The columns of ``Diagnosis.to_csv``: a point's JSON key and its unit.
+CSV_COLUMNS = {
+    "sigma": "VE sigma",
+    "model_loss": "x0 units per element",
+    "model_loss_stderr": "x0 units per element",
+    "optimal_loss": "x0 units per element",
+    "optimal_loss_stderr": "x0 units per element",
+    "gap": "x0 units per element",
+    "gap_stderr": "x0 units per element",
+    "relative_gap": "gap / optimal_loss",
+    "seconds": "s",
+    "loss_factor": "target units / x0 units",
+    "model_loss_target": "target units per element",
+    "optimal_loss_target": "target units per element",
+    "gap_target": "target units per element",
+    "heldout_model_loss": "x0 units per element",
+    "heldout_model_loss_stderr": "x0 units per element",
+    "reading": "",
+}
 
 #: Keys of a point's JSON derived from the others (written, recomputed on reading).
 DERIVED = ("relative_gap", "model_loss_target", "optimal_loss_target", "gap_target")
@@ -125,6 +145,9 @@ class GapPoint:
 class Diagnosis:
     """A model's per-σ gap to the optimal loss (``diagnose``): the points, the data, the draws
     (outer M, seed), a description of the model and of the held-out data (if any).
+    ``paired``: the gap's standard error is that of the paired per-sample differences; False
+    when J* was read from an estimate (``optimal_from``) without its per-sample values: then it
+    is the bound s.e.(J_θ) + s.e.(J*); only then the JSON has ``paired`` and ``optimal_from``.
     ``to_json`` / ``save`` write what ``lossfloor diagnose --out`` writes; ``from_json`` /
     ``load`` read it back."""
 
@@ -137,6 +160,8 @@ class Diagnosis:
     per_element: bool = True
     units: str = UNITS
     lossfloor_version: str = __version__
+    paired: bool = True
+    optimal_from: str | None = None
 
     @property
     def largest_gap(self) -> GapPoint:
@@ -153,6 +178,7 @@ class Diagnosis:
             "per_element": self.per_element,
             "units": self.units,
             "lossfloor_version": self.lossfloor_version,
+            **({} if self.paired else {"paired": False, "optimal_from": self.optimal_from}),
             "points": [p.to_json() for p in self.points],
         }
 
@@ -172,6 +198,8 @@ class Diagnosis:
             per_element=obj.get("per_element", True),
             units=obj.get("units", UNITS),
             lossfloor_version=obj.get("lossfloor_version", __version__),
+            paired=obj.get("paired", True),
+            optimal_from=obj.get("optimal_from"),
         )
 
     @classmethod
@@ -181,6 +209,14 @@ class Diagnosis:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_json()`` atomically."""
         write_json(path, self.to_json())
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """The points as CSV (``diagnose --csv``), atomically: one row per σ, the keys of a
+        point's JSON (the target-units columns empty for other models) with their units in
+        the header ("sigma [VE sigma]")."""
+        header = [f"{k} [{unit}]" if unit else k for k, unit in CSV_COLUMNS.items()]
+        rows = [[p.to_json().get(k) for k in CSV_COLUMNS] for p in self.points]
+        write_csv(path, header, rows)
 
 
 def loss_factor_of(model: DenoiserFn, sigma: float) -> float | None:
@@ -231,12 +267,17 @@ def diagnose(
     progress: bool = True,
     model_info: dict[str, Any] | None = None,
     cache: bool = True,
+    optimal: Curve | None = None,
+    optimal_from: str | None = None,
 ) -> Diagnosis:
     """Per σ: model loss, optimal loss, the paired gap and its standard error (per element, x0
     units; also in the model's target units when it is a lossfloor Denoiser). ``model_info``
     is recorded as the diagnosis' ``model``. σ outside the model's declared range
     (``sigma_min``/``sigma_max`` of EDM's protocol, ``read_protocol``) is refused. With
     ``cache``, J*'s per-sample values are read from (or written to) ``lossfloor.optimal.cache``.
+    With ``optimal``, an estimate of this data on the same draws (``optimal_from``: its file,
+    recorded), J* is read from it (``optimal_from_curve``) instead of computed, and the gap's
+    standard error is the bound s.e.(J_θ) + s.e.(J*).
     """
     from tqdm.auto import tqdm
 
@@ -246,6 +287,7 @@ def diagnose(
     outside = [s for s in sigmas if not lo <= s <= hi]
     if outside:
         raise ParameterError("sigmas", outside[0], f"outside the model's range [{lo:g}, {hi:g}]")
+    _check_model_input_range(sigmas, dataset.x.dtype)
     if not batch >= 1:
         raise ParameterError("batch", batch, "must be ≥ 1")
     device = torch.device(device)
@@ -253,18 +295,82 @@ def diagnose(
     labels = dataset.labels if use_labels else None
     if use_labels and labels is None:
         raise UserError("the model is class-conditional but the dataset has no labels")
+    known: list[tuple[float, float] | None] = (
+        [None] * len(sigmas)
+        if optimal is None
+        else optimal_from_curve(optimal, dataset, sigmas, outer, seed, conditional)
+    )
     pools = PoolsByDtype(plan, device)
-    points = [
-        _gap_point(model, dataset, plan, pools, sigma, batch, labels, cache)
-        for sigma in tqdm(sigmas, disable=not progress, desc="diagnose", unit="σ", leave=False)
-    ]
+    todo = tqdm(list(zip(sigmas, known, strict=True)), disable=not progress, desc="diagnose",
+                unit="σ", leave=False)  # fmt: skip
+    points = [_gap_point(model, dataset, plan, pools, s, batch, labels, cache, k) for s, k in todo]
     return Diagnosis(
         points=tuple(points),
         dataset={**dataset.describe(), "conditional": conditional},
         outer=outer,
         seed=seed,
         model=model_info,
+        paired=optimal is None,
+        optimal_from=None if optimal is None else optimal_from,
     )
+
+
+def optimal_from_curve(
+    curve: Curve,
+    dataset: Dataset,
+    sigmas: Sequence[float],
+    outer: int,
+    seed: int,
+    conditional: bool,
+) -> list[tuple[float, float]]:
+    """(J*, s.e.) at each σ from an estimate on the draws a diagnosis uses: the curve's direct
+    form, the mean of the same per-sample values ‖μ(x0 + σε) − x0‖²/D diagnose computes.
+    Refused (parameter ``curve``) unless it is an estimate of this data (sha256, conditional)
+    by the exact posterior (``full``), on the same draws (M, seed), with every σ."""
+    info = curve.dataset or {}
+    if info.get("sha256") != dataset.sha256:
+        reason = "the estimate is of other data (its dataset sha256 differs from this data's)"
+        raise ParameterError("curve", None, reason)
+    if bool(info.get("conditional")) != conditional:
+        kind = "a conditional" if conditional else "an unconditional"
+        raise ParameterError("curve", None, f"the model is {kind} one; the estimate is not")
+    name = (curve.estimator or {}).get("name")
+    if name != "full":
+        reason = f"the estimate is a {name} estimate; the gap is to the exact posterior (full)"
+        raise ParameterError("curve", None, reason)
+    if (curve.outer, curve.seed) != (outer, seed):
+        reason = (
+            f"the estimate holds J* on M = {curve.outer}, seed {curve.seed} draws, not M = "
+            f"{outer}, seed {seed}; the gap pairs the model with J* on the same draws"
+        )
+        raise ParameterError("curve", None, reason)
+    out = []
+    for sigma in sigmas:
+        point = curve.point_at(sigma)
+        if point is None or point.direct is None or point.direct_stderr is None:
+            grid = ", ".join(f"{s:.4g}" for s in curve.sigmas)
+            raise ParameterError(
+                "curve", None, f"the estimate has no J* at σ = {sigma:.6g} (its σ: {grid})"
+            )
+        out.append((point.direct, point.direct_stderr))
+    return out
+
+
+#: |ε| bound used for the model input's range: P(|ε| > 10) ≈ 1.5e-23 per element.
+EPS_BOUND = 10.0
+
+
+def _check_model_input_range(sigmas: Sequence[float], dtype: torch.dtype) -> None:
+    """Refuse a σ at which the model's input x0 + σε (in the data's dtype) would overflow:
+    σ·EPS_BOUND above the dtype's largest value."""
+    top = torch.finfo(dtype).max
+    for sigma in sigmas:
+        if sigma * EPS_BOUND > top:
+            name = str(dtype).removeprefix("torch.")
+            raise ParameterError(
+                "sigmas", sigma, f"the model's input x0 + σε overflows the data's {name} (max "
+                f"{top:.3g}) at this σ; J* there is the data variance (lossfloor data)",
+            )  # fmt: skip
 
 
 def optimal_per_sample_loss(
@@ -293,19 +399,27 @@ def _gap_point(
     batch: int,
     labels: Tensor | None,
     cache: bool,
+    known: tuple[float, float] | None = None,
 ) -> GapPoint:
-    """J_θ(σ), J*(σ) and the gap, each a mean over the draws with its standard error."""
+    """J_θ(σ), J*(σ) and the gap, each a mean over the draws with its standard error; with
+    ``known`` (J*, s.e.) J* is not computed and the gap's s.e. is bounded by s.e.(J_θ) + s.e.(J*)
+    (sd(a − b) ≤ sd(a) + sd(b) whatever their correlation)."""
     t0 = time.perf_counter()
-    opt = optimal_per_sample_loss(plan, pools, sigma, cache)
-    if not torch.isfinite(opt).all():
+    opt = None if known is not None else optimal_per_sample_loss(plan, pools, sigma, cache)
+    if opt is not None and not torch.isfinite(opt).all():
         raise ParameterError("sigmas", sigma, "J* overflows at this σ for this data's scale")
     mod = model_per_sample_loss(
         as_denoiser(model), dataset, plan, sigma, batch, pools.device, labels
     )
     if not torch.isfinite(mod).all():
         raise UserError(f"the model's output is not finite at σ = {sigma:g}")
-    (jm, jm_se), (jo, jo_se) = mean_and_stderr(mod), mean_and_stderr(opt)
-    gap, gap_se = mean_and_stderr(mod - opt)
+    jm, jm_se = mean_and_stderr(mod)
+    if opt is None:
+        (jo, jo_se), gap = known, jm - known[0]
+        gap_se = jm_se + jo_se
+    else:
+        jo, jo_se = mean_and_stderr(opt)
+        gap, gap_se = mean_and_stderr(mod - opt)
     return GapPoint(
         sigma=sigma,
         model_loss=jm,

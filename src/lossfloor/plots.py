@@ -26,6 +26,31 @@ def save_figure(fig, path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+#: The legend entry of values drawn at a log axis' floor (0, or too small to show).
+BELOW_FLOOR = "0 / below floor"
+
+
+def log_floor(values: Sequence[np.ndarray]) -> float:
+    """The bottom of a log axis for ``values``: a third of the smallest positive value, but at
+    least max·1e-8 (1 where no value is positive)."""
+    flat = np.concatenate([np.ravel(v) for v in values])
+    positive = flat[flat > 0]
+    if not positive.size:
+        return 1.0
+    return max(float(positive.min()) / 3, float(positive.max()) * 1e-8)
+
+
+def plot_floored(ax, s: np.ndarray, v: np.ndarray, floor: float, fmt: str, **kwargs) -> None:
+    """``v`` against ``s`` on a log y axis, values below ``floor`` (0 included) drawn at the
+    floor with an open black ▽ (one legend entry BELOW_FLOOR per axes)."""
+    ax.plot(s, np.maximum(v, floor), fmt, **kwargs)
+    low = v < floor
+    if low.any():
+        shown = BELOW_FLOOR in ax.get_legend_handles_labels()[1]
+        ax.plot(s[low], np.full(int(low.sum()), floor), "v", ms=8, mfc="none", color="k",
+                label=None if shown else BELOW_FLOOR, zorder=3)  # fmt: skip
+
+
 def plot_optimal_loss(
     path: str | os.PathLike[str],
     curves: Sequence[tuple[str, Curve]],
@@ -33,17 +58,16 @@ def plot_optimal_loss(
     data_variance: float | None = None,
     title: str = "",
 ) -> None:
-    """J*(σ) per element against σ (log–log), one line per (label, curve), ±2 s.e."""
+    """J*(σ) per element against σ (log–log), one line per (label, curve), ±2 s.e.; values
+    below the floor (``log_floor``) drawn at it and marked ▽."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    positive = [c.values[c.values > 0] for _, c in curves]
-    vmax = max((float(p.max()) for p in positive if p.size), default=1.0)
-    floor = max(min((float(p.min()) for p in positive if p.size), default=vmax) / 3, vmax * 1e-8)
+    floor = log_floor([c.values for _, c in curves])
     for label, curve in curves:
         s, v, se = curve.sigmas, curve.values, curve.stderrs
-        ax.plot(s, np.maximum(v, floor), marker="o", ms=3, label=label)
+        plot_floored(ax, s, v, floor, "o-", ms=3, label=label)
         lo = np.maximum(v - 2 * se, np.maximum(v / 10, floor))
         ax.fill_between(s, lo, np.maximum(v + 2 * se, floor), alpha=0.25)
-    ax.set_ylim(bottom=floor)
+    ax.set_ylim(bottom=floor / 1.5)
     if data_variance is not None:
         ax.axhline(data_variance, color="gray", ls="--", lw=1, label="data variance (σ→∞)")
     ax.set_xscale("log")
@@ -57,7 +81,8 @@ def plot_optimal_loss(
 
 
 def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: str = "") -> None:
-    """J* and J_θ against σ (log axes) above, the gap ± 2 s.e. below."""
+    """J* and J_θ against σ (log axes) above, values below the floor (``log_floor``) drawn at
+    it and marked ▽; the gap ± 2 s.e. below."""
     pts = diagnosis.points
     s = np.array([p.sigma for p in pts])
     jm = np.array([p.model_loss for p in pts])
@@ -65,10 +90,11 @@ def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: st
     g = np.array([p.gap for p in pts])
     gse = np.array([p.gap_stderr for p in pts])
     fig, (a, b) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, height_ratios=[3, 2])
-    floor = max(min(v for v in np.concatenate([jm, jo]) if v > 0) / 3, jm.max() * 1e-8)
-    a.plot(s, np.maximum(jm, floor), "o-", ms=3, label="model J_θ(σ)")
-    a.plot(s, np.maximum(jo, floor), "s-", ms=3, label="optimal J*(σ)")
+    floor = log_floor([jm, jo])
+    plot_floored(a, s, jm, floor, "o-", ms=3, label="model J_θ(σ)")
+    plot_floored(a, s, jo, floor, "s-", ms=3, label="optimal J*(σ)")
     a.set(xscale="log", yscale="log", ylabel="loss per element (x0 units)", title=title)
+    a.set_ylim(bottom=floor / 1.5)
     b.errorbar(s, g, yerr=2 * gse, fmt="o-", ms=3, capsize=2, color="C3")
     b.axhline(0, color="gray", lw=0.8)
     b.set(xscale="log", xlabel="σ (VE)", ylabel="gap J_θ − J*")

@@ -20,7 +20,25 @@ from lossfloor.errors import Interrupted, ParameterError, UserError
 SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling", "floor"]
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states it (says
+    "default") or there is none to state (a flag, or None: the help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        given = action.default not in (None, False, argparse.SUPPRESS)
+        if action.option_strings and given and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, and the help formatter ``_Help`` for every command."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse's own errors: also one line, exit 2
         raise UserError(f"{message} (see {self.prog} --help)")  # main adds "lossfloor: error:"
 

@@ -1,4 +1,4 @@
-"""Options several subcommands share: data selection, σ grids, device and dtype."""
+"""Options several subcommands share: data selection, σ grids, the device, output checks."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="digits | fashion-mnist[:test] | mnist10k | FILE.npz | FILE.npy | FOLDER | EDM.zip",
     )
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N items")
+    g.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="use the first N items (default: all)"
+    )
     g.add_argument("--xflip", action="store_true", help="add mirrored copies (doubles the set)")
     g.add_argument("--key", default=None, help="array key inside an .npz (default: x, or the only)")
     g.add_argument("--labels-key", default=None, help="labels key inside an .npz (default: y)")
@@ -92,12 +94,28 @@ def parse_sigmas(text: str, option: str = "--sigmas") -> list[float]:
     return values
 
 
+#: The devices --device names; ``auto`` is cuda when a CUDA device is available, else cpu.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, the one device rule of every command (``resolve_device``)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda; auto: cuda when a CUDA device is available, else cpu",
+    )
+
+
 def resolve_device(name: str) -> torch.device:
-    """The torch device named by --device (cpu or cuda, which must be available)."""
+    """The torch device named by --device: cpu, cuda (which must be available) or auto (cuda
+    when available, else cpu)."""
     import torch
 
+    if name not in DEVICES:
+        raise UserError(f"--device {name}: expected {' | '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: expected cpu or cuda")
     return torch.device(name)

@@ -6,10 +6,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments
+from lossfloor.cli.common import add_data_arguments, add_device_argument
 
 if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis
+    from lossfloor.optimal import Curve
+
+#: The σ grid and the number of draws without --sigmas, --outer or --curve.
+DEFAULT_SIGMAS = "0.02:80:13"
+DEFAULT_OUTER = 2048
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,14 +31,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "python:MODULE:CALLABLE (a factory returning a denoiser with EDM's protocol)",
     )
     add_data_arguments(p)
-    p.add_argument("--sigmas", default="0.02:80:13", help="list or min:max:count (log-spaced)")
-    p.add_argument("--outer", type=int, default=2048, metavar="M", help="paired draws per σ")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=256, help="model batch size")
+    p.add_argument(
+        "--sigmas",
+        default=None,
+        help="σ grid (VE σ): a list 0.1,1,10 or min:max:count, log-spaced (default: "
+        f"{DEFAULT_SIGMAS}, or the --curve's grid)",
+    )
+    p.add_argument(
+        "--outer",
+        type=int,
+        default=None,
+        metavar="M",
+        help=f"paired draws (x0, ε) per σ (default: {DEFAULT_OUTER}, or the --curve's M)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the draws: sources and ε (default: 0, or the --curve's seed)",
+    )
+    p.add_argument("--batch", type=int, default=256, help="model batch size, in images")
     p.add_argument("--no-ema", action="store_true", help="use raw weights, not the EMA")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--out", required=True, help="result JSON")
-    p.add_argument("--plot", default=None, help="PNG: J_θ and J* against σ, gap below")
+    add_device_argument(p)
+    p.add_argument(
+        "--curve",
+        default=None,
+        metavar="ESTIMATE.json",
+        help="take J* from this estimate (lossfloor estimate --out; estimator full, this data, "
+        "the same M and seed) instead of computing it; the gap's ± is then the bound "
+        "s.e.(J_θ) + s.e.(J*), not the paired s.e.",
+    )
+    p.add_argument("--out", required=True, metavar="FILE.json", help="result JSON")
+    p.add_argument(
+        "--csv", default=None, metavar="FILE.csv", help="the table as CSV (units in the header)"
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="PNG: J_θ and J* against σ, gap below"
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",
@@ -53,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --heldout: read each gap through `lossfloor floor`'s bracket (underfitting "
         "| provable headroom | within the bracket)",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(run=run, param_options={"heldout": "--heldout", "floor": "--floor"})
 
 
@@ -70,12 +104,19 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.errors import UserError
     from lossfloor.floor import Floor, check_floor, check_heldout, read_heldout
     from lossfloor.models import load_model
+    from lossfloor.optimal import Curve
     from lossfloor.optimal.outer import check_outer
     from lossfloor.plots import plot_diagnosis
 
-    check_outputs(args, "--out", "--plot")
-    sigmas = parse_sigmas(args.sigmas)
-    check_outer(args.outer)
+    check_outputs(args, "--out", "--csv", "--plot")
+    curve = None if args.curve is None else Curve.load(args.curve)
+    if args.sigmas is not None:
+        sigmas = parse_sigmas(args.sigmas)
+    else:
+        sigmas = parse_sigmas(DEFAULT_SIGMAS) if curve is None else curve.sigmas.tolist()
+    outer = _from_curve(args.outer, curve, "outer", DEFAULT_OUTER)
+    seed = _from_curve(args.seed, curve, "seed", 0)
+    check_outer(outer)
     device = resolve_device(args.device)
     if args.floor is not None and args.heldout is None:
         raise UserError("--floor: reading a gap through a floor needs --heldout SPEC")
@@ -100,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
         model,
         ds,
         sigmas,
-        outer=args.outer,
-        seed=args.seed,
+        outer=outer,
+        seed=seed,
         batch=args.batch,
         conditional=conditional,
         use_labels=conditional,
@@ -109,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_info={k: v for k, v in info.items() if k != "config"},
         cache=not args.no_cache,
+        optimal=curve,
+        optimal_from=args.curve,
     )
     if heldout is not None:
         result = read_heldout(
@@ -124,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_table(result)
     result.save(args.out)
+    if args.csv:
+        result.to_csv(args.csv)
     if args.plot:
         write_plot(
             args.plot,
@@ -133,15 +178,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_curve(given: int | None, curve: Curve | None, name: str, default: int) -> int:
+    """An option's value: as given, else the --curve's (its draws), else the default."""
+    if given is not None:
+        return given
+    saved = None if curve is None else getattr(curve, name)
+    return default if saved is None else saved
+
+
+#: Where J* < this × the largest J* of the table, gap/J* is printed as "—".
+REL_FLOOR = 1e-6
+
+
 def _print_table(result: Diagnosis) -> None:
+    """The points and a line saying what each column is."""
     print(f"{'sigma':>9} {'model':>11} {'optimal':>11} {'gap':>11} {'±':>9} {'rel':>8}")
+    top = max(p.optimal_loss for p in result.points)
     for p in result.points:
         rel = p.relative_gap
+        shown = "—" if rel is None or p.optimal_loss < REL_FLOOR * top else f"{rel:.3g}"
         print(
             f"{p.sigma:9.4g} {p.model_loss:11.5g} {p.optimal_loss:11.5g} "
-            f"{p.gap:11.5g} {p.gap_stderr:9.2g} "
-            f"{(rel if rel is not None else float('nan')):8.3g}"
+            f"{p.gap:11.5g} {p.gap_stderr:9.2g} {shown:>8}"
         )
+    error = (
+        "the paired standard error of the gap"
+        if result.paired
+        else f"a bound on the gap's standard error, s.e.(J_θ) + s.e.(J*) (J* from "
+        f"{result.optimal_from}, without its per-sample values)"
+    )
+    print(
+        "sigma: VE σ; model J_θ, optimal J*, gap = J_θ − J*: per element, x0 units; "
+        f"±: {error}; rel: gap / J* (— where J* < {REL_FLOOR:g} × its largest value: J* ≈ 0, "
+        "the optimum memorises there and the ratio says nothing)"
+    )
     if result.heldout is not None:
         print(f"held-out {result.heldout['name']} (n={result.heldout['n']}), per element:")
         print(f"{'sigma':>9} {'train':>11} {'held-out':>11} {'±':>9} {'reading':>20}")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments
+from lossfloor.cli.common import add_data_arguments, add_device_argument
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,7 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Estimate the optimal loss J*(σ) (per element, VE σ, x0 units) of a dataset.",
     )
     add_data_arguments(p)
-    p.add_argument("--conditional", action="store_true", help="posterior within the source's class")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="J* of the class-conditional model: the posterior within the source's class",
+    )
     p.add_argument(
         "--sources",
         default=None,
@@ -37,12 +41,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--bandwidth",
         default=None,
         help="with --sources: also the held-out loss of the smoothed denoiser (kernel width "
-        "b: auto = leave-one-out on the data | a number ≥ 0)",
+        "b, x0 units: auto = leave-one-out on the data | a number ≥ 0)",
     )
-    p.add_argument("--sigmas", default="0.01:100:25", help="list 0.1,1,10 or min:max:count (log)")
-    p.add_argument("--estimator", default="full", help="full | snis | dol | cdol")
-    p.add_argument("--inner", type=int, default=None, metavar="L", help="inner set size (N/10)")
-    p.add_argument("--C", default=None, help="cdol correction: number | paper (4N/L) | balanced")
+    p.add_argument(
+        "--sigmas",
+        default="0.01:100:25",
+        help="σ grid (VE σ, x0 units): a list 0.1,1,10 or min:max:count, log-spaced",
+    )
+    p.add_argument("--estimator", default="full", help="full (exact posterior) | snis | dol | cdol")
+    p.add_argument(
+        "--inner", type=int, default=None, metavar="L", help="inner set size (default: N/10)"
+    )
+    p.add_argument(
+        "--C",
+        default=None,
+        help="cdol's source weight divisor: a number | paper (4N/L) | balanced ((N−1)/(L−1)) "
+        "(default: paper)",
+    )
     p.add_argument("--replace", action="store_true", help="draw the random part with replacement")
     p.add_argument(
         "--source-in-random",
@@ -50,25 +65,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="may the random part contain the query's source (auto: snis yes, dol/cdol no)",
     )
-    p.add_argument("--layout", default="shared", help="shared | independent random inner sets")
-    p.add_argument("--share", type=int, default=256, help="queries sharing one random set")
-    p.add_argument("--outer", type=int, default=None, metavar="M", help="outer samples (N)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--form", default="auto", help="auto | closed | direct | combined")
-    p.add_argument("--process", default="edm", help="ve | edm | vp | vp-cosine | vp-edm | fm")
-    p.add_argument("--target", default="F", help="x0 | eps | score | velocity | v | F")
-    p.add_argument("--sigma-data", type=float, default=0.5, help="σ_data of the F target")
-    p.add_argument("--total", default=None, help="schedule for the total J*: edm | ve | vp | fm")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
-    p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile (MiB)")
-    p.add_argument("--out", default=None, help="result JSON (checkpointed per σ; reruns resume)")
+    p.add_argument(
+        "--layout",
+        default="shared",
+        help="shared (one random inner set per --share queries) | independent (one per query)",
+    )
+    p.add_argument(
+        "--share", type=int, default=256, help="queries sharing one random inner set (shared)"
+    )
+    p.add_argument(
+        "--outer",
+        type=int,
+        default=None,
+        metavar="M",
+        help="outer draws (x0, ε), shared by every σ (default: N, each point once)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the outer draws and the random inner sets"
+    )
+    p.add_argument(
+        "--form",
+        default="auto",
+        help="auto | closed | direct | combined (auto: combined for full, closed otherwise)",
+    )
+    p.add_argument(
+        "--process",
+        default="edm",
+        help="ve | edm | vp | vp-cosine | vp-edm | fm: gives each σ's process time t",
+    )
+    p.add_argument(
+        "--target",
+        default="F",
+        help="x0 | eps | score | velocity | v | F: J* is also given in its units",
+    )
+    p.add_argument(
+        "--sigma-data", type=float, default=0.5, help="σ_data of the F target (x0 units)"
+    )
+    p.add_argument(
+        "--total",
+        default=None,
+        help="also the total E_σ~p[w(σ)·J*(σ)] under this schedule: edm | ve | vp | fm "
+        "(default: none)",
+    )
+    add_device_argument(p)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32 | float64 | auto (float64 where float32's error bound is too large: small "
+        "σ, large data, huge σ)",
+    )
+    p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile, in MiB")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.json",
+        help="result JSON (checkpointed per σ in FILE.json.partial; a rerun resumes)",
+    )
+    p.add_argument(
+        "--csv", default=None, metavar="FILE.csv", help="the table as CSV (units in the header)"
+    )
     p.add_argument(
         "--restart",
         action="store_true",
         help="discard OUT.partial of an earlier estimate with other options (default: refuse it)",
     )
-    p.add_argument("--plot", default=None, help="PNG of J*(σ)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="PNG of J*(σ)")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(run=run, param_options=PARAM_OPTIONS)
 
@@ -85,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.optimal.outer import check_outer
     from lossfloor.schedules import get_schedule
 
-    check_outputs(args, "--out", "--plot")
+    check_outputs(args, "--out", "--csv", "--plot")
     sigmas = parse_sigmas(args.sigmas)
     if args.outer is not None:
         check_outer(args.outer)
@@ -189,6 +250,8 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
             _print_heldout(curve)
     if args.out:
         curve.save(args.out)
+    if args.csv:
+        curve.to_csv(args.csv)
     if args.plot:
         from lossfloor.plots import plot_optimal_loss
 
@@ -200,7 +263,7 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
                 data_variance=curve.data_variance,
                 title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
             ),
-            args.out,
+            args.out or args.csv,
         )
 
 
@@ -219,15 +282,20 @@ def _print_heldout(curve: Curve) -> None:
 
 
 def _print_table(curve: Curve, target: str) -> None:
+    """The points, a line saying what each column is, the data variance and the total."""
     head = f"J*({target})"
     print(f"{'sigma':>10} {'t':>10} {'J*(x0)':>12} {'stderr':>10} {head:>12} {'s':>7}")
     for p in curve.points:
         tgt = p.optimal_loss_target
         print(
             f"{p.sigma:10.4g} {p.t:10.4g} {p.optimal_loss:12.6g} {p.stderr:10.3g} "
-            f"{(tgt if tgt is not None else float('nan')):12.6g} {p.seconds:7.2f}"
+            f"{'—' if tgt is None else f'{tgt:.6g}':>12} {p.seconds:7.2f}"
         )
-    print(f"data variance per element: {curve.data_variance:.6g}")
+    print(
+        f"sigma: VE σ; t: the process' time at σ; J*(x0) ± stderr: per element, x0 units; "
+        f"{head}: per element, in the target's units; s: seconds for that σ"
+    )
+    print(f"data variance per element: {curve.data_variance:.6g} (J* as σ → ∞)")
     if curve.total is not None:
         t = curve.total
         print(

@@ -9,6 +9,7 @@ import sys
 from lossfloor import __version__
 from lossfloor.cli.common import (
     add_data_arguments,
+    add_device_argument,
     check_outputs,
     load_data_from_args,
     resolve_device,
@@ -16,12 +17,24 @@ from lossfloor.cli.common import (
 from lossfloor.evaluation import FEATURES, KID_SUBSETS
 from lossfloor.io import write_json
 
+DESCRIPTION = (
+    "Fréchet distance and KID of samples against a dataset's reference items, on Inception-v3 "
+    "features (FID; torchmetrics' offline weights, images resized to 299×299, gray repeated to "
+    "RGB) and/or the penultimate features of the bundled Fashion-MNIST classifier "
+    "(FD-classifier; 28×28 grayscale only). The reference items are as many as there are "
+    "samples (--n-reference): the whole dataset or a fixed random subset (seed 0); their "
+    "features are cached in $LOSSFLOOR_CACHE/fid. KID is the unbiased MMD² (cubic polynomial "
+    "kernel) averaged over --kid-subsets random subsets of up to 1000 items, ± their spread; "
+    "below 1000 samples it is noisy and a warning says so. Every line states the sample and "
+    "reference counts."
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "fid",
         help="FID/KID of samples against a dataset (Inception and/or classifier features)",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTION,
     )
     parser.add_argument(
         "--samples",
@@ -30,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="samples: .npz (array 'samples', else as --data reads it), .npy, image folder, .zip",
     )
     add_data_arguments(parser)
-    parser.add_argument("--n", type=int, default=None, help="use the first N samples (default all)")
+    parser.add_argument(
+        "--n", type=int, default=None, help="use the first N samples (default: all)"
+    )
     parser.add_argument(
         "--n-reference",
         type=int,
@@ -38,12 +53,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="M",
         help="reference items (default: as many as samples, at most the dataset)",
     )
-    parser.add_argument("--feature", choices=[*FEATURES, "both"], default="inception")
+    parser.add_argument(
+        "--feature",
+        choices=[*FEATURES, "both"],
+        default="inception",
+        help="features: inception (FID), classifier (FD-classifier, 28×28 gray) or both",
+    )
     parser.add_argument("--batch", type=int, default=32, help="images per feature batch")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets")
-    parser.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help="KID's random subsets")
-    parser.add_argument("--out", metavar="FILE.json", default=None, help="write the result here")
+    add_device_argument(parser)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of KID's random subsets (default: 0)"
+    )
+    parser.add_argument(
+        "--kid-subsets", type=int, default=KID_SUBSETS, help="number of KID's random subsets"
+    )
+    parser.add_argument("--out", metavar="FILE.json", default=None, help="the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 

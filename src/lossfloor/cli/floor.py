@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from lossfloor.cli.common import add_data_arguments, add_device_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lossfloor.cli.common import add_data_arguments
-
     p = sub.add_parser(
         "floor",
         help="generalising floor: J* converged in N, and held-out bounds",
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "training set) | a number ≥ 0 | none",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of subsets, draws and noise")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    add_device_argument(p)
     p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
     p.add_argument("--out", default=None, help="FLOOR.json")
     p.add_argument("--plot", default=None, help="FLOOR.png: the bracket and the N-trend")

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from lossfloor import __version__
-from lossfloor.cli.common import check_outputs, resolve_device
+from lossfloor.cli.common import add_device_argument, check_outputs, resolve_device
 from lossfloor.errors import UserError
 from lossfloor.io import save_with
 
@@ -35,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--steps", type=int, default=18, help="σ levels N (Heun: 2N−1 evaluations)")
-    p.add_argument("--sampler", choices=("heun", "euler"), default="heun")
+    p.add_argument(
+        "--sampler", choices=("heun", "euler"), default="heun", help="Heun (2nd order) or Euler"
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--shape", default=None, metavar="C,H,W",
                    help="image shape, for a model that does not declare one")  # fmt: skip
@@ -59,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_device_argument(p)
     p.add_argument("--out-grid", default=None, metavar="FILE.png", help="PNG grid of the samples")
     p.add_argument(
         "--out-npz",
@@ -111,7 +113,6 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from lossfloor.models import load_model
     from lossfloor.sampling import Churn, generate, image_grid, sampling_sigmas
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: must be >= 0")
     churn = Churn(args.churn, args.s_min, args.s_max, args.s_noise)
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     denoiser, info = load_model(args.model, None, device, ema=not args.raw)
     shape = _shape(args.shape, info.get("image_shape"))
     labels = _labels(args.labels, args.n, info.get("num_classes"))

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments
+from lossfloor.cli.common import add_data_arguments, add_device_argument
 from lossfloor.errors import ParameterError, UserError
 
 if TYPE_CHECKING:
@@ -30,13 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "total loss). Per σ and for the total: raw, subtracted and offset power-law fits, "
         "pooled over runs and checkpoints.",
     )
-    f.add_argument("--runs", required=True, metavar="RUNS.csv")
-    f.add_argument("--optimal", required=True, metavar="ESTIMATE.json", help="lossfloor estimate")
-    f.add_argument("--x", default="flops", choices=["flops", "params", "images_seen"])
+    f.add_argument("--runs", required=True, metavar="RUNS.csv", help="the runs' losses (above)")
+    f.add_argument(
+        "--optimal",
+        required=True,
+        metavar="ESTIMATE.json",
+        help="J*(σ) of the runs' data (lossfloor estimate --out)",
+    )
+    f.add_argument("--x", default="flops", choices=["flops", "params", "images_seen"],
+                   help="the power law's variable F")  # fmt: skip
     f.add_argument("--sigma", type=float, nargs="+", default=None, metavar="S",
                    help="fit only these σ (default: each σ in the file and the total)")  # fmt: skip
     f.add_argument("--plot", default=None, metavar="FILE.png", help="both fits per σ, log axes")
-    f.add_argument("--out", default=None, metavar="FILE.json")
+    f.add_argument("--out", default=None, metavar="FILE.json", help="the fits as JSON")
     f.set_defaults(run=run_fit)
 
     c = actions.add_parser(
@@ -50,11 +56,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_arguments(c)
     c.add_argument("--sigmas", default="0.02:80:13", help="list or min:max:count (log-spaced)")
     c.add_argument("--outer", type=int, default=2048, metavar="M", help="paired draws per σ")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the draws (sources, ε)")
     c.add_argument("--batch", type=int, default=256, help="model batch size")
-    c.add_argument("--device", default="cpu", help="cpu | cuda")
-    c.add_argument("--out", required=True, metavar="RUNS.csv")
-    c.add_argument("--quiet", action="store_true")
+    add_device_argument(c)
+    c.add_argument("--out", required=True, metavar="RUNS.csv", help="the rows (fit reads it)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     c.set_defaults(run=run_collect)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
     add_data_arguments,
+    add_device_argument,
     load_data_from_args,
     parse_sigmas,
     resolve_device,
@@ -80,8 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="class-conditional model (needs labels)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(p)
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (on a terminal) or progress lines (elsewhere, one per --log-every)",
+    )
     p.add_argument(
         "--monitor",
         default=None,
@@ -123,12 +128,10 @@ def _monitor(
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from lossfloor.distributed import launched
     from lossfloor.training import TrainConfig, train
 
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     with launched(device) as (group, device):  # under torchrun: one process of a group
         with group.together():
             given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional")}

@@ -67,7 +67,9 @@ def check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
 
 
 def _check_items(shape: tuple[int, ...], where: str) -> None:
-    if len(shape) == 0 or shape[0] == 0:
+    if len(shape) == 0:
+        raise UserError(f"{where}: the array is a scalar (0-d); give an array of items (N×...)")
+    if shape[0] == 0:
         raise UserError(f"{where}: the data is empty (0 items); give a file with at least one item")
     if 0 in shape:
         raise UserError(f"{where}: each item has shape {shape[1:]} with no elements")
@@ -100,10 +102,7 @@ def canonical_array(arr: np.ndarray, where: str) -> tuple[np.ndarray, str]:
 
 def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int | None) -> RawData:
     """Read array ``key`` (default ``x``, or the only one) and labels (default ``y``)."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+    npz = _np_load(path, ".npz")
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise UserError(f"{path} holds a single array (an .npy file); rename it to .npy")
     with npz:
@@ -134,6 +133,21 @@ def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int 
     return RawData(values, labels, scale)
 
 
+def _np_load(path: Path, kind: str, **kwargs: str) -> np.ndarray | np.lib.npyio.NpzFile:
+    """``np.load`` without pickles; a file that is neither an .npy array nor an .npz archive
+    (numpy would offer to unpickle it) is called what it is."""
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise UserError(
+                f"{path} is not a valid {kind} file (neither an .npy array nor an .npz archive)"
+            ) from None
+        raise UserError(f"{path} is not a readable {kind} file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path} is not a readable {kind} file ({exc})") from None
+
+
 def _npz_member(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
     try:
         return npz[key]
@@ -143,10 +157,7 @@ def _npz_member(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
 
 def load_npy(path: Path, *, limit: int | None) -> RawData:
     """Memory-map the file and read only the first ``limit`` rows."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise UserError(f"{path} is not a readable .npy file ({exc})") from None
+    arr = _np_load(path, ".npy", mmap_mode="r")
     if not isinstance(arr, np.ndarray):
         arr.close()
         raise UserError(f"{path} is an .npz archive; rename it to .npz")
@@ -252,6 +263,12 @@ def _decode_images(items: list[tuple[str, Callable[[], IO[bytes]]]], where: str)
             raise UserError(f"{where}: cannot read image {name} ({exc})") from None
         if out is None:
             out, first = np.empty((len(items), *arr.shape), dtype=np.uint8), name
+        elif arr.shape[1:] == out.shape[2:] and arr.shape[0] != out.shape[1]:
+            mode = {1: "gray (1 channel)", 3: "RGB (3 channels)"}
+            raise UserError(
+                f"{where}: images differ in channels: {first} is {mode[out.shape[1]]} but "
+                f"{name} is {mode[arr.shape[0]]}; convert them to one mode"
+            )
         elif arr.shape != out.shape[1:]:
             raise UserError(
                 f"{where}: images differ in size: {first} is {_describe(out.shape[1:])} "

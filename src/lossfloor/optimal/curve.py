@@ -13,11 +13,32 @@ import numpy as np
 
 from lossfloor import __version__
 from lossfloor.errors import UserError
-from lossfloor.io import read_json, write_json
+from lossfloor.io import read_json, write_csv, write_json
 from lossfloor.schedules import NoiseSchedule
 
 #: Sub-intervals per grid interval for the refined quadrature that estimates the trapezoid error.
 REFINE = 16
+
+#: The columns of ``Curve.to_csv``: a CurvePoint field and its unit.
+CSV_COLUMNS = {
+    "sigma": "VE sigma",
+    "t": "process time",
+    "optimal_loss": "x0 units per element",
+    "stderr": "x0 units per element",
+    "optimal_loss_target": "target units per element",
+    "seconds": "s",
+    "closed": "x0 units per element",
+    "closed_stderr": "x0 units per element",
+    "direct": "x0 units per element",
+    "direct_stderr": "x0 units per element",
+    "combined_weight_closed": "dimensionless",
+    "dtype": "",
+    "heldout_loss": "x0 units per element",
+    "heldout_stderr": "x0 units per element",
+    "smoothed_loss": "x0 units per element",
+    "smoothed_stderr": "x0 units per element",
+    "bandwidth": "x0 units",
+}
 
 #: The estimator block of a curve's JSON holds the estimator's config and these draw parameters.
 DRAW_KEYS = ("outer", "seed", "form")
@@ -214,6 +235,15 @@ class Curve:
             )
         return np.interp(np.log(s), np.log(self.sigmas), self.values)
 
+    def point_at(self, sigma: float) -> CurvePoint | None:
+        """The point at ``sigma`` (within the relative tolerance a resumed estimate uses)."""
+        from lossfloor.optimal.estimate import SIGMA_MATCH_RTOL
+
+        return next(
+            (p for p in self.points if math.isclose(p.sigma, sigma, rel_tol=SIGMA_MATCH_RTOL)),
+            None,
+        )
+
     def total_under(self, schedule: NoiseSchedule) -> Total:
         """The total E_{σ~p}[w(σ)·J*(σ)] under ``schedule`` (``Total.compute``)."""
         return Total.compute(self.sigmas, self.values, self.stderrs, schedule)
@@ -273,3 +303,9 @@ class Curve:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_json()`` atomically: the same file as ``lossfloor estimate --out``."""
         write_json(path, self.to_json())
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """The points as CSV (``estimate --csv``), atomically: one row per σ in the file's
+        order, the columns of CSV_COLUMNS with their units in the header ("sigma [VE sigma]")."""
+        header = [f"{k} [{unit}]" if unit else k for k, unit in CSV_COLUMNS.items()]
+        write_csv(path, header, ([getattr(p, k) for k in CSV_COLUMNS] for p in self.points))

@@ -151,8 +151,9 @@ def _estimate_points(
     done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
-        total=len(todo) * plan.blocks, disable=not progress, unit="block", desc="J*(σ)", leave=False
-    )
+        total=len(todo) * plan.blocks, disable=not progress, unit="block", leave=False,
+        desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)",
+    )  # fmt: skip
     pools = PoolsByDtype(plan, device)
     points = []
     for sigma in sigmas:

@@ -163,11 +163,12 @@ def resolve_form(form: str, estimator: Estimator) -> str:
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
     """float32 / float64, or ``auto``: float64 where the fp32 logit error bound at σ exceeds
-    AUTO_LOGIT_TOLERANCE (small σ on data with large norms) or the norms themselves exceed
-    FLOAT32_MAX_SQ_NORM, float32 elsewhere."""
+    AUTO_LOGIT_TOLERANCE (small σ on data with large norms) or the squared norms of the data
+    or of a typical query x0 + σε (R² + D·σ²) exceed FLOAT32_MAX_SQ_NORM (large data or huge
+    σ), float32 elsewhere."""
     if precision != "auto":
         return base_dtype(precision)
-    if max(p.max_sq for p in pools) > FLOAT32_MAX_SQ_NORM:
+    if max(p.max_sq + p.dim * sigma * sigma for p in pools) > FLOAT32_MAX_SQ_NORM:
         return torch.float64
     worst = max(logit_error_bound(p.max_sq, p.dim, sigma, torch.float32) for p in pools)
     return torch.float64 if worst > AUTO_LOGIT_TOLERANCE else torch.float32

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -352,6 +353,7 @@ class Trainer:
         acc = StatsAccumulator(self.device)
         self.net.train()
         disable = None if self.progress is None else not self.progress
+        lines = self.progress is None and not sys.stderr.isatty()  # tqdm's auto mode is off
         bar = tqdm(
             total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
@@ -376,12 +378,23 @@ class Trainer:
                             stats.write(json.dumps(record.to_json()) + "\n")
                             stats.flush()
                     bar.set_postfix(loss=f"{record.loss:.4g}")
+                    if lines:
+                        print(_progress_line(record, c.steps), file=sys.stderr, flush=True)
                     if ckpt:
                         self._save()
                     last, acc = record, StatsAccumulator(self.device)
         finally:
             bar.close()
         return last
+
+
+def _progress_line(record: StatsRecord, steps: int) -> str:
+    """One line per log interval where stderr is not a terminal (a log file, a job's output)."""
+    speed = "" if record.images_per_s is None else f", {record.images_per_s:.0f} images/s"
+    return (
+        f"train: step {record.step}/{steps}, {record.images} images, loss {record.loss:.4g} "
+        f"(x0 units {record.loss_x0:.4g}){speed}, {record.seconds:.0f} s"
+    )
 
 
 class _StopRequests:
@@ -420,7 +433,9 @@ def train(
     callback_every: int = 0,
     progress: bool | None = None,
 ) -> StatsRecord | None:
-    """Train (or resume) the run in ``run_dir``; returns the last stats record."""
+    """Train (or resume) the run in ``run_dir``; returns the last stats record. ``progress``:
+    None: a bar on a terminal, else a line on stderr per log interval; True: a bar; False:
+    neither."""
     trainer = Trainer(
         config,
         dataset,
