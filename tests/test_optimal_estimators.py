@@ -139,7 +139,7 @@ def test_cdol_default_tracks_full_on_digits(digits):
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("name", ["full", "snis", "dol", "cdol"])
-def test_no_nan_or_inf_from_tiny_to_huge_sigma_with_duplicates(name, precision):
+def test_no_nan_inf_or_negative_from_tiny_to_huge_sigma_with_duplicates(name, precision):
     g = torch.Generator().manual_seed(6)
     base = torch.rand(30, 16, generator=g) * 2 - 1
     data = torch.cat([base, base[:10], base[:10]])  # identical points
@@ -149,6 +149,7 @@ def test_no_nan_or_inf_from_tiny_to_huge_sigma_with_duplicates(name, precision):
     for p in curve.points:
         for value in (p.optimal_loss, p.stderr, p.closed, p.direct):
             assert math.isfinite(value), (name, p)
+        assert p.optimal_loss >= 0 and 0 <= p.combined_weight_closed <= 1, (name, p)
 
 
 def test_auto_precision_switches_to_float64_where_float32_loses_digits():

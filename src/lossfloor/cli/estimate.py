@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,7 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
 
     if not args.quiet:
         _print_table(curve, args.target)
+    _warn_unresolved(curve)
     if args.out:
         curve.save(args.out)
     if args.plot:
@@ -142,6 +144,21 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
                 title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
             ),
             args.out,
+        )
+
+
+def _warn_unresolved(curve: Curve) -> None:
+    """One line on stderr naming the σ whose value rests on too few draws to trust its stderr."""
+    from lossfloor.optimal.outer import MIN_EFFECTIVE_DRAWS
+
+    bad = [p for p in curve.points if p.resolved is False]
+    if bad:
+        listed = ", ".join(f"{p.sigma:.4g} (ESS {p.ess:.3g})" for p in bad)
+        print(
+            f"warning: J* is not resolved at σ = {listed}: fewer than {MIN_EFFECTIVE_DRAWS:g} "
+            "effective draws carry it, so its value and standard error are unreliable; "
+            "use more --outer",
+            file=sys.stderr,
         )
 
 

@@ -22,14 +22,20 @@ REFINE = 16
 #: The estimator block of a curve's JSON holds the estimator's config and these draw parameters.
 DRAW_KEYS = ("outer", "seed", "form")
 
+#: Point fields written only where set (files written before they existed do not have them).
+OPTIONAL_POINT_KEYS = ("ess", "resolved")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CurvePoint:
-    """J*(σ) at one σ (per element, x0 units): the reported value and its standard error, both
-    forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight a of
-    the closed form in the combination a·closed + (1−a)·direct, the process time t, the value in
-    the target's units (J*·loss factor, None without a target), the dtype and the seconds.
-    The fields are the JSON's keys, in order."""
+    """J*(σ) at one σ (per element, x0 units): the reported value (≥ 0) and its standard error,
+    both forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight
+    a ∈ [0, 1] of the closed form in the combination a·closed + (1−a)·direct, the process time
+    t, the value in the target's units (J*·loss factor, None without a target), the dtype and
+    the seconds; ``ess``, the effective number of draws that carry the value ((Σv)²/Σv² of the
+    direct form's per-draw values), and ``resolved``: whether it is large enough for the
+    standard error to mean something. The fields are the JSON's keys, in order; ``ess`` and
+    ``resolved`` are left out where None (files written before they existed)."""
 
     sigma: float
     t: float | None = None
@@ -43,9 +49,12 @@ class CurvePoint:
     direct_stderr: float | None = None
     combined_weight_closed: float | None = None
     dtype: str | None = None
+    ess: float | None = None
+    resolved: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in out.items() if v is not None or k not in OPTIONAL_POINT_KEYS}
 
     @classmethod
     def from_json(cls, obj: Any) -> CurvePoint:

@@ -32,6 +32,7 @@ from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
+    MIN_EFFECTIVE_DRAWS,
     Moments,
     OuterPlan,
     PoolsByDtype,
@@ -199,6 +200,7 @@ def _estimate_point(
     seconds = time.perf_counter() - t0
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
+    value = max(value, 0.0)  # J* is an expected squared error: a negative mean is noise
     in_target = None
     if process is not None and target is not None:
         in_target = value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
@@ -215,6 +217,8 @@ def _estimate_point(
         direct_stderr=mom.direct_stderr,
         combined_weight_closed=mom.weight_closed,
         dtype=str(dtype).removeprefix("torch."),
+        ess=mom.ess,
+        resolved=mom.ess >= MIN_EFFECTIVE_DRAWS,
     )
 
 
