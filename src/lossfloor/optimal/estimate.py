@@ -31,6 +31,7 @@ from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.outer import (
     MIN_EFFECTIVE_DRAWS,
     Moments,
@@ -155,6 +156,11 @@ def _estimate_points(
         total=len(todo) * plan.blocks, disable=not progress, unit="block", desc="J*(σ)", leave=False
     )
     pools = PoolsByDtype(plan, device)
+    k = getattr(estimator, "neighbours_needed", 0)
+    if todo and k > 0:
+        # distances in the dtype of the largest σ (float32 unless the norms need float64)
+        index_pools = pools(pools.dtype_at(precision, math.inf))
+        pools.attach(neighbour_tables(plan, index_pools, k, tile_bytes))
     points = []
     for sigma in sigmas:
         if sigma in done:

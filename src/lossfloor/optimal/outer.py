@@ -303,11 +303,24 @@ class PoolsByDtype:
     plan: OuterPlan
     device: torch.device
     built: dict[torch.dtype, list[Pool]] = field(default_factory=dict)
+    neighbours: list[Tensor] | None = None
 
     def __call__(self, dtype: torch.dtype) -> list[Pool]:
         if dtype not in self.built:
             self.built[dtype] = make_pools(self.plan, dtype, self.device)
+            self._attach(self.built[dtype])
         return self.built[dtype]
+
+    def attach(self, tables: list[Tensor]) -> None:
+        """Give every pool, built and to be built, its neighbour table."""
+        self.neighbours = tables
+        for pools in self.built.values():
+            self._attach(pools)
+
+    def _attach(self, pools: list[Pool]) -> None:
+        if self.neighbours is not None:
+            for pool, table in zip(pools, self.neighbours, strict=True):
+                pool.neighbours = table
 
     def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
         """The dtype ``precision`` works in at σ (``choose_dtype`` on the base dtype's pools)."""
