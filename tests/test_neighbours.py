@@ -21,6 +21,7 @@ def brute_force(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
 def calls(tmp_path, monkeypatch):
     """An empty $LOSSFLOOR_CACHE; returns the list of rows each index computation ranked."""
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(nb, "CACHE_MIN_WORK", 0)
     seen = []
     real = nb.nearest_neighbours
 
@@ -97,6 +98,13 @@ def test_a_corrupt_file_is_rebuilt(calls, damage):
     (again,) = nb.neighbour_tables(plan, pools, 4)
     assert len(calls) == 2
     assert torch.equal(again, good)
+
+
+def test_small_indexes_are_not_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+    plan = OuterPlan.build(data(), None, 400, 0, False)
+    nb.neighbour_tables(plan, make_pools(plan, torch.float32, "cpu"), 4)  # 400·300·7 < 2^30
+    assert not (tmp_path / "cache").exists()
 
 
 def test_conditional_indexes_each_class_within_itself(calls):

@@ -49,7 +49,7 @@ def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
     data = torch.randn(60, 5, generator=g, dtype=torch.float64) + 3.0  # an offset: centring matters
     sigmas = [0.3, 1.0, 3.0]
     curve = estimate_curve(data, sigmas, make_estimator("full", 60), outer=1500, seed=7,
-                           precision=precision, progress=False)  # fmt: skip
+                           draws="plain", precision=precision, progress=False)  # fmt: skip
     for p, s in zip(curve.points, sigmas, strict=True):
         closed, direct = brute_force_per_sample(data, 1500, 7, s)
         assert p.closed == pytest.approx(closed, rel=rtol)
@@ -101,7 +101,7 @@ def test_limits_and_monotonicity(digits):
 
 def test_dol_underestimates_the_full_value(digits):
     sigmas = [0.5, 1.0, 2.0]
-    kw = dict(outer=digits.n, seed=3, progress=False, form="closed")
+    kw = dict(outer=digits.n, seed=3, progress=False, form="closed", draws="plain")
     full = estimate_curve(digits.x, sigmas, make_estimator("full", digits.n), **kw)
     dol = estimate_curve(digits.x, sigmas, make_estimator("dol", digits.n, inner=40), **kw)
     assert np.all(dol.values < full.values - 3 * full.stderrs)

@@ -35,7 +35,9 @@ def test_far_stratum_covering_everything_is_full_bitwise(digits, precision, tmp_
     sigmas = [0.05, 0.5, 2.0, 20.0]
     kw = dict(outer=1500, seed=3, precision=precision, form="combined", progress=False)
     full = estimate_curve(digits.x, sigmas, make_estimator("full", 400), **kw)
-    est = make_estimator("stratified", 400, inner=400, near=16, share=OUTER_BLOCK)
+    # near − 1 = TILT_NEIGHBOURS: the same neighbour table (digits has duplicate images, whose
+    # order among equal distances may differ between tables of other widths)
+    est = make_estimator("stratified", 400, inner=400, near=9, share=OUTER_BLOCK)
     strat = estimate_curve(digits.x, sigmas, est, **kw)
     for f, s in zip(full.points, strat.points, strict=True):
         assert (s.closed, s.direct, s.optimal_loss) == (f.closed, f.direct, f.optimal_loss)
@@ -124,12 +126,11 @@ def test_the_cli_runs_stratified_and_refuses_options_it_does_not_take(tmp_path, 
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "s.json"
     rc = main(["estimate", "--data", "digits", "--limit", "300", "--sigmas", "0.05,5",
-               "--estimator", "stratified", "--inner", "300", "--near", "8", "--share", "1024",
+               "--estimator", "stratified", "--inner", "30", "--near", "8",
                "--out", str(out), "--quiet"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     rec = json.loads(out.read_text())
     assert rec["estimator"]["name"] == "stratified" and rec["estimator"]["near"] == 8
-    assert (tmp_path / "cache" / "neighbours").is_dir()
     rc = main(["estimate", "--data", "digits", "--limit", "300", "--estimator", "stratified",
                "--replace", "--out", str(tmp_path / "x.json")])  # fmt: skip
     assert rc == 2 and "--replace" in capsys.readouterr().err

@@ -61,6 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--share", type=int, default=256, help="queries sharing one random set")
     p.add_argument("--outer", type=int, default=None, metavar="M", help="outer samples (N)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--draws",
+        default="auto",
+        help="outer noise: tilted (importance-sampled toward each source's nearest neighbours, "
+        "with likelihood-ratio weights: right below σ*, where J* rests on rare draws) | plain "
+        "(ε ~ N(0, I), as in the paper) | auto (tilted for full and stratified, else plain)",
+    )
     p.add_argument("--form", default="auto", help="auto | closed | direct | combined")
     p.add_argument("--process", default="edm", help="ve | edm | vp | vp-cosine | vp-edm | fm")
     p.add_argument("--target", default="F", help="x0 | eps | score | velocity | v | F")
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         conditional=args.conditional,
         outer=args.outer,
         seed=args.seed,
+        draws=args.draws,
         form=args.form,
         precision=args.dtype,
         device=device,
@@ -177,7 +185,7 @@ def _warn_unresolved(curve: Curve) -> None:
         print(
             f"warning: J* is not resolved at σ = {listed}: fewer than {MIN_EFFECTIVE_DRAWS:g} "
             "effective draws carry it, so its value and standard error are unreliable; "
-            "use more --outer",
+            + ("use more --outer" if curve.draws == "tilted" else "use --draws tilted"),
             file=sys.stderr,
         )
 

@@ -19,8 +19,9 @@ from lossfloor.schedules import NoiseSchedule
 #: Sub-intervals per grid interval for the refined quadrature that estimates the trapezoid error.
 REFINE = 16
 
-#: The estimator block of a curve's JSON holds the estimator's config and these draw parameters.
-DRAW_KEYS = ("outer", "seed", "form")
+#: The estimator block of a curve's JSON holds the estimator's config and these draw parameters
+#: ("draws" only where set: files written before it existed used plain draws).
+DRAW_KEYS = ("outer", "seed", "draws", "form")
 
 #: Point fields written only where set (files written before they existed do not have them).
 OPTIONAL_POINT_KEYS = ("ess", "resolved")
@@ -146,7 +147,8 @@ class Curve:
     """J*(σ) per element in VE σ and x0 units: the points, what produced them and the total.
 
     ``estimator`` is the estimator's ``to_config()`` (``ESTIMATORS.from_config`` rebuilds it);
-    ``outer``, ``seed`` and ``form`` fix the draws and the reported form. ``dataset``,
+    ``outer``, ``seed`` and ``draws`` (tilted or plain; None: plain, written before it existed)
+    fix the draws, ``form`` the reported form. ``dataset``,
     ``process`` and ``target`` describe the data and the units of ``t`` and
     ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
     ``lossfloor estimate --out`` writes; ``from_json`` / ``load`` read it back.
@@ -156,6 +158,7 @@ class Curve:
     estimator: dict[str, Any] | None = None
     outer: int | None = None
     seed: int | None = None
+    draws: str | None = None
     form: str | None = None
     data_variance: float | None = None
     precision: str | None = None
@@ -225,7 +228,10 @@ class Curve:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.estimator is not None:
-            out["estimator"] = {**self.estimator, **{k: getattr(self, k) for k in DRAW_KEYS}}
+            draws = {k: getattr(self, k) for k in DRAW_KEYS}
+            if draws["draws"] is None:
+                del draws["draws"]
+            out["estimator"] = {**self.estimator, **draws}
         return {
             **out,
             "per_element": self.per_element,

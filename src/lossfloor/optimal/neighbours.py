@@ -34,6 +34,10 @@ INDEX_FORMAT = "lossfloor-neighbours/1"
 #: Queries ranked at once.
 QUERY_BLOCK = 1024
 
+#: Indexes of less work than this (sources × points × dims) are computed, not cached: they
+#: take less time than the file.
+CACHE_MIN_WORK = 2**30
+
 
 def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAULT_TILE_BYTES):
     """For each point ``rows[i]`` of the pool: itself, then its k nearest other points by
@@ -67,12 +71,16 @@ def neighbour_tables(
 ) -> list[Tensor]:
     """Per pool (the whole set, or each class): an n×(k+1) table whose row i is i and its k
     nearest neighbours where point i is a source of the plan's draws, −1 elsewhere; from the
-    cache where it holds this key, else computed and stored. k is capped at n − 1 per pool."""
+    cache where it holds this key, else computed and stored (where the work exceeds
+    CACHE_MIN_WORK). k is capped at n − 1 per pool."""
     key = index_key(plan, k, pools[0].x.dtype)
     path = cache_path(key, "neighbours")
     rows = [_source_rows(plan, g) for g in range(len(plan.groups))]
     caps = [min(k, p.n - 1) for p in pools]
-    hit = _read(path, key, rows, [p.n for p in pools], caps)
+    cached = (
+        sum(r.numel() * p.n * p.dim for r, p in zip(rows, pools, strict=True)) >= CACHE_MIN_WORK
+    )
+    hit = _read(path, key, rows, [p.n for p in pools], caps) if cached else None
     if hit is not None:
         return hit
     tables = []
@@ -80,7 +88,8 @@ def neighbour_tables(
         table = torch.full((pool.n, kk + 1), -1, dtype=torch.long)
         table[r] = nearest_neighbours(pool, r, kk, tile_bytes)
         tables.append(table)
-    write_arrays(path, key, {f"group{g}": t.numpy() for g, t in enumerate(tables)})
+    if cached:
+        write_arrays(path, key, {f"group{g}": t.numpy() for g, t in enumerate(tables)})
     return tables
 
 

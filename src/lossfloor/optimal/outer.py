@@ -52,6 +52,16 @@ FLOAT32_MAX_SQ_NORM = 1e30
 MIN_EFFECTIVE_DRAWS = 30.0
 
 FORMS = ("auto", "closed", "direct", "combined")
+DRAWS = ("auto", "tilted", "plain")
+
+#: Estimators whose posterior is exact or near-exact: the min-variance combination of the two
+#: forms and tilted draws by default (the paper's sub-sampled ones: closed form, plain draws).
+NEAR_EXACT = ("full", "stratified")
+
+#: The tilted draws' mixture: the share α of draws shifted toward a neighbour, and how many of
+#: the source's nearest neighbours the shifted components cover.
+TILT_SHARE = 0.5
+TILT_NEIGHBOURS = 8
 PRECISIONS = ("auto", "float32", "float64")
 
 
@@ -104,6 +114,55 @@ def stratified_sources(n: int, m: int, seed: int) -> Tensor:
 def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
     """ε for outer block ``block``: float64 N(0, I), identical for every dtype and σ."""
     return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
+
+
+def resolve_draws(draws: str, estimator: Estimator) -> str:
+    """``auto``: ``tilted`` for the exact and near-exact estimators (J* right below σ*), and
+    ``plain`` for the paper's sub-sampled ones (as the paper ran them: their closed form
+    A − ‖μ̂‖², weighted, gains variance from the weights where it has no rare events to find)."""
+    if draws not in DRAWS:
+        raise ParameterError("draws", draws, f"expected one of {', '.join(DRAWS)}")
+    if draws != "auto":
+        return draws
+    return "tilted" if estimator.name in NEAR_EXACT else "plain"
+
+
+def tilted_noise(
+    seed: int, block: int, plain: Tensor, x: Tensor, sources: Tensor, neighbours: Tensor,
+    sigma: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Defensive mixture importance sampling of the noise (Hesterberg 1995), with exponentially
+    tilted components: for source x_n and its K nearest neighbours x_k (``neighbours``' row n),
+
+        q(ε) = (1 − α)·φ(ε) + α·Σ_k β_k·φ(ε − δ_k),   δ_k = (x_k − x_n)/(2σ),
+        β_k ∝ exp(−‖δ_k‖²/2) = exp(−‖x_k − x_n‖²/8σ²),
+
+    (φ the N(0, I) density, α = TILT_SHARE): component k puts x_t = x_n + σε at the midpoint of
+    x_n and x_k on average, where the rare draws that carry J* below σ* live, and β_k follows
+    the probability ~e^{−d_k²/8σ²} of such a draw (uniform at large σ, the nearest neighbour
+    at small σ). Each draw ε = z + δ_c (z the plain draw; c from a uniform shared by every σ)
+    gets the likelihood ratio
+
+        w(ε) = φ(ε)/q(ε) = 1 / ((1 − α) + α·Σ_k β_k·exp(⟨ε, δ_k⟩ − ‖δ_k‖²/2)) ≤ 1/(1 − α),
+
+    so E_q[w·f(ε)] = E_φ[f(ε)] for every f. Returns (ε, w), float64. At large σ, δ → 0 and
+    w → 1: the draws become the plain ones."""
+    table = neighbours[sources, 1 : TILT_NEIGHBOURS + 1].to(x.device)
+    x64 = x.double()
+    delta = (x64[table] - x64[sources][:, None, :]) / (2 * sigma)  # B×K×D
+    half_sq = 0.5 * delta.pow(2).sum(dim=2)
+    log_beta = torch.log_softmax(-half_sq, dim=1)
+    u = torch.rand(plain.shape[0], generator=generator_for(seed, 3, block), dtype=torch.float64)
+    v = ((u - (1 - TILT_SHARE)) / TILT_SHARE).to(x.device)
+    cdf = log_beta.exp().cumsum(dim=1)
+    comp = torch.searchsorted(cdf, v.clamp(min=0)[:, None]).flatten().clamp(max=table.shape[1] - 1)
+    rows = torch.nonzero(v >= 0).flatten()
+    eps = plain.to(x.device).clone()
+    eps[rows] += delta[rows, comp[rows]]
+    expo = torch.einsum("bkd,bd->bk", delta, eps) - half_sq + log_beta
+    log_mix = torch.logsumexp(expo, dim=1) + math.log(TILT_SHARE)
+    log_q = torch.logaddexp(log_mix, torch.full_like(log_mix, math.log(1 - TILT_SHARE)))
+    return eps, torch.exp(-log_q)
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
@@ -174,13 +233,14 @@ class Moments:
 
 
 def resolve_form(form: str, estimator: Estimator) -> str:
-    """``auto``: the min-variance combination for the exact posterior; for sub-sampled
-    estimators the two forms are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
+    """``auto``: the min-variance combination for the exact (and near-exact stratified)
+    posterior; for the sub-sampled estimators the two forms are biased in opposite directions,
+    so the paper's A − ‖μ̂‖²."""
     if form not in FORMS:
         raise ParameterError("form", form, f"expected one of {', '.join(FORMS)}")
     if form != "auto":
         return form
-    return "combined" if estimator.name == "full" else "closed"
+    return "combined" if estimator.name in NEAR_EXACT else "closed"
 
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
@@ -257,8 +317,13 @@ def per_sample_values(
     pools: list[Pool],
     tile_bytes: int = DEFAULT_TILE_BYTES,
     on_block: Callable[[], None] | None = None,
+    draws: str = "plain",
 ) -> PerSample:
-    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``)."""
+    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``).
+
+    ``draws``: ``plain`` ε ~ N(0, I), or ``tilted`` (``tilted_noise``; the pools need their
+    neighbour tables), whose values are the unbiased terms w·direct and A/D + w·(closed − A/D)
+    (w the likelihood ratio): their means estimate J* like the plain draws'."""
     m = plan.sources.numel()
     dim = plan.data[0].numel()
     closed = torch.empty(m, dtype=torch.float64)
@@ -274,6 +339,13 @@ def per_sample_values(
             eps = noise if sel is None else noise[sel]
             if s_local.numel() == 0:
                 continue
+            weight = None
+            if draws == "tilted" and pool.n > 1:
+                if pool.neighbours is None:
+                    raise UserError("tilted draws need the pools' neighbour tables")
+                eps, weight = tilted_noise(
+                    plan.seed, j, eps, pool.x, s_local.to(device), pool.neighbours, sigma
+                )
             out = estimator(
                 pool,
                 s_local.to(device),
@@ -282,6 +354,10 @@ def per_sample_values(
                 inner_g,
                 tile_bytes,
             )
+            if weight is not None:
+                w = weight.to(out.direct.device)
+                base = pool.a / pool.dim
+                out = PerSample(closed=base + w * (out.closed - base), direct=w * out.direct)
             where = slice(lo, hi) if sel is None else sel + lo
             closed[where] = out.closed.cpu()
             direct[where] = out.direct.cpu()
