@@ -46,6 +46,23 @@ def test_equals_brute_force_on_a_tiny_set(tile_bytes):
     assert torch.equal(got, brute_force(pool.x, rows, 9))
 
 
+def test_with_many_equal_distances_a_narrower_table_is_a_prefix_of_a_wider_one():
+    """Integer points: many exact ties (equal up to the expanded form's rounding). The first k
+    columns of the 30-wide table are the k-wide table (so draws that read k columns are the
+    same whatever other estimator widened the index), and the distances are the k smallest."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 3, (200, 4), generator=g).double()
+    pool = Pool.from_data(x, torch.float64, "cpu")
+    rows = torch.arange(200)
+    wide = nb.nearest_neighbours(pool, rows, 30)
+    for k in (5, 12):
+        assert torch.equal(nb.nearest_neighbours(pool, rows, k), wide[:, : k + 1])
+    d2 = torch.cdist(pool.x, pool.x).pow(2)
+    d2.fill_diagonal_(torch.inf)
+    got = d2.gather(1, wide[:, 1:])
+    torch.testing.assert_close(got, d2.sort(dim=1).values[:, :30], rtol=0, atol=1e-9)
+
+
 def test_only_the_sources_are_ranked_and_the_rest_is_minus_one(calls):
     x = data()
     plan = OuterPlan.build(x, None, 50, 0, False)

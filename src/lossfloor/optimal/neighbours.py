@@ -29,7 +29,7 @@ from lossfloor.optimal.outer import OuterPlan
 Tensor = torch.Tensor
 
 #: Part of every key: bumped when the index of the same key would change.
-INDEX_FORMAT = "lossfloor-neighbours/1"
+INDEX_FORMAT = "lossfloor-neighbours/2"
 
 #: Queries ranked at once.
 QUERY_BLOCK = 1024
@@ -41,7 +41,8 @@ CACHE_MIN_WORK = 2**30
 
 def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAULT_TILE_BYTES):
     """For each point ``rows[i]`` of the pool: itself, then its k nearest other points by
-    ‖x_i − x_j‖², nearest first (len(rows)×(k+1), int64), k < N."""
+    ‖x_i − x_j‖², nearest first, equal distances in index order (len(rows)×(k+1), int64),
+    k < N. The order is therefore the same for every k and tile size."""
     d = pool.dim
     table = torch.empty(rows.numel(), k + 1, dtype=torch.long)
     for lo in range(0, rows.numel(), QUERY_BLOCK):
@@ -56,14 +57,35 @@ def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAU
             scores = q @ pool.aug[start : start + step].T  # B×chunk: s_ij
             ids = torch.arange(start, start + scores.shape[1], device=q.device)
             scores.masked_fill_(ids[None, :] == r[:, None], -torch.inf)  # not itself
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            best_s = torch.cat([best_s, top.values], dim=1)
-            best_i = torch.cat([best_i, ids[top.indices]], dim=1)
-            keep = best_s.topk(min(k, best_s.shape[1]), dim=1)
-            best_s, best_i = keep.values, best_i.gather(1, keep.indices)
+            vals, pos = _top_in_index_order(scores, k)
+            best_s, best_i = _merge(
+                torch.cat([best_s, vals], 1), torch.cat([best_i, ids[pos]], 1), k
+            )
         table[lo : lo + r.numel(), 0] = r.cpu()
         table[lo : lo + r.numel(), 1:] = best_i.cpu()
     return table
+
+
+def _top_in_index_order(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest scores per row (values, column positions), where a tie at the k-th place
+    keeps the lowest columns: rows with such a tie are sorted stably (rare)."""
+    c = scores.shape[1]
+    top = scores.topk(min(k + 1, c), dim=1)
+    vals, pos = top.values, top.indices
+    if c > k:
+        tied = torch.nonzero(vals[:, k - 1] == vals[:, k]).flatten()
+        if tied.numel():
+            again = scores[tied].sort(dim=1, descending=True, stable=True)
+            vals[tied], pos[tied] = again.values[:, : k + 1], again.indices[:, : k + 1]
+    return vals[:, :k], pos[:, :k]
+
+
+def _merge(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (score descending, index ascending) of candidate scores and ids per row."""
+    order = ids.argsort(dim=1)
+    scores, ids = scores.gather(1, order), ids.gather(1, order)
+    best = scores.sort(dim=1, descending=True, stable=True)
+    return best.values[:, :k], ids.gather(1, best.indices[:, :k])
 
 
 def neighbour_tables(
