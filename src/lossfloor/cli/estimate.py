@@ -31,9 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--estimator",
         default="full",
-        help="full (exact, O(M·N·D) per σ) | stratified (each source's nearest points exact plus "
-        "L random ones weighted N/L: near-exact at a fraction of full's cost, for large N) | "
-        "snis | dol | cdol (the paper's sub-sampled estimators, for comparison)",
+        help="full (exact, O(M·N·D) per σ: the reference) | stratified (each source's nearest "
+        "points exact plus L random ones weighted N/L: exact below σ*, within ~1%% well above "
+        "it, but low by 10–30%% where J* rises — see docs/benchmarks.md) | snis | dol | cdol "
+        "(the paper's sub-sampled estimators, for comparison)",
     )
     p.add_argument(
         "--inner",
