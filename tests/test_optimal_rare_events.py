@@ -110,7 +110,7 @@ def test_the_tilted_weight_is_the_ratio_of_the_normal_to_the_mixture_density():
     from scipy.stats import multivariate_normal
 
     from lossfloor.optimal.neighbours import nearest_neighbours
-    from lossfloor.optimal.outer import TILT_SHARE, tilted_noise
+    from lossfloor.optimal.outer import TILT_SHARE, TiltBlock, tilted_noise
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -119,7 +119,8 @@ def test_the_tilted_weight_is_the_ratio_of_the_normal_to_the_mixture_density():
     src = torch.randint(12, (400,), generator=g)
     plain = torch.randn(400, 3, generator=g, dtype=torch.float64)
     sigma = 0.4
-    eps, w = tilted_noise(5, 0, plain, pool.x, src, table, sigma)
+    eps, w = tilted_noise(TiltBlock.build(5, 0, plain, pool.x, src, table), plain, pool.x, src,
+                          sigma)  # fmt: skip
     assert bool((w > 0).all() and (w <= 1 / (1 - TILT_SHARE) + 1e-12).all())
     shifted = ~torch.isclose(eps, plain).all(dim=1)
     assert 0.4 < shifted.double().mean().item() < 0.6  # about α of the draws are tilted

@@ -252,8 +252,9 @@ def _finite_values(
     """``per_sample_values`` at σ in ``dtype``, or None where they overflow it."""
     try:
         s = per_sample_values(
-            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block, draws
-        )
+            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block, draws,
+            pools.tilts,
+        )  # fmt: skip
     except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
         if "overflow" not in str(exc):
             raise

@@ -127,12 +127,38 @@ def resolve_draws(draws: str, estimator: Estimator) -> str:
     return "tilted" if estimator.name in NEAR_EXACT else "plain"
 
 
+@dataclass
+class TiltBlock:
+    """The σ-independent part of one block's tilted draws (for one pool): the uniforms that
+    choose the components, each draw's K neighbours, and, with diff_k = x_k − x_n, the Gram
+    matrices ⟨diff_k, diff_l⟩ (B×K×K) and ⟨z, diff_k⟩ (B×K) of the plain draw z, float64."""
+
+    u: Tensor
+    neighbours: Tensor
+    gram: Tensor
+    z_dot: Tensor
+
+    @classmethod
+    def build(
+        cls, seed: int, block: int, plain: Tensor, x: Tensor, sources: Tensor, neighbours: Tensor
+    ) -> TiltBlock:
+        table = neighbours[sources, 1 : TILT_NEIGHBOURS + 1].to(x.device)
+        diff = x[table].double() - x[sources].double()[:, None, :]  # B×K×D
+        z = plain.to(device=x.device, dtype=torch.float64)
+        u = torch.rand(plain.shape[0], generator=generator_for(seed, 3, block), dtype=torch.float64)
+        return cls(
+            u=u.to(x.device),
+            neighbours=table,
+            gram=torch.bmm(diff, diff.transpose(1, 2)),
+            z_dot=torch.bmm(diff, z[:, :, None])[:, :, 0],
+        )
+
+
 def tilted_noise(
-    seed: int, block: int, plain: Tensor, x: Tensor, sources: Tensor, neighbours: Tensor,
-    sigma: float,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    tilt: TiltBlock, plain: Tensor, x: Tensor, sources: Tensor, sigma: float
+) -> tuple[Tensor, Tensor]:
     """Defensive mixture importance sampling of the noise (Hesterberg 1995), with exponentially
-    tilted components: for source x_n and its K nearest neighbours x_k (``neighbours``' row n),
+    tilted components: for source x_n and its K nearest neighbours x_k (``tilt``),
 
         q(ε) = (1 − α)·φ(ε) + α·Σ_k β_k·φ(ε − δ_k),   δ_k = (x_k − x_n)/(2σ),
         β_k ∝ exp(−‖δ_k‖²/2) = exp(−‖x_k − x_n‖²/8σ²),
@@ -145,23 +171,25 @@ def tilted_noise(
 
         w(ε) = φ(ε)/q(ε) = 1 / ((1 − α) + α·Σ_k β_k·exp(⟨ε, δ_k⟩ − ‖δ_k‖²/2)) ≤ 1/(1 − α),
 
-    so E_q[w·f(ε)] = E_φ[f(ε)] for every f. Returns (ε, w), float64. At large σ, δ → 0 and
-    w → 1: the draws become the plain ones."""
-    table = neighbours[sources, 1 : TILT_NEIGHBOURS + 1].to(x.device)
-    x64 = x.double()
-    delta = (x64[table] - x64[sources][:, None, :]) / (2 * sigma)  # B×K×D
-    half_sq = 0.5 * delta.pow(2).sum(dim=2)
+    so E_q[w·f(ε)] = E_φ[f(ε)] for every f. ⟨ε, δ_k⟩ = ⟨z, diff_k⟩/2σ + ⟨diff_c, diff_k⟩/4σ²
+    comes from the block's Gram matrices, so a σ costs O(B·(D + K²)). Returns (ε, w), float64.
+    At large σ, δ → 0 and w → 1: the draws become the plain ones."""
+    two_s = 2 * sigma
+    k = tilt.neighbours.shape[1]
+    half_sq = torch.diagonal(tilt.gram, dim1=1, dim2=2) / (2 * two_s * two_s)
     log_beta = torch.log_softmax(-half_sq, dim=1)
-    u = torch.rand(plain.shape[0], generator=generator_for(seed, 3, block), dtype=torch.float64)
-    v = ((u - (1 - TILT_SHARE)) / TILT_SHARE).to(x.device)
+    v = (tilt.u - (1 - TILT_SHARE)) / TILT_SHARE
     cdf = log_beta.exp().cumsum(dim=1)
-    comp = torch.searchsorted(cdf, v.clamp(min=0)[:, None]).flatten().clamp(max=table.shape[1] - 1)
-    rows = torch.nonzero(v >= 0).flatten()
-    eps = plain.to(x.device).clone()
-    eps[rows] += delta[rows, comp[rows]]
-    expo = torch.einsum("bkd,bd->bk", delta, eps) - half_sq + log_beta
-    log_mix = torch.logsumexp(expo, dim=1) + math.log(TILT_SHARE)
+    comp = torch.searchsorted(cdf, v.clamp(min=0)[:, None]).flatten().clamp(max=k - 1)
+    tilted = v >= 0
+    rows = torch.arange(comp.numel(), device=comp.device)
+    dot = tilt.z_dot / two_s + tilted[:, None] * tilt.gram[rows, comp] / (two_s * two_s)
+    log_mix = torch.logsumexp(dot - half_sq + log_beta, dim=1) + math.log(TILT_SHARE)
     log_q = torch.logaddexp(log_mix, torch.full_like(log_mix, math.log(1 - TILT_SHARE)))
+    eps = plain.to(device=x.device, dtype=torch.float64).clone()
+    sel = torch.nonzero(tilted).flatten()
+    chosen = tilt.neighbours[sel, comp[sel]]
+    eps[sel] += (x[chosen].double() - x[sources[sel]].double()) / two_s
     return eps, torch.exp(-log_q)
 
 
@@ -318,12 +346,14 @@ def per_sample_values(
     tile_bytes: int = DEFAULT_TILE_BYTES,
     on_block: Callable[[], None] | None = None,
     draws: str = "plain",
+    tilt_cache: dict | None = None,
 ) -> PerSample:
     """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``).
 
     ``draws``: ``plain`` ε ~ N(0, I), or ``tilted`` (``tilted_noise``; the pools need their
     neighbour tables), whose values are the unbiased terms w·direct and A/D + w·(closed − A/D)
-    (w the likelihood ratio): their means estimate J* like the plain draws'."""
+    (w the likelihood ratio): their means estimate J* like the plain draws'. ``tilt_cache``
+    keeps each block's ``TiltBlock`` for the next σ."""
     m = plan.sources.numel()
     dim = plan.data[0].numel()
     closed = torch.empty(m, dtype=torch.float64)
@@ -333,7 +363,7 @@ def per_sample_values(
         src = plan.sources[lo:hi]
         noise = block_noise(plan.seed, j, hi - lo, dim)
         inner_g = generator_for(plan.seed, 2, j)
-        for (_, local), pool in zip(plan.groups, pools, strict=True):
+        for g, ((_, local), pool) in enumerate(zip(plan.groups, pools, strict=True)):
             sel = torch.nonzero(local[src] >= 0).flatten() if len(plan.groups) > 1 else None
             s_local = local[src] if sel is None else local[src[sel]]
             eps = noise if sel is None else noise[sel]
@@ -343,9 +373,14 @@ def per_sample_values(
             if draws == "tilted" and pool.n > 1:
                 if pool.neighbours is None:
                     raise UserError("tilted draws need the pools' neighbour tables")
-                eps, weight = tilted_noise(
-                    plan.seed, j, eps, pool.x, s_local.to(device), pool.neighbours, sigma
-                )
+                src_d = s_local.to(device)
+                key = (j, g, pool.x.dtype)
+                tilt = None if tilt_cache is None else tilt_cache.get(key)
+                if tilt is None:
+                    tilt = TiltBlock.build(plan.seed, j, eps, pool.x, src_d, pool.neighbours)
+                    if tilt_cache is not None:
+                        tilt_cache[key] = tilt
+                eps, weight = tilted_noise(tilt, eps, pool.x, src_d, sigma)
             out = estimator(
                 pool,
                 s_local.to(device),
@@ -380,6 +415,7 @@ class PoolsByDtype:
     device: torch.device
     built: dict[torch.dtype, list[Pool]] = field(default_factory=dict)
     neighbours: list[Tensor] | None = None
+    tilts: dict = field(default_factory=dict)  # the tilted draws' TiltBlocks, kept across σ
 
     def __call__(self, dtype: torch.dtype) -> list[Pool]:
         if dtype not in self.built:
