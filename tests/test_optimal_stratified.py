@@ -111,8 +111,9 @@ def test_stratified_is_registered_round_trips_and_checks_its_parameters():
         make_estimator("stratified", 10, near=11)
     with pytest.raises(ParameterError, match="inner"):
         make_estimator("stratified", 10, inner=0)
-    with pytest.raises(ParameterError, match="near"):
-        make_estimator("cdol", 10, near=3)
+    for other in ("cdol", "full"):
+        with pytest.raises(ParameterError, match="near"):
+            make_estimator(other, 10, near=3)
 
 
 def test_the_cli_runs_stratified_and_refuses_options_it_does_not_take(tmp_path, capsys,

@@ -482,6 +482,8 @@ def make_estimator(
     min(N, STRATIFIED_NEAR) near ones), C = ``resolve_C`` (cdol), exclude_source = (not snis).
     Every parameter is checked (ParameterError)."""
     key = ESTIMATORS.canonical(name)
+    if near is not None and key != "stratified":
+        raise ParameterError("near", near, "applies to stratified only")
     if key == "full":
         return ESTIMATORS.create(key, inner=inner, C=C)
     if key == "stratified":
@@ -498,8 +500,6 @@ def make_estimator(
         )
         est.check(n)
         return est
-    if near is not None:
-        raise ParameterError("near", near, "applies to stratified only")
     if inner is None:
         inner = max(2, min(n, n // 10))
     params: dict[str, Any] = dict(inner=inner, replace=replace, layout=layout, share=share)
