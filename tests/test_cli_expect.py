@@ -113,7 +113,7 @@ def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
     so every number equals a paired run's except the gap's ±, the bound se(J_θ) + se(J*)."""
     est = tmp_path / "c.json"
     assert main([*EST[:4], "60", "--quiet", "--sigmas", "0.3,1,3", "--outer", "90",
-                 "--seed", "2", "--out", str(est)]) == 0  # fmt: skip
+                 "--seed", "2", "--draws", "plain", "--out", str(est)]) == 0  # fmt: skip
     paired, reused = tmp_path / "p.json", tmp_path / "r.json"
     assert main([*DIAG, "--sigmas", "0.3,1,3", "--outer", "90", "--seed", "2", "--quiet",
                  "--out", str(paired)]) == 0  # fmt: skip
@@ -147,17 +147,28 @@ def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
 def test_diagnose_refuses_an_estimate_it_cannot_pair(tmp_path, capsys, args, words):
     est = tmp_path / "c.json"
     assert main([*EST[:4], "60", "--quiet", "--sigmas", "0.3,1", "--outer", "90", "--seed", "2",
-                 "--out", str(est)]) == 0  # fmt: skip
+                 "--draws", "plain", "--out", str(est)]) == 0  # fmt: skip
+    capsys.readouterr()  # the estimate's warning about unresolved σ
     out = tmp_path / "d.json"
     line = one_line_error(capsys, [*DIAG, "--curve", str(est), *args, "--out", str(out)])
     assert line.startswith("lossfloor: error: --curve: ") and words in line
     assert not out.exists()
 
 
+def test_diagnose_refuses_an_estimate_on_tilted_draws(tmp_path, capsys):
+    """diagnose pairs plain draws; the full estimate's default tilted draws are other draws."""
+    est = tmp_path / "c.json"
+    assert main([*EST[:4], "60", "--quiet", "--sigmas", "1", "--out", str(est)]) == 0
+    capsys.readouterr()
+    line = one_line_error(capsys, [*DIAG, "--curve", str(est), "--out", str(tmp_path / "d")])
+    assert "used tilted draws" in line and "--draws plain" in line
+
+
 def test_diagnose_refuses_a_subsampled_estimate(tmp_path, capsys):
     est = tmp_path / "c.json"
     assert main([*EST[:4], "60", "--quiet", "--sigmas", "1", "--estimator", "cdol",
                  "--out", str(est)]) == 0  # fmt: skip
+    capsys.readouterr()
     line = one_line_error(capsys, [*DIAG, "--curve", str(est), "--out", str(tmp_path / "d")])
     assert "cdol estimate" in line and "exact posterior" in line
 

@@ -55,7 +55,7 @@ def test_zero_bandwidth_is_the_optimal_denoiser_and_loo_drops_the_source():
 def test_heldout_equal_to_train_is_the_direct_form_on_the_same_draws():
     ds = load_dataset("digits", limit=200)
     sigmas = [0.02, 1.0, 10.0]  # 0.02 runs in float64 under the auto policy
-    curve = estimate_curve(ds.x, sigmas, Full(), outer=300, seed=3, progress=False)
+    curve = estimate_curve(ds.x, sigmas, Full(), outer=300, seed=3, draws="plain", progress=False)
     held = heldout_losses(ds.x, ds.x, sigmas, outer=300, seed=3)
     for p, h in zip(curve.points, held, strict=True):
         assert h.heldout_loss == p.direct
@@ -217,7 +217,8 @@ def test_estimate_sources_equal_to_data_gives_the_direct_form(tmp_path, npz):
     rng = np.random.default_rng(2)
     train = npz("train.npz", rng.standard_normal((150, 6)).astype(np.float32))
     plain, held = tmp_path / "plain.json", tmp_path / "held.json"
-    common = ["estimate", "--data", train, "--sigmas", "0.1,1", "--outer", "200", "--seed", "4"]
+    common = ["estimate", "--data", train, "--sigmas", "0.1,1", "--outer", "200", "--seed", "4",
+              "--draws", "plain"]  # fmt: skip
     assert main([*common, "--out", str(plain), "--quiet"]) == 0
     assert main([*common, "--sources", train, "--bandwidth", "0.2", "--out", str(held)]) == 0
     a, b = Curve.load(str(plain)), Curve.load(str(held))

@@ -49,7 +49,7 @@ def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
     data = torch.randn(60, 5, generator=g, dtype=torch.float64) + 3.0  # an offset: centring matters
     sigmas = [0.3, 1.0, 3.0]
     curve = estimate_curve(data, sigmas, make_estimator("full", 60), outer=1500, seed=7,
-                           precision=precision, progress=False)  # fmt: skip
+                           draws="plain", precision=precision, progress=False)  # fmt: skip
     for p, s in zip(curve.points, sigmas, strict=True):
         closed, direct = brute_force_per_sample(data, 1500, 7, s)
         assert p.closed == pytest.approx(closed, rel=rtol)
@@ -101,7 +101,7 @@ def test_limits_and_monotonicity(digits):
 
 def test_dol_underestimates_the_full_value(digits):
     sigmas = [0.5, 1.0, 2.0]
-    kw = dict(outer=digits.n, seed=3, progress=False, form="closed")
+    kw = dict(outer=digits.n, seed=3, progress=False, form="closed", draws="plain")
     full = estimate_curve(digits.x, sigmas, make_estimator("full", digits.n), **kw)
     dol = estimate_curve(digits.x, sigmas, make_estimator("dol", digits.n, inner=40), **kw)
     assert np.all(dol.values < full.values - 3 * full.stderrs)
@@ -139,7 +139,7 @@ def test_cdol_default_tracks_full_on_digits(digits):
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("name", ["full", "snis", "dol", "cdol"])
-def test_no_nan_or_inf_from_tiny_to_huge_sigma_with_duplicates(name, precision):
+def test_no_nan_inf_or_negative_from_tiny_to_huge_sigma_with_duplicates(name, precision):
     g = torch.Generator().manual_seed(6)
     base = torch.rand(30, 16, generator=g) * 2 - 1
     data = torch.cat([base, base[:10], base[:10]])  # identical points
@@ -149,6 +149,7 @@ def test_no_nan_or_inf_from_tiny_to_huge_sigma_with_duplicates(name, precision):
     for p in curve.points:
         for value in (p.optimal_loss, p.stderr, p.closed, p.direct):
             assert math.isfinite(value), (name, p)
+        assert p.optimal_loss >= 0 and 0 <= p.combined_weight_closed <= 1, (name, p)
 
 
 def test_auto_precision_switches_to_float64_where_float32_loses_digits():

@@ -326,7 +326,7 @@ def optimal_from_curve(
     """(J*, s.e.) at each σ from an estimate on the draws a diagnosis uses: the curve's direct
     form, the mean of the same per-sample values ‖μ(x0 + σε) − x0‖²/D diagnose computes.
     Refused (parameter ``curve``) unless it is an estimate of this data (sha256, conditional)
-    by the exact posterior (``full``), on the same draws (M, seed), with every σ."""
+    by the exact posterior (``full``), on the same plain draws (M, seed), with every σ."""
     info = curve.dataset or {}
     if info.get("sha256") != dataset.sha256:
         reason = "the estimate is of other data (its dataset sha256 differs from this data's)"
@@ -337,6 +337,12 @@ def optimal_from_curve(
     name = (curve.estimator or {}).get("name")
     if name != "full":
         reason = f"the estimate is a {name} estimate; the gap is to the exact posterior (full)"
+        raise ParameterError("curve", None, reason)
+    if curve.draws not in (None, "plain"):
+        reason = (
+            f"the estimate used {curve.draws} draws; the gap pairs the model with J* on plain "
+            "draws (estimate it with --draws plain)"
+        )
         raise ParameterError("curve", None, reason)
     if (curve.outer, curve.seed) != (outer, seed):
         reason = (

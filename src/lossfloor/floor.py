@@ -241,9 +241,10 @@ def heldout_losses(
     = ``choose_bandwidth`` per σ on ``validation`` draws, default M) of D_b.
 
     M = ``outer`` (default: the held-out size) draws x0 from ``heldout`` (stratified as the
-    estimate draws its sources) with the estimate's noise, so with heldout = train and
-    b = None ``heldout_loss`` equals the direct form of ``estimate_curve``'s full estimator on
-    the same draws, bitwise.
+    estimate draws its sources) with the estimate's plain noise ε ~ N(0, I) (the loss of a
+    fixed denoiser on unseen points needs no tilting), so with heldout = train and b = None
+    ``heldout_loss`` equals the direct form of ``estimate_curve``'s full estimator with
+    ``draws="plain"`` on the same draws, bitwise.
     """
     check_heldout(train, heldout)
     check_sigmas(list(sigmas))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,9 +49,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="0.01:100:25",
         help="σ grid (VE σ, x0 units): a list 0.1,1,10 or min:max:count, log-spaced",
     )
-    p.add_argument("--estimator", default="full", help="full (exact posterior) | snis | dol | cdol")
     p.add_argument(
-        "--inner", type=int, default=None, metavar="L", help="inner set size (default: N/10)"
+        "--estimator",
+        default="full",
+        help="full (exact, O(M·N·D) per σ: the reference) | stratified (each source's nearest "
+        "points exact plus L random ones weighted N/L: exact below σ*, within ~1%% well above "
+        "it, but low by 10–30%% where J* rises — see docs/benchmarks.md) | snis | dol | cdol "
+        "(the paper's sub-sampled estimators, for comparison)",
+    )
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=None,
+        metavar="L",
+        help="inner set size (default: N/10); stratified: the far sample (default: N/20)",
+    )
+    p.add_argument(
+        "--near",
+        type=int,
+        default=None,
+        metavar="K",
+        help="stratified: points summed exactly, the source and its K−1 nearest (default: 16)",
     )
     p.add_argument(
         "--C",
@@ -82,6 +101,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the outer draws and the random inner sets"
+    )
+    p.add_argument(
+        "--draws",
+        default="auto",
+        help="outer noise: tilted (importance-sampled toward each source's nearest neighbours, "
+        "with likelihood-ratio weights: right below σ*, where J* rests on rare draws) | plain "
+        "(ε ~ N(0, I), as in the paper) | auto (tilted for full and stratified, else plain)",
     )
     p.add_argument(
         "--form",
@@ -166,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         conditional=args.conditional,
         outer=args.outer,
         seed=args.seed,
+        draws=args.draws,
         form=args.form,
         precision=args.dtype,
         device=device,
@@ -236,6 +263,7 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
         exclude_source={"auto": None, "yes": False, "no": True}[args.source_in_random],
         layout=args.layout,
         share=args.share,
+        near=args.near,
     )
 
 
@@ -248,6 +276,7 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
         _print_table(curve, args.target)
         if curve.sources is not None:
             _print_heldout(curve)
+    _warn_unresolved(curve)
     if args.out:
         curve.save(args.out)
     if args.csv:
@@ -279,6 +308,22 @@ def _print_heldout(curve: Curve) -> None:
         b = "" if p.bandwidth is None else f"{p.bandwidth:8.3g}"
         print(f"{p.sigma:10.4g} {p.optimal_loss:12.6g} {p.heldout_loss:12.6g} "
               f"{p.heldout_stderr:10.3g} {sm}{b}")  # fmt: skip
+
+
+def _warn_unresolved(curve: Curve) -> None:
+    """One line on stderr naming the σ whose value rests on too few draws to trust its stderr."""
+    from lossfloor.optimal.outer import MIN_EFFECTIVE_DRAWS
+
+    bad = [p for p in curve.points if p.resolved is False]
+    if bad:
+        listed = ", ".join(f"{p.sigma:.4g} (ESS {p.ess:.3g})" for p in bad)
+        print(
+            f"lossfloor: warning: J* is not resolved at σ = {listed}: fewer than "
+            f"{MIN_EFFECTIVE_DRAWS:g} effective draws carry it, so its value and standard error "
+            "are unreliable; "
+            + ("use more --outer" if curve.draws == "tilted" else "use --draws tilted"),
+            file=sys.stderr,
+        )
 
 
 def _print_table(curve: Curve, target: str) -> None:

@@ -11,11 +11,13 @@ from lossfloor.optimal.estimators import (
     Estimator,
     Full,
     Pool,
+    Stratified,
     Subset,
     make_estimator,
     resolve_C,
 )
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, posterior_mean
+from lossfloor.optimal.neighbours import nearest_neighbours, neighbour_tables
 
 __all__ = [
     "CDOL",
@@ -30,11 +32,14 @@ __all__ = [
     "OptimalDenoiser",
     "Pool",
     "SoftmaxState",
+    "Stratified",
     "Subset",
     "Total",
     "accumulate_softmax",
     "estimate_curve",
     "make_estimator",
+    "nearest_neighbours",
+    "neighbour_tables",
     "posterior_mean",
     "resolve_C",
 ]

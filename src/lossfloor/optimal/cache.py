@@ -55,10 +55,10 @@ def per_sample_key(
     }
 
 
-def cache_path(key: dict[str, Any]) -> Path:
-    """The file of ``key``: ``$LOSSFLOOR_CACHE/optimal/<sha256 of the key>.npz``."""
-    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()
-    return cache_dir() / "optimal" / f"{digest[:32]}.npz"
+def cache_path(key: dict[str, Any], folder: str = "optimal") -> Path:
+    """The file of ``key``: ``$LOSSFLOOR_CACHE/<folder>/<sha256 of the key>.npz``."""
+    digest = hashlib.sha256(canonical(key).encode()).hexdigest()
+    return cache_dir() / folder / f"{digest[:32]}.npz"
 
 
 def cached_per_sample(key: dict[str, Any], m: int, compute: Callable[[], PerSample]) -> PerSample:
@@ -68,11 +68,12 @@ def cached_per_sample(key: dict[str, Any], m: int, compute: Callable[[], PerSamp
     if hit is not None:
         return hit
     values = compute()
-    _write(path, key, values)
+    write_arrays(path, key, {"closed": values.closed.numpy(), "direct": values.direct.numpy()})
     return values
 
 
-def _canonical(key: dict[str, Any]) -> str:
+def canonical(key: dict[str, Any]) -> str:
+    """The key as the text stored beside the arrays and hashed into the file name."""
     return json.dumps(key, sort_keys=True)
 
 
@@ -83,7 +84,7 @@ def _read(path: Path, key: dict[str, Any], m: int) -> PerSample | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != _canonical(key):
+            if str(f["key"]) != canonical(key):
                 return None
             closed, direct = f["closed"], f["direct"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
@@ -94,19 +95,15 @@ def _read(path: Path, key: dict[str, Any], m: int) -> PerSample | None:
     return PerSample(closed=torch.from_numpy(closed), direct=torch.from_numpy(direct))
 
 
-def _write(path: Path, key: dict[str, Any], values: PerSample) -> None:
-    """Store atomically; a cache that cannot be written only costs a recomputation later."""
+def write_arrays(path: Path, key: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Store ``arrays`` and the key atomically in one .npz; a cache that cannot be written only
+    costs a recomputation later (a warning)."""
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                key=np.array(_canonical(key)),
-                closed=values.closed.numpy(),
-                direct=values.direct.numpy(),
-            )
+            np.savez(f, key=np.array(canonical(key)), **arrays)
 
     try:
         save_with(path, save)
     except (OSError, UserError) as exc:
-        warnings.warn(f"could not write the J* cache {path}: {exc}", stacklevel=3)
+        warnings.warn(f"could not write the cache file {path}: {exc}", stacklevel=3)

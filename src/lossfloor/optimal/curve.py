@@ -33,6 +33,8 @@ CSV_COLUMNS = {
     "direct_stderr": "x0 units per element",
     "combined_weight_closed": "dimensionless",
     "dtype": "",
+    "ess": "draws",
+    "resolved": "",
     "heldout_loss": "x0 units per element",
     "heldout_stderr": "x0 units per element",
     "smoothed_loss": "x0 units per element",
@@ -40,22 +42,30 @@ CSV_COLUMNS = {
     "bandwidth": "x0 units",
 }
 
-#: The estimator block of a curve's JSON holds the estimator's config and these draw parameters.
-DRAW_KEYS = ("outer", "seed", "form")
+#: The estimator block of a curve's JSON holds the estimator's config and these draw parameters
+#: ("draws" only where set: files written before it existed used plain draws).
+DRAW_KEYS = ("outer", "seed", "draws", "form")
 
-#: Point fields present only for held-out sources.
-HELDOUT_KEYS = ("heldout_loss", "heldout_stderr", "smoothed_loss", "smoothed_stderr", "bandwidth")
+#: Point fields written only where set (files written before they existed, and points without
+#: held-out sources, do not have them).
+OPTIONAL_POINT_KEYS = (
+    "ess", "resolved", "heldout_loss", "heldout_stderr", "smoothed_loss", "smoothed_stderr",
+    "bandwidth",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class CurvePoint:
-    """J*(σ) at one σ (per element, x0 units): the reported value and its standard error, both
-    forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight a of
-    the closed form in the combination a·closed + (1−a)·direct, the process time t, the value in
-    the target's units (J*·loss factor, None without a target), the dtype and the seconds; with
-    held-out sources (``lossfloor.floor.with_heldout``) the held-out losses of the optimal
-    denoiser and of its smoothed version at ``bandwidth`` (upper bounds on the population's J*).
-    The fields are the JSON's keys, in order; the None held-out fields are left out."""
+    """J*(σ) at one σ (per element, x0 units): the reported value (≥ 0) and its standard error,
+    both forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight
+    a ∈ [0, 1] of the closed form in the combination a·closed + (1−a)·direct, the process time
+    t, the value in the target's units (J*·loss factor, None without a target), the dtype and
+    the seconds; ``ess``, the effective number of draws that carry the value ((Σv)²/Σv² of the
+    direct form's per-draw values), and ``resolved``: whether it is large enough for the
+    standard error to mean something; with held-out sources (``lossfloor.floor.with_heldout``)
+    the held-out losses of the optimal denoiser and of its smoothed version at ``bandwidth``
+    (upper bounds on the population's J*). The fields are the JSON's keys, in order; those of
+    OPTIONAL_POINT_KEYS are left out where None."""
 
     sigma: float
     t: float | None = None
@@ -69,6 +79,8 @@ class CurvePoint:
     direct_stderr: float | None = None
     combined_weight_closed: float | None = None
     dtype: str | None = None
+    ess: float | None = None
+    resolved: bool | None = None
     heldout_loss: float | None = None
     heldout_stderr: float | None = None
     smoothed_loss: float | None = None
@@ -77,7 +89,7 @@ class CurvePoint:
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v for k, v in out.items() if v is not None or k not in HELDOUT_KEYS}
+        return {k: v for k, v in out.items() if v is not None or k not in OPTIONAL_POINT_KEYS}
 
     @classmethod
     def from_json(cls, obj: Any) -> CurvePoint:
@@ -169,10 +181,10 @@ class Curve:
     """J*(σ) per element in VE σ and x0 units: the points, what produced them and the total.
 
     ``estimator`` is the estimator's ``to_config()`` (``ESTIMATORS.from_config`` rebuilds it);
-    ``outer``, ``seed`` and ``form`` fix the draws and the reported form. ``dataset``,
-    ``sources`` the held-out data of the outer draws (if any), ``process`` and ``target``
-    describe the data and the units of ``t`` and
-    ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
+    ``outer``, ``seed`` and ``draws`` (tilted or plain; None: plain, written before it existed)
+    fix the draws, ``form`` the reported form. ``dataset``, ``sources`` (the held-out data of
+    the outer draws, if any), ``process`` and ``target`` describe the data and the units of
+    ``t`` and ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
     ``lossfloor estimate --out`` writes; ``from_json`` / ``load`` read it back.
     """
 
@@ -180,6 +192,7 @@ class Curve:
     estimator: dict[str, Any] | None = None
     outer: int | None = None
     seed: int | None = None
+    draws: str | None = None
     form: str | None = None
     data_variance: float | None = None
     precision: str | None = None
@@ -259,7 +272,10 @@ class Curve:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.estimator is not None:
-            out["estimator"] = {**self.estimator, **{k: getattr(self, k) for k in DRAW_KEYS}}
+            draws = {k: getattr(self, k) for k in DRAW_KEYS}
+            if draws["draws"] is None:
+                del draws["draws"]
+            out["estimator"] = {**self.estimator, **draws}
         return {
             **out,
             "per_element": self.per_element,

@@ -31,13 +31,17 @@ from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.outer import (
+    MIN_EFFECTIVE_DRAWS,
+    TILT_NEIGHBOURS,
     Moments,
     OuterPlan,
     PoolsByDtype,
     base_dtype,
     check_sigmas,
     per_sample_values,
+    resolve_draws,
     resolve_form,
 )
 from lossfloor.schedules import NoiseSchedule
@@ -55,6 +59,7 @@ def estimate_curve(
     conditional: bool = False,
     outer: int | None = None,
     seed: int = 0,
+    draws: str = "auto",
     form: str = "auto",
     precision: str = "auto",
     device: str | torch.device = "cpu",
@@ -69,12 +74,15 @@ def estimate_curve(
     """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...,
     or a Dataset: its labels, and its description recorded in the curve).
 
-    ``outer`` M defaults to N (every point once). ``process``/``target`` (lossfloor.diffusion)
-    add each σ's process time t and the value in the target's units; ``schedule`` the total
-    E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a file path), each finished σ is saved there and
-    a rerun with the same data and options computes only the missing σ; the file is removed
-    once the curve is complete. A checkpoint of other data or options is refused unless
-    ``restart`` (which discards it).
+    ``outer`` M defaults to N (every point once). ``draws``: ``tilted`` (importance-sampled
+    noise toward each source's nearest neighbours, ``outer.tilted_noise``: right below σ*, where
+    J* rests on rare draws), ``plain`` (ε ~ N(0, I), as in the paper) or ``auto`` (tilted for
+    full and stratified, plain for snis/dol/cdol: ``outer.resolve_draws``).
+    ``process``/``target`` (lossfloor.diffusion) add each σ's process time t and the value in
+    the target's units; ``schedule`` the total E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a
+    file path), each finished σ is saved there and a rerun with the same data and options
+    computes only the missing σ; the file is removed once the curve is complete. A checkpoint
+    of other data or options is refused unless ``restart`` (which discards it).
     """
     x, labels, described = _unpack(data, labels, conditional)
     _check_grid(x, sigmas, outer)
@@ -82,10 +90,12 @@ def estimate_curve(
     for members, _ in plan.groups:
         estimator.check(members.numel())
     base_dtype(precision)  # an unknown policy fails before any work
+    draws = resolve_draws(draws, estimator)
     options = {
         "estimator": estimator.to_config(),
         "outer": plan.outer,
         "seed": seed,
+        "draws": draws,
         "form": resolve_form(form, estimator),
         "precision": precision,
         "process": None if process is None else process.to_config(),
@@ -98,7 +108,7 @@ def estimate_curve(
     )
     points = _estimate_points(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
-        process, target, saved, progress,
+        process, target, saved, progress, draws,
     )  # fmt: skip
     curve = Curve(
         points=tuple(points), data_variance=mean_and_variance(x)[1], dataset=described, **options
@@ -145,6 +155,7 @@ def _estimate_points(
     target: Target | None,
     saved: Checkpoint | None,
     progress: bool,
+    draws: str,
 ) -> list[CurvePoint]:
     """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
     added to ``saved``)."""
@@ -155,6 +166,11 @@ def _estimate_points(
         desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)",
     )  # fmt: skip
     pools = PoolsByDtype(plan, device)
+    k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
+    if todo and k > 0:
+        # distances in the dtype of the largest σ (float32 unless the norms need float64)
+        index_pools = pools(pools.dtype_at(precision, math.inf))
+        pools.attach(neighbour_tables(plan, index_pools, k, tile_bytes))
     points = []
     for sigma in sigmas:
         if sigma in done:
@@ -162,8 +178,9 @@ def _estimate_points(
             continue
         bar.set_postfix(sigma=f"{sigma:.4g}")
         point = _estimate_point(
-            plan, estimator, sigma, form, precision, pools, tile_bytes, process, target, bar.update
-        )
+            plan, estimator, sigma, form, precision, pools, tile_bytes, process, target,
+            bar.update, draws,
+        )  # fmt: skip
         points.append(point)
         if saved is not None:
             saved.add(point)
@@ -182,15 +199,16 @@ def _estimate_point(
     process: Process | None,
     target: Target | None,
     on_block: Callable[[], None],
+    draws: str,
 ) -> CurvePoint:
     """J*(σ) from the per-sample values of both forms (``Moments``), with the process time t
     and the value in the target's units (J*·loss factor) where a process and target are given."""
     dtype = pools.dtype_at(precision, sigma)
     t0 = time.perf_counter()
-    samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block)
+    samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block, draws)
     if samples is None and precision == "auto" and dtype != torch.float64:
         dtype = torch.float64  # float32 overflowed: σ is far from the data's scale
-        samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block)
+        samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block, draws)
     if samples is None:
         hint = "" if dtype == torch.float64 else "; choose precision float64"
         raise ParameterError(
@@ -200,6 +218,7 @@ def _estimate_point(
     seconds = time.perf_counter() - t0
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
+    value = max(value, 0.0)  # J* is an expected squared error: a negative mean is noise
     in_target = None
     if process is not None and target is not None:
         in_target = value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
@@ -216,6 +235,8 @@ def _estimate_point(
         direct_stderr=mom.direct_stderr,
         combined_weight_closed=mom.weight_closed,
         dtype=str(dtype).removeprefix("torch."),
+        ess=mom.ess,
+        resolved=bool(mom.ess >= MIN_EFFECTIVE_DRAWS or (draws == "tilted" and mom.ess == 0)),
     )
 
 
@@ -227,12 +248,14 @@ def _finite_values(
     pools: PoolsByDtype,
     tile_bytes: int,
     on_block: Callable[[], None],
+    draws: str,
 ) -> PerSample | None:
     """``per_sample_values`` at σ in ``dtype``, or None where they overflow it."""
     try:
         s = per_sample_values(
-            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block
-        )
+            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block, draws,
+            pools.tilts,
+        )  # fmt: skip
     except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
         if "overflow" not in str(exc):
             raise

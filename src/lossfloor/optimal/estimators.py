@@ -6,6 +6,8 @@ All of them are softmaxes of the one kernel (``kernel.py``) over different inner
 - ``full``  all N points: the exact posterior.
 - ``snis``  L random points (self-normalised importance sampling).
 - ``dol``   the source x0 that produced x_t plus L−1 random points.
+- ``stratified``  the source and its nearest neighbours exactly, plus L random points weighted
+            by their inverse inclusion probability N/L (``Stratified``).
 - ``cdol``  as ``dol`` with the source's kernel weight divided by C (reconstructed):
             μ = (k_s/C·x_s + Σ_{j∈R} k_j x_j) / (k_s/C + Σ_{j∈R} k_j).
             C = 1 is DOL; C = ∞ is SNIS on the L−1 random points, exactly, on the same draws.
@@ -30,9 +32,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from lossfloor.errors import ParameterError
+from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.kernel import (
     DEFAULT_TILE_BYTES,
+    Adjust,
     SoftmaxState,
     accumulate_softmax,
     augment,
@@ -46,7 +49,9 @@ Tensor = torch.Tensor
 @dataclass
 class Pool:
     """The points a posterior ranges over: centred data x_n − x̄ (N×D), ‖x_n − x̄‖², A = mean‖·‖²,
-    max‖·‖² (float64, whatever the pool's dtype), and the kernel's keys [x | 1 | −‖x‖²/2]."""
+    max‖·‖² (float64, whatever the pool's dtype), the kernel's keys [x | 1 | −‖x‖²/2], and, for
+    the neighbour-aware estimators and draws, the neighbour table (N×(k+1): row n is n and its
+    k nearest points where n is a source of the draws; ``neighbours.neighbour_tables``)."""
 
     x: Tensor
     sq: Tensor
@@ -54,6 +59,7 @@ class Pool:
     a: float
     max_sq: float
     aug: Tensor
+    neighbours: Tensor | None = None
 
     @classmethod
     def from_data(cls, data: Tensor, dtype: torch.dtype, device: torch.device | str) -> Pool:
@@ -336,6 +342,114 @@ class CDOL(Subset):
         object.__setattr__(self, "C", value)
 
 
+@ESTIMATORS.register("stratified")
+@dataclass(frozen=True, kw_only=True)
+class Stratified(Estimator):
+    """Stratified sampling of the posterior's sums Σ_n k_n·[x_n, 1] (k_n = exp(l_n)):
+
+    - near stratum S_b: the query's source and its ``near`` − 1 nearest neighbours (the pool's
+      neighbour table), summed exactly;
+    - far stratum: a uniform sample R of L = ``inner`` of the N points without replacement
+      (one per ``share`` queries: the sums are GEMMs), each point outside S_b weighted by the
+      inverse of its inclusion probability, N/L (Horvitz–Thompson):
+
+        μ̂ = (Σ_{S_b} k_n x_n + (N/L) Σ_{R∖S_b} k_n x_n) / (Σ_{S_b} k_n + (N/L) Σ_{R∖S_b} k_n).
+
+    Numerator and denominator are unbiased for the full sums; μ̂ is a ratio estimator, with
+    bias and variance O((1 − L/N)/L), so J*'s error falls ∝ 1/L. Below σ* the near stratum
+    holds the whole posterior and μ̂ is exact whatever L; above it the far sample carries it.
+    Through the kernel: R's keys get log-weight log(N/L), near points that fall in R the
+    correction −log(N/L) (weight 1), and the near points outside R are added exactly. L = N
+    is ``full`` (bitwise with ``share`` = the outer block); ``near`` = 0 is SNIS with weights.
+    """
+
+    name: ClassVar[str] = "stratified"
+    inner: int
+    near: int = 16
+    share: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.inner >= 1:
+            raise ParameterError("inner", self.inner, "the far sample needs at least 1 point")
+        if not self.near >= 0:
+            raise ParameterError("near", self.near, "must be ≥ 0 (0: no near stratum)")
+        if not self.share >= 1:
+            raise ParameterError("share", self.share, "must be ≥ 1")
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inner": self.inner,
+            "near": self.near,
+            "share": self.share,
+        }
+
+    def check(self, n: int) -> None:
+        for param in ("inner", "near"):
+            if getattr(self, param) > n:
+                raise ParameterError(
+                    param, getattr(self, param), f"exceeds the number of data points N = {n}"
+                )
+
+    @property
+    def neighbours_needed(self) -> int:
+        """k of the neighbour table this estimator reads (near − 1 beside the source)."""
+        return max(self.near - 1, 0)
+
+    def posterior_mean(
+        self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
+    ):
+        n, big = pool.n, self.inner
+        logw = math.log(n / big)
+        near = self._near_sets(pool, sources)
+        means = []
+        for start in range(0, queries.shape[0], self.share):
+            q = queries[start : start + self.share]
+            idx = torch.randperm(n, generator=generator)[:big].sort().values.to(queries.device)
+            adjust, missing = None, None
+            if near is not None:
+                pos_of = torch.full((n,), -1, dtype=torch.long, device=queries.device)
+                pos_of[idx] = torch.arange(big, device=queries.device)
+                pos = pos_of[near[start : start + self.share]]
+                adjust = Adjust.from_positions(pos, torch.full_like(pos, -logw, dtype=q.dtype))
+                missing = pos < 0
+            state = accumulate_softmax(
+                q,
+                None,
+                sigma,
+                keys_aug=pool.aug[idx],
+                key_logw=torch.full((big,), logw, dtype=q.dtype, device=q.device),
+                adjust=adjust,
+                tile_bytes=tile_bytes,
+            )
+            if missing is not None and bool(missing.any()):
+                ids = near[start : start + self.share]
+                keys = pool.x[ids]  # B×near×D: the near points that are not in R
+                logits = torch.bmm(keys, q[:, :, None])[:, :, 0]
+                logits.sub_(0.5 * pool.sq[ids]).mul_(1.0 / (sigma * sigma))
+                state.add_batched(logits.masked_fill_(~missing, -math.inf), keys)
+            means.append(state.mean())
+        return torch.cat(means)
+
+    def _near_sets(self, pool: Pool, sources: Tensor) -> Tensor | None:
+        """B×near pool indices of each query's near stratum, or None when it is empty."""
+        if self.near == 0:
+            return None
+        if pool.neighbours is None or pool.neighbours.shape[1] < self.near:
+            raise UserError(
+                f"the stratified estimator needs each source's {self.near - 1} nearest "
+                "neighbours; build the pool's index with neighbours.neighbour_tables"
+            )
+        table = pool.neighbours.to(sources.device)[sources, : self.near]
+        if bool((table < 0).any()):
+            raise UserError("the neighbour index does not cover these sources")
+        return table
+
+
+#: The stratified estimator's default near stratum: the source and its 15 nearest neighbours.
+STRATIFIED_NEAR = 16
+
+
 def resolve_C(c: str | float | None, n: int, inner: int) -> float:
     """C from a number, ``paper`` (4N/L, the default) or ``balanced`` ((N−1)/(L−1))."""
     if c is None or c == "paper":
@@ -361,13 +475,31 @@ def make_estimator(
     exclude_source: bool | None = None,
     layout: str = "shared",
     share: int = 256,
+    near: int | None = None,
 ) -> Estimator:
     """The estimator ``name`` for a pool of n points, through ``ESTIMATORS``, with the defaults
-    that depend on n: L = max(2, N/10), C = ``resolve_C`` (cdol), exclude_source = (not snis).
+    that depend on n: L = max(2, N/10) (stratified: max(1, N/20) far points and
+    min(N, STRATIFIED_NEAR) near ones), C = ``resolve_C`` (cdol), exclude_source = (not snis).
     Every parameter is checked (ParameterError)."""
     key = ESTIMATORS.canonical(name)
+    if near is not None and key != "stratified":
+        raise ParameterError("near", near, "applies to stratified only")
     if key == "full":
         return ESTIMATORS.create(key, inner=inner, C=C)
+    if key == "stratified":
+        for param, value, default in (("C", C, None), ("replace", replace, False),
+                                      ("exclude_source", exclude_source, None),
+                                      ("layout", layout, "shared")):  # fmt: skip
+            if value != default:
+                raise ParameterError(param, value, "applies to snis, dol and cdol, not stratified")
+        est = ESTIMATORS.create(
+            key,
+            inner=max(1, n // 20) if inner is None else inner,
+            near=min(n, STRATIFIED_NEAR) if near is None else near,
+            share=share,
+        )
+        est.check(n)
+        return est
     if inner is None:
         inner = max(2, min(n, n // 10))
     params: dict[str, Any] = dict(inner=inner, replace=replace, layout=layout, share=share)

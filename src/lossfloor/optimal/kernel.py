@@ -131,12 +131,50 @@ def _exact_tile(state: SoftmaxState, shifted_t: Tensor, keys_aug: Tensor, rows: 
     state.m[rows] = m_new
 
 
-def _logits_t(q_aug: Tensor, chunk: Tensor, ids: Tensor | None, exclude: Tensor | None) -> Tensor:
+@dataclass
+class Adjust:
+    """Sparse additions to the logits of (key, query) pairs: key positions, query rows, values."""
+
+    keys: Tensor
+    queries: Tensor
+    values: Tensor
+
+    @classmethod
+    def from_positions(cls, positions: Tensor, values: Tensor) -> Adjust:
+        """From B×k key positions (−1: none) and their B×k values."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        hit = positions >= 0
+        return cls(positions[hit], rows.expand_as(positions)[hit], values[hit])
+
+    def tile(self, start: int, stop: int) -> Adjust:
+        """The entries of keys [start, stop), with key positions relative to ``start``."""
+        sel = (self.keys >= start) & (self.keys < stop)
+        return Adjust(self.keys[sel] - start, self.queries[sel], self.values[sel])
+
+    def rows(self, rows: Tensor, b: int) -> Adjust:
+        """The entries of queries ``rows`` (of b), renumbered 0..len(rows)−1."""
+        new = torch.full((b,), -1, dtype=torch.long, device=rows.device)
+        new[rows] = torch.arange(rows.numel(), device=rows.device)
+        q = new[self.queries]
+        sel = q >= 0
+        return Adjust(self.keys[sel], q[sel], self.values[sel])
+
+
+def _logits_t(
+    q_aug: Tensor,
+    chunk: Tensor,
+    ids: Tensor | None,
+    exclude: Tensor | None,
+    adjust: Adjust | None = None,
+) -> Tensor:
     """Shifted logits of a tile, transposed (keys × queries: MKL's faster orientation), with
-    each query's excluded key (if any) at −inf."""
+    each query's excluded key (if any) at −inf and the tile's per-(key, query) ``adjust``
+    added."""
     logits_t = chunk @ q_aug.T
     if ids is not None and exclude is not None:
         logits_t.masked_fill_(ids[:, None] == exclude[None, :], -math.inf)
+    if adjust is not None:
+        logits_t.index_put_((adjust.keys, adjust.queries), adjust.values, accumulate=True)
     return logits_t
 
 
@@ -148,13 +186,20 @@ def accumulate_softmax(
     keys_aug: Tensor | None = None,
     key_ids: Tensor | None = None,
     exclude_ids: Tensor | None = None,
+    key_logw: Tensor | None = None,
+    adjust: Adjust | None = None,
     state: SoftmaxState | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> SoftmaxState:
     """Stream keys (N×D, or ``keys_aug`` = ``augment(keys)``) for ``queries`` (B×D) at VE σ into
     the softmax state (m, z = Σ exp(l − m), acc = Σ exp(l − m)·x) of the logits
 
-        l_n = ⟨q, x_n⟩/σ² − ‖x_n‖²/2σ²,   so that μ(q) = acc/z = ``state.mean()``.
+        l_bn = ⟨q_b, x_n⟩/σ² − ‖x_n‖²/2σ² + log w_n + a_bn,   so that μ = acc/z = ``state.mean()``
+
+    is the posterior mean with key weights w_n (``key_logw``, N; default 1) and per-pair
+    additions a_bn (``adjust``: sparse, key positions and query rows; default 0). log w_n is
+    folded into the keys' −‖x‖²/2 column as σ²·log w_n (a copy of the keys), so it costs no pass
+    over the logits; its rounding error in a logit is ~ε·|log w_n|.
 
     Per tile: one GEMM gives the logits shifted by each query's running max; one exp pass; one
     GEMM gives [Σp·x | Σp]. The shift is only raised where a tile's weights overflow (they are
@@ -166,6 +211,9 @@ def accumulate_softmax(
     b, d = queries.shape
     if keys_aug is None:
         keys_aug = augment(keys)
+    if key_logw is not None:
+        keys_aug = keys_aug.clone()
+        keys_aug[:, d + 1] += (sigma * sigma) * key_logw.to(keys_aug.dtype)
     if state is None:
         state = SoftmaxState.empty(b, d, queries.dtype, queries.device)
     inv_var = 1.0 / (sigma * sigma)
@@ -176,12 +224,13 @@ def accumulate_softmax(
     for start in range(0, keys_aug.shape[0], step):
         chunk = keys_aug[start : start + step]
         ids = None if key_ids is None else key_ids[start : start + step]
+        adj = None if adjust is None else adjust.tile(start, start + chunk.shape[0])
         q_aug[:, d] = -_shift(state)
-        logits_t = _logits_t(q_aug, chunk, ids, exclude_ids)
+        logits_t = _logits_t(q_aug, chunk, ids, exclude_ids, adj)
         if _fold_fresh_queries(state, logits_t, chunk):
             continue
         t = _exp_(logits_t).T @ chunk
-        _redo_overflowed(state, t, q_aug, chunk, ids, exclude_ids)
+        _redo_overflowed(state, t, q_aug, chunk, ids, exclude_ids, adj)
         state.z.add_(t[:, d])
         state.acc.add_(t[:, :d])
         _renormalise_large(state)
@@ -233,6 +282,7 @@ def _redo_overflowed(
     keys_aug: Tensor,
     ids: Tensor | None,
     exclude_ids: Tensor | None,
+    adjust: Adjust | None,
 ) -> None:
     """Where a query's row of [Σp·x | Σp] overflowed, zero it and fold the tile into that query
     again with an explicit max (rare: the running max lagged too far)."""
@@ -241,7 +291,8 @@ def _redo_overflowed(
         rows = torch.nonzero(bad).flatten()
         t[rows] = 0
         excl = None if exclude_ids is None else exclude_ids[rows]
-        _exact_tile(state, _logits_t(q_aug[rows], keys_aug, ids, excl), keys_aug, rows)
+        adj = None if adjust is None else adjust.rows(rows, t.shape[0])
+        _exact_tile(state, _logits_t(q_aug[rows], keys_aug, ids, excl, adj), keys_aug, rows)
 
 
 def _renormalise_large(state: SoftmaxState, big: float = 2.0**64) -> None:

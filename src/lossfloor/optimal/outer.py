@@ -46,7 +46,22 @@ BYTES_PER_DRAW = 24
 #: sums of squares come near float32's maximum (3.4e38) and lose digits or overflow.
 FLOAT32_MAX_SQ_NORM = 1e30
 
+#: A point is ``resolved`` where at least this many draws carry its value (``effective_draws``):
+#: on two points in 16 dims (M = 8000, plain draws) ESS ≈ 1–3 at σ = 0.6, where s/√M was 2–7×
+#: too small, and ≈ 25–35 at σ = 0.8, where the values were within 1–2 s of the exact one.
+MIN_EFFECTIVE_DRAWS = 30.0
+
 FORMS = ("auto", "closed", "direct", "combined")
+DRAWS = ("auto", "tilted", "plain")
+
+#: Estimators whose posterior is exact or near-exact: the min-variance combination of the two
+#: forms and tilted draws by default (the paper's sub-sampled ones: closed form, plain draws).
+NEAR_EXACT = ("full", "stratified")
+
+#: The tilted draws' mixture: the share α of draws shifted toward a neighbour, and how many of
+#: the source's nearest neighbours the shifted components cover.
+TILT_SHARE = 0.5
+TILT_NEIGHBOURS = 8
 PRECISIONS = ("auto", "float32", "float64")
 
 
@@ -101,10 +116,97 @@ def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
     return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
 
 
+def resolve_draws(draws: str, estimator: Estimator) -> str:
+    """``auto``: ``tilted`` for the exact and near-exact estimators (J* right below σ*), and
+    ``plain`` for the paper's sub-sampled ones (as the paper ran them: their closed form
+    A − ‖μ̂‖², weighted, gains variance from the weights where it has no rare events to find)."""
+    if draws not in DRAWS:
+        raise ParameterError("draws", draws, f"expected one of {', '.join(DRAWS)}")
+    if draws != "auto":
+        return draws
+    return "tilted" if estimator.name in NEAR_EXACT else "plain"
+
+
+@dataclass
+class TiltBlock:
+    """The σ-independent part of one block's tilted draws (for one pool): the uniforms that
+    choose the components, each draw's K neighbours, and, with diff_k = x_k − x_n, the Gram
+    matrices ⟨diff_k, diff_l⟩ (B×K×K) and ⟨z, diff_k⟩ (B×K) of the plain draw z, float64."""
+
+    u: Tensor
+    neighbours: Tensor
+    gram: Tensor
+    z_dot: Tensor
+
+    @classmethod
+    def build(
+        cls, seed: int, block: int, plain: Tensor, x: Tensor, sources: Tensor, neighbours: Tensor
+    ) -> TiltBlock:
+        table = neighbours[sources, 1 : TILT_NEIGHBOURS + 1].to(x.device)
+        diff = x[table].double() - x[sources].double()[:, None, :]  # B×K×D
+        z = plain.to(device=x.device, dtype=torch.float64)
+        u = torch.rand(plain.shape[0], generator=generator_for(seed, 3, block), dtype=torch.float64)
+        return cls(
+            u=u.to(x.device),
+            neighbours=table,
+            gram=torch.bmm(diff, diff.transpose(1, 2)),
+            z_dot=torch.bmm(diff, z[:, :, None])[:, :, 0],
+        )
+
+
+def tilted_noise(
+    tilt: TiltBlock, plain: Tensor, x: Tensor, sources: Tensor, sigma: float
+) -> tuple[Tensor, Tensor]:
+    """Defensive mixture importance sampling of the noise (Hesterberg 1995), with exponentially
+    tilted components: for source x_n and its K nearest neighbours x_k (``tilt``),
+
+        q(ε) = (1 − α)·φ(ε) + α·Σ_k β_k·φ(ε − δ_k),   δ_k = (x_k − x_n)/(2σ),
+        β_k ∝ exp(−‖δ_k‖²/2) = exp(−‖x_k − x_n‖²/8σ²),
+
+    (φ the N(0, I) density, α = TILT_SHARE): component k puts x_t = x_n + σε at the midpoint of
+    x_n and x_k on average, where the rare draws that carry J* below σ* live, and β_k follows
+    the probability ~e^{−d_k²/8σ²} of such a draw (uniform at large σ, the nearest neighbour
+    at small σ). Each draw ε = z + δ_c (z the plain draw; c from a uniform shared by every σ)
+    gets the likelihood ratio
+
+        w(ε) = φ(ε)/q(ε) = 1 / ((1 − α) + α·Σ_k β_k·exp(⟨ε, δ_k⟩ − ‖δ_k‖²/2)) ≤ 1/(1 − α),
+
+    so E_q[w·f(ε)] = E_φ[f(ε)] for every f. ⟨ε, δ_k⟩ = ⟨z, diff_k⟩/2σ + ⟨diff_c, diff_k⟩/4σ²
+    comes from the block's Gram matrices, so a σ costs O(B·(D + K²)). Returns (ε, w), float64.
+    At large σ, δ → 0 and w → 1: the draws become the plain ones."""
+    two_s = 2 * sigma
+    k = tilt.neighbours.shape[1]
+    half_sq = torch.diagonal(tilt.gram, dim1=1, dim2=2) / (2 * two_s * two_s)
+    log_beta = torch.log_softmax(-half_sq, dim=1)
+    v = (tilt.u - (1 - TILT_SHARE)) / TILT_SHARE
+    cdf = log_beta.exp().cumsum(dim=1)
+    comp = torch.searchsorted(cdf, v.clamp(min=0)[:, None]).flatten().clamp(max=k - 1)
+    tilted = v >= 0
+    rows = torch.arange(comp.numel(), device=comp.device)
+    dot = tilt.z_dot / two_s + tilted[:, None] * tilt.gram[rows, comp] / (two_s * two_s)
+    log_mix = torch.logsumexp(dot - half_sq + log_beta, dim=1) + math.log(TILT_SHARE)
+    log_q = torch.logaddexp(log_mix, torch.full_like(log_mix, math.log(1 - TILT_SHARE)))
+    eps = plain.to(device=x.device, dtype=torch.float64).clone()
+    sel = torch.nonzero(tilted).flatten()
+    chosen = tilt.neighbours[sel, comp[sel]]
+    eps[sel] += (x[chosen].double() - x[sources[sel]].double()) / two_s
+    return eps, torch.exp(-log_q)
+
+
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """(mean, s/√M) of M per-sample values (the i.i.d. formula; stratified sources make it
     conservative)."""
     return values.mean().item(), values.std().item() / math.sqrt(values.numel())
+
+
+def effective_draws(values: Tensor) -> float:
+    """(Σ v)² / Σ v² of M per-draw values v ≥ 0: M when every draw carries the same share of
+    the mean, 1 when one draw carries all of it, 0 when all are 0. Where it is small the mean
+    rests on a few draws and s/√M says little about the error (a rare event the draws missed
+    leaves no trace in s)."""
+    v = values.double()
+    total_sq = v.pow(2).sum().item()
+    return v.sum().item() ** 2 / total_sq if total_sq > 0 else 0.0
 
 
 def base_dtype(precision: str) -> torch.dtype:
@@ -117,7 +219,8 @@ def base_dtype(precision: str) -> torch.dtype:
 
 @dataclass
 class Moments:
-    """The outer average of one σ: both forms, their min-variance combination and errors."""
+    """The outer average of one σ: both forms, their combination and errors, and how many draws
+    carry the value (``ess``)."""
 
     closed: float
     closed_stderr: float
@@ -127,20 +230,26 @@ class Moments:
     combined_stderr: float
     weight_closed: float
     m: int
+    ess: float
 
     @classmethod
     def from_samples(cls, s: PerSample) -> Moments:
-        """a* = (V_d − C)/(V_c + V_d − 2C) minimises Var(a·closed + (1−a)·direct)."""
+        """a* = (V_d − C)/(V_c + V_d − 2C) minimises Var(a·closed + (1−a)·direct); it is clipped
+        to [0, 1], so the combination is a convex one and its mean lies between the two forms'
+        (an estimated a outside [0, 1] extrapolates, and can give J* < 0). ``ess`` is
+        ``effective_draws`` of the direct form."""
         c, d = s.closed.double(), s.direct.double()
         m = c.numel()
         vc, vd = c.var().item(), d.var().item()
         cov = ((c - c.mean()) * (d - d.mean())).sum().item() / (m - 1)
         denom = vc + vd - 2 * cov
-        a = (vd - cov) / denom if denom > 1e-300 else 0.5
+        a = min(1.0, max(0.0, (vd - cov) / denom)) if denom > 1e-300 else 0.5
         closed, closed_se = mean_and_stderr(c)
         direct, direct_se = mean_and_stderr(d)
         combined, combined_se = mean_and_stderr(a * c + (1 - a) * d)
-        return cls(closed, closed_se, direct, direct_se, combined, combined_se, a, m)
+        return cls(
+            closed, closed_se, direct, direct_se, combined, combined_se, a, m, effective_draws(d)
+        )
 
     def pick(self, form: str) -> tuple[float, float]:
         """(value, stderr) of ``form`` ∈ closed | direct | combined."""
@@ -152,13 +261,14 @@ class Moments:
 
 
 def resolve_form(form: str, estimator: Estimator) -> str:
-    """``auto``: the min-variance combination for the exact posterior; for sub-sampled
-    estimators the two forms are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
+    """``auto``: the min-variance combination for the exact (and near-exact stratified)
+    posterior; for the sub-sampled estimators the two forms are biased in opposite directions,
+    so the paper's A − ‖μ̂‖²."""
     if form not in FORMS:
         raise ParameterError("form", form, f"expected one of {', '.join(FORMS)}")
     if form != "auto":
         return form
-    return "combined" if estimator.name == "full" else "closed"
+    return "combined" if estimator.name in NEAR_EXACT else "closed"
 
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
@@ -236,8 +346,15 @@ def per_sample_values(
     pools: list[Pool],
     tile_bytes: int = DEFAULT_TILE_BYTES,
     on_block: Callable[[], None] | None = None,
+    draws: str = "plain",
+    tilt_cache: dict | None = None,
 ) -> PerSample:
-    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``)."""
+    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``).
+
+    ``draws``: ``plain`` ε ~ N(0, I), or ``tilted`` (``tilted_noise``; the pools need their
+    neighbour tables), whose values are the unbiased terms w·direct and A/D + w·(closed − A/D)
+    (w the likelihood ratio): their means estimate J* like the plain draws'. ``tilt_cache``
+    keeps each block's ``TiltBlock`` for the next σ."""
     m = plan.sources.numel()
     dim = plan.data[0].numel()
     closed = torch.empty(m, dtype=torch.float64)
@@ -247,12 +364,24 @@ def per_sample_values(
         src = plan.sources[lo:hi]
         noise = block_noise(plan.seed, j, hi - lo, dim)
         inner_g = generator_for(plan.seed, 2, j)
-        for (_, local), pool in zip(plan.groups, pools, strict=True):
+        for g, ((_, local), pool) in enumerate(zip(plan.groups, pools, strict=True)):
             sel = torch.nonzero(local[src] >= 0).flatten() if len(plan.groups) > 1 else None
             s_local = local[src] if sel is None else local[src[sel]]
             eps = noise if sel is None else noise[sel]
             if s_local.numel() == 0:
                 continue
+            weight = None
+            if draws == "tilted" and pool.n > 1:
+                if pool.neighbours is None:
+                    raise UserError("tilted draws need the pools' neighbour tables")
+                src_d = s_local.to(device)
+                key = (j, g, pool.x.dtype)
+                tilt = None if tilt_cache is None else tilt_cache.get(key)
+                if tilt is None:
+                    tilt = TiltBlock.build(plan.seed, j, eps, pool.x, src_d, pool.neighbours)
+                    if tilt_cache is not None:
+                        tilt_cache[key] = tilt
+                eps, weight = tilted_noise(tilt, eps, pool.x, src_d, sigma)
             out = estimator(
                 pool,
                 s_local.to(device),
@@ -261,6 +390,10 @@ def per_sample_values(
                 inner_g,
                 tile_bytes,
             )
+            if weight is not None:
+                w = weight.to(out.direct.device)
+                base = pool.a / pool.dim
+                out = PerSample(closed=base + w * (out.closed - base), direct=w * out.direct)
             where = slice(lo, hi) if sel is None else sel + lo
             closed[where] = out.closed.cpu()
             direct[where] = out.direct.cpu()
@@ -282,11 +415,25 @@ class PoolsByDtype:
     plan: OuterPlan
     device: torch.device
     built: dict[torch.dtype, list[Pool]] = field(default_factory=dict)
+    neighbours: list[Tensor] | None = None
+    tilts: dict = field(default_factory=dict)  # the tilted draws' TiltBlocks, kept across σ
 
     def __call__(self, dtype: torch.dtype) -> list[Pool]:
         if dtype not in self.built:
             self.built[dtype] = make_pools(self.plan, dtype, self.device)
+            self._attach(self.built[dtype])
         return self.built[dtype]
+
+    def attach(self, tables: list[Tensor]) -> None:
+        """Give every pool, built and to be built, its neighbour table."""
+        self.neighbours = tables
+        for pools in self.built.values():
+            self._attach(pools)
+
+    def _attach(self, pools: list[Pool]) -> None:
+        if self.neighbours is not None:
+            for pool, table in zip(pools, self.neighbours, strict=True):
+                pool.neighbours = table
 
     def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
         """The dtype ``precision`` works in at σ (``choose_dtype`` on the base dtype's pools)."""
