@@ -140,7 +140,8 @@ def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> None:
 
 def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> None:
     """Left: the bracket [J*_train(N), least held-out bound] against σ (log axes), J* of each
-    subset size and the extrapolation; right: J*(n)/J*(N) against n per σ (the N-trend).
+    subset size and the extrapolation; right: J*(n)/J*(N) against n per σ not memorised (the
+    N-trend).
     Points with J* = 0 are drawn at the axis floor as open markers."""
     pts = result.points
     s = np.array([p.sigma for p in pts])
@@ -202,13 +203,14 @@ def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> 
     )
     for p in pts:
         last = p.by_n[-1].optimal_loss
-        if last > 0:
+        if last > 0 and p.verdict != "memorised":  # J* ≈ 0: the ratio is noise
             ratio = [q.optimal_loss / last for q in p.by_n]
             b.plot(
                 [q.n for q in p.by_n], ratio, "o-", ms=3, label=f"σ = {p.sigma:.3g} ({p.verdict})"
             )
     b.axhline(1, color="gray", lw=0.8)
-    b.set(xscale="log", xlabel="subset size n", ylabel="J*(n) / J*(N)", title="N-trend")
+    b.set(xscale="log", xlabel="subset size n", ylabel="J*(n) / J*(N)",
+          title="N-trend (memorised σ left out)")  # fmt: skip
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
