@@ -6,7 +6,8 @@ acc_r) over the slices, the pattern of vocabulary-parallel cross-entropy:
     m = max_r m_r,   z = Σ_r z_r·e^(m_r − m),   acc = Σ_r acc_r·e^(m_r − m)
 
 (one all-reduce MAX, one all-reduce SUM of [z | acc]). What is global stays global: the data
-mean x̄ and A = mean‖x − x̄‖² (float64 all-reduce sums), max‖x − x̄‖² (the precision policy),
+mean x̄ (from the whole data, bitwise as one process computes it), A = mean‖x − x̄‖² (a float64
+all-reduce sum), max‖x − x̄‖² (the precision policy),
 the rows of the draws' sources and of their neighbours (``rows``: each process contributes the
 rows it holds to an all-reduce sum, exact since the others contribute zeros), and the neighbour
 index (each process ranks its slice, the K top-k lists are merged). The draws and random inner
@@ -43,12 +44,16 @@ class ShardedPool(Pool):
     def from_shard(
         cls, data: Tensor, dtype: torch.dtype, device: torch.device | str, group: Group
     ) -> ShardedPool:
-        """The pool of ``data`` (N×..., every process the same), keeping ``group.shard(N)``:
-        x̄ = Σx/N and A = Σ‖x − x̄‖²/N from all-reduced float64 sums."""
+        """The pool of ``data`` (N×..., every process the same), keeping ``group.shard(N)``.
+
+        x̄ is computed from the whole data as ``Pool.from_data`` computes it, so the centred rows
+        are bitwise one process's (the neighbour index breaks ties between equal distances, as
+        quantised pixels often give, by the rounding of these rows); A = Σ‖x − x̄‖²/N and
+        max‖x − x̄‖² from all-reduced float64 sums and max."""
         n = data.shape[0]
         start, stop = group.shard(n)
+        mean = data.reshape(n, -1).to(device=device, dtype=torch.float64).mean(dim=0)
         x64 = data[start:stop].reshape(stop - start, -1).to(device=device, dtype=torch.float64)
-        mean = group.sum(x64.sum(dim=0)) / n
         xc = x64 - mean
         sq = xc.pow(2).sum(dim=1)
         sums = group.sum(sq.sum().reshape(1))
