@@ -42,8 +42,10 @@ CACHE_MIN_WORK = 2**30
 def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAULT_TILE_BYTES):
     """For each point ``rows[i]`` of the pool: itself, then its k nearest other points by
     ‖x_i − x_j‖², nearest first, equal distances in index order (len(rows)×(k+1), int64),
-    k < N. The order is therefore the same for every k and tile size, and for a sharded pool
-    (each process ranks its rows, then the processes' lists are merged)."""
+    k < N. The order is therefore the same for every k; for another tile size, or a sharded
+    pool (each process ranks its rows, then the processes' lists are merged), it is the same
+    except between points at distances equal but for the last bit of their scores, which the
+    GEMM's blocking (the tile's shape) decides."""
     d = pool.dim
     table = torch.empty(rows.numel(), k + 1, dtype=torch.long)
     for lo in range(0, rows.numel(), QUERY_BLOCK):
