@@ -48,6 +48,8 @@ def main(out: Path) -> None:
         remove, Checkpoint.remove = Checkpoint.remove, lambda self: None
         try:
             results["first"] = cli([*base[:-1], "0.5", "--quiet", "--out", str(resumed)])
+            across = str(out / "across.json")  # left for the test to resume in one process
+            results["across"] = cli([*base[:-1], "0.5", "--quiet", "--out", across])
         finally:
             Checkpoint.remove = remove
         results["resumed"] = cli([*base, "--out", str(resumed)])  # not quiet: says it resumes

@@ -111,6 +111,21 @@ def test_a_sharded_estimate_resumes_from_its_checkpoint(launch):
     assert resumed == whole  # the same draws on the same 2 processes: bitwise
 
 
+def test_a_two_process_checkpoint_resumes_in_one_process(launch, tmp_path):
+    out, results = launch
+    assert results[0]["across"]["rc"] == 0
+    partial = tmp_path / "across.json.partial"
+    partial.write_bytes((out / "across.json.partial").read_bytes())
+    saved = json.loads(partial.read_text())["points"]
+    argv = [*estimate(out / "points.npy"), "--quiet", "--out", str(tmp_path / "across.json")]
+    assert lossfloor.cli.main(argv) == 0
+    assert not partial.exists()
+    # the saved point is taken as is (its timing too), not recomputed
+    assert json.loads((tmp_path / "across.json").read_text())["points"][0] == saved[0]
+    # σ = 0.5 as the 2 processes saved it, σ = 2 computed here: the curve of 2 processes
+    _assert_same_numbers(tmp_path / "across.json", out / "tilted.json")
+
+
 def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
     _, results = launch
     errors = [results[r]["data"] for r in (0, 1)]
