@@ -59,6 +59,26 @@ class Group:
         size = total // self.world
         return self.rank * size, (self.rank + 1) * size
 
+    def shard(self, total: int) -> tuple[int, int]:
+        """Rows [start, stop) of this process's contiguous shard of ``total`` rows: rank r holds
+        [⌊rT/K⌋, ⌊(r+1)T/K⌋), so the shards' sizes differ by at most one."""
+        return self.rank * total // self.world, (self.rank + 1) * total // self.world
+
+    def max(self, tensor: Tensor) -> Tensor:
+        """Elementwise max over processes of ``tensor`` (on ``device``), in place; returned."""
+        if self.world > 1:
+            dist.all_reduce(tensor, dist.ReduceOp.MAX)
+        return tensor
+
+    def cat(self, tensor: Tensor, dim: int = 0) -> Tensor:
+        """Every process's ``tensor`` (the same shape on all), concatenated along ``dim`` in rank
+        order."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=dim)
+
     def sum(self, tensor: Tensor) -> Tensor:
         """Σ over processes of ``tensor`` (on ``device``), in place; returned."""
         if self.world > 1:

@@ -168,57 +168,67 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
     )
     from lossfloor.diffusion import get_process, get_target
+    from lossfloor.distributed import launched
     from lossfloor.optimal import estimate_curve
     from lossfloor.optimal.outer import check_outer
     from lossfloor.schedules import get_schedule
 
-    check_outputs(args, "--out", "--csv", "--plot")
-    sigmas = parse_sigmas(args.sigmas)
-    if args.outer is not None:
-        check_outer(args.outer)
-    process = get_process(args.process)
-    target = get_target(args.target, sigma_data=args.sigma_data)
-    schedule = get_schedule(args.total) if args.total else None
-    device = resolve_device(args.device)
-    if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
-        raise UserError(f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte")
-    bandwidth = _bandwidth(args)
-    ds = load_data_from_args(args)
-    heldout = _heldout(args, ds)
-    curve = estimate_curve(
-        ds,
-        sigmas,
-        _estimator(args, ds.n),
-        conditional=args.conditional,
-        outer=args.outer,
-        seed=args.seed,
-        draws=args.draws,
-        form=args.form,
-        precision=args.dtype,
-        device=device,
-        process=process,
-        target=target,
-        schedule=schedule,
-        tile_bytes=int(args.tile_mb * 2**20),
-        checkpoint=Path(args.out + ".partial") if args.out else None,
-        restart=args.restart,
-        progress=not args.quiet,
-    )
-    if heldout is not None:
-        from lossfloor.floor import with_heldout
-
-        curve = with_heldout(
-            curve,
+    # under torchrun: one process of K, each on its shard of the data; rank 0 reports and writes
+    with launched(resolve_device(args.device)) as (group, device):
+        with group.together():
+            check_outputs(args, "--out", "--csv", "--plot")
+            sigmas = parse_sigmas(args.sigmas)
+            if args.outer is not None:
+                check_outer(args.outer)
+            process = get_process(args.process)
+            target = get_target(args.target, sigma_data=args.sigma_data)
+            schedule = get_schedule(args.total) if args.total else None
+            if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
+                raise UserError(
+                    f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte"
+                )
+            if args.sources is not None and group.world > 1:
+                raise UserError("--sources: held-out losses run in one process, not under torchrun")
+            bandwidth = _bandwidth(args)
+            ds = load_data_from_args(args)
+            heldout = _heldout(args, ds)
+            estimator = _estimator(args, ds.n)
+        curve = estimate_curve(
             ds,
-            heldout,
+            sigmas,
+            estimator,
+            conditional=args.conditional,
             outer=args.outer,
-            bandwidth=bandwidth,
+            seed=args.seed,
+            draws=args.draws,
+            form=args.form,
             precision=args.dtype,
             device=device,
+            process=process,
+            target=target,
+            schedule=schedule,
             tile_bytes=int(args.tile_mb * 2**20),
+            checkpoint=Path(args.out + ".partial") if args.out else None,
+            restart=args.restart,
             progress=not args.quiet,
         )
-    _report(curve, args, ds)
+        with group.together():
+            if heldout is not None:
+                from lossfloor.floor import with_heldout
+
+                curve = with_heldout(
+                    curve,
+                    ds,
+                    heldout,
+                    outer=args.outer,
+                    bandwidth=bandwidth,
+                    precision=args.dtype,
+                    device=device,
+                    tile_bytes=int(args.tile_mb * 2**20),
+                    progress=not args.quiet,
+                )
+            if group.main:
+                _report(curve, args, ds)
     return 0
 
 

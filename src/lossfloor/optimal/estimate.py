@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.diffusion import Process, Target
+from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
@@ -44,6 +45,7 @@ from lossfloor.optimal.outer import (
     resolve_draws,
     resolve_form,
 )
+from lossfloor.optimal.shard import check_sharded
 from lossfloor.schedules import NoiseSchedule
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
@@ -84,13 +86,17 @@ def estimate_curve(
     computes only the missing σ; the file is removed once the curve is complete. A checkpoint
     of other data or options is refused unless ``restart`` (which discards it).
     """
-    x, labels, described = _unpack(data, labels, conditional)
-    _check_grid(x, sigmas, outer)
-    plan = OuterPlan.build(x, labels, x.shape[0] if outer is None else outer, seed, conditional)
-    for members, _ in plan.groups:
-        estimator.check(members.numel())
-    base_dtype(precision)  # an unknown policy fails before any work
-    draws = resolve_draws(draws, estimator)
+    group = current(device)
+    with group.together():
+        x, labels, described = _unpack(data, labels, conditional)
+        _check_grid(x, sigmas, outer)
+        n = x.shape[0]
+        plan = OuterPlan.build(x, labels, n if outer is None else outer, seed, conditional)
+        for members, _ in plan.groups:
+            estimator.check(members.numel())
+        base_dtype(precision)  # an unknown policy fails before any work
+        draws = resolve_draws(draws, estimator)
+        check_sharded(estimator, conditional, group)
     options = {
         "estimator": estimator.to_config(),
         "outer": plan.outer,
@@ -101,14 +107,21 @@ def estimate_curve(
         "process": None if process is None else process.to_config(),
         "target": None if target is None else target.to_config(),
     }
-    saved = (
-        None
-        if checkpoint is None
-        else _resume(checkpoint, options, plan, sigmas, restart, progress)
-    )
+    if group.world > 1:  # the same data and options on every process, before any work
+        group.check_same("data", plan.fingerprint, f"sha256 {plan.fingerprint[:12]}…")
+        group.check_same("options", json.dumps([options, list(sigmas)], default=str))
+    with group.together():
+        saved = (
+            None
+            if checkpoint is None
+            else _resume(checkpoint, options, plan, sigmas, restart, progress and group.main)
+        )
+    if saved is not None:
+        saved.writes = group.main
+        group.check_same("checkpoints", str(sorted(saved.points)))
     points = _estimate_points(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
-        process, target, saved, progress, draws,
+        process, target, saved, progress and group.main, draws, group,
     )  # fmt: skip
     curve = Curve(
         points=tuple(points), data_variance=mean_and_variance(x)[1], dataset=described, **options
@@ -156,16 +169,17 @@ def _estimate_points(
     saved: Checkpoint | None,
     progress: bool,
     draws: str,
+    group: Group,
 ) -> list[CurvePoint]:
     """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
-    added to ``saved``)."""
+    added to ``saved``); on K > 1 processes, each on its shard of the data."""
     done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
         total=len(todo) * plan.blocks, disable=not progress, unit="block", leave=False,
         desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)",
     )  # fmt: skip
-    pools = PoolsByDtype(plan, device)
+    pools = PoolsByDtype(plan, device, group)
     k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
     if todo and k > 0:
         # distances in the dtype of the largest σ (float32 unless the norms need float64)
@@ -183,7 +197,8 @@ def _estimate_points(
         )  # fmt: skip
         points.append(point)
         if saved is not None:
-            saved.add(point)
+            with group.together():  # rank 0 writes
+                saved.add(point)
     bar.close()
     return points
 
@@ -308,6 +323,7 @@ class Checkpoint:
     path: Path
     key: str
     points: dict[float, CurvePoint]
+    writes: bool = True  # False on the processes other than rank 0: they only read
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], key: str, restart: bool = False) -> Checkpoint:
@@ -340,12 +356,13 @@ class Checkpoint:
         )
 
     def add(self, point: CurvePoint) -> None:
-        """Record ``point`` and rewrite the file."""
+        """Record ``point`` and rewrite the file (if this process writes)."""
         self.points[point.sigma] = point
-        write_json(
-            self.path, {"key": self.key, "points": [p.to_json() for p in self.points.values()]}
-        )
+        if self.writes:
+            points = [p.to_json() for p in self.points.values()]
+            write_json(self.path, {"key": self.key, "points": points})
 
     def remove(self) -> None:
-        """Delete the file (the curve is complete)."""
-        self.path.unlink(missing_ok=True)
+        """Delete the file (the curve is complete; if this process writes)."""
+        if self.writes:
+            self.path.unlink(missing_ok=True)

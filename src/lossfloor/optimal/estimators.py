@@ -39,7 +39,6 @@ from lossfloor.optimal.kernel import (
     SoftmaxState,
     accumulate_softmax,
     augment,
-    posterior_mean,
 )
 from lossfloor.registry import Registry
 
@@ -84,6 +83,34 @@ class Pool:
     @property
     def dim(self) -> int:
         return self.x.shape[1]
+
+    # What a sharded pool (``shard.ShardedPool``: this process's rows of the data) does with
+    # collectives; a whole pool holds every row and needs none.
+    @property
+    def shards(self) -> int:
+        """The number of processes the pool's rows are split over (1: this pool holds all)."""
+        return 1
+
+    @property
+    def first(self) -> int:
+        """The pool index of ``x``'s first row."""
+        return 0
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_n − x̄, ‖x_n − x̄‖²) of the pool indices ``idx``."""
+        return self.x[idx], self.sq[idx]
+
+    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(the kernel's keys, their pool indices) of those of ``idx`` that this pool holds."""
+        return self.aug[idx], idx
+
+    def merge(self, state: SoftmaxState) -> SoftmaxState:
+        """The softmax state over every shard's keys from this pool's (here: ``state``)."""
+        return state
+
+    def across(self, columns: Tensor) -> Tensor:
+        """Every shard's ``columns`` (B×k), side by side (here: ``columns``)."""
+        return columns
 
 
 @dataclass
@@ -135,7 +162,7 @@ class Estimator(ABC):
         tile_bytes: int = DEFAULT_TILE_BYTES,
     ) -> PerSample:
         """Per-sample J* values for x_t = x0[sources] + σ·noise."""
-        x0 = pool.x[sources]
+        x0 = pool.rows(sources)[0]
         mu = self.posterior_mean(pool, x0 + sigma * noise, sources, sigma, generator, tile_bytes)
         d = pool.dim
         closed = (pool.a - mu.double().pow(2).sum(dim=1)) / d
@@ -166,7 +193,8 @@ class Full(Estimator):
     def posterior_mean(
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
-        return posterior_mean(queries, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
+        state = accumulate_softmax(queries, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
+        return pool.merge(state).mean()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,10 +260,11 @@ class Subset(Estimator):
             state = self._shared(pool, queries, sources, sigma, generator, tile_bytes)
         else:
             state = self._independent(pool, queries, sources, sigma, generator, tile_bytes)
+        state = pool.merge(state)
         if self.C is not None:
-            x_s = pool.x[sources]
+            x_s, sq_s = pool.rows(sources)
             inv_var = 1.0 / (sigma * sigma)
-            logit = ((queries * x_s).sum(dim=1) - 0.5 * pool.sq[sources]) * inv_var
+            logit = ((queries * x_s).sum(dim=1) - 0.5 * sq_s) * inv_var
             state.add_one(logit - math.log(self.C), x_s)
         return state.mean()
 
@@ -252,12 +281,13 @@ class Subset(Estimator):
                 exclude = src
                 if spare:  # the spare point is dropped where the source did not take a slot
                     exclude = torch.where(torch.isin(src, idx), src, idx[-1])
+            keys, ids = pool.keys_of(idx)
             state = accumulate_softmax(
                 q,
                 None,
                 sigma,
-                keys_aug=pool.aug[idx],
-                key_ids=idx,
+                keys_aug=keys,
+                key_ids=ids,
                 exclude_ids=exclude,
                 tile_bytes=tile_bytes,
             )

@@ -76,6 +76,16 @@ class SoftmaxState:
         return self.acc / self.z[:, None]
 
 
+def rescaled(state: SoftmaxState, m: Tensor) -> SoftmaxState:
+    """The state over the same keys with reference logit m ≥ state.m per query:
+    (m, z·e^(state.m − m), acc·e^(state.m − m)). States of disjoint key sets with a common m
+    add: z = Σ z_r, acc = Σ acc_r (a sharded softmax's exact merge, with m = max_r m_r); a query
+    with no key anywhere (m = −inf) keeps z = 0."""
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    scale = torch.exp(state.m - m_safe)  # exp(−inf) = 0 where this state has no key
+    return SoftmaxState(m=m, z=state.z * scale, acc=state.acc * scale[:, None])
+
+
 def keys_per_tile(batch: int, itemsize: int, tile_bytes: int = DEFAULT_TILE_BYTES) -> int:
     """How many keys one tile holds so that the B×n logits stay within ``tile_bytes``."""
     return max(64, tile_bytes // (itemsize * max(batch, 1)))

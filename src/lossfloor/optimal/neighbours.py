@@ -42,25 +42,34 @@ CACHE_MIN_WORK = 2**30
 def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAULT_TILE_BYTES):
     """For each point ``rows[i]`` of the pool: itself, then its k nearest other points by
     ‖x_i − x_j‖², nearest first, equal distances in index order (len(rows)×(k+1), int64),
-    k < N. The order is therefore the same for every k and tile size."""
+    k < N. The order is therefore the same for every k; for another tile size, or a sharded
+    pool (each process ranks its rows, then the processes' lists are merged), it is the same
+    except between points at distances equal but for the last bit of their scores, which the
+    GEMM's blocking (the tile's shape) decides."""
     d = pool.dim
     table = torch.empty(rows.numel(), k + 1, dtype=torch.long)
     for lo in range(0, rows.numel(), QUERY_BLOCK):
         r = rows[lo : lo + QUERY_BLOCK].to(pool.x.device)
         q = torch.zeros(r.numel(), pool.aug.shape[1], dtype=pool.x.dtype, device=pool.x.device)
-        q[:, :d] = pool.x[r]
+        q[:, :d] = pool.rows(r)[0]
         q[:, d + 1] = 1.0
         best_s = torch.full((r.numel(), 0), -torch.inf, dtype=q.dtype, device=q.device)
         best_i = torch.empty((r.numel(), 0), dtype=torch.long, device=q.device)
         step = keys_per_tile(r.numel(), q.element_size(), tile_bytes)
-        for start in range(0, pool.n, step):
+        for start in range(0, pool.x.shape[0], step):
             scores = q @ pool.aug[start : start + step].T  # B×chunk: s_ij
-            ids = torch.arange(start, start + scores.shape[1], device=q.device)
+            first = pool.first + start
+            ids = torch.arange(first, first + scores.shape[1], device=q.device)
             scores.masked_fill_(ids[None, :] == r[:, None], -torch.inf)  # not itself
             vals, pos = _top_in_index_order(scores, k)
             best_s, best_i = _merge(
                 torch.cat([best_s, vals], 1), torch.cat([best_i, ids[pos]], 1), k
             )
+        if pool.shards > 1:  # a shard may hold fewer than k points: pad, then merge
+            pad = k - best_s.shape[1]
+            best_s = torch.nn.functional.pad(best_s, (0, pad), value=-torch.inf)
+            best_i = torch.nn.functional.pad(best_i, (0, pad), value=-1)
+            best_s, best_i = _merge(pool.across(best_s), pool.across(best_i), k)
         table[lo : lo + r.numel(), 0] = r.cpu()
         table[lo : lo + r.numel(), 1:] = best_i.cpu()
     return table
@@ -99,9 +108,8 @@ def neighbour_tables(
     path = cache_path(key, "neighbours")
     rows = [_source_rows(plan, g) for g in range(len(plan.groups))]
     caps = [min(k, p.n - 1) for p in pools]
-    cached = (
-        sum(r.numel() * p.n * p.dim for r, p in zip(rows, pools, strict=True)) >= CACHE_MIN_WORK
-    )
+    work = sum(r.numel() * p.n * p.dim for r, p in zip(rows, pools, strict=True))
+    cached = work >= CACHE_MIN_WORK and pools[0].shards == 1  # sharded: computed, not cached
     hit = _read(path, key, rows, [p.n for p in pools], caps) if cached else None
     if hit is not None:
         return hit

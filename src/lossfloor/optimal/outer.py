@@ -19,9 +19,11 @@ from functools import cached_property
 import torch
 
 from lossfloor.data.dataset import fingerprint
+from lossfloor.distributed import Group
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.estimators import Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
+from lossfloor.optimal.shard import ShardedPool
 from lossfloor.seeding import generator_for
 
 Tensor = torch.Tensor
@@ -374,14 +376,14 @@ def per_sample_values(
             if draws == "tilted" and pool.n > 1:
                 if pool.neighbours is None:
                     raise UserError("tilted draws need the pools' neighbour tables")
-                src_d = s_local.to(device)
+                x, src_d, table = _tilt_rows(pool, s_local.to(device))
                 key = (j, g, pool.x.dtype)
                 tilt = None if tilt_cache is None else tilt_cache.get(key)
                 if tilt is None:
-                    tilt = TiltBlock.build(plan.seed, j, eps, pool.x, src_d, pool.neighbours)
+                    tilt = TiltBlock.build(plan.seed, j, eps, x, src_d, table)
                     if tilt_cache is not None:
                         tilt_cache[key] = tilt
-                eps, weight = tilted_noise(tilt, eps, pool.x, src_d, sigma)
+                eps, weight = tilted_noise(tilt, eps, x, src_d, sigma)
             out = estimator(
                 pool,
                 s_local.to(device),
@@ -402,8 +404,27 @@ def per_sample_values(
     return PerSample(closed=closed, direct=direct)
 
 
-def make_pools(plan: OuterPlan, dtype: torch.dtype, device: torch.device) -> list[Pool]:
-    """One centred pool per group (the whole set, or each class)."""
+def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, sources, neighbour table) for one block's tilted draws: the pool's own, or, for a
+    sharded pool, the gathered rows of the sources and their neighbours, renumbered into them
+    (the same on every σ, so a cached ``TiltBlock`` stays valid)."""
+    if pool.shards == 1:
+        return pool.x, sources, pool.neighbours
+    table = pool.neighbours.to(sources.device)[sources, : TILT_NEIGHBOURS + 1]
+    needed, inverse = torch.unique(table, return_inverse=True)  # column 0: the source itself
+    shape = (needed.numel(), table.shape[1])
+    renumbered = torch.full(shape, -1, dtype=torch.long, device=sources.device)
+    renumbered[inverse[:, 0]] = inverse
+    return pool.rows(needed)[0], inverse[:, 0], renumbered
+
+
+def make_pools(
+    plan: OuterPlan, dtype: torch.dtype, device: torch.device, group: Group | None = None
+) -> list[Pool]:
+    """One centred pool per group (the whole set, or each class); with a ``group`` of K > 1
+    processes, this process's shard of the whole set (``shard.ShardedPool``)."""
+    if group is not None and group.world > 1:
+        return [ShardedPool.from_shard(plan.data, dtype, device, group)]
     return [Pool.from_data(plan.data[members], dtype, device) for members, _ in plan.groups]
 
 
@@ -414,13 +435,14 @@ class PoolsByDtype:
 
     plan: OuterPlan
     device: torch.device
+    group: Group | None = None  # K > 1 processes: each pool is this process's shard
     built: dict[torch.dtype, list[Pool]] = field(default_factory=dict)
     neighbours: list[Tensor] | None = None
     tilts: dict = field(default_factory=dict)  # the tilted draws' TiltBlocks, kept across σ
 
     def __call__(self, dtype: torch.dtype) -> list[Pool]:
         if dtype not in self.built:
-            self.built[dtype] = make_pools(self.plan, dtype, self.device)
+            self.built[dtype] = make_pools(self.plan, dtype, self.device, self.group)
             self._attach(self.built[dtype])
         return self.built[dtype]
 

@@ -1,0 +1,131 @@
+"""Sharded estimation: each of K processes (torchrun) holds a contiguous slice of the N points.
+
+Every query's softmax over the N keys is the exact merge of the K partial states (m_r, z_r,
+acc_r) over the slices, the pattern of vocabulary-parallel cross-entropy:
+
+    m = max_r m_r,   z = Σ_r z_r·e^(m_r − m),   acc = Σ_r acc_r·e^(m_r − m)
+
+(one all-reduce MAX, one all-reduce SUM of [z | acc]). What is global stays global: the data
+mean x̄ (from the whole data, bitwise as one process computes it), A = mean‖x − x̄‖² (a float64
+all-reduce sum), max‖x − x̄‖² (the precision policy),
+the rows of the draws' sources and of their neighbours (``rows``: each process contributes the
+rows it holds to an all-reduce sum, exact since the others contribute zeros), and the neighbour
+index (each process ranks its slice, the K top-k lists are merged). The draws and random inner
+sets are drawn over global indices, identically on every process, so they do not depend on K;
+every process ends with the same per-sample values, up to float reduction order against one
+process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lossfloor.distributed import Group
+from lossfloor.errors import UserError
+from lossfloor.optimal.estimators import Estimator, Pool, Subset
+from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ShardedPool(Pool):
+    """This process's rows [start, start + len(x)) of a pool of ``total`` points, with the
+    whole pool's x̄, A and max‖·‖²; ``n`` is the whole pool's N (the draws range over it)."""
+
+    group: Group = field(default_factory=Group)
+    start: int = 0
+    total: int = 0
+
+    @classmethod
+    def from_shard(
+        cls, data: Tensor, dtype: torch.dtype, device: torch.device | str, group: Group
+    ) -> ShardedPool:
+        """The pool of ``data`` (N×..., every process the same), keeping ``group.shard(N)``.
+
+        x̄ is computed from the whole data as ``Pool.from_data`` computes it, so the centred rows
+        are bitwise one process's (the neighbour index breaks ties between equal distances, as
+        quantised pixels often give, by the rounding of these rows); A = Σ‖x − x̄‖²/N and
+        max‖x − x̄‖² from all-reduced float64 sums and max."""
+        n = data.shape[0]
+        start, stop = group.shard(n)
+        mean = data.reshape(n, -1).to(device=device, dtype=torch.float64).mean(dim=0)
+        x64 = data[start:stop].reshape(stop - start, -1).to(device=device, dtype=torch.float64)
+        xc = x64 - mean
+        sq = xc.pow(2).sum(dim=1)
+        sums = group.sum(sq.sum().reshape(1))
+        top = group.max(torch.cat([sq, sq.new_full((1,), -math.inf)]).max().reshape(1))
+        xd = xc.to(dtype)
+        return cls(
+            x=xd,
+            sq=sq.to(dtype),
+            mean=mean,
+            a=float(sums) / n,
+            max_sq=float(top),
+            aug=augment(xd),
+            group=group,
+            start=start,
+            total=n,
+        )
+
+    @property
+    def n(self) -> int:
+        return self.total
+
+    @property
+    def shards(self) -> int:
+        return self.group.world
+
+    @property
+    def first(self) -> int:
+        return self.start
+
+    def _held(self, idx: Tensor) -> Tensor:
+        return (idx >= self.start) & (idx < self.start + self.x.shape[0])
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices: each process fills the rows it holds,
+        one all-reduce sum (exact: the others add zeros)."""
+        d = self.dim
+        out = torch.zeros(idx.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
+        held = self._held(idx)
+        local = idx[held] - self.start
+        out[held, :d] = self.x[local]
+        out[held, d] = self.sq[local]
+        self.group.sum(out)
+        return out[:, :d], out[:, d]
+
+    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        held = idx[self._held(idx)]
+        return self.aug[held - self.start], held
+
+    def merge(self, state: SoftmaxState) -> SoftmaxState:
+        """m = max_r m_r, then Σ_r of each state rescaled to m (``kernel.rescaled``)."""
+        m = self.group.max(state.m.clone())
+        own = rescaled(state, m)
+        both = self.group.sum(torch.cat([own.z[:, None], own.acc], dim=1))
+        return SoftmaxState(m=m, z=both[:, 0].contiguous(), acc=both[:, 1:].contiguous())
+
+    def across(self, columns: Tensor) -> Tensor:
+        return self.group.cat(columns, dim=1)
+
+
+def check_sharded(estimator: Estimator, conditional: bool, group: Group) -> None:
+    """UserError (before any work) for what does not run on K > 1 sharded processes yet."""
+    if group.world == 1:
+        return
+    why = None
+    if conditional:
+        why = "a conditional estimate (--conditional)"
+    elif estimator.name == "stratified":
+        why = "the stratified estimator"
+    elif isinstance(estimator, Subset) and estimator.layout != "shared":
+        why = f"the {estimator.layout} layout of {estimator.name}"
+    if why is not None:
+        raise UserError(
+            f"{why} does not run on {group.world} processes yet; run it in one process "
+            "(sharded: full, snis, dol, cdol with the shared layout, plain or tilted draws)"
+        )

@@ -1,0 +1,64 @@
+"""One process of tests/test_distributed_estimate.py's torchrun launch: ``lossfloor estimate``
+scenarios on sharded data (``OUT/points.npy``, written by the test) in one process group, each
+result (exit code, stderr) written to ``OUT/result-<rank>.json`` and rank 0's curves to
+``OUT/<scenario>.json``.
+
+Run as ``python -m torch.distributed.run --standalone --nproc_per_node 2 shard_worker.py OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from ddp_worker import cli
+
+from lossfloor.distributed import launched
+from lossfloor.optimal.estimate import Checkpoint
+
+OPTIONS = ["--outer", "300", "--device", "cpu"]
+
+
+def estimate(data: Path, limit: int = 300) -> list[str]:
+    """The estimate every scenario runs, on the first ``limit`` points of ``data``."""
+    return ["estimate", "--data", str(data), "--limit", str(limit), *OPTIONS, "--sigmas", "0.5,2"]
+
+
+#: scenario → its options beyond ESTIMATE (the test runs each in one process too)
+SCENARIOS = {
+    "tilted": [],  # the default: full, draws auto = tilted
+    "plain": ["--draws", "plain"],
+    "snis": ["--estimator", "snis"],
+    "dol": ["--estimator", "dol"],
+    "cdol": ["--estimator", "cdol"],
+}
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    with launched(torch.device("cpu")) as (group, _):
+        results, base = {}, estimate(out / "points.npy")
+        for name, options in SCENARIOS.items():
+            argv = [*base, "--quiet", *options, "--out", str(out / f"{name}.json")]
+            results[name] = cli(argv)
+        # resume: a checkpoint of σ = 0.5 alone (kept: its removal patched away), then the grid
+        resumed = out / "resumed.json"
+        remove, Checkpoint.remove = Checkpoint.remove, lambda self: None
+        try:
+            results["first"] = cli([*base[:-1], "0.5", "--quiet", "--out", str(resumed)])
+            across = str(out / "across.json")  # left for the test to resume in one process
+            results["across"] = cli([*base[:-1], "0.5", "--quiet", "--out", across])
+        finally:
+            Checkpoint.remove = remove
+        results["resumed"] = cli([*base, "--out", str(resumed)])  # not quiet: says it resumes
+        results["resumed"]["partial_left"] = Path(f"{resumed}.partial").exists()
+        other = estimate(out / "points.npy", 300 if group.rank == 0 else 299)  # other data on 1
+        results["data"] = cli([*other, "--quiet"])
+        results["stratified"] = cli([*base, "--quiet", "--estimator", "stratified"])
+        (out / f"result-{group.rank}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

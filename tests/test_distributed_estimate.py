@@ -1,0 +1,180 @@
+"""Sharded estimation (``optimal/shard.py``): 2 CPU processes (gloo) each holding half of the data
+against one process, resume and errors under torchrun, and the softmax-state merge alone.
+
+One torchrun launch (tests/shard_worker.py) runs every multi-process scenario in one process
+group, so the file pays the start-up of torch and the group once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shard_worker import SCENARIOS, estimate
+
+import lossfloor.cli
+from lossfloor.distributed import TIMEOUT_ENV, Group
+from lossfloor.optimal.estimators import Pool
+from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
+from lossfloor.optimal.shard import ShardedPool
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORKER = Path(__file__).parent / "shard_worker.py"
+# No scenario may wait on another rank for longer than this: a hang fails the test, not CI.
+GROUP_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 300
+#: The per-σ numbers of a curve (not its timings).
+NUMBERS = ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr")
+NUMBERS += ("combined_weight_closed", "ess", "optimal_loss_target")
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The worker's scenarios under ``torchrun --nproc_per_node 2``: its folder and each
+    rank's results."""
+    out = tmp_path_factory.mktemp("shard")
+    # points in general position: no two distances from a source are equal, so the neighbour
+    # index of the tilted draws does not depend on the distances' last bits (see test below)
+    g = torch.Generator().manual_seed(3)
+    np.save(out / "points.npy", (0.5 * torch.randn(300, 64, generator=g)).numpy())
+    src = str(Path(lossfloor.__file__).parents[1])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        TIMEOUT_ENV: str(GROUP_TIMEOUT_S),
+        "PYTHONPATH": os.pathsep.join([src, str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    proc = subprocess.run(
+        [*cmd, "2", str(WORKER), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+
+
+def _points(path: Path) -> tuple[dict, list[dict]]:
+    """(the curve's options, its points without timings)."""
+    curve = json.loads(path.read_text())
+    points = [{k: p[k] for k in ("sigma", "dtype", "resolved", *NUMBERS)} for p in curve["points"]]
+    options = {k: v for k, v in curve.items() if k != "points"}
+    return options, points
+
+
+def _assert_same_numbers(two: Path, one: Path) -> None:
+    (opt2, pts2), (opt1, pts1) = _points(two), _points(one)
+    assert opt2 == opt1  # estimator, draws, form, dataset, data variance, ...
+    for p2, p1 in zip(pts2, pts1, strict=True):
+        assert (p2["sigma"], p2["dtype"], p2["resolved"]) == (
+            p1["sigma"],
+            p1["dtype"],
+            p1["resolved"],
+        )
+        # float32 kernels: each process sums its half of the keys and the halves are merged,
+        # one process sums them in one stream, so μ differs in the last float32 bits; the
+        # means over the draws then differ by a few 1e-8 relative (measured ≤ 5.5e-8 here)
+        for key in NUMBERS:
+            assert p2[key] == pytest.approx(p1[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_shards_give_the_numbers_of_one_process(launch, scenario, tmp_path):
+    out, results = launch
+    for rank in (0, 1):
+        assert results[rank][scenario]["rc"] == 0, results[rank][scenario]["stderr"]
+    one = tmp_path / "one.json"
+    argv = [*estimate(out / "points.npy"), "--quiet", *SCENARIOS[scenario], "--out", str(one)]
+    assert lossfloor.cli.main(argv) == 0
+    _assert_same_numbers(out / f"{scenario}.json", one)
+    assert not (out / f"{scenario}.json.partial").exists()  # rank 0 removed its checkpoint
+
+
+def test_a_sharded_estimate_resumes_from_its_checkpoint(launch):
+    out, results = launch
+    for rank in (0, 1):
+        assert results[rank]["first"]["rc"] == results[rank]["resumed"]["rc"] == 0
+        assert results[rank]["resumed"]["partial_left"] is False
+    # only rank 0 speaks: it says which σ it resumed; its σ = 0.5 is the saved point
+    assert "resuming: 1 of 2 σ already computed" in results[0]["resumed"]["stderr"]
+    assert "resuming" not in results[1]["resumed"]["stderr"]
+    _, resumed = _points(out / "resumed.json")
+    _, whole = _points(out / "tilted.json")
+    assert resumed == whole  # the same draws on the same 2 processes: bitwise
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(launch, tmp_path):
+    out, results = launch
+    assert results[0]["across"]["rc"] == 0
+    partial = tmp_path / "across.json.partial"
+    partial.write_bytes((out / "across.json.partial").read_bytes())
+    saved = json.loads(partial.read_text())["points"]
+    argv = [*estimate(out / "points.npy"), "--quiet", "--out", str(tmp_path / "across.json")]
+    assert lossfloor.cli.main(argv) == 0
+    assert not partial.exists()
+    # the saved point is taken as is (its timing too), not recomputed
+    assert json.loads((tmp_path / "across.json").read_text())["points"][0] == saved[0]
+    # σ = 0.5 as the 2 processes saved it, σ = 2 computed here: the curve of 2 processes
+    _assert_same_numbers(tmp_path / "across.json", out / "tilted.json")
+
+
+def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
+    _, results = launch
+    errors = [results[r]["data"] for r in (0, 1)]
+    assert [e["rc"] for e in errors] == [2, 2]
+    assert errors[0]["stderr"] == errors[1]["stderr"]
+    assert errors[0]["stderr"].count("\n") == 1
+    assert "the 2 processes hold different data (rank 0: sha256" in errors[0]["stderr"]
+
+
+def test_what_does_not_shard_is_refused_on_every_rank(launch):
+    _, results = launch
+    for rank in (0, 1):
+        assert results[rank]["stratified"]["rc"] == 2
+        line = "the stratified estimator does not run on 2 processes yet"
+        assert line in results[rank]["stratified"]["stderr"]
+
+
+# ----- pieces without a process group -----------------------------------------------------
+def test_rescaled_states_of_disjoint_shards_merge_to_the_whole_softmax():
+    """Three shards of keys whose logits lie ~1e3 apart (one near the queries, one far, one
+    empty) merge, as ``ShardedPool.merge`` does, to one stream over all keys."""
+    g = torch.Generator().manual_seed(0)
+    d, sigma = 5, 0.1
+    queries = torch.randn(7, d, generator=g, dtype=torch.float64)
+    near = queries[:4] + 0.05 * torch.randn(4, d, generator=g, dtype=torch.float64)
+    far = 3.0 + torch.randn(30, d, generator=g, dtype=torch.float64)
+    shards = [near, far, far[:0]]
+    whole = accumulate_softmax(queries, torch.cat(shards), sigma)
+    states = [accumulate_softmax(queries, keys, sigma) for keys in shards]
+    m = torch.stack([s.m for s in states]).amax(dim=0)
+    assert bool(((m - states[1].m) > 100).any())  # the shards' maxima differ widely
+    parts = [rescaled(s, m) for s in states]
+    merged = SoftmaxState(m=m, z=sum(p.z for p in parts), acc=sum(p.acc for p in parts))
+    # float64 throughout: different summation orders agree to a few ulps of the sums
+    torch.testing.assert_close(merged.mean(), whole.mean(), rtol=1e-12, atol=1e-12)
+    log_z = merged.m + merged.z.log()
+    torch.testing.assert_close(log_z, whole.m + whole.z.log(), rtol=1e-12, atol=0)
+    empty = rescaled(states[2], torch.full_like(m, -math.inf))  # no key anywhere: stays empty
+    assert bool((empty.z == 0).all()) and not bool(empty.acc.isnan().any())
+
+
+def test_a_pool_of_one_shard_is_the_whole_pool():
+    x = torch.randn(11, 3, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    whole = Pool.from_data(x, torch.float64, "cpu")
+    shard = ShardedPool.from_shard(x, torch.float64, "cpu", Group())
+    assert (shard.n, shard.shards, shard.first) == (11, 1, 0)
+    torch.testing.assert_close(shard.x, whole.x, rtol=0, atol=1e-15)
+    assert shard.a == pytest.approx(whole.a, rel=1e-15)
+    assert shard.max_sq == pytest.approx(whole.max_sq, rel=1e-15)
+    idx = torch.tensor([3, 0, 10])
+    rows, sq = shard.rows(idx)
+    assert torch.equal(rows, shard.x[idx]) and torch.equal(sq, shard.sq[idx])
