@@ -11,7 +11,10 @@ measured gap): construct it and pass ``DenoisingLoss(schedule)`` to the trainer.
 An objective whose state changes during training (e.g. an online gap estimate) returns that state
 from ``state_dict()`` (tensors, numbers, lists, dicts: what ``torch.load(weights_only=True)``
 reads) and takes it back in ``load_state_dict()``; the trainer saves it in every checkpoint, so
-a resumed run stays bitwise the uninterrupted one.
+a resumed run stays bitwise the uninterrupted one. ``DenoisingLoss`` itself carries the state of
+a schedule that learns from the losses it reports (``OptimalLossSchedule`` with gap="online":
+each batch's per-sample x0 losses go to ``schedule.observe`` after they are computed, so the
+next batch's σ are drawn from the updated density).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class DenoisingLoss:
         s = sigma.to(x0.device, x0.dtype)
         x = x0 + s.view(-1, *[1] * (x0.ndim - 1)) * eps
         loss_x0 = (denoiser(x, s, labels) - x0).square().mean(dim=tuple(range(1, x0.ndim)))
+        observe = getattr(self.schedule, "observe", None)
+        if observe is not None:
+            observe(sigma, loss_x0.detach())
         return Losses(weight * loss_x0, loss_x0, sigma)
 
     def check(self, denoiser: Denoiser) -> None:
@@ -73,12 +79,17 @@ class DenoisingLoss:
         self.schedule.check(denoiser.process, denoiser.target, denoiser.sigma_data)
 
     def state_dict(self) -> dict[str, Any]:
-        """The state that changes during training (none here)."""
-        return {}
+        """The state that changes during training: the schedule's, if it has any."""
+        own = getattr(self.schedule, "state_dict", None)
+        state = own() if own is not None else {}
+        return {"schedule": state} if state else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s state."""
-        if state:
+        load = getattr(self.schedule, "load_state_dict", None)
+        if load is not None and set(state) <= {"schedule"}:
+            load(state.get("schedule", {}))
+        elif state:
             raise UserError(
                 f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}; "
                 "resume with the objective the run was trained with"
