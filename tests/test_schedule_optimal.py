@@ -221,3 +221,131 @@ def test_a_diagnosis_of_another_dataset_is_refused():
     same = Diagnosis(points=pts, dataset={"sha256": "aa"}, outer=2, seed=0)
     sched = OptimalLossSchedule.from_curve(TWO_POINT, gap=same, sigma_min=0.01, sigma_max=1e3)
     assert sched.gap == {"sigma": [0.01, 1.0, 1e3], "value": [0.1, 0.1, 0.1]}
+
+
+# ----- CLI and training ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_curve(tmp_path_factory):
+    """J* of 24 digits (the exact posterior over all of them) on EDM's σ range, as a file."""
+    from lossfloor.data import load_dataset
+    from lossfloor.optimal import Full
+    from lossfloor.optimal.estimate import estimate_curve
+
+    data = load_dataset("digits", limit=24)
+    curve = estimate_curve(data, np.geomspace(0.002, 80, 9).tolist(), Full(), outer=48,
+                           progress=False)  # fmt: skip
+    path = tmp_path_factory.mktemp("curve") / "curve.json"
+    curve.save(path)
+    return path
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    import lossfloor.cli
+
+    monkeypatch.setattr(lossfloor.cli, "SUBCOMMANDS", ["train", "schedule"])
+    return lossfloor.cli.main
+
+
+def _gap_file(path, sha, sigmas=(0.002, 1.0, 80.0)):
+    from lossfloor.diagnosis import Diagnosis, GapPoint
+
+    pts = tuple(GapPoint(sigma=s, model_loss=0.1, model_loss_stderr=0.0, optimal_loss=0.0,
+                         optimal_loss_stderr=0.0, gap=0.01 * (i + 1), gap_stderr=0.0, seconds=0.0)
+                for i, s in enumerate(sigmas))  # fmt: skip
+    Diagnosis(points=pts, dataset={"sha256": sha}, outer=2, seed=0).save(path)
+    return path
+
+
+def test_schedule_cli_writes_the_table_and_plot(tmp_path, cli, digits_curve):
+    import json
+
+    sha = Curve.load(digits_curve).dataset["sha256"]
+    gap = _gap_file(tmp_path / "gap.json", sha)
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    argv = ["schedule", "--curve", str(digits_curve), "--gap", str(gap), "--bump", "0.2"]
+    assert cli([*argv, "--out", str(out), "--plot", str(plot)]) == 0
+    table = json.loads(out.read_text())
+    assert set(table) == {"sigma", "log_sigma_density", "weight", "optimal_loss", "gap", "params"}
+    u = np.log(table["sigma"])
+    assert np.trapezoid(table["log_sigma_density"], u) == pytest.approx(1.0, abs=1e-12)
+    assert table["params"]["bump"] == 0.2 and table["params"]["gap"] == "table"
+    assert min(table["gap"]) > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    from lossfloor.diagnosis import Diagnosis
+
+    api = OptimalLossSchedule.from_curve(Curve.load(digits_curve), Diagnosis.load(gap), bump=0.2)
+    assert table == json.loads(json.dumps(api.tabulated()))
+    curve = Curve.load(digits_curve)
+    j = np.interp(u, np.log(curve.sigmas), np.maximum(curve.values, 0))
+    cap = table["params"]["resolved"]["w_max"]
+    star, mu = table["params"]["resolved"]["sigma_star"], table["params"]["resolved"]["bump_mean"]
+    bump = 0.2 * cap * np.exp(-0.5 * ((u - mu) / 0.5) ** 2) * (np.exp(u) < star)
+    expected = np.minimum(1 / np.maximum(j, 1e-300), cap) + bump
+    np.testing.assert_allclose(table["weight"], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sigma-max", "100"], "--sigma-max 100.0: the optimal-loss curve ends at σ = 80"),
+        (["--w-max", "0"], "--w-max 0.0: must be a positive number"),
+        (["--exponent", "-1"], "--exponent -1.0: must be a positive number"),
+        (["--gap", "OTHER"], "another dataset"),
+        (["--gap", "online"], "only while training"),
+        ([], None),  # no --curve
+    ],
+)
+def test_schedule_cli_bad_inputs_are_one_line_exit_2(tmp_path, cli, capsys, digits_curve, extra,
+                                                     message):  # fmt: skip
+    other = str(_gap_file(tmp_path / "other.json", "ff"))
+    extra = [other if e == "OTHER" else e for e in extra]
+    curve = ["--curve", str(digits_curve)] if message else []
+    assert cli(["schedule", *curve, *extra, "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lossfloor: error:")
+    assert (message or "needs --curve") in err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_train_cli_optimal_online_resumes_bitwise_with_the_gap_state(tmp_path, cli, digits_curve):
+    full, half = tmp_path / "full", tmp_path / "half"
+    base = ["train", "--data", "digits", "--limit", "24", "--batch", "8", "--model", "tiny",
+            "--warmup", "2", "--no-progress", "--schedule", "optimal", "--curve",
+            str(digits_curve), "--gap", "online", "--gap-halflife", "40"]  # fmt: skip
+    assert cli([*base, "--run-dir", str(full), "--steps", "6", "--checkpoint-every", "3"]) == 0
+    assert cli([*base, "--run-dir", str(half), "--steps", "3"]) == 0
+    state = torch.load(half / "checkpoint-latest.pt", weights_only=True)["objective"]
+    assert float(state["schedule"]["count"].sum()) > 0
+    resume = ["train", "--data", "digits", "--limit", "24", "--no-progress", "--resume"]
+    assert cli([*resume, "--run-dir", str(half), "--steps", "6"]) == 0
+    a = torch.load(full / "checkpoint-latest.pt", weights_only=True)
+    b = torch.load(half / "checkpoint-latest.pt", weights_only=True)
+    for key in ("model", "ema", "objective", "rng"):
+        assert _equal(a[key], b[key]), key
+    import json
+
+    config = json.loads((full / "config.json").read_text())
+    assert config["schedule"]["gap"] == "online"
+    assert config["schedule"]["optimal_loss"]["sigma"] == Curve.load(digits_curve).sigmas.tolist()
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_train_cli_refuses_a_curve_of_other_data_and_a_curve_without_optimal(
+    tmp_path, cli, capsys, digits_curve
+):
+    base = ["train", "--data", "digits", "--limit", "20", "--steps", "1", "--model", "tiny"]
+    assert cli([*base, "--run-dir", str(tmp_path / "r"), "--schedule", "optimal", "--curve",
+                str(digits_curve)]) == 2  # fmt: skip
+    assert "another dataset than --data" in capsys.readouterr().err
+    assert cli([*base, "--run-dir", str(tmp_path / "r"), "--curve", str(digits_curve)]) == 2
+    assert "--curve and --gap belong to --schedule optimal" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -17,7 +17,7 @@ import sys
 from lossfloor import __version__
 from lossfloor.errors import Interrupted, ParameterError, UserError
 
-SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling"]
+SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling", "schedule"]
 
 
 class _Parser(argparse.ArgumentParser):

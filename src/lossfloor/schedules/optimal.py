@@ -203,8 +203,8 @@ class OptimalLossSchedule(NoiseSchedule):
             if self.sigma_min < lo * (1 - 1e-9) or self.sigma_max > hi * (1 + 1e-9):
                 raise ParameterError(
                     "gap", f"σ {lo:g}..{hi:g}", f"the gap must cover the training range "
-                    f"[{self.sigma_min:g}, {self.sigma_max:g}]: diagnose over it, or narrow "
-                    "sigma_min/sigma_max",
+                    f"[{self.sigma_min:g}, {self.sigma_max:g}]: diagnose over it, or narrow the "
+                    "σ range drawn (sigma_min, sigma_max)",
                 )  # fmt: skip
         elif self.gap not in (None, "online"):
             raise ParameterError("gap", self.gap, 'must be None, "online" or a gap table')
