@@ -11,7 +11,8 @@ Every stage is a file in the run directory and is skipped when present; training
 its checkpoint (bitwise). ``--phase collect`` (also run at the end) writes results.json,
 results.csv and gaps.png from whatever has finished.
 
-    python experiments/schedule/run.py --out experiments/schedule/runs [--workers 2]
+    setsid nohup python experiments/schedule/run.py --out experiments/schedule/runs &
+    kill -TERM -- -PGID    # stops it; the same command resumes
 """
 
 from __future__ import annotations
@@ -55,9 +56,16 @@ def _trained(run: Path, steps: int) -> bool:
     return latest.exists() and torch.load(latest, weights_only=True)["step"] >= steps
 
 
-def do_run(arm: str, seed: int, out: str, a: argparse.Namespace, diagnose: bool) -> str:
-    """Every missing stage of one run (in a worker process, one thread)."""
+def do_run(
+    arm: str, seed: int, out: str, a: argparse.Namespace, diagnose: bool, parent: int
+) -> str:
+    """Every missing stage of one run (in a worker process, one thread); nothing once the
+    main process (``parent``) is gone, so ``kill -TERM -- -PGID`` stops the whole experiment
+    (training saves a checkpoint first)."""
     import torch
+
+    if os.getppid() != parent:
+        return f"{arm}-s{seed}: skipped (the main process has stopped)"
 
     from lossfloor.cli import main as lossfloor
 
@@ -72,7 +80,7 @@ def do_run(arm: str, seed: int, out: str, a: argparse.Namespace, diagnose: bool)
                           "--seed", str(seed), "--device", "cpu", "--no-progress", *COMMON,
                           *ARMS[arm], *(["--resume"] if resume else [])])  # fmt: skip
         if code:
-            return f"{run.name}: train failed ({code})"
+            return f"{run.name}: train stopped ({code})"
         _timing(run, "train_wall", time.time() - t0)
     samples = run / "samples.npz"
     if not samples.exists():
@@ -93,7 +101,7 @@ def do_run(arm: str, seed: int, out: str, a: argparse.Namespace, diagnose: bool)
             return f"{run.name}: fid failed ({code})"
         _timing(run, "fd_wall", time.time() - t0)
     diag = run / "diagnosis.json"
-    if diagnose and not diag.exists():
+    if diagnose and seed < a.diagnose_seeds and not diag.exists():
         t0 = time.time()
         code = lossfloor(["diagnose", "--model", str(run), "--data", DATA, "--sigmas",
                           DIAG_SIGMAS, "--outer", str(a.outer), "--out", str(diag),
@@ -184,11 +192,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/schedule/runs")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=200, help="steps of batch 64 (200: 12,800 images)")
+    p.add_argument("--steps", type=int, default=100, help="steps of batch 64 (100: 6,400 images)")
     p.add_argument("--n", type=int, default=2000, help="samples per run")
-    p.add_argument("--sample-steps", type=int, default=7, help="Heun σ levels (2N−1 evaluations)")
+    p.add_argument("--sample-steps", type=int, default=5, help="Heun σ levels (2N−1 evaluations)")
     p.add_argument("--n-reference", type=int, default=10000, help="FD reference images")
     p.add_argument("--outer", type=int, default=256, help="diagnose: draws per σ")
+    p.add_argument("--diagnose-seeds", type=int, default=1, help="diagnose seeds below this")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--phase", choices=["all", "runs", "diagnose", "collect"], default="all")
     p.add_argument("--arms", default=",".join(ARMS))
@@ -204,11 +213,11 @@ def main() -> None:
             continue
         todo = jobs
         if diagnose and jobs:  # the first diagnosis fills the J* cache the others then read
-            print(do_run(*jobs[0], str(out), a, True), flush=True)
+            print(do_run(*jobs[0], str(out), a, True, os.getppid()), flush=True)
             todo = jobs[1:]
         spawn = multiprocessing.get_context("spawn")  # fresh workers: no forked thread pools
         with ProcessPoolExecutor(a.workers, mp_context=spawn) as pool:
-            futures = [pool.submit(do_run, arm, seed, str(out), a, diagnose)
+            futures = [pool.submit(do_run, arm, seed, str(out), a, diagnose, os.getpid())
                        for arm, seed in todo]  # fmt: skip
             for f in futures:
                 print(f"{f.result()}  [{time.time() - started:.0f} s]", flush=True)

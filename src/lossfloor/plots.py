@@ -131,6 +131,7 @@ def plot_schedule(path: str | os.PathLike[str], table: dict) -> None:
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
-    gap = "none" if table["gap"] is None else table["params"].get("gap", "table")
-    ax.set_title(f"optimal-loss schedule (gap: {gap})")
+    params = table["params"]
+    gap = "none" if table["gap"] is None else params.get("gap", "table")
+    ax.set_title(f"optimal-loss schedule (density: {params.get('density')}, gap: {gap})")
     save_figure(fig, path)
