@@ -112,6 +112,39 @@ def do_run(
     return f"{run.name}: done"
 
 
+SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
+
+
+def loss_shares(run: Path) -> dict[str, list[float]]:
+    """Where a diagnosed run's objective put its draws and its loss, per σ band: P(σ in band)
+    and the band's share of E_p[w·J_θ] (J_θ from the diagnosis, linear in ln σ between its
+    points, ∝ σ² below the first; the schedule as the run ended, online state included)."""
+    import numpy as np
+    import torch
+
+    from lossfloor.io import read_json
+    from lossfloor.schedules import get_schedule
+
+    sched = get_schedule(read_json(run / "config.json")["schedule"])
+    state = torch.load(run / "checkpoint-latest.pt", weights_only=True).get("objective")
+    if state:
+        sched.load_state_dict(state["schedule"])
+    points = read_json(run / "diagnosis.json")["points"]
+    ds = np.log([p["sigma"] for p in points])
+    jd = np.array([p["model_loss"] for p in points])
+    u = np.linspace(np.log(SHARE_BANDS[0]), np.log(SHARE_BANDS[-1]), 4001)
+    j = np.where(u < ds[0], jd[0] * np.exp(2 * (u - ds[0])), np.interp(u, ds, jd))
+    s = torch.from_numpy(np.exp(u))
+    q = sched.density_ln_sigma(s).numpy()
+    c = q * sched.weight(s).numpy() * j
+    draws, loss = [], []
+    for lo, hi in zip(SHARE_BANDS[:-1], SHARE_BANDS[1:], strict=True):
+        m = (u >= np.log(lo)) & (u < np.log(hi))
+        draws.append(float(np.trapezoid(q * m, u)))
+        loss.append(float(np.trapezoid(c * m, u) / np.trapezoid(c, u)))
+    return {"bands": list(SHARE_BANDS), "draws": draws, "loss": loss}
+
+
 def collect(out: Path) -> None:
     """results.json / results.csv (per run and per arm: mean ± std over seeds) and gaps.png."""
     import csv
@@ -152,8 +185,11 @@ def collect(out: Path) -> None:
                          "images": [r["images"] for r in rows if r["arm"] == arm][0],
                          "train_seconds_mean": statistics.fmean(
                              [r["train_seconds"] for r in rows if r["arm"] == arm])}  # fmt: skip
-    write_json(out / "results.json", {"arms": arms, "runs": rows, "options": {
-        "common": COMMON, "arms": ARMS, "curve": CURVE, "data": DATA}})  # fmt: skip
+    shares = {run.name: loss_shares(run) for run in sorted(out.glob("*-s*"))
+              if (run / "diagnosis.json").exists()}  # fmt: skip
+    write_json(out / "results.json", {"arms": arms, "runs": rows, "loss_shares": shares,
+                                      "options": {
+        "common": COMMON, "arms": ARMS, "curve": Path(CURVE).name, "data": DATA}})  # fmt: skip
     if rows:
         with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -182,6 +218,10 @@ def collect(out: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, out / "gaps.png")
+    for name, share in shares.items():
+        cells = " ".join(f"{d:.2f}/{x:.2f}" for d, x in zip(share["draws"], share["loss"],
+                                                            strict=True))  # fmt: skip
+        print(f"{name:10s} P(band)/share of loss per σ band {SHARE_BANDS}: {cells}")
     for arm, s in arms.items():
         std = "n/a" if s["fd_std"] is None else f"{s['fd_std']:.3f}"
         print(f"{arm:8s} runs {s['runs']}  FD {s['fd_mean']:.3f} ± {std}  "
