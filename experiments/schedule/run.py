@@ -211,7 +211,7 @@ def collect(out: Path) -> None:
         sig = [float(s) for s in DIAG_SIGMAS.split(",")]
         std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
         ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
-                    label=f"{arm} ({len(g)} seeds)")  # fmt: skip
+                    label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="σ (VE)", ylabel="gap J_θ − J* per element (x0 units)",
            title="Fashion-MNIST, tiny UNet: gap per σ (mean ± std over seeds)")  # fmt: skip
