@@ -6,6 +6,7 @@ Arms (same network, optimizer, data order per seed, images seen, sampler, steps 
   edm-wp   EDM with the optimal-loss weight and density p ∝ w·gap, gap estimated online
   fm       flow matching (velocity target), logit-normal t
   fm-opt   flow matching with the optimal-loss weight and density (online gap)
+and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.1).
 Per run: train → 2000 samples (Heun) → classifier Fréchet distance → diagnose (gap per σ).
 Every stage is a file in the run directory and is skipped when present; training resumes from
 its checkpoint (bitwise). ``--phase collect`` (also run at the end) writes results.json,
@@ -37,7 +38,14 @@ ARMS: dict[str, list[str]] = {
     "edm-wp": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online"],
     "fm": ["--process", "fm", "--target", "velocity", "--schedule", "fm-logit-normal"],
     "fm-opt": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online"],
-}
+    # variants (one seed): τ = 0.1 moves σ* to ≈ 2.1 and lowers the cap to ≈ 29, so high σ
+    # keeps more of the weight and of the draws
+    "edm-wp-tau0.1": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online",
+                      "--star-threshold", "0.1"],
+    "fm-opt-tau0.1": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online",
+                      "--star-threshold", "0.1"],
+}  # fmt: skip
+MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt")
 DIAG_SIGMAS = "0.02,0.05,0.1,0.2,0.5,1,2,5,10,20,80"
 
 
@@ -240,7 +248,7 @@ def main() -> None:
     p.add_argument("--diagnose-seeds", type=int, default=1, help="diagnose seeds below this")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--phase", choices=["all", "runs", "diagnose", "collect"], default="all")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"of {', '.join(ARMS)}")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
