@@ -216,3 +216,29 @@ def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> 
         ax.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_schedule(path: str | os.PathLike[str], table: dict) -> None:
+    """An optimal-loss schedule (``OptimalLossSchedule.tabulated()``): w(σ) and J*(σ) on log
+    axes (left), the density of ln σ (right), σ* marked."""
+    s = np.asarray(table["sigma"])
+    w, j = np.asarray(table["weight"]), np.asarray(table["optimal_loss"])
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    ax.plot(s, w, color="C0", label="weight w(σ)")
+    positive = j > 0
+    ax.plot(s[positive], j[positive], color="C2", label="optimal loss J*(σ)")
+    star = table["params"]["resolved"]["sigma_star"]
+    ax.axvline(star, color="gray", ls=":", lw=1, label=f"σ* = {star:.3g}")
+    ax.set(xscale="log", yscale="log", xlabel="σ (VE)", ylabel="w(σ), J*(σ) (x0 units)")
+    ax.set_ylim(bottom=max(float(j[positive].min()) if positive.any() else 1e-6, w.max() * 1e-8))
+    right = ax.twinx()
+    right.plot(s, table["log_sigma_density"], color="C1", label="density of ln σ, p")
+    right.set_ylabel("density of ln σ")
+    right.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper right")
+    ax.grid(True, which="both", alpha=0.3)
+    params = table["params"]
+    gap = "none" if table["gap"] is None else params.get("gap", "table")
+    ax.set_title(f"optimal-loss schedule (density: {params.get('density')}, gap: {gap})")
+    save_figure(fig, path)

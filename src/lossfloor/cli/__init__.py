@@ -17,7 +17,8 @@ import sys
 from lossfloor import __version__
 from lossfloor.errors import Interrupted, ParameterError, UserError
 
-SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling", "floor"]
+SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling", "floor",
+               "schedule"]  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):

@@ -13,6 +13,7 @@ from lossfloor.cli.common import (
     parse_sigmas,
     resolve_device,
 )
+from lossfloor.cli.schedule import PARAM_OPTIONS, add_schedule_options, build_schedule
 from lossfloor.errors import UserError
 from lossfloor.io import read_json
 
@@ -44,7 +45,8 @@ _HELP = {
     "batch": "images per step (default 64)",
     "process": "forward process: edm, ve, vp, vp-linear, vp-cosine, vp-edm, fm (default edm)",
     "target": "prediction target: x0, eps, score, velocity, v, F (default F)",
-    "schedule": "noise schedule p(σ), w(σ): edm, ve, vp, fm, fm-logit-normal (default edm)",
+    "schedule": "noise schedule p(σ), w(σ): edm, ve, vp, fm, fm-logit-normal, optimal "
+    "(from --curve; options below) (default edm)",
     "model": "UNet preset: tiny (~0.27M params at 28×28), small (~1.1M), medium (~6.5M)",
     "lr": "AdamW learning rate (default 1e-3)",
     "warmup": "linear learning-rate warm-up, in steps (default 100)",
@@ -96,7 +98,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--monitor-every", type=int, default=100, help="steps between gap logs")
     p.add_argument("--monitor-sigmas", default="0.2,1,5", help="σ values the monitor logs")
     p.add_argument("--monitor-n", type=int, default=256, help="fixed draws per monitored σ")
-    p.set_defaults(run=run)
+    add_schedule_options(p, train=True)
+    p.set_defaults(run=run, param_options=PARAM_OPTIONS)
 
 
 def _saved_options(run_dir: Path) -> dict[str, Any]:
@@ -127,6 +130,14 @@ def _monitor(
     return GapMonitor(curve, dataset, sigmas, n=args.monitor_n, labels=conditional, device=device)
 
 
+def _optimal_schedule(args: argparse.Namespace, dataset: Dataset) -> Any:
+    """--schedule optimal: the schedule of --curve/--gap, the curve checked to be of this data."""
+    schedule = build_schedule(args, allow_online=True)
+    if (schedule.dataset or {}).get("sha256") != dataset.sha256:
+        raise UserError(f"--curve {args.curve} was computed on another dataset than --data")
+    return schedule
+
+
 def run(args: argparse.Namespace) -> int:
     from lossfloor.distributed import launched
     from lossfloor.training import TrainConfig, train
@@ -139,8 +150,12 @@ def run(args: argparse.Namespace) -> int:
             run_dir = Path(args.run_dir)
             if args.resume:
                 options = {**_saved_options(run_dir), **options}
-            config = TrainConfig(**{**options, "steps": args.steps})
             dataset = load_data_from_args(args)
+            if str(options.get("schedule", "")).lower() in ("optimal", "optimal-loss"):
+                options["schedule"] = _optimal_schedule(args, dataset).to_config()
+            elif args.curve is not None or args.gap is not None:
+                raise UserError("--curve and --gap belong to --schedule optimal")
+            config = TrainConfig(**{**options, "steps": args.steps})
             monitor = _monitor(args, dataset, config.conditional, device) if args.monitor else None
         last = train(
             config,

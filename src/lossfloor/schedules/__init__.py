@@ -4,6 +4,8 @@ A training loss is  E_{σ~p} [ w(σ) · mean‖D(x0 + σε, σ) − x0‖² ],  
 E_{σ~p}[w(σ)·J*(σ)]. ``density_ln_sigma`` is the density of ln σ (what a quadrature on log σ needs).
 Schedules are created by name and parameters through ``SCHEDULES`` (``get_schedule``), and
 ``to_config()`` records them so that ``get_schedule(config)`` rebuilds them exactly.
+``SCHEDULE_NAMES`` are the schedules that need no data; ``OptimalLossSchedule`` ("optimal")
+is built from an optimal-loss curve (``OptimalLossSchedule.from_curve``).
 """
 
 from lossfloor.schedules.base import (
@@ -19,6 +21,7 @@ from lossfloor.schedules.base import (
     dlog_sigma_ve_dt,
     get_schedule,
 )
+from lossfloor.schedules.optimal import OptimalLossSchedule  # registers "optimal"
 
 __all__ = [
     "SCHEDULES",
@@ -27,6 +30,7 @@ __all__ = [
     "FlowMatchingSchedule",
     "LogitNormalFlowSchedule",
     "NoiseSchedule",
+    "OptimalLossSchedule",
     "ProcessTimeSchedule",
     "VESchedule",
     "VPSchedule",

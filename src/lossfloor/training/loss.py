@@ -11,7 +11,10 @@ measured gap): construct it and pass ``DenoisingLoss(schedule)`` to the trainer.
 An objective whose state changes during training (e.g. an online gap estimate) returns that state
 from ``state_dict()`` (tensors, numbers, lists, dicts: what ``torch.load(weights_only=True)``
 reads) and takes it back in ``load_state_dict()``; the trainer saves it in every checkpoint, so
-a resumed run stays bitwise the uninterrupted one.
+a resumed run stays bitwise the uninterrupted one. ``DenoisingLoss`` itself carries the state of
+a schedule that learns from the losses it reports (``OptimalLossSchedule`` with gap="online":
+each batch's per-sample x0 losses go to ``schedule.observe`` after they are computed, so the
+next batch's σ are drawn from the updated density).
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ class DenoisingLoss:
         process draws them, and these rows' are used, so the draws do not depend on the split.
         """
         start, total = (0, len(x0)) if part is None else part
+        if len(x0) != total and getattr(self.schedule, "online", False):
+            raise UserError(
+                "--gap online learns from every row of the batch; with the batch split across "
+                "processes it would learn from this process's rows only: train it in one "
+                "process, or give --gap DIAGNOSIS.json"
+            )
         rows = slice(start, start + len(x0))
         sigma = self.schedule.sample(total, g_sigma)[rows]
         weight = self.schedule.weight(sigma).to(x0.device, x0.dtype)
@@ -74,6 +83,9 @@ class DenoisingLoss:
         s = sigma.to(x0.device, x0.dtype)
         x = x0 + s.view(-1, *[1] * (x0.ndim - 1)) * eps
         loss_x0 = (denoiser(x, s, labels) - x0).square().mean(dim=tuple(range(1, x0.ndim)))
+        observe = getattr(self.schedule, "observe", None)
+        if observe is not None:
+            observe(sigma, loss_x0.detach())
         return Losses(weight * loss_x0, loss_x0, sigma)
 
     def check(self, denoiser: Denoiser) -> None:
@@ -82,12 +94,17 @@ class DenoisingLoss:
         self.schedule.check(denoiser.process, denoiser.target, denoiser.sigma_data)
 
     def state_dict(self) -> dict[str, Any]:
-        """The state that changes during training (none here)."""
-        return {}
+        """The state that changes during training: the schedule's, if it has any."""
+        own = getattr(self.schedule, "state_dict", None)
+        state = own() if own is not None else {}
+        return {"schedule": state} if state else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s state."""
-        if state:
+        load = getattr(self.schedule, "load_state_dict", None)
+        if load is not None and set(state) <= {"schedule"}:
+            load(state.get("schedule", {}))
+        elif state:
             raise UserError(
                 f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}; "
                 "resume with the objective the run was trained with"

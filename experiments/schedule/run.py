@@ -1,0 +1,278 @@
+"""Equal-compute comparison of the optimal-loss schedule (issue 9, docs/experiments/schedule.md).
+
+Arms (same network, optimizer, data order per seed, images seen, sampler, steps and sample seeds):
+  edm      EDM: target F, lognormal p (−1.2, 1.2), λ weight
+  edm-w    EDM with the optimal-loss weight w = min(1/J*, w_max) (p unchanged: lognormal)
+  edm-wp   EDM with the optimal-loss weight and density p ∝ w·gap, gap estimated online
+  fm       flow matching (velocity target), logit-normal t
+  fm-opt   flow matching with the optimal-loss weight and density (online gap)
+and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.1).
+Per run: train → 2000 samples (Heun) → classifier Fréchet distance → diagnose (gap per σ).
+Every stage is a file in the run directory and is skipped when present; training resumes from
+its checkpoint (bitwise). ``--phase collect`` (also run at the end) writes results.json,
+results.csv and gaps.png from whatever has finished.
+
+    setsid nohup python experiments/schedule/run.py --out experiments/schedule/runs &
+    kill -TERM -- -PGID    # stops it; the same command resumes
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# J* of the 60k training images, σ ∈ [0.02, 80] (lossfloor estimate, full posterior, 10k draws)
+CURVE = str(Path(__file__).resolve().parents[2] / "docs" / "results" / "fmnist-full.json")
+DATA = "fashion-mnist"
+COMMON = ["--model", "tiny", "--batch", "64", "--lr", "2e-3", "--warmup", "20",
+          "--checkpoint-every", "50", "--log-every", "25"]  # fmt: skip
+OPTIMAL = ["--schedule", "optimal", "--curve", CURVE]
+ARMS: dict[str, list[str]] = {
+    "edm": ["--process", "edm", "--target", "F", "--schedule", "edm"],
+    "edm-w": ["--process", "edm", "--target", "F", *OPTIMAL, "--density", "lognormal"],
+    "edm-wp": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online"],
+    "fm": ["--process", "fm", "--target", "velocity", "--schedule", "fm-logit-normal"],
+    "fm-opt": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online"],
+    # variants (one seed): τ = 0.1 moves σ* to ≈ 2.1 and lowers the cap to ≈ 29, so high σ
+    # keeps more of the weight and of the draws
+    "edm-wp-tau0.1": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online",
+                      "--star-threshold", "0.1"],
+    "fm-opt-tau0.1": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online",
+                      "--star-threshold", "0.1"],
+}  # fmt: skip
+MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt")
+DIAG_SIGMAS = "0.02,0.05,0.1,0.2,0.5,1,2,5,10,20,80"
+
+
+def _timing(run: Path, stage: str, seconds: float) -> None:
+    from lossfloor.io import read_json, write_json
+
+    path = run / "timing.json"
+    timing = read_json(path) if path.exists() else {}
+    write_json(path, {**timing, stage: seconds})
+
+
+def _trained(run: Path, steps: int) -> bool:
+    import torch
+
+    latest = run / "checkpoint-latest.pt"
+    return latest.exists() and torch.load(latest, weights_only=True)["step"] >= steps
+
+
+def do_run(
+    arm: str, seed: int, out: str, a: argparse.Namespace, diagnose: bool, parent: int
+) -> str:
+    """Every missing stage of one run (in a worker process, one thread); nothing once the
+    main process (``parent``) is gone, so ``kill -TERM -- -PGID`` stops the whole experiment
+    (training saves a checkpoint first)."""
+    import torch
+
+    if os.getppid() != parent:
+        return f"{arm}-s{seed}: skipped (the main process has stopped)"
+
+    from lossfloor.cli import main as lossfloor
+
+    torch.set_num_threads(1)
+    run = Path(out) / f"{arm}-s{seed}"
+    if not _trained(run, a.steps):
+        resume = (run / "checkpoint-latest.pt").exists()
+        if run.exists() and not resume:
+            shutil.rmtree(run)  # started but no checkpoint yet: start again
+        t0 = time.time()
+        code = lossfloor(["train", "--data", DATA, "--run-dir", str(run), "--steps", str(a.steps),
+                          "--seed", str(seed), "--device", "cpu", "--no-progress", *COMMON,
+                          *ARMS[arm], *(["--resume"] if resume else [])])  # fmt: skip
+        if code:
+            return f"{run.name}: train stopped ({code})"
+        _timing(run, "train_wall", time.time() - t0)
+    samples = run / "samples.npz"
+    if not samples.exists():
+        t0 = time.time()
+        code = lossfloor(["sample", "--run", str(run), "--n", str(a.n), "--steps",
+                          str(a.sample_steps), "--batch", "250", "--device", "cpu",
+                          "--no-progress", "--out-npz", str(samples)])  # fmt: skip
+        if code:
+            return f"{run.name}: sample failed ({code})"
+        _timing(run, "sample_wall", time.time() - t0)
+    fd = run / "fd.json"
+    if not fd.exists():
+        t0 = time.time()
+        code = lossfloor(["fid", "--samples", str(samples), "--data", DATA, "--feature",
+                          "classifier", "--n-reference", str(a.n_reference), "--quiet",
+                          "--out", str(fd)])  # fmt: skip
+        if code:
+            return f"{run.name}: fid failed ({code})"
+        _timing(run, "fd_wall", time.time() - t0)
+    diag = run / "diagnosis.json"
+    if diagnose and seed < a.diagnose_seeds and not diag.exists():
+        t0 = time.time()
+        code = lossfloor(["diagnose", "--model", str(run), "--data", DATA, "--sigmas",
+                          DIAG_SIGMAS, "--outer", str(a.outer), "--out", str(diag),
+                          "--quiet"])  # fmt: skip
+        if code:
+            return f"{run.name}: diagnose failed ({code})"
+        _timing(run, "diagnose_wall", time.time() - t0)
+    return f"{run.name}: done"
+
+
+SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
+
+
+def loss_shares(run: Path) -> dict[str, list[float]]:
+    """Where a diagnosed run's objective put its draws and its loss, per σ band: P(σ in band)
+    and the band's share of E_p[w·J_θ] (J_θ from the diagnosis, linear in ln σ between its
+    points, ∝ σ² below the first; the schedule as the run ended, online state included)."""
+    import numpy as np
+    import torch
+
+    from lossfloor.io import read_json
+    from lossfloor.schedules import get_schedule
+
+    sched = get_schedule(read_json(run / "config.json")["schedule"])
+    state = torch.load(run / "checkpoint-latest.pt", weights_only=True).get("objective")
+    if state:
+        sched.load_state_dict(state["schedule"])
+    points = read_json(run / "diagnosis.json")["points"]
+    ds = np.log([p["sigma"] for p in points])
+    jd = np.array([p["model_loss"] for p in points])
+    u = np.linspace(np.log(SHARE_BANDS[0]), np.log(SHARE_BANDS[-1]), 4001)
+    j = np.where(u < ds[0], jd[0] * np.exp(2 * (u - ds[0])), np.interp(u, ds, jd))
+    s = torch.from_numpy(np.exp(u))
+    q = sched.density_ln_sigma(s).numpy()
+    c = q * sched.weight(s).numpy() * j
+    draws, loss = [], []
+    for lo, hi in zip(SHARE_BANDS[:-1], SHARE_BANDS[1:], strict=True):
+        m = (u >= np.log(lo)) & (u < np.log(hi))
+        draws.append(float(np.trapezoid(q * m, u)))
+        loss.append(float(np.trapezoid(c * m, u) / np.trapezoid(c, u)))
+    return {"bands": list(SHARE_BANDS), "draws": draws, "loss": loss}
+
+
+def collect(out: Path) -> None:
+    """results.json / results.csv (per run and per arm: mean ± std over seeds) and gaps.png."""
+    import csv
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from lossfloor.io import atomic_path, read_json, write_json
+    from lossfloor.plots import plot_schedule, save_figure
+
+    rows = []
+    for arm in ARMS:
+        for run in sorted(out.glob(f"{arm}-s*")):
+            if not (run / "fd.json").exists():
+                continue
+            ckpt = torch.load(run / "checkpoint-latest.pt", weights_only=True)
+            score = read_json(run / "fd.json")["scores"]["classifier"]
+            timing = read_json(run / "timing.json") if (run / "timing.json").exists() else {}
+            rows.append({"arm": arm, "seed": int(run.name.rsplit("-s", 1)[1]),
+                         "images": ckpt["images"], "train_seconds": ckpt["seconds"],
+                         "sample_seconds": timing.get("sample_wall"),
+                         "fd_classifier": score["frechet_distance"],
+                         "n_samples": score["n_samples"], "n_reference": score["n_reference"],
+                         "diagnosed": (run / "diagnosis.json").exists()})  # fmt: skip
+            if ckpt.get("objective"):  # online gap: plot the density the run ended with
+                from lossfloor.schedules import get_schedule
+
+                sched = get_schedule(read_json(run / "config.json")["schedule"])
+                sched.load_state_dict(ckpt["objective"]["schedule"])
+                plot_schedule(run / "schedule-final.png", sched.tabulated())
+    arms = {}
+    for arm in ARMS:
+        fds = [r["fd_classifier"] for r in rows if r["arm"] == arm]
+        if fds:
+            arms[arm] = {"runs": len(fds), "fd_mean": statistics.fmean(fds),
+                         "fd_std": statistics.stdev(fds) if len(fds) > 1 else None,
+                         "images": [r["images"] for r in rows if r["arm"] == arm][0],
+                         "train_seconds_mean": statistics.fmean(
+                             [r["train_seconds"] for r in rows if r["arm"] == arm])}  # fmt: skip
+    shares = {run.name: loss_shares(run) for run in sorted(out.glob("*-s*"))
+              if (run / "diagnosis.json").exists()}  # fmt: skip
+    write_json(out / "results.json", {"arms": arms, "runs": rows, "loss_shares": shares,
+                                      "options": {
+        "common": COMMON, "arms": ARMS, "curve": Path(CURVE).name, "data": DATA}})  # fmt: skip
+    if rows:
+        with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    # the gap per σ of every arm: mean over its diagnosed seeds, ± their std
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for i, arm in enumerate(ARMS):
+        gaps = [
+            [p["gap"] for p in read_json(run / "diagnosis.json")["points"]]
+            for run in sorted(out.glob(f"{arm}-s*"))
+            if (run / "diagnosis.json").exists()
+        ]
+        if not gaps:
+            continue
+        g = np.array(gaps)
+        sig = [float(s) for s in DIAG_SIGMAS.split(",")]
+        std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
+        ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
+                    label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="σ (VE)", ylabel="gap J_θ − J* per element (x0 units)",
+           title="Fashion-MNIST, tiny UNet: gap per σ (mean ± std over seeds)")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "gaps.png")
+    for name, share in shares.items():
+        cells = " ".join(f"{d:.2f}/{x:.2f}" for d, x in zip(share["draws"], share["loss"],
+                                                            strict=True))  # fmt: skip
+        print(f"{name:10s} P(band)/share of loss per σ band {SHARE_BANDS}: {cells}")
+    for arm, s in arms.items():
+        std = "n/a" if s["fd_std"] is None else f"{s['fd_std']:.3f}"
+        print(f"{arm:8s} runs {s['runs']}  FD {s['fd_mean']:.3f} ± {std}  "
+              f"train {s['train_seconds_mean']:.0f} s")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/schedule/runs")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=100, help="steps of batch 64 (100: 6,400 images)")
+    p.add_argument("--n", type=int, default=2000, help="samples per run")
+    p.add_argument("--sample-steps", type=int, default=5, help="Heun σ levels (2N−1 evaluations)")
+    p.add_argument("--n-reference", type=int, default=10000, help="FD reference images")
+    p.add_argument("--outer", type=int, default=256, help="diagnose: draws per σ")
+    p.add_argument("--diagnose-seeds", type=int, default=1, help="diagnose seeds below this")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--phase", choices=["all", "runs", "diagnose", "collect"], default="all")
+    p.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"of {', '.join(ARMS)}")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    arms = a.arms.split(",")
+    jobs = [(arm, seed) for seed in range(a.seeds) for arm in arms]  # seed-major: balanced
+    started = time.time()
+    for phase, diagnose in (("runs", False), ("diagnose", True)):
+        if a.phase not in ("all", phase):
+            continue
+        todo = jobs
+        if diagnose and jobs:  # the first diagnosis fills the J* cache the others then read
+            print(do_run(*jobs[0], str(out), a, True, os.getppid()), flush=True)
+            todo = jobs[1:]
+        spawn = multiprocessing.get_context("spawn")  # fresh workers: no forked thread pools
+        with ProcessPoolExecutor(a.workers, mp_context=spawn) as pool:
+            futures = [pool.submit(do_run, arm, seed, str(out), a, diagnose, os.getpid())
+                       for arm, seed in todo]  # fmt: skip
+            for f in futures:
+                print(f"{f.result()}  [{time.time() - started:.0f} s]", flush=True)
+        collect(out)
+    if a.phase == "collect":
+        collect(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""The training schedule derived from the optimal loss (docs/method.md §5), in VE σ and x0 units.
+
+  w(σ) = a·min(1/J*(σ), w_max) + b·a·w_max·exp(−(ln σ − μ)²/(2s²))·1[σ < σ*]
+  q(ln σ) ∝ (w(σ)·g(σ))^γ on [σ_min, σ_max]   (density="gap"; g ≡ 1 without a gap source)
+  q(ln σ) ∝ N(ln σ; P_mean, P_std²) on [σ_min, σ_max]   (density="lognormal": only w changes)
+
+J*(σ) is a tabulated optimal-loss curve (``Curve``: linear interpolation in ln σ). The bump is the
+paper's 𝒩(ln σ; μ, s²) term written with its peak height b relative to the cap a·w_max, so b is
+scale-free. Defaults and rules (justified in docs/experiments/schedule.md):
+
+* σ* = the smallest σ with J*(σ) ≥ τ·Var (τ = ``star_threshold`` = 0.01, Var the data variance,
+  or the curve's last value when the curve has none): where J* leaves its memorisation floor.
+* w_max = 1/J*(σ*): the cap starts where J* leaves the floor, so the first term is continuous.
+* a = 1: above σ* each noise level's weighted floor a·w·J* is 1, the loss reads as J_θ/J*.
+* b = 0 (the bump is off unless asked for), μ = ln σ* − 1, s = 0.5.
+* γ = 1 (the paper's p ∝ w·gap); [σ_min, σ_max] = [0.002, 80], EDM's sampling range.
+* The gap g(σ) ≥ ``gap_floor``·max g (0.02), so p never vanishes where the gap is near zero.
+
+Coverage: the curve must reach σ_max. Below its first point J* is nondecreasing in σ (the MMSE
+of a noisier observation is larger), so J*(σ) ≤ J*(σ_0) and min(1/J*, w_max) = w_max exactly
+when the cap binds at σ_0; a curve starting higher is refused. ``weight`` at σ outside the
+support holds J*'s end values (it is never drawn there).
+
+q is tabulated on ``grid`` cells uniform in ln σ and is piecewise linear in ln σ, so its CDF is
+piecewise quadratic and ``sample`` inverts it exactly (one square root per draw).
+
+**Gap sources.** ``gap`` is None (p from w alone), a table {"sigma", "value"} (a ``diagnose``
+result, linear in ln σ; it must cover [σ_min, σ_max]) or "online": per ln σ bin (``bins``
+uniform over the support) the exponentially decayed sums S_k ← d·S_k + Σ(ℓ_i − J*(σ_i)),
+C_k ← d·C_k + n_k of the training x0 losses ℓ_i the objective reports (``observe``), with
+d = 2^(−n/h) per batch of n images (h = ``halflife`` images); ĝ_k = S_k/C_k at the bin centres,
+linear in ln σ between them, bins never visited take the largest observed ĝ (they get explored),
+and before any observation g ≡ 1. S and C are the state (``state_dict``), so resume is exact.
+
+Processes and targets: the trainer's loss is w(σ)·‖D − x0‖² in x0 units with σ the VE level
+σ̃ = σ_t/α_t, so any model (EDM, VP, flow matching: the Denoiser maps σ̃ to its t(σ̃)) trains on
+exactly this w and p; in a target's own units the weight is w/loss_factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lossfloor.diffusion.processes import Process
+from lossfloor.diffusion.targets import Target
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.schedules.base import SCHEDULES, NoiseSchedule, _f64
+
+Tensor = torch.Tensor
+
+DENSITIES = ("gap", "lognormal")
+
+
+def _table(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A {"sigma": [...], "value": [...]} table as sorted float64 arrays, checked."""
+    try:
+        s = np.asarray(obj["sigma"], dtype=np.float64)
+        v = np.asarray(obj["value"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise ParameterError(what, "…", 'must be {"sigma": [...], "value": [...]}') from None
+    if s.ndim != 1 or s.shape != v.shape or s.size < 2:
+        raise ParameterError(what, "…", "needs at least 2 (sigma, value) pairs of equal length")
+    if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(np.isfinite(v))):
+        raise ParameterError(what, "…", "σ must be finite and > 0, values finite")
+    order = np.argsort(s)
+    s, v = s[order], v[order]
+    if np.any(np.diff(s) <= 0):
+        raise ParameterError(what, "…", "σ values must be distinct")
+    return s, v
+
+
+def _interp_ln(sigma: Tensor, s: np.ndarray, v: np.ndarray) -> Tensor:
+    """v(σ) linear in ln σ between the table's points, end values held outside."""
+    u = torch.from_numpy(np.log(s))
+    vals = torch.from_numpy(v)
+    x = sigma.log().clamp(float(u[0]), float(u[-1]))
+    i = torch.searchsorted(u, x.contiguous()).clamp(1, len(u) - 1)
+    u0, u1 = u[i - 1], u[i]
+    f = (x - u0) / (u1 - u0)
+    return vals[i - 1] + f * (vals[i] - vals[i - 1])
+
+
+def sample_piecewise_linear(
+    u: Tensor, q: Tensor, n: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """n draws of x from the density ∝ q, linear between the nodes u (increasing), by the exact
+    inverse CDF: in the cell [u_i, u_i + h] with r the mass left, ∫_0^x (q_i + Δx/h) = r gives
+    x = 2r / (q_i + √(q_i² + 2Δr/h)), Δ = q_{i+1} − q_i (stable also for Δ → 0)."""
+    h = u[1:] - u[:-1]
+    mass = 0.5 * h * (q[1:] + q[:-1])
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), mass.cumsum(0)])
+    r_all = torch.rand(n, generator=generator, dtype=torch.float64) * cdf[-1]
+    i = (torch.searchsorted(cdf, r_all, right=True) - 1).clamp(0, len(h) - 1)
+    r = r_all - cdf[i]
+    qi, dq, hi = q[i], q[i + 1] - q[i], h[i]
+    root = (qi**2 + 2 * dq * r / hi).clamp_min(0).sqrt()
+    x = torch.where(r > 0, 2 * r / (qi + root), torch.zeros_like(r))
+    return u[i] + torch.minimum(x.nan_to_num(0.0), hi)
+
+
+@SCHEDULES.register("optimal", "optimal-loss")
+@dataclass
+class OptimalLossSchedule(NoiseSchedule):
+    """w(σ) and p(σ) from an optimal-loss curve J*(σ) and a gap source (module docstring).
+
+    ``optimal_loss`` = {"sigma": [...], "value": [...]} (the curve's points, embedded so that a
+    run directory is self-contained; ``from_curve`` fills it and ``dataset``/``data_variance``).
+    """
+
+    optimal_loss: dict[str, list[float]]
+    data_variance: float | None = None
+    dataset: dict[str, Any] | None = None
+    gap: str | dict[str, list[float]] | None = None
+    a: float = 1.0
+    w_max: float | None = None
+    sigma_star: float | None = None
+    star_threshold: float = 0.01
+    bump: float = 0.0
+    bump_mean: float | None = None
+    bump_std: float = 0.5
+    density: str = "gap"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    exponent: float = 1.0
+    gap_floor: float = 0.02
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    grid: int = 2048
+    bins: int = 32
+    halflife: float = 2000.0
+    name = "optimal"
+
+    # ----- construction --------------------------------------------------------------------
+    @classmethod
+    def from_curve(cls, curve: Any, gap: Any = None, **params: Any) -> OptimalLossSchedule:
+        """From a ``Curve`` and a gap source: None, "online" or a ``Diagnosis`` (its data
+        fingerprint must be the curve's)."""
+        from lossfloor.diagnosis import Diagnosis
+
+        table = {"sigma": curve.sigmas.tolist(), "value": curve.values.tolist()}
+        if isinstance(gap, Diagnosis):
+            mine = (curve.dataset or {}).get("sha256")
+            theirs = (gap.dataset or {}).get("sha256")
+            if mine is None or mine != theirs:
+                raise UserError(
+                    "the gap's diagnosis was computed on another dataset than the optimal-loss "
+                    f"curve (sha256 {str(theirs)[:12]} vs {str(mine)[:12]}); diagnose on the "
+                    "curve's data"
+                )
+            gap = {"sigma": [p.sigma for p in gap.points], "value": [p.gap for p in gap.points]}
+        return cls(
+            optimal_loss=table,
+            data_variance=curve.data_variance,
+            dataset=curve.dataset,
+            gap=gap,
+            **params,
+        )
+
+    def __post_init__(self) -> None:
+        positive = ("a", "star_threshold", "bump_std", "p_std", "exponent", "halflife")
+        for param in positive:
+            value = getattr(self, param)
+            if not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ParameterError(param, value, "must be a positive number")
+        for param in ("w_max", "sigma_star", "data_variance"):
+            value = getattr(self, param)
+            if value is not None and not 0 < value < math.inf:
+                raise ParameterError(param, value, "must be a positive number")
+        if not 0 <= self.bump < math.inf:
+            raise ParameterError("bump", self.bump, "must be >= 0 (0: no bump)")
+        if not 0 <= self.gap_floor <= 1:
+            raise ParameterError("gap_floor", self.gap_floor, "must be in [0, 1]")
+        if not 0 < self.sigma_min < self.sigma_max < math.inf:
+            raise ParameterError("sigma_min", self.sigma_min, "need 0 < sigma_min < sigma_max")
+        if not (isinstance(self.grid, int) and self.grid >= 16):
+            raise ParameterError("grid", self.grid, "must be an integer >= 16 cells")
+        if not (isinstance(self.bins, int) and self.bins >= 2):
+            raise ParameterError("bins", self.bins, "must be an integer >= 2")
+        if self.density not in DENSITIES:
+            raise ParameterError("density", self.density, f"must be one of {DENSITIES}")
+        if self.density == "lognormal" and self.gap is not None:
+            raise ParameterError("gap", self.gap, "the lognormal density uses no gap")
+        self._s, self._j = _table(self.optimal_loss, "optimal_loss")
+        if np.any(self._j < -1e-6 * max(float(self._j.max()), 0.0)):
+            raise ParameterError("optimal_loss", "…", "J* values must be >= 0")
+        self._j = np.maximum(self._j, 0.0)  # rounding (−1e-16) of a J* that is 0
+        self._resolve()
+        self._check_coverage()
+        self._u = torch.linspace(
+            math.log(self.sigma_min), math.log(self.sigma_max), self.grid + 1, dtype=torch.float64
+        )
+        self._gap_table: tuple[np.ndarray, np.ndarray] | None = None
+        self._gap_top = 0.0
+        if isinstance(self.gap, Mapping):
+            self._gap_table = _table(self.gap, "gap")
+            lo, hi = self._gap_table[0][[0, -1]]
+            if self.sigma_min < lo * (1 - 1e-9) or self.sigma_max > hi * (1 + 1e-9):
+                raise ParameterError(
+                    "gap", f"σ {lo:g}..{hi:g}", f"the gap must cover the training range "
+                    f"[{self.sigma_min:g}, {self.sigma_max:g}]: diagnose over it, or narrow the "
+                    "σ range drawn (sigma_min, sigma_max)",
+                )  # fmt: skip
+        elif self.gap not in (None, "online"):
+            raise ParameterError("gap", self.gap, 'must be None, "online" or a gap table')
+        edges = torch.linspace(
+            math.log(self.sigma_min), math.log(self.sigma_max), self.bins + 1, dtype=torch.float64
+        )
+        self._bin_edges = edges
+        self._sum = torch.zeros(self.bins, dtype=torch.float64)
+        self._count = torch.zeros(self.bins, dtype=torch.float64)
+        self._tabulate()
+
+    def _resolve(self) -> None:
+        """σ* (the rule or given), w_max (1/J*(σ*) or given), the bump's μ."""
+        var = self.data_variance if self.data_variance is not None else float(self._j[-1])
+        self.variance = var
+        if self.sigma_star is None:
+            level = self.star_threshold * var
+            above = np.nonzero(self._j >= level)[0]
+            if above.size == 0:
+                raise ParameterError(
+                    "star_threshold", self.star_threshold, "J* never reaches this share of Var"
+                )
+            k = int(above[0])
+            if k == 0:
+                star = float(self._s[0])
+            else:  # J* linear in ln σ between points k−1 and k: where it crosses the level
+                u0, u1 = np.log(self._s[k - 1 : k + 1])
+                j0, j1 = self._j[k - 1 : k + 1]
+                star = float(np.exp(u0 + (level - j0) / (j1 - j0) * (u1 - u0)))
+        else:
+            star = float(self.sigma_star)
+        self.star = star
+        j_star = float(self._optimal(_f64(star)))
+        if self.w_max is None and j_star <= 0:
+            raise ParameterError("sigma_star", star, "J*(σ*) = 0; give w_max")
+        self.cap = float(self.w_max) if self.w_max is not None else 1.0 / j_star
+        self.mu = math.log(star) - 1.0 if self.bump_mean is None else float(self.bump_mean)
+
+    def _check_coverage(self) -> None:
+        """The curve must reach σ_max, and below its first point the cap must bind."""
+        lo, hi = float(self._s[0]), float(self._s[-1])
+        if self.sigma_max > hi * (1 + 1e-9):
+            raise ParameterError(
+                "sigma_max", self.sigma_max, f"the optimal-loss curve ends at σ = {hi:g}; "
+                "estimate it up to the training range's top or lower sigma_max",
+            )  # fmt: skip
+        if self.sigma_min < lo * (1 - 1e-9) and not self._j[0] * self.cap <= 1:
+            raise ParameterError(
+                "sigma_min", self.sigma_min, f"the optimal-loss curve starts at σ = {lo:g}, "
+                "where the cap w_max does not yet bind; estimate it down to sigma_min",
+            )  # fmt: skip
+
+    # ----- functions of σ --------------------------------------------------------------------
+    def _optimal(self, sigma: Tensor) -> Tensor:
+        return _interp_ln(sigma, self._s, self._j)
+
+    def optimal_loss_at(self, sigma: float | Tensor) -> Tensor:
+        """J*(σ) of the embedded curve (linear in ln σ, end values held)."""
+        return self._optimal(_f64(sigma))
+
+    def weight(self, sigma: float | Tensor) -> Tensor:
+        s = _f64(sigma)
+        j = self._optimal(s)
+        first = self.a * torch.where(j * self.cap > 1, 1.0 / j.clamp_min(1e-300), self.cap)
+        if self.bump == 0:
+            return first
+        z = (s.log() - self.mu) / self.bump_std
+        bump = self.bump * self.a * self.cap * torch.exp(-0.5 * z**2) * (s < self.star)
+        return first + bump
+
+    def _raw_gap(self, s: Tensor) -> Tensor | None:
+        """g(σ) before the floor; None without a gap source."""
+        if self._gap_table is not None:
+            return _interp_ln(s, *self._gap_table)
+        return self._online_gap(s) if self.online else None
+
+    def gap_at(self, sigma: float | Tensor) -> Tensor | None:
+        """g(σ) as the density uses it: ≥ gap_floor × its maximum over the support (≡ 1 when
+        that maximum is ≤ 0); None without a gap source."""
+        s = _f64(sigma)
+        g = self._raw_gap(s)
+        if g is None:
+            return None
+        if self._gap_top <= 0:
+            return torch.ones_like(s)
+        return g.clamp_min(self.gap_floor * self._gap_top)
+
+    def _online_gap(self, s: Tensor) -> Tensor:
+        seen = self._count > 0
+        if not bool(seen.any()):
+            return torch.ones_like(s)
+        est = torch.where(seen, self._sum / self._count.clamp_min(1e-300), torch.nan)
+        est = torch.where(seen, est, est[seen].max())
+        centres = 0.5 * (self._bin_edges[1:] + self._bin_edges[:-1])
+        return _interp_ln(s, centres.exp().numpy(), est.numpy())
+
+    def _tabulate(self) -> None:
+        """q on the ln σ nodes, normalised to integrate to 1 (trapezoid = exact integral of the
+        piecewise-linear q)."""
+        s = self._u.exp()
+        if self.density == "lognormal":
+            q = torch.exp(-0.5 * ((self._u - self.p_mean) / self.p_std) ** 2)
+        else:
+            raw = self._raw_gap(s)
+            self._gap_top = 0.0 if raw is None else float(raw.max())
+            g = self.gap_at(s)
+            q = (self.weight(s) * (1.0 if g is None else g)) ** self.exponent
+        h = self._u[1] - self._u[0]
+        mass = float(h * (q.sum() - 0.5 * (q[0] + q[-1])))
+        if not (mass > 0 and math.isfinite(mass)):
+            raise UserError("the schedule's density is zero or not finite on its σ range")
+        self._q = q / mass
+
+    def density_ln_sigma(self, sigma: float | Tensor) -> Tensor:
+        s = _f64(sigma)
+        u = s.log()
+        inside = (u >= self._u[0]) & (u <= self._u[-1])
+        x = u.clamp(float(self._u[0]), float(self._u[-1]))
+        q = torch.as_tensor(np.interp(x.numpy(), self._u.numpy(), self._q.numpy()))
+        return torch.where(inside, q, torch.zeros_like(q))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return sample_piecewise_linear(self._u, self._q, n, generator).exp()
+
+    def support(self) -> tuple[float, float]:
+        return (self.sigma_min, self.sigma_max)
+
+    def tabulated(self) -> dict[str, Any]:
+        """The grid and the functions on it (``lossfloor schedule --out``): σ, the density of
+        ln σ, w, J*, g (None without a gap source) and the parameters, resolved ones included."""
+        s = self._u.exp()
+        g = self.gap_at(s)
+        return {
+            "sigma": s.tolist(),
+            "log_sigma_density": self._q.tolist(),
+            "weight": self.weight(s).tolist(),
+            "optimal_loss": self.optimal_loss_at(s).tolist(),
+            "gap": None if g is None else g.tolist(),
+            "params": self.params(),
+        }
+
+    def params(self) -> dict[str, Any]:
+        """The parameters without the embedded tables, with σ*, w_max and μ as used."""
+        config = self.to_config()
+        for key in ("optimal_loss", "gap"):
+            config.pop(key)
+        gap = self.gap if isinstance(self.gap, str | None) else "table"
+        return {**config, "gap": gap, "resolved": {
+            "sigma_star": self.star, "w_max": self.cap, "bump_mean": self.mu,
+            "data_variance": self.variance}}  # fmt: skip
+
+    # ----- consistency and online state -----------------------------------------------------
+    def check(self, process: Process, target: Target, sigma_data: float) -> None:
+        """The support must lie in the model process's σ̃ range."""
+        lo = float(process.sigma_ve(_f64(process.t_min)))
+        hi = float(process.sigma_ve(_f64(process.t_max)))
+        if self.sigma_min < lo * (1 - 1e-9) or self.sigma_max > hi * (1 + 1e-9):
+            raise UserError(
+                f"schedule optimal draws σ in [{self.sigma_min:g}, {self.sigma_max:g}] but the "
+                f"model's process covers [{lo:g}, {hi:g}]; set sigma_min/sigma_max inside it"
+            )
+
+    @property
+    def online(self) -> bool:
+        return self.gap == "online"
+
+    def observe(self, sigma: Tensor, loss_x0: Tensor) -> None:
+        """Add a batch of training x0 losses at the σ drawn to the online gap (no-op unless
+        gap="online"), then re-tabulate the density."""
+        if not self.online:
+            return
+        s = _f64(sigma).detach().cpu()
+        diff = loss_x0.detach().double().cpu() - self._optimal(s)
+        k = torch.bucketize(s.log(), self._bin_edges[1:-1])
+        decay = 0.5 ** (len(s) / self.halflife)
+        self._sum = decay * self._sum + torch.zeros_like(self._sum).index_add_(0, k, diff)
+        self._count = decay * self._count + torch.zeros_like(self._count).index_add_(
+            0, k, torch.ones_like(diff)
+        )
+        self._tabulate()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The online gap's decayed sums (empty unless gap="online")."""
+        return {"sum": self._sum.clone(), "count": self._count.clone()} if self.online else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not self.online:
+            if state:
+                raise UserError("this schedule has no online state, but the checkpoint has one")
+            return
+        if set(state) != {"sum", "count"} or len(state["sum"]) != self.bins:
+            raise UserError("the checkpoint's online gap state does not fit this schedule")
+        self._sum = torch.as_tensor(state["sum"], dtype=torch.float64).clone()
+        self._count = torch.as_tensor(state["count"], dtype=torch.float64).clone()
+        self._tabulate()
