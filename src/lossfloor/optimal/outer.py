@@ -403,8 +403,13 @@ def per_sample_values(
 
 
 def make_pools(plan: OuterPlan, dtype: torch.dtype, device: torch.device) -> list[Pool]:
-    """One centred pool per group (the whole set, or each class)."""
-    return [Pool.from_data(plan.data[members], dtype, device) for members, _ in plan.groups]
+    """One centred pool per group (the whole set, or each class; a group of every point reads
+    the data as they are, without a gathered copy)."""
+    n = plan.data.shape[0]
+    return [
+        Pool.from_data(plan.data if members.numel() == n else plan.data[members], dtype, device)
+        for members, _ in plan.groups
+    ]
 
 
 @dataclass
