@@ -62,9 +62,9 @@ class Pool:
 
     @classmethod
     def from_data(cls, data: Tensor, dtype: torch.dtype, device: torch.device | str) -> Pool:
-        x64 = data.reshape(data.shape[0], -1).to(device=device, dtype=torch.float64)
+        x64 = data.reshape(data.shape[0], -1).to(device=device, dtype=torch.float64, copy=True)
         mean = x64.mean(dim=0)
-        xc = x64 - mean
+        xc = x64.sub_(mean)  # centred in place: the copy above is ours
         sq = xc.pow(2).sum(dim=1)
         xd = xc.to(dtype)
         return cls(

@@ -421,11 +421,16 @@ def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def make_pools(
     plan: OuterPlan, dtype: torch.dtype, device: torch.device, group: Group | None = None
 ) -> list[Pool]:
-    """One centred pool per group (the whole set, or each class); with a ``group`` of K > 1
-    processes, this process's shard of the whole set (``shard.ShardedPool``)."""
+    """One centred pool per group (the whole set, or each class; a group of every point reads
+    the data as they are, without a gathered copy); with a ``group`` of K > 1 processes, this
+    process's shard of the whole set (``shard.ShardedPool``)."""
     if group is not None and group.world > 1:
         return [ShardedPool.from_shard(plan.data, dtype, device, group)]
-    return [Pool.from_data(plan.data[members], dtype, device) for members, _ in plan.groups]
+    n = plan.data.shape[0]
+    return [
+        Pool.from_data(plan.data if members.numel() == n else plan.data[members], dtype, device)
+        for members, _ in plan.groups
+    ]
 
 
 @dataclass
