@@ -133,3 +133,24 @@ def test_conditional_indexes_each_class_within_itself(calls):
         xc = x[members] - x[members].mean(0)
         rows = torch.arange(members.numel())
         assert torch.equal(table, brute_force(xc, rows, 3))
+
+
+def test_the_default_estimate_builds_its_index_in_float32(monkeypatch):
+    """The distances ‖x_i − x_j‖² hold no σ: under the auto policy the index is float32 unless
+    the data's norms need float64 (it was float64 whenever the huge-σ rule saw σ = ∞)."""
+    import lossfloor.optimal.estimate as estimate_module
+    from lossfloor.data import load_dataset
+    from lossfloor.optimal import Full, estimate_curve
+
+    seen = []
+    real = estimate_module.neighbour_tables
+
+    def spy(plan, pools, k, tile_bytes):
+        seen.append(pools[0].x.dtype)
+        return real(plan, pools, k, tile_bytes)
+
+    monkeypatch.setattr(estimate_module, "neighbour_tables", spy)
+    x = load_dataset("digits", limit=100).x
+    estimate_curve(x, [0.1, 1.0], Full(), outer=100, progress=False)
+    estimate_curve(x * 1e16, [1e16], Full(), outer=100, progress=False)
+    assert seen == [torch.float32, torch.float64]

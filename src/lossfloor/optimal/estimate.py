@@ -182,8 +182,7 @@ def _estimate_points(
     pools = PoolsByDtype(plan, device, group)
     k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
     if todo and k > 0:
-        # distances in the dtype of the largest σ (float32 unless the norms need float64)
-        index_pools = pools(pools.dtype_at(precision, math.inf))
+        index_pools = pools(pools.index_dtype(precision))
         pools.attach(neighbour_tables(plan, index_pools, k, tile_bytes))
     points = []
     for sigma in sigmas:

@@ -465,3 +465,12 @@ class PoolsByDtype:
     def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
         """The dtype ``precision`` works in at σ (``choose_dtype`` on the base dtype's pools)."""
         return choose_dtype(precision, self(base_dtype(precision)), sigma)
+
+    def index_dtype(self, precision: str) -> torch.dtype:
+        """The dtype of the neighbour index's distances ‖x_i − x_j‖² (no σ in them): the
+        policy's base dtype; under ``auto`` float64 only where the data's squared norms exceed
+        FLOAT32_MAX_SQ_NORM."""
+        base = base_dtype(precision)
+        if precision == "auto" and max(p.max_sq for p in self(base)) > FLOAT32_MAX_SQ_NORM:
+            return torch.float64
+        return base
