@@ -8,15 +8,13 @@ so the file pays the start-up of torch and the group once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from ddp_worker import TRAIN
+from torchrun import run_workers
 
 import lossfloor.cli
 from lossfloor.data import load_dataset
@@ -29,8 +27,6 @@ from lossfloor.training.backbone import UNetBackbone, backbone_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).parent / "ddp_worker.py"
-# No scenario may wait on another rank for longer than this: a hang fails the test, not CI.
-GROUP_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 300
 
 
 @pytest.fixture(scope="module")
@@ -38,23 +34,7 @@ def launch(tmp_path_factory) -> tuple[Path, list[dict]]:
     """The worker's scenarios under ``torchrun --nproc_per_node 2``: its folder and each
     rank's results."""
     out = tmp_path_factory.mktemp("ddp")
-    src = str(Path(lossfloor.__file__).parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        TIMEOUT_ENV: str(GROUP_TIMEOUT_S),
-        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    proc = subprocess.run(
-        [*cmd, "2", str(WORKER), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+    return out, run_workers(WORKER, out)
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from shard_worker import SCENARIOS, estimate
+from torchrun import run_workers
 
 import lossfloor.cli
-from lossfloor.distributed import TIMEOUT_ENV, Group
+from lossfloor.distributed import Group
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
 from lossfloor.optimal.shard import ShardedPool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).parent / "shard_worker.py"
-# No scenario may wait on another rank for longer than this: a hang fails the test, not CI.
-GROUP_TIMEOUT_S, LAUNCH_TIMEOUT_S = 60, 300
 #: The per-σ numbers of a curve (not its timings).
 NUMBERS = ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr")
 NUMBERS += ("combined_weight_closed", "ess", "optimal_loss_target")
@@ -43,23 +39,7 @@ def launch(tmp_path_factory) -> tuple[Path, list[dict]]:
     # index of the tilted draws does not depend on the distances' last bits (see test below)
     g = torch.Generator().manual_seed(3)
     np.save(out / "points.npy", (0.5 * torch.randn(300, 64, generator=g)).numpy())
-    src = str(Path(lossfloor.__file__).parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        TIMEOUT_ENV: str(GROUP_TIMEOUT_S),
-        "PYTHONPATH": os.pathsep.join([src, str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    proc = subprocess.run(
-        [*cmd, "2", str(WORKER), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+    return out, run_workers(WORKER, out)
 
 
 def _points(path: Path) -> tuple[dict, list[dict]]:
