@@ -392,3 +392,37 @@ def test_diagnose_heldout_with_floor(tmp_path, npz, capsys):
         ]
     )
     assert code == 2 and "needs --heldout" in capsys.readouterr().err
+
+
+def test_floor_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import lossfloor.floor as floor_module
+
+    train, held = _gaussian(64, 3, 1), _gaussian(32, 3, 2)
+    kwargs = dict(levels=3, repeats=2, outer=64, bandwidth=None, progress=False)
+    ref = floor(train, held, [0.5, 2.0], **kwargs)
+    calls = {"n": 0}
+    real = floor_module.estimate_curve
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(floor_module, "estimate_curve", flaky)
+    path = tmp_path / "f.json.partial"
+    with pytest.raises(KeyboardInterrupt):
+        floor(train, held, [0.5, 2.0], checkpoint=path, **kwargs)
+    assert path.is_file()
+    calls["n"] = 10  # no further failures; only the 2 missing subsets are computed
+    again = floor(train, held, [0.5, 2.0], checkpoint=path, **kwargs)
+    assert calls["n"] == 12
+    assert again.to_json() == ref.to_json()
+    assert not path.exists()
+    # another run's checkpoint is refused unless restart
+    with pytest.raises(KeyboardInterrupt):
+        calls["n"] = 1
+        floor(train, held, [0.5, 2.0], checkpoint=path, **kwargs)
+    with pytest.raises(ParameterError, match="other data or options"):
+        floor(train, held, [0.5, 3.0], checkpoint=path, **kwargs)
+    floor(train, held, [0.5, 3.0], checkpoint=path, restart=True, **kwargs)

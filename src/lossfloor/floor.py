@@ -22,9 +22,14 @@ population value J*_pop(σ) = E‖x0 − E[x0 | x]‖²/D (x0 from the data dist
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,14 +236,14 @@ def heldout_losses(
     outer: int | None = None,
     seed: int = 0,
     bandwidth: float | str | None = None,
-    validation: int | None = None,
+    validation: int = 512,
     precision: str = "auto",
     device: str | torch.device = "cpu",
     tile_bytes: int = DEFAULT_TILE_BYTES,
     progress: bool = False,
 ) -> list[HeldoutPoint]:
     """Per σ, the held-out losses of μ_train and (with ``bandwidth``: a number, or ``"auto"``
-    = ``choose_bandwidth`` per σ on ``validation`` draws, default M) of D_b.
+    = ``choose_bandwidth`` per σ on min(``validation``, N) draws) of D_b.
 
     M = ``outer`` (default: the held-out size) draws x0 from ``heldout`` (stratified as the
     estimate draws its sources) with the estimate's plain noise ε ~ N(0, I) (the loss of a
@@ -264,7 +269,7 @@ def heldout_losses(
             b = choose_bandwidth(
                 pools,
                 sigma,
-                outer=validation or m,
+                outer=max(2, min(validation, train.shape[0])),
                 seed=seed,
                 precision=precision,
                 tile_bytes=tile_bytes,
@@ -457,12 +462,17 @@ def floor(
     precision: str = "auto",
     device: str | torch.device = "cpu",
     tile_bytes: int = DEFAULT_TILE_BYTES,
+    checkpoint: str | os.PathLike[str] | None = None,
+    restart: bool = False,
     progress: bool = True,
 ) -> Floor:
     """Per σ: J* of nested random subsets of ``train`` (``subset_sizes(N, levels, sizes)``,
     ``repeats`` subsets per size below N; subset r of size n is the first n points of the
     permutation r, so sizes are nested), the held-out bounds and the verdict (``FloorPoint``).
-    Each J* is the full estimator with min(n, ``outer``) draws."""
+    Each J* is the full estimator with min(n, ``outer``) draws. With ``checkpoint`` every
+    finished subset and held-out σ is saved there, and a rerun with the same data and options
+    resumes (another run's file is refused unless ``restart``); the file is removed at the end.
+    """
     x, xh = train.x, heldout.x
     check_heldout(x, xh)
     check_sigmas(list(sigmas))
@@ -472,58 +482,130 @@ def floor(
     if not repeats >= 1:
         raise ParameterError("repeats", repeats, "need at least 1 subset per size")
     sizes = subset_sizes(train.n, levels, sizes)
-    full = ESTIMATORS.create("full")
-    by_size: dict[int, list[list[tuple[float, float]]]] = {n: [] for n in sizes}
+    params = {
+        "sizes": sizes,
+        "repeats": repeats,
+        "outer": outer,
+        "seed": seed,
+        "bandwidth": bandwidth,
+        "precision": precision,
+        "memorised_below": MEMORISED,
+    }
+    key = [FORMAT, train.sha256, heldout.sha256, list(map(float, sigmas)), params]
+    saved = None if checkpoint is None else Units.open(checkpoint, key, restart)
     perms = [
         torch.randperm(train.n, generator=generator_for(seed, _SUBSETS, r)) for r in range(repeats)
     ]
     work = [(n, r) for n in sizes for r in range(repeats if n < train.n else 1)]
+    by_size: dict[int, list[list[tuple[float, float]]]] = {n: [] for n in sizes}
     for n, r in tqdm(work, desc="subsets", unit="subset", disable=not progress):
-        subset = x if n == train.n else x[perms[r][:n]]
-        curve = estimate_curve(
-            subset,
-            sigmas,
-            full,
-            outer=min(n, outer),
-            seed=seed,
-            precision=precision,
-            device=device,
-            tile_bytes=tile_bytes,
-            progress=False,
-        )
-        by_size[n].append([(p.optimal_loss, p.stderr) for p in curve.points])
-    held = heldout_losses(
-        x,
-        xh,
-        sigmas,
-        outer=min(heldout.n, outer),
-        seed=seed,
-        bandwidth=bandwidth,
-        precision=precision,
-        device=device,
-        tile_bytes=tile_bytes,
-        progress=progress,
-    )
+
+        def subset_curve(n: int = n, r: int = r) -> list[list[float]]:
+            subset = x if n == train.n else x[perms[r][:n]]
+            curve = estimate_curve(
+                subset,
+                sigmas,
+                ESTIMATORS.create("full"),
+                outer=min(n, outer),
+                seed=seed,
+                precision=precision,
+                device=device,
+                tile_bytes=tile_bytes,
+                progress=False,
+            )
+            return [[p.optimal_loss, p.stderr] for p in curve.points]
+
+        values = _unit(saved, f"subset n={n} r={r}", subset_curve)
+        by_size[n].append([(v, se) for v, se in values])
+    held = []
+    for i, sigma in enumerate(tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress)):
+
+        def held_point(sigma: float = sigma) -> dict[str, Any]:
+            (point,) = heldout_losses(
+                x,
+                xh,
+                [sigma],
+                outer=min(heldout.n, outer),
+                seed=seed,
+                bandwidth=bandwidth,
+                precision=precision,
+                device=device,
+                tile_bytes=tile_bytes,
+            )
+            return point.to_json()
+
+        held.append(HeldoutPoint(**_unit(saved, f"heldout σ[{i}]", held_point)))
     variance = mean_and_variance(x)[1]
     points = [
         _floor_point(i, sigma, sizes, by_size, held[i], variance, seed)
         for i, sigma in enumerate(sigmas)
     ]
+    if saved is not None:
+        saved.remove()
     return Floor(
         points=points,
         dataset=train.describe(),
         heldout=heldout.describe(),
         data_variance=variance,
-        params={
-            "sizes": sizes,
-            "repeats": repeats,
-            "outer": outer,
-            "seed": seed,
-            "bandwidth": bandwidth,
-            "precision": precision,
-            "memorised_below": MEMORISED,
-        },
+        params=params,
     )
+
+
+def _unit(saved: Units | None, name: str, compute: Callable[[], Any]) -> Any:
+    """The saved result of unit ``name``, or ``compute()`` (then saved)."""
+    if saved is not None and name in saved.done:
+        return saved.done[name]
+    value = compute()
+    if saved is not None:
+        saved.add(name, value)
+    return value
+
+
+@dataclass
+class Units:
+    """Finished units of work (name → JSON value) saved atomically to ``path`` under the
+    ``key`` of the data and options; another key's file, or a file that is not one, is refused
+    unless ``restart``."""
+
+    path: Path
+    key: str
+    done: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], key: Any, restart: bool = False) -> Units:
+        path = Path(path)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        done: dict[str, Any] = {}
+        if path.is_file() and not restart:
+            try:
+                saved = read_json(path)
+                ok = isinstance(saved, dict) and isinstance(saved.get("done"), dict)
+            except UserError:
+                ok = False
+            if not ok:
+                raise ParameterError(
+                    "restart",
+                    None,
+                    f"{path} is not a checkpoint of a floor; delete it, or restart to overwrite it",
+                )
+            if saved.get("key") != digest:
+                raise ParameterError(
+                    "restart",
+                    None,
+                    f"{path} holds a floor with other data "
+                    "or options; rerun with those, or restart to discard it",
+                )
+            done = saved["done"]
+            if done:
+                print(f"resuming: {len(done)} finished units in {path}", file=sys.stderr)
+        return cls(path=path, key=digest, done=done)
+
+    def add(self, name: str, value: Any) -> None:
+        self.done[name] = value
+        write_json(self.path, {"key": self.key, "done": self.done})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _floor_point(

@@ -43,7 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of subsets, draws and noise")
     add_device_argument(p)
     p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
-    p.add_argument("--out", default=None, help="FLOOR.json")
+    p.add_argument(
+        "--out", default=None, help="FLOOR.json (checkpointed to FLOOR.json.partial; reruns resume)"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard FLOOR.json.partial of a run with other options",
+    )
     p.add_argument("--plot", default=None, help="FLOOR.png: the bracket and the N-trend")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(run=run, param_options={"precision": "--dtype", "heldout": "--heldout"})
@@ -98,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         bandwidth=bandwidth,
         precision=args.dtype,
         device=device,
+        checkpoint=None if args.out is None else args.out + ".partial",
+        restart=args.restart,
         progress=not args.quiet,
     )
     if not args.quiet:
