@@ -458,6 +458,7 @@ def floor(
     repeats: int = 3,
     outer: int = 2048,
     seed: int = 0,
+    draws: str = "auto",
     bandwidth: float | str | None = "auto",
     precision: str = "auto",
     device: str | torch.device = "cpu",
@@ -469,7 +470,8 @@ def floor(
     """Per σ: J* of nested random subsets of ``train`` (``subset_sizes(N, levels, sizes)``,
     ``repeats`` subsets per size below N; subset r of size n is the first n points of the
     permutation r, so sizes are nested), the held-out bounds and the verdict (``FloorPoint``).
-    Each J* is the full estimator with min(n, ``outer``) draws. With ``checkpoint`` every
+    Each J* is the full estimator with min(n, ``outer``) draws (``draws``: the estimate's
+    outer noise, auto = tilted for full). With ``checkpoint`` every
     finished subset and held-out σ is saved there, and a rerun with the same data and options
     resumes (another run's file is refused unless ``restart``); the file is removed at the end.
     """
@@ -487,6 +489,7 @@ def floor(
         "repeats": repeats,
         "outer": outer,
         "seed": seed,
+        "draws": draws,
         "bandwidth": bandwidth,
         "precision": precision,
         "memorised_below": MEMORISED,
@@ -508,6 +511,7 @@ def floor(
                 ESTIMATORS.create("full"),
                 outer=min(n, outer),
                 seed=seed,
+                draws=draws,
                 precision=precision,
                 device=device,
                 tile_bytes=tile_bytes,

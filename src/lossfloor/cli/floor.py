@@ -41,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "training set) | a number ≥ 0 | none",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of subsets, draws and noise")
+    p.add_argument(
+        "--draws",
+        default="auto",
+        help="outer noise of each J*: tilted | plain | auto (tilted for the full estimator; "
+        "see lossfloor estimate --help)",
+    )
     add_device_argument(p)
     p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
     p.add_argument(
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         outer=args.outer,
         seed=args.seed,
+        draws=args.draws,
         bandwidth=bandwidth,
         precision=args.dtype,
         device=device,
