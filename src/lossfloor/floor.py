@@ -22,6 +22,7 @@ population value J*_pop(σ) = E‖x0 − E[x0 | x]‖²/D (x0 from the data dist
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -67,6 +68,9 @@ _SUBSETS, _VALIDATION = 10, 11
 
 #: Candidate bandwidths of ``bandwidth="auto"``, in units of the data's per-element std.
 AUTO_BANDWIDTHS = tuple(float(b) for b in np.geomspace(0.01, 1.0, 9))
+
+#: Leave-one-out draws that score each candidate bandwidth of ``bandwidth="auto"`` (at most N).
+VALIDATION_DRAWS = 512
 
 #: J*(N) below this fraction of the data variance is memorisation, not a converged floor.
 MEMORISED = 1e-3
@@ -228,6 +232,71 @@ def choose_bandwidth(
     return candidates[int(losses.mean(dim=1).argmin())]
 
 
+class _Heldout:
+    """The held-out draws of ``heldout_losses``, set up once (the training pools, the centred
+    held-out points, the sources); ``point(σ)`` computes one σ."""
+
+    def __init__(
+        self,
+        train: Tensor,
+        heldout: Tensor,
+        *,
+        outer: int | None,
+        seed: int,
+        bandwidth: float | str | None,
+        validation: int,
+        precision: str,
+        device: str | torch.device,
+        tile_bytes: int,
+    ) -> None:
+        check_heldout(train, heldout)
+        check_seed(seed)
+        check_bandwidth(bandwidth)
+        m = heldout.shape[0] if outer is None else outer
+        check_outer(m)
+        self.pools = _Pools(train, 0.0, torch.device(device))
+        self.x0 = _centred(heldout, self.pools(base_dtype(precision)))
+        self.pools.heldout_max_sq = float(self.x0.pow(2).sum(dim=1).max())
+        self.sources = stratified_sources(heldout.shape[0], m, seed)
+        self.validation = max(2, min(validation, train.shape[0]))
+        self.seed, self.bandwidth, self.precision = seed, bandwidth, precision
+        self.tile_bytes = tile_bytes
+
+    def point(self, sigma: float) -> HeldoutPoint:
+        b = self.bandwidth
+        if b == "auto":
+            b = choose_bandwidth(
+                self.pools,
+                sigma,
+                outer=self.validation,
+                seed=self.seed,
+                precision=self.precision,
+                tile_bytes=self.tile_bytes,
+            )
+        bws = [0.0] if b is None else [0.0, float(b)]
+        losses = _losses(
+            self.pools,
+            self.x0,
+            self.sources,
+            sigma,
+            bws,
+            seed=self.seed,
+            stream=(1,),
+            precision=self.precision,
+            tile_bytes=self.tile_bytes,
+        )
+        value, se = mean_and_stderr(losses[0])
+        smooth = (None, None) if b is None else mean_and_stderr(losses[1])
+        return HeldoutPoint(
+            sigma=float(sigma),
+            heldout_loss=value,
+            heldout_stderr=se,
+            smoothed_loss=smooth[0],
+            smoothed_stderr=smooth[1],
+            bandwidth=None if b is None else float(b),
+        )
+
+
 def heldout_losses(
     train: Tensor,
     heldout: Tensor,
@@ -236,7 +305,7 @@ def heldout_losses(
     outer: int | None = None,
     seed: int = 0,
     bandwidth: float | str | None = None,
-    validation: int = 512,
+    validation: int = VALIDATION_DRAWS,
     precision: str = "auto",
     device: str | torch.device = "cpu",
     tile_bytes: int = DEFAULT_TILE_BYTES,
@@ -251,54 +320,19 @@ def heldout_losses(
     ``heldout_loss`` equals the direct form of ``estimate_curve``'s full estimator with
     ``draws="plain"`` on the same draws, bitwise.
     """
-    check_heldout(train, heldout)
     check_sigmas(list(sigmas))
-    check_seed(seed)
-    check_bandwidth(bandwidth)
-    m = heldout.shape[0] if outer is None else outer
-    check_outer(m)
-    device = torch.device(device)
-    pools = _Pools(train, 0.0, device)
-    x0 = _centred(heldout, pools(base_dtype(precision)))
-    pools.heldout_max_sq = float(x0.pow(2).sum(dim=1).max())
-    sources = stratified_sources(heldout.shape[0], m, seed)
-    points = []
-    for sigma in tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress):
-        b = bandwidth
-        if b == "auto":
-            b = choose_bandwidth(
-                pools,
-                sigma,
-                outer=max(2, min(validation, train.shape[0])),
-                seed=seed,
-                precision=precision,
-                tile_bytes=tile_bytes,
-            )
-        bws = [0.0] if b is None else [0.0, float(b)]
-        losses = _losses(
-            pools,
-            x0,
-            sources,
-            sigma,
-            bws,
-            seed=seed,
-            stream=(1,),
-            precision=precision,
-            tile_bytes=tile_bytes,
-        )
-        value, se = mean_and_stderr(losses[0])
-        smooth = (None, None) if b is None else mean_and_stderr(losses[1])
-        points.append(
-            HeldoutPoint(
-                sigma=float(sigma),
-                heldout_loss=value,
-                heldout_stderr=se,
-                smoothed_loss=smooth[0],
-                smoothed_stderr=smooth[1],
-                bandwidth=None if b is None else float(b),
-            )
-        )
-    return points
+    run = _Heldout(
+        train,
+        heldout,
+        outer=outer,
+        seed=seed,
+        bandwidth=bandwidth,
+        validation=validation,
+        precision=precision,
+        device=device,
+        tile_bytes=tile_bytes,
+    )
+    return [run.point(s) for s in tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -521,24 +555,25 @@ def floor(
 
         values = _unit(saved, f"subset n={n} r={r}", subset_curve)
         by_size[n].append([(v, se) for v, se in values])
-    held = []
-    for i, sigma in enumerate(tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress)):
-
-        def held_point(sigma: float = sigma) -> dict[str, Any]:
-            (point,) = heldout_losses(
-                x,
-                xh,
-                [sigma],
-                outer=min(heldout.n, outer),
-                seed=seed,
-                bandwidth=bandwidth,
-                precision=precision,
-                device=device,
-                tile_bytes=tile_bytes,
-            )
-            return point.to_json()
-
-        held.append(HeldoutPoint(**_unit(saved, f"heldout σ[{i}]", held_point)))
+    held_run = functools.cache(
+        lambda: _Heldout(
+            x,
+            xh,
+            outer=min(heldout.n, outer),
+            seed=seed,
+            bandwidth=bandwidth,
+            validation=VALIDATION_DRAWS,
+            precision=precision,
+            device=device,
+            tile_bytes=tile_bytes,
+        )
+    )  # set up once, and only if a held-out σ is not in the checkpoint
+    held = [
+        HeldoutPoint(
+            **_unit(saved, f"heldout σ[{i}]", lambda s=sigma: held_run().point(s).to_json())
+        )
+        for i, sigma in enumerate(tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress))
+    ]
     variance = mean_and_variance(x)[1]
     points = [
         _floor_point(i, sigma, sizes, by_size, held[i], variance, seed)
