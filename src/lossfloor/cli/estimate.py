@@ -13,6 +13,7 @@ from lossfloor.errors import UserError
 
 if TYPE_CHECKING:
     from lossfloor.data import Dataset
+    from lossfloor.data.chunked import ChunkedDataset
     from lossfloor.optimal import Curve, Estimator
 
 #: Parameters of the Python API that options of another name set (for its errors).
@@ -142,6 +143,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile, in MiB")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="data larger than memory: read the items in chunks (.npy memory map, image folder, "
+        "EDM zip, named source), never all at once; under torchrun each process reads its "
+        "shard (full, snis, dol, cdol; docs/distributed.md)",
+    )
+    p.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=256.0,
+        help="with --stream: memory of one chunk of keys, in MiB",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="FILE.json",
@@ -190,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             if args.sources is not None and group.world > 1:
                 raise UserError("--sources: held-out losses run in one process, not under torchrun")
             bandwidth = _bandwidth(args)
-            ds = load_data_from_args(args)
+            ds = _open_stream(args) if args.stream else load_data_from_args(args)
             heldout = _heldout(args, ds)
             estimator = _estimator(args, ds.n)
         curve = estimate_curve(
@@ -232,6 +246,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_stream(args: argparse.Namespace) -> ChunkedDataset:
+    """The --data items read in chunks (--stream), after refusing what streaming does not
+    do."""
+    from lossfloor.data.chunked import open_chunked
+
+    for option, value in (("--xflip", args.xflip), ("--sources", args.sources),
+                          ("--key", args.key), ("--labels-key", args.labels_key)):  # fmt: skip
+        if value:
+            raise UserError(f"{option}: not with --stream (it reads .npy, folders, zips in chunks)")
+    return open_chunked(args.data, limit=args.limit, chunk_mb=args.chunk_mb)
+
+
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
     """--bandwidth, which needs --sources (checked before any work)."""
     from lossfloor.cli.floor import parse_bandwidth
@@ -246,7 +272,7 @@ def _bandwidth(args: argparse.Namespace) -> float | str | None:
     return bandwidth
 
 
-def _heldout(args: argparse.Namespace, ds: Dataset) -> Dataset | None:
+def _heldout(args: argparse.Namespace, ds: Dataset | ChunkedDataset) -> Dataset | None:
     """The --sources dataset, checked against the training data before any work."""
     if args.sources is None:
         return None
@@ -277,7 +303,7 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
     )
 
 
-def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
+def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset) -> None:
     """The table (unless --quiet), the JSON and the plot the options ask for (in that order:
     a failing plot leaves the JSON written)."""
     from lossfloor.cli.common import write_plot
