@@ -151,7 +151,9 @@ def _unpack(
     return data, labels, None
 
 
-def _check_grid(x: torch.Tensor | ChunkedDataset, sigmas: Sequence[float], outer: int | None) -> None:
+def _check_grid(
+    x: torch.Tensor | ChunkedDataset, sigmas: Sequence[float], outer: int | None
+) -> None:
     """A non-empty dataset, a valid σ grid, and M ≥ 2 where M defaults to N."""
     if len(x) < 1:
         raise UserError("the dataset is empty")

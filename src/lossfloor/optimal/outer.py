@@ -331,9 +331,10 @@ class OuterPlan:
         """sha256 of the data and, conditional, of the class partition: with (M, seed,
         conditional) it identifies the draws and the pools."""
         if isinstance(self.data, ChunkedDataset):  # its block fingerprint (summarised)
-            digest = hashlib.sha256(f"chunked|{self.data.sha256}".encode())
+            data = f"chunked|{self.data.sha256}"
         else:
-            digest = hashlib.sha256(fingerprint(self.data.detach().cpu().numpy(), "tensor").encode())
+            data = fingerprint(self.data.detach().cpu().numpy(), "tensor")
+        digest = hashlib.sha256(data.encode())
         if self.conditional:
             for members, _ in self.groups:
                 digest.update(members.numpy().tobytes() + b"|")
