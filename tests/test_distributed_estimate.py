@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_worker import SCENARIOS, estimate
+from shard_worker import SCENARIOS, STATS_ROWS, estimate
 from torchrun import run_workers
 
 import lossfloor.cli
+from lossfloor.data import chunked
 from lossfloor.distributed import Group
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
@@ -67,8 +68,9 @@ def _assert_same_numbers(two: Path, one: Path) -> None:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_two_shards_give_the_numbers_of_one_process(launch, scenario, tmp_path):
+def test_two_shards_give_the_numbers_of_one_process(launch, scenario, tmp_path, monkeypatch):
     out, results = launch
+    monkeypatch.setattr(chunked, "STATS_ROWS", STATS_ROWS)  # as the worker streams
     for rank in (0, 1):
         assert results[rank][scenario]["rc"] == 0, results[rank][scenario]["stderr"]
     one = tmp_path / "one.json"

@@ -91,7 +91,7 @@ def estimate_curve(
     with group.together():
         x, labels, described = _unpack(data, labels, conditional, group)
         _check_grid(x, sigmas, outer)
-        n = x.shape[0]
+        n = len(x)
         plan = OuterPlan.build(x, labels, n if outer is None else outer, seed, conditional)
         for members, _ in plan.groups:
             estimator.check(members.numel())
