@@ -80,7 +80,7 @@ def _curves(spec: str, name: str, draws: str, precision: str = "auto", **stream)
     ("name", "draws"),
     [("full", "tilted"), ("full", "plain"), ("snis", "plain"), ("dol", "plain"), ("cdol", "plain")],
 )
-def test_a_memmapped_npy_gives_the_numbers_of_the_data_in_memory(points, name, draws):
+def test_an_npy_read_in_chunks_gives_the_numbers_of_the_data_in_memory(points, name, draws):
     # chunks of whole tiles and x̄ from one block (N < 4096, the bits of torch's mean): bitwise
     memory, streamed = _curves(str(points), name, draws, chunk_mb=CHUNK_MB)
     assert chunk_rows(CHUNK_MB, D, torch.float32) == 128

@@ -16,6 +16,7 @@ import torch
 from lossfloor.data.formats import (
     ArrayItems,
     Items,
+    NpyFileItems,
     RawData,
     load_edm_zip,
     load_image_folder,
@@ -23,7 +24,6 @@ from lossfloor.data.formats import (
     load_npz,
     open_edm_zip,
     open_image_folder,
-    open_npy,
 )
 from lossfloor.data.sources import NAMED_SOURCES
 from lossfloor.errors import ParameterError, UserError
@@ -184,8 +184,9 @@ def open_items(spec: str, *, limit: int | None = None) -> Items:
     path = Path(spec).expanduser()
     if path.is_dir():
         return open_image_folder(path, limit=limit)
-    opener = open_npy if path.suffix.lower() == ".npy" else open_edm_zip
-    return opener(path, limit=limit)
+    if path.suffix.lower() == ".npy":
+        return NpyFileItems(path, limit)
+    return open_edm_zip(path, limit=limit)
 
 
 def load_dataset(

@@ -23,6 +23,8 @@ EDM's numbered subfolders inside the zip are not classes.
 from __future__ import annotations
 
 import json
+import math
+import os
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -218,6 +220,66 @@ def open_npy(path: Path, *, limit: int | None) -> ArrayItems:
         raise UserError(f"{path} is an .npz archive; rename it to .npz")
     _check_items(arr.shape, str(path))
     return ArrayItems(arr[:limit], None, None, str(path))
+
+
+class NpyFileItems(Items):
+    """Rows of an ``.npy`` file read with positioned reads (``os.pread``) at the offsets its
+    header gives, nothing mapped: the process holds only the rows it reads. (A memory map's
+    touched pages count in the process's resident memory until unmapped, and the whole map in
+    its address space, so a process capped below the file's size could not map it.)"""
+
+    def __init__(self, path: Path, limit: int | None) -> None:
+        try:
+            with path.open("rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0,
+                }.get(version)
+                if read_header is None:
+                    raise ValueError(f"unsupported .npy version {version}")
+                shape, fortran, dtype = read_header(f)
+                self._offset = f.tell()
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{path} is not a readable .npy file ({exc})") from None
+        if dtype.hasobject:
+            raise UserError(f"{path} holds Python objects; give uint8 or float data")
+        if fortran and len(shape) > 1:
+            raise UserError(f"{path} is in Fortran order; save it C-ordered (np.ascontiguousarray)")
+        _check_items(shape, str(path))
+        self.path, self.where, self.labels, self._dtype = path, str(path), None, dtype
+        self._row = dtype.itemsize * math.prod(shape[1:])
+        self._shape = shape[1:]
+        self.n = shape[0] if limit is None else min(limit, shape[0])
+        first, self.scale = canonical_array(self._rows(0, 1), self.where)
+        self.shape, self._canonical_dtype = first.shape[1:], first.dtype
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) as stored (raw layout)."""
+        with self.path.open("rb") as f:
+            buf = os.pread(f.fileno(), (hi - lo) * self._row, self._offset + lo * self._row)
+        if len(buf) != (hi - lo) * self._row:
+            raise UserError(f"{self.where}: the file is truncated (rows {lo}…{hi - 1} missing)")
+        return np.frombuffer(buf, dtype=self._dtype).reshape(hi - lo, *self._shape)
+
+    def _canonical(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.empty((0, *self.shape), dtype=self._canonical_dtype)
+        return canonical_array(rows, self.where)[0]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self._canonical(self._rows(lo, hi) if hi > lo else self._rows(0, 0))
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and not (idx.min() >= 0 and idx.max() < self.n):
+            raise IndexError(f"rows {idx.min()}…{idx.max()} of {self.n}")
+        raw = np.empty((len(idx), *self._shape), dtype=self._dtype)
+        with self.path.open("rb") as f:
+            for i, row in enumerate(idx.tolist()):
+                buf = os.pread(f.fileno(), self._row, self._offset + row * self._row)
+                raw[i] = np.frombuffer(buf, dtype=self._dtype).reshape(self._shape)
+        return self._canonical(raw)
 
 
 def load_npy(path: Path, *, limit: int | None) -> RawData:
