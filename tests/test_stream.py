@@ -198,3 +198,26 @@ def test_what_streaming_does_not_do_is_one_line(points, tmp_path, capsys):
     np.savez(tmp_path / "p.npz", x=np.zeros((3, 2)))
     with pytest.raises(UserError, match="an .npz is read whole"):
         open_chunked(str(tmp_path / "p.npz"))
+
+
+def test_an_npy_is_read_by_rows_in_the_layout_and_scale_of_load_dataset(tmp_path):
+    """Channels-last uint8 images (N×H×W×C) and 3-d gray ones, read by rows, index and whole,
+    are load_dataset's items; a truncated file or Fortran order is one line."""
+    rng = np.random.default_rng(1)
+    for shape in [(23, 6, 5, 3), (23, 6, 5)]:
+        path = tmp_path / f"{len(shape)}.npy"
+        np.save(path, rng.integers(0, 256, size=shape, dtype=np.uint8))
+        ds, data = load_dataset(str(path)), open_chunked(str(path), limit=20)
+        assert (data.n, data.shape) == (20, ds.shape)
+        flat = ds.flat()
+        assert torch.equal(data.rows(3, 11), flat[3:11])
+        assert torch.equal(data.take(torch.tensor([19, 0, 19, 7])), flat[[19, 0, 19, 7]])
+        assert data.rows(5, 5).shape == (0, ds.dim)
+    path = tmp_path / "cut.npy"
+    np.save(path, np.zeros((10, 4), dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(UserError, match="truncated"):
+        open_chunked(str(path)).rows(0, 10)
+    np.save(path, np.asfortranarray(np.zeros((10, 4), dtype=np.float32)))
+    with pytest.raises(UserError, match="Fortran order"):
+        open_chunked(str(path))
