@@ -139,8 +139,9 @@ class ChunkedDataset:
         top = torch.full((blocks,), -math.inf, dtype=torch.float64)
         with group.together():
             for b, x in self._blocks(mine, None):
-                sq = (x - mean).pow(2).sum(dim=1)
-                squares[b, :d] = x.sub_(mean).square_().sum(dim=0)
+                x.sub_(mean).square_()  # in place, as mean_and_variance
+                squares[b, :d] = x.sum(dim=0)
+                sq = x.sum(dim=1)
                 squares[b, d] = sq.sum()
                 top[b] = sq.max()
         group.sum(squares)
