@@ -5,6 +5,7 @@ of the in-memory path from items read in chunks, and reads that never hold more 
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -221,3 +222,17 @@ def test_an_npy_is_read_by_rows_in_the_layout_and_scale_of_load_dataset(tmp_path
     np.save(path, np.asfortranarray(np.zeros((10, 4), dtype=np.float32)))
     with pytest.raises(UserError, match="Fortran order"):
         open_chunked(str(path))
+
+
+def test_data_larger_than_the_memory_budget_is_streamed_and_says_so(points, tmp_path, capsys):
+    out = tmp_path / "auto.json"
+    base = ["estimate", "--data", str(points), "--sigmas", "2", "--outer", "64", "--quiet"]
+    assert lossfloor.cli.main([*base, "--memory-gb", "0.0001", "--out", str(out)]) == 0
+    # 300 × 64 elements × 20 bytes (items, float64 copy, centred rows, keys) = 0.000358 GiB
+    assert "needs ~0.000358 GiB per process in memory, more than" in capsys.readouterr().err
+    assert json.loads(out.read_text())["dataset"]["streamed"] is True
+    assert lossfloor.cli.main([*base, "--memory-gb", "1", "--out", str(out)]) == 0
+    assert "streaming" not in capsys.readouterr().err
+    assert "streamed" not in json.loads(out.read_text())["dataset"]
+    assert lossfloor.cli.main([*base, "--memory-gb", "nan"]) == 2
+    assert "--memory-gb nan: must be a finite number" in capsys.readouterr().err

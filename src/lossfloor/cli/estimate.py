@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from lossfloor.errors import UserError
 if TYPE_CHECKING:
     from lossfloor.data import Dataset
     from lossfloor.data.chunked import ChunkedDataset
+    from lossfloor.distributed import Group
     from lossfloor.optimal import Curve, Estimator
 
 #: Parameters of the Python API that options of another name set (for its errors).
@@ -156,6 +158,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --stream: memory of one chunk of keys, in MiB",
     )
     p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="without --stream: stream anyway (saying so) when the data in memory would need "
+        "more than this many GiB per process (default: the memory available now, divided "
+        "among this machine's processes)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="FILE.json",
@@ -204,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
             if args.sources is not None and group.world > 1:
                 raise UserError("--sources: held-out losses run in one process, not under torchrun")
             bandwidth = _bandwidth(args)
-            ds = _open_stream(args) if args.stream else load_data_from_args(args)
+            # every process streams if one must (they must read the data alike)
+            stream = args.stream or group.any(_too_large(args, group))
+            ds = _open_stream(args) if stream else load_data_from_args(args)
             heldout = _heldout(args, ds)
             estimator = _estimator(args, ds.n)
         curve = estimate_curve(
@@ -256,6 +268,54 @@ def _open_stream(args: argparse.Namespace) -> ChunkedDataset:
         if value:
             raise UserError(f"{option}: not with --stream (it reads .npy, folders, zips in chunks)")
     return open_chunked(args.data, limit=args.limit, chunk_mb=args.chunk_mb)
+
+
+#: Bytes per data element of an in-memory estimate on one process: the float32 items, the
+#: pool's float64 copy while it is built, the float32 centred rows and augmented keys.
+IN_MEMORY_BYTES = 4 + 8 + 4 + 4
+
+
+def _too_large(args: argparse.Namespace, group: Group) -> bool:
+    """Whether the data in memory would need more than --memory-gb (default: the memory
+    available, shared by this machine's processes): then say so and stream. Data that cannot
+    stream (.npz, --xflip, --sources) are loaded as asked."""
+    from lossfloor.data import NAMED_SOURCES
+    from lossfloor.data.dataset import open_items
+
+    if args.memory_gb is not None and not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
+        raise UserError(f"--memory-gb {args.memory_gb}: must be a finite number of GiB > 0")
+    if args.xflip or args.sources or args.key or args.labels_key or args.data in NAMED_SOURCES:
+        return False  # the named sources are small (Fashion-MNIST: ~1 GB in memory)
+    try:
+        items = open_items(args.data, limit=args.limit)
+    except UserError:
+        return False  # loaded as asked, which says what is wrong
+    items.close()
+    elements = items.n * math.prod(items.shape)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # every process holds the items, and its 1/K of the pool
+    need = elements * (4 + (IN_MEMORY_BYTES - 4) / group.world)
+    budget = args.memory_gb * 2**30 if args.memory_gb is not None else _available_bytes() / local
+    if need <= budget:
+        return False
+    if group.main:
+        print(
+            f"lossfloor: {args.data} needs ~{need / 2**30:.3g} GiB per process in memory, more "
+            f"than {budget / 2**30:.3g} GiB: streaming it (--stream)",
+            file=sys.stderr,
+        )
+    return True
+
+
+def _available_bytes() -> float:
+    """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
