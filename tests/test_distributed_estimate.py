@@ -125,6 +125,22 @@ def test_what_does_not_shard_is_refused_on_every_rank(launch):
         assert line in results[rank]["stratified"]["stderr"]
 
 
+def test_each_streaming_process_reads_only_its_shard(launch):
+    """Reads of rows: the first statistics block (every process compares it), the process's
+    statistics blocks (5 of 64 rows: rank 0 the first 2, rank 1 the last 3) and its shard of the
+    kernel's keys (150 rows each); reads by index (sources, tilted neighbours): its shard."""
+    _, results = launch
+    for rank, (blocks, shard) in enumerate([((0, 128), (0, 150)), ((128, 300), (150, 300))]):
+        reads, takes = results[rank]["reads"]["reads"], results[rank]["reads"]["takes"]
+        assert reads[0] == [0, STATS_ROWS]
+        passes = 1 + 2 * (2 + rank)  # the first block, then two passes over 2 or 3 blocks
+        stats, kernel = reads[1:passes], reads[passes:]
+        assert all(blocks[0] <= lo < hi <= blocks[1] for lo, hi in stats), stats
+        assert all(shard[0] <= lo < hi <= shard[1] for lo, hi in kernel), kernel
+        assert sum(hi - lo for lo, hi in kernel) == 2 * 150  # the index, then the σ
+        assert takes and all(shard[0] <= lo <= hi < shard[1] for lo, hi in takes), takes
+
+
 # ----- pieces without a process group -----------------------------------------------------
 def test_rescaled_states_of_disjoint_shards_merge_to_the_whole_softmax():
     """Three shards of keys whose logits lie ~1e3 apart (one near the queries, one far, one
