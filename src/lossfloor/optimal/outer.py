@@ -419,7 +419,7 @@ def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, sources, neighbour table) for one block's tilted draws: the pool's own, or, for a
     sharded pool, the gathered rows of the sources and their neighbours, renumbered into them
     (the same on every σ, so a cached ``TiltBlock`` stays valid)."""
-    if pool.x.shape[0] == pool.n:  # every row in memory
+    if pool.shards == 1 and pool.x.shape[0] == pool.n:  # every row in memory
         return pool.x, sources, pool.neighbours
     table = pool.neighbours.to(sources.device)[sources, : TILT_NEIGHBOURS + 1]
     needed, inverse = torch.unique(table, return_inverse=True)  # column 0: the source itself
