@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +128,7 @@ class ChunkedDataset:
         with group.together():
             for b, x in self._blocks(mine, digests):
                 sums[b] = x.sum(dim=0)
-        group.sum(sums)
+        sums = _reduced(group.sum, sums, group)
         everyone: dict[int, str] = {}
         for part in group.gather(digests):
             everyone.update(part)
@@ -144,8 +145,8 @@ class ChunkedDataset:
                 sq = x.sum(dim=1)
                 squares[b, d] = sq.sum()
                 top[b] = sq.max()
-        group.sum(squares)
-        group.max(top)
+        squares = _reduced(group.sum, squares, group)
+        top = _reduced(group.max, top, group)
         per_element = torch.zeros(d, dtype=torch.float64)
         sq_sum = 0.0
         for b in range(blocks):
@@ -164,7 +165,7 @@ class ChunkedDataset:
         )
         return self._summary
 
-    def _blocks(self, which: range, digests: dict[int, str] | None):
+    def _blocks(self, which: range, digests: dict[int, str] | None) -> Iterator[tuple[int, Tensor]]:
         """(b, float64 rows of block b) for the blocks ``which``; the raw rows' sha256 into
         ``digests``."""
         for b in which:
@@ -187,6 +188,14 @@ class ChunkedDataset:
             "num_classes": self.num_classes,
             "streamed": True,
         }
+
+
+def _reduced(op: Callable[[Tensor], Tensor], tensor: Tensor, group: Group) -> Tensor:
+    """``op`` (``group.sum`` or ``group.max``) of a CPU tensor, on the group's device (NCCL
+    reduces GPU tensors only), back on the CPU."""
+    if group.world == 1:
+        return tensor
+    return op(tensor.to(group.device)).cpu()
 
 
 def open_chunked(
