@@ -147,7 +147,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stream",
         action="store_true",
-        help="data larger than memory: read the items in chunks (.npy memory map, image folder, "
+        help="data larger than memory: read the items in chunks (.npy, image folder, "
         "EDM zip, named source), never all at once; under torchrun each process reads its "
         "shard (full, snis, dol, cdol; docs/distributed.md)",
     )
