@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_worker import SCENARIOS, estimate
+from shard_worker import SCENARIOS, STATS_ROWS, estimate
 from torchrun import run_workers
 
 import lossfloor.cli
+from lossfloor.data import chunked
 from lossfloor.distributed import Group
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
@@ -67,8 +68,9 @@ def _assert_same_numbers(two: Path, one: Path) -> None:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_two_shards_give_the_numbers_of_one_process(launch, scenario, tmp_path):
+def test_two_shards_give_the_numbers_of_one_process(launch, scenario, tmp_path, monkeypatch):
     out, results = launch
+    monkeypatch.setattr(chunked, "STATS_ROWS", STATS_ROWS)  # as the worker streams
     for rank in (0, 1):
         assert results[rank][scenario]["rc"] == 0, results[rank][scenario]["stderr"]
     one = tmp_path / "one.json"
@@ -121,6 +123,22 @@ def test_what_does_not_shard_is_refused_on_every_rank(launch):
         assert results[rank]["stratified"]["rc"] == 2
         line = "the stratified estimator does not run on 2 processes yet"
         assert line in results[rank]["stratified"]["stderr"]
+
+
+def test_each_streaming_process_reads_only_its_shard(launch):
+    """Reads of rows: the first statistics block (every process compares it), the process's
+    statistics blocks (5 of 64 rows: rank 0 the first 2, rank 1 the last 3) and its shard of the
+    kernel's keys (150 rows each); reads by index (sources, tilted neighbours): its shard."""
+    _, results = launch
+    for rank, (blocks, shard) in enumerate([((0, 128), (0, 150)), ((128, 300), (150, 300))]):
+        reads, takes = results[rank]["reads"]["reads"], results[rank]["reads"]["takes"]
+        assert reads[0] == [0, STATS_ROWS]
+        passes = 1 + 2 * (2 + rank)  # the first block, then two passes over 2 or 3 blocks
+        stats, kernel = reads[1:passes], reads[passes:]
+        assert all(blocks[0] <= lo < hi <= blocks[1] for lo, hi in stats), stats
+        assert all(shard[0] <= lo < hi <= shard[1] for lo, hi in kernel), kernel
+        assert sum(hi - lo for lo, hi in kernel) == 2 * 150  # the index, then the σ
+        assert takes and all(shard[0] <= lo <= hi < shard[1] for lo, hi in takes), takes
 
 
 # ----- pieces without a process group -----------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,8 @@ from lossfloor.errors import UserError
 
 if TYPE_CHECKING:
     from lossfloor.data import Dataset
+    from lossfloor.data.chunked import ChunkedDataset
+    from lossfloor.distributed import Group
     from lossfloor.optimal import Curve, Estimator
 
 #: Parameters of the Python API that options of another name set (for its errors).
@@ -142,6 +145,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile, in MiB")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="data larger than memory: read the items in chunks (.npy, image folder, "
+        "EDM zip, named source), never all at once; under torchrun each process reads its "
+        "shard (full, snis, dol, cdol; docs/distributed.md)",
+    )
+    p.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=256.0,
+        help="with --stream: memory of one chunk of keys, in MiB",
+    )
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="without --stream: stream anyway (saying so) when the data in memory would need "
+        "more than this many GiB per process (default: the memory available now, divided "
+        "among this machine's processes)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="FILE.json",
@@ -190,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
             if args.sources is not None and group.world > 1:
                 raise UserError("--sources: held-out losses run in one process, not under torchrun")
             bandwidth = _bandwidth(args)
-            ds = load_data_from_args(args)
+            # every process streams if one must (they must read the data alike)
+            stream = args.stream or group.any(_too_large(args, group))
+            ds = _open_stream(args) if stream else load_data_from_args(args)
             heldout = _heldout(args, ds)
             estimator = _estimator(args, ds.n)
         curve = estimate_curve(
@@ -232,6 +258,66 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_stream(args: argparse.Namespace) -> ChunkedDataset:
+    """The --data items read in chunks (--stream), after refusing what streaming does not
+    do."""
+    from lossfloor.data.chunked import open_chunked
+
+    for option, value in (("--xflip", args.xflip), ("--sources", args.sources),
+                          ("--key", args.key), ("--labels-key", args.labels_key)):  # fmt: skip
+        if value:
+            raise UserError(f"{option}: not with --stream (it reads .npy, folders, zips in chunks)")
+    return open_chunked(args.data, limit=args.limit, chunk_mb=args.chunk_mb)
+
+
+#: Bytes per data element of an in-memory estimate on one process: the float32 items, the
+#: pool's float64 copy while it is built, the float32 centred rows and augmented keys.
+IN_MEMORY_BYTES = 4 + 8 + 4 + 4
+
+
+def _too_large(args: argparse.Namespace, group: Group) -> bool:
+    """Whether the data in memory would need more than --memory-gb (default: the memory
+    available, shared by this machine's processes): then say so and stream. Data that cannot
+    stream (.npz, --xflip, --sources) are loaded as asked."""
+    from lossfloor.data import NAMED_SOURCES
+    from lossfloor.data.dataset import open_items
+
+    if args.memory_gb is not None and not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
+        raise UserError(f"--memory-gb {args.memory_gb}: must be a finite number of GiB > 0")
+    if args.xflip or args.sources or args.key or args.labels_key or args.data in NAMED_SOURCES:
+        return False  # the named sources are small (Fashion-MNIST: ~1 GB in memory)
+    try:
+        items = open_items(args.data, limit=args.limit)
+    except UserError:
+        return False  # loaded as asked, which says what is wrong
+    items.close()
+    elements = items.n * math.prod(items.shape)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # every process holds the items, and its 1/K of the pool
+    need = elements * (4 + (IN_MEMORY_BYTES - 4) / group.world)
+    budget = args.memory_gb * 2**30 if args.memory_gb is not None else _available_bytes() / local
+    if need <= budget:
+        return False
+    if group.main:
+        print(
+            f"lossfloor: {args.data} needs ~{need / 2**30:.3g} GiB per process in memory, more "
+            f"than {budget / 2**30:.3g} GiB: streaming it (--stream)",
+            file=sys.stderr,
+        )
+    return True
+
+
+def _available_bytes() -> float:
+    """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
     """--bandwidth, which needs --sources (checked before any work)."""
     from lossfloor.cli.floor import parse_bandwidth
@@ -246,7 +332,7 @@ def _bandwidth(args: argparse.Namespace) -> float | str | None:
     return bandwidth
 
 
-def _heldout(args: argparse.Namespace, ds: Dataset) -> Dataset | None:
+def _heldout(args: argparse.Namespace, ds: Dataset | ChunkedDataset) -> Dataset | None:
     """The --sources dataset, checked against the training data before any work."""
     if args.sources is None:
         return None
@@ -277,7 +363,7 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
     )
 
 
-def _report(curve: Curve, args: argparse.Namespace, ds: Dataset) -> None:
+def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset) -> None:
     """The table (unless --quiet), the JSON and the plot the options ask for (in that order:
     a failing plot leaves the JSON written)."""
     from lossfloor.cli.common import write_plot

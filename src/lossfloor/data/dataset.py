@@ -14,11 +14,16 @@ import numpy as np
 import torch
 
 from lossfloor.data.formats import (
+    ArrayItems,
+    Items,
+    NpyFileItems,
     RawData,
     load_edm_zip,
     load_image_folder,
     load_npy,
     load_npz,
+    open_edm_zip,
+    open_image_folder,
 )
 from lossfloor.data.sources import NAMED_SOURCES
 from lossfloor.errors import ParameterError, UserError
@@ -101,6 +106,22 @@ def scale_to_unit(values: np.ndarray, divisor: float) -> torch.Tensor:
     return source.to(torch.float32).div_(divisor).sub_(1)
 
 
+def to_unit(values: np.ndarray, scale: str, where: str) -> torch.Tensor:
+    """float32 items in [−1, 1] of unscaled ``values`` (``RawData.scale``): pixel values as
+    ``scale_to_unit``, floats as they are (UserError where they hold NaN or ±inf in float32)."""
+    if scale != "float":
+        return scale_to_unit(values, _DIVISORS[scale])
+    with np.errstate(over="ignore"):  # out-of-range float64 becomes inf, reported below
+        x = torch.from_numpy(np.array(values, dtype=np.float32))
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    if nan or inf:
+        raise UserError(
+            f"{where}: the data holds {nan} NaN and {inf} infinite values (in float32); "
+            "remove or replace them"
+        )
+    return x
+
+
 def mean_and_variance(x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
     """Mean of all elements, and the per-element variance across items (1/N) averaged over
     elements — the optimal per-element x0 loss as σ → ∞. Accumulated in float64, in chunks
@@ -145,6 +166,29 @@ def _reader(spec: str) -> tuple[Callable[..., RawData], bool]:
     raise UserError(f"unknown dataset {spec!r}: use one of {names}, or a path to {FILE_KINDS}")
 
 
+def open_items(spec: str, *, limit: int | None = None) -> Items:
+    """The items of ``spec`` read by rows (``formats.Items``), nothing decoded yet: a named
+    source's cached memory map, an ``.npy`` memory map, an image folder or an EDM zip. An
+    ``.npz`` is refused (its arrays are read whole)."""
+    if limit is not None and limit < 1:
+        raise ParameterError("limit", limit, "must be at least 1 (leave it out to use all items)")
+    if spec in NAMED_SOURCES:
+        raw = NAMED_SOURCES[spec](limit)
+        return ArrayItems(raw.values, raw.scale, raw.labels, spec)
+    read, is_npz = _reader(spec)
+    if is_npz:
+        raise UserError(
+            f"{spec}: an .npz is read whole; to stream it, save its array as .npy "
+            "(np.save) and give that"
+        )
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return open_image_folder(path, limit=limit)
+    if path.suffix.lower() == ".npy":
+        return NpyFileItems(path, limit)
+    return open_edm_zip(path, limit=limit)
+
+
 def load_dataset(
     spec: str,
     *,
@@ -166,17 +210,7 @@ def load_dataset(
     else:
         raw = read(limit=limit)
     values = raw.values
-    if raw.scale == "float":
-        with np.errstate(over="ignore"):  # out-of-range float64 becomes inf, reported below
-            x = torch.from_numpy(np.array(values, dtype=np.float32))
-        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-        if nan or inf:
-            raise UserError(
-                f"{spec}: the data holds {nan} NaN and {inf} infinite values (in float32); "
-                "remove or replace them"
-            )
-    else:
-        x = scale_to_unit(values, _DIVISORS[raw.scale])
+    x = to_unit(values, raw.scale, spec)
     labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
     if xflip:
         if x.ndim != 4:

@@ -23,9 +23,12 @@ EDM's numbered subfolders inside the zip are not classes.
 from __future__ import annotations
 
 import json
+import math
+import os
 import zipfile
 import zlib
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
@@ -155,19 +158,167 @@ def _npz_member(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read array {key!r} ({exc})") from None
 
 
-def load_npy(path: Path, *, limit: int | None) -> RawData:
-    """Memory-map the file and read only the first ``limit`` rows."""
+class Items(ABC):
+    """A file's items in canonical layout, unscaled, read by rows: ``read(lo, hi)`` and
+    ``take(idx)`` return only the rows asked for, so a caller bounds its memory by what it asks
+    (``data.chunked``); the loaders below read all rows at once through the same calls."""
+
+    n: int  # number of items (after ``limit``)
+    shape: tuple[int, ...]  # one item's canonical shape
+    scale: str  # "uint8" | "float" (RawData.scale)
+    labels: np.ndarray | None  # int64, shape n
+    where: str  # the file, for messages
+
+    @abstractmethod
+    def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The items at ``idx`` (any order, repeats allowed), canonical, unscaled."""
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Items [lo, hi), canonical, unscaled."""
+        return self.take(np.arange(lo, hi))
+
+    def raw(self) -> RawData:
+        """Every item, in memory."""
+        return RawData(self.read(0, self.n), self.labels, self.scale)
+
+    def close(self) -> None:  # noqa: B027 (most items hold nothing to close)
+        """Release what the items hold open (a zip)."""
+
+
+class ArrayItems(Items):
+    """Rows of an array (an ``.npy`` memory map, a cached named source): each read converts only
+    its rows to the canonical layout and dtype (``canonical_array``; an integer array's range is
+    checked on the rows read)."""
+
+    def __init__(
+        self, values: np.ndarray, scale: str | None, labels: np.ndarray | None, where: str
+    ) -> None:
+        _check_items(values.shape, where)
+        first, found = canonical_array(np.asarray(values[:1]), where)
+        self.values, self.where, self.labels = values, where, labels
+        self.n, self.shape, self.scale = len(values), first.shape[1:], scale or found
+        self._dtype = first.dtype
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self._canonical(np.array(self.values[lo:hi]))
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._canonical(self.values[np.asarray(idx, dtype=np.int64)])
+
+    def _canonical(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.empty((0, *self.shape), dtype=self._dtype)
+        values, _ = canonical_array(rows, self.where)
+        return values
+
+
+def open_npy(path: Path, *, limit: int | None) -> ArrayItems:
+    """The first ``limit`` rows of an ``.npy`` file, memory-mapped (nothing read yet)."""
     arr = _np_load(path, ".npy", mmap_mode="r")
     if not isinstance(arr, np.ndarray):
         arr.close()
         raise UserError(f"{path} is an .npz archive; rename it to .npz")
     _check_items(arr.shape, str(path))
-    values, scale = canonical_array(np.array(arr[:limit]), str(path))
-    return RawData(values, None, scale)
+    return ArrayItems(arr[:limit], None, None, str(path))
 
 
-def load_image_folder(path: Path, *, limit: int | None) -> RawData:
-    """Decode the first ``limit`` images below ``path`` (see the module docstring for labels)."""
+class NpyFileItems(Items):
+    """Rows of an ``.npy`` file read with positioned reads (``os.pread``) at the offsets its
+    header gives, nothing mapped: the process holds only the rows it reads. (A memory map's
+    touched pages count in the process's resident memory until unmapped, and the whole map in
+    its address space, so a process capped below the file's size could not map it.)"""
+
+    def __init__(self, path: Path, limit: int | None) -> None:
+        try:
+            with path.open("rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0,
+                }.get(version)
+                if read_header is None:
+                    raise ValueError(f"unsupported .npy version {version}")
+                shape, fortran, dtype = read_header(f)
+                self._offset = f.tell()
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{path} is not a readable .npy file ({exc})") from None
+        if dtype.hasobject:
+            raise UserError(f"{path} holds Python objects; give uint8 or float data")
+        if fortran and len(shape) > 1:
+            raise UserError(f"{path} is in Fortran order; save it C-ordered (np.ascontiguousarray)")
+        _check_items(shape, str(path))
+        self.path, self.where, self.labels, self._dtype = path, str(path), None, dtype
+        self._row = dtype.itemsize * math.prod(shape[1:])
+        self._shape = shape[1:]
+        self.n = shape[0] if limit is None else min(limit, shape[0])
+        first, self.scale = canonical_array(self._rows(0, 1), self.where)
+        self.shape, self._canonical_dtype = first.shape[1:], first.dtype
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) as stored (raw layout)."""
+        with self.path.open("rb") as f:
+            buf = os.pread(f.fileno(), (hi - lo) * self._row, self._offset + lo * self._row)
+        if len(buf) != (hi - lo) * self._row:
+            raise UserError(f"{self.where}: the file is truncated (rows {lo}…{hi - 1} missing)")
+        return np.frombuffer(buf, dtype=self._dtype).reshape(hi - lo, *self._shape)
+
+    def _canonical(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.empty((0, *self.shape), dtype=self._canonical_dtype)
+        return canonical_array(rows, self.where)[0]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self._canonical(self._rows(lo, hi) if hi > lo else self._rows(0, 0))
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and not (idx.min() >= 0 and idx.max() < self.n):
+            raise IndexError(f"rows {idx.min()}…{idx.max()} of {self.n}")
+        raw = np.empty((len(idx), *self._shape), dtype=self._dtype)
+        with self.path.open("rb") as f:
+            for i, row in enumerate(idx.tolist()):
+                buf = os.pread(f.fileno(), self._row, self._offset + row * self._row)
+                raw[i] = np.frombuffer(buf, dtype=self._dtype).reshape(self._shape)
+        return self._canonical(raw)
+
+
+def load_npy(path: Path, *, limit: int | None) -> RawData:
+    """Memory-map the file and read only the first ``limit`` rows."""
+    return open_npy(path, limit=limit).raw()
+
+
+class ImageItems(Items):
+    """Image files (of a folder or a zip), decoded when their rows are read; the first image
+    (decoded on opening) fixes the size and mode every other must have."""
+
+    def __init__(
+        self,
+        files: list[tuple[str, Callable[[], IO[bytes]]]],
+        labels: np.ndarray | None,
+        where: str,
+        close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.files, self.labels, self.where, self._close = files, labels, where, close
+        self.n, self.scale = len(files), "uint8"
+        try:
+            self.shape = _decode_images(files[:1], where).shape[1:]
+        except UserError:
+            close()
+            raise
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        chosen = [self.files[int(i)] for i in idx]
+        return _decode_images(chosen, self.where, (self.files[0][0], self.shape))
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return _decode_images(self.files[lo:hi], self.where, (self.files[0][0], self.shape))
+
+    def close(self) -> None:
+        self._close()
+
+
+def open_image_folder(path: Path, *, limit: int | None) -> ImageItems:
+    """The first ``limit`` images below ``path`` (see the module docstring for labels)."""
     files = sorted(
         p.relative_to(path).as_posix()
         for p in path.rglob("*")
@@ -184,27 +335,46 @@ def load_image_folder(path: Path, *, limit: int | None) -> RawData:
     else:
         labels = None
     files = files[:limit]
-    images = _decode_images([(f, lambda f=f: (path / f).open("rb")) for f in files], str(path))
-    return RawData(images, None if labels is None else labels[:limit], "uint8")
+    openers = [(f, lambda f=f: (path / f).open("rb")) for f in files]
+    return ImageItems(openers, None if labels is None else labels[:limit], str(path))
 
 
-def load_edm_zip(path: Path, *, limit: int | None) -> RawData:
-    """Decode the first ``limit`` images of an EDM-style zip; labels from its dataset.json."""
+def load_image_folder(path: Path, *, limit: int | None) -> RawData:
+    """Decode the first ``limit`` images below ``path`` (see the module docstring for labels)."""
+    return open_image_folder(path, limit=limit).raw()
+
+
+def open_edm_zip(path: Path, *, limit: int | None) -> ImageItems:
+    """The first ``limit`` images of an EDM-style zip (labels from its dataset.json); the zip
+    stays open while the items are referenced."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{path} is not a readable zip file ({exc})") from None
-    with zf:
-        names = zf.namelist()
-        files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"{path}: the zip holds no PNG/JPEG images")
-        labels = None
-        if _LABELS_FILE in names:
+    names = zf.namelist()
+    files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        zf.close()
+        raise UserError(f"{path}: the zip holds no PNG/JPEG images")
+    labels = None
+    if _LABELS_FILE in names:
+        try:
             labels = _labels_from_json(_zip_read(zf, _LABELS_FILE, path), files, str(path))
-        files = files[:limit]
-        images = _decode_images([(f, lambda f=f: zf.open(f)) for f in files], str(path))
-    return RawData(images, None if labels is None else labels[:limit], "uint8")
+        except UserError:
+            zf.close()
+            raise
+    files = files[:limit]
+    openers = [(f, lambda f=f: zf.open(f)) for f in files]
+    return ImageItems(openers, None if labels is None else labels[:limit], str(path), zf.close)
+
+
+def load_edm_zip(path: Path, *, limit: int | None) -> RawData:
+    """Decode the first ``limit`` images of an EDM-style zip; labels from its dataset.json."""
+    items = open_edm_zip(path, limit=limit)
+    try:
+        return items.raw()
+    finally:
+        items.close()
 
 
 def _zip_read(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
@@ -247,12 +417,17 @@ def _describe(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[2]} {'gray' if shape[0] == 1 else 'RGB'}"
 
 
-def _decode_images(items: list[tuple[str, Callable[[], IO[bytes]]]], where: str) -> np.ndarray:
-    """Stack decoded images into N×C×H×W uint8; all must share one size and channel count."""
+def _decode_images(
+    items: list[tuple[str, Callable[[], IO[bytes]]]],
+    where: str,
+    like: tuple[str, tuple[int, ...]] | None = None,
+) -> np.ndarray:
+    """Stack decoded images into N×C×H×W uint8; all must share one size and channel count (that
+    of ``like``, (name, C×H×W) of a first image, where given)."""
     from PIL import Image
 
-    out: np.ndarray | None = None
-    first = ""
+    out = np.empty((len(items), *like[1]), dtype=np.uint8) if like is not None else None
+    first = "" if like is None else like[0]
     for i, (name, open_file) in enumerate(items):
         try:
             with open_file() as f, Image.open(f) as image:

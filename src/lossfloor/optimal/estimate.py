@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lossfloor.data import Dataset, mean_and_variance
+from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.diffusion import Process, Target
 from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
@@ -53,7 +54,7 @@ CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/1"
 
 
 def estimate_curve(
-    data: torch.Tensor | Dataset,
+    data: torch.Tensor | Dataset | ChunkedDataset,
     sigmas: Sequence[float],
     estimator: Estimator,
     *,
@@ -88,15 +89,15 @@ def estimate_curve(
     """
     group = current(device)
     with group.together():
-        x, labels, described = _unpack(data, labels, conditional)
+        x, labels, described = _unpack(data, labels, conditional, group)
         _check_grid(x, sigmas, outer)
-        n = x.shape[0]
+        n = len(x)
         plan = OuterPlan.build(x, labels, n if outer is None else outer, seed, conditional)
         for members, _ in plan.groups:
             estimator.check(members.numel())
         base_dtype(precision)  # an unknown policy fails before any work
         draws = resolve_draws(draws, estimator)
-        check_sharded(estimator, conditional, group)
+        check_sharded(estimator, conditional, group, streamed=isinstance(x, ChunkedDataset))
     options = {
         "estimator": estimator.to_config(),
         "outer": plan.outer,
@@ -123,9 +124,8 @@ def estimate_curve(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
         process, target, saved, progress and group.main, draws, group,
     )  # fmt: skip
-    curve = Curve(
-        points=tuple(points), data_variance=mean_and_variance(x)[1], dataset=described, **options
-    )
+    variance = x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1]
+    curve = Curve(points=tuple(points), data_variance=variance, dataset=described, **options)
     if schedule is not None:
         curve = dataclasses.replace(curve, total=curve.total_under(schedule))
     if saved is not None:
@@ -134,24 +134,33 @@ def estimate_curve(
 
 
 def _unpack(
-    data: torch.Tensor | Dataset, labels: torch.Tensor | None, conditional: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+    data: torch.Tensor | Dataset | ChunkedDataset,
+    labels: torch.Tensor | None,
+    conditional: bool,
+    group: Group,
+) -> tuple[torch.Tensor | ChunkedDataset, torch.Tensor | None, dict | None]:
     """(items, labels, the dataset's description for the result or None) of a tensor or a
-    Dataset (whose labels serve unless ``labels`` are given)."""
-    if isinstance(data, Dataset):
+    Dataset (whose labels serve unless ``labels`` are given), or a ChunkedDataset (summarised
+    here: one pass over its blocks, split over the processes)."""
+    if isinstance(data, ChunkedDataset):
+        data.summarise(group)
+    if isinstance(data, Dataset | ChunkedDataset):
         described = {**data.describe(), "conditional": conditional}
-        return data.x, data.labels if labels is None else labels, described
+        items = data if isinstance(data, ChunkedDataset) else data.x
+        return items, data.labels if labels is None else labels, described
     return data, labels, None
 
 
-def _check_grid(x: torch.Tensor, sigmas: Sequence[float], outer: int | None) -> None:
+def _check_grid(
+    x: torch.Tensor | ChunkedDataset, sigmas: Sequence[float], outer: int | None
+) -> None:
     """A non-empty dataset, a valid σ grid, and M ≥ 2 where M defaults to N."""
-    if x.shape[0] < 1:
+    if len(x) < 1:
         raise UserError("the dataset is empty")
     check_sigmas(sigmas)
-    if outer is None and x.shape[0] < 2:
+    if outer is None and len(x) < 2:
         raise ParameterError(
-            "outer", None, f"the dataset has {x.shape[0]} item and M defaults to N; a standard "
+            "outer", None, f"the dataset has {len(x)} item and M defaults to N; a standard "
             "error needs M ≥ 2 outer samples: give M or more data",
         )  # fmt: skip
 

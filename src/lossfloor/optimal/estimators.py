@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ from lossfloor.optimal.kernel import (
     SoftmaxState,
     accumulate_softmax,
     augment,
+    keys_per_tile,
 )
 from lossfloor.registry import Registry
 
@@ -103,6 +105,37 @@ class Pool:
     def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(the kernel's keys, their pool indices) of those of ``idx`` that this pool holds."""
         return self.aug[idx], idx
+
+    def key_chunks(self, step: int, idx: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """(the kernel's keys, their pool indices) of this pool's rows, or of those of ``idx``
+        it holds, in order, in chunks of a multiple of ``step`` rows where they are read in
+        chunks (``stream.StreamedPool``; here: one chunk)."""
+        if idx is None:
+            first, device = self.first, self.aug.device
+            yield self.aug, torch.arange(first, first + self.aug.shape[0], device=device)
+        else:
+            yield self.keys_of(idx)
+
+    def accumulate(
+        self,
+        queries: Tensor,
+        sigma: float,
+        idx: Tensor | None = None,
+        exclude: Tensor | None = None,
+        tile_bytes: int = DEFAULT_TILE_BYTES,
+    ) -> SoftmaxState:
+        """This pool's softmax state of ``queries`` over its keys (or those of the pool indices
+        ``idx``; key n masked for query b where n = exclude[b]), before ``merge``: each of
+        ``key_chunks`` continues the state of the chunks before it."""
+        b, d = queries.shape
+        state = SoftmaxState.empty(b, d, queries.dtype, queries.device)
+        step = keys_per_tile(b, queries.element_size(), tile_bytes)
+        for keys, ids in self.key_chunks(step, idx):
+            state = accumulate_softmax(
+                queries, None, sigma, keys_aug=keys, key_ids=ids.to(keys.device),
+                exclude_ids=exclude, state=state, tile_bytes=tile_bytes,
+            )  # fmt: skip
+        return state
 
     def merge(self, state: SoftmaxState) -> SoftmaxState:
         """The softmax state over every shard's keys from this pool's (here: ``state``)."""
@@ -193,8 +226,7 @@ class Full(Estimator):
     def posterior_mean(
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
-        state = accumulate_softmax(queries, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
-        return pool.merge(state).mean()
+        return pool.merge(pool.accumulate(queries, sigma, tile_bytes=tile_bytes)).mean()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,17 +313,7 @@ class Subset(Estimator):
                 exclude = src
                 if spare:  # the spare point is dropped where the source did not take a slot
                     exclude = torch.where(torch.isin(src, idx), src, idx[-1])
-            keys, ids = pool.keys_of(idx)
-            state = accumulate_softmax(
-                q,
-                None,
-                sigma,
-                keys_aug=keys,
-                key_ids=ids,
-                exclude_ids=exclude,
-                tile_bytes=tile_bytes,
-            )
-            states.append(state)
+            states.append(pool.accumulate(q, sigma, idx, exclude, tile_bytes))
         return SoftmaxState(
             m=torch.cat([s.m for s in states]),
             z=torch.cat([s.z for s in states]),

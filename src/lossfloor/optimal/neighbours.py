@@ -56,15 +56,15 @@ def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAU
         best_s = torch.full((r.numel(), 0), -torch.inf, dtype=q.dtype, device=q.device)
         best_i = torch.empty((r.numel(), 0), dtype=torch.long, device=q.device)
         step = keys_per_tile(r.numel(), q.element_size(), tile_bytes)
-        for start in range(0, pool.x.shape[0], step):
-            scores = q @ pool.aug[start : start + step].T  # B×chunk: s_ij
-            first = pool.first + start
-            ids = torch.arange(first, first + scores.shape[1], device=q.device)
-            scores.masked_fill_(ids[None, :] == r[:, None], -torch.inf)  # not itself
-            vals, pos = _top_in_index_order(scores, k)
-            best_s, best_i = _merge(
-                torch.cat([best_s, vals], 1), torch.cat([best_i, ids[pos]], 1), k
-            )
+        for keys, key_ids in pool.key_chunks(step):  # the pool's rows (read per chunk)
+            for start in range(0, keys.shape[0], step):
+                scores = q @ keys[start : start + step].T  # B×chunk: s_ij
+                ids = key_ids[start : start + step].to(q.device)
+                scores.masked_fill_(ids[None, :] == r[:, None], -torch.inf)  # not itself
+                vals, pos = _top_in_index_order(scores, k)
+                best_s, best_i = _merge(
+                    torch.cat([best_s, vals], 1), torch.cat([best_i, ids[pos]], 1), k
+                )
         if pool.shards > 1:  # a shard may hold fewer than k points: pad, then merge
             pad = k - best_s.shape[1]
             best_s = torch.nn.functional.pad(best_s, (0, pad), value=-torch.inf)

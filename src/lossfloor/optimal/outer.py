@@ -18,12 +18,14 @@ from functools import cached_property
 
 import torch
 
+from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.data.dataset import fingerprint
 from lossfloor.distributed import Group
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.estimators import Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
 from lossfloor.optimal.shard import ShardedPool
+from lossfloor.optimal.stream import StreamedPool
 from lossfloor.seeding import generator_for
 
 Tensor = torch.Tensor
@@ -293,15 +295,20 @@ class OuterPlan:
 
     sources: Tensor
     groups: list[tuple[Tensor, Tensor]]  # (global indices of the class, its pool index map)
-    data: Tensor
+    data: Tensor | ChunkedDataset  # chunked: read per chunk (``stream.StreamedPool``)
     seed: int
     conditional: bool
 
     @classmethod
     def build(
-        cls, data: Tensor, labels: Tensor | None, m: int, seed: int, conditional: bool
+        cls,
+        data: Tensor | ChunkedDataset,
+        labels: Tensor | None,
+        m: int,
+        seed: int,
+        conditional: bool,
     ) -> OuterPlan:
-        n = data.shape[0]
+        n = len(data)
         check_outer(m)
         check_seed(seed)
         if conditional and labels is None:
@@ -323,7 +330,11 @@ class OuterPlan:
     def fingerprint(self) -> str:
         """sha256 of the data and, conditional, of the class partition: with (M, seed,
         conditional) it identifies the draws and the pools."""
-        digest = hashlib.sha256(fingerprint(self.data.detach().cpu().numpy(), "tensor").encode())
+        if isinstance(self.data, ChunkedDataset):  # its block fingerprint (summarised)
+            data = f"chunked|{self.data.sha256}"
+        else:
+            data = fingerprint(self.data.detach().cpu().numpy(), "tensor")
+        digest = hashlib.sha256(data.encode())
         if self.conditional:
             for members, _ in self.groups:
                 digest.update(members.numpy().tobytes() + b"|")
@@ -358,7 +369,7 @@ def per_sample_values(
     (w the likelihood ratio): their means estimate J* like the plain draws'. ``tilt_cache``
     keeps each block's ``TiltBlock`` for the next σ."""
     m = plan.sources.numel()
-    dim = plan.data[0].numel()
+    dim = pools[0].dim
     closed = torch.empty(m, dtype=torch.float64)
     direct = torch.empty(m, dtype=torch.float64)
     for j in range(plan.blocks):
@@ -408,7 +419,7 @@ def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, sources, neighbour table) for one block's tilted draws: the pool's own, or, for a
     sharded pool, the gathered rows of the sources and their neighbours, renumbered into them
     (the same on every σ, so a cached ``TiltBlock`` stays valid)."""
-    if pool.shards == 1:
+    if pool.shards == 1 and pool.x.shape[0] == pool.n:  # every row in memory
         return pool.x, sources, pool.neighbours
     table = pool.neighbours.to(sources.device)[sources, : TILT_NEIGHBOURS + 1]
     needed, inverse = torch.unique(table, return_inverse=True)  # column 0: the source itself
@@ -423,7 +434,10 @@ def make_pools(
 ) -> list[Pool]:
     """One centred pool per group (the whole set, or each class; a group of every point reads
     the data as they are, without a gathered copy); with a ``group`` of K > 1 processes, this
-    process's shard of the whole set (``shard.ShardedPool``)."""
+    process's shard of the whole set (``shard.ShardedPool``); of a ``ChunkedDataset``, its keys
+    read per chunk (``stream.StreamedPool``, this process's shard)."""
+    if isinstance(plan.data, ChunkedDataset):
+        return [StreamedPool.from_stream(plan.data, dtype, device, group or Group())]
     if group is not None and group.world > 1:
         return [ShardedPool.from_shard(plan.data, dtype, device, group)]
     n = plan.data.shape[0]

@@ -104,6 +104,8 @@ class ShardedPool(Pool):
 
     def merge(self, state: SoftmaxState) -> SoftmaxState:
         """m = max_r m_r, then Σ_r of each state rescaled to m (``kernel.rescaled``)."""
+        if self.group.world == 1:
+            return state
         m = self.group.max(state.m.clone())
         own = rescaled(state, m)
         both = self.group.sum(torch.cat([own.z[:, None], own.acc], dim=1))
@@ -113,9 +115,12 @@ class ShardedPool(Pool):
         return self.group.cat(columns, dim=1)
 
 
-def check_sharded(estimator: Estimator, conditional: bool, group: Group) -> None:
-    """UserError (before any work) for what does not run on K > 1 sharded processes yet."""
-    if group.world == 1:
+def check_sharded(
+    estimator: Estimator, conditional: bool, group: Group, streamed: bool = False
+) -> None:
+    """UserError (before any work) for what does not run on K > 1 sharded processes yet, or
+    on a chunked dataset (``streamed``: the pools are read per chunk, ``stream.StreamedPool``)."""
+    if group.world == 1 and not streamed:
         return
     why = None
     if conditional:
@@ -124,6 +129,11 @@ def check_sharded(estimator: Estimator, conditional: bool, group: Group) -> None
         why = "the stratified estimator"
     elif isinstance(estimator, Subset) and estimator.layout != "shared":
         why = f"the {estimator.layout} layout of {estimator.name}"
+    if why is not None and streamed:
+        raise UserError(
+            f"{why} does not run on streamed data (--stream) yet; load the data in memory "
+            "(streamed: full, snis, dol, cdol with the shared layout, plain or tilted draws)"
+        )
     if why is not None:
         raise UserError(
             f"{why} does not run on {group.world} processes yet; run it in one process "

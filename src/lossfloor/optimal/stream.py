@@ -1,0 +1,114 @@
+"""Streamed estimation: a pool whose keys are read from a ``ChunkedDataset`` chunk by chunk.
+
+For every outer block, ``StreamedPool.key_chunks`` reads this process's rows in chunks,
+centres them with the global x̄ (float64, as ``Pool.from_data`` centres them), casts and
+augments them (``kernel.augment``), and ``Pool.accumulate`` folds each chunk into the block's
+softmax state (``accumulate_softmax(..., state=...)``). Rows asked for by index (the draws'
+sources and their neighbours, the random inner sets of snis/dol/cdol) are read by index.
+Memory: one chunk of keys (``chunk_mb``: its float32 rows, their float64 centred copy and the
+augmented keys) plus the kernel's tile and one outer block, never N×D.
+
+A chunk holds a multiple of the kernel's tile (``keys_per_tile``) where ``chunk_mb`` allows
+one, so the tiles are those of the in-memory pool and, with the same x̄, the numbers are the
+same bits (x̄ is Σ/N over 4096-row blocks here, torch's mean in memory: the same bits for pixel
+data, whose float64 sums are exact, and within a few float64 ulps for float data).
+
+Under torchrun it is a ``ShardedPool``: each process reads only its rows [⌊rN/K⌋, ⌊(r+1)N/K⌋)
+(and its 1/K of the statistics pass), the states merge as there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lossfloor.data.chunked import ChunkedDataset
+from lossfloor.distributed import Group
+from lossfloor.optimal.kernel import augment
+from lossfloor.optimal.shard import ShardedPool
+
+Tensor = torch.Tensor
+
+
+def chunk_rows(chunk_mb: float, dim: int, dtype: torch.dtype) -> int:
+    """Rows of one chunk of ``chunk_mb`` MiB: each row's float32 values, float64 centred copy,
+    its cast and its augmented key (≈ (12 + 2·itemsize)·D bytes)."""
+    per_row = (12 + 2 * dtype.itemsize) * dim
+    return max(1, int(chunk_mb * 2**20) // per_row)
+
+
+@dataclass
+class StreamedPool(ShardedPool):
+    """This process's rows [start, stop) of a ``ChunkedDataset``, read when the kernel needs
+    them. ``x``, ``sq`` and ``aug`` hold no rows (they carry the dtype, device and widths)."""
+
+    data: ChunkedDataset | None = None
+    stop: int = 0
+    chunk: int = 1  # rows per chunk
+
+    @classmethod
+    def from_stream(
+        cls, data: ChunkedDataset, dtype: torch.dtype, device: torch.device | str, group: Group
+    ) -> StreamedPool:
+        """The pool of ``data`` (summarised) on this process's shard of ``group``."""
+        s = data.summary
+        start, stop = group.shard(data.n)
+        empty = torch.empty(0, data.dim, dtype=dtype, device=device)
+        return cls(
+            x=empty,
+            sq=empty[:, 0],
+            mean=s.mean.to(device),
+            a=s.sq_sum / data.n,
+            max_sq=s.sq_max,
+            aug=augment(empty),
+            group=group,
+            start=start,
+            total=data.n,
+            data=data,
+            stop=stop,
+            chunk=chunk_rows(data.chunk_mb, data.dim, dtype),
+        )
+
+    def _held(self, idx: Tensor) -> Tensor:
+        return (idx >= self.start) & (idx < self.stop)
+
+    def _centred(self, rows: Tensor) -> Tensor:
+        """x − x̄ in float64 (the float32 rows are freed by the caller)."""
+        return rows.to(device=self.mean.device, dtype=torch.float64).sub_(self.mean)
+
+    def _keys(self, rows: Tensor) -> Tensor:
+        return augment(self._centred(rows).to(self.x.dtype))
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices: this process reads those it holds, one
+        all-reduce sum on K > 1 processes."""
+        d = self.dim
+        out = torch.zeros(idx.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
+        held = self._held(idx)
+        if bool(held.any()):
+            xc = self._centred(self.data.take(idx[held]))
+            out[held, d] = xc.pow(2).sum(dim=1).to(self.x.dtype)
+            out[held, :d] = xc.to(self.x.dtype)
+        self.group.sum(out)
+        return out[:, :d], out[:, d]
+
+    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        held = idx[self._held(idx)]
+        return self._keys(self.data.take(held)), held
+
+    def key_chunks(self, step: int, idx: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Keys read and augmented per chunk: a multiple of ``step`` rows where the chunk holds
+        one (the in-memory pool's tiles), else ``chunk`` rows."""
+        size = self.chunk if self.chunk < step else self.chunk // step * step
+        device = self.x.device
+        if idx is None:
+            for lo in range(self.start, self.stop, size):
+                hi = min(self.stop, lo + size)
+                yield self._keys(self.data.rows(lo, hi)), torch.arange(lo, hi, device=device)
+            return
+        held = idx[self._held(idx)]
+        for lo in range(0, held.numel(), size):
+            part = held[lo : lo + size]
+            yield self._keys(self.data.take(part)), part

@@ -1,0 +1,238 @@
+"""Streamed estimation (``estimate --stream``, ``data.chunked``, ``optimal.stream``): the numbers
+of the in-memory path from items read in chunks, and reads that never hold more than a chunk.
+(Two processes streaming their shards: tests/test_distributed_estimate.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lossfloor.cli
+from lossfloor.data import chunked as chunked_module
+from lossfloor.data import load_dataset, mean_and_variance
+from lossfloor.data.chunked import ChunkedDataset, open_chunked
+from lossfloor.data.formats import Items
+from lossfloor.distributed import Group
+from lossfloor.errors import UserError
+from lossfloor.optimal import estimate_curve, make_estimator
+from lossfloor.optimal.estimators import Pool
+from lossfloor.optimal.stream import StreamedPool, chunk_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: The per-σ numbers of a curve (not its timings).
+NUMBERS = ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr")
+NUMBERS += ("combined_weight_closed", "ess", "dtype")
+
+N, D, SIGMAS = 300, 64, [0.5, 2.0]
+#: A tile of 64 keys for a block of 300 float32 queries; chunks of 2 tiles (128 rows).
+TILE_BYTES = 64 * 4 * N
+CHUNK_MB = 128 * (12 + 2 * 4) * D / 2**20
+
+
+@pytest.fixture(scope="module")
+def points(tmp_path_factory) -> Path:
+    """300 Gaussian points in 64 dims (general position), float32, as an .npy file."""
+    path = tmp_path_factory.mktemp("stream") / "points.npy"
+    g = torch.Generator().manual_seed(3)
+    np.save(path, (0.5 * torch.randn(N, D, generator=g)).numpy())
+    return path
+
+
+class Counting(Items):
+    """Items that record the rows of every read and take of the items they wrap."""
+
+    def __init__(self, inner: Items) -> None:
+        self.inner, self.reads, self.takes = inner, [], []
+        self.n, self.shape, self.scale = inner.n, inner.shape, inner.scale
+        self.labels, self.where = inner.labels, inner.where
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        self.reads.append(hi - lo)
+        return self.inner.read(lo, hi)
+
+    def take(self, idx) -> np.ndarray:
+        self.takes.append(len(idx))
+        return self.inner.take(idx)
+
+
+def _numbers(curve) -> list[dict]:
+    return [{k: getattr(p, k) for k in ("sigma", *NUMBERS)} for p in curve.points]
+
+
+def _curves(spec: str, name: str, draws: str, precision: str = "auto", **stream):
+    """(in memory, streamed) curves of ``spec`` for estimator ``name``, M = N."""
+    ds = load_dataset(spec)
+    est = make_estimator(name, ds.n)
+    opts = dict(draws=draws, precision=precision, tile_bytes=TILE_BYTES, progress=False)
+    memory = estimate_curve(ds, SIGMAS, est, **opts)
+    streamed = estimate_curve(open_chunked(spec, **stream), SIGMAS, est, **opts)
+    return memory, streamed
+
+
+@pytest.mark.parametrize(
+    ("name", "draws"),
+    [("full", "tilted"), ("full", "plain"), ("snis", "plain"), ("dol", "plain"), ("cdol", "plain")],
+)
+def test_an_npy_read_in_chunks_gives_the_numbers_of_the_data_in_memory(points, name, draws):
+    # chunks of whole tiles and x̄ from one block (N < 4096, the bits of torch's mean): bitwise
+    memory, streamed = _curves(str(points), name, draws, chunk_mb=CHUNK_MB)
+    assert chunk_rows(CHUNK_MB, D, torch.float32) == 128
+    assert _numbers(streamed) == _numbers(memory)
+    assert streamed.data_variance == memory.data_variance
+    assert streamed.dataset == {
+        **memory.dataset,
+        "sha256": streamed.dataset["sha256"],
+        "streamed": True,
+    }
+
+
+@pytest.mark.parametrize("name", ["full", "cdol"])
+def test_chunks_that_cut_the_tiles_give_the_same_numbers_to_float64_rounding(points, name):
+    # 11-row chunks: the kernel's tiles end at each chunk, so sums run in another order
+    memory, streamed = _curves(str(points), name, "plain", "float64", chunk_mb=11 * 28 * D / 2**20)
+    for s, m in zip(_numbers(streamed), _numbers(memory), strict=True):
+        for key in NUMBERS[:-1]:
+            assert s[key] == pytest.approx(m[key], rel=1e-12, abs=1e-300), key
+
+
+def _images(tmp_path: Path) -> tuple[Path, Path]:
+    """130 RGB 8×8 PNGs in two class folders, and the same as an EDM zip with labels."""
+    rng = np.random.default_rng(5)
+    folder, buffers = tmp_path / "folder", {}
+    for i in range(130):
+        arr = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        name = f"{'ab'[i % 2]}/{i:05d}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(folder / name)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="png")
+        buffers[f"{i:05d}.png"] = buf.getvalue()
+    zipped = tmp_path / "images.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for name, data in buffers.items():
+            zf.writestr(name, data)
+        labels = [[name, int(name[:5]) % 2] for name in buffers]
+        zf.writestr("dataset.json", f'{{"labels": {labels}}}'.replace("'", '"'))
+    return folder, zipped
+
+
+def test_an_image_folder_and_a_zip_streamed_give_the_numbers_in_memory(tmp_path):
+    for spec in map(str, _images(tmp_path)):
+        ds = load_dataset(spec)
+        est = make_estimator("full", ds.n)
+        # tiles of 64 keys (the kernel's least), chunks of one tile: 64 + 64 + 2 rows
+        opts = dict(sigmas=SIGMAS, estimator=est, tile_bytes=64 * 4 * ds.n, progress=False)
+        memory = estimate_curve(ds, **opts)
+        items = open_chunked(spec, chunk_mb=64 * 20 * ds.dim / 2**20)
+        streamed = estimate_curve(items, **opts)
+        # pixel data: float64 sums exact in any order, so x̄ and every row are one process's
+        assert _numbers(streamed) == _numbers(memory)
+        assert streamed.data_variance == memory.data_variance
+        assert torch.equal(items.labels, ds.labels)
+        assert items.summary.mean.tolist() == ds.flat().double().mean(dim=0).tolist()
+
+
+def test_the_statistics_pass_matches_the_data_in_memory(points, monkeypatch):
+    monkeypatch.setattr(chunked_module, "STATS_ROWS", 7)  # 43 blocks
+    x = load_dataset(str(points)).flat().double()
+    s = open_chunked(str(points)).summarise()
+    sq = (x - x.mean(dim=0)).pow(2).sum(dim=1)
+    torch.testing.assert_close(s.mean, x.mean(dim=0), rtol=1e-15, atol=1e-16)
+    assert s.sq_sum == pytest.approx(float(sq.sum()), rel=1e-14)
+    assert s.sq_max == pytest.approx(float(sq.max()), rel=1e-14)
+    assert s.variance == pytest.approx(mean_and_variance(x)[1], rel=1e-14)
+    other = np.load(points)
+    other[150, 3] += 1e-3
+    np.save(points.parent / "other.npy", other)
+    assert open_chunked(str(points.parent / "other.npy")).summarise().sha256 != s.sha256
+
+
+def test_the_reader_never_holds_more_than_a_chunk(points, monkeypatch):
+    """Full (plain draws, M = 64) and snis on 300 points in chunks of 128 rows: every read of
+    rows is at most a chunk or a statistics block (64 rows here); reads by index are the
+    block's 64 sources or snis's inner set in chunks."""
+    monkeypatch.setattr(chunked_module, "STATS_ROWS", 64)
+    for name in ("full", "snis"):
+        items = Counting(open_chunked(str(points)).items)
+        data = ChunkedDataset(str(points), items, chunk_mb=CHUNK_MB)
+        est = make_estimator(name, N, inner=200 if name == "snis" else None)
+        estimate_curve(
+            data, SIGMAS, est, outer=64, draws="plain", tile_bytes=TILE_BYTES, progress=False
+        )
+        assert max(items.reads) <= 128
+        # full: each block's 64 sources; snis also its 200 inner points in chunks (128 + 72)
+        assert set(items.takes) == ({64} if name == "full" else {64, 128, 72})
+        if name == "full":  # 2 statistics passes, then every σ's one block streams all rows
+            assert sum(items.reads) == 2 * N + len(SIGMAS) * N
+
+
+def test_a_streamed_pool_holds_no_rows(points):
+    data = open_chunked(str(points))
+    data.summarise()
+    pool = StreamedPool.from_stream(data, torch.float32, "cpu", Group())
+    assert pool.x.shape == (0, D) and pool.aug.shape[0] == 0
+    assert (pool.n, pool.dim, pool.shards) == (N, D, 1)
+    idx = torch.tensor([5, 0, 5, 299])
+    rows, sq = pool.rows(idx)
+    whole = Pool.from_data(torch.from_numpy(np.load(points)), torch.float32, "cpu")
+    assert torch.equal(rows, whole.x[idx]) and torch.equal(sq, whole.sq[idx])
+
+
+def test_what_streaming_does_not_do_is_one_line(points, tmp_path, capsys):
+    base = ["estimate", "--data", str(points), "--stream", "--sigmas", "1", "--quiet"]
+    for extra, says in [
+        (["--estimator", "stratified"], "the stratified estimator does not run on streamed data"),
+        (["--xflip"], "--xflip: not with --stream"),
+        (["--chunk-mb", "0"], "chunk"),
+    ]:
+        assert lossfloor.cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    np.savez(tmp_path / "p.npz", x=np.zeros((3, 2)))
+    with pytest.raises(UserError, match="an .npz is read whole"):
+        open_chunked(str(tmp_path / "p.npz"))
+
+
+def test_an_npy_is_read_by_rows_in_the_layout_and_scale_of_load_dataset(tmp_path):
+    """Channels-last uint8 images (N×H×W×C) and 3-d gray ones, read by rows, index and whole,
+    are load_dataset's items; a truncated file or Fortran order is one line."""
+    rng = np.random.default_rng(1)
+    for shape in [(23, 6, 5, 3), (23, 6, 5)]:
+        path = tmp_path / f"{len(shape)}.npy"
+        np.save(path, rng.integers(0, 256, size=shape, dtype=np.uint8))
+        ds, data = load_dataset(str(path)), open_chunked(str(path), limit=20)
+        assert (data.n, data.shape) == (20, ds.shape)
+        flat = ds.flat()
+        assert torch.equal(data.rows(3, 11), flat[3:11])
+        assert torch.equal(data.take(torch.tensor([19, 0, 19, 7])), flat[[19, 0, 19, 7]])
+        assert data.rows(5, 5).shape == (0, ds.dim)
+    path = tmp_path / "cut.npy"
+    np.save(path, np.zeros((10, 4), dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(UserError, match="truncated"):
+        open_chunked(str(path)).rows(0, 10)
+    np.save(path, np.asfortranarray(np.zeros((10, 4), dtype=np.float32)))
+    with pytest.raises(UserError, match="Fortran order"):
+        open_chunked(str(path))
+
+
+def test_data_larger_than_the_memory_budget_is_streamed_and_says_so(points, tmp_path, capsys):
+    out = tmp_path / "auto.json"
+    base = ["estimate", "--data", str(points), "--sigmas", "2", "--outer", "64", "--quiet"]
+    assert lossfloor.cli.main([*base, "--memory-gb", "0.0001", "--out", str(out)]) == 0
+    # 300 × 64 elements × 20 bytes (items, float64 copy, centred rows, keys) = 0.000358 GiB
+    assert "needs ~0.000358 GiB per process in memory, more than" in capsys.readouterr().err
+    assert json.loads(out.read_text())["dataset"]["streamed"] is True
+    assert lossfloor.cli.main([*base, "--memory-gb", "1", "--out", str(out)]) == 0
+    assert "streaming" not in capsys.readouterr().err
+    assert "streamed" not in json.loads(out.read_text())["dataset"]
+    assert lossfloor.cli.main([*base, "--memory-gb", "nan"]) == 2
+    assert "--memory-gb nan: must be a finite number" in capsys.readouterr().err
