@@ -107,6 +107,16 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype, the precision rule of the estimators (``outer.choose_dtype``)."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32 | float64 | auto (float64 where float32's error bound is too large: small "
+        "σ, large data, huge σ)",
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device named by --device: cpu, cuda (which must be available) or auto (cuda
     when available, else cpu)."""

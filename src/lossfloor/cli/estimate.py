@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments, add_device_argument
+from lossfloor.cli.common import add_data_arguments, add_device_argument, add_dtype_argument
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:
@@ -137,12 +137,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: none)",
     )
     add_device_argument(p)
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="float32 | float64 | auto (float64 where float32's error bound is too large: small "
-        "σ, large data, huge σ)",
-    )
+    add_dtype_argument(p)
     p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile, in MiB")
     p.add_argument(
         "--stream",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from lossfloor.cli.common import add_data_arguments, add_device_argument
+from lossfloor.cli.common import add_data_arguments, add_device_argument, add_dtype_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "see lossfloor estimate --help)",
     )
     add_device_argument(p)
-    p.add_argument("--dtype", default="auto", help="float32 | float64 | auto (fp64 at small σ)")
+    add_dtype_argument(p)
     p.add_argument(
         "--out", default=None, help="FLOOR.json (checkpointed to FLOOR.json.partial; reruns resume)"
     )
