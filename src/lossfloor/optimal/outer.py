@@ -53,6 +53,10 @@ FLOAT32_MAX_SQ_NORM = 1e30
 #: too small, and ≈ 25–35 at σ = 0.8, where the values were within 1–2 s of the exact one.
 MIN_EFFECTIVE_DRAWS = 30.0
 
+#: The combination leaves the closed form out where its rounding bound exceeds this share of
+#: its standard error (tilted draws, ``Moments.from_samples``).
+CLOSED_ROUNDING_SHARE = 0.1
+
 FORMS = ("auto", "closed", "direct", "combined")
 DRAWS = ("auto", "tilted", "plain")
 
@@ -175,7 +179,9 @@ def tilted_noise(
 
     so E_q[w·f(ε)] = E_φ[f(ε)] for every f. ⟨ε, δ_k⟩ = ⟨z, diff_k⟩/2σ + ⟨diff_c, diff_k⟩/4σ²
     comes from the block's Gram matrices, so a σ costs O(B·(D + K²)). Returns (ε, w), float64.
-    At large σ, δ → 0 and w → 1: the draws become the plain ones."""
+    At large σ, δ → 0 and w → 1: the draws become the plain ones. ``Moments`` adds the control
+    variate w − 1 (``control_variate``): on the two-point set of docs/benchmarks.md it cuts the
+    variance 2–9× at σ ≥ 0.8, where the shifted half of the draws no longer carries J*."""
     two_s = 2 * sigma
     k = tilt.neighbours.shape[1]
     half_sq = torch.diagonal(tilt.gram, dim1=1, dim2=2) / (2 * two_s * two_s)
@@ -199,6 +205,26 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """(mean, s/√M) of M per-sample values (the i.i.d. formula; stratified sources make it
     conservative)."""
     return values.mean().item(), values.std().item() / math.sqrt(values.numel())
+
+
+def control_variate(values: Tensor, weight: Tensor) -> Tensor:
+    """v − β̂·(w − 1), β̂ = Cov(v, w)/Var(w), for per-draw values v on importance-sampled draws
+    with likelihood ratios w: the regression estimator with the control w − 1, whose mean is
+    exactly 0 (E_q[φ/q] = 1; Owen & Zhou 2000, mixture importance sampling with the mixture's
+    density ratios as control variates). Its mean is v̄ − β̂(w̄ − 1), unbiased up to O(1/M), and
+    its variance per draw Var(v)·(1 − ρ²(v, w)): never above plain IS (β = 0) nor the
+    self-normalised Σwf/Σw (whose linearisation is β = J*), so s/√M of the returned values is
+    the regression estimator's standard error (β̂'s own noise adds O(1/M) relative). The tilted
+    w ≤ 1/(1 − α) is bounded, so the control cannot fit away an isolated large draw (a rare
+    event) and hide it from s. ``values`` unchanged where w is constant."""
+    h = weight.double() - 1.0
+    hc = h - h.mean()
+    ss = hc.pow(2).sum().item()
+    if not ss > 1e-300:
+        return values
+    v = values.double()
+    beta = ((v - v.mean()) * hc).sum().item() / ss
+    return v - beta * h
 
 
 def effective_draws(values: Tensor) -> float:
@@ -238,20 +264,28 @@ class Moments:
     def from_samples(cls, s: PerSample) -> Moments:
         """a* = (V_d − C)/(V_c + V_d − 2C) minimises Var(a·closed + (1−a)·direct); it is clipped
         to [0, 1], so the combination is a convex one and its mean lies between the two forms'
-        (an estimated a outside [0, 1] extrapolates, and can give J* < 0). ``ess`` is
-        ``effective_draws`` of the direct form."""
+        (an estimated a outside [0, 1] extrapolates, and can give J* < 0). On tilted draws each
+        form is first ``control_variate``-adjusted with the draws' likelihood ratios, and the
+        closed form is left out (a = 0) where its rounding bound ``closed_error`` exceeds
+        CLOSED_ROUNDING_SHARE of its standard error (the control removes the noise that hid
+        it: at σ = 0.3 on the two-point set, float32, the closed form is 1.1e-8 low against
+        J* = 7.8e-14 with a stderr of 2.5e-15). ``ess`` is
+        ``effective_draws`` of the direct form (as drawn, w·‖x0 − μ‖²/D)."""
         c, d = s.closed.double(), s.direct.double()
+        ess = effective_draws(d)
+        if s.weight is not None:
+            c, d = control_variate(c, s.weight), control_variate(d, s.weight)
         m = c.numel()
         vc, vd = c.var().item(), d.var().item()
         cov = ((c - c.mean()) * (d - d.mean())).sum().item() / (m - 1)
         denom = vc + vd - 2 * cov
         a = min(1.0, max(0.0, (vd - cov) / denom)) if denom > 1e-300 else 0.5
         closed, closed_se = mean_and_stderr(c)
+        if s.closed_error > CLOSED_ROUNDING_SHARE * closed_se:
+            a = 0.0  # the closed form's rounding error could be a bias beyond its stderr
         direct, direct_se = mean_and_stderr(d)
         combined, combined_se = mean_and_stderr(a * c + (1 - a) * d)
-        return cls(
-            closed, closed_se, direct, direct_se, combined, combined_se, a, m, effective_draws(d)
-        )
+        return cls(closed, closed_se, direct, direct_se, combined, combined_se, a, m, ess)
 
     def pick(self, form: str) -> tuple[float, float]:
         """(value, stderr) of ``form`` ∈ closed | direct | combined."""
@@ -355,12 +389,14 @@ def per_sample_values(
 
     ``draws``: ``plain`` ε ~ N(0, I), or ``tilted`` (``tilted_noise``; the pools need their
     neighbour tables), whose values are the unbiased terms w·direct and A/D + w·(closed − A/D)
-    (w the likelihood ratio): their means estimate J* like the plain draws'. ``tilt_cache``
-    keeps each block's ``TiltBlock`` for the next σ."""
+    (w the likelihood ratio, returned as ``weight``; 1 in a pool of one point): their means
+    estimate J* like the plain draws'. ``tilt_cache`` keeps each block's ``TiltBlock`` for the
+    next σ."""
     m = plan.sources.numel()
     dim = plan.data[0].numel()
     closed = torch.empty(m, dtype=torch.float64)
     direct = torch.empty(m, dtype=torch.float64)
+    ratio = torch.ones(m, dtype=torch.float64) if draws == "tilted" else None
     for j in range(plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         src = plan.sources[lo:hi]
@@ -399,9 +435,25 @@ def per_sample_values(
             where = slice(lo, hi) if sel is None else sel + lo
             closed[where] = out.closed.cpu()
             direct[where] = out.direct.cpu()
+            if weight is not None:
+                ratio[where] = weight.cpu()
         if on_block is not None:
             on_block()
-    return PerSample(closed=closed, direct=direct)
+    if ratio is None:
+        return PerSample(closed=closed, direct=direct)
+    error = max(closed_rounding(p, sigma, dtype) for p in pools)
+    return PerSample(closed=closed, direct=direct, weight=ratio, closed_error=error)
+
+
+def closed_rounding(pool: Pool, sigma: float, dtype: torch.dtype) -> float:
+    """A bound on the rounding error of one closed-form value (A − ‖μ‖²)/D in ``dtype``: the
+    weights' relative error δ (``kernel.logit_error_bound``) moves μ by ≲ δ·R, so ‖μ‖² by
+    ≲ 2δ·R², plus 4u·R² for μ's own rounding and the square (R² = max‖x‖², u the unit
+    round-off). Where J* is far below A·u, A − ‖μ‖² is a difference of nearly equal numbers
+    and this error, systematic for a σ, is not in the closed form's standard error."""
+    u = torch.finfo(dtype).eps / 2
+    delta = logit_error_bound(pool.max_sq, pool.dim, sigma, dtype)
+    return (2 * delta + 4 * u) * pool.max_sq / pool.dim
 
 
 def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
