@@ -9,6 +9,7 @@ times. The same draws serve every σ of a grid, so a curve is smooth and differe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -372,6 +373,16 @@ class OuterPlan:
     def blocks(self) -> int:
         return math.ceil(self.sources.numel() / OUTER_BLOCK)
 
+    def prefix(self, m: int) -> OuterPlan:
+        """The plan's first m draws (m a multiple of OUTER_BLOCK, or M): each of its blocks is
+        the same block of this plan (sources, noise, inner sets, tilts), so values computed on
+        it are those of this plan's first m draws."""
+        if m >= self.outer:
+            return self
+        if m % OUTER_BLOCK or m <= 0:
+            raise ParameterError("outer", m, f"a prefix is whole blocks of {OUTER_BLOCK} draws")
+        return dataclasses.replace(self, sources=self.sources[:m])
+
 
 def per_sample_values(
     plan: OuterPlan,
@@ -384,6 +395,7 @@ def per_sample_values(
     on_block: Callable[[], None] | None = None,
     draws: str = "plain",
     tilt_cache: dict | None = None,
+    first_block: int = 0,
 ) -> PerSample:
     """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``).
 
@@ -391,13 +403,15 @@ def per_sample_values(
     neighbour tables), whose values are the unbiased terms w·direct and A/D + w·(closed − A/D)
     (w the likelihood ratio, returned as ``weight``; 1 in a pool of one point): their means
     estimate J* like the plain draws'. ``tilt_cache`` keeps each block's ``TiltBlock`` for the
-    next σ."""
+    next σ. ``first_block`` > 0: only the draws from that block on (the values of the rest,
+    in order)."""
     m = plan.sources.numel()
     dim = plan.data[0].numel()
-    closed = torch.empty(m, dtype=torch.float64)
-    direct = torch.empty(m, dtype=torch.float64)
-    ratio = torch.ones(m, dtype=torch.float64) if draws == "tilted" else None
-    for j in range(plan.blocks):
+    start = first_block * OUTER_BLOCK
+    closed = torch.empty(m - start, dtype=torch.float64)
+    direct = torch.empty(m - start, dtype=torch.float64)
+    ratio = torch.ones(m - start, dtype=torch.float64) if draws == "tilted" else None
+    for j in range(first_block, plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         src = plan.sources[lo:hi]
         noise = block_noise(plan.seed, j, hi - lo, dim)
@@ -432,7 +446,7 @@ def per_sample_values(
                 w = weight.to(out.direct.device)
                 base = pool.a / pool.dim
                 out = PerSample(closed=base + w * (out.closed - base), direct=w * out.direct)
-            where = slice(lo, hi) if sel is None else sel + lo
+            where = slice(lo - start, hi - start) if sel is None else sel + (lo - start)
             closed[where] = out.closed.cpu()
             direct[where] = out.direct.cpu()
             if weight is not None:
@@ -443,6 +457,27 @@ def per_sample_values(
         return PerSample(closed=closed, direct=direct)
     error = max(closed_rounding(p, sigma, dtype) for p in pools)
     return PerSample(closed=closed, direct=direct, weight=ratio, closed_error=error)
+
+
+def join_samples(first: PerSample, rest: PerSample) -> PerSample:
+    """The per-sample values of two consecutive runs of draws, in order."""
+    weight = None
+    if first.weight is not None and rest.weight is not None:
+        weight = torch.cat([first.weight, rest.weight])
+    return PerSample(
+        closed=torch.cat([first.closed, rest.closed]),
+        direct=torch.cat([first.direct, rest.direct]),
+        weight=weight,
+        closed_error=max(first.closed_error, rest.closed_error),
+    )
+
+
+def outer_for(m: int, value: float, stderr: float, target: float) -> float:
+    """M·(s/(target·J))²: the draws for a relative standard error ``target`` where M draws
+    gave J ± s (s ∝ 1/√M); ∞ where J ≤ 0 (no value to be relative to)."""
+    if not value > 0:
+        return math.inf
+    return m * (stderr / (target * value)) ** 2
 
 
 def closed_rounding(pool: Pool, sigma: float, dtype: torch.dtype) -> float:
