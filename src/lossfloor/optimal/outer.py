@@ -411,6 +411,7 @@ def per_sample_values(
     closed = torch.empty(m - start, dtype=torch.float64)
     direct = torch.empty(m - start, dtype=torch.float64)
     ratio = torch.ones(m - start, dtype=torch.float64) if draws == "tilted" else None
+    rounding = 0.0  # tilted: Σ w·(the closed form's rounding bound) over the draws
     for j in range(first_block, plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         src = plan.sources[lo:hi]
@@ -444,6 +445,7 @@ def per_sample_values(
             )
             if weight is not None:
                 w = weight.to(out.direct.device)
+                rounding += (w * closed_rounding(pool, sigma, dtype, out.closed)).sum().item()
                 base = pool.a / pool.dim
                 out = PerSample(closed=base + w * (out.closed - base), direct=w * out.direct)
             where = slice(lo - start, hi - start) if sel is None else sel + (lo - start)
@@ -455,12 +457,12 @@ def per_sample_values(
             on_block()
     if ratio is None:
         return PerSample(closed=closed, direct=direct)
-    error = max(closed_rounding(p, sigma, dtype) for p in pools)
-    return PerSample(closed=closed, direct=direct, weight=ratio, closed_error=error)
+    return PerSample(closed=closed, direct=direct, weight=ratio, closed_error=rounding / (m - start))
 
 
 def join_samples(first: PerSample, rest: PerSample) -> PerSample:
     """The per-sample values of two consecutive runs of draws, in order."""
+    n1, n2 = first.closed.numel(), rest.closed.numel()
     weight = None
     if first.weight is not None and rest.weight is not None:
         weight = torch.cat([first.weight, rest.weight])
@@ -468,7 +470,7 @@ def join_samples(first: PerSample, rest: PerSample) -> PerSample:
         closed=torch.cat([first.closed, rest.closed]),
         direct=torch.cat([first.direct, rest.direct]),
         weight=weight,
-        closed_error=max(first.closed_error, rest.closed_error),
+        closed_error=(n1 * first.closed_error + n2 * rest.closed_error) / (n1 + n2),
     )
 
 
@@ -480,15 +482,18 @@ def outer_for(m: int, value: float, stderr: float, target: float) -> float:
     return m * (stderr / (target * value)) ** 2
 
 
-def closed_rounding(pool: Pool, sigma: float, dtype: torch.dtype) -> float:
-    """A bound on the rounding error of one closed-form value (A − ‖μ‖²)/D in ``dtype``: the
-    weights' relative error δ (``kernel.logit_error_bound``) moves μ by ≲ δ·R, so ‖μ‖² by
-    ≲ 2δ·R², plus 4u·R² for μ's own rounding and the square (R² = max‖x‖², u the unit
-    round-off). Where J* is far below A·u, A − ‖μ‖² is a difference of nearly equal numbers
-    and this error, systematic for a σ, is not in the closed form's standard error."""
+def closed_rounding(pool: Pool, sigma: float, dtype: torch.dtype, closed: Tensor) -> Tensor:
+    """Bounds on the rounding errors of closed-form values (A − ‖μ‖²)/D computed in ``dtype``
+    (``closed``, one per draw, float64): the weights' relative error δ
+    (``kernel.logit_error_bound``) moves μ by e ≤ 4δ·R, and μ's own rounding by 2u·‖μ‖ (R² =
+    max‖x‖², u the unit round-off), so ‖μ‖² by ≤ 2‖μ‖·e + e². Where J* is far below A·u,
+    A − ‖μ‖² is a difference of nearly equal numbers and this error, systematic for a σ, is
+    not in the closed form's standard error; at large σ, ‖μ‖ → 0 and so does the bound."""
     u = torch.finfo(dtype).eps / 2
     delta = logit_error_bound(pool.max_sq, pool.dim, sigma, dtype)
-    return (2 * delta + 4 * u) * pool.max_sq / pool.dim
+    norm = (pool.a - pool.dim * closed.double()).clamp(min=0).sqrt()  # ‖μ‖
+    e = 4 * delta * math.sqrt(pool.max_sq) + 2 * u * norm
+    return (2 * norm * e + e * e) / pool.dim
 
 
 def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
