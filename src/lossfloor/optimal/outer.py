@@ -182,7 +182,7 @@ def tilted_noise(
     comes from the block's Gram matrices, so a σ costs O(B·(D + K²)). Returns (ε, w), float64.
     At large σ, δ → 0 and w → 1: the draws become the plain ones. ``Moments`` adds the control
     variate w − 1 (``control_variate``): on the two-point set of docs/benchmarks.md it cuts the
-    variance 2–9× at σ ≥ 0.8, where the shifted half of the draws no longer carries J*."""
+    variance 1.9–10× at σ ≥ 0.8, where the shifted half of the draws no longer carries J*."""
     two_s = 2 * sigma
     k = tilt.neighbours.shape[1]
     half_sq = torch.diagonal(tilt.gram, dim1=1, dim2=2) / (2 * two_s * two_s)
