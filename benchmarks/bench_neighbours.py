@@ -3,7 +3,9 @@ paper's sub-sampled estimators on Fashion-MNIST, and the tilted outer draws in t
 regime against exact values.
 
     python benchmarks/bench_neighbours.py fmnist [--limit N] [--outer 4096] [--out FILE]
-    python benchmarks/bench_neighbours.py rare [--seeds 200] [--outer 8000] [--out FILE]
+    python benchmarks/bench_neighbours.py rare [--seeds 200] [--outer 8000] [--first-seed 0]
+        [--draws tilted,plain] [--out FILE]
+    python benchmarks/bench_neighbours.py adaptive [--seeds 30] [--target 0.02] [--pilot 2048]
 
 ``fmnist``: 32 σ from 0.2 to 80, each estimator with its default options: full and then
 stratified on the same (tilted) outer draws, so only the inner estimator differs (the
@@ -16,6 +18,10 @@ Error = (estimate − full)/full per σ.
 (8 dims); for each seed the default ``estimate`` (tilted draws) and plain draws; coverage of
 the 95% interval, relative errors, and the variance across seeds (plain/tilted: the variance
 reduction), at every σ with J* ≥ 1e-8 of the data variance.
+
+``adaptive``: ``--target-rse`` (issue 8 item 5) on the same sets (counted σ only), full, over
+seeds: the draws each σ chose, the achieved stderr/J*, and the true error; and stratified on
+the digits against full with M = 4N.
 """
 
 from __future__ import annotations
@@ -103,16 +109,17 @@ def rare_sets() -> dict[str, tuple[torch.Tensor, list[float], list[float]]]:
 
 
 def rare(args) -> dict:
-    out: dict = {"machine": machine(), "seeds": args.seeds, "outer": args.outer, "sets": {}}
+    out: dict = {"machine": machine(), "seeds": args.seeds, "first_seed": args.first_seed,
+                 "outer": args.outer, "sets": {}}  # fmt: skip
     for name, (data, sigmas, exact) in rare_sets().items():
         exact = np.array(exact)
         est = make_estimator("full", data.shape[0])
         var = float(((data - data.mean(0)) ** 2).sum(1).mean() / data.shape[1])
         res: dict = {"sigmas": sigmas, "exact": exact.tolist(), "data_variance": var}
-        for draws in ("tilted", "plain"):
+        for draws in args.draws.split(","):
             t0 = time.perf_counter()
             vals, ses, ess, unresolved = [], [], [], []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 c = estimate_curve(data, sigmas, est, outer=args.outer, seed=seed, draws=draws,
                                    progress=False)  # fmt: skip
                 vals.append(c.values)
@@ -134,12 +141,72 @@ def rare(args) -> dict:
                 "seconds": time.perf_counter() - t0,
             }
             print(f"{name} {draws}: {res[draws]['seconds']:.0f}s", file=sys.stderr)
-        res["variance_reduction"] = (
-            np.array(res["plain"]["variance_across_seeds"])
-            / np.array(res["tilted"]["variance_across_seeds"])
-        ).tolist()
+        if {"plain", "tilted"} <= set(res):
+            res["variance_reduction"] = (
+                np.array(res["plain"]["variance_across_seeds"])
+                / np.array(res["tilted"]["variance_across_seeds"])
+            ).tolist()
         res["counted"] = (exact >= 1e-8 * var).tolist()
         out["sets"][name] = res
+    return out
+
+
+def adaptive(args) -> dict:
+    """--target-rse on the rare-event sets (full, exact references) over seeds, and stratified on
+    the digits against full (M = 4N) on one seed: per σ the draws (and far sample) chosen, the
+    achieved stderr/J*, and the true error."""
+    target = args.target
+    out: dict = {"machine": machine(), "target_rse": target, "seeds": args.seeds,
+                 "pilot": args.pilot, "sets": {}}  # fmt: skip
+    for name, (data, sigmas, exact) in rare_sets().items():
+        exact = np.array(exact)
+        var = float(((data - data.mean(0)) ** 2).sum(1).mean() / data.shape[1])
+        keep = exact >= 1e-8 * var
+        sigmas, exact = [s for s, k in zip(sigmas, keep, strict=True) if k], exact[keep]
+        est = make_estimator("full", data.shape[0])
+        t0 = time.perf_counter()
+        vals, ses, ms = [], [], []
+        for seed in range(args.seeds):
+            c = estimate_curve(data, sigmas, est, outer=args.pilot, seed=seed, target_rse=target,
+                               progress=False)  # fmt: skip
+            vals.append(c.values)
+            ses.append(c.stderrs)
+            ms.append([p.outer for p in c.points])
+        vals, ses, ms = np.array(vals), np.array(ses), np.array(ms)
+        rel = vals / exact - 1
+        out["sets"][name] = {
+            "sigmas": sigmas,
+            "exact": exact.tolist(),
+            "median_outer": np.median(ms, 0).tolist(),
+            "max_outer": ms.max(0).tolist(),
+            "mean_achieved_rse": (ses / vals).mean(0).tolist(),
+            "rms_true_rel_error": np.sqrt((rel**2).mean(0)).tolist(),
+            "coverage_95": (np.abs(vals - exact) < 1.96 * ses).mean(0).tolist(),
+            "seconds": time.perf_counter() - t0,
+        }
+        print(f"{name}: {out['sets'][name]['seconds']:.0f}s", file=sys.stderr)
+    ds = load_dataset("digits")
+    sigmas = np.geomspace(0.2, 20, 12).tolist()
+    ref, t_ref = timed(ds.x, sigmas, make_estimator("full", ds.n), 4 * ds.n)
+    strat, t_strat = timed(ds.x, sigmas, make_estimator("stratified", ds.n), args.pilot,
+                           target_rse=target)  # fmt: skip
+    out["digits"] = {
+        "n": ds.n,
+        "sigmas": sigmas,
+        "full_M4N": {
+            "values": ref.values.tolist(),
+            "stderrs": ref.stderrs.tolist(),
+            "seconds": t_ref,
+        },  # fmt: skip
+        "stratified": {
+            "values": strat.values.tolist(),
+            "outer": [p.outer for p in strat.points],
+            "inner": [p.inner for p in strat.points],
+            "achieved_rse": [p.rse for p in strat.points],
+            "rel_error_vs_full": (strat.values / ref.values - 1).tolist(),
+            "seconds": t_strat,
+        },
+    }
     return out
 
 
@@ -155,9 +222,16 @@ def main() -> int:
     r = sub.add_parser("rare")
     r.add_argument("--seeds", type=int, default=200)
     r.add_argument("--outer", type=int, default=8000)
+    r.add_argument("--first-seed", type=int, default=0)
+    r.add_argument("--draws", default="tilted,plain")
     r.add_argument("--out", default="docs/results/bench_neighbours_rare.json")
+    a = sub.add_parser("adaptive")
+    a.add_argument("--seeds", type=int, default=30)
+    a.add_argument("--target", type=float, default=0.02)
+    a.add_argument("--pilot", type=int, default=2048)
+    a.add_argument("--out", default="docs/results/bench_neighbours_adaptive.json")
     args = ap.parse_args()
-    result = fmnist(args) if args.what == "fmnist" else rare(args)
+    result = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive}[args.what](args)
     write_json(args.out, result)
     return 0
 

@@ -103,6 +103,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="outer draws (x0, ε), shared by every σ (default: N, each point once)",
     )
     p.add_argument(
+        "--target-rse",
+        type=float,
+        default=None,
+        metavar="R",
+        help="adaptive sizes: per σ, as many outer draws (and, stratified, far points) as give "
+        "this relative standard error, from a pilot of --outer draws (default 4096); each σ "
+        "reports the draws it used and the error it reached (default: fixed sizes)",
+    )
+    p.add_argument(
+        "--max-outer",
+        type=int,
+        default=None,
+        metavar="M",
+        help="with --target-rse: at most M outer draws per σ (default: 64 × the pilot)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the outer draws and the random inner sets"
     )
     p.add_argument(
@@ -232,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=Path(args.out + ".partial") if args.out else None,
             restart=args.restart,
             progress=not args.quiet,
+            target_rse=args.target_rse,
+            max_outer=args.max_outer,
         )
         with group.together():
             if heldout is not None:
@@ -368,6 +386,7 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset
         if curve.sources is not None:
             _print_heldout(curve)
     _warn_unresolved(curve)
+    _warn_target_missed(curve)
     if args.out:
         curve.save(args.out)
     if args.csv:
@@ -417,19 +436,51 @@ def _warn_unresolved(curve: Curve) -> None:
         )
 
 
+def _warn_target_missed(curve: Curve) -> None:
+    """One line on stderr naming the σ whose relative standard error exceeds --target-rse
+    (their draws reached --max-outer)."""
+    if curve.target_rse is None:
+        return
+    bad = [p for p in curve.points if p.rse is None or p.rse > curve.target_rse]
+    if bad:
+        listed = ", ".join(
+            f"{p.sigma:.4g} ({'J* = 0' if p.rse is None else f'rse {p.rse:.3g}'})" for p in bad
+        )
+        print(
+            f"lossfloor: warning: the target relative standard error {curve.target_rse:g} is "
+            f"not reached at σ = {listed} with {curve.outer} draws; raise --max-outer",
+            file=sys.stderr,
+        )
+
+
 def _print_table(curve: Curve, target: str) -> None:
-    """The points, a line saying what each column is, the data variance and the total."""
+    """The points, a line saying what each column is, the data variance and the total; with
+    adaptive sizes, each σ's draws M (and far sample L) and achieved relative stderr."""
     head = f"J*({target})"
-    print(f"{'sigma':>10} {'t':>10} {'J*(x0)':>12} {'stderr':>10} {head:>12} {'s':>7}")
+    adaptive = curve.target_rse is not None
+    far = adaptive and any(p.inner is not None for p in curve.points)
+    extra = (f" {'M':>8}" + (f" {'L':>7}" if far else "") + f" {'rse':>8}") if adaptive else ""
+    print(f"{'sigma':>10} {'t':>10} {'J*(x0)':>12} {'stderr':>10} {head:>12} {'s':>7}{extra}")
     for p in curve.points:
         tgt = p.optimal_loss_target
+        sizes = ""
+        if adaptive:
+            rse = "—" if p.rse is None else f"{p.rse:.3g}"
+            sizes = f" {p.outer:8d}" + (f" {p.inner:7d}" if far else "") + f" {rse:>8}"
         print(
             f"{p.sigma:10.4g} {p.t:10.4g} {p.optimal_loss:12.6g} {p.stderr:10.3g} "
-            f"{'—' if tgt is None else f'{tgt:.6g}':>12} {p.seconds:7.2f}"
+            f"{'—' if tgt is None else f'{tgt:.6g}':>12} {p.seconds:7.2f}{sizes}"
         )
     print(
         f"sigma: VE σ; t: the process' time at σ; J*(x0) ± stderr: per element, x0 units; "
         f"{head}: per element, in the target's units; s: seconds for that σ"
+        + (
+            f"; M: outer draws used (target rse {curve.target_rse:g}, pilot {curve.pilot})"
+            + ("; L: far sample" if far else "")
+            + "; rse: stderr/J*"
+            if adaptive
+            else ""
+        )
     )
     print(f"data variance per element: {curve.data_variance:.6g} (J* as σ → ∞)")
     if curve.total is not None:

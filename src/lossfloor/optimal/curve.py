@@ -40,17 +40,24 @@ CSV_COLUMNS = {
     "smoothed_loss": "x0 units per element",
     "smoothed_stderr": "x0 units per element",
     "bandwidth": "x0 units",
+    "outer": "draws",
+    "inner": "points",
+    "rse": "dimensionless",
 }
 
 #: The estimator block of a curve's JSON holds the estimator's config and these draw parameters
-#: ("draws" only where set: files written before it existed used plain draws).
-DRAW_KEYS = ("outer", "seed", "draws", "form")
+#: ("draws" only where set: files written before it existed used plain draws; "target_rse" and
+#: "pilot" only for adaptive sizes).
+DRAW_KEYS = ("outer", "seed", "draws", "form", "target_rse", "pilot")
+
+#: The draw parameters written only where set.
+OPTIONAL_DRAW_KEYS = ("draws", "target_rse", "pilot")
 
 #: Point fields written only where set (files written before they existed, and points without
 #: held-out sources, do not have them).
 OPTIONAL_POINT_KEYS = (
     "ess", "resolved", "heldout_loss", "heldout_stderr", "smoothed_loss", "smoothed_stderr",
-    "bandwidth",
+    "bandwidth", "outer", "inner", "rse",
 )  # fmt: skip
 
 
@@ -64,7 +71,9 @@ class CurvePoint:
     direct form's per-draw values), and ``resolved``: whether it is large enough for the
     standard error to mean something; with held-out sources (``lossfloor.floor.with_heldout``)
     the held-out losses of the optimal denoiser and of its smoothed version at ``bandwidth``
-    (upper bounds on the population's J*). The fields are the JSON's keys, in order; those of
+    (upper bounds on the population's J*); with adaptive sizes (``target_rse``), the draws
+    ``outer`` and (stratified) far sample ``inner`` this σ used and the achieved relative
+    standard error ``rse`` = stderr/J*. The fields are the JSON's keys, in order; those of
     OPTIONAL_POINT_KEYS are left out where None."""
 
     sigma: float
@@ -86,6 +95,9 @@ class CurvePoint:
     smoothed_loss: float | None = None
     smoothed_stderr: float | None = None
     bandwidth: float | None = None
+    outer: int | None = None
+    inner: int | None = None
+    rse: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -182,7 +194,9 @@ class Curve:
 
     ``estimator`` is the estimator's ``to_config()`` (``ESTIMATORS.from_config`` rebuilds it);
     ``outer``, ``seed`` and ``draws`` (tilted or plain; None: plain, written before it existed)
-    fix the draws, ``form`` the reported form. ``dataset``, ``sources`` (the held-out data of
+    fix the draws (with ``target_rse``, each σ uses the first of those ``outer`` draws that
+    give that relative standard error, from a ``pilot`` of the first draws: its point's
+    ``outer``), ``form`` the reported form. ``dataset``, ``sources`` (the held-out data of
     the outer draws, if any), ``process`` and ``target`` describe the data and the units of
     ``t`` and ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
     ``lossfloor estimate --out`` writes; ``from_json`` / ``load`` read it back.
@@ -194,6 +208,8 @@ class Curve:
     seed: int | None = None
     draws: str | None = None
     form: str | None = None
+    target_rse: float | None = None
+    pilot: int | None = None
     data_variance: float | None = None
     precision: str | None = None
     dataset: dict[str, Any] | None = None
@@ -273,8 +289,9 @@ class Curve:
                 out[key] = getattr(self, key)
         if self.estimator is not None:
             draws = {k: getattr(self, k) for k in DRAW_KEYS}
-            if draws["draws"] is None:
-                del draws["draws"]
+            for key in OPTIONAL_DRAW_KEYS:
+                if draws[key] is None:
+                    del draws[key]
             out["estimator"] = {**self.estimator, **draws}
         return {
             **out,

@@ -31,17 +31,21 @@ from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
-from lossfloor.optimal.estimators import Estimator, PerSample
+from lossfloor.optimal.estimators import Estimator, PerSample, Stratified
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.outer import (
     MIN_EFFECTIVE_DRAWS,
+    OUTER_BLOCK,
     TILT_NEIGHBOURS,
     Moments,
     OuterPlan,
     PoolsByDtype,
     base_dtype,
+    check_outer,
     check_sigmas,
+    join_samples,
+    outer_for,
     per_sample_values,
     resolve_draws,
     resolve_form,
@@ -73,6 +77,8 @@ def estimate_curve(
     checkpoint: str | os.PathLike[str] | None = None,
     restart: bool = False,
     progress: bool = True,
+    target_rse: float | None = None,
+    max_outer: int | None = None,
 ) -> Curve:
     """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...,
     or a Dataset: its labels, and its description recorded in the curve).
@@ -86,13 +92,20 @@ def estimate_curve(
     file path), each finished σ is saved there and a rerun with the same data and options
     computes only the missing σ; the file is removed once the curve is complete. A checkpoint
     of other data or options is refused unless ``restart`` (which discards it).
+
+    ``target_rse`` (adaptive sizes, ``_adaptive_values``): per σ, the number of draws (and the
+    stratified estimator's far sample) for this relative standard error, from a pilot of the
+    first ``outer`` draws (default ADAPTIVE_PILOT; whole blocks of OUTER_BLOCK) of a plan of
+    ``max_outer`` (default ADAPTIVE_CAP × the pilot); each point records what it used.
     """
     group = current(device)
     with group.together():
         x, labels, described = _unpack(data, labels, conditional, group)
         _check_grid(x, sigmas, outer)
         n = len(x)
-        plan = OuterPlan.build(x, labels, n if outer is None else outer, seed, conditional)
+        adaptive = _adaptive_sizes(target_rse, max_outer, outer)
+        m = adaptive[2] if adaptive is not None else n if outer is None else outer
+        plan = OuterPlan.build(x, labels, m, seed, conditional)
         for members, _ in plan.groups:
             estimator.check(members.numel())
         base_dtype(precision)  # an unknown policy fails before any work
@@ -108,6 +121,8 @@ def estimate_curve(
         "process": None if process is None else process.to_config(),
         "target": None if target is None else target.to_config(),
     }
+    if adaptive is not None:  # only then: the checkpoint keys of other runs stay as they were
+        options.update(target_rse=adaptive[0], pilot=adaptive[1])
     if group.world > 1:  # the same data and options on every process, before any work
         group.check_same("data", plan.fingerprint, f"sha256 {plan.fingerprint[:12]}…")
         group.check_same("options", json.dumps([options, list(sigmas)], default=str))
@@ -123,6 +138,7 @@ def estimate_curve(
     points = _estimate_points(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
         process, target, saved, progress and group.main, draws, group,
+        None if adaptive is None else adaptive[:2],
     )  # fmt: skip
     variance = x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1]
     curve = Curve(points=tuple(points), data_variance=variance, dataset=described, **options)
@@ -179,14 +195,18 @@ def _estimate_points(
     progress: bool,
     draws: str,
     group: Group,
+    adaptive: tuple[float, int] | None = None,
 ) -> list[CurvePoint]:
     """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
     added to ``saved``); on K > 1 processes, each on its shard of the data."""
     done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
-        total=len(todo) * plan.blocks, disable=not progress, unit="block", leave=False,
-        desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)",
+        total=None if adaptive else len(todo) * plan.blocks, disable=not progress, unit="block",
+        leave=False,
+        desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)"
+        if adaptive is None
+        else f"J*(σ) in blocks of up to {plan.outer} draws per σ",
     )  # fmt: skip
     pools = PoolsByDtype(plan, device, group)
     k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
@@ -201,7 +221,7 @@ def _estimate_points(
         bar.set_postfix(sigma=f"{sigma:.4g}")
         point = _estimate_point(
             plan, estimator, sigma, form, precision, pools, tile_bytes, process, target,
-            bar.update, draws,
+            bar.update, draws, adaptive,
         )  # fmt: skip
         points.append(point)
         if saved is not None:
@@ -223,25 +243,30 @@ def _estimate_point(
     target: Target | None,
     on_block: Callable[[], None],
     draws: str,
+    adaptive: tuple[float, int] | None = None,
 ) -> CurvePoint:
     """J*(σ) from the per-sample values of both forms (``Moments``), with the process time t
-    and the value in the target's units (J*·loss factor) where a process and target are given."""
+    and the value in the target's units (J*·loss factor) where a process and target are given;
+    ``adaptive`` = (target rse, pilot draws): sizes from ``_adaptive_values``."""
     dtype = pools.dtype_at(precision, sigma)
     t0 = time.perf_counter()
-    samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block, draws)
-    if samples is None and precision == "auto" and dtype != torch.float64:
-        dtype = torch.float64  # float32 overflowed: σ is far from the data's scale
-        samples = _finite_values(plan, estimator, sigma, dtype, pools, tile_bytes, on_block, draws)
-    if samples is None:
-        hint = "" if dtype == torch.float64 else "; choose precision float64"
-        raise ParameterError(
-            "sigmas", sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at this σ for "
-            f"this data's scale{hint}",
-        )  # fmt: skip
+    run = _Run(plan, sigma, precision, pools, tile_bytes, on_block, draws)
+    used: tuple[int, Estimator] | None = None
+    if adaptive is None:
+        samples, dtype = run(estimator, plan.outer, dtype)
+    else:
+        samples, dtype, used = _adaptive_values(run, estimator, form, dtype, *adaptive)
     seconds = time.perf_counter() - t0
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
     value = max(value, 0.0)  # J* is an expected squared error: a negative mean is noise
+    sizes = {}
+    if used is not None:
+        sizes = {
+            "outer": used[0],
+            "inner": getattr(used[1], "inner", None) if isinstance(used[1], Stratified) else None,
+            "rse": se / value if value > 0 else None,
+        }
     in_target = None
     if process is not None and target is not None:
         in_target = value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
@@ -260,7 +285,117 @@ def _estimate_point(
         dtype=str(dtype).removeprefix("torch."),
         ess=mom.ess,
         resolved=bool(mom.ess >= MIN_EFFECTIVE_DRAWS or (draws == "tilted" and mom.ess == 0)),
+        **sizes,
     )
+
+
+#: Adaptive sizes: the default pilot (draws), the default plan (× the pilot), and the share of
+#: the target error the stratified estimator's far-sample bias may take.
+ADAPTIVE_PILOT = 4 * OUTER_BLOCK
+ADAPTIVE_CAP = 64
+ADAPTIVE_BIAS_SHARE = 0.5
+
+
+def _adaptive_sizes(
+    target_rse: float | None, max_outer: int | None, outer: int | None
+) -> tuple[float, int, int] | None:
+    """(target, pilot, plan size) of adaptive sizes, checked; None without a target. The pilot
+    is ``outer`` (default ADAPTIVE_PILOT) rounded up to whole blocks of OUTER_BLOCK."""
+    if target_rse is None:
+        if max_outer is not None:
+            raise ParameterError("max_outer", max_outer, "applies to adaptive sizes: give a target")
+        return None
+    if not (isinstance(target_rse, int | float) and 0 < target_rse < 1):
+        raise ParameterError("target_rse", target_rse, "a relative standard error in (0, 1)")
+    pilot = ADAPTIVE_PILOT if outer is None else outer
+    check_outer(pilot)
+    pilot = math.ceil(pilot / OUTER_BLOCK) * OUTER_BLOCK
+    cap = ADAPTIVE_CAP * pilot if max_outer is None else max_outer
+    check_outer(cap)
+    if cap < pilot:
+        raise ParameterError(
+            "max_outer", cap, f"below the pilot's {pilot} draws (whole blocks of {OUTER_BLOCK})"
+        )
+    return float(target_rse), min(pilot, cap), cap
+
+
+@dataclass
+class _Run:
+    """The per-sample values of an estimator on the first m draws of a plan at one σ, in a
+    dtype (switching to float64 under ``auto`` where float32 overflows)."""
+
+    plan: OuterPlan
+    sigma: float
+    precision: str
+    pools: PoolsByDtype
+    tile_bytes: int
+    on_block: Callable[[], None]
+    draws: str
+
+    def __call__(
+        self, estimator: Estimator, m: int, dtype: torch.dtype, first_block: int = 0
+    ) -> tuple[PerSample, torch.dtype]:
+        plan = self.plan.prefix(m)
+        args = (plan, estimator, self.sigma, self.pools, self.tile_bytes, self.on_block,
+                self.draws, first_block)  # fmt: skip
+        samples = _finite_values(*args[:3], dtype, *args[3:])
+        if samples is None and self.precision == "auto" and dtype != torch.float64:
+            dtype = torch.float64  # float32 overflowed: σ is far from the data's scale
+            samples = _finite_values(*args[:3], dtype, *args[3:])
+        if samples is None:
+            hint = "" if dtype == torch.float64 else "; choose precision float64"
+            raise ParameterError(
+                "sigmas", self.sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at "
+                f"this σ for this data's scale{hint}",
+            )  # fmt: skip
+        return samples, dtype
+
+
+def _adaptive_values(
+    run: _Run, estimator: Estimator, form: str, dtype: torch.dtype, target: float, pilot: int
+) -> tuple[PerSample, torch.dtype, tuple[int, Estimator]]:
+    """Per-sample values at one σ with sizes chosen for a relative standard error ``target``:
+
+    1. a pilot on the first ``pilot`` draws gives J₀ ± s₀;
+    2. stratified: the far sample L from the ratio-estimator bias b/L (O(1/L), the
+       ``Stratified`` docstring): the pilot at L' = min(2L, N) on the same draws gives
+       b = (J_L − J_L')/(1/L − 1/L'), and L grows to |b|/(share·target·J_L') so the bias b/L
+       is at most share = ADAPTIVE_BIAS_SHARE of the target (the pilot is rerun at the chosen
+       L if it is neither L nor L');
+    3. M = M₀·(s₀/(target·J₀))² (s ∝ 1/√M: ``outer.outer_for``), in whole blocks, within
+       [pilot, the plan's M]; the pilot's draws are the first M's (they are not drawn again).
+
+    The reported stderr is that of the M draws, so the achieved relative error is measured, not
+    assumed; it misses the target where M reaches the plan's size."""
+    first, dtype = run(estimator, pilot, dtype)
+    value, se = Moments.from_samples(first).pick(form)
+    est = estimator
+    n = min(members.numel() for members, _ in run.plan.groups)
+    if isinstance(estimator, Stratified) and estimator.inner < n:
+        big = estimator.inner
+        wider = dataclasses.replace(estimator, inner=min(n, 2 * big))
+        second, dtype = run(wider, pilot, dtype)
+        value2, se2 = Moments.from_samples(second).pick(form)
+        slope = (value - value2) / (1 / big - 1 / wider.inner)  # b in J_L = J + b/L
+        want = abs(slope) / (ADAPTIVE_BIAS_SHARE * target * value2) if value2 > 0 else n
+        if want > big:
+            size = min(n, math.ceil(want))
+            if size <= wider.inner:
+                est, first, value, se = wider, second, value2, se2
+            else:
+                est = dataclasses.replace(estimator, inner=size)
+                first, dtype = run(est, pilot, dtype)
+                value, se = Moments.from_samples(first).pick(form)
+    need = outer_for(pilot, value, se, target)
+    blocks = math.ceil(need / OUTER_BLOCK) if math.isfinite(need) else run.plan.blocks
+    m = min(run.plan.outer, max(pilot, blocks * OUTER_BLOCK))
+    if m > pilot:
+        rest, wider_dtype = run(est, m, dtype, pilot // OUTER_BLOCK)
+        if wider_dtype != dtype:  # the rest overflowed float32: all of it in float64
+            first, dtype = run(est, m, wider_dtype)
+        else:
+            first = join_samples(first, rest)
+    return first, dtype, (m, est)
 
 
 def _finite_values(
@@ -272,12 +407,13 @@ def _finite_values(
     tile_bytes: int,
     on_block: Callable[[], None],
     draws: str,
+    first_block: int = 0,
 ) -> PerSample | None:
     """``per_sample_values`` at σ in ``dtype``, or None where they overflow it."""
     try:
         s = per_sample_values(
             plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block, draws,
-            pools.tilts,
+            pools.tilts, first_block,
         )  # fmt: skip
     except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
         if "overflow" not in str(exc):

@@ -9,6 +9,7 @@ times. The same draws serve every σ of a grid, so a curve is smooth and differe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -54,6 +55,12 @@ FLOAT32_MAX_SQ_NORM = 1e30
 #: on two points in 16 dims (M = 8000, plain draws) ESS ≈ 1–3 at σ = 0.6, where s/√M was 2–7×
 #: too small, and ≈ 25–35 at σ = 0.8, where the values were within 1–2 s of the exact one.
 MIN_EFFECTIVE_DRAWS = 30.0
+
+#: The combination leaves the closed form out where its rounding bound exceeds this share of
+#: its standard error and it disagrees with the direct form by more than FORMS_AGREE standard
+#: errors of their difference (tilted draws, ``Moments.from_samples``).
+CLOSED_ROUNDING_SHARE = 0.1
+FORMS_AGREE = 2.0
 
 FORMS = ("auto", "closed", "direct", "combined")
 DRAWS = ("auto", "tilted", "plain")
@@ -177,7 +184,9 @@ def tilted_noise(
 
     so E_q[w·f(ε)] = E_φ[f(ε)] for every f. ⟨ε, δ_k⟩ = ⟨z, diff_k⟩/2σ + ⟨diff_c, diff_k⟩/4σ²
     comes from the block's Gram matrices, so a σ costs O(B·(D + K²)). Returns (ε, w), float64.
-    At large σ, δ → 0 and w → 1: the draws become the plain ones."""
+    At large σ, δ → 0 and w → 1: the draws become the plain ones. ``Moments`` adds the control
+    variate w − 1 (``control_variate``): on the two-point set of docs/benchmarks.md it cuts the
+    variance 1.9–10× at σ ≥ 0.8, where the shifted half of the draws no longer carries J*."""
     two_s = 2 * sigma
     k = tilt.neighbours.shape[1]
     half_sq = torch.diagonal(tilt.gram, dim1=1, dim2=2) / (2 * two_s * two_s)
@@ -201,6 +210,26 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """(mean, s/√M) of M per-sample values (the i.i.d. formula; stratified sources make it
     conservative)."""
     return values.mean().item(), values.std().item() / math.sqrt(values.numel())
+
+
+def control_variate(values: Tensor, weight: Tensor) -> Tensor:
+    """v − β̂·(w − 1), β̂ = Cov(v, w)/Var(w), for per-draw values v on importance-sampled draws
+    with likelihood ratios w: the regression estimator with the control w − 1, whose mean is
+    exactly 0 (E_q[φ/q] = 1; Owen & Zhou 2000, mixture importance sampling with the mixture's
+    density ratios as control variates). Its mean is v̄ − β̂(w̄ − 1), unbiased up to O(1/M), and
+    its variance per draw Var(v)·(1 − ρ²(v, w)): never above plain IS (β = 0) nor the
+    self-normalised Σwf/Σw (whose linearisation is β = J*), so s/√M of the returned values is
+    the regression estimator's standard error (β̂'s own noise adds O(1/M) relative). The tilted
+    w ≤ 1/(1 − α) is bounded, so the control cannot fit away an isolated large draw (a rare
+    event) and hide it from s. ``values`` unchanged where w is constant."""
+    h = weight.double() - 1.0
+    hc = h - h.mean()
+    ss = hc.pow(2).sum().item()
+    if not ss > 1e-300:
+        return values
+    v = values.double()
+    beta = ((v - v.mean()) * hc).sum().item() / ss
+    return v - beta * h
 
 
 def effective_draws(values: Tensor) -> float:
@@ -240,9 +269,20 @@ class Moments:
     def from_samples(cls, s: PerSample) -> Moments:
         """a* = (V_d − C)/(V_c + V_d − 2C) minimises Var(a·closed + (1−a)·direct); it is clipped
         to [0, 1], so the combination is a convex one and its mean lies between the two forms'
-        (an estimated a outside [0, 1] extrapolates, and can give J* < 0). ``ess`` is
-        ``effective_draws`` of the direct form."""
+        (an estimated a outside [0, 1] extrapolates, and can give J* < 0). On tilted draws each
+        form is first ``control_variate``-adjusted with the draws' likelihood ratios, and the
+        closed form is left out (a = 0) where its rounding bound ``closed_error`` exceeds
+        CLOSED_ROUNDING_SHARE of its standard error and the two forms, whose difference has
+        mean 0 in exact arithmetic, differ by more than FORMS_AGREE of its standard error (the
+        control removes the noise that hid the rounding: at σ = 0.3 on the two-point set,
+        float32, the closed form is 1.1e-8 low against J* = 7.8e-14 with a stderr of 2.5e-15;
+        the bound is a worst case, ~100× the error measured on Fashion-MNIST, so where the
+        forms agree the closed form stays). ``ess`` is
+        ``effective_draws`` of the direct form (as drawn, w·‖x0 − μ‖²/D)."""
         c, d = s.closed.double(), s.direct.double()
+        ess = effective_draws(d)
+        if s.weight is not None:
+            c, d = control_variate(c, s.weight), control_variate(d, s.weight)
         m = c.numel()
         vc, vd = c.var().item(), d.var().item()
         cov = ((c - c.mean()) * (d - d.mean())).sum().item() / (m - 1)
@@ -250,10 +290,12 @@ class Moments:
         a = min(1.0, max(0.0, (vd - cov) / denom)) if denom > 1e-300 else 0.5
         closed, closed_se = mean_and_stderr(c)
         direct, direct_se = mean_and_stderr(d)
+        if s.closed_error > CLOSED_ROUNDING_SHARE * closed_se:
+            gap, gap_se = mean_and_stderr(c - d)
+            if abs(gap) > FORMS_AGREE * gap_se:
+                a = 0.0  # the closed form's rounding is a bias beyond its stderr
         combined, combined_se = mean_and_stderr(a * c + (1 - a) * d)
-        return cls(
-            closed, closed_se, direct, direct_se, combined, combined_se, a, m, effective_draws(d)
-        )
+        return cls(closed, closed_se, direct, direct_se, combined, combined_se, a, m, ess)
 
     def pick(self, form: str) -> tuple[float, float]:
         """(value, stderr) of ``form`` ∈ closed | direct | combined."""
@@ -349,6 +391,16 @@ class OuterPlan:
     def blocks(self) -> int:
         return math.ceil(self.sources.numel() / OUTER_BLOCK)
 
+    def prefix(self, m: int) -> OuterPlan:
+        """The plan's first m draws (m a multiple of OUTER_BLOCK, or M): each of its blocks is
+        the same block of this plan (sources, noise, inner sets, tilts), so values computed on
+        it are those of this plan's first m draws."""
+        if m >= self.outer:
+            return self
+        if m % OUTER_BLOCK or m <= 0:
+            raise ParameterError("outer", m, f"a prefix is whole blocks of {OUTER_BLOCK} draws")
+        return dataclasses.replace(self, sources=self.sources[:m])
+
 
 def per_sample_values(
     plan: OuterPlan,
@@ -361,18 +413,24 @@ def per_sample_values(
     on_block: Callable[[], None] | None = None,
     draws: str = "plain",
     tilt_cache: dict | None = None,
+    first_block: int = 0,
 ) -> PerSample:
     """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``).
 
     ``draws``: ``plain`` ε ~ N(0, I), or ``tilted`` (``tilted_noise``; the pools need their
     neighbour tables), whose values are the unbiased terms w·direct and A/D + w·(closed − A/D)
-    (w the likelihood ratio): their means estimate J* like the plain draws'. ``tilt_cache``
-    keeps each block's ``TiltBlock`` for the next σ."""
+    (w the likelihood ratio, returned as ``weight``; 1 in a pool of one point): their means
+    estimate J* like the plain draws'. ``tilt_cache`` keeps each block's ``TiltBlock`` for the
+    next σ. ``first_block`` > 0: only the draws from that block on (the values of the rest,
+    in order)."""
     m = plan.sources.numel()
     dim = pools[0].dim
-    closed = torch.empty(m, dtype=torch.float64)
-    direct = torch.empty(m, dtype=torch.float64)
-    for j in range(plan.blocks):
+    start = first_block * OUTER_BLOCK
+    closed = torch.empty(m - start, dtype=torch.float64)
+    direct = torch.empty(m - start, dtype=torch.float64)
+    ratio = torch.ones(m - start, dtype=torch.float64) if draws == "tilted" else None
+    rounding = 0.0  # tilted: Σ w·(the closed form's rounding bound) over the draws
+    for j in range(first_block, plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         src = plan.sources[lo:hi]
         noise = block_noise(plan.seed, j, hi - lo, dim)
@@ -405,14 +463,57 @@ def per_sample_values(
             )
             if weight is not None:
                 w = weight.to(out.direct.device)
+                rounding += (w * closed_rounding(pool, sigma, dtype, out.closed)).sum().item()
                 base = pool.a / pool.dim
                 out = PerSample(closed=base + w * (out.closed - base), direct=w * out.direct)
-            where = slice(lo, hi) if sel is None else sel + lo
+            where = slice(lo - start, hi - start) if sel is None else sel + (lo - start)
             closed[where] = out.closed.cpu()
             direct[where] = out.direct.cpu()
+            if weight is not None:
+                ratio[where] = weight.cpu()
         if on_block is not None:
             on_block()
-    return PerSample(closed=closed, direct=direct)
+    if ratio is None:
+        return PerSample(closed=closed, direct=direct)
+    return PerSample(
+        closed=closed, direct=direct, weight=ratio, closed_error=rounding / (m - start)
+    )
+
+
+def join_samples(first: PerSample, rest: PerSample) -> PerSample:
+    """The per-sample values of two consecutive runs of draws, in order."""
+    n1, n2 = first.closed.numel(), rest.closed.numel()
+    weight = None
+    if first.weight is not None and rest.weight is not None:
+        weight = torch.cat([first.weight, rest.weight])
+    return PerSample(
+        closed=torch.cat([first.closed, rest.closed]),
+        direct=torch.cat([first.direct, rest.direct]),
+        weight=weight,
+        closed_error=(n1 * first.closed_error + n2 * rest.closed_error) / (n1 + n2),
+    )
+
+
+def outer_for(m: int, value: float, stderr: float, target: float) -> float:
+    """M·(s/(target·J))²: the draws for a relative standard error ``target`` where M draws
+    gave J ± s (s ∝ 1/√M); ∞ where J ≤ 0 (no value to be relative to)."""
+    if not value > 0:
+        return math.inf
+    return m * (stderr / (target * value)) ** 2
+
+
+def closed_rounding(pool: Pool, sigma: float, dtype: torch.dtype, closed: Tensor) -> Tensor:
+    """Bounds on the rounding errors of closed-form values (A − ‖μ‖²)/D computed in ``dtype``
+    (``closed``, one per draw, float64): the weights' relative error δ
+    (``kernel.logit_error_bound``) moves μ by e ≤ 4δ·R, and μ's own rounding by 2u·‖μ‖ (R² =
+    max‖x‖², u the unit round-off), so ‖μ‖² by ≤ 2‖μ‖·e + e². Where J* is far below A·u,
+    A − ‖μ‖² is a difference of nearly equal numbers and this error, systematic for a σ, is
+    not in the closed form's standard error; at large σ, ‖μ‖ → 0 and so does the bound."""
+    u = torch.finfo(dtype).eps / 2
+    delta = logit_error_bound(pool.max_sq, pool.dim, sigma, dtype)
+    norm = (pool.a - pool.dim * closed.double()).clamp(min=0).sqrt()  # ‖μ‖
+    e = 4 * delta * math.sqrt(pool.max_sq) + 2 * u * norm
+    return (2 * norm * e + e * e) / pool.dim
 
 
 def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
