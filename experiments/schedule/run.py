@@ -6,7 +6,9 @@ Arms (same network, optimizer, data order per seed, images seen, sampler, steps 
   edm-wp   EDM with the optimal-loss weight and density p ∝ w·gap, gap estimated online
   fm       flow matching (velocity target), logit-normal t
   fm-opt   flow matching with the optimal-loss weight and density (online gap)
-and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.1).
+  edm2     EDM with EDM2's learned per-σ uncertainty weighting (loss λ·L/e^u(σ) + u(σ))
+and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.1) and
+edm-wp-exp0.5 and fm-opt-exp0.5 (density ∝ (w·gap)^0.5).
 Per run: train → 2000 samples (Heun) → classifier Fréchet distance → diagnose (gap per σ).
 Every stage is a file in the run directory and is skipped when present; training resumes from
 its checkpoint (bitwise). ``--phase collect`` (also run at the end) writes results.json,
@@ -38,14 +40,20 @@ ARMS: dict[str, list[str]] = {
     "edm-wp": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online"],
     "fm": ["--process", "fm", "--target", "velocity", "--schedule", "fm-logit-normal"],
     "fm-opt": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online"],
+    "edm2": ["--process", "edm", "--target", "F", "--schedule", "edm", "--uncertainty"],
     # variants (one seed): τ = 0.1 moves σ* to ≈ 2.1 and lowers the cap to ≈ 29, so high σ
     # keeps more of the weight and of the draws
     "edm-wp-tau0.1": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online",
                       "--star-threshold", "0.1"],
     "fm-opt-tau0.1": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online",
                       "--star-threshold", "0.1"],
+    # variants (one seed): p ∝ (w·gap)^0.5 tempers the density's concentration on σ ≈ 0.5–1.2
+    "edm-wp-exp0.5": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online",
+                      "--exponent", "0.5"],
+    "fm-opt-exp0.5": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online",
+                      "--exponent", "0.5"],
 }  # fmt: skip
-MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt")
+MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt", "edm2")
 DIAG_SIGMAS = "0.02,0.05,0.1,0.2,0.5,1,2,5,10,20,80"
 
 
@@ -120,6 +128,42 @@ def do_run(
     return f"{run.name}: done"
 
 
+def inception(out: Path, jobs: list[tuple[str, int]], n: int, wait: float) -> None:
+    """Inception FID (``lossfloor fid --feature inception``) of the first ``n`` samples of each
+    run against ``n`` reference images (their features cached first), in the order of ``jobs``
+    (seed-major), each once its samples exist: fid-inception-n{n}.json. Polls for runs still
+    sampling until all are done or ``wait`` seconds pass without a new one."""
+    import torch
+
+    from lossfloor.cli import main as lossfloor
+    from lossfloor.data import load_dataset
+    from lossfloor.evaluation.fid import reference_features
+    from lossfloor.evaluation.inception import InceptionFeatures
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    reference_features(InceptionFeatures(), load_dataset(DATA), n, progress=False)
+    print(f"inception reference features of {n} images: {time.time() - t0:.0f} s", flush=True)
+    todo, idle = list(jobs), time.time()
+    while todo and time.time() - idle < wait:
+        ready = [j for j in todo if (out / f"{j[0]}-s{j[1]}" / "samples.npz").exists()]
+        if not ready:
+            time.sleep(20)
+            continue
+        arm, seed = ready[0]
+        todo.remove(ready[0])
+        run = out / f"{arm}-s{seed}"
+        result = run / f"fid-inception-n{n}.json"
+        if not result.exists():
+            t0 = time.time()
+            code = lossfloor(["fid", "--samples", str(run / "samples.npz"), "--data", DATA,
+                              "--feature", "inception", "--n", str(n), "--n-reference", str(n),
+                              "--device", "cpu", "--quiet", "--out", str(result)])  # fmt: skip
+            _timing(run, f"inception_n{n}_wall", time.time() - t0)
+            print(f"{run.name}: inception FID ({code}) {time.time() - t0:.0f} s", flush=True)
+        idle = time.time()
+
+
 SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
 
 
@@ -135,7 +179,7 @@ def loss_shares(run: Path) -> dict[str, list[float]]:
 
     sched = get_schedule(read_json(run / "config.json")["schedule"])
     state = torch.load(run / "checkpoint-latest.pt", weights_only=True).get("objective")
-    if state:
+    if state and "schedule" in state:
         sched.load_state_dict(state["schedule"])
     points = read_json(run / "diagnosis.json")["points"]
     ds = np.log([p["sigma"] for p in points])
@@ -178,7 +222,7 @@ def collect(out: Path) -> None:
                          "fd_classifier": score["frechet_distance"],
                          "n_samples": score["n_samples"], "n_reference": score["n_reference"],
                          "diagnosed": (run / "diagnosis.json").exists()})  # fmt: skip
-            if ckpt.get("objective"):  # online gap: plot the density the run ended with
+            if (ckpt.get("objective") or {}).get("schedule"):  # online gap: the final density
                 from lossfloor.schedules import get_schedule
 
                 sched = get_schedule(read_json(run / "config.json")["schedule"])
@@ -247,7 +291,13 @@ def main() -> None:
     p.add_argument("--outer", type=int, default=256, help="diagnose: draws per σ")
     p.add_argument("--diagnose-seeds", type=int, default=1, help="diagnose seeds below this")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--phase", choices=["all", "runs", "diagnose", "collect"], default="all")
+    phases = ["all", "runs", "diagnose", "inception", "collect"]
+    p.add_argument("--phase", choices=phases, default="all",
+                   help="inception: Inception FID only (not part of all)")  # fmt: skip
+    p.add_argument("--inception-n", type=int, default=1000, help="inception: samples and "
+                   "reference images (the first N of each run's samples)")  # fmt: skip
+    p.add_argument("--inception-wait", type=float, default=1800.0,
+                   help="inception: give up after this many seconds without a new run")  # fmt: skip
     p.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"of {', '.join(ARMS)}")
     a = p.parse_args()
     out = Path(a.out)
@@ -270,6 +320,8 @@ def main() -> None:
             for f in futures:
                 print(f"{f.result()}  [{time.time() - started:.0f} s]", flush=True)
         collect(out)
+    if a.phase == "inception":
+        inception(out, jobs, a.inception_n, a.inception_wait)
     if a.phase == "collect":
         collect(out)
 
