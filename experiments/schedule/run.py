@@ -55,6 +55,8 @@ ARMS: dict[str, list[str]] = {
 }  # fmt: skip
 MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt", "edm2")
 DIAG_SIGMAS = "0.02,0.05,0.1,0.2,0.5,1,2,5,10,20,80"
+# the first experiment's seed-0 gaps (docs/experiments/schedule.md; its run directories are gone)
+PREVIOUS_GAPS = str(Path(CURVE).parent / "schedule" / "gaps-v1.json")
 
 
 def _timing(run: Path, stage: str, seconds: float) -> None:
@@ -164,6 +166,18 @@ def inception(out: Path, jobs: list[tuple[str, int]], n: int, wait: float) -> No
         idle = time.time()
 
 
+def _inception(run: Path) -> dict[str, float]:
+    """The run's Inception FID at the largest n computed (fid-inception-n{n}.json), if any."""
+    from lossfloor.io import read_json
+
+    done = sorted(run.glob("fid-inception-n*.json"), key=lambda p: int(p.stem.rsplit("n", 1)[1]))
+    if not done:
+        return {}
+    score = read_json(done[-1])["scores"]["inception"]
+    return {"fid_inception": score["frechet_distance"], "n_inception": score["n_samples"],
+            "n_inception_reference": score["n_reference"]}  # fmt: skip
+
+
 SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
 
 
@@ -221,7 +235,8 @@ def collect(out: Path) -> None:
                          "sample_seconds": timing.get("sample_wall"),
                          "fd_classifier": score["frechet_distance"],
                          "n_samples": score["n_samples"], "n_reference": score["n_reference"],
-                         "diagnosed": (run / "diagnosis.json").exists()})  # fmt: skip
+                         "diagnosed": (run / "diagnosis.json").exists(),
+                         **_inception(run)})  # fmt: skip
             if (ckpt.get("objective") or {}).get("schedule"):  # online gap: the final density
                 from lossfloor.schedules import get_schedule
 
@@ -237,6 +252,12 @@ def collect(out: Path) -> None:
                          "images": [r["images"] for r in rows if r["arm"] == arm][0],
                          "train_seconds_mean": statistics.fmean(
                              [r["train_seconds"] for r in rows if r["arm"] == arm])}  # fmt: skip
+            fids = [r["fid_inception"] for r in rows if r["arm"] == arm and "fid_inception" in r]
+            if fids:
+                arms[arm].update({"fid_inception_runs": len(fids),
+                                  "fid_inception_mean": statistics.fmean(fids),
+                                  "fid_inception_std": statistics.stdev(fids)
+                                  if len(fids) > 1 else None})  # fmt: skip
     shares = {run.name: loss_shares(run) for run in sorted(out.glob("*-s*"))
               if (run / "diagnosis.json").exists()}  # fmt: skip
     write_json(out / "results.json", {"arms": arms, "runs": rows, "loss_shares": shares,
@@ -244,31 +265,39 @@ def collect(out: Path) -> None:
         "common": COMMON, "arms": ARMS, "curve": Path(CURVE).name, "data": DATA}})  # fmt: skip
     if rows:
         with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # runs may lack FID
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
     # the gap per σ of every arm: mean over its diagnosed seeds, ± their std
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    previous = read_json(PREVIOUS_GAPS) if Path(PREVIOUS_GAPS).exists() else {"runs": {}}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    sig = [float(s) for s in DIAG_SIGMAS.split(",")]
     for i, arm in enumerate(ARMS):
+        ax = axes[0 if arm.startswith("edm") else 1]
         gaps = [
             [p["gap"] for p in read_json(run / "diagnosis.json")["points"]]
             for run in sorted(out.glob(f"{arm}-s*"))
             if (run / "diagnosis.json").exists()
         ]
-        if not gaps:
-            continue
-        g = np.array(gaps)
-        sig = [float(s) for s in DIAG_SIGMAS.split(",")]
-        std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
-        ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
-                    label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xscale="log", xlabel="σ (VE)", ylabel="gap J_θ − J* per element (x0 units)",
-           title="Fashion-MNIST, tiny UNet: gap per σ (mean ± std over seeds)")  # fmt: skip
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+        if gaps:
+            g = np.array(gaps)
+            std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
+            ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
+                        label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
+        if f"{arm}-s0" in previous["runs"]:  # the first experiment's (earlier code), dashed
+            ax.plot(previous["sigma"], previous["runs"][f"{arm}-s0"], "x--", ms=3, lw=0.9,
+                    color=f"C{i}", alpha=0.7, label=f"{arm} (seed 0, first run)")  # fmt: skip
+    for ax, family in zip(axes, ("EDM", "flow matching"), strict=True):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="σ (VE)", title=f"{family} arms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("gap J_θ − J* per element (x0 units)")
+    fig.suptitle("Fashion-MNIST, tiny UNet, 6,400 images: gap per σ (solid: this code; "
+                 "dashed: the first experiment's table)", fontsize=10)  # fmt: skip
     save_figure(fig, out / "gaps.png")
     for name, share in shares.items():
         cells = " ".join(f"{d:.2f}/{x:.2f}" for d, x in zip(share["draws"], share["loss"],
