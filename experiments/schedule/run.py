@@ -178,6 +178,23 @@ def _inception(run: Path) -> dict[str, float]:
             "n_inception_reference": score["n_reference"]}  # fmt: skip
 
 
+def learned_u(run: Path) -> dict[str, list[float]]:
+    """An --uncertainty run's learned u(σ) at the diagnosis σ, and e^u/λ(σ): the x0 loss level
+    u has learnt (λ EDM's weight, σ_data 0.5)."""
+    import torch
+
+    from lossfloor.training.loss import LogVarianceNet
+
+    state = torch.load(run / "checkpoint-latest.pt", weights_only=True)["objective"]
+    net = LogVarianceNet(state["uncertainty"]["freqs"].numel())
+    net.load_state_dict(state["uncertainty"])
+    sigma = torch.tensor([float(s) for s in DIAG_SIGMAS.split(",")], dtype=torch.float64)
+    with torch.no_grad():
+        u = net(sigma).double()
+    lam = (sigma**2 + 0.25) / (0.5 * sigma) ** 2
+    return {"sigma": sigma.tolist(), "u": u.tolist(), "loss_x0_level": (u.exp() / lam).tolist()}
+
+
 SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
 
 
@@ -258,9 +275,12 @@ def collect(out: Path) -> None:
                                   "fid_inception_mean": statistics.fmean(fids),
                                   "fid_inception_std": statistics.stdev(fids)
                                   if len(fids) > 1 else None})  # fmt: skip
+    learned = {r["arm"] + f"-s{r['seed']}": learned_u(out / f"{r['arm']}-s{r['seed']}")
+               for r in rows if "--uncertainty" in ARMS[r["arm"]]}  # fmt: skip
     shares = {run.name: loss_shares(run) for run in sorted(out.glob("*-s*"))
               if (run / "diagnosis.json").exists()}  # fmt: skip
     write_json(out / "results.json", {"arms": arms, "runs": rows, "loss_shares": shares,
+                                      "learned_u": learned,
                                       "options": {
         "common": COMMON, "arms": ARMS, "curve": Path(CURVE).name, "data": DATA}})  # fmt: skip
     if rows:
