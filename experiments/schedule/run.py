@@ -134,7 +134,9 @@ def inception(out: Path, jobs: list[tuple[str, int]], n: int, wait: float) -> No
     """Inception FID (``lossfloor fid --feature inception``) of the first ``n`` samples of each
     run against ``n`` reference images (their features cached first), in the order of ``jobs``
     (seed-major), each once its samples exist: fid-inception-n{n}.json. Polls for runs still
-    sampling until all are done or ``wait`` seconds pass without a new one."""
+    sampling until all are done or ``wait`` seconds pass without a new one. A run being scored
+    holds a lock file, so two processes (one with --reverse) share the runs. A stopped process
+    leaves its lock: delete it before restarting."""
     import torch
 
     from lossfloor.cli import main as lossfloor
@@ -156,12 +158,15 @@ def inception(out: Path, jobs: list[tuple[str, int]], n: int, wait: float) -> No
         todo.remove(ready[0])
         run = out / f"{arm}-s{seed}"
         result = run / f"fid-inception-n{n}.json"
-        if not result.exists():
+        lock = run / f"fid-inception-n{n}.lock"  # another process is on it (see --reverse)
+        if not result.exists() and not lock.exists():
+            lock.touch()
             t0 = time.time()
             code = lossfloor(["fid", "--samples", str(run / "samples.npz"), "--data", DATA,
                               "--feature", "inception", "--n", str(n), "--n-reference", str(n),
                               "--device", "cpu", "--quiet", "--out", str(result)])  # fmt: skip
             _timing(run, f"inception_n{n}_wall", time.time() - t0)
+            lock.unlink()
             print(f"{run.name}: inception FID ({code}) {time.time() - t0:.0f} s", flush=True)
         idle = time.time()
 
@@ -345,6 +350,8 @@ def main() -> None:
                    help="inception: Inception FID only (not part of all)")  # fmt: skip
     p.add_argument("--inception-n", type=int, default=1000, help="inception: samples and "
                    "reference images (the first N of each run's samples)")  # fmt: skip
+    p.add_argument("--reverse", action="store_true",
+                   help="inception: take the runs last seed first (a second process)")  # fmt: skip
     p.add_argument("--inception-wait", type=float, default=1800.0,
                    help="inception: give up after this many seconds without a new run")  # fmt: skip
     p.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"of {', '.join(ARMS)}")
@@ -370,7 +377,7 @@ def main() -> None:
                 print(f"{f.result()}  [{time.time() - started:.0f} s]", flush=True)
         collect(out)
     if a.phase == "inception":
-        inception(out, jobs, a.inception_n, a.inception_wait)
+        inception(out, jobs[::-1] if a.reverse else jobs, a.inception_n, a.inception_wait)
     if a.phase == "collect":
         collect(out)
 
