@@ -206,7 +206,8 @@ SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
 def loss_shares(run: Path) -> dict[str, list[float]]:
     """Where a diagnosed run's objective put its draws and its loss, per σ band: P(σ in band)
     and the band's share of E_p[w·J_θ] (J_θ from the diagnosis, linear in ln σ between its
-    points, ∝ σ² below the first; the schedule as the run ended, online state included)."""
+    points, ∝ σ² below the first; the schedule as the run ended, online state included; w·e^{−u}
+    with the learned u of an --uncertainty run)."""
     import numpy as np
     import torch
 
@@ -225,6 +226,13 @@ def loss_shares(run: Path) -> dict[str, list[float]]:
     s = torch.from_numpy(np.exp(u))
     q = sched.density_ln_sigma(s).numpy()
     c = q * sched.weight(s).numpy() * j
+    if state and "uncertainty" in state:  # EDM2: the effective weight is w·e^{−u}
+        from lossfloor.training.loss import LogVarianceNet
+
+        net = LogVarianceNet(state["uncertainty"]["freqs"].numel())
+        net.load_state_dict(state["uncertainty"])
+        with torch.no_grad():
+            c = c * torch.exp(-net(s).double()).numpy()
     draws, loss = [], []
     for lo, hi in zip(SHARE_BANDS[:-1], SHARE_BANDS[1:], strict=True):
         m = (u >= np.log(lo)) & (u < np.log(hi))
