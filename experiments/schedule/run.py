@@ -55,7 +55,8 @@ ARMS: dict[str, list[str]] = {
 }  # fmt: skip
 MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt", "edm2")
 DIAG_SIGMAS = "0.02,0.05,0.1,0.2,0.5,1,2,5,10,20,80"
-# the first experiment's seed-0 gaps (docs/experiments/schedule.md; its run directories are gone)
+# the first experiment's seed-0 gaps (docs/experiments/schedule.md; its run directories are gone;
+# its training is bitwise that of this code: edm-s0 and fm-s0 retrained diagnose to the same table)
 PREVIOUS_GAPS = str(Path(CURVE).parent / "schedule" / "gaps-v1.json")
 
 
@@ -320,7 +321,7 @@ def collect(out: Path) -> None:
             std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
             ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
                         label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
-        if f"{arm}-s0" in previous["runs"]:  # the first experiment's (earlier code), dashed
+        if not gaps and f"{arm}-s0" in previous["runs"]:  # the first experiment's, dashed
             ax.plot(previous["sigma"], previous["runs"][f"{arm}-s0"], "x--", ms=3, lw=0.9,
                     color=f"C{i}", alpha=0.7, label=f"{arm} (seed 0, first run)")  # fmt: skip
     for ax, family in zip(axes, ("EDM", "flow matching"), strict=True):
@@ -329,8 +330,8 @@ def collect(out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("gap J_θ − J* per element (x0 units)")
-    fig.suptitle("Fashion-MNIST, tiny UNet, 6,400 images: gap per σ (solid: this code; "
-                 "dashed: the first experiment's table)", fontsize=10)  # fmt: skip
+    fig.suptitle("Fashion-MNIST, tiny UNet, 6,400 images: gap per σ (dashed: the first "
+                 "experiment's seed-0 runs, from its table)", fontsize=10)  # fmt: skip
     save_figure(fig, out / "gaps.png")
     for name, share in shares.items():
         cells = " ".join(f"{d:.2f}/{x:.2f}" for d, x in zip(share["draws"], share["loss"],
