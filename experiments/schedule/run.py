@@ -11,8 +11,9 @@ and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.
 edm-wp-exp0.5 and fm-opt-exp0.5 (density ∝ (w·gap)^0.5).
 Per run: train → 2000 samples (Heun) → classifier Fréchet distance → diagnose (gap per σ).
 Every stage is a file in the run directory and is skipped when present; training resumes from
-its checkpoint (bitwise). ``--phase collect`` (also run at the end) writes results.json,
-results.csv and gaps.png from whatever has finished.
+its checkpoint (bitwise). ``--phase inception`` (not part of ``all``) adds Inception FID of the
+first --inception-n samples of each run. ``--phase collect`` (also run at the end) writes
+results.json, results.csv and gaps.png from whatever has finished.
 
     setsid nohup python experiments/schedule/run.py --out experiments/schedule/runs &
     kill -TERM -- -PGID    # stops it; the same command resumes
@@ -30,6 +31,7 @@ from pathlib import Path
 
 # J* of the 60k training images, σ ∈ [0.02, 80] (lossfloor estimate, full posterior, 10k draws)
 CURVE = str(Path(__file__).resolve().parents[2] / "docs" / "results" / "fmnist-full.json")
+CURVE_REL = "docs/results/fmnist-full.json"  # as recorded in results.json
 DATA = "fashion-mnist"
 COMMON = ["--model", "tiny", "--batch", "64", "--lr", "2e-3", "--warmup", "20",
           "--checkpoint-every", "50", "--log-every", "25"]  # fmt: skip
@@ -296,7 +298,9 @@ def collect(out: Path) -> None:
     write_json(out / "results.json", {"arms": arms, "runs": rows, "loss_shares": shares,
                                       "learned_u": learned,
                                       "options": {
-        "common": COMMON, "arms": ARMS, "curve": Path(CURVE).name, "data": DATA}})  # fmt: skip
+        "common": COMMON, "arms": {k: [CURVE_REL if x == CURVE else x for x in v]
+                              for k, v in ARMS.items()},
+        "curve": CURVE_REL, "data": DATA}})  # fmt: skip
     if rows:
         with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
             fields = list(dict.fromkeys(k for r in rows for k in r))  # runs may lack FID
