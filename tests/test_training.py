@@ -25,6 +25,7 @@ from lossfloor.training import (
     StatsRecord,
     TrainConfig,
     Trainer,
+    UncertaintyLoss,
     read_stats,
     train,
 )
@@ -550,3 +551,94 @@ def test_an_interrupt_through_the_cli_says_what_was_kept(tmp_path, cli, capsys, 
     assert cli([*argv, "--run-dir", str(tmp_path / "s"), "--steps", "3"]) == 130
     err = capsys.readouterr().err
     assert "resume" not in err and not (tmp_path / "s" / "checkpoint-latest.pt").exists()
+
+
+# ----- EDM2's learned uncertainty weighting -----------------------------------------------
+def _identity(x, sigma, labels):
+    """A 'denoiser' that returns its input: the x0 loss is σ²·mean(ε²), E = σ² exactly."""
+    return x
+
+
+def test_uncertainty_loss_starts_as_the_plain_loss_and_reweights_by_its_formula():
+    x0 = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    plain, learned = DenoisingLoss("edm"), UncertaintyLoss("edm", seed=0)
+
+    def draws():
+        return {"g_sigma": torch.Generator().manual_seed(1), "g_noise": torch.Generator()}
+
+    a = plain(_identity, x0, None, **draws())
+    b = learned(_identity, x0, None, **draws())
+    assert torch.equal(a.sigma, b.sigma) and torch.equal(a.loss_x0, b.loss_x0)
+    assert torch.equal(a.loss, b.loss)  # u ≡ 0 at the start: e^0·w·L + 0
+    with torch.no_grad():
+        learned.logvar.linear.bias.fill_(0.7)
+        learned.logvar.linear.weight.normal_(generator=torch.Generator().manual_seed(2))
+    c = learned(_identity, x0, None, **draws())
+    # u by hand: √2·cos(2π(f·ln σ/4 + φ)) features, then the linear map
+    net = learned.logvar
+    feats = 2**0.5 * torch.cos(2 * math.pi * (a.sigma.log()[:, None] / 4 * net.freqs.double()
+                                              + net.phases.double()))  # fmt: skip
+    u = (feats @ net.linear.weight.double().T).squeeze(1) + float(net.linear.bias.detach())
+    assert u.std() > 0.5  # σ-dependent
+    torch.testing.assert_close(c.loss.double(), a.loss.double() * torch.exp(-u) + u,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_uncertainty_learns_the_log_of_the_weighted_loss_per_sigma():
+    """min_u e^{−u}·E[w·L] + u is at u = ln E[w·L]. With D(x) = x, E[L] = σ² and EDM's
+    λ = (σ² + σ_d²)/(σ·σ_d)², so the optimum is u*(σ) = ln(1 + σ²/σ_d²)."""
+    objective = UncertaintyLoss("edm", seed=0)
+    opt = torch.optim.Adam(objective.parameters(), lr=1e-2)
+    draws = {"g_sigma": torch.Generator().manual_seed(0), "g_noise": torch.Generator()}
+    x0 = torch.zeros(256, 1, 8, 8)
+    for _ in range(1500):
+        loss = objective(_identity, x0, None, **draws).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sigma = torch.tensor([0.05, 0.1, 0.3, 1.0, 2.0], dtype=torch.float64)
+    with torch.no_grad():
+        u = objective.logvar(sigma).double()
+    optimum = torch.log1p(sigma**2 / 0.5**2)  # 0.01 … 2.83
+    assert (u - optimum).abs().max() < 0.05, (u, optimum)  # u started at 0, the optimum at 2.83
+
+
+def test_uncertainty_run_resumes_bitwise_with_u_in_checkpoint_and_optimizer(tmp_path):
+    data = _digits(20)
+    full, half = tmp_path / "full", tmp_path / "half"
+    config = {"uncertainty": True, "lr": 1e-2, "checkpoint_every": 3}
+    train(_tiny(6, **config), data, full, progress=False)
+    train(_tiny(3, **config), data, half, progress=False)
+    train(_tiny(6, **config), data, half, resume=True, progress=False)
+    a, b = _ckpt(full), _ckpt(half)
+    for key in ("model", "ema", "optimizer", "rng", "objective"):
+        assert _states_equal(a[key], b[key]), key
+    u = a["objective"]["uncertainty"]
+    assert float(u["linear.bias"]) != 0.0 and bool((u["linear.weight"] != 0).any())
+    # u's parameters are the optimizer's last ones (after the net's)
+    n_net = len(list(UNetBackbone(backbone_config((1, 8, 8), "tiny")).parameters()))
+    assert len(a["optimizer"]["param_groups"][0]["params"]) == n_net + 2
+    assert set(a["optimizer"]["state"]) == set(range(n_net + 2))
+    # u changes the training: the plain run trains to other weights from the same draws
+    plain = tmp_path / "plain"
+    train(_tiny(6, lr=1e-2, checkpoint_every=3), data, plain, progress=False)
+    assert not _states_equal(a["model"], _ckpt(plain)["model"])
+    # and the run cannot be resumed without it, nor a plain run with it
+    with pytest.raises(UserError, match="trained with uncertainty=True"):
+        train(_tiny(7, lr=1e-2), data, half, resume=True, progress=False)
+    with pytest.raises(UserError, match="trained with uncertainty=False"):
+        train(_tiny(7, lr=1e-2, uncertainty=True), data, plain, resume=True, progress=False)
+    # an objective without u refuses the checkpoint's u state
+    with pytest.raises(UserError, match="uncertainty"):
+        train(_tiny(7, **config), data, half, resume=True,
+              objective=DenoisingLoss("edm"), progress=False)  # fmt: skip
+
+
+def test_train_cli_uncertainty_flag_trains_u_and_resumes_with_it(tmp_path, cli):
+    run_dir = tmp_path / "r"
+    argv = ["train", "--data", "digits", "--limit", "24", "--run-dir", str(run_dir),
+            "--model", "tiny", "--batch", "8", "--warmup", "1", "--no-progress"]  # fmt: skip
+    assert cli([*argv, "--steps", "2", "--uncertainty"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["train"]["uncertainty"] is True
+    assert cli([*argv, "--steps", "4", "--resume"]) == 0  # the flag comes from config.json
+    assert float(_ckpt(run_dir)["objective"]["uncertainty"]["linear.bias"]) != 0.0

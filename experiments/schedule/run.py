@@ -6,11 +6,14 @@ Arms (same network, optimizer, data order per seed, images seen, sampler, steps 
   edm-wp   EDM with the optimal-loss weight and density p ∝ w·gap, gap estimated online
   fm       flow matching (velocity target), logit-normal t
   fm-opt   flow matching with the optimal-loss weight and density (online gap)
-and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.1).
+  edm2     EDM with EDM2's learned per-σ uncertainty weighting (loss λ·L/e^u(σ) + u(σ))
+and, with --arms, the variants edm-wp-tau0.1 and fm-opt-tau0.1 (σ* rule τ = 0.1) and
+edm-wp-exp0.5 and fm-opt-exp0.5 (density ∝ (w·gap)^0.5).
 Per run: train → 2000 samples (Heun) → classifier Fréchet distance → diagnose (gap per σ).
 Every stage is a file in the run directory and is skipped when present; training resumes from
-its checkpoint (bitwise). ``--phase collect`` (also run at the end) writes results.json,
-results.csv and gaps.png from whatever has finished.
+its checkpoint (bitwise). ``--phase inception`` (not part of ``all``) adds Inception FID of the
+first --inception-n samples of each run. ``--phase collect`` (also run at the end) writes
+results.json, results.csv and gaps.png from whatever has finished.
 
     setsid nohup python experiments/schedule/run.py --out experiments/schedule/runs &
     kill -TERM -- -PGID    # stops it; the same command resumes
@@ -28,6 +31,7 @@ from pathlib import Path
 
 # J* of the 60k training images, σ ∈ [0.02, 80] (lossfloor estimate, full posterior, 10k draws)
 CURVE = str(Path(__file__).resolve().parents[2] / "docs" / "results" / "fmnist-full.json")
+CURVE_REL = "docs/results/fmnist-full.json"  # as recorded in results.json
 DATA = "fashion-mnist"
 COMMON = ["--model", "tiny", "--batch", "64", "--lr", "2e-3", "--warmup", "20",
           "--checkpoint-every", "50", "--log-every", "25"]  # fmt: skip
@@ -38,15 +42,24 @@ ARMS: dict[str, list[str]] = {
     "edm-wp": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online"],
     "fm": ["--process", "fm", "--target", "velocity", "--schedule", "fm-logit-normal"],
     "fm-opt": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online"],
+    "edm2": ["--process", "edm", "--target", "F", "--schedule", "edm", "--uncertainty"],
     # variants (one seed): τ = 0.1 moves σ* to ≈ 2.1 and lowers the cap to ≈ 29, so high σ
     # keeps more of the weight and of the draws
     "edm-wp-tau0.1": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online",
                       "--star-threshold", "0.1"],
     "fm-opt-tau0.1": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online",
                       "--star-threshold", "0.1"],
+    # variants (one seed): p ∝ (w·gap)^0.5 tempers the density's concentration on σ ≈ 0.5–1.2
+    "edm-wp-exp0.5": ["--process", "edm", "--target", "F", *OPTIMAL, "--gap", "online",
+                      "--exponent", "0.5"],
+    "fm-opt-exp0.5": ["--process", "fm", "--target", "velocity", *OPTIMAL, "--gap", "online",
+                      "--exponent", "0.5"],
 }  # fmt: skip
-MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt")
+MAIN_ARMS = ("edm", "edm-w", "edm-wp", "fm", "fm-opt", "edm2")
 DIAG_SIGMAS = "0.02,0.05,0.1,0.2,0.5,1,2,5,10,20,80"
+# the first experiment's seed-0 gaps (docs/experiments/schedule.md; its run directories are gone;
+# its training is bitwise that of this code: edm-s0 and fm-s0 retrained diagnose to the same table)
+PREVIOUS_GAPS = str(Path(CURVE).parent / "schedule" / "gaps-v1.json")
 
 
 def _timing(run: Path, stage: str, seconds: float) -> None:
@@ -120,13 +133,84 @@ def do_run(
     return f"{run.name}: done"
 
 
+def inception(out: Path, jobs: list[tuple[str, int]], n: int, wait: float) -> None:
+    """Inception FID (``lossfloor fid --feature inception``) of the first ``n`` samples of each
+    run against ``n`` reference images (their features cached first), in the order of ``jobs``
+    (seed-major), each once its samples exist: fid-inception-n{n}.json. Polls for runs still
+    sampling until all are done or ``wait`` seconds pass without a new one. A run being scored
+    holds a lock file, so two processes (one with --reverse) share the runs. A stopped process
+    leaves its lock: delete it before restarting."""
+    import torch
+
+    from lossfloor.cli import main as lossfloor
+    from lossfloor.data import load_dataset
+    from lossfloor.evaluation.fid import reference_features
+    from lossfloor.evaluation.inception import InceptionFeatures
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    reference_features(InceptionFeatures(), load_dataset(DATA), n, progress=False)
+    print(f"inception reference features of {n} images: {time.time() - t0:.0f} s", flush=True)
+    todo, idle = list(jobs), time.time()
+    while todo and time.time() - idle < wait:
+        ready = [j for j in todo if (out / f"{j[0]}-s{j[1]}" / "samples.npz").exists()]
+        if not ready:
+            time.sleep(20)
+            continue
+        arm, seed = ready[0]
+        todo.remove(ready[0])
+        run = out / f"{arm}-s{seed}"
+        result = run / f"fid-inception-n{n}.json"
+        lock = run / f"fid-inception-n{n}.lock"  # another process is on it (see --reverse)
+        if not result.exists() and not lock.exists():
+            lock.touch()
+            t0 = time.time()
+            code = lossfloor(["fid", "--samples", str(run / "samples.npz"), "--data", DATA,
+                              "--feature", "inception", "--n", str(n), "--n-reference", str(n),
+                              "--device", "cpu", "--quiet", "--out", str(result)])  # fmt: skip
+            _timing(run, f"inception_n{n}_wall", time.time() - t0)
+            lock.unlink()
+            print(f"{run.name}: inception FID ({code}) {time.time() - t0:.0f} s", flush=True)
+        idle = time.time()
+
+
+def _inception(run: Path) -> dict[str, float]:
+    """The run's Inception FID at the largest n computed (fid-inception-n{n}.json), if any."""
+    from lossfloor.io import read_json
+
+    done = sorted(run.glob("fid-inception-n*.json"), key=lambda p: int(p.stem.rsplit("n", 1)[1]))
+    if not done:
+        return {}
+    score = read_json(done[-1])["scores"]["inception"]
+    return {"fid_inception": score["frechet_distance"], "n_inception": score["n_samples"],
+            "n_inception_reference": score["n_reference"]}  # fmt: skip
+
+
+def learned_u(run: Path) -> dict[str, list[float]]:
+    """An --uncertainty run's learned u(σ) at the diagnosis σ, and e^u/λ(σ): the x0 loss level
+    u has learnt (λ EDM's weight, σ_data 0.5)."""
+    import torch
+
+    from lossfloor.training.loss import LogVarianceNet
+
+    state = torch.load(run / "checkpoint-latest.pt", weights_only=True)["objective"]
+    net = LogVarianceNet(state["uncertainty"]["freqs"].numel())
+    net.load_state_dict(state["uncertainty"])
+    sigma = torch.tensor([float(s) for s in DIAG_SIGMAS.split(",")], dtype=torch.float64)
+    with torch.no_grad():
+        u = net(sigma).double()
+    lam = (sigma**2 + 0.25) / (0.5 * sigma) ** 2
+    return {"sigma": sigma.tolist(), "u": u.tolist(), "loss_x0_level": (u.exp() / lam).tolist()}
+
+
 SHARE_BANDS = (0.002, 0.1, 0.5, 1.2, 3.0, 10.0, 80.0)
 
 
 def loss_shares(run: Path) -> dict[str, list[float]]:
     """Where a diagnosed run's objective put its draws and its loss, per σ band: P(σ in band)
     and the band's share of E_p[w·J_θ] (J_θ from the diagnosis, linear in ln σ between its
-    points, ∝ σ² below the first; the schedule as the run ended, online state included)."""
+    points, ∝ σ² below the first; the schedule as the run ended, online state included; w·e^{−u}
+    with the learned u of an --uncertainty run)."""
     import numpy as np
     import torch
 
@@ -135,7 +219,7 @@ def loss_shares(run: Path) -> dict[str, list[float]]:
 
     sched = get_schedule(read_json(run / "config.json")["schedule"])
     state = torch.load(run / "checkpoint-latest.pt", weights_only=True).get("objective")
-    if state:
+    if state and "schedule" in state:
         sched.load_state_dict(state["schedule"])
     points = read_json(run / "diagnosis.json")["points"]
     ds = np.log([p["sigma"] for p in points])
@@ -145,6 +229,13 @@ def loss_shares(run: Path) -> dict[str, list[float]]:
     s = torch.from_numpy(np.exp(u))
     q = sched.density_ln_sigma(s).numpy()
     c = q * sched.weight(s).numpy() * j
+    if state and "uncertainty" in state:  # EDM2: the effective weight is w·e^{−u}
+        from lossfloor.training.loss import LogVarianceNet
+
+        net = LogVarianceNet(state["uncertainty"]["freqs"].numel())
+        net.load_state_dict(state["uncertainty"])
+        with torch.no_grad():
+            c = c * torch.exp(-net(s).double()).numpy()
     draws, loss = [], []
     for lo, hi in zip(SHARE_BANDS[:-1], SHARE_BANDS[1:], strict=True):
         m = (u >= np.log(lo)) & (u < np.log(hi))
@@ -177,8 +268,9 @@ def collect(out: Path) -> None:
                          "sample_seconds": timing.get("sample_wall"),
                          "fd_classifier": score["frechet_distance"],
                          "n_samples": score["n_samples"], "n_reference": score["n_reference"],
-                         "diagnosed": (run / "diagnosis.json").exists()})  # fmt: skip
-            if ckpt.get("objective"):  # online gap: plot the density the run ended with
+                         "diagnosed": (run / "diagnosis.json").exists(),
+                         **_inception(run)})  # fmt: skip
+            if (ckpt.get("objective") or {}).get("schedule"):  # online gap: the final density
                 from lossfloor.schedules import get_schedule
 
                 sched = get_schedule(read_json(run / "config.json")["schedule"])
@@ -193,38 +285,57 @@ def collect(out: Path) -> None:
                          "images": [r["images"] for r in rows if r["arm"] == arm][0],
                          "train_seconds_mean": statistics.fmean(
                              [r["train_seconds"] for r in rows if r["arm"] == arm])}  # fmt: skip
+            fids = [r["fid_inception"] for r in rows if r["arm"] == arm and "fid_inception" in r]
+            if fids:
+                arms[arm].update({"fid_inception_runs": len(fids),
+                                  "fid_inception_mean": statistics.fmean(fids),
+                                  "fid_inception_std": statistics.stdev(fids)
+                                  if len(fids) > 1 else None})  # fmt: skip
+    learned = {r["arm"] + f"-s{r['seed']}": learned_u(out / f"{r['arm']}-s{r['seed']}")
+               for r in rows if "--uncertainty" in ARMS[r["arm"]]}  # fmt: skip
     shares = {run.name: loss_shares(run) for run in sorted(out.glob("*-s*"))
               if (run / "diagnosis.json").exists()}  # fmt: skip
     write_json(out / "results.json", {"arms": arms, "runs": rows, "loss_shares": shares,
+                                      "learned_u": learned,
                                       "options": {
-        "common": COMMON, "arms": ARMS, "curve": Path(CURVE).name, "data": DATA}})  # fmt: skip
+        "common": COMMON, "arms": {k: [CURVE_REL if x == CURVE else x for x in v]
+                              for k, v in ARMS.items()},
+        "curve": CURVE_REL, "data": DATA}})  # fmt: skip
     if rows:
         with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # runs may lack FID
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
     # the gap per σ of every arm: mean over its diagnosed seeds, ± their std
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    previous = read_json(PREVIOUS_GAPS) if Path(PREVIOUS_GAPS).exists() else {"runs": {}}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    sig = [float(s) for s in DIAG_SIGMAS.split(",")]
     for i, arm in enumerate(ARMS):
+        ax = axes[0 if arm.startswith("edm") else 1]
         gaps = [
             [p["gap"] for p in read_json(run / "diagnosis.json")["points"]]
             for run in sorted(out.glob(f"{arm}-s*"))
             if (run / "diagnosis.json").exists()
         ]
-        if not gaps:
-            continue
-        g = np.array(gaps)
-        sig = [float(s) for s in DIAG_SIGMAS.split(",")]
-        std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
-        ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
-                    label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xscale="log", xlabel="σ (VE)", ylabel="gap J_θ − J* per element (x0 units)",
-           title="Fashion-MNIST, tiny UNet: gap per σ (mean ± std over seeds)")  # fmt: skip
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+        if gaps:
+            g = np.array(gaps)
+            std = g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
+            ax.errorbar(sig, g.mean(0), yerr=std, fmt="o-", ms=3, capsize=2, color=f"C{i}",
+                        label=f"{arm} ({len(g)} seed{'s' * (len(g) > 1)})")  # fmt: skip
+        if not gaps and f"{arm}-s0" in previous["runs"]:  # the first experiment's, dashed
+            ax.plot(previous["sigma"], previous["runs"][f"{arm}-s0"], "x--", ms=3, lw=0.9,
+                    color=f"C{i}", alpha=0.7, label=f"{arm} (seed 0, first run)")  # fmt: skip
+    for ax, family in zip(axes, ("EDM", "flow matching"), strict=True):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="σ (VE)", title=f"{family} arms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("gap J_θ − J* per element (x0 units)")
+    fig.suptitle("Fashion-MNIST, tiny UNet, 6,400 images: gap per σ (dashed: the first "
+                 "experiment's seed-0 runs, from its table)", fontsize=10)  # fmt: skip
     save_figure(fig, out / "gaps.png")
     for name, share in shares.items():
         cells = " ".join(f"{d:.2f}/{x:.2f}" for d, x in zip(share["draws"], share["loss"],
@@ -247,7 +358,15 @@ def main() -> None:
     p.add_argument("--outer", type=int, default=256, help="diagnose: draws per σ")
     p.add_argument("--diagnose-seeds", type=int, default=1, help="diagnose seeds below this")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--phase", choices=["all", "runs", "diagnose", "collect"], default="all")
+    phases = ["all", "runs", "diagnose", "inception", "collect"]
+    p.add_argument("--phase", choices=phases, default="all",
+                   help="inception: Inception FID only (not part of all)")  # fmt: skip
+    p.add_argument("--inception-n", type=int, default=1000, help="inception: samples and "
+                   "reference images (the first N of each run's samples)")  # fmt: skip
+    p.add_argument("--reverse", action="store_true",
+                   help="inception: take the runs last seed first (a second process)")  # fmt: skip
+    p.add_argument("--inception-wait", type=float, default=1800.0,
+                   help="inception: give up after this many seconds without a new run")  # fmt: skip
     p.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"of {', '.join(ARMS)}")
     a = p.parse_args()
     out = Path(a.out)
@@ -270,6 +389,8 @@ def main() -> None:
             for f in futures:
                 print(f"{f.result()}  [{time.time() - started:.0f} s]", flush=True)
         collect(out)
+    if a.phase == "inception":
+        inception(out, jobs[::-1] if a.reverse else jobs, a.inception_n, a.inception_wait)
     if a.phase == "collect":
         collect(out)
 

@@ -82,6 +82,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="class-conditional model (needs labels)",
     )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        default=None,
+        help="EDM2's learned per-σ uncertainty weighting on top of the schedule: loss "
+        "w·L/e^u(σ) + u(σ), u a linear map of Fourier features of ln σ trained with the network",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     add_device_argument(p)
     p.add_argument(
@@ -145,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with launched(device) as (group, device):  # under torchrun: one process of a group
         with group.together():
-            given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional")}
+            given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional", "uncertainty")}
             options = {k: v for k, v in given.items() if v is not None}
             run_dir = Path(args.run_dir)
             if args.resume:

@@ -9,7 +9,7 @@ from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config
 from lossfloor.training.config import TrainConfig
 from lossfloor.training.ema import EMA
 from lossfloor.training.loop import Callback, Trainer, train
-from lossfloor.training.loss import DenoisingLoss, Losses
+from lossfloor.training.loss import DenoisingLoss, Losses, UncertaintyLoss
 from lossfloor.training.stats import SIGMA_BIN_EDGES, StatsRecord, read_stats
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "UNetBackbone",
+    "UncertaintyLoss",
     "backbone_config",
     "read_stats",
     "train",

@@ -30,7 +30,8 @@ class TrainConfig:
 
     ``process``, ``target`` and ``schedule`` are names or ``to_config()`` dicts (e.g.
     ``{"name": "vp", "beta_d": 10.0}``); ``sigma_data`` is the data's standard deviation, used by
-    the Denoiser's input scaling, target F and EDM's λ.
+    the Denoiser's input scaling, target F and EDM's λ. ``uncertainty``: EDM2's learned per-σ
+    uncertainty weighting on top of the schedule (``training.loss.UncertaintyLoss``).
     """
 
     steps: int
@@ -51,6 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     snapshot_every: int = 0
     log_every: int = 10
+    uncertainty: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -7,9 +7,11 @@ minimises
   loss = (1/B) Σ_i w(σ_i) · mean_elements (D(x0_i + σ_i ε_i, σ_i, y_i) − x0_i)²
 
 with AdamW, linear LR warm-up over ``warmup`` steps, gradient-norm clipping and an EMA (half-life
-in images). Randomness: data order from a permutation per epoch seeded by (seed, epoch) — a pure
-function of the images seen — and σ and ε from two seeded CPU generators whose states are
-checkpointed with the objective's state, so a resumed run is bitwise the uninterrupted one.
+in images). With ``uncertainty`` the objective is ``UncertaintyLoss`` (EDM2's learned per-σ
+weighting): its parameters join the AdamW optimizer and the checkpoint. Randomness: data order
+from a permutation per epoch seeded by (seed, epoch) — a pure function of the images seen — and
+σ and ε from two seeded CPU generators whose states are checkpointed with the objective's
+state, so a resumed run is bitwise the uninterrupted one.
 
 Data parallelism (torch.distributed set up, e.g. by torchrun; ``lossfloor.distributed``): process
 r of K trains on rows [rB/K, (r+1)B/K) of the same global batch — the same image indices and the
@@ -48,7 +50,7 @@ from lossfloor.seeding import derived_seed, generator_for
 from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.config import ADAM_BETAS, ADAM_EPS, TrainConfig, run_config
 from lossfloor.training.ema import EMA
-from lossfloor.training.loss import DenoisingLoss
+from lossfloor.training.loss import DenoisingLoss, UncertaintyLoss
 from lossfloor.training.rundir import RunDir
 from lossfloor.training.stats import StatsAccumulator, StatsRecord
 
@@ -86,6 +88,12 @@ class _DataOrder:
 def _schedule_name(spec: Any) -> str:
     """The (lower-case) name a schedule spec gives: a name or a config's ``name``."""
     return str(spec.get("name", "") if isinstance(spec, dict) else spec).lower()
+
+
+def _objective_parameters(objective: Any) -> list[torch.nn.Parameter]:
+    """An objective's learnable parameters (``parameters()``; none without it)."""
+    own = getattr(objective, "parameters", None)
+    return list(own()) if own is not None else []
 
 
 def _takes_part(objective: Callable[..., Any]) -> bool:
@@ -154,6 +162,7 @@ class Trainer:
         self.rows = self.group.part(config.batch)
         self._build_model()
         self.objective = self._objective(objective)
+        self._build_optimizer()
         self.g_sigma = generator_for(config.seed, _STREAM_SIGMA)
         self.g_noise = generator_for(config.seed, _STREAM_NOISE)
         self.order = _DataOrder(dataset.n, config.seed)
@@ -172,7 +181,7 @@ class Trainer:
 
     # ----- setup ---------------------------------------------------------------------------
     def _build_model(self) -> None:
-        """Net (seeded from the config alone), its Denoiser, EMA copy and optimizer."""
+        """Net (seeded from the config alone), its Denoiser and EMA copy."""
         c, dataset = self.config, self.dataset
         num_classes = dataset.num_classes if c.conditional else None
         with torch.random.fork_rng(devices=[]):
@@ -183,8 +192,14 @@ class Trainer:
         self.denoiser = Denoiser(self.net, c.process, c.target, c.sigma_data)
         self.ema = EMA(self.net, c.ema_halflife, c.ema_rampup)
         self.ema_denoiser = Denoiser(self.ema.model, c.process, c.target, c.sigma_data).eval()
+
+    def _build_optimizer(self) -> None:
+        """AdamW over the net's parameters, then the objective's learnable ones (if any: they
+        share the learning rate and warm-up; as in EDM2 the gradient clipping is the net's
+        alone, so the net's steps are clipped as without them)."""
+        c = self.config
         self.optimizer = torch.optim.AdamW(
-            self.params,
+            [*self.params, *_objective_parameters(self.objective)],
             lr=c.lr,
             betas=ADAM_BETAS,
             eps=ADAM_EPS,
@@ -197,13 +212,30 @@ class Trainer:
         checked against the model."""
         spec = self.config.schedule
         if objective is None:
-            objective = DenoisingLoss(get_schedule(spec, sigma_data=self.config.sigma_data))
+            schedule = get_schedule(spec, sigma_data=self.config.sigma_data)
+            objective = (
+                UncertaintyLoss(schedule, seed=self.config.seed)
+                if self.config.uncertainty
+                else DenoisingLoss(schedule)
+            )
+        elif isinstance(objective, UncertaintyLoss) != self.config.uncertainty:
+            raise UserError(
+                f"the objective is {type(objective).__name__} but the config has uncertainty="
+                f"{self.config.uncertainty}; set TrainConfig.uncertainty to match"
+            )
         elif objective.schedule.name.lower() != _schedule_name(spec):
             raise UserError(
                 f"the objective's schedule is {objective.schedule.name!r} but the config names "
                 f"{_schedule_name(spec)!r}; set TrainConfig.schedule to the objective's"
             )
         objective.check(self.denoiser)
+        if _objective_parameters(objective):
+            if self.group.world > 1:
+                raise UserError(
+                    f"the objective {type(objective).__name__} has learnable parameters, which "
+                    "data-parallel training does not average; train it in one process"
+                )
+            objective.to(self.device)  # type: ignore[attr-defined]
         if self.group.world > 1 and not _takes_part(objective):
             raise UserError(
                 f"the objective {type(objective).__name__} takes no part=(start, total), so its "

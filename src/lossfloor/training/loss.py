@@ -15,6 +15,10 @@ a resumed run stays bitwise the uninterrupted one. ``DenoisingLoss`` itself carr
 a schedule that learns from the losses it reports (``OptimalLossSchedule`` with gap="online":
 each batch's per-sample x0 losses go to ``schedule.observe`` after they are computed, so the
 next batch's σ are drawn from the updated density).
+
+An objective with learnable parameters (``UncertaintyLoss``: EDM2's learned per-σ uncertainty
+weighting) exposes them through ``parameters()``; the trainer optimises them with the network
+(same AdamW, learning rate and gradient clipping) and checkpoints them with the objective's state.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ import torch
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import UserError
 from lossfloor.schedules import NoiseSchedule, get_schedule
+from lossfloor.seeding import generator_for
 
 Tensor = torch.Tensor
+
+# The random stream of the uncertainty net's Fourier features (the trainer's streams are 0–3).
+UNCERTAINTY_STREAM = 4
 
 
 @dataclass(frozen=True)
@@ -109,3 +117,100 @@ class DenoisingLoss:
                 f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}; "
                 "resume with the objective the run was trained with"
             )
+
+
+class LogVarianceNet(torch.nn.Module):
+    """EDM2's learned log-variance u(σ) (Karras et al. 2024, "Analyzing and improving the training
+    dynamics", the ``logvar`` head): Fourier features of c_noise = ln σ / 4,
+
+      φ_j(σ) = √2·cos(2π(f_j·c_noise + φ0_j)),  f_j ~ N(0, 1), φ0_j ~ U(0, 1)  (fixed by ``seed``),
+
+    and a linear map u(σ) = Σ_j a_j φ_j(σ) + b. Unlike EDM2 (a magnitude-preserving layer with
+    random weights, no bias) a and b start at 0, so u ≡ 0 and training starts as the plain loss.
+    """
+
+    def __init__(self, channels: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        if channels < 1:
+            raise UserError(f"the uncertainty net needs at least 1 Fourier channel, not {channels}")
+        g = generator_for(seed, UNCERTAINTY_STREAM)
+        self.register_buffer("freqs", torch.randn(channels, generator=g))
+        self.register_buffer("phases", torch.rand(channels, generator=g))
+        self.linear = torch.nn.Linear(channels, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def features(self, sigma: Tensor) -> Tensor:
+        """The N×channels Fourier features of σ (any device; computed in float64, returned in
+        the buffers' dtype on their device)."""
+        c = sigma.double().log().div(4).to(self.freqs.device).view(-1, 1)
+        arg = c * self.freqs.double() + self.phases.double()
+        return (torch.cos(2 * torch.pi * arg) * 2**0.5).to(self.freqs.dtype)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        """u(σ_i) for each σ_i (N values)."""
+        return self.linear(self.features(sigma)).squeeze(-1)
+
+
+class UncertaintyLoss(DenoisingLoss):
+    """EDM2's learned uncertainty weighting on top of ``schedule``:
+
+      loss_i = w(σ_i)·L_i / e^{u(σ_i)} + u(σ_i),   L_i the per-sample x0 loss,
+
+    u a ``LogVarianceNet`` trained jointly with the network. For a fixed σ the expectation
+    e^{−u}·E[w·L] + u is minimised at u = ln E[w·L(σ)], where it equals 1 + ln E[w·L]: u learns
+    the log of the weighted loss per σ, and each σ's loss is divided by its own running level
+    (every σ contributes ≈ 1 to the gradient scale, whatever the weight and the difficulty).
+    The draws are ``DenoisingLoss``'s (the same σ and ε for the same generators).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule | str | Mapping[str, Any] = "edm",
+        *,
+        channels: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(schedule)
+        self.logvar = LogVarianceNet(channels, seed)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The learnable parameters (optimised by the trainer with the network's)."""
+        return list(self.logvar.parameters())
+
+    def to(self, device: str | torch.device) -> UncertaintyLoss:
+        """Move u's parameters and buffers to ``device``."""
+        self.logvar.to(device)
+        return self
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x0: Tensor,
+        labels: Tensor | None,
+        *,
+        g_sigma: torch.Generator,
+        g_noise: torch.Generator,
+        part: tuple[int, int] | None = None,
+    ) -> Losses:
+        """``DenoisingLoss``'s losses, reweighted: w·L/e^u + u per sample."""
+        out = super().__call__(denoiser, x0, labels, g_sigma=g_sigma, g_noise=g_noise, part=part)
+        u = self.logvar(out.sigma).to(out.loss.device, out.loss.dtype)
+        return Losses(out.loss * torch.exp(-u) + u, out.loss_x0, out.sigma)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (if any) and u's parameters and Fourier buffers."""
+        own = {k: v.detach().clone() for k, v in self.logvar.state_dict().items()}
+        return {**super().state_dict(), "uncertainty": own}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s state."""
+        rest = dict(state)
+        own = rest.pop("uncertainty", None)
+        if own is None:
+            raise UserError(
+                "the checkpoint holds no learned uncertainty weighting; resume with the "
+                "objective the run was trained with (without --uncertainty)"
+            )
+        self.logvar.load_state_dict(own)
+        super().load_state_dict(rest)
