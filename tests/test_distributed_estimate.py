@@ -46,7 +46,8 @@ def launch(tmp_path_factory) -> tuple[Path, list[dict]]:
 def _points(path: Path) -> tuple[dict, list[dict]]:
     """(the curve's options, its points without timings)."""
     curve = json.loads(path.read_text())
-    points = [{k: p[k] for k in ("sigma", "dtype", "resolved", *NUMBERS)} for p in curve["points"]]
+    keys = ("sigma", "dtype", "resolved", "outer", *NUMBERS)
+    points = [{k: p.get(k) for k in keys} for p in curve["points"]]
     options = {k: v for k, v in curve.items() if k != "points"}
     return options, points
 
@@ -55,10 +56,11 @@ def _assert_same_numbers(two: Path, one: Path) -> None:
     (opt2, pts2), (opt1, pts1) = _points(two), _points(one)
     assert opt2 == opt1  # estimator, draws, form, dataset, data variance, ...
     for p2, p1 in zip(pts2, pts1, strict=True):
-        assert (p2["sigma"], p2["dtype"], p2["resolved"]) == (
+        assert (p2["sigma"], p2["dtype"], p2["resolved"], p2["outer"]) == (
             p1["sigma"],
             p1["dtype"],
             p1["resolved"],
+            p1["outer"],
         )
         # float32 kernels: each process sums its half of the keys and the halves are merged,
         # one process sums them in one stream, so μ differs in the last float32 bits; the

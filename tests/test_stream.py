@@ -236,3 +236,16 @@ def test_data_larger_than_the_memory_budget_is_streamed_and_says_so(points, tmp_
     assert "streamed" not in json.loads(out.read_text())["dataset"]
     assert lossfloor.cli.main([*base, "--memory-gb", "nan"]) == 2
     assert "--memory-gb nan: must be a finite number" in capsys.readouterr().err
+
+
+def test_adaptive_sizes_streamed_give_the_numbers_in_memory(points):
+    """--target-rse on streamed data: the same pilot, the same chosen M per σ, the same bits."""
+    ds = load_dataset(str(points))
+    est = make_estimator("full", ds.n)
+    opts = dict(outer=1024, target_rse=0.003, max_outer=3072, tile_bytes=TILE_BYTES,
+                progress=False)  # fmt: skip
+    memory = estimate_curve(ds, SIGMAS, est, **opts)
+    streamed = estimate_curve(open_chunked(str(points), chunk_mb=CHUNK_MB), SIGMAS, est, **opts)
+    assert [p.outer for p in streamed.points] == [p.outer for p in memory.points]
+    assert {p.outer for p in memory.points} != {1024}  # at least one σ went past the pilot
+    assert _numbers(streamed) == _numbers(memory)
