@@ -46,8 +46,8 @@ SCENARIOS = {
     "stream": ["--stream", "--chunk-mb", "0.05", "--dtype", "float64"],
     "stream-plain": ["--stream", "--chunk-mb", "0.05", "--draws", "plain", "--dtype", "float64"],
     "stream-cdol": ["--stream", "--chunk-mb", "0.05", "--estimator", "cdol"],
-    # adaptive sizes: each σ's M chosen from the pilot's merged values, the same on every process
-    "adaptive": ["--target-rse", "0.003", "--outer", "1024", "--max-outer", "3072"],
+    # adaptive sizes: each σ's M chosen from the pilot's merged values (here 3,072 and the cap)
+    "adaptive": ["--target-rse", "0.003", "--outer", "1024", "--max-outer", "6144"],
 }
 
 #: Rows per block of the streamed statistics pass here (5 blocks of the 300 points).
