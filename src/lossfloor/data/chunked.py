@@ -1,8 +1,8 @@
 """Datasets larger than memory: items read in chunks of rows, never all at once.
 
-A ``ChunkedDataset`` reads its items through ``formats.Items`` (an ``.npy`` memory map, a named
-source's cached memory map, image files of a folder or an EDM zip decoded per chunk), scaled to
-[−1, 1] exactly as ``load_dataset`` scales them (``to_unit``), as float32 rows:
+A ``ChunkedDataset`` reads its items through ``formats.Items`` (an ``.npy`` by positioned reads,
+a named source's cached memory map, image files of a folder or an EDM zip decoded per chunk),
+scaled to [−1, 1] exactly as ``load_dataset`` scales them (``to_unit``), as float32 rows:
 ``rows(lo, hi)`` and ``take(idx)`` hold only the rows asked for.
 
 Its ``Summary`` comes from two passes over fixed blocks of STATS_ROWS rows (``summarise``):
