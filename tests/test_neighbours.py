@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lossfloor.optimal.neighbours as nb
+from lossfloor.optimal.cache import canonical
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.outer import OuterPlan, make_pools
 
@@ -110,7 +111,7 @@ def test_a_corrupt_file_is_rebuilt(calls, damage):
     else:  # a well-formed file whose rows do not start with their own index
         bad = good.numpy().copy()
         bad[[0, 1]] = bad[[1, 0]]
-        np.savez(path, key=np.array(nb.canonical(nb.index_key(plan, 4, torch.float32))),
+        np.savez(path, key=np.array(canonical(nb.index_key(plan, 4, torch.float32))),
                  group0=bad)  # fmt: skip
     (again,) = nb.neighbour_tables(plan, pools, 4)
     assert len(calls) == 2

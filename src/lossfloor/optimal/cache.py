@@ -77,18 +77,27 @@ def canonical(key: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def _read(path: Path, key: dict[str, Any], m: int) -> PerSample | None:
-    """The stored values if ``path`` holds exactly ``key`` with M finite float64 values per
-    form; None otherwise (missing, truncated, foreign or mismatching)."""
+def read_arrays(path: Path, key: dict[str, Any], names: list[str]) -> list[np.ndarray] | None:
+    """The arrays ``names`` of a ``write_arrays`` file if it holds exactly ``key``; None when it
+    is missing, unreadable, truncated, of another key or lacks one of them."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             if str(f["key"]) != canonical(key):
                 return None
-            closed, direct = f["closed"], f["direct"]
+            return [f[name] for name in names]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
+
+
+def _read(path: Path, key: dict[str, Any], m: int) -> PerSample | None:
+    """The stored values if ``path`` holds exactly ``key`` with M finite float64 values per
+    form; None otherwise (missing, truncated, foreign or mismatching)."""
+    arrays = read_arrays(path, key, ["closed", "direct"])
+    if arrays is None:
+        return None
+    closed, direct = arrays
     for arr in (closed, direct):
         if arr.dtype != np.float64 or arr.shape != (m,) or not np.isfinite(arr).all():
             return None

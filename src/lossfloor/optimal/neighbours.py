@@ -15,13 +15,12 @@ match is rebuilt, never trusted.
 
 from __future__ import annotations
 
-import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
-from lossfloor.optimal.cache import cache_path, canonical, write_arrays
+from lossfloor.optimal.cache import cache_path, read_arrays, write_arrays
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, keys_per_tile
 from lossfloor.optimal.outer import OuterPlan
@@ -147,14 +146,8 @@ def _read(path, key, rows: list[Tensor], sizes: list[int], caps: list[int]) -> l
     """The stored tables if ``path`` holds exactly ``key`` with tables of the right shape whose
     source rows start with their own index, hold valid distinct indices, and whose other rows
     are −1; None otherwise (missing, truncated, foreign or altered)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != canonical(key):
-                return None
-            arrays = [f[f"group{g}"] for g in range(len(rows))]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    arrays = read_arrays(path, key, [f"group{g}" for g in range(len(rows))])
+    if arrays is None:
         return None
     tables = []
     for arr, r, n, kk in zip(arrays, rows, sizes, caps, strict=True):
