@@ -70,6 +70,17 @@ def _timing(run: Path, stage: str, seconds: float) -> None:
     write_json(path, {**timing, stage: seconds})
 
 
+def _stage(lossfloor, run: Path, stage: str, failed: str, argv: list[str]) -> str | None:
+    """Run ``lossfloor argv`` and record its wall time as ``{stage}_wall``; on a non-zero exit
+    the run's failure line (``failed``: what to say), else None."""
+    t0 = time.time()
+    code = lossfloor(argv)
+    if code:
+        return f"{run.name}: {failed} ({code})"
+    _timing(run, f"{stage}_wall", time.time() - t0)
+    return None
+
+
 def _trained(run: Path, steps: int) -> bool:
     import torch
 
@@ -96,40 +107,36 @@ def do_run(
         resume = (run / "checkpoint-latest.pt").exists()
         if run.exists() and not resume:
             shutil.rmtree(run)  # started but no checkpoint yet: start again
-        t0 = time.time()
-        code = lossfloor(["train", "--data", DATA, "--run-dir", str(run), "--steps", str(a.steps),
+        failure = _stage(lossfloor, run, "train", "train stopped",
+                         ["train", "--data", DATA, "--run-dir", str(run), "--steps", str(a.steps),
                           "--seed", str(seed), "--device", "cpu", "--no-progress", *COMMON,
                           *ARMS[arm], *(["--resume"] if resume else [])])  # fmt: skip
-        if code:
-            return f"{run.name}: train stopped ({code})"
-        _timing(run, "train_wall", time.time() - t0)
+        if failure:
+            return failure
     samples = run / "samples.npz"
     if not samples.exists():
-        t0 = time.time()
-        code = lossfloor(["sample", "--run", str(run), "--n", str(a.n), "--steps",
+        failure = _stage(lossfloor, run, "sample", "sample failed",
+                         ["sample", "--run", str(run), "--n", str(a.n), "--steps",
                           str(a.sample_steps), "--batch", "250", "--device", "cpu",
                           "--no-progress", "--out-npz", str(samples)])  # fmt: skip
-        if code:
-            return f"{run.name}: sample failed ({code})"
-        _timing(run, "sample_wall", time.time() - t0)
+        if failure:
+            return failure
     fd = run / "fd.json"
     if not fd.exists():
-        t0 = time.time()
-        code = lossfloor(["fid", "--samples", str(samples), "--data", DATA, "--feature",
+        failure = _stage(lossfloor, run, "fd", "fid failed",
+                         ["fid", "--samples", str(samples), "--data", DATA, "--feature",
                           "classifier", "--n-reference", str(a.n_reference), "--quiet",
                           "--out", str(fd)])  # fmt: skip
-        if code:
-            return f"{run.name}: fid failed ({code})"
-        _timing(run, "fd_wall", time.time() - t0)
+        if failure:
+            return failure
     diag = run / "diagnosis.json"
     if diagnose and seed < a.diagnose_seeds and not diag.exists():
-        t0 = time.time()
-        code = lossfloor(["diagnose", "--model", str(run), "--data", DATA, "--sigmas",
+        failure = _stage(lossfloor, run, "diagnose", "diagnose failed",
+                         ["diagnose", "--model", str(run), "--data", DATA, "--sigmas",
                           DIAG_SIGMAS, "--outer", str(a.outer), "--out", str(diag),
                           "--quiet"])  # fmt: skip
-        if code:
-            return f"{run.name}: diagnose failed ({code})"
-        _timing(run, "diagnose_wall", time.time() - t0)
+        if failure:
+            return failure
     return f"{run.name}: done"
 
 
