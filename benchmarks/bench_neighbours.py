@@ -38,8 +38,8 @@ import torch
 from common import machine
 
 from lossfloor.data import load_dataset
-from lossfloor.io import write_json
-from lossfloor.optimal import estimate_curve, make_estimator
+from lossfloor.io import read_json, write_json
+from lossfloor.optimal import Curve, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import line_optimal_loss, two_point_optimal_loss
 
 FMNIST_SIGMAS = np.geomspace(0.2, 80, 32).tolist()
@@ -90,6 +90,77 @@ def fmnist(args) -> dict:
         }
         print(f"{label:12s} {secs:7.1f}s ratio {secs / t_full:.3f} max|rel| {worst:.4f}",
               file=sys.stderr)  # fmt: skip
+    return out
+
+
+#: ``grid``: (label, estimator name, parameters, draws) in the order they run; full on plain
+#: draws first (the reference of everything on plain draws), full as users run it (tilted,
+#: index built in the timed run) the reference of stratified, which shares its draws.
+GRID_RUNS = [
+    ("full (plain)", "full", {}, "plain"),
+    ("gram", "gram", {}, "plain"),
+    ("full (default: tilted)", "full", {}, "tilted"),
+    ("stratified", "stratified", {}, "tilted"),
+    ("dol", "dol", {}, "plain"),
+    ("snis", "snis", {}, "plain"),
+    ("cdol 4N/L", "cdol", {"C": "paper"}, "plain"),
+    ("cdol 16N/L", "cdol", {"C": "16N/L"}, "plain"),
+]
+
+
+def grid(args) -> dict:
+    """All estimators on one σ grid of the whole of Fashion-MNIST, each at its default sizes
+    (snis, dol, cdol at L = N/10, about gram's time); each run's curve and wall time is saved
+    to ``--stages`` as it finishes, so an interrupted run resumes with the next estimator."""
+    ds = load_dataset("fashion-mnist", limit=args.limit)
+    n, x, m, sigmas = ds.n, ds.x, args.outer, FMNIST_SIGMAS
+    stages = read_json(args.stages) if os.path.exists(args.stages) else {}
+    key = f"{ds.describe()['sha256']}|{m}|{len(sigmas)}"
+    if stages.get("key") != key:
+        stages = {"key": key, "runs": {}}
+    timed(x[:256], sigmas[:2], make_estimator("full", 256), 256)  # warm-up: first calls, pages
+    for label, name, params, draws in GRID_RUNS:
+        if label in stages["runs"]:
+            continue
+        c = params.get("C")
+        c = 16 * n / max(2, n // 10) if c == "16N/L" else c
+        est = make_estimator(name, n, **({"C": c} if c is not None else {}))
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["LOSSFLOOR_CACHE"] = cache  # an index is built inside the timed run
+            curve, secs = timed(x, sigmas, est, m, draws=draws)
+        stages["runs"][label] = {"seconds": secs, "curve": curve.to_json(), "load": machine()}
+        write_json(args.stages, stages)
+        print(f"{label:24s} {secs:7.1f}s", file=sys.stderr)
+    runs = {k: (Curve.from_json(v["curve"]), v["seconds"]) for k, v in stages["runs"].items()}
+    plain, t_plain = runs["full (plain)"]
+    tilted, t_tilted = runs["full (default: tilted)"]
+    var = plain.data_variance
+    out: dict = {"machine": machine(), "dataset": ds.describe(), "outer": m, "sigmas": sigmas,
+                 "data_variance": var, "estimators": {}}  # fmt: skip
+    for label, _, _, draws in GRID_RUNS:
+        curve, secs = runs[label]
+        ref = tilted if draws == "tilted" else plain
+        rel = [
+            (v - r) / r if r > 0 else None for v, r in zip(curve.values, ref.values, strict=True)
+        ]
+        counted = [e for e, r in zip(rel, ref.values, strict=True) if r > 1e-3 * var]
+        rse = [s / v if v > 0 else None for v, s in zip(curve.values, curve.stderrs, strict=True)]
+        out["estimators"][label] = {
+            "config": curve.estimator,
+            "draws": draws,
+            "reference": "full (default: tilted)" if draws == "tilted" else "full (plain)",
+            "seconds": secs,
+            "time_vs_full_plain": secs / t_plain,
+            "time_vs_full_default": secs / t_tilted,
+            "values": curve.values.tolist(),
+            "stderrs": curve.stderrs.tolist(),
+            "rel_error": rel,
+            "max_abs_rel_error_where_J_above_1e-3_var": max(abs(e) for e in counted),
+            "outer_for_1pct_over_N": [None if r is None else m * (r / 0.01) ** 2 / n for r in rse],
+        }
+        print(f"{label:24s} {secs:7.1f}s ÷full(plain) {secs / t_plain:.3f} "
+              f"÷full(default) {secs / t_tilted:.3f} "
+              f"max|rel| {max(abs(e) for e in counted):.4f}", file=sys.stderr)  # fmt: skip
     return out
 
 
@@ -225,13 +296,18 @@ def main() -> int:
     r.add_argument("--first-seed", type=int, default=0)
     r.add_argument("--draws", default="tilted,plain")
     r.add_argument("--out", default="docs/results/bench_neighbours_rare.json")
+    g = sub.add_parser("grid")
+    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--outer", type=int, default=2048)
+    g.add_argument("--stages", default="benchmarks/runs/grid_stages.json")
+    g.add_argument("--out", default="docs/results/bench_neighbours_grid.json")
     a = sub.add_parser("adaptive")
     a.add_argument("--seeds", type=int, default=30)
     a.add_argument("--target", type=float, default=0.02)
     a.add_argument("--pilot", type=int, default=2048)
     a.add_argument("--out", default="docs/results/bench_neighbours_adaptive.json")
     args = ap.parse_args()
-    result = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive}[args.what](args)
+    result = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive, "grid": grid}[args.what](args)
     write_json(args.out, result)
     return 0
 

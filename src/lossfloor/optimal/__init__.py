@@ -16,6 +16,7 @@ from lossfloor.optimal.estimators import (
     make_estimator,
     resolve_C,
 )
+from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, posterior_mean
 from lossfloor.optimal.neighbours import nearest_neighbours, neighbour_tables
 
@@ -29,6 +30,7 @@ __all__ = [
     "CurvePoint",
     "Estimator",
     "Full",
+    "Gram",
     "OptimalDenoiser",
     "Pool",
     "SoftmaxState",

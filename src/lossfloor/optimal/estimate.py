@@ -32,6 +32,7 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample, Stratified
+from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.outer import (
@@ -42,6 +43,7 @@ from lossfloor.optimal.outer import (
     OuterPlan,
     PoolsByDtype,
     base_dtype,
+    block_noise,
     check_outer,
     check_sigmas,
     join_samples,
@@ -52,6 +54,7 @@ from lossfloor.optimal.outer import (
 )
 from lossfloor.optimal.shard import check_sharded
 from lossfloor.schedules import NoiseSchedule
+from lossfloor.seeding import generator_for
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
 CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/1"
@@ -213,6 +216,9 @@ def _estimate_points(
     if todo and k > 0:
         index_pools = pools(pools.index_dtype(precision))
         pools.attach(neighbour_tables(plan, index_pools, k, tile_bytes))
+    if _sweeps(plan, estimator, draws, group, adaptive) and todo:
+        done.update(_grid_points(plan, estimator, todo, form, precision, pools, bar.update,
+                                 process, target, saved, group))  # fmt: skip
     points = []
     for sigma in sigmas:
         if sigma in done:
@@ -229,6 +235,92 @@ def _estimate_points(
                 saved.add(point)
     bar.close()
     return points
+
+
+def _sweeps(
+    plan: OuterPlan,
+    estimator: Estimator,
+    draws: str,
+    group: Group,
+    adaptive: tuple[float, int] | None,
+) -> bool:
+    """Whether the whole grid is one sweep (``Gram.grid_values``): gram on plain draws, one
+    pool held in memory by one process, fixed sizes; else gram runs σ by σ like the others."""
+    return (
+        isinstance(estimator, Gram)
+        and draws == "plain"
+        and adaptive is None
+        and group.world == 1
+        and len(plan.groups) == 1
+        and not isinstance(plan.data, ChunkedDataset)
+    )
+
+
+def _grid_points(
+    plan: OuterPlan,
+    estimator: Gram,
+    sigmas: Sequence[float],
+    form: str,
+    precision: str,
+    pools: PoolsByDtype,
+    on_block: Callable[[], None],
+    process: Process | None,
+    target: Target | None,
+    saved: Checkpoint | None,
+    group: Group,
+) -> dict[float, CurvePoint]:
+    """Every σ of ``sigmas`` from one sweep over the draws per dtype (the σ that overflow
+    float32 under ``auto`` again in float64); each point's ``seconds`` is its dtype's sweep
+    time over its σ."""
+    by_dtype: dict[torch.dtype, list[float]] = {}
+    for sigma in sigmas:
+        by_dtype.setdefault(pools.dtype_at(precision, sigma), []).append(sigma)
+    points: dict[float, CurvePoint] = {}
+    while by_dtype:
+        dtype, group_sigmas = by_dtype.popitem()
+        t0 = time.perf_counter()
+        samples = _grid_values(plan, estimator, group_sigmas, dtype, pools, on_block)
+        seconds = (time.perf_counter() - t0) / len(group_sigmas)
+        for sigma, s in zip(group_sigmas, samples, strict=True):
+            if not bool(s.closed.isfinite().all() and s.direct.isfinite().all()):
+                if precision == "auto" and dtype != torch.float64:
+                    by_dtype.setdefault(torch.float64, []).append(sigma)
+                    continue
+                raise ParameterError(
+                    "sigmas", sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at "
+                    "this σ for this data's scale",
+                )  # fmt: skip
+            point = _make_point(sigma, s, dtype, form, seconds, process, target, "plain")
+            points[sigma] = point
+            if saved is not None:
+                with group.together():
+                    saved.add(point)
+    return points
+
+
+def _grid_values(
+    plan: OuterPlan,
+    estimator: Gram,
+    sigmas: Sequence[float],
+    dtype: torch.dtype,
+    pools: PoolsByDtype,
+    on_block: Callable[[], None],
+) -> list[PerSample]:
+    """Per-sample values at every σ of ``sigmas`` on the plan's plain draws, block by block
+    (the draws and inner streams of ``per_sample_values``: equal to gram σ by σ)."""
+    pool = pools(dtype)[0]
+    m, dim = plan.outer, pool.dim
+    closed = [torch.empty(m, dtype=torch.float64) for _ in sigmas]
+    direct = [torch.empty(m, dtype=torch.float64) for _ in sigmas]
+    for j in range(plan.blocks):
+        lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
+        noise = block_noise(plan.seed, j, hi - lo, dim).to(device=pools.device, dtype=dtype)
+        gens = [generator_for(plan.seed, 2, j) for _ in sigmas]
+        src = plan.sources[lo:hi].to(pools.device)
+        for i, s in enumerate(estimator.grid_values(pool, src, noise, sigmas, gens)):
+            closed[i][lo:hi], direct[i][lo:hi] = s.closed.cpu(), s.direct.cpu()
+            on_block()
+    return [PerSample(closed=c, direct=d) for c, d in zip(closed, direct, strict=True)]
 
 
 def _estimate_point(
@@ -257,6 +349,22 @@ def _estimate_point(
     else:
         samples, dtype, used = _adaptive_values(run, estimator, form, dtype, *adaptive)
     seconds = time.perf_counter() - t0
+    return _make_point(sigma, samples, dtype, form, seconds, process, target, draws, used)
+
+
+def _make_point(
+    sigma: float,
+    samples: PerSample,
+    dtype: torch.dtype,
+    form: str,
+    seconds: float,
+    process: Process | None,
+    target: Target | None,
+    draws: str,
+    used: tuple[int, Estimator] | None = None,
+) -> CurvePoint:
+    """The point at σ from its per-sample values (``Moments``); ``used`` = (M, estimator)
+    where adaptive sizes chose them."""
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
     value = max(value, 0.0)  # J* is an expected squared error: a negative mean is noise

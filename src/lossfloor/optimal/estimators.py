@@ -536,19 +536,22 @@ def make_estimator(
 ) -> Estimator:
     """The estimator ``name`` for a pool of n points, through ``ESTIMATORS``, with the defaults
     that depend on n: L = max(2, N/10) (stratified: max(1, N/20) far points and
-    min(N, STRATIFIED_NEAR) near ones), C = ``resolve_C`` (cdol), exclude_source = (not snis).
+    min(N, STRATIFIED_NEAR) near ones; gram: 32 draws, whatever N), C = ``resolve_C`` (cdol),
+    exclude_source = (not snis).
     Every parameter is checked (ParameterError)."""
     key = ESTIMATORS.canonical(name)
     if near is not None and key != "stratified":
         raise ParameterError("near", near, "applies to stratified only")
     if key == "full":
         return ESTIMATORS.create(key, inner=inner, C=C)
-    if key == "stratified":
+    if key in ("stratified", "gram"):
         for param, value, default in (("C", C, None), ("replace", replace, False),
                                       ("exclude_source", exclude_source, None),
                                       ("layout", layout, "shared")):  # fmt: skip
             if value != default:
-                raise ParameterError(param, value, "applies to snis, dol and cdol, not stratified")
+                raise ParameterError(param, value, f"applies to snis, dol and cdol, not {key}")
+        if key == "gram":
+            return ESTIMATORS.create(key) if inner is None else ESTIMATORS.create(key, inner=inner)
         est = ESTIMATORS.create(
             key,
             inner=max(1, n // 20) if inner is None else inner,
@@ -559,7 +562,7 @@ def make_estimator(
         return est
     if inner is None:
         inner = max(2, min(n, n // 10))
-    params: dict[str, Any] = dict(inner=inner, replace=replace, layout=layout, share=share)
+    params = dict(inner=inner, replace=replace, layout=layout, share=share)
     if exclude_source is not None:
         params["exclude_source"] = exclude_source
     if key == "cdol":

@@ -314,7 +314,7 @@ def resolve_form(form: str, estimator: Estimator) -> str:
         raise ParameterError("form", form, f"expected one of {', '.join(FORMS)}")
     if form != "auto":
         return form
-    return "combined" if estimator.name in NEAR_EXACT else "closed"
+    return "combined" if estimator.name in (*NEAR_EXACT, "gram") else "closed"
 
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:

@@ -125,8 +125,8 @@ def check_sharded(
     why = None
     if conditional:
         why = "a conditional estimate (--conditional)"
-    elif estimator.name == "stratified":
-        why = "the stratified estimator"
+    elif estimator.name in ("stratified", "gram"):
+        why = f"the {estimator.name} estimator"
     elif isinstance(estimator, Subset) and estimator.layout != "shared":
         why = f"the {estimator.layout} layout of {estimator.name}"
     if why is not None and streamed:
