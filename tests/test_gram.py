@@ -1,0 +1,377 @@
+"""The ``gram`` estimator (``optimal/gram.py``): exact posterior weights from two Gram products
+shared by a σ grid, the source term exactly and L weight-proportional draws of the rest R,
+giving unbiased per-draw values of both forms (U-statistics) and of μ."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lossfloor.optimal.estimate as estimate_module
+from lossfloor.cli import main
+from lossfloor.data import load_dataset
+from lossfloor.errors import ParameterError
+from lossfloor.optimal import ESTIMATORS, Full, Gram, estimate_curve, make_estimator
+from lossfloor.optimal.analytic import two_point_optimal_loss
+from lossfloor.optimal.estimate import Checkpoint
+from lossfloor.optimal.estimators import Pool
+from lossfloor.optimal.outer import resolve_draws, resolve_form
+
+#: Two points ±a in 16 dims, ‖a‖ = R (tests/test_optimal_rare_events.py).
+DIM, R = 16, 2.2128884383056144
+
+
+def two_points() -> torch.Tensor:
+    a = torch.full((DIM,), R / math.sqrt(DIM), dtype=torch.float64)
+    return torch.stack([a, -a])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def without_seconds(rec: dict) -> dict:
+    return {
+        **rec,
+        "points": [{k: v for k, v in p.items() if k != "seconds"} for p in rec["points"]],
+    }
+
+
+def draws_of(pool: Pool, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m random sources of ``pool``, m standard normal ε in the pool's dims and dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(pool.n, (m,), generator=g)
+    noise = torch.randn(m, pool.dim, generator=g, dtype=torch.float64)
+    return src, noise.to(pool.x.dtype)
+
+
+# --- exact where R is one point -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", [2, 7, 32])
+def test_two_points_per_draw_values_are_full_s(inner):
+    """{+a, −a}: R is the one other point, every draw picks it, ū = u and the U-statistic is
+    ‖u‖² exactly, so closed and direct are full's per draw (to rounding) for any L."""
+    pool = Pool.from_data(two_points(), torch.float64, "cpu")
+    src, noise = draws_of(pool, 500, seed=1)
+    for sigma in [0.05, 0.3, 1.0, 3.0, 20.0]:
+        got = Gram(inner=inner)(pool, src, noise, sigma, torch.Generator().manual_seed(2))
+        ref = Full()(pool, src, noise, sigma, torch.Generator().manual_seed(2))
+        torch.testing.assert_close(got.closed, ref.closed, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.direct, ref.direct, rtol=1e-12, atol=1e-12)
+        if sigma >= 1.0:
+            assert ref.direct.mean() > 1e-3  # not a comparison of zeros
+
+
+def test_two_points_curve_is_full_s_on_the_same_draws():
+    sigmas = [0.05, 0.3, 0.6, 1.0, 3.0, 20.0]
+    kw = dict(outer=3000, seed=7, draws="plain", precision="float64", progress=False)
+    full = estimate_curve(two_points(), sigmas, make_estimator("full", 2), **kw)
+    gram = estimate_curve(two_points(), sigmas, make_estimator("gram", 2), **kw)
+    assert gram.estimator["name"] == "gram" and gram.form == "combined"
+    for f, g in zip(full.points, gram.points, strict=True):
+        for key in ("optimal_loss", "stderr", "closed", "direct"):
+            assert getattr(g, key) == pytest.approx(getattr(f, key), rel=1e-9, abs=1e-15), key
+    # and full's values are the quadrature's where the draws resolve J*
+    for p in gram.points[3:]:
+        assert abs(p.optimal_loss - two_point_optimal_loss(R, DIM, p.sigma)) < 4 * p.stderr
+
+
+# --- unbiased per draw ------------------------------------------------------------------------
+
+#: Repeats of the inner sample per outer draw in the brute-force tests.
+REPEATS = 3000
+
+
+def tiny_pool() -> Pool:
+    """6 irregular points in 3 dims (float64), of different norms: at σ ≥ 0.5 most posteriors
+    spread over several points."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64) * torch.tensor([0.5, 0.3, 0.15])
+    x[2] *= 2.5
+    return Pool.from_data(x, torch.float64, "cpu")
+
+
+def exact_weights(pool: Pool, q: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The posterior softmax(−‖q − x_n‖²/2σ²) over the pool (brute force, float64)."""
+    return torch.softmax(-torch.cdist(q, pool.x).pow(2) / (2 * sigma * sigma), dim=1)
+
+
+def repeat_mean(values: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, its standard error) over REPEATS of each of m draws (rows repeat-major)."""
+    v = values.reshape(REPEATS, m, *values.shape[1:])
+    return v.mean(dim=0), v.std(dim=0) / math.sqrt(REPEATS)
+
+
+@pytest.mark.parametrize("inner", [2, 5])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_per_draw_forms_are_unbiased(inner, sigma):
+    """Each outer draw repeated REPEATS times, each repeat its own L draws of R: the average of
+    gram's closed and direct is the exact per-draw value within 4 standard errors; and the
+    naive plug-in ‖m_R·ū‖² (biased by m_R²·E_R‖u − E_R u‖²/L) would be caught."""
+    pool, m = tiny_pool(), 20
+    src, noise = draws_of(pool, m, seed=12)
+    src[:6] = torch.arange(6)  # every point a source
+    ref = Full()(pool, src, noise, sigma, torch.Generator())
+    # an independent brute force of the reference
+    q = pool.x[src] + sigma * noise
+    w = exact_weights(pool, q, sigma)
+    mu = w @ pool.x
+    torch.testing.assert_close(ref.direct, (pool.x[src] - mu).pow(2).sum(1) / 3, rtol=1e-12,
+                               atol=1e-15)  # fmt: skip
+    torch.testing.assert_close(ref.closed, (pool.a - mu.pow(2).sum(1)) / 3, rtol=1e-12,
+                               atol=1e-15)  # fmt: skip
+
+    got = Gram(inner=inner)(pool, src.repeat(REPEATS), noise.repeat(REPEATS, 1), sigma,
+                            torch.Generator().manual_seed(13))  # fmt: skip
+    for form in ("closed", "direct"):
+        mean, se = repeat_mean(getattr(got, form), m)
+        exact = getattr(ref, form)
+        scale = exact.abs().max()
+        assert (se > 1e-4 * scale).sum() >= m // 2, form  # the repeats vary
+        # within 4 standard errors (draws whose posterior is the source alone: to rounding)
+        assert bool(((mean - exact).abs() <= 4 * se + 1e-12 * scale).all()), (form, mean - exact)
+
+    # the plug-in's bias per draw, in standard errors of the direct form's average
+    rest = w.clone()
+    rest[torch.arange(m), src] = 0.0
+    mass = rest.sum(1)
+    p = rest / mass[:, None]
+    u = pool.x[None, :, :] - pool.x[src][:, None, :]  # u_n = x_n − x0
+    mean_u = (p[:, :, None] * u).sum(1)
+    spread = (p * (u - mean_u[:, None, :]).pow(2).sum(2)).sum(1)
+    bias = mass**2 * spread / inner / 3
+    _, se = repeat_mean(got.direct, m)
+    caught = bias > 8 * se
+    assert caught.sum() >= m // 2, bias / se
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_posterior_mean_is_unbiased(sigma):
+    pool, m = tiny_pool(), 20
+    src, noise = draws_of(pool, m, seed=14)
+    q = pool.x[src] + sigma * noise
+    exact = Full().posterior_mean(pool, q, src, sigma, torch.Generator())
+    torch.testing.assert_close(exact, exact_weights(pool, q, sigma) @ pool.x, rtol=1e-12,
+                               atol=1e-14)  # fmt: skip
+    got = Gram(inner=3).posterior_mean(pool, q.repeat(REPEATS, 1), src.repeat(REPEATS), sigma,
+                                       torch.Generator().manual_seed(15))  # fmt: skip
+    mean, se = repeat_mean(got, m)
+    assert (se > 1e-4).sum() >= mean.numel() // 2  # the repeats vary
+    assert bool(((mean - exact).abs() <= 4 * se + 1e-12).all()), mean - exact
+
+
+def test_error_falls_like_one_over_root_L(digits):
+    """The rest enters through a mean of L iid draws (x̄, ū) and U-statistics of degree 2
+    (‖E_R x‖², ‖E_R u‖²), whose variance is 4ζ₁/L + 2ζ₂/(L(L−1)) = O(1/L): the per-draw RMS
+    error against full falls like 1/√L, so RMS(L=16)/RMS(L=256) ≈ √16 = 4."""
+    pool = Pool.from_data(digits.x, torch.float64, "cpu")
+    src, noise = draws_of(pool, 400, seed=16)
+    for sigma in [1.0, 1.5]:  # J*/var ≈ 0.25 and 0.53
+        ref = Full()(pool, src, noise, sigma, torch.Generator())
+        rms = {}
+        for inner in (16, 256):
+            got = Gram(inner=inner)(pool, src, noise, sigma, torch.Generator().manual_seed(inner))
+            rms[inner] = [
+                (getattr(got, f) - getattr(ref, f)).pow(2).mean().sqrt().item()
+                for f in ("closed", "direct")
+            ]
+        for form, small, big in zip(("closed", "direct"), rms[16], rms[256], strict=True):
+            assert 2.5 <= small / big <= 6.5, (sigma, form, small, big)
+
+
+# --- the sweep is the per-σ path -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_values_are_each_sigma_alone_bitwise(digits, dtype):
+    """300 draws: a block of GRAM_ROWS = 256 and a rest of 44 (not a multiple of ``rows``)."""
+    pool = Pool.from_data(digits.x[:300], dtype, "cpu")
+    src, noise = draws_of(pool, 300, seed=17)
+    sigmas = [0.1, 0.5, 2.0, 10.0]
+    est = Gram(inner=8, rows=16)
+    sweep = est.grid_values(pool, src, noise, sigmas,
+                            [torch.Generator().manual_seed(i) for i in range(4)])  # fmt: skip
+    for i, sigma in enumerate(sigmas):
+        alone = est(pool, src, noise, sigma, torch.Generator().manual_seed(i))
+        assert torch.equal(sweep[i].closed, alone.closed)
+        assert torch.equal(sweep[i].direct, alone.direct)
+    assert not torch.equal(sweep[1].direct, sweep[2].direct)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch):
+    """M = 1500 (two outer blocks): the sweep (``_grid_values``, no ``per_sample_values``)
+    gives the numbers of gram run σ by σ through ``per_sample_values``, bitwise."""
+    x, sigmas = digits.x[:400], [0.2, 0.7, 2.0, 8.0]
+    kw = dict(outer=1500, seed=5, draws="plain", precision=precision, progress=False)
+    est = make_estimator("gram", 400, inner=8)
+    real = estimate_module.per_sample_values
+    calls = []
+    monkeypatch.setattr(estimate_module, "per_sample_values",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
+    sweep = estimate_curve(x, sigmas, est, **kw)
+    assert calls == []
+    monkeypatch.setattr(estimate_module, "_sweeps", lambda *a: False)
+    by_sigma = estimate_curve(x, sigmas, est, **kw)
+    assert calls == sigmas
+    assert without_seconds(sweep.to_json()) == without_seconds(by_sigma.to_json())
+
+
+# --- against full on the same draws ----------------------------------------------------------
+
+
+def test_curve_is_full_s_within_3_percent(digits):
+    sigmas = [0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 7.0, 20.0]
+    kw = dict(outer=1797, seed=0, draws="plain", progress=False)
+    full = estimate_curve(digits.x, sigmas, make_estimator("full", 1797), **kw)
+    gram = estimate_curve(digits.x, sigmas, make_estimator("gram", 1797), **kw)
+    compared = 0
+    for f, g in zip(full.points, gram.points, strict=True):
+        if f.optimal_loss > 1e-3 * full.data_variance:
+            compared += 1
+            assert abs(g.optimal_loss - f.optimal_loss) / f.optimal_loss < 0.03, (f, g)
+    assert compared >= 6
+
+
+def test_values_are_finite_and_not_negative_from_1e_3_to_1e3(digits):
+    """auto precision (float64 at the small σ, float32 elsewhere): finite, ≥ 0, and full's
+    (0) where the posterior is the source alone. The closed form's mean is A − ‖μ‖² to float32
+    rounding where J* ≈ 0 (σ = 0.05: full's is −5.1e-10, gram's −7.2e-13; the reported value
+    then takes the direct form), so it is held to ≥ −1e-8·variance, not ≥ 0."""
+    x, sigmas = digits.x[:500], [1e-3, 1e-2, 0.05, 0.1, 0.3, 1.0, 10.0, 100.0, 1e3]
+    kw = dict(outer=1000, seed=1, draws="plain", progress=False)
+    full = estimate_curve(x, sigmas, make_estimator("full", 500), **kw)
+    gram = estimate_curve(x, sigmas, make_estimator("gram", 500), **kw)
+    assert {p.dtype for p in gram.points} == {"float32", "float64"}
+    for f, g in zip(full.points, gram.points, strict=True):
+        assert g.dtype == f.dtype
+        for key in ("optimal_loss", "stderr", "direct", "direct_stderr", "closed_stderr"):
+            value = getattr(g, key)
+            assert math.isfinite(value) and value >= 0, (g.sigma, key, value)
+        assert math.isfinite(g.closed) and g.closed >= -1e-8 * gram.data_variance, g
+        if f.sigma <= 0.01:
+            assert g.optimal_loss == f.optimal_loss == 0.0
+        if f.sigma >= 1.0:
+            assert g.optimal_loss == pytest.approx(f.optimal_loss, rel=0.03)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_checks():
+    est = Gram(inner=8, rows=4)
+    assert est.to_config() == {"name": "gram", "inner": 8, "rows": 4}
+    assert ESTIMATORS.from_config(est.to_config()) == est
+    assert ESTIMATORS.from_config(Gram().to_config()) == Gram(inner=32, rows=16)
+    for kw, param in [({"inner": 1}, "inner"), ({"inner": 0}, "inner"), ({"rows": 0}, "rows")]:
+        with pytest.raises(ParameterError) as exc:
+            Gram(**kw)
+        assert exc.value.param == param
+    assert make_estimator("gram", 100, inner=8) == Gram(inner=8)
+    assert make_estimator("gram", 100_000) == Gram()  # 32 draws whatever N
+    with pytest.raises(ParameterError) as exc:
+        make_estimator("gram", 100, near=4)
+    assert exc.value.param == "near"
+    with pytest.raises(ParameterError) as exc:
+        make_estimator("gram", 100, C=3.0)
+    assert exc.value.param == "C"
+    assert resolve_form("auto", Gram()) == "combined"
+    assert resolve_draws("auto", Gram()) == "plain"
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_records_gram(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    rc = main(["estimate", "--data", "digits", "--estimator", "gram", "--outer", "512",
+               "--sigmas", "0.5,2", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads(out.read_text())
+    est = rec["estimator"]
+    assert (est["name"], est["inner"], est["rows"]) == ("gram", 32, 16)
+    assert est["draws"] == "plain" and est["form"] == "combined" and est["outer"] == 512
+    assert [p["sigma"] for p in rec["points"]] == [0.5, 2.0]
+    assert all(p["optimal_loss"] > 0 for p in rec["points"])
+
+
+def test_cli_refuses_gram_on_streamed_data_and_bad_sizes(tmp_path, capsys):
+    path = tmp_path / "points.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    base = ["estimate", "--data", str(path), "--sigmas", "1", "--quiet", "--estimator", "gram"]
+    for extra, says in [
+        (["--stream"], "the gram estimator does not run on streamed data"),
+        (["--inner", "1"], "≥ 2"),
+        (["--near", "4"], "stratified only"),
+    ]:
+        out = tmp_path / "x.json"
+        assert main([*base, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+
+
+# --- checkpoint ------------------------------------------------------------------------------
+
+
+def test_checkpoint_is_removed_and_an_interrupted_sweep_resumes(digits, tmp_path, monkeypatch):
+    x, sigmas = digits.x[:300], [0.01, 0.5, 1.0, 2.0, 4.0]
+    est = make_estimator("gram", 300, inner=8)
+    kw = dict(outer=600, seed=3, progress=False)
+    ref = estimate_curve(x, sigmas, est, **kw)
+    ckpt = tmp_path / "curve.partial"
+    again = estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
+    assert not ckpt.exists()
+    assert without_seconds(again.to_json()) == without_seconds(ref.to_json())
+
+    real_add = Checkpoint.add
+    adds = []
+
+    def flaky(self, point):
+        adds.append(point.sigma)
+        if len(adds) == 3:
+            raise KeyboardInterrupt
+        real_add(self, point)
+
+    monkeypatch.setattr(Checkpoint, "add", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
+    held = [p["sigma"] for p in json.loads(ckpt.read_text())["points"]]
+    assert held == adds[:2]
+
+    monkeypatch.setattr(Checkpoint, "add", real_add)
+    real_grid = estimate_module._grid_values
+    swept = []
+    monkeypatch.setattr(estimate_module, "_grid_values",
+                        lambda *a: swept.extend(a[2]) or real_grid(*a))  # fmt: skip
+    resumed = estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
+    assert sorted(swept) == sorted(s for s in sigmas if s not in held)
+    assert not ckpt.exists()
+    assert without_seconds(resumed.to_json()) == without_seconds(ref.to_json())
+
+
+# --- tilted draws ----------------------------------------------------------------------------
+
+
+def test_tilted_draws_run_sigma_by_sigma_and_match_full(digits, monkeypatch):
+    sigmas = [0.4, 0.7, 1.0, 2.0, 5.0]
+    kw = dict(outer=1797, seed=2, draws="tilted", progress=False)
+    full = estimate_curve(digits.x, sigmas, make_estimator("full", 1797), **kw)
+    real = estimate_module.per_sample_values
+    calls = []
+    monkeypatch.setattr(estimate_module, "per_sample_values",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
+    gram = estimate_curve(digits.x, sigmas, make_estimator("gram", 1797), **kw)
+    assert calls == sigmas and gram.draws == "tilted"
+    compared = 0
+    for f, g in zip(full.points, gram.points, strict=True):
+        if f.optimal_loss > 1e-2 * full.data_variance:
+            compared += 1
+            assert abs(g.optimal_loss - f.optimal_loss) / f.optimal_loss < 0.03, (f, g)
+    assert compared >= 4
