@@ -375,3 +375,28 @@ def test_tilted_draws_run_sigma_by_sigma_and_match_full(digits, monkeypatch):
             compared += 1
             assert abs(g.optimal_loss - f.optimal_loss) / f.optimal_loss < 0.03, (f, g)
     assert compared >= 4
+
+
+def test_weights_relative_to_the_source_redo_rows_where_other_points_dominate() -> None:
+    """Two points far from the source, a query between them at small σ: both are ~e^450 times
+    more probable than the source, beyond 2^HIGH_EXPONENT, so weights relative to the source
+    would clamp both alike (μ at their midpoint, ‖δ‖² 2.7% high); the row is redone relative to
+    its largest logit and the values are full's (the two weights differ by e^5)."""
+    from lossfloor.optimal.gram import HIGH_EXPONENT
+
+    points = torch.zeros(3, 4, dtype=torch.float64)
+    points[1, 0], points[2, 0], points[2, 1] = 3.0, 3.0, 1.0
+    pool = Pool.from_data(points, torch.float64, "cpu")
+    sigma = 0.1
+    x_t = points[1] + torch.tensor([0.0, 0.45, 0.0, 0.0], dtype=torch.float64)
+    sources = torch.tensor([0, 0])
+    noise = torch.stack([(x_t - points[0]) / sigma, torch.zeros(4, dtype=torch.float64)])
+    over = (x_t - points[0]).pow(2).sum() - (x_t - points[1]).pow(2).sum()
+    assert over / (2 * sigma**2) * math.log2(math.e) > HIGH_EXPONENT
+    full = make_estimator("full", 3)(pool, sources, noise, sigma, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    gram = Gram(inner=4000)(pool, sources, noise, sigma, gen)
+    # row 0: x0 = the source, μ near point 1 (weights e^5 : 1): ‖δ‖² ≈ 9.0, not 9.25
+    assert 8.9 < float(full.direct[0]) * 4 < 9.1
+    torch.testing.assert_close(gram.direct, full.direct, rtol=1e-3, atol=1e-12)
+    torch.testing.assert_close(gram.closed, full.closed, rtol=1e-3, atol=1e-12)

@@ -45,18 +45,24 @@ from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 
 Tensor = torch.Tensor
 
-#: Draws per Gram product (its GEMM) and per elementwise pass (B×N stays in cache).
+#: Draws per Gram product (its GEMM); columns per block of the two-level draws (``_split``);
+#: the largest exponent of a weight relative to the source's (``_weights``).
 GRAM_ROWS = 256
+SAMPLE_BLOCK = 256
+HIGH_EXPONENT = 100.0
 
 
-def _weights(logits: Tensor, scale: float) -> Tensor:
-    """exp(scale·(l − max l)) per row, in place, unnormalised, as 2^(scale·log₂e·(l − max l))
-    (exp2 is the faster kernel). Exponents below log₂(tiny) + 1 of the dtype are raised to it:
-    weights under 2·tiny (2^{−125} of the largest in float32) would be subnormal (exp's slow
-    path), and together they weigh at most 2·N·tiny."""
+def _weights(logits: Tensor, scale: float, n: int) -> Tensor:
+    """exp(scale·l) per row, in place, as 2^(scale·log₂e·l) (exp2 is the faster kernel), for
+    logits l relative to a reference (the source's, or the row's largest); the padding columns
+    from n on are 0. Exponents are clamped to [log₂(tiny) + 1, HIGH_EXPONENT]: weights under
+    2·tiny (2^{−125} of the reference in float32) would be subnormal (exp's slow path) and
+    together weigh ≤ 2·N·tiny; a row whose weights reach 2^HIGH_EXPONENT is recomputed relative
+    to its largest logit (``_source_split``)."""
     floor = math.log2(torch.finfo(logits.dtype).tiny) + 1.0
-    top = logits.amax(dim=1, keepdim=True)
-    return logits.sub_(top).mul_(scale * math.log2(math.e)).clamp_(min=floor).exp2_()
+    w = logits.mul_(scale * math.log2(math.e)).clamp_(min=floor, max=HIGH_EXPONENT).exp2_()
+    w[:, n:] = 0.0
+    return w
 
 
 @ESTIMATORS.register("gram")
@@ -83,19 +89,18 @@ class Gram(Estimator):
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
         """μ̂ = w_s·x_s + m_R·(the mean of the L draws from R): unbiased for μ."""
-        inv = 1.0 / (sigma * sigma)
+        width = _padded(pool.n)
         out = []
         for lo in range(0, queries.shape[0], self.rows):
             q = queries[lo : lo + self.rows]
-            w = _weights(q @ pool.x.T - 0.5 * pool.sq, inv)
+            logits = F.pad(q @ pool.x.T - 0.5 * pool.sq, (0, width - pool.n), value=-math.inf)
+            logits.sub_(logits.amax(dim=1, keepdim=True))
             draws = 1.0 - torch.rand(q.shape[0], self.inner, generator=generator)
             src = sources[lo : lo + self.rows]
-            own, rest_mass, cum = self._split(w, src)
-            mu = own[:, None] * pool.x[src]
-            if cum is not None:
-                pick = self._draw(cum, draws.to(q.device, w.dtype))
-                mu += rest_mass[:, None] * F.embedding_bag(pick, pool.x, mode="mean")
-            out.append(mu)
+            w = _weights(logits, 1.0 / (sigma * sigma), pool.n)
+            own, rest, pick = _split(w, src, draws.to(q.device, w.dtype))
+            mean = F.embedding_bag(pick, pool.x, mode="mean")
+            out.append((own[:, None] * pool.x[src] + rest[:, None] * mean) / (own + rest)[:, None])
         return torch.cat(out)
 
     def __call__(self, pool, sources, noise, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES):
@@ -111,72 +116,101 @@ class Gram(Estimator):
     ) -> list[PerSample]:
         """Per-sample values at each σ of ``sigmas`` for x_t = x0[sources] + σ·noise, from one
         pair of Gram products per GRAM_ROWS draws; ``generators[i]`` draws σ_i's samples."""
-        b, d = noise.shape
-        draws = [
-            1.0 - torch.rand(b, self.inner, generator=g).to(noise.device, noise.dtype)
-            for g in generators
-        ]
-        closed = [torch.empty(b, dtype=torch.float64, device=noise.device) for _ in sigmas]
-        direct = [torch.empty_like(c) for c in closed]
+        b = noise.shape[0]
+        draws = torch.stack([1.0 - torch.rand(b, self.inner, generator=g) for g in generators]).to(
+            noise.device, noise.dtype
+        )  # S×B×L
+        closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
+        direct = torch.empty_like(closed)
+        pad = _padded(pool.n) - pool.n
         half_sq = 0.5 * pool.sq
         for lo in range(0, b, GRAM_ROWS):
             x0, sq0 = pool.rows(sources[lo : lo + GRAM_ROWS])
-            g_all = x0 @ pool.x.T
-            e_all = noise[lo : lo + GRAM_ROWS] @ pool.x.T
+            both = torch.cat([x0, noise[lo : lo + GRAM_ROWS]]) @ pool.x.T  # one GEMM: g and e
+            a_all = F.pad(both[: x0.shape[0]] - half_sq, (0, pad), value=-math.inf)
+            e_all = F.pad(both[x0.shape[0] :], (0, pad))
             for s0 in range(0, x0.shape[0], self.rows):
                 at = slice(lo + s0, lo + s0 + self.rows)
-                g, e = g_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows].double()
-                a = g - half_sq
+                src = sources[at]
+                a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
+                own = torch.arange(a.shape[0], device=a.device), src
+                a, e = a - a[own][:, None], e - e[own][:, None]  # l_n − l_s = a_n + σ·e_n
                 buf = torch.empty_like(a)
-                for i, sigma in enumerate(sigmas):
-                    w = _weights(torch.add(a, e, alpha=sigma, out=buf), 1.0 / sigma**2)
-                    c, dd = self._forms(pool, w, sources[at], x, sq, draws[i][at])
-                    closed[i][at], direct[i][at] = c / d, dd / d
-        return [PerSample(closed=c, direct=dd) for c, dd in zip(closed, direct, strict=True)]
-
-    def _split(self, w: Tensor, src: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(each row's normalised weight at its source column ``src``, m_R, the cumulative
-        weights of R per row, or None where no row has mass left in R) of the unnormalised
-        weights ``w`` (B×N, ``_weights``); the source entries of ``w`` are set to 0 in place."""
-        at = torch.arange(w.shape[0], device=w.device)
-        own = w[at, src]
-        w[at, src] = 0.0
-        rest = w.sum(dim=1)
-        total = rest + own
-        if not bool((rest > 0).any()):
-            return own / total, rest / total, None
-        return own / total, rest / total, torch.cumsum(w, dim=1)
-
-    def _draw(self, cum: Tensor, draws: Tensor) -> Tensor:
-        """L indices per row drawn ∝ the increments of ``cum`` (a row's cumulative weights),
-        by inversion; ``draws`` ∈ (0, 1], so a point of weight 0 is never drawn."""
-        target = draws * cum[:, -1:]
-        return torch.searchsorted(cum, target).clamp_(max=cum.shape[1] - 1)
+                parts = [
+                    _source_split(a, e, sigma, pool.n, src, draws[i, at], buf)
+                    for i, sigma in enumerate(sigmas)
+                ]
+                own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
+                x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
+                closed[:, at], direct[:, at] = self._forms(pool, own, rest, pick, x, sq)
+        d = pool.dim
+        return [
+            PerSample(closed=c / d, direct=dd / d) for c, dd in zip(closed, direct, strict=True)
+        ]
 
     def _forms(
-        self, pool: Pool, w: Tensor, src: Tensor, x0: Tensor, sq0: Tensor, draws: Tensor
+        self, pool: Pool, own: Tensor, rest: Tensor, pick: Tensor, x0: Tensor, sq0: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """(A − ‖μ‖², ‖x0 − μ‖²) per draw (float64) from the weights ``w`` (changed in place):
-        the source exactly and the draws of the rest (module docstring), ‖μ‖² from x_j and
-        ‖δ‖² from u_j = x_j − x0, each with its U-statistic."""
-        own, rest_mass, cum = self._split(w, src)
-        x0d = x0.double()
-        own = own.double()
-        mu_sq = own.pow(2) * sq0  # ‖w_s·x0‖²; δ's source term is 0
-        delta_sq = torch.zeros_like(mu_sq)
-        if cum is None:
-            return pool.a - mu_sq, delta_sq
-        pick = self._draw(cum, draws)
-        big = pick.shape[1]
-        m = rest_mass.double()
-        x_bar = F.embedding_bag(pick, pool.x, mode="mean").double()
-        x_sq = pool.sq[pick].double().sum(dim=1)  # Σ_j ‖x_j‖²
-        x0_bar = (x0d * x_bar).sum(dim=1)
-        u_bar_sq = x_bar.pow(2).sum(dim=1) - 2.0 * x0_bar + sq0  # ‖ū‖²
+        """(A − ‖μ‖², ‖x0 − μ‖²) (float64, S×B) from the source's and the rest's unnormalised
+        weights (S×B), the draws from the rest (S×B×L) and the sources x0 (B×D): the module
+        docstring's estimates, ‖μ‖² from x_j and ‖δ‖² from u_j = x_j − x0 (U-statistics)."""
+        total = (own + rest).double()
+        w_s, m = own.double() / total, rest.double() / total
+        big = pick.shape[-1]
+        x_bar = F.embedding_bag(pick.reshape(-1, big), pool.x, mode="mean")
+        x_bar = x_bar.double().view(*pick.shape[:2], -1)  # S×B×D
+        x_sq = pool.sq[pick].double().sum(dim=-1)  # Σ_j ‖x_j‖²
+        sq0 = sq0.double()
+        x0_bar = (x_bar * x0.double()).sum(dim=-1)
+        bar_sq = x_bar.pow(2).sum(dim=-1)
         u_sq = x_sq - 2.0 * big * x0_bar + big * sq0  # Σ_j ‖x_j − x0‖²
-        pairs_x = (big * big * x_bar.pow(2).sum(dim=1) - x_sq) / (big * (big - 1))
-        pairs_u = (big * big * u_bar_sq - u_sq) / (big * (big - 1))
-        mu_sq = mu_sq + 2.0 * m * own * x0_bar + m * m * pairs_x
-        delta_sq = m * m * pairs_u
-        return pool.a - mu_sq, delta_sq
+        pairs = big * (big - 1)
+        pairs_x = (big * big * bar_sq - x_sq) / pairs
+        pairs_u = (big * big * (bar_sq - 2.0 * x0_bar + sq0) - u_sq) / pairs
+        mu_sq = w_s.pow(2) * sq0 + 2.0 * m * w_s * x0_bar + m.pow(2) * pairs_x
+        return pool.a - mu_sq, m.pow(2) * pairs_u
+
+
+def _source_split(
+    a: Tensor, e: Tensor, sigma: float, n: int, src: Tensor, draws: Tensor, buf: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_split`` of the weights at σ from the logits relative to the source's, (a + σ·e)/σ²
+    (written into ``buf``); rows where some weight reached 2^HIGH_EXPONENT (a point far more
+    probable than the source) are redone relative to their largest logit."""
+    own, rest, pick = _split(
+        _weights(torch.add(a, e, alpha=sigma, out=buf), sigma**-2, n), src, draws
+    )
+    redo = torch.nonzero(rest >= 2.0**HIGH_EXPONENT).flatten()
+    if redo.numel():
+        logits = torch.add(a[redo], e[redo], alpha=sigma)
+        logits.sub_(logits.amax(dim=1, keepdim=True))
+        parts = _split(_weights(logits, sigma**-2, n), src[redo], draws[redo])
+        for whole, part in zip((own, rest, pick), parts, strict=True):
+            whole[redo] = part
+    return own, rest, pick
+
+
+def _padded(n: int) -> int:
+    """N rounded up to whole blocks of SAMPLE_BLOCK columns (the two-level draws)."""
+    return -(-n // SAMPLE_BLOCK) * SAMPLE_BLOCK
+
+
+def _split(w: Tensor, src: Tensor, draws: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(the source's weight, the rest's total, L draws from the rest ∝ weight) per row of the
+    unnormalised weights ``w`` (B×width, ``_weights``; the source entries are set to 0 in
+    place). The draws invert the cumulative weights in two levels: a block of SAMPLE_BLOCK
+    columns from the block totals, then a column within it; ``draws`` ∈ (0, 1], so a column
+    of weight 0 is never drawn (where a row's rest is 0 its draws are column 0, weighted 0)."""
+    rows = w.shape[0]
+    at = torch.arange(rows, device=w.device)
+    own = w[at, src]
+    w[at, src] = 0.0
+    blocks = w.view(rows, -1, SAMPLE_BLOCK)
+    cum = torch.cumsum(blocks.sum(dim=2), dim=1)
+    target = draws * cum[:, -1:]
+    block = torch.searchsorted(cum, target).clamp_(max=cum.shape[1] - 1)
+    before = torch.where(block > 0, cum.gather(1, (block - 1).clamp_(min=0)), 0.0)
+    inner = torch.cumsum(blocks[at[:, None], block], dim=2)  # B×L×SAMPLE_BLOCK
+    left = torch.minimum(target - before, inner[..., -1]).clamp_(min=0.0)
+    col = torch.searchsorted(inner, left[..., None]).clamp_(max=SAMPLE_BLOCK - 1)[..., 0]
+    return own, cum[:, -1], block * SAMPLE_BLOCK + col
