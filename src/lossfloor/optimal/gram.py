@@ -123,12 +123,12 @@ class Gram(Estimator):
         closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
         direct = torch.empty_like(closed)
         pad = _padded(pool.n) - pool.n
-        half_sq = 0.5 * pool.sq
+        keys = F.pad(pool.x, (0, 0, 0, pad))  # zero rows: their products are 0
+        half_sq = F.pad(0.5 * pool.sq, (0, pad), value=math.inf)  # their logits −∞
         for lo in range(0, b, GRAM_ROWS):
             x0, sq0 = pool.rows(sources[lo : lo + GRAM_ROWS])
-            both = torch.cat([x0, noise[lo : lo + GRAM_ROWS]]) @ pool.x.T  # one GEMM: g and e
-            a_all = F.pad(both[: x0.shape[0]] - half_sq, (0, pad), value=-math.inf)
-            e_all = F.pad(both[x0.shape[0] :], (0, pad))
+            both = torch.cat([x0, noise[lo : lo + GRAM_ROWS]]) @ keys.T  # one GEMM: g and e
+            a_all, e_all = both[: x0.shape[0]].sub_(half_sq), both[x0.shape[0] :]
             for s0 in range(0, x0.shape[0], self.rows):
                 at = slice(lo + s0, lo + s0 + self.rows)
                 src = sources[at]
