@@ -12,6 +12,9 @@ All of them are softmaxes of the one kernel (``kernel.py``) over different inner
             μ = (k_s/C·x_s + Σ_{j∈R} k_j x_j) / (k_s/C + Σ_{j∈R} k_j).
             C = 1 is DOL; C = ∞ is SNIS on the L−1 random points, exactly, on the same draws.
 
+``gram`` (``gram.py``) is the exception: the exact weights of a whole σ grid from two Gram
+products per block of draws, the rest of the posterior by weight-proportional draws.
+
 Random inner sets come in two layouts: ``shared`` (one random set R per block of queries, each
 query keeping its own source term: the inner sums are GEMMs) and ``independent`` (each query its
 own R: memory-bound gathers). ``exclude_source`` keeps the query's own source out of R (with a

@@ -9,7 +9,7 @@ For an outer draw x_t = x0 + σε (x0 = x_s, centred data) the kernel's logits a
 so the two products g and e (one GEMM each, B×N×D) serve every σ of the grid, and each σ costs
 only elementwise passes over B×N: the weights w = softmax(l) are exact, normaliser included.
 Split the posterior into the source s (weight w_s) and the rest R (mass m_R = 1 − w_s), and
-draw L = ``inner`` points j ~ w_n/m_R from R (iid, by inverting the cumulative weights):
+draw L = ``inner`` points j ~ w_n/m_R from R (iid, by inverting the cumulative weights, ``_split``):
 
     μ = w_s·x0 + m_R·E_R[x],   δ = μ − x0 = m_R·E_R[u],   u_n = x_n − x0 (u_s = 0),
 
@@ -22,11 +22,12 @@ direct = ‖δ‖²/D are unbiased per draw: no ratio bias (the normaliser is ex
 Where the posterior sits on the source (small σ) m_R → 0 and the values are full's; where a
 few points share it (the rare draws that carry J* below σ*) the draws find them in proportion.
 
-Cost per σ: the passes over B×N (logits, exp, a sum and the cumulative sum for the draws)
-instead of ``full``'s two GEMMs, plus L gathered rows per draw; the two products are computed
-once per block of draws for the whole grid (``grid_values``). A single σ (``__call__``: tilted
-draws, adaptive sizes, conditional pools) computes them for that σ alone, at about ``full``'s
-cost, and gives the same values bitwise.
+Cost per σ: four passes over B×N (the logits relative to the source's, their scale and clamp,
+exp2) and the block totals for the draws, instead of ``full``'s two GEMMs, plus L gathered rows
+per draw; the two products are computed once per block of draws for the whole grid
+(``grid_values``). A single σ (``__call__``: tilted draws, adaptive sizes, conditional
+pools) computes them for that σ alone, at about ``full``'s cost, and gives the same values
+bitwise.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class Gram(Estimator):
                 at = slice(lo + s0, lo + s0 + self.rows)
                 src = sources[at]
                 a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                own = torch.arange(a.shape[0], device=a.device), src
-                a, e = a - a[own][:, None], e - e[own][:, None]  # l_n − l_s = a_n + σ·e_n
+                at_src = torch.arange(a.shape[0], device=a.device), src
+                a, e = a - a[at_src][:, None], e - e[at_src][:, None]  # l_n − l_s = a_n + σ·e_n
                 buf = torch.empty_like(a)
                 parts = [
                     _source_split(a, e, sigma, pool.n, src, draws[i, at], buf)
