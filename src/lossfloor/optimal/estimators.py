@@ -565,7 +565,7 @@ def make_estimator(
         return est
     if inner is None:
         inner = max(2, min(n, n // 10))
-    params = dict(inner=inner, replace=replace, layout=layout, share=share)
+    params: dict[str, Any] = dict(inner=inner, replace=replace, layout=layout, share=share)
     if exclude_source is not None:
         params["exclude_source"] = exclude_source
     if key == "cdol":

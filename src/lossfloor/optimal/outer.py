@@ -308,8 +308,8 @@ class Moments:
 
 def resolve_form(form: str, estimator: Estimator) -> str:
     """``auto``: the min-variance combination for the exact (and near-exact stratified)
-    posterior; for the sub-sampled estimators the two forms are biased in opposite directions,
-    so the paper's A − ‖μ̂‖²."""
+    posterior and for gram (both forms unbiased); for the sub-sampled estimators the two forms
+    are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
     if form not in FORMS:
         raise ParameterError("form", form, f"expected one of {', '.join(FORMS)}")
     if form != "auto":
