@@ -131,6 +131,13 @@ def main(out: Path) -> None:
             results["stop"] = cli(
                 [*TRAIN, "--limit", "24", "--steps", "4", "--run-dir", str(out / "stop")]
             )
+        # one log interval of 4 steps: uninterrupted, and interrupted at step 2 then resumed
+        interval = [*TRAIN, "--limit", "24", "--steps", "4", "--log-every", "4"]
+        interval += ["--checkpoint-every", "100"]
+        results["interval"] = cli([*interval, "--run-dir", str(out / "interval")])
+        with broken_objective(rank=1, after=1, failure="signal"):
+            results["cut"] = cli([*interval, "--run-dir", str(out / "cut")])
+        results["cut-resumed"] = cli([*interval, "--run-dir", str(out / "cut"), "--resume"])
         results["batch"] = cli(
             [*TRAIN, "--limit", "24", "--steps", "2", "--batch", "7", "--run-dir", str(out / "b")]
         )

@@ -147,8 +147,25 @@ def test_an_interrupt_on_rank_1_stops_both_ranks_after_the_same_step(launch):
         assert results[rank]["stop"]["rc"] == 130
         assert "saved a checkpoint at step 2" in results[rank]["stop"]["stderr"]
     assert _ckpt(out / "stop")["step"] == 2
-    # as in one process, the interrupted step's interval gets no stats record
-    assert [r.step for r in read_stats(out / "stop" / "stats.jsonl")] == [1]
+    # as in one process, the step under way is logged (and checkpointed) before the stop
+    assert [r.step for r in read_stats(out / "stop" / "stats.jsonl")] == [1, 2]
+
+
+def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(launch):
+    out, results = launch
+    for rank in (0, 1):
+        assert results[rank]["interval"]["rc"] == results[rank]["cut-resumed"]["rc"] == 0
+        assert "saved a checkpoint at step 2" in results[rank]["cut"]["stderr"]
+    full, resumed = (read_stats(out / d / "stats.jsonl") for d in ("interval", "cut"))
+    assert [r.step for r in full] == [r.step for r in resumed] == [4]
+    a, b = full[0], resumed[0]
+    assert (a.images, a.bin_count, a.loss, a.lr) == (b.images, b.bin_count, b.loss, b.lr)
+    # the checkpoint holds both ranks' per-bin sums of steps 1–2; the resumed rank 0 adds its
+    # rows of steps 3–4 to them, so the float64 sums are added in another order: equal up to
+    # float64 rounding (each add is exact to 2⁻⁵³ relative; a few adds per bin)
+    assert b.loss_x0 == pytest.approx(a.loss_x0, rel=1e-14, abs=0)
+    for x, y in zip(a.bin_loss_x0, b.bin_loss_x0, strict=True):
+        assert (x is None and y is None) or y == pytest.approx(x, rel=1e-14, abs=0)
 
 
 def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):

@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import lossfloor.cli.train
 from lossfloor.data import load_dataset
 from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import check_compatible, load_run
+from lossfloor.scaling import read_runs
 from lossfloor.training import (
     SIGMA_BIN_EDGES,
     DenoisingLoss,
@@ -552,6 +554,99 @@ def test_an_interrupt_through_the_cli_says_what_was_kept(tmp_path, cli, capsys, 
     assert cli([*argv, "--run-dir", str(tmp_path / "s"), "--steps", "3"]) == 130
     err = capsys.readouterr().err
     assert "resume" not in err and not (tmp_path / "s" / "checkpoint-latest.pt").exists()
+
+
+def _interrupt_during_step(monkeypatch, step: int) -> None:
+    """Send SIGINT to this process during optimiser step ``step`` (1-based), as a Ctrl-C that
+    arrives mid-step (the step still completes)."""
+    from lossfloor.training import loop
+
+    original = loop.Trainer._train_step
+
+    def patched(self, acc):
+        if self.step == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, acc)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", patched)
+
+
+def _records_without_timings(run_dir) -> list[dict]:
+    timing = ("seconds", "step_seconds", "images_per_s")
+    return [
+        {k: v for k, v in r.to_json().items() if k not in timing}
+        for r in read_stats(run_dir / "stats.jsonl")
+    ]
+
+
+def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(
+    tmp_path, monkeypatch
+):
+    """Interrupted at step 6 of a log interval 5–8, the resumed run's records (step 8's mean
+    over steps 5–8 included) are bitwise the uninterrupted run's; timings aside."""
+    data = _digits(20)
+    config = _tiny(12, log_every=4, checkpoint_every=100)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(config, data, full, progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_during_step(m, 6)
+        with pytest.raises(Interrupted, match="saved a checkpoint at step 6"):
+            train(config, data, cut, progress=False)
+    assert [r["step"] for r in _records_without_timings(cut)] == [4]
+    forgot = tmp_path / "forgot"
+    shutil.copytree(cut, forgot)
+    train(config, data, cut, resume=True, progress=False)
+    expected = _records_without_timings(full)
+    assert [r["step"] for r in expected] == [4, 8, 12]
+    assert _records_without_timings(cut) == expected
+    # not vacuous: resumed from a checkpoint without the interval's sums (as before lossfloor
+    # 0.3), step 8's record is the mean over steps 7–8 alone
+    ckpt = _ckpt(forgot)
+    del ckpt["stats"]
+    torch.save(ckpt, forgot / "checkpoint-latest.pt")
+    train(config, data, forgot, resume=True, progress=False)
+    other = _records_without_timings(forgot)
+    assert other[1]["step"] == 8 and sum(other[1]["bin_count"]) == 2 * 8
+    assert other[1]["loss"] != expected[1]["loss"]
+    assert other[0] == expected[0] and other[2] == expected[2]
+
+
+def test_train_cli_keeps_a_snapshot_every_k_steps_whatever_checkpoint_every_is(
+    tmp_path, cli, monkeypatch, capsys
+):
+    """--snapshot-every 2 with the default --checkpoint-every (500) keeps steps 2, 4 and 6,
+    each the weights of that step, and scaling collect measures each of them."""
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--limit", "24", "--run-dir", str(run_dir),
+            "--model", "tiny", "--batch", "8", "--warmup", "2", "--no-progress"]  # fmt: skip
+    assert cli([*argv, "--steps", "6", "--snapshot-every", "2"]) == 0
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == [
+        "checkpoint-00000002.pt",
+        "checkpoint-00000004.pt",
+        "checkpoint-00000006.pt",
+        "checkpoint-latest.pt",
+    ]
+    snapshots = {
+        step: torch.load(run_dir / f"checkpoint-{step:08d}.pt", weights_only=True)
+        for step in (2, 4, 6)
+    }
+    assert [s["step"] for s in snapshots.values()] == [2, 4, 6]
+    # the snapshot of step 2 is the state a run of 2 steps ends with
+    two = tmp_path / "two"
+    assert cli([*argv[:-1], "--run-dir", str(two), "--steps", "2", "--no-progress"]) == 0
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert _states_equal(snapshots[2][key], _ckpt(two)[key]), key
+    assert not _states_equal(snapshots[2]["model"], snapshots[4]["model"])
+    # snapshots are no log points: records every --log-every steps and at the end
+    assert [r.step for r in read_stats(run_dir / "stats.jsonl")] == [6]
+    out = tmp_path / "runs.csv"
+    collect = ["scaling", "collect", str(run_dir), "--data", "digits", "--limit", "24",
+               "--sigmas", "0.5,2", "--outer", "16", "--out", str(out), "--quiet"]  # fmt: skip
+    monkeypatch.setattr(lossfloor.cli, "SUBCOMMANDS", ["train", "scaling"])
+    assert lossfloor.cli.main(collect) == 0, capsys.readouterr().err
+    rows = read_runs(out)
+    assert sorted(int(r.extra["step"]) for r in rows) == [2] * 3 + [4] * 3 + [6] * 3
 
 
 # ----- EDM2's learned uncertainty weighting -----------------------------------------------

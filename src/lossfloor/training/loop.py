@@ -11,7 +11,11 @@ in images). With ``uncertainty`` the objective is ``UncertaintyLoss`` (EDM2's le
 weighting): its parameters join the AdamW optimizer and the checkpoint. Randomness: data order
 from a permutation per epoch seeded by (seed, epoch) — a pure function of the images seen — and
 σ and ε from two seeded CPU generators whose states are checkpointed with the objective's
-state, so a resumed run is bitwise the uninterrupted one.
+state and the sums of the log interval under way, so a resumed run is bitwise the uninterrupted
+one, its stats.jsonl too (timings aside). checkpoint-latest.pt is written every
+``checkpoint_every`` steps, at the end, and with each snapshot (every ``snapshot_every`` steps,
+whatever ``checkpoint_every`` is); a stop request (SIGINT, SIGTERM) ends the run after the step
+under way has been logged and checkpointed as usual, then saves its state there.
 
 Data parallelism (torch.distributed set up, e.g. by torchrun; ``lossfloor.distributed``): process
 r of K trains on rows [rB/K, (r+1)B/K) of the same global batch — the same image indices and the
@@ -170,6 +174,8 @@ class Trainer:
         self.labels = dataset.labels.to(self.device) if config.conditional else None
         self.step = 0
         self.seconds = 0.0
+        self.saved_step = -1  # the step of the last checkpoint written (-1: none yet)
+        self.stats_state: dict[str, Any] | None = None  # the log interval a resume continues
         self.run_config = {
             **run_config(config, dataset, self.denoiser, self.objective.schedule, str(self.device)),
             "processes": self.group.world,
@@ -265,6 +271,8 @@ class Trainer:
         self.g_sigma.set_state(ckpt["rng"]["sigma"])
         self.g_noise.set_state(ckpt["rng"]["noise"])
         self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
+        self.saved_step = self.step
+        self.stats_state = ckpt.get("stats")  # none before lossfloor 0.3: an empty interval
         if self.config.steps < self.step:
             raise ParameterError(
                 "steps", self.config.steps, f"the run in {self.rundir.path} is already at step "
@@ -273,7 +281,9 @@ class Trainer:
         if self.group.main:
             self.rundir.continue_at(self.step, self.run_config)
 
-    def _save(self) -> None:
+    def _save(self, acc: StatsAccumulator) -> None:
+        """checkpoint-latest.pt (and checkpoint-<step>.pt every ``snapshot_every`` steps) of
+        the state after ``self.step``, with ``acc``: the sums of the log interval so far."""
         for name, module in (("model", self.net), ("EMA", self.ema.model)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 raise self.rundir.diverged(self.step, f"the {name} weights became non-finite")
@@ -288,11 +298,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
             "rng": {"sigma": self.g_sigma.get_state(), "noise": self.g_noise.get_state()},
+            "stats": acc.state_dict(self.group),
         }
         every = self.config.snapshot_every
         with self.group.together():
             if self.group.main:
                 self.rundir.save(ckpt, snapshot=bool(every) and self.step % every == 0)
+        self.saved_step = self.step
 
     # ----- training ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -365,10 +377,12 @@ class Trainer:
         """stats.jsonl, opened to append on rank 0 (the others write nothing)."""
         return open(self.rundir.stats, "a") if self.group.main else nullcontext()
 
-    def _interrupted(self) -> Interrupted:
-        """Save the state after the last whole step (if any) and say what was kept."""
+    def _interrupted(self, acc: StatsAccumulator) -> Interrupted:
+        """Save the state after the last whole step (if any; with ``acc``, the log interval so
+        far) unless it was just saved, and say what was kept."""
         if self.step > 0:
-            self._save()
+            if self.saved_step != self.step:
+                self._save(acc)
             return Interrupted(
                 f"saved a checkpoint at step {self.step} in {self.rundir.path}; run the same "
                 "command with --resume to continue"
@@ -383,6 +397,8 @@ class Trainer:
         c = self.config
         last = None
         acc = StatsAccumulator(self.device)
+        if self.stats_state is not None:  # resumed inside a log interval: continue its sums
+            acc.load_state_dict(self.stats_state, self.group.main)
         self.net.train()
         disable = None if self.progress is None else not self.progress
         lines = self.progress is None and not sys.stderr.isatty()  # tqdm's auto mode is off
@@ -393,28 +409,28 @@ class Trainer:
             with self._stats_file() as stats, self.stop:
                 while self.step < c.steps:
                     if self._stop_now(after_step=False):
-                        raise self._interrupted()
+                        raise self._interrupted(acc)
                     self._train_step(acc)
                     bar.update(1)
-                    if self._stop_now(after_step=True):
-                        raise self._interrupted()
                     step = self.step
                     call = bool(self.callbacks) and step % self.callback_every == 0
                     ckpt = step % c.checkpoint_every == 0 or step == c.steps
-                    if not (call or ckpt or step % c.log_every == 0):
-                        continue
-                    acc.reduce(self.group)
-                    with self.group.together():
-                        record = self._log(acc, call)
-                        if self.group.main:
-                            stats.write(json.dumps(record.to_json()) + "\n")
-                            stats.flush()
-                    bar.set_postfix(loss=f"{record.loss:.4g}")
-                    if lines:
-                        print(_progress_line(record, c.steps), file=sys.stderr, flush=True)
-                    if ckpt:
-                        self._save()
-                    last, acc = record, StatsAccumulator(self.device)
+                    snapshot = bool(c.snapshot_every) and step % c.snapshot_every == 0
+                    if call or ckpt or step % c.log_every == 0:
+                        acc.reduce(self.group)
+                        with self.group.together():
+                            record = self._log(acc, call)
+                            if self.group.main:
+                                stats.write(json.dumps(record.to_json()) + "\n")
+                                stats.flush()
+                        bar.set_postfix(loss=f"{record.loss:.4g}")
+                        if lines:
+                            print(_progress_line(record, c.steps), file=sys.stderr, flush=True)
+                        last, acc = record, StatsAccumulator(self.device)
+                    if ckpt or snapshot:
+                        self._save(acc)
+                    if step < c.steps and self._stop_now(after_step=True):
+                        raise self._interrupted(acc)
         finally:
             bar.close()
         return last

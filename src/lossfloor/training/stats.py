@@ -106,6 +106,35 @@ class StatsAccumulator:
         self.images += len(sigma)
         self.seconds += seconds
 
+    def state_dict(self, group: Group) -> dict[str, Any]:
+        """The sums so far, for a checkpoint taken inside a log interval: the per-bin sums and
+        counts summed over ``group``'s processes (each holds its rows; ``self`` is left as it
+        is), so that a resume in any number of processes continues the interval."""
+        bins = torch.stack([self.bin_sum, self.bin_count])
+        if group.world > 1:
+            bins = group.sum(bins)
+        return {
+            "bin_sum": bins[0].cpu(),
+            "bin_count": bins[1].cpu(),
+            "loss_sum": self.loss_sum.cpu(),
+            "steps": self.steps,
+            "images": int(bins[1].sum()),
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], main: bool) -> None:
+        """Continue the interval of ``state_dict``: the process with ``main`` takes the per-bin
+        sums of all processes (``reduce`` adds the others' rows from here on); the batch-loss
+        sum and step count are every process's."""
+        device = self.bin_sum.device
+        if main:
+            self.bin_sum = state["bin_sum"].to(device, torch.float64)
+            self.bin_count = state["bin_count"].to(device, torch.float64)
+            self.images = int(state["images"])
+        self.loss_sum = state["loss_sum"].to(device, torch.float64)
+        self.steps = int(state["steps"])
+        self.seconds = float(state["seconds"])
+
     def reduce(self, group: Group) -> None:
         """Sum the per-bin x0-loss sums and image counts over ``group``'s processes, each of
         which added its rows of every batch (the batch losses added are already the global
