@@ -97,6 +97,73 @@ def test_bad_python_models_are_one_line_errors(user_module, tmp_path, capsys, fa
     assert not out.exists()
 
 
+BROKEN_OUTPUTS = """
+import torch
+
+
+class Broken(torch.nn.Module):
+    sigma_min, sigma_max, img_channels, img_resolution = 0.002, 80.0, 1, 8
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, sigma, class_labels=None):
+        if self.how == "nan":  # NaN from σ < 1 on: diagnose and sample reach it
+            return torch.where(sigma.reshape(-1, 1, 1, 1) < 1, float("nan"), x)
+        if self.how == "shape":
+            return x[:, :, :2]
+        return x.tolist()
+
+
+def nan():
+    return Broken("nan")
+
+
+def shape():
+    return Broken("shape")
+
+
+def listed():
+    return Broken("list")
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("nan", "the model's output is not finite at σ = "),
+        ("shape", "the model's output has shape (48, 1, 2, 8) for an input of shape (48, 1, 8, 8)"),
+        ("listed", "the model returned a list, not a tensor of images shaped like its input"),
+    ],
+)
+def test_a_model_output_of_nan_or_the_wrong_shape_is_refused_and_nothing_written(
+    tmp_path, monkeypatch, capsys, factory, message
+):
+    """diagnose and sample both refuse it in one line (exit 2) through ``as_denoiser``'s check,
+    and write nothing."""
+    module = "lf_broken_outputs"
+    (tmp_path / f"{module}.py").write_text(BROKEN_OUTPUTS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
+    spec = f"python:{module}:{factory}"
+    outs = [tmp_path / name for name in ("d.json", "d.csv", "s.npz", "s.png")]
+    runs = [
+        ["diagnose", "--data", "digits", "--limit", "24", "--model", spec, "--sigmas", "0.3,2",
+         "--outer", "48", "--quiet", "--out", str(outs[0]), "--csv", str(outs[1])],
+        ["sample", "--model", spec, "--n", "48", "--steps", "4", "--no-progress",
+         "--out-npz", str(outs[2]), "--out-grid", str(outs[3])],
+    ]  # fmt: skip
+    try:
+        for argv in runs:
+            assert lossfloor.cli.main(argv) == 2, argv[0]
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        sys.modules.pop(module, None)
+    assert not any(p.exists() for p in outs)
+
+
 def test_sigma_outside_the_model_range_is_refused(run_dir, tmp_path, capsys):
     g = str(tmp_path / "g.png")
     cases = [

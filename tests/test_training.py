@@ -579,9 +579,7 @@ def _records_without_timings(run_dir) -> list[dict]:
     ]
 
 
-def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(
-    tmp_path, monkeypatch
-):
+def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(tmp_path, monkeypatch):
     """Interrupted at step 6 of a log interval 5–8, the resumed run's records (step 8's mean
     over steps 5–8 included) are bitwise the uninterrupted run's; timings aside."""
     data = _digits(20)

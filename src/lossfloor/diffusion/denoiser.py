@@ -35,7 +35,15 @@ from lossfloor.diffusion.processes import (
 from lossfloor.diffusion.targets import EDMF, Target, edm_c_in, get_target
 from lossfloor.errors import ParameterError, UserError
 
-__all__ = ["Denoiser", "Protocol", "as_denoiser", "as_sigma", "iddpm_levels", "read_protocol"]
+__all__ = [
+    "Denoiser",
+    "Protocol",
+    "as_denoiser",
+    "as_sigma",
+    "check_output",
+    "iddpm_levels",
+    "read_protocol",
+]
 
 Backbone = Callable[..., Tensor]
 DenoiserFn = Callable[..., Tensor]
@@ -357,15 +365,39 @@ def read_protocol(model: Any, strict: bool = False) -> Protocol:
 
 
 def as_denoiser(model: Any) -> DenoiserFn:
-    """``model`` as D(x, σ, labels) taking integer class labels: a lossfloor ``Denoiser`` or an
-    unconditional callable as is; another object with ``label_dim`` > 0 (an EDM network, which
-    takes one-hot rows) behind a converter."""
+    """``model`` as D(x, σ, labels) taking integer class labels (an object with ``label_dim`` > 0
+    other than a lossfloor ``Denoiser``, e.g. an EDM network, which takes one-hot rows, behind a
+    converter), its every output checked by ``check_output``: what diagnosis, sampling and the
+    gap monitor evaluate."""
     protocol = read_protocol(model)
-    if isinstance(model, Denoiser) or protocol.label_dim == 0:
-        return model
+    convert = not isinstance(model, Denoiser) and protocol.label_dim > 0
 
     def denoise(x: Tensor, sigma: TensorLike, labels: Tensor | None = None) -> Tensor:
-        y = labels_for(labels, x.shape[0], protocol.label_dim, True, torch.float32)
-        return model(x, sigma, None if y is None else y.to(x.device))
+        if convert:
+            y = labels_for(labels, x.shape[0], protocol.label_dim, True, torch.float32)
+            labels = None if y is None else y.to(x.device)
+        return check_output(model(x, sigma, labels), x, sigma)
 
     return denoise
+
+
+def check_output(out: Any, x: Tensor, sigma: TensorLike) -> Tensor:
+    """``out`` = D(x, σ) if it is a tensor shaped like ``x`` with finite values; else a
+    one-line UserError (for non-finite values, at the σ of the first image that has one)."""
+    if not isinstance(out, Tensor):
+        raise UserError(
+            f"the model returned a {type(out).__name__}, not a tensor of images shaped like its "
+            "input"
+        )
+    if out.shape != x.shape:
+        raise UserError(
+            f"the model's output has shape {tuple(out.shape)} for an input of shape "
+            f"{tuple(x.shape)}; a denoiser returns one image per input image, shaped like it"
+        )
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        row = int((~finite).reshape(len(out), -1).any(1).nonzero()[0, 0])
+        sigmas = torch.as_tensor(sigma).flatten()
+        at = float(sigmas[row] if sigmas.numel() > 1 else sigmas[0])
+        raise UserError(f"the model's output is not finite at σ = {at:g}")
+    return out
