@@ -597,8 +597,8 @@ def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(tmp_p
     expected = _records_without_timings(full)
     assert [r["step"] for r in expected] == [4, 8, 12]
     assert _records_without_timings(cut) == expected
-    # not vacuous: resumed from a checkpoint without the interval's sums (as before lossfloor
-    # 0.3), step 8's record is the mean over steps 7–8 alone
+    # not vacuous: resumed from a checkpoint without the interval's sums (an older one),
+    # step 8's record is the mean over steps 7–8 alone
     ckpt = _ckpt(forgot)
     del ckpt["stats"]
     torch.save(ckpt, forgot / "checkpoint-latest.pt")

@@ -272,7 +272,7 @@ class Trainer:
         self.g_noise.set_state(ckpt["rng"]["noise"])
         self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
         self.saved_step = self.step
-        self.stats_state = ckpt.get("stats")  # none before lossfloor 0.3: an empty interval
+        self.stats_state = ckpt.get("stats")  # none in older checkpoints: an empty interval
         if self.config.steps < self.step:
             raise ParameterError(
                 "steps", self.config.steps, f"the run in {self.rundir.path} is already at step "
