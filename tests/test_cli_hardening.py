@@ -143,7 +143,7 @@ def test_a_partial_of_other_options_is_refused_unless_restart(tmp_path, capsys, 
     partial = out.with_name("run.json.partial")
     before = partial.read_text()
     line = one_line_error(capsys, [*EST, "--sigmas", "0.5,2", "--seed", "2", "--out", str(out)])
-    assert "--restart" in line and "other data or options" in line
+    assert "other data or options" in line and "or set --restart to discard them" in line
     assert partial.read_text() == before and not out.exists()
     assert main([*EST, "--sigmas", "0.5,2", "--seed", "2", "--restart", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["estimator"]["seed"] == 2 and not partial.exists()
@@ -162,7 +162,7 @@ def test_a_malformed_partial_is_one_line(tmp_path, capsys):
     out = tmp_path / "run.json"
     out.with_name("run.json.partial").write_text('["not", "a", "checkpoint"]')
     line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", str(out)])
-    assert "is not a checkpoint" in line and "--restart" in line
+    assert "is not a checkpoint" in line and "or set --restart to overwrite it" in line
 
 
 @pytest.fixture(scope="module")
@@ -469,3 +469,102 @@ def test_an_option_without_the_one_it_applies_under_is_one_line(
     assert line == f"lossfloor: error: {option}: applies only with {needed}; give {needed} or " \
         f"drop {option}"  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+# --- help and messages ---------------------------------------------------------------------------
+
+
+def _help(*command: str) -> str:
+    """The help of ``lossfloor COMMAND``, its whitespace collapsed (lines wrap anywhere)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return " ".join(out.getvalue().split())
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["estimate"], "seed of the outer draws and the random inner sets (default: 0)"),
+        (["estimate"], "a number ≥ 0; default: none, no smoothed loss)"),
+        (["estimate"], "in MiB (default: 256"),
+        (["train"], "medium (~6.5M) (default small)"),
+        (["floor"], "seed of subsets, draws and noise (default: 0)"),
+        (["scaling", "collect"], "seed of the draws (sources, ε) (default: 0)"),
+        (["scaling", "collect"], "RUN_DIR run directories (lossfloor train --run-dir)"),
+        (["sample"], "churn only for σ ≥ S_min (default: 0.0)"),
+        (["schedule"], "[-h] --curve CURVE.json"),  # required: not in brackets
+    ],
+)
+def test_help_states_every_default(command, shown):
+    assert shown in _help(*command)
+
+
+def test_every_option_with_a_default_shows_it():
+    """Each option of each command whose default is a value (0 and 0.0 included) says
+    "default" in its help."""
+    import argparse
+
+    from lossfloor.cli import _Help, build_parser
+
+    def parsers(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield sub
+                    yield from parsers(sub)
+
+    missing = [
+        f"{p.prog} {a.option_strings[0]}"
+        for p in parsers(build_parser())
+        for a in p._actions
+        if a.option_strings
+        and a.default is not None
+        and a.default is not False
+        and a.default is not argparse.SUPPRESS
+        and "default" not in _Help(p.prog)._get_help_string(a)
+    ]
+    assert missing == []
+
+
+def test_schedule_lists_no_option_of_the_online_gap():
+    assert "--gap-halflife" not in _help("schedule") and "--gap-bins" not in _help("schedule")
+    assert "--gap-halflife" in _help("train")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--sigmas", "nan"], "--sigmas nan: σ is not a number; give each σ as a number > 0"),
+        (["--sigmas", ""], "--sigmas '': no σ given; give a list 0.1,1,10 or min:max:count"),
+        (["--sigmas", " , "], "--sigmas ',': no σ given"),
+        (
+            ["--sigmas", "1,2", "--total", "optimal"],
+            "--total optimal: expected one of edm | ve | vp | fm | fm-logit-normal",
+        ),  # fmt: skip
+        (["--sigmas", "1,2", "--total", "nope"], "--total nope: expected one of edm | ve"),
+    ],
+)
+def test_bad_sigmas_and_totals_say_what_is_wrong(capsys, args, says):
+    assert one_line_error(capsys, [*EST, *args]).startswith(f"lossfloor: error: {says}")
+
+
+def test_a_total_named_in_another_case_is_accepted(tmp_path):
+    out = tmp_path / "e.json"
+    assert main([*EST, "--sigmas", "1,2", "--total", "EDM", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["total"]["schedule"]["name"] == "edm"
+
+
+def test_a_limit_beyond_the_data_says_all_items_are_used(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((50, 3), np.float32))
+    assert main(["data", "--data", str(tmp_path / "x.npy"), "--limit", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "lossfloor: note: --limit 1000: the data has 50 items; using all 50\n"
+    assert "items     50" in captured.out
+    assert main(["data", "--data", str(tmp_path / "x.npy"), "--limit", "50"]) == 0
+    assert capsys.readouterr().err == ""

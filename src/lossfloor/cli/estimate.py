@@ -363,14 +363,12 @@ def _available_bytes() -> float:
 
 
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
-    """--bandwidth, which needs --sources (checked before any work)."""
+    """--bandwidth (given only with --sources: ``DECLARED.needs``), checked before any work."""
     from lossfloor.cli.floor import parse_bandwidth
     from lossfloor.floor import check_bandwidth
 
     if args.bandwidth is None:
         return None
-    if args.sources is None:
-        raise UserError("--bandwidth: applies to held-out sources; give --sources SPEC")
     bandwidth = parse_bandwidth(args.bandwidth)
     check_bandwidth(bandwidth)
     return bandwidth
