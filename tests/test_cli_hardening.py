@@ -271,7 +271,22 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
         "--out",
     ),
     "train": (
-        ["train", "--data", "{data}", "--monitor", "{curve}", "--steps", "1", "--no-progress"],
+        [
+            "train",
+            "--data",
+            "{data}",
+            "--monitor",
+            "{floor}",
+            "--schedule",
+            "optimal",
+            "--curve",
+            "{curve}",
+            "--gap",
+            "{gap}",
+            "--steps",
+            "1",
+            "--no-progress",
+        ],  # fmt: skip
         {"--run-dir": ""},
         "--run-dir",
     ),
@@ -374,6 +389,28 @@ def test_every_bad_output_is_one_line_before_any_work(
     }
     assert says.get(kind, "cannot write") in line, line  # fmt: skip
     assert _snapshot(tmp_path) == before
+
+
+def test_every_command_declares_what_the_cases_above_cover():
+    """Each command's ``Declared`` outputs are those of COMMANDS (so a new output, once
+    declared, must join the cases), and each declared input appears in its argv."""
+    import argparse
+
+    from lossfloor.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    scaling = sub.choices["scaling"]
+    actions = next(a for a in scaling._actions if isinstance(a, argparse._SubParsersAction))
+    commands = {name: p for name, p in sub.choices.items() if name != "scaling"}
+    commands |= {f"scaling-{name}": p for name, p in actions.choices.items()}
+    assert sorted(commands) == sorted(COMMANDS)
+    for name, p in commands.items():
+        declared = p.get_default("declared")
+        argv, outputs, _ = COMMANDS[name]
+        assert sorted((*declared.outputs, *declared.folders)) == sorted(outputs), name
+        given = {a for a in argv if a.startswith("--")} | {"RUN_DIR"}
+        assert set(declared.inputs) <= given, name
 
 
 def test_the_partial_checkpoint_is_tried_too(tmp_path, capsys):

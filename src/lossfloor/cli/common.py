@@ -117,7 +117,7 @@ def _paths(args: argparse.Namespace, option: str) -> list[str]:
 def _resolved(path: str) -> Path:
     """``path`` made absolute with every symlink followed (so ``./x``, ``x`` and a link to
     ``x`` are one path)."""
-    return Path(path).expanduser().resolve()
+    return Path(path).resolve()
 
 
 def _within(path: Path, folder: Path, patterns: tuple[str, ...]) -> bool:
