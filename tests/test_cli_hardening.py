@@ -143,7 +143,7 @@ def test_a_partial_of_other_options_is_refused_unless_restart(tmp_path, capsys, 
     partial = out.with_name("run.json.partial")
     before = partial.read_text()
     line = one_line_error(capsys, [*EST, "--sigmas", "0.5,2", "--seed", "2", "--out", str(out)])
-    assert "--restart" in line and "other data or options" in line
+    assert "other data or options" in line and "or set --restart to discard them" in line
     assert partial.read_text() == before and not out.exists()
     assert main([*EST, "--sigmas", "0.5,2", "--seed", "2", "--restart", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["estimator"]["seed"] == 2 and not partial.exists()
@@ -162,7 +162,7 @@ def test_a_malformed_partial_is_one_line(tmp_path, capsys):
     out = tmp_path / "run.json"
     out.with_name("run.json.partial").write_text('["not", "a", "checkpoint"]')
     line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", str(out)])
-    assert "is not a checkpoint" in line and "--restart" in line
+    assert "is not a checkpoint" in line and "or set --restart to overwrite it" in line
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +215,393 @@ def _read_only_folder(tmp_path) -> str:
     pytest.skip("running as root without a folder root cannot write in (no /proc/1)")
 
 
-def test_an_output_in_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
-    out = f"{_read_only_folder(tmp_path)}/e.json"
-    line = one_line_error(capsys, [*EST, "--sigmas", "1", "--out", out])
-    assert (
-        line.startswith(f"lossfloor: error: --out {out}: cannot write in") and "permission" in line
-    )
+# --- outputs: each refused before any work when it is an input, another output, or unwritable --
+
+#: Each command with its inputs ({name} stands for a file or folder ``_inputs`` makes) and
+#: its outputs (option → suffix; "" for a folder); an output marked required is always given.
+COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
+    "data": (["data", "--data", "{data}"], {"--json": ".json"}, None),
+    "estimate": (
+        ["estimate", "--data", "{data}", "--sources", "{held}", "--sigmas", "1", "--quiet"],
+        {"--out": ".json", "--csv": ".csv", "--plot": ".png"},
+        None,
+    ),
+    "diagnose": (
+        [
+            "diagnose",
+            "--model",
+            "{run}",
+            "--data",
+            "{images}",
+            "--curve",
+            "{curve}",
+            "--heldout",
+            "{held}",
+            "--floor",
+            "{floor}",
+            "--quiet",
+        ],
+        {"--out": ".json", "--csv": ".csv", "--plot": ".png"},
+        "--out",
+    ),  # fmt: skip
+    "floor": (
+        ["floor", "--data", "{data}", "--heldout", "{held}", "--quiet"],
+        {"--out": ".json", "--plot": ".png"},
+        None,
+    ),
+    "sample": (
+        ["sample", "--model", "{run}", "--n", "1"],
+        {"--out-grid": ".png", "--out-npz": ".npz"},
+        None,
+    ),
+    "fid": (["fid", "--samples", "{samples}", "--data", "{data}"], {"--out": ".json"}, None),
+    "scaling-fit": (
+        ["scaling", "fit", "--runs", "{runs}", "--optimal", "{curve}"],
+        {"--plot": ".png", "--out": ".json"},
+        None,
+    ),
+    "scaling-collect": (
+        ["scaling", "collect", "{run}", "--data", "{data}"],
+        {"--out": ".csv"},
+        "--out",
+    ),  # fmt: skip
+    "schedule": (
+        ["schedule", "--curve", "{curve}", "--gap", "{gap}"],
+        {"--out": ".json", "--plot": ".png"},
+        "--out",
+    ),
+    "train": (
+        [
+            "train",
+            "--data",
+            "{data}",
+            "--monitor",
+            "{floor}",
+            "--schedule",
+            "optimal",
+            "--curve",
+            "{curve}",
+            "--gap",
+            "{gap}",
+            "--steps",
+            "1",
+            "--no-progress",
+        ],  # fmt: skip
+        {"--run-dir": ""},
+        "--run-dir",
+    ),
+}
+#: A file within each folder input that it is read from.
+WITHIN = {"run": "checkpoint-latest.pt", "images": "a.png"}
+LONG = "n" * 300  # longer than any file system's NAME_MAX (255)
+
+
+def _inputs(folder) -> dict[str, str]:
+    """The inputs the commands read, made in ``folder`` (their contents never matter: each
+    case is refused before any is read)."""
+    import numpy as np
+
+    np.savez(folder / "data.npz", x=np.zeros((4, 1, 2, 2), np.float32))
+    np.savez(folder / "held.npz", x=np.zeros((4, 1, 2, 2), np.float32))
+    np.savez(folder / "samples.npz", samples=np.zeros((4, 1, 2, 2), np.float32))
+    for name in ("curve", "floor", "gap"):
+        (folder / f"{name}.json").write_text(f'{{"{name}": 1}}')
+    (folder / "runs.csv").write_text("run,params,flops,images_seen,sigma,loss\n")
+    for name in ("run", "images"):
+        (folder / name).mkdir()
+        (folder / name / WITHIN[name]).write_bytes(b"bytes")
+    (folder / "run" / "config.json").write_text("{}")
+    files = ["data.npz", "held.npz", "samples.npz", "curve.json", "floor.json", "gap.json",
+             "runs.csv", "run", "images"]  # fmt: skip
+    return {f.split(".")[0]: str(folder / f) for f in files}
+
+
+def _cases() -> list[tuple[str, str, str]]:
+    """(command, output option, where): every output of every command at every bad place."""
+    cases = []
+    for command, (argv, outputs, _) in COMMANDS.items():
+        names = [a[1:-1] for a in argv if a.startswith("{")]
+        for option in outputs:
+            places = ["/proc", "/sys", "long", "read-only"] + [f"other:{o}" for o in outputs
+                                                               if o != option]  # fmt: skip
+            for name in names:
+                places += [f"input:{name}", f"link:{name}", f"dot:{name}"]
+                if name in WITHIN:
+                    places.append(f"within:{name}")
+            cases += [(command, option, place) for place in places]
+    return cases
+
+
+def _snapshot(folder) -> dict[str, bytes | None]:
+    """Every path below ``folder`` with its bytes (None for a folder)."""
+    return {
+        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(("command", "option", "place"), _cases())
+def test_every_bad_output_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, command, option, place
+):
+    """An output in /proc, /sys, under a 300-character name or in a read-only folder; one that
+    is an input (as given, through a symlink, as ./NAME, or a file a folder input is read
+    from); one that another output writes: exit 2 and one line naming the option, and no
+    file written or changed."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    inputs = _inputs(tmp_path)
+    argv, outputs, required = COMMANDS[command]
+    argv = [a.format(**inputs) for a in argv]
+    suffix = outputs[option]
+    kind, _, name = place.partition(":")
+    if kind in ("/proc", "/sys"):
+        out = f"{kind}/lossfloor-x{suffix}"
+    elif kind == "long":
+        out = str(tmp_path / f"{LONG}{suffix}")
+    elif kind == "read-only":
+        out = f"{_read_only_folder(tmp_path)}/x{suffix}"
+    elif kind == "input":
+        out = inputs[name]
+    elif kind == "link":
+        os.symlink(inputs[name], tmp_path / "link")
+        out = str(tmp_path / "link")
+    elif kind == "dot":
+        out = "./" + os.path.basename(inputs[name])
+    elif kind == "within":
+        out = os.path.join(inputs[name], WITHIN[name])
+    else:  # another output writes the same file
+        out = str(tmp_path / f"same{suffix}")
+        argv = [*argv, name, out]
+    argv = [*argv, option, out]
+    if required is not None and required not in argv:
+        argv += [required, str(tmp_path / f"required{outputs[required]}")]
+    before = _snapshot(tmp_path)
+    line = one_line_error(capsys, argv)
+    assert option in line or (kind == "other" and name in line), line
+    says = {
+        "other": "writes there too",
+        "input": "would overwrite the input",
+        "link": "would overwrite",
+        "dot": "would overwrite",
+        "within": "would overwrite",
+    }
+    assert says.get(kind, "cannot write") in line, line  # fmt: skip
+    assert _snapshot(tmp_path) == before
+
+
+def test_every_command_declares_what_the_cases_above_cover():
+    """Each command's ``Declared`` outputs are those of COMMANDS (so a new output, once
+    declared, must join the cases), and each declared input appears in its argv."""
+    import argparse
+
+    from lossfloor.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    scaling = sub.choices["scaling"]
+    actions = next(a for a in scaling._actions if isinstance(a, argparse._SubParsersAction))
+    commands = {name: p for name, p in sub.choices.items() if name != "scaling"}
+    commands |= {f"scaling-{name}": p for name, p in actions.choices.items()}
+    assert sorted(commands) == sorted(COMMANDS)
+    for name, p in commands.items():
+        declared = p.get_default("declared")
+        argv, outputs, _ = COMMANDS[name]
+        assert sorted((*declared.outputs, *declared.folders)) == sorted(outputs), name
+        given = {a for a in argv if a.startswith("--")} | {"RUN_DIR"}
+        assert set(declared.inputs) <= given, name
+
+
+def test_the_partial_checkpoint_is_tried_too(tmp_path, capsys):
+    """A name whose own temporary file fits NAME_MAX (255) but whose FILE.partial's does not:
+    refused where the command checkpoints to FILE.partial (estimate), written where not."""
+    name = str(tmp_path / ("n" * 235 + ".json"))  # temp file .NAME.XXXXXXXX.json: 250 chars
+    line = one_line_error(capsys, [*EST, "--sigmas", "1", "--outer", "16", "--out", name])
+    assert "--out" in line and "file name too long" in line
+    assert main(["data", "--data", "digits", "--limit", "10", "--json", name]) == 0
+    with open(name) as f:
+        assert json.load(f)["n"] == 10
+
+
+def test_an_output_inside_a_folder_input_is_free_unless_read_from_there(tmp_path):
+    """Beside a run's files and a data folder's images, other files may be written."""
+    from argparse import Namespace
+
+    from lossfloor.cli.common import Declared, check_args
+    from lossfloor.errors import UserError
+
+    inputs = _inputs(tmp_path)
+    declared = Declared(inputs=("--model", "--data"), outputs=("--out",), partial=("--out",))
+    for out, refused in [
+        ("run/diagnosis.json", False),
+        ("images/e.json", False),
+        ("run/config.json", True),
+        ("run/checkpoint-9.pt", True),
+        ("images/sub/b.png", True),
+        ("run/config.json.partial", False),
+        ("config.json", False),
+    ]:
+        args = Namespace(declared=declared, model=inputs["run"], data=inputs["images"],
+                         out=str(tmp_path / out))  # fmt: skip
+        if refused:
+            with pytest.raises(UserError, match="would overwrite the input"):
+                check_args(args, write=False)
+        else:
+            check_args(args)
+
+
+def test_a_run_directory_output_holding_an_input_run_file_is_refused(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text("{}")
+    argv = ["train", "--data", "digits", "--run-dir", str(tmp_path / "r"), "--steps", "1",
+            "--monitor", str(tmp_path / "r" / "config.json")]  # fmt: skip
+    assert "would overwrite the input --monitor" in one_line_error(capsys, argv)
+
+
+def test_atomic_path_reports_a_failed_write_as_one_line(tmp_path):
+    import errno
+
+    from lossfloor.errors import UserError
+    from lossfloor.io import atomic_path, write_json
+
+    full = pytest.raises(UserError, match="cannot write .*x.json: no space left on device")
+    with full, atomic_path(tmp_path / "x.json"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+    with pytest.raises(UserError, match="cannot write /proc/x.json"):
+        write_json("/proc/x.json", {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "needed"),
+    [
+        ([*EST, "--sigmas", "1", "--chunk-mb", "8"], "--chunk-mb", "--stream"),
+        ([*EST, "--sigmas", "1", "--max-outer", "8"], "--max-outer", "--target-rse"),
+        ([*EST, "--sigmas", "1", "--bandwidth", "auto"], "--bandwidth", "--sources"),
+        ([*EST, "--sigmas", "1", "--restart"], "--restart", "--out"),
+        (["floor", "--data", "digits", "--heldout", "digits", "--restart"], "--restart", "--out"),
+        (
+            [
+                "diagnose",
+                "--model",
+                "optimal",
+                "--data",
+                "digits",
+                "--floor",
+                "f.json",
+                "--out",
+                "d.json",
+            ],
+            "--floor",
+            "--heldout",
+        ),  # fmt: skip
+    ],
+)
+def test_an_option_without_the_one_it_applies_under_is_one_line(
+    tmp_path, capsys, monkeypatch, argv, option, needed
+):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, argv)
+    assert line == f"lossfloor: error: {option}: applies only with {needed}; give {needed} or " \
+        f"drop {option}"  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- help and messages ---------------------------------------------------------------------------
+
+
+def _help(*command: str) -> str:
+    """The help of ``lossfloor COMMAND``, its whitespace collapsed (lines wrap anywhere)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return " ".join(out.getvalue().split())
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["estimate"], "seed of the outer draws and the random inner sets (default: 0)"),
+        (["estimate"], "a number ≥ 0; default: none, no smoothed loss)"),
+        (["estimate"], "in MiB (default: 256"),
+        (["train"], "medium (~6.5M) (default small)"),
+        (["floor"], "seed of subsets, draws and noise (default: 0)"),
+        (["scaling", "collect"], "seed of the draws (sources, ε) (default: 0)"),
+        (["scaling", "collect"], "RUN_DIR run directories (lossfloor train --run-dir)"),
+        (["sample"], "churn only for σ ≥ S_min (default: 0.0)"),
+        (["schedule"], "[-h] --curve CURVE.json"),  # required: not in brackets
+    ],
+)
+def test_help_states_every_default(command, shown):
+    assert shown in _help(*command)
+
+
+def test_every_option_with_a_default_shows_it():
+    """Each option of each command whose default is a value (0 and 0.0 included) says
+    "default" in its help."""
+    import argparse
+
+    from lossfloor.cli import _Help, build_parser
+
+    def parsers(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield sub
+                    yield from parsers(sub)
+
+    missing = [
+        f"{p.prog} {a.option_strings[0]}"
+        for p in parsers(build_parser())
+        for a in p._actions
+        if a.option_strings
+        and a.default is not None
+        and a.default is not False
+        and a.default is not argparse.SUPPRESS
+        and "default" not in _Help(p.prog)._get_help_string(a)
+    ]
+    assert missing == []
+
+
+def test_schedule_lists_no_option_of_the_online_gap():
+    assert "--gap-halflife" not in _help("schedule") and "--gap-bins" not in _help("schedule")
+    assert "--gap-halflife" in _help("train")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--sigmas", "nan"], "--sigmas nan: σ is not a number; give each σ as a number > 0"),
+        (["--sigmas", ""], "--sigmas '': no σ given; give a list 0.1,1,10 or min:max:count"),
+        (["--sigmas", " , "], "--sigmas ',': no σ given"),
+        (
+            ["--sigmas", "1,2", "--total", "optimal"],
+            "--total optimal: expected one of edm | ve | vp | fm | fm-logit-normal",
+        ),  # fmt: skip
+        (["--sigmas", "1,2", "--total", "nope"], "--total nope: expected one of edm | ve"),
+    ],
+)
+def test_bad_sigmas_and_totals_say_what_is_wrong(capsys, args, says):
+    assert one_line_error(capsys, [*EST, *args]).startswith(f"lossfloor: error: {says}")
+
+
+def test_a_total_named_in_another_case_is_accepted(tmp_path):
+    out = tmp_path / "e.json"
+    assert main([*EST, "--sigmas", "1,2", "--total", "EDM", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["total"]["schedule"]["name"] == "edm"
+
+
+def test_a_limit_beyond_the_data_says_all_items_are_used(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((50, 3), np.float32))
+    assert main(["data", "--data", str(tmp_path / "x.npy"), "--limit", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "lossfloor: note: --limit 1000: the data has 50 items; using all 50\n"
+    assert "items     50" in captured.out
+    assert main(["data", "--data", str(tmp_path / "x.npy"), "--limit", "50"]) == 0
+    assert capsys.readouterr().err == ""

@@ -233,7 +233,7 @@ def test_estimate_sources_equal_to_data_gives_the_direct_form(tmp_path, npz):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--bandwidth", "auto"], "--bandwidth: applies to held-out sources"),
+        (["--bandwidth", "auto"], "--bandwidth: applies only with --sources"),
         (["--sources", "HELD", "--bandwidth", "x"], "--bandwidth x"),
         (["--sources", "HELD", "--conditional"], "--sources"),
         (["--sources", "OTHER"], "--sources"),
@@ -391,7 +391,7 @@ def test_diagnose_heldout_with_floor(tmp_path, npz, capsys):
             str(diag),
         ]
     )
-    assert code == 2 and "needs --heldout" in capsys.readouterr().err
+    assert code == 2 and "applies only with --heldout" in capsys.readouterr().err
 
 
 def test_floor_resumes_from_its_checkpoint(tmp_path, monkeypatch):

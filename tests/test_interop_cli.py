@@ -84,7 +84,7 @@ def test_a_python_model_samples_like_its_run_directory(run_dir, user_module, tmp
         (f"python:{MODULE}:missing", "has no attribute 'missing'"),
         (f"python:{MODULE}:broken", "broken() raised RuntimeError: boom"),
         (f"python:{MODULE}:plain", "lacks the denoiser protocol"),
-        (f"python:{MODULE}:number", "is not a denoiser"),
+        (f"python:{MODULE}:number", "an object of type int is not a denoiser"),
         (f"python:{MODULE}", "expected python:MODULE:CALLABLE"),
     ],
 )

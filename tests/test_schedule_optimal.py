@@ -303,7 +303,7 @@ def test_schedule_cli_bad_inputs_are_one_line_exit_2(tmp_path, cli, capsys, digi
     assert cli(["schedule", *curve, *extra, "--out", str(tmp_path / "s.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lossfloor: error:")
-    assert (message or "needs --curve") in err
+    assert (message or "required: --curve") in err
     assert not (tmp_path / "s.json").exists()
 
 

@@ -21,15 +21,17 @@ class ParameterError(UserError):
     """A bad value of a named parameter of the Python API: ``"<param> = <value>: <reason>"``.
 
     The library speaks of its own parameters; the CLI reports the error under the option that
-    set the parameter (``ParameterError.for_option``).
+    set the parameter (``ParameterError.for_option``). ``{option}`` in ``reason`` names the
+    parameter (the option, in the CLI's message), e.g. "set {option} to discard it".
     """
 
     def __init__(self, param: str, value: Any, reason: str) -> None:
         self.param, self.value, self.reason = param, value, reason
-        super().__init__(f"{param} = {value!r}: {reason}")
+        super().__init__(f"{param} = {value!r}: {reason.replace('{option}', param)}")
 
     def for_option(self, option: str) -> str:
         """The message as the CLI shows it: ``"<option> <value>: <reason>"`` (without the value
         for a flag or an option that was not given: value True or None)."""
         value = "" if self.value is None or self.value is True else f" {self.value}"
-        return " ".join(f"{option}{value}: {self.reason}".split())
+        reason = self.reason.replace("{option}", option)
+        return " ".join(f"{option}{value}: {reason}".split())

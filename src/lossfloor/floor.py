@@ -625,14 +625,15 @@ class Units:
                 raise ParameterError(
                     "restart",
                     None,
-                    f"{path} is not a checkpoint of a floor; delete it, or restart to overwrite it",
+                    f"{path} is not a checkpoint of a floor; delete it, "
+                    "or set {option} to overwrite it",
                 )
             if saved.get("key") != digest:
                 raise ParameterError(
                     "restart",
                     None,
                     f"{path} holds a floor with other data "
-                    "or options; rerun with those, or restart to discard it",
+                    "or options; rerun with those, or set {option} to discard it",
                 )
             done = saved["done"]
             if done:

@@ -3,51 +3,101 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from lossfloor.errors import UserError
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the folder for {target}: {exc.strerror}") from None
+def _temp_beside(target: Path) -> Path:
+    """A new empty file next to ``target`` (``.NAME.XXXXXXXX.SUFFIX``: longer than its name),
+    readable as the umask allows: the one temporary file of every write."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+    return Path(tmp)
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError in words: its strerror in lower case (ENOENT where the folder exists, as in
+    /proc: the file system takes no new files)."""
+    if exc.errno == errno.ENOENT:
+        return "the file system takes no new files there"
+    return (exc.strerror or str(exc)).lower()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success. An
+    OSError while writing (full disk, read-only file system) is one line, a ``UserError``."""
+    target = Path(path)
     try:
-        yield Path(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder for {target}: {_reason(exc)}") from None
+    try:
+        tmp = _temp_beside(target)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
+    try:
+        yield tmp
         os.replace(tmp, target)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {_reason(exc)}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def check_writable(path: str | os.PathLike[str], option: str) -> None:
-    """Refuse, before any work, an output ``path`` that cannot be written: a folder, a path
-    under a file, or a folder without write permission (``option`` names it in the message)."""
+def check_writable(
+    path: str | os.PathLike[str], option: str, siblings: Sequence[str] = (), folder: bool = False
+) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written (``option`` names it
+    in the one-line message): a folder given for a file (or, with ``folder``, a file given for
+    a folder), a path under a file, or a place where writing fails. It is tried by writing:
+    the missing folders are made, each temporary file that writing ``path`` and its
+    ``siblings`` (``path`` + suffix, e.g. ``.partial``) creates is created and removed, and
+    the folders made are removed again. This catches permissions, read-only file systems,
+    /proc and /sys, and names too long (ENAMETOOLONG)."""
     target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{option} {target}: is a folder; give a file name")
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # atomic_path creates the missing folders below this one
-    if not folder.is_dir():
-        raise UserError(f"{option} {target}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {target}: cannot write in {folder} (permission denied)")
+    try:
+        if folder and target.exists() and not target.is_dir():
+            raise UserError(f"{option} {target}: is a file; give a folder")
+        if not folder and target.is_dir():
+            raise UserError(f"{option} {target}: is a folder; give a file name")
+        home = target if folder else target.parent
+        missing: list[Path] = []
+        while not home.exists() and home != home.parent:
+            missing.append(home)
+            home = home.parent
+        if not home.is_dir():
+            raise UserError(f"{option} {target}: {home} is a file, not a folder")
+    except OSError as exc:  # e.g. a name too long to stat
+        raise UserError(f"{option} {target}: cannot write there ({_reason(exc)})") from None
+    made: list[Path] = []
+    where = home  # the folder written in last
+    try:
+        for sub in reversed(missing):
+            sub.mkdir()
+            made.append(sub)
+            where = sub
+        first = target / ".lossfloor-check" if folder else target
+        for name in [first, *(target.with_name(target.name + s) for s in siblings)]:
+            _temp_beside(name).unlink()
+    except OSError as exc:
+        raise UserError(f"{option} {target}: cannot write in {where} ({_reason(exc)})") from None
+    finally:
+        for sub in reversed(made):
+            with suppress(OSError):  # another process has put something there since
+                sub.rmdir()
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

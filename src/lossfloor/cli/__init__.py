@@ -23,11 +23,12 @@ SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scalin
 
 class _Help(argparse.HelpFormatter):
     """Every option's help ends with its default, unless the help already states it (says
-    "default") or there is none to state (a flag, or None: the help says what happens)."""
+    "default") or there is none to state (a flag, or None: the help says what happens).
+    Defaults are told apart by identity, so that 0 and 0.0 (equal to False) are shown."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        given = action.default not in (None, False, argparse.SUPPRESS)
+        given = all(action.default is not v for v in (None, False, argparse.SUPPRESS))
         if action.option_strings and given and "default" not in text:
             text += " (default: %(default)s)"
         return text

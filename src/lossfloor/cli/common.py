@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
+import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lossfloor.errors import ParameterError, UserError
@@ -14,6 +19,7 @@ if TYPE_CHECKING:  # torch and the data layer load when a command runs, not for 
     import torch
 
     from lossfloor.data import Dataset
+    from lossfloor.schedules import NoiseSchedule
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,20 +39,141 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_data_from_args(args: argparse.Namespace) -> Dataset:
-    """The Dataset named by --data/--limit/--xflip/--key/--labels-key."""
+    """The Dataset named by --data/--limit/--xflip/--key/--labels-key (a --limit beyond the
+    data's size is said, ``note_limit``)."""
     from lossfloor.data import load_dataset
 
-    return load_dataset(
+    ds = load_dataset(
         args.data, limit=args.limit, xflip=args.xflip, key=args.key, labels_key=args.labels_key
     )
+    note_limit(args.limit, ds.n // 2 if ds.xflip else ds.n)
+    return ds
 
 
-def check_outputs(args: argparse.Namespace, *options: str) -> None:
-    """Refuse, before any work, the output paths given to ``options`` that cannot be written."""
-    for option in options:
-        path = getattr(args, option.removeprefix("--").replace("-", "_"))
-        if path is not None:
-            check_writable(path, option)
+def note_limit(limit: int | None, n: int, option: str = "--limit") -> None:
+    """One line on stderr (from the first process) when ``limit`` exceeds the ``n`` items
+    there are: all ``n`` are used."""
+    if limit is not None and limit > n and os.environ.get("RANK", "0") == "0":
+        print(f"lossfloor: note: {option} {limit}: the data has {n} items; using all {n}",
+              file=sys.stderr)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a command reads and writes, by option (``--out``; a positional by its metavar,
+    ``RUN_DIR``), and which options apply only under another: ``check_args`` checks them all
+    before any work."""
+
+    inputs: tuple[str, ...] = ()
+    """Files or folders read (a value naming no existing path, e.g. ``digits``, is no file)."""
+    outputs: tuple[str, ...] = ()
+    """Files written."""
+    partial: tuple[str, ...] = ()
+    """The outputs also checkpointed beside themselves, to FILE.partial."""
+    folders: tuple[str, ...] = ()
+    """Folders written (a run directory)."""
+    needs: tuple[tuple[str, str], ...] = ()
+    """(option, the option it applies under): the first given without the second is refused."""
+
+
+#: The files a model folder input (a run directory, a saved diffusers pipeline) is read from
+#: (``fnmatch`` patterns, at any depth): its configs, weights and stats. A data folder is read
+#: from its images and labels (``_data_files``). An output there would replace or join them;
+#: other files in those folders are free to write.
+MODEL_FILES = ("config.json", "model_index.json", "scheduler_config.json", "stats.jsonl",
+               "*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin")  # fmt: skip
+_MODEL_OPTIONS = ("--model", "RUN_DIR")
+
+
+#: The suffix of the checkpoint beside an output that a rerun resumes from.
+PARTIAL = ".partial"
+
+
+def _data_files() -> tuple[str, ...]:
+    """The files a data folder is read from: its images (``formats.IMAGE_SUFFIXES``) and the
+    labels file."""
+    from lossfloor.data.formats import _LABELS_FILE, IMAGE_SUFFIXES
+
+    return (*(f"*{s}" for s in IMAGE_SUFFIXES), _LABELS_FILE)
+
+
+def _dest(option: str) -> str:
+    """The attribute of ``option`` in the parsed arguments (``--out-grid`` → ``out_grid``)."""
+    return option.removeprefix("--").replace("-", "_").lower()
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    """Whether ``option`` was given: its value is neither None nor False (a flag's default)."""
+    value = getattr(args, _dest(option))
+    return value is not None and value is not False
+
+
+def _paths(args: argparse.Namespace, option: str) -> list[str]:
+    """The paths given to ``option`` (none, one, or a positional's list)."""
+    value = getattr(args, _dest(option))
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _resolved(path: str) -> Path:
+    """``path`` made absolute with every symlink followed (so ``./x``, ``x`` and a link to
+    ``x`` are one path)."""
+    return Path(path).resolve()
+
+
+def _within(path: Path, folder: Path, patterns: tuple[str, ...]) -> bool:
+    """Whether ``path`` lies below ``folder`` under a name ``patterns`` match."""
+    return path.is_relative_to(folder) and any(fnmatch.fnmatch(path.name, p) for p in patterns)
+
+
+def _collides(out: Path, out_folder: bool, read: Path, read_option: str) -> bool:
+    """Whether writing ``out`` (a file, or with ``out_folder`` a run directory) touches the
+    input ``read``: the same path, one of the files of a folder input, or (a run directory)
+    an input that is one of the run's files."""
+    if out == read:
+        return True
+    if read.is_dir():
+        patterns = MODEL_FILES if read_option in _MODEL_OPTIONS else _data_files()
+        if _within(out, read, patterns):
+            return True
+    return out_folder and _within(read, out, MODEL_FILES)
+
+
+def check_args(args: argparse.Namespace, write: bool = True) -> None:
+    """The one check of a command's declared options (``args.declared``, a ``Declared``),
+    made at the start of its ``run``, before any work: an option given without the one it
+    applies under; an output that is an input or another output (paths compared resolved:
+    symlinks followed, ``./x`` = ``x``; FILE.partial counted); and, with ``write`` (one
+    process of several passes False), every output tried by writing there
+    (``io.check_writable``). Each is one line, a ``UserError``."""
+    declared: Declared = args.declared
+    for option, needed in declared.needs:
+        if _given(args, option) and not _given(args, needed):
+            raise UserError(f"{option}: applies only with {needed}; give {needed} or drop {option}")
+    written: dict[Path, str] = {}  # every path written → "OPTION PATH" that writes it
+    outputs = [(o, p) for o in (*declared.outputs, *declared.folders) for p in _paths(args, o)]
+    for option, path in outputs:
+        files = [path, *([path + PARTIAL] if option in declared.partial else [])]
+        for file in files:
+            key = _resolved(file)
+            if key in written:
+                raise UserError(
+                    f"{option} {path}: {written[key]} writes there too; give each output its own "
+                    "path"
+                )
+            written[key] = f"{option} {path}"
+            for read_option in declared.inputs:
+                for read in _paths(args, read_option):
+                    if os.path.exists(read) and _collides(
+                        key, option in declared.folders, _resolved(read), read_option
+                    ):
+                        raise UserError(
+                            f"{option} {path}: would overwrite the input {read_option} {read}; "
+                            "write the output elsewhere"
+                        )
+    if write:
+        for option, path in outputs:
+            siblings = (PARTIAL,) if option in declared.partial else ()
+            check_writable(path, option, siblings, folder=option in declared.folders)
 
 
 def write_plot(path: str, draw: Callable[[], None], written: str | None) -> None:
@@ -87,11 +214,29 @@ def parse_sigmas(text: str, option: str = "--sigmas") -> list[float]:
         raise UserError(
             f"{option} {text!r}: expected a comma-separated list (0.1,1,10) or min:max:count"
         ) from None
+    if not values:
+        raise UserError(f"{option} {text!r}: no σ given; give a list 0.1,1,10 or min:max:count")
     try:
         check_sigmas(values)
     except ParameterError as exc:
         raise UserError(exc.for_option(option)) from None
     return values
+
+
+def parse_total(name: str | None) -> NoiseSchedule | None:
+    """The schedule --total names (None without it): one with p(σ) and w(σ) of its own, not
+    the optimal-loss schedule, which is built from a J* curve (``lossfloor schedule``)."""
+    from lossfloor.schedules import SCHEDULE_NAMES, SCHEDULES, get_schedule
+
+    if name is None:
+        return None
+    try:
+        known = SCHEDULES.canonical(name) in SCHEDULE_NAMES
+    except UserError:  # its message lists the optimal-loss schedule too
+        known = False
+    if not known:
+        raise UserError(f"--total {name}: expected one of {' | '.join(SCHEDULE_NAMES)}")
+    return get_schedule(name)
 
 
 #: The devices --device names; ``auto`` is cuda when a CUDA device is available, else cpu.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lossfloor import __version__
-from lossfloor.cli.common import add_data_arguments, check_outputs, load_data_from_args
+from lossfloor.cli.common import Declared, add_data_arguments, check_args, load_data_from_args
 from lossfloor.io import write_json
 
 
@@ -17,13 +17,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_arguments(parser)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write this as JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, declared=Declared(inputs=("--data",), outputs=("--json",)))
 
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.data import mean_and_variance
 
-    check_outputs(args, "--json")
+    check_args(args)
     ds = load_data_from_args(args)
     mean, variance = mean_and_variance(ds.x)
     counts = None if ds.labels is None else ds.labels.bincount().tolist()

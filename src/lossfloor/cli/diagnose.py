@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments, add_device_argument
+from lossfloor.cli.common import Declared, add_data_arguments, add_device_argument
 
 if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis
@@ -88,12 +88,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "| provable headroom | within the bracket)",
     )
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(run=run, param_options={"heldout": "--heldout", "floor": "--floor"})
+    p.set_defaults(
+        run=run,
+        param_options={"heldout": "--heldout", "floor": "--floor"},
+        declared=Declared(
+            inputs=("--model", "--data", "--curve", "--heldout", "--floor"),
+            outputs=("--out", "--csv", "--plot"),
+            needs=(("--floor", "--heldout"),),
+        ),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import (
-        check_outputs,
+        check_args,
         load_data_from_args,
         parse_sigmas,
         resolve_device,
@@ -101,14 +109,13 @@ def run(args: argparse.Namespace) -> int:
     )
     from lossfloor.data import load_dataset
     from lossfloor.diagnosis import diagnose
-    from lossfloor.errors import UserError
     from lossfloor.floor import Floor, check_floor, check_heldout, read_heldout
     from lossfloor.models import load_model
     from lossfloor.optimal import Curve
     from lossfloor.optimal.outer import check_outer
     from lossfloor.plots import plot_diagnosis
 
-    check_outputs(args, "--out", "--csv", "--plot")
+    check_args(args)
     curve = None if args.curve is None else Curve.load(args.curve)
     if args.sigmas is not None:
         sigmas = parse_sigmas(args.sigmas)
@@ -118,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
     seed = _from_curve(args.seed, curve, "seed", 0)
     check_outer(outer)
     device = resolve_device(args.device)
-    if args.floor is not None and args.heldout is None:
-        raise UserError("--floor: reading a gap through a floor needs --heldout SPEC")
     floor_result = None if args.floor is None else Floor.load(args.floor)
     ds = load_data_from_args(args)
     heldout = None if args.heldout is None else load_dataset(args.heldout)

@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments, add_device_argument, add_dtype_argument
+from lossfloor.cli.common import (
+    Declared,
+    add_data_arguments,
+    add_device_argument,
+    add_dtype_argument,
+)
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:
@@ -18,6 +23,18 @@ if TYPE_CHECKING:
     from lossfloor.distributed import Group
     from lossfloor.optimal import Curve, Estimator
 
+#: The files read and written, and the options that apply only under another.
+DECLARED = Declared(
+    inputs=("--data", "--sources"),
+    outputs=("--out", "--csv", "--plot"),
+    partial=("--out",),
+    needs=(
+        ("--max-outer", "--target-rse"),
+        ("--chunk-mb", "--stream"),
+        ("--bandwidth", "--sources"),
+        ("--restart", "--out"),
+    ),  # fmt: skip
+)
 #: Parameters of the Python API that options of another name set (for its errors).
 PARAM_OPTIONS = {"precision": "--dtype", "heldout": "--sources"}
 
@@ -45,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--bandwidth",
         default=None,
         help="with --sources: also the held-out loss of the smoothed denoiser (kernel width "
-        "b, x0 units: auto = leave-one-out on the data | a number ≥ 0)",
+        "b, x0 units: auto = leave-one-out on the data | a number ≥ 0; default: none, no "
+        "smoothed loss)",
     )
     p.add_argument(
         "--sigmas",
@@ -156,8 +174,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--total",
         default=None,
-        help="also the total E_σ~p[w(σ)·J*(σ)] under this schedule: edm | ve | vp | fm "
-        "(default: none)",
+        help="also the total E_σ~p[w(σ)·J*(σ)] under this schedule: edm | ve | vp | fm | "
+        "fm-logit-normal (default: none)",
     )
     add_device_argument(p)
     add_dtype_argument(p)
@@ -172,8 +190,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--chunk-mb",
         type=float,
-        default=256.0,
-        help="with --stream: memory of one chunk of keys, in MiB",
+        default=None,
+        help="with --stream: memory of one chunk of keys, in MiB (default: 256, "
+        "data.chunked.DEFAULT_CHUNK_MB)",
     )
     p.add_argument(
         "--memory-gb",
@@ -199,32 +218,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--plot", default=None, metavar="FILE.png", help="PNG of J*(σ)")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(run=run, param_options=PARAM_OPTIONS)
+    p.set_defaults(run=run, param_options=PARAM_OPTIONS, declared=DECLARED)
 
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import (
-        check_outputs,
+        check_args,
         load_data_from_args,
         parse_sigmas,
+        parse_total,
         resolve_device,
     )
     from lossfloor.diffusion import get_process, get_target
     from lossfloor.distributed import launched
     from lossfloor.optimal import estimate_curve
     from lossfloor.optimal.outer import check_outer
-    from lossfloor.schedules import get_schedule
 
     # under torchrun: one process of K, each on its shard of the data; rank 0 reports and writes
     with launched(resolve_device(args.device)) as (group, device):
         with group.together():
-            check_outputs(args, "--out", "--csv", "--plot")
+            check_args(args, write=group.main)
             sigmas = parse_sigmas(args.sigmas)
             if args.outer is not None:
                 check_outer(args.outer)
             process = get_process(args.process)
             target = get_target(args.target, sigma_data=args.sigma_data)
-            schedule = get_schedule(args.total) if args.total else None
+            schedule = parse_total(args.total)
             if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
                 raise UserError(
                     f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte"
@@ -281,13 +300,18 @@ def run(args: argparse.Namespace) -> int:
 def _open_stream(args: argparse.Namespace) -> ChunkedDataset:
     """The --data items read in chunks (--stream), after refusing what streaming does not
     do."""
-    from lossfloor.data.chunked import open_chunked
+    from lossfloor.data.chunked import DEFAULT_CHUNK_MB, open_chunked
 
     for option, value in (("--xflip", args.xflip), ("--sources", args.sources),
                           ("--key", args.key), ("--labels-key", args.labels_key)):  # fmt: skip
         if value:
             raise UserError(f"{option}: not with --stream (it reads .npy, folders, zips in chunks)")
-    return open_chunked(args.data, limit=args.limit, chunk_mb=args.chunk_mb)
+    from lossfloor.cli.common import note_limit
+
+    chunk_mb = DEFAULT_CHUNK_MB if args.chunk_mb is None else args.chunk_mb
+    data = open_chunked(args.data, limit=args.limit, chunk_mb=chunk_mb)
+    note_limit(args.limit, data.n)
+    return data
 
 
 #: Bytes per data element of an in-memory estimate on one process: the float32 items, the
@@ -339,14 +363,12 @@ def _available_bytes() -> float:
 
 
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
-    """--bandwidth, which needs --sources (checked before any work)."""
+    """--bandwidth (given only with --sources: ``DECLARED.needs``), checked before any work."""
     from lossfloor.cli.floor import parse_bandwidth
     from lossfloor.floor import check_bandwidth
 
     if args.bandwidth is None:
         return None
-    if args.sources is None:
-        raise UserError("--bandwidth: applies to held-out sources; give --sources SPEC")
     bandwidth = parse_bandwidth(args.bandwidth)
     check_bandwidth(bandwidth)
     return bandwidth

@@ -8,10 +8,12 @@ import sys
 
 from lossfloor import __version__
 from lossfloor.cli.common import (
+    Declared,
     add_data_arguments,
     add_device_argument,
-    check_outputs,
+    check_args,
     load_data_from_args,
+    note_limit,
     resolve_device,
 )
 from lossfloor.evaluation import FEATURES, KID_SUBSETS
@@ -25,8 +27,8 @@ DESCRIPTION = (
     "samples (--n-reference): the whole dataset or a fixed random subset (seed 0); their "
     "features are cached in $LOSSFLOOR_CACHE/fid. KID is the unbiased MMD² (cubic polynomial "
     "kernel) averaged over --kid-subsets random subsets of up to 1000 items, ± their spread; "
-    "below 1000 samples it is noisy and a warning says so. Every line states the sample and "
-    "reference counts."
+    "below 1000 samples it is noisy and a warning says so, as for a Fréchet distance from fewer "
+    "samples than feature dimensions. Every line states the sample and reference counts."
 )
 
 
@@ -69,15 +71,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", metavar="FILE.json", default=None, help="the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(
+        run=run, declared=Declared(inputs=("--samples", "--data"), outputs=("--out",))
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.evaluation.fid import evaluate, load_samples
 
-    check_outputs(args, "--out")
+    check_args(args)
     device = resolve_device(args.device)
     samples = load_samples(args.samples, args.n)
+    note_limit(args.n, len(samples.x), "--n")
     dataset = load_data_from_args(args)
     features = FEATURES if args.feature == "both" else (args.feature,)
     result = evaluate(
@@ -108,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "lossfloor_version": __version__,
     }
     for s in result["scores"].values():
+        _warn_small_fid(s)
         _warn_small_kid(s)
         print(
             f"{s['metric']:<13} {s['frechet_distance']:.4f}   "
@@ -119,6 +125,20 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, result)
     return 0
+
+
+def _warn_small_fid(score: dict) -> None:
+    """A warning on stderr when there are fewer samples than feature dimensions: their
+    covariance is then singular and the Fréchet distance is biased high (the bias falls as
+    1/n), so it compares only with values at the same sample count."""
+    n, dim = score["n_samples"], score["feature_dim"]
+    if n < dim:
+        print(
+            f"lossfloor: warning: {score['metric']} from {n} samples < {dim} feature dimensions "
+            "is biased high (their covariance is singular; the bias falls as 1/n): compare it "
+            f"only at equal sample counts, and use ≥ {dim} samples for a stable value",
+            file=sys.stderr,
+        )
 
 
 def _warn_small_kid(score: dict) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from lossfloor.cli.common import add_data_arguments, add_device_argument, add_dtype_argument
+from lossfloor.cli.common import (
+    Declared,
+    add_data_arguments,
+    add_device_argument,
+    add_dtype_argument,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +64,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--plot", default=None, help="FLOOR.png: the bracket and the N-trend")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(run=run, param_options={"precision": "--dtype", "heldout": "--heldout"})
+    p.set_defaults(
+        run=run,
+        param_options={"precision": "--dtype", "heldout": "--heldout"},
+        declared=Declared(
+            inputs=("--data", "--heldout"),
+            outputs=("--out", "--plot"),
+            partial=("--out",),
+            needs=(("--restart", "--out"),),
+        ),
+    )
 
 
 def parse_bandwidth(text: str) -> float | str | None:
@@ -76,7 +90,7 @@ def parse_bandwidth(text: str) -> float | str | None:
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import (
-        check_outputs,
+        check_args,
         load_data_from_args,
         parse_sigmas,
         resolve_device,
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.errors import UserError
     from lossfloor.floor import check_bandwidth, floor
 
-    check_outputs(args, "--out", "--plot")
+    check_args(args)
     sigmas = parse_sigmas(args.sigmas)
     bandwidth = parse_bandwidth(args.bandwidth)
     check_bandwidth(bandwidth)

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from lossfloor import __version__
-from lossfloor.cli.common import add_device_argument, check_outputs, resolve_device
+from lossfloor.cli.common import Declared, add_device_argument, check_args, resolve_device
 from lossfloor.errors import UserError
 from lossfloor.io import save_with
 
@@ -73,6 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(
         run=run,
         param_options={"S_churn": "--churn", "S_min": "--s-min", "S_noise": "--s-noise"},
+        declared=Declared(inputs=("--model",), outputs=("--out-grid", "--out-npz")),
     )
 
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out_grid is None and args.out_npz is None:
         raise UserError("give --out-grid FILE.png and/or --out-npz FILE.npz")
-    check_outputs(args, "--out-grid", "--out-npz")
+    check_args(args)
     if args.n < 1:
         raise UserError(f"--n {args.n}: must be at least 1")
     if args.seed < 0:

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lossfloor.cli.common import add_data_arguments, add_device_argument
+from lossfloor.cli.common import Declared, add_data_arguments, add_device_argument
 from lossfloor.errors import ParameterError, UserError
 
 if TYPE_CHECKING:
@@ -43,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fit only these σ (default: each σ in the file and the total)")  # fmt: skip
     f.add_argument("--plot", default=None, metavar="FILE.png", help="both fits per σ, log axes")
     f.add_argument("--out", default=None, metavar="FILE.json", help="the fits as JSON")
-    f.set_defaults(run=run_fit)
+    f.set_defaults(
+        run=run_fit, declared=Declared(inputs=("--runs", "--optimal"), outputs=("--plot", "--out"))
+    )
 
     c = actions.add_parser(
         "collect",
@@ -52,7 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "draws (diagnose; J* cached), the total loss under the run's schedule, parameters, "
         "training FLOPs (FlopCounterMode on one step × steps).",
     )
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument(
+        "run_dir",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (lossfloor train --run-dir); every checkpoint of each is measured",
+    )
     add_data_arguments(c)
     c.add_argument("--sigmas", default="0.02:80:13", help="list or min:max:count (log-spaced)")
     c.add_argument("--outer", type=int, default=2048, metavar="M", help="paired draws per σ")
@@ -61,7 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(c)
     c.add_argument("--out", required=True, metavar="RUNS.csv", help="the rows (fit reads it)")
     c.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
-    c.set_defaults(run=run_collect)
+    c.set_defaults(
+        run=run_collect, declared=Declared(inputs=("RUN_DIR", "--data"), outputs=("--out",))
+    )
 
 
 def _under_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -80,9 +89,11 @@ def _under_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 @_under_options
 def run_fit(args: argparse.Namespace) -> int:
+    from lossfloor.cli.common import check_args
     from lossfloor.optimal import Curve
     from lossfloor.scaling import fit_scaling, read_runs
 
+    check_args(args)
     rows = read_runs(args.runs)
     curve = Curve.load(args.optimal)
     result = fit_scaling(rows, curve, x=args.x, sigmas=args.sigma)
@@ -98,19 +109,20 @@ def run_fit(args: argparse.Namespace) -> int:
 
 @_under_options
 def run_collect(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import load_data_from_args, parse_sigmas, resolve_device
+    from lossfloor.cli.common import check_args, load_data_from_args, parse_sigmas, resolve_device
     from lossfloor.optimal.outer import check_outer
     from lossfloor.scaling import collect, write_runs
 
+    check_args(args)
     sigmas = parse_sigmas(args.sigmas)
     check_outer(args.outer)
     device = resolve_device(args.device)
     ds = load_data_from_args(args)
-    rows = collect(args.runs, ds, sigmas, outer=args.outer, seed=args.seed, batch=args.batch,
+    rows = collect(args.run_dir, ds, sigmas, outer=args.outer, seed=args.seed, batch=args.batch,
                    device=str(device), progress=not args.quiet)  # fmt: skip
     write_runs(args.out, rows)
     if not args.quiet:
-        print(f"{len(rows)} rows from {len(args.runs)} run(s) → {args.out}")
+        print(f"{len(rows)} rows from {len(args.run_dir)} run(s) → {args.out}")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from lossfloor.cli.common import Declared
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help
@@ -38,16 +39,23 @@ PARAM_OPTIONS = {
 }
 
 
+#: The parameters of the online gap, which exists only while training.
+_ONLINE = ("halflife", "bins")
+
+
 def add_schedule_options(parser: argparse.ArgumentParser, train: bool = False) -> None:
-    """--curve, --gap and the schedule's parameters (``--schedule optimal`` of train)."""
+    """--curve, --gap and the schedule's parameters (``--schedule optimal`` of train, where
+    --curve is needed only with it; the online gap's options only there)."""
     g = parser.add_argument_group("optimal-loss schedule" + (" (--schedule optimal)" * train))
-    g.add_argument("--curve", default=None, metavar="CURVE.json",
+    g.add_argument("--curve", default=None, required=not train, metavar="CURVE.json",
                    help="J* curve (lossfloor estimate --out) of the training data")  # fmt: skip
     gap_help = "the gap J_θ − J*: a lossfloor diagnose --out file"
     g.add_argument("--gap", default=None, metavar="DIAGNOSIS.json" + "|online" * train,
                    help=gap_help + (", or online (estimated during training)" if train else "")
                    + " (without it: p from w alone)")  # fmt: skip
     for param, (option, kind, text) in _PARAMS.items():
+        if param in _ONLINE and not train:
+            continue
         metavar = "{gap,lognormal}" if param == "density" else kind.__name__.upper()
         g.add_argument(option, dest=f"sched_{param}", type=kind, default=None, help=text,
                        metavar=metavar)  # fmt: skip
@@ -69,7 +77,7 @@ def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossS
         gap = "online"
     elif args.gap is not None:
         gap = Diagnosis.load(args.gap)
-    params = {p: getattr(args, f"sched_{p}") for p in _PARAMS}
+    params = {p: getattr(args, f"sched_{p}", None) for p in _PARAMS}
     return OptimalLossSchedule.from_curve(
         curve, gap, **{k: v for k, v in params.items() if v is not None}
     )
@@ -85,15 +93,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_schedule_options(p)
     p.add_argument("--out", required=True, metavar="SCHEDULE.json", help="result JSON")
     p.add_argument("--plot", default=None, metavar="SCHEDULE.png", help="w, p and J* against σ")
-    p.set_defaults(run=run, param_options=PARAM_OPTIONS)
+    p.set_defaults(
+        run=run,
+        param_options=PARAM_OPTIONS,
+        declared=Declared(inputs=("--curve", "--gap"), outputs=("--out", "--plot")),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import check_outputs, write_plot
+    from lossfloor.cli.common import check_args, write_plot
     from lossfloor.io import write_json
     from lossfloor.plots import plot_schedule
 
-    check_outputs(args, "--out", "--plot")
+    check_args(args)
     schedule = build_schedule(args, allow_online=False)
     table = schedule.tabulated()
     write_json(args.out, table)

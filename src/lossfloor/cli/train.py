@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
+    Declared,
     add_data_arguments,
     add_device_argument,
+    check_args,
     load_data_from_args,
     parse_sigmas,
     resolve_device,
@@ -47,7 +49,8 @@ _HELP = {
     "target": "prediction target: x0, eps, score, velocity, v, F (default F)",
     "schedule": "noise schedule p(σ), w(σ): edm, ve, vp, fm, fm-logit-normal, optimal "
     "(from --curve; options below) (default edm)",
-    "model": "UNet preset: tiny (~0.27M params at 28×28), small (~1.1M), medium (~6.5M)",
+    "model": "UNet preset: tiny (~0.27M params at 28×28), small (~1.1M), medium (~6.5M) "
+    "(default small)",
     "lr": "AdamW learning rate (default 1e-3)",
     "warmup": "linear learning-rate warm-up, in steps (default 100)",
     "grad_clip": "clip the gradient norm to this (default 1; 0: off)",
@@ -106,7 +109,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--monitor-sigmas", default="0.2,1,5", help="σ values the monitor logs")
     p.add_argument("--monitor-n", type=int, default=256, help="fixed draws per monitored σ")
     add_schedule_options(p, train=True)
-    p.set_defaults(run=run, param_options=PARAM_OPTIONS)
+    p.set_defaults(
+        run=run,
+        param_options=PARAM_OPTIONS,
+        declared=Declared(
+            inputs=("--data", "--monitor", "--curve", "--gap"), folders=("--run-dir",)
+        ),
+    )
 
 
 def _saved_options(run_dir: Path) -> dict[str, Any]:
@@ -152,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with launched(device) as (group, device):  # under torchrun: one process of a group
         with group.together():
+            check_args(args, write=group.main)
             given = {k: getattr(args, k) for k in (*_OPTIONS, "conditional", "uncertainty")}
             options = {k: v for k, v in given.items() if v is not None}
             run_dir = Path(args.run_dir)

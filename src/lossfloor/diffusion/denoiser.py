@@ -341,7 +341,9 @@ def read_protocol(model: Any, strict: bool = False) -> Protocol:
     named on the command line). Wrong types are one-line errors."""
     kind = type(model).__name__
     if not callable(model):
-        raise UserError(f"a {kind} is not a denoiser: it is not callable as D(x, sigma, labels)")
+        raise UserError(
+            f"an object of type {kind} is not a denoiser: it is not callable as D(x, sigma, labels)"
+        )
     missing = [a for a in ("sigma_min", "sigma_max") if not hasattr(model, a)]
     if strict and missing:
         raise UserError(

@@ -590,12 +590,12 @@ class Checkpoint:
             except (UserError, AttributeError, KeyError, TypeError, ValueError):
                 raise ParameterError(
                     "restart", None, f"{path} is not a checkpoint of an estimate; delete it, "
-                    "or restart to overwrite it",
+                    "or set {option} to overwrite it",
                 ) from None  # fmt: skip
             if saved.get("key") != key:
                 raise ParameterError(
                     "restart", None, f"{path} holds {len(loaded)} σ of an estimate with other "
-                    "data or options; rerun with those, or restart to discard them",
+                    "data or options; rerun with those, or set {option} to discard them",
                 )  # fmt: skip
             points = {p.sigma: p for p in loaded}
         return cls(path=path, key=key, points=points)

@@ -96,6 +96,8 @@ def check_sigmas(sigmas: Sequence[float]) -> None:
         raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
     lo, hi = SIGMA_RANGE
     for s in sigmas:
+        if math.isnan(s):
+            raise ParameterError("sigmas", s, "σ is not a number; give each σ as a number > 0")
         if not s > 0:
             raise ParameterError("sigmas", s, "every σ must be > 0")
         if not lo <= s <= hi:
