@@ -104,6 +104,25 @@ def sample_piecewise_linear(
     return u[i] + torch.minimum(x.nan_to_num(0.0), hi)
 
 
+def gap_range(
+    gap_sigmas: list[float], sigma_min: float | None = None, sigma_max: float | None = None
+) -> tuple[float, float]:
+    """The σ range [σ_min, σ_max] a schedule with a gap table (at ``gap_sigmas``) draws: an end
+    given is kept (the schedule then refuses a gap that does not cover it); an end not given
+    is the default's (OptimalLossSchedule: 0.002, 80) moved inside the gap's σ range where the
+    gap does not reach it (within the 1e-9 relative tolerance of the coverage check), so the
+    density never extrapolates the gap."""
+    lo = OptimalLossSchedule.sigma_min if sigma_min is None else sigma_min
+    hi = OptimalLossSchedule.sigma_max if sigma_max is None else sigma_max
+    if not gap_sigmas:
+        return lo, hi
+    if sigma_min is None and min(gap_sigmas) > lo * (1 + 1e-9):
+        lo = min(gap_sigmas)
+    if sigma_max is None and max(gap_sigmas) < hi * (1 - 1e-9):
+        hi = max(gap_sigmas)
+    return lo, hi
+
+
 @SCHEDULES.register("optimal", "optimal-loss")
 @dataclass
 class OptimalLossSchedule(NoiseSchedule):
