@@ -94,9 +94,8 @@ def test_readme_workflow_runs_as_written_with_every_default(tmp_path, monkeypatc
     assert gap["draws"] == "tilted" and gap["paired"] is False
     kept = [s for s in curve.sigmas.tolist() if 0.002 <= s <= 80]
     assert [p["sigma"] for p in gap["points"]] == kept and len(kept) == len(curve.sigmas) - 1
-    assert "100 of digits.json lie outside the model's range [0.002, 80]: left out" in errs[
-        "diagnose"
-    ]
+    left_out = "100 of digits.json lie outside the model's range [0.002, 80]: left out"
+    assert left_out in errs["diagnose"]
     params = json.loads(Path("schedule.json").read_text())["params"]
     assert (params["sigma_min"], params["sigma_max"]) == (kept[0], kept[-1])
     note = f"the schedule draws σ in [{kept[0]:.4g}, {kept[-1]:.4g}], not [0.002, 80]"
@@ -107,8 +106,9 @@ def test_readme_workflow_runs_as_written_with_every_default(tmp_path, monkeypatc
 
 def _tilted_estimate(tmp_path, sigmas: str, outer: int = 128) -> Path:
     est = tmp_path / "est.json"
-    assert main(["estimate", "--data", "digits", "--limit", LIMIT, "--sigmas", sigmas,
-                 "--outer", str(outer), "--seed", "3", "--quiet", "--out", str(est)]) == 0  # fmt: skip
+    argv = ["estimate", "--data", "digits", "--limit", LIMIT, "--sigmas", sigmas, "--outer",
+            str(outer), "--seed", "3", "--quiet", "--out", str(est)]  # fmt: skip
+    assert main(argv) == 0
     return est
 
 
@@ -140,6 +140,13 @@ def test_paired_gap_on_tilted_draws_is_zero_for_the_optimal_model(digits64):
     for p, c in zip(result.points, curve.points, strict=True):
         assert p.optimal_loss == pytest.approx(c.direct, rel=1e-12, abs=1e-300)
         assert abs(p.gap) <= Z * p.gap_stderr + ROUNDING * p.optimal_loss + 1e-15, p
+    # J* is cached per draw: plain draws of the same (M, seed) are other values, not the file's
+    plain = estimate_curve(digits64, sigmas, Full(), outer=128, seed=3, draws="plain",
+                           progress=False)  # fmt: skip
+    again = diagnose(OptimalDenoiser(digits64), digits64, sigmas, outer=128, seed=3,
+                     progress=False)  # fmt: skip
+    for p, c in zip(again.points, plain.points, strict=True):
+        assert p.optimal_loss == pytest.approx(c.direct, rel=1e-12, abs=1e-300)
 
 
 def test_a_denoiser_returning_its_input_has_loss_sigma_squared_on_tilted_draws(digits64):
@@ -210,8 +217,9 @@ def test_schedule_refuses_a_gap_short_of_an_end_given(tmp_path, capsys):
     gap = tmp_path / "g.json"
     Diagnosis(points=pts, dataset={"sha256": sha}, outer=2, seed=0).save(gap)
     capsys.readouterr()
-    line = one_line_error(capsys, ["schedule", "--curve", str(est), "--gap", str(gap),
-                                   "--sigma-min", "0.002", "--out", str(tmp_path / "s.json")])  # fmt: skip
+    argv = ["schedule", "--curve", str(est), "--gap", str(gap), "--sigma-min", "0.002",
+            "--out", str(tmp_path / "s.json")]  # fmt: skip
+    line = one_line_error(capsys, argv)
     assert "the gap must cover the training range [0.002, 60]" in line
 
 

@@ -25,7 +25,8 @@ q is tabulated on ``grid`` cells uniform in ln σ and is piecewise linear in ln 
 piecewise quadratic and ``sample`` inverts it exactly (one square root per draw).
 
 **Gap sources.** ``gap`` is None (p from w alone), a table {"sigma", "value"} (a ``diagnose``
-result, linear in ln σ; it must cover [σ_min, σ_max]) or "online": per ln σ bin (``bins``
+result, linear in ln σ; it must cover [σ_min, σ_max]: ``gap_range`` moves the default ends
+inside it) or "online": per ln σ bin (``bins``
 uniform over the support) the exponentially decayed sums S_k ← d·S_k + Σ(ℓ_i − J*(σ_i)),
 C_k ← d·C_k + n_k of the training x0 losses ℓ_i the objective reports (``observe``), with
 d = 2^(−n/h) per batch of n images (h = ``halflife`` images); ĝ_k = S_k/C_k at the bin centres,
