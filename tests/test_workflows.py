@@ -182,12 +182,10 @@ def test_diagnose_refuses_plain_draws_against_a_tilted_estimate(tmp_path, capsys
 def test_default_diagnosis_grid_covers_the_schedules_default_range(tmp_path, run_dir, capsys):
     """Item 4: diagnose's default grid spans [0.002, 80], so schedule --gap keeps its default
     range, without a note."""
-    est = tmp_path / "c.json"
-    assert main(["estimate", "--data", "digits", "--limit", LIMIT, "--outer", "64", "--quiet",
-                 "--out", str(est)]) == 0  # fmt: skip
+    est = _tilted_estimate(tmp_path, "0.01:100:7", outer=64)  # the grid is diagnose's here
     gap, sched = tmp_path / "g.json", tmp_path / "s.json"
     assert main(["diagnose", "--model", str(run_dir), "--data", "digits", "--limit", LIMIT,
-                 "--outer", "64", "--quiet", "--out", str(gap)]) == 0  # fmt: skip
+                 "--outer", "16", "--quiet", "--out", str(gap)]) == 0  # fmt: skip
     sigmas = [p["sigma"] for p in json.loads(gap.read_text())["points"]]
     assert len(sigmas) == 16 and sigmas[0] == pytest.approx(0.002) and sigmas[-1] <= 80
     capsys.readouterr()
