@@ -155,13 +155,13 @@ def test_diagnose_refuses_an_estimate_it_cannot_pair(tmp_path, capsys, args, wor
     assert not out.exists()
 
 
-def test_diagnose_refuses_an_estimate_on_tilted_draws(tmp_path, capsys):
-    """diagnose pairs plain draws; the full estimate's default tilted draws are other draws."""
-    est = tmp_path / "c.json"
+def test_diagnose_takes_an_estimate_on_its_default_tilted_draws(tmp_path, capsys):
+    """The full estimate's default tilted draws: diagnose takes the model's loss on them
+    (issue 27 item 3; the references are in test_workflows.py)."""
+    est, out = tmp_path / "c.json", tmp_path / "d.json"
     assert main([*EST[:4], "60", "--quiet", "--sigmas", "1", "--out", str(est)]) == 0
-    capsys.readouterr()
-    line = one_line_error(capsys, [*DIAG, "--curve", str(est), "--out", str(tmp_path / "d")])
-    assert "used tilted draws" in line and "--draws plain" in line
+    assert main([*DIAG, "--curve", str(est), "--quiet", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["draws"] == "tilted"
 
 
 def test_diagnose_refuses_a_subsampled_estimate(tmp_path, capsys):

@@ -3,7 +3,11 @@
     gap(σ) = J_θ(σ) − J*(σ),  J_θ(σ) = E‖D_θ(x0 + σε, σ) − x0‖²/D,  J*(σ) = E‖μ(x0 + σε) − x0‖²/D
 
 Both terms are evaluated on the same (x0, ε) draws (``lossfloor.optimal.outer``), so the gap's
-standard error comes from the paired per-sample differences and is small. Reading a gap: below
+standard error comes from the paired per-sample differences and is small. The draws are plain
+(ε ~ N(0, I)) or tilted (``outer.tilted_noise``, the estimate's default): each draw then
+carries its likelihood ratio w and every mean is the estimate's, the mean of
+``outer.control_variate``(w·v, w) over the per-draw values v (J_θ, J* and their difference
+alike), with its standard error. Reading a gap: below
 σ* (where J* ≈ 0) the training set's optimum is the memorising denoiser, which a model that
 generalises never reaches, so a gap there is partly the price of generalisation, not only
 underfitting.
@@ -27,12 +31,16 @@ from lossfloor.io import read_json, write_csv, write_json
 from lossfloor.optimal import Curve, Full
 from lossfloor.optimal.cache import cached_per_sample, per_sample_key
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.outer import (
     OUTER_BLOCK,
+    TILT_NEIGHBOURS,
     OuterPlan,
     PoolsByDtype,
+    block_draws,
     block_noise,
     check_sigmas,
+    control_variate,
     mean_and_stderr,
     per_sample_values,
 )
@@ -65,6 +73,13 @@ CSV_COLUMNS = {
 
 #: Keys of a point's JSON derived from the others (written, recomputed on reading).
 DERIVED = ("relative_gap", "model_loss_target", "optimal_loss_target", "gap_target")
+
+#: gap/J* is given (JSON, CSV, table) only where J* ≥ this × the largest J* of the diagnosis:
+#: below it J* ≈ 0, the optimum memorises, and the ratio (1e7, 1e33) says nothing.
+REL_FLOOR = 1e-6
+
+#: The outer draws a diagnosis can pair on (``outer.tilted_noise`` for tilted).
+DRAWS = ("plain", "tilted")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +124,10 @@ class GapPoint:
         """The gap in the model's target units."""
         return None if self.loss_factor is None else self.gap * self.loss_factor
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, optimal_top: float = 0.0) -> dict[str, Any]:
+        """The point's JSON; ``relative_gap`` is None where J* < REL_FLOOR × ``optimal_top``
+        (the largest J* of its diagnosis)."""
+        keep = self.optimal_loss >= REL_FLOOR * optimal_top
         out = {
             "sigma": self.sigma,
             "model_loss": self.model_loss,
@@ -118,7 +136,7 @@ class GapPoint:
             "optimal_loss_stderr": self.optimal_loss_stderr,
             "gap": self.gap,
             "gap_stderr": self.gap_stderr,
-            "relative_gap": self.relative_gap,
+            "relative_gap": self.relative_gap if keep else None,
             "seconds": self.seconds,
         }
         if self.loss_factor is not None:
@@ -148,6 +166,7 @@ class Diagnosis:
     ``paired``: the gap's standard error is that of the paired per-sample differences; False
     when J* was read from an estimate (``optimal_from``) without its per-sample values: then it
     is the bound s.e.(J_θ) + s.e.(J*); only then the JSON has ``paired`` and ``optimal_from``.
+    ``draws``: plain or tilted (then the JSON has ``draws``; files without it are plain).
     ``to_json`` / ``save`` write what ``lossfloor diagnose --out`` writes; ``from_json`` /
     ``load`` read it back."""
 
@@ -162,11 +181,22 @@ class Diagnosis:
     lossfloor_version: str = __version__
     paired: bool = True
     optimal_from: str | None = None
+    draws: str = "plain"
 
     @property
     def largest_gap(self) -> GapPoint:
         """The point with the largest gap."""
         return max(self.points, key=lambda p: p.gap)
+
+    @property
+    def optimal_top(self) -> float:
+        """The largest J* of the points (``REL_FLOOR`` is relative to it)."""
+        return max(p.optimal_loss for p in self.points)
+
+    def relative_gaps(self) -> list[float | None]:
+        """gap/J* per point, None where J* < REL_FLOOR × ``optimal_top`` (J* ≈ 0)."""
+        top = self.optimal_top
+        return [p.to_json(top)["relative_gap"] for p in self.points]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,7 +209,8 @@ class Diagnosis:
             "units": self.units,
             "lossfloor_version": self.lossfloor_version,
             **({} if self.paired else {"paired": False, "optimal_from": self.optimal_from}),
-            "points": [p.to_json() for p in self.points],
+            **({} if self.draws == "plain" else {"draws": self.draws}),
+            "points": [p.to_json(self.optimal_top) for p in self.points],
         }
 
     @classmethod
@@ -200,6 +231,7 @@ class Diagnosis:
             lossfloor_version=obj.get("lossfloor_version", __version__),
             paired=obj.get("paired", True),
             optimal_from=obj.get("optimal_from"),
+            draws=obj.get("draws", "plain"),
         )
 
     @classmethod
@@ -215,7 +247,8 @@ class Diagnosis:
         point's JSON (the target-units columns empty for other models) with their units in
         the header ("sigma [VE sigma]")."""
         header = [f"{k} [{unit}]" if unit else k for k, unit in CSV_COLUMNS.items()]
-        rows = [[p.to_json().get(k) for k in CSV_COLUMNS] for p in self.points]
+        top = self.optimal_top
+        rows = [[p.to_json(top).get(k) for k in CSV_COLUMNS] for p in self.points]
         write_csv(path, header, rows)
 
 
@@ -234,23 +267,34 @@ def model_per_sample_loss(
     batch: int,
     device: torch.device,
     labels: Tensor | None,
+    noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor:
-    """‖D_θ(x0 + σε, σ) − x0‖²/D for every outer draw of ``plan`` (float64)."""
+    """‖D_θ(x0 + σε, σ) − x0‖²/D for every outer draw of ``plan`` (float64); ε of block j is
+    ``noise(j)`` (default: the plain ``block_noise``)."""
     m = plan.sources.numel()
     out = torch.empty(m, dtype=torch.float64)
     for j in range(plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
-        eps = block_noise(plan.seed, j, hi - lo, dataset.dim)
+        eps = block_noise(plan.seed, j, hi - lo, dataset.dim) if noise is None else noise(j)
         for b in range(lo, hi, batch):
             e = min(hi, b + batch)
             src = plan.sources[b:e]
             x0 = dataset.x[src].to(device)
-            noise = eps[b - lo : e - lo].reshape(x0.shape).to(device=device, dtype=x0.dtype)
+            noise_b = eps[b - lo : e - lo].reshape(x0.shape).to(device=device, dtype=x0.dtype)
             sig = torch.full((e - b,), sigma, dtype=x0.dtype, device=device)
             lab = None if labels is None else labels[src].to(device)
-            pred = model(x0 + sigma * noise, sig, lab)
+            pred = model(x0 + sigma * noise_b, sig, lab)
             out[b:e] = (pred.double() - x0.double()).pow(2).flatten(1).mean(1).cpu()
     return out
+
+
+def split_by_range(model: DenoiserFn, sigmas: Sequence[float]) -> tuple[list[float], list[float]]:
+    """(the σ of ``sigmas`` within the model's declared range [sigma_min, sigma_max] of EDM's
+    protocol, ``read_protocol``; the σ outside it), each in the given order."""
+    protocol = read_protocol(model)
+    lo, hi = protocol.sigma_min, protocol.sigma_max
+    inside = [s for s in sigmas if lo <= s <= hi]
+    return inside, [s for s in sigmas if not lo <= s <= hi]
 
 
 def diagnose(
@@ -269,41 +313,57 @@ def diagnose(
     cache: bool = True,
     optimal: Curve | None = None,
     optimal_from: str | None = None,
+    draws: str | None = None,
 ) -> Diagnosis:
     """Per σ: model loss, optimal loss, the paired gap and its standard error (per element, x0
     units; also in the model's target units when it is a lossfloor Denoiser). ``model_info``
     is recorded as the diagnosis' ``model``. σ outside the model's declared range
-    (``sigma_min``/``sigma_max`` of EDM's protocol, ``read_protocol``) is refused. With
-    ``cache``, J*'s per-sample values are read from (or written to) ``lossfloor.optimal.cache``.
-    With ``optimal``, an estimate of this data on the same draws (``optimal_from``: its file,
-    recorded), J* is read from it (``optimal_from_curve``) instead of computed, and the gap's
-    standard error is the bound s.e.(J_θ) + s.e.(J*).
+    (``split_by_range``) is refused. ``draws``: ``plain`` or ``tilted`` (module docstring;
+    None: the ``optimal`` estimate's draws, else plain). With ``cache``, J*'s per-sample values
+    are read from (or written to) ``lossfloor.optimal.cache``. With ``optimal``, an estimate of
+    this data on the same draws (``optimal_from``: its file, recorded), J* is read from it
+    (``optimal_from_curve``) instead of computed, the model's loss is evaluated on the
+    estimate's draws (tilted: with their weights), and the gap's standard error is the bound
+    s.e.(J_θ) + s.e.(J*).
     """
     from tqdm.auto import tqdm
 
     check_sigmas(sigmas)
-    protocol = read_protocol(model)
-    lo, hi = protocol.sigma_min, protocol.sigma_max
-    outside = [s for s in sigmas if not lo <= s <= hi]
+    _, outside = split_by_range(model, sigmas)
     if outside:
-        raise ParameterError("sigmas", outside[0], f"outside the model's range [{lo:g}, {hi:g}]")
+        protocol = read_protocol(model)
+        reason = f"outside the model's range [{protocol.sigma_min:g}, {protocol.sigma_max:g}]"
+        raise ParameterError("sigmas", outside[0], reason)
     _check_model_input_range(sigmas, dataset.x.dtype)
     if not batch >= 1:
         raise ParameterError("batch", batch, "must be ≥ 1")
+    drawn = "plain" if optimal is None else optimal.draws or "plain"
+    if draws is not None and draws != drawn and optimal is not None:
+        reason = f"the estimate used {drawn} draws; the gap pairs the model with J* on them"
+        raise ParameterError("draws", draws, reason)
+    draws = drawn if draws is None else draws
+    if draws not in DRAWS:
+        raise ParameterError("draws", draws, f"expected one of {', '.join(DRAWS)}")
     device = torch.device(device)
     plan = OuterPlan.build(dataset.x, dataset.labels, outer, seed, conditional)
     labels = dataset.labels if use_labels else None
     if use_labels and labels is None:
         raise UserError("the model is class-conditional but the dataset has no labels")
-    known: list[tuple[float, float] | None] = (
+    known: list[tuple[float, float, str | None] | None] = (
         [None] * len(sigmas)
         if optimal is None
         else optimal_from_curve(optimal, dataset, sigmas, outer, seed, conditional)
     )
     pools = PoolsByDtype(plan, device)
+    if draws == "tilted":  # the estimate's index: k and distance dtype as estimate_curve's
+        precision = "auto" if optimal is None else optimal.precision or "auto"
+        index_pools = pools(pools.index_dtype(precision))
+        pools.attach(neighbour_tables(plan, index_pools, TILT_NEIGHBOURS))
     todo = tqdm(list(zip(sigmas, known, strict=True)), disable=not progress, desc="diagnose",
                 unit="σ", leave=False)  # fmt: skip
-    points = [_gap_point(model, dataset, plan, pools, s, batch, labels, cache, k) for s, k in todo]
+    points = [
+        _gap_point(model, dataset, plan, pools, s, batch, labels, cache, draws, k) for s, k in todo
+    ]
     return Diagnosis(
         points=tuple(points),
         dataset={**dataset.describe(), "conditional": conditional},
@@ -312,6 +372,7 @@ def diagnose(
         model=model_info,
         paired=optimal is None,
         optimal_from=None if optimal is None else optimal_from,
+        draws=draws,
     )
 
 
@@ -322,11 +383,13 @@ def optimal_from_curve(
     outer: int,
     seed: int,
     conditional: bool,
-) -> list[tuple[float, float]]:
-    """(J*, s.e.) at each σ from an estimate on the draws a diagnosis uses: the curve's direct
-    form, the mean of the same per-sample values ‖μ(x0 + σε) − x0‖²/D diagnose computes.
+) -> list[tuple[float, float, str | None]]:
+    """(J*, s.e., the dtype of its draws) at each σ from an estimate on the draws a diagnosis
+    uses: the curve's direct form, the mean of the same per-sample values ‖μ(x0 + σε) − x0‖²/D
+    diagnose computes (tilted draws: of control_variate(w·v, w), as for the model's loss).
     Refused (parameter ``curve``) unless it is an estimate of this data (sha256, conditional)
-    by the exact posterior (``full``), on the same plain draws (M, seed), with every σ."""
+    by the exact posterior (``full``), on the same draws (M, seed; fixed sizes, the data's own
+    sources), with every σ."""
     info = curve.dataset or {}
     if info.get("sha256") != dataset.sha256:
         reason = "the estimate is of other data (its dataset sha256 differs from this data's)"
@@ -338,11 +401,11 @@ def optimal_from_curve(
     if name != "full":
         reason = f"the estimate is a {name} estimate; the gap is to the exact posterior (full)"
         raise ParameterError("curve", None, reason)
-    if curve.draws not in (None, "plain"):
-        reason = (
-            f"the estimate used {curve.draws} draws; the gap pairs the model with J* on plain "
-            "draws (estimate it with --draws plain)"
-        )
+    if curve.draws not in (None, *DRAWS):
+        raise ParameterError("curve", None, f"the estimate used unknown draws {curve.draws!r}")
+    if curve.target_rse is not None or curve.sources is not None:
+        what = "adaptive sizes (--target-rse)" if curve.sources is None else "held-out sources"
+        reason = f"the estimate used {what}: its σ do not share one set of draws to pair with"
         raise ParameterError("curve", None, reason)
     if (curve.outer, curve.seed) != (outer, seed):
         reason = (
@@ -358,7 +421,7 @@ def optimal_from_curve(
             raise ParameterError(
                 "curve", None, f"the estimate has no J* at σ = {sigma:.6g} (its σ: {grid})"
             )
-        out.append((point.direct, point.direct_stderr))
+        out.append((point.direct, point.direct_stderr, point.dtype))
     return out
 
 
@@ -380,20 +443,32 @@ def _check_model_input_range(sigmas: Sequence[float], dtype: torch.dtype) -> Non
 
 
 def optimal_per_sample_loss(
-    plan: OuterPlan, pools: PoolsByDtype, sigma: float, cache: bool = True
+    plan: OuterPlan, pools: PoolsByDtype, sigma: float, cache: bool = True, draws: str = "plain"
 ) -> Tensor:
     """‖μ(x0 + σε) − x0‖²/D for every outer draw of ``plan`` (the exact posterior mean, dtype
-    by the ``auto`` policy; float64), from the cache when ``cache`` and it holds them."""
+    by the ``auto`` policy; float64), from the cache when ``cache`` and it holds them; on
+    ``tilted`` draws (the pools need their neighbour tables) w·‖μ − x0‖²/D, w the draw's
+    likelihood ratio."""
     dtype = pools.dtype_at("auto", sigma)
     estimator = Full()
 
     def compute():
-        return per_sample_values(plan, estimator, sigma, dtype, pools.device, pools(dtype))
+        return per_sample_values(plan, estimator, sigma, dtype, pools.device, pools(dtype),
+                                 draws=draws, tilt_cache=pools.tilts)  # fmt: skip
 
     if not cache:
         return compute().direct
     key = per_sample_key(plan, estimator, sigma, dtype, pools.device, DEFAULT_TILE_BYTES)
+    if draws != "plain":  # plain keys as before, so their files stay valid
+        key["draws"] = draws
     return cached_per_sample(key, plan.outer, compute).direct
+
+
+def _draw_dtype(pools: PoolsByDtype, sigma: float, saved: str | None) -> torch.dtype:
+    """The dtype whose pools drew the tilted ε at σ: the estimate's (``saved``), else the
+    ``auto`` policy's (J* computed here, or an estimate that did not record it)."""
+    named = {"float32": torch.float32, "float64": torch.float64}
+    return named[saved] if saved in named else pools.dtype_at("auto", sigma)
 
 
 def _gap_point(
@@ -405,25 +480,41 @@ def _gap_point(
     batch: int,
     labels: Tensor | None,
     cache: bool,
-    known: tuple[float, float] | None = None,
+    draws: str = "plain",
+    known: tuple[float, float, str | None] | None = None,
 ) -> GapPoint:
-    """J_θ(σ), J*(σ) and the gap, each a mean over the draws with its standard error; with
-    ``known`` (J*, s.e.) J* is not computed and the gap's s.e. is bounded by s.e.(J_θ) + s.e.(J*)
+    """J_θ(σ), J*(σ) and the gap, each a mean over the draws with its standard error (tilted:
+    of control_variate(w·v, w), v the per-draw values); with ``known`` (J*, s.e., dtype of the
+    draws) J* is not computed and the gap's s.e. is bounded by s.e.(J_θ) + s.e.(J*)
     (sd(a − b) ≤ sd(a) + sd(b) whatever their correlation)."""
     t0 = time.perf_counter()
-    opt = None if known is not None else optimal_per_sample_loss(plan, pools, sigma, cache)
+    opt = None if known is not None else optimal_per_sample_loss(plan, pools, sigma, cache, draws)
     if opt is not None and not torch.isfinite(opt).all():
         raise ParameterError("sigmas", sigma, "J* overflows at this σ for this data's scale")
+    noise, weight = None, None
+    if draws == "tilted":
+        tables = pools(_draw_dtype(pools, sigma, None if known is None else known[2]))
+
+        def noise(j: int) -> Tensor:
+            return block_draws(plan, tables, j, sigma, draws, pools.tilts)[0]
+
+        weight = torch.cat([block_draws(plan, tables, j, sigma, draws, pools.tilts)[1]
+                            for j in range(plan.blocks)])  # fmt: skip
     mod = model_per_sample_loss(
-        as_denoiser(model), dataset, plan, sigma, batch, pools.device, labels
+        as_denoiser(model), dataset, plan, sigma, batch, pools.device, labels, noise
     )  # as_denoiser refuses an output not shaped like x or not finite
-    jm, jm_se = mean_and_stderr(mod)
+
+    def mean(values: Tensor) -> tuple[float, float]:
+        return mean_and_stderr(values if weight is None else control_variate(values, weight))
+
+    if weight is not None:
+        mod = weight * mod  # the unbiased terms, as J*'s (``per_sample_values``)
+    jm, jm_se = mean(mod)
     if opt is None:
-        (jo, jo_se), gap = known, jm - known[0]
-        gap_se = jm_se + jo_se
+        jo, jo_se, _ = known
+        gap, gap_se = jm - jo, jm_se + jo_se
     else:
-        jo, jo_se = mean_and_stderr(opt)
-        gap, gap_se = mean_and_stderr(mod - opt)
+        (jo, jo_se), (gap, gap_se) = mean(opt), mean(mod - opt)
     return GapPoint(
         sigma=sigma,
         model_loss=jm,

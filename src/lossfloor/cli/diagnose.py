@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis
     from lossfloor.optimal import Curve
 
-#: The σ grid and the number of draws without --sigmas, --outer or --curve.
-DEFAULT_SIGMAS = "0.02:80:13"
+#: The σ grid and the number of draws without --sigmas, --outer or --curve: the grid spans the
+#: optimal-loss schedule's default range [0.002, 80] (``schedule``/``train --gap``), ~2× per step.
+DEFAULT_SIGMAS = "0.002:80:16"
 DEFAULT_OUTER = 2048
 
 
@@ -35,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--sigmas",
         default=None,
         help="σ grid (VE σ): a list 0.1,1,10 or min:max:count, log-spaced (default: "
-        f"{DEFAULT_SIGMAS}, or the --curve's grid)",
+        f"{DEFAULT_SIGMAS}, or the --curve's grid; without --sigmas, σ outside the model's "
+        "range are left out, with a note)",
     )
     p.add_argument(
         "--outer",
@@ -50,6 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="seed of the draws: sources and ε (default: 0, or the --curve's seed)",
     )
+    p.add_argument(
+        "--draws",
+        choices=("plain", "tilted"),
+        default=None,
+        help="outer draws: plain ε ~ N(0, I) | tilted (estimate's importance-sampled ε toward "
+        "each source's neighbours; every mean weighted by the likelihood ratios) (default: "
+        "the --curve's draws, else plain)",
+    )
     p.add_argument("--batch", type=int, default=256, help="model batch size, in images")
     p.add_argument("--no-ema", action="store_true", help="use raw weights, not the EMA")
     add_device_argument(p)
@@ -58,7 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="ESTIMATE.json",
         help="take J* from this estimate (lossfloor estimate --out; estimator full, this data, "
-        "the same M and seed) instead of computing it; the gap's ± is then the bound "
+        "the same M and seed, plain or tilted draws) instead of computing it; the model's loss "
+        "is taken on the estimate's draws, and the gap's ± is then the bound "
         "s.e.(J_θ) + s.e.(J*), not the paired s.e.",
     )
     p.add_argument("--out", required=True, metavar="FILE.json", help="result JSON")
@@ -127,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     floor_result = None if args.floor is None else Floor.load(args.floor)
     ds = load_data_from_args(args)
+    model, info = load_model(args.model, ds, device, ema=not args.no_ema)
+    if args.sigmas is None:
+        sigmas = _within_range(model, sigmas, "the default grid" if curve is None else args.curve)
     heldout = None if args.heldout is None else load_dataset(args.heldout)
     if heldout is not None:
         check_heldout(ds.x, heldout.x)
         if floor_result is not None:
             check_floor(floor_result, ds, sigmas)
-    model, info = load_model(args.model, ds, device, ema=not args.no_ema)
     trained_on = info.get("config", {}).get("data", {}).get("sha256")
     if trained_on is not None and trained_on != ds.sha256:
         print(
@@ -157,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         cache=not args.no_cache,
         optimal=curve,
         optimal_from=args.curve,
+        draws=args.draws,
     )
     if heldout is not None:
         result = read_heldout(
@@ -191,17 +205,32 @@ def _from_curve(given: int | None, curve: Curve | None, name: str, default: int)
     return default if saved is None else saved
 
 
-#: Where J* < this × the largest J* of the table, gap/J* is printed as "—".
-REL_FLOOR = 1e-6
+def _within_range(model: object, sigmas: list[float], grid: str) -> list[float]:
+    """The σ of a grid the user did not give (``grid`` names it) within the model's range; a
+    note on stderr names those left out (none left: the one-line error of --sigmas)."""
+    from lossfloor.diagnosis import split_by_range
+    from lossfloor.diffusion.denoiser import read_protocol
+
+    inside, outside = split_by_range(model, sigmas)
+    if outside and inside:
+        protocol = read_protocol(model)
+        listed = ", ".join(f"{s:.4g}" for s in outside)
+        print(
+            f"lossfloor: note: σ = {listed} of {grid} lie outside the model's range "
+            f"[{protocol.sigma_min:g}, {protocol.sigma_max:g}]: left out",
+            file=sys.stderr,
+        )
+        return inside
+    return sigmas
 
 
 def _print_table(result: Diagnosis) -> None:
     """The points and a line saying what each column is."""
+    from lossfloor.diagnosis import REL_FLOOR
+
     print(f"{'sigma':>9} {'model':>11} {'optimal':>11} {'gap':>11} {'±':>9} {'rel':>8}")
-    top = max(p.optimal_loss for p in result.points)
-    for p in result.points:
-        rel = p.relative_gap
-        shown = "—" if rel is None or p.optimal_loss < REL_FLOOR * top else f"{rel:.3g}"
+    for p, rel in zip(result.points, result.relative_gaps(), strict=True):
+        shown = "—" if rel is None else f"{rel:.3g}"
         print(
             f"{p.sigma:9.4g} {p.model_loss:11.5g} {p.optimal_loss:11.5g} "
             f"{p.gap:11.5g} {p.gap_stderr:9.2g} {shown:>8}"

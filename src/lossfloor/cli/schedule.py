@@ -4,6 +4,7 @@ a gap, tabulated to JSON and plotted. Its options are shared with ``lossfloor tr
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import Declared
@@ -66,6 +67,7 @@ def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossS
     from lossfloor.diagnosis import Diagnosis
     from lossfloor.optimal import Curve
     from lossfloor.schedules import OptimalLossSchedule
+    from lossfloor.schedules.optimal import gap_range
 
     if args.curve is None:
         raise UserError("the optimal-loss schedule needs --curve CURVE.json (lossfloor estimate)")
@@ -78,9 +80,27 @@ def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossS
     elif args.gap is not None:
         gap = Diagnosis.load(args.gap)
     params = {p: getattr(args, f"sched_{p}", None) for p in _PARAMS}
-    return OptimalLossSchedule.from_curve(
+    note = None
+    if isinstance(gap, Diagnosis):  # the ends not given: inside the gap's σ, with a note
+        given = (params["sigma_min"], params["sigma_max"])
+        covered = [p.sigma for p in gap.points]
+        ends = gap_range(covered, *given)
+        default = (OptimalLossSchedule.sigma_min, OptimalLossSchedule.sigma_max)
+        wanted = tuple(d if g is None else g for g, d in zip(given, default, strict=True))
+        if ends != wanted:
+            note = (
+                f"lossfloor: note: the gap {args.gap} covers σ in [{min(covered):.4g}, "
+                f"{max(covered):.4g}]: the schedule draws σ in [{ends[0]:.4g}, {ends[1]:.4g}], "
+                f"not [{wanted[0]:g}, {wanted[1]:g}] (diagnose over that range, or give "
+                "--sigma-min/--sigma-max)"
+            )
+        params["sigma_min"], params["sigma_max"] = ends
+    schedule = OptimalLossSchedule.from_curve(
         curve, gap, **{k: v for k, v in params.items() if v is not None}
     )
+    if note is not None:
+        print(note, file=sys.stderr)
+    return schedule
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -445,16 +445,8 @@ def per_sample_values(
                 continue
             weight = None
             if draws == "tilted" and pool.n > 1:
-                if pool.neighbours is None:
-                    raise UserError("tilted draws need the pools' neighbour tables")
-                x, src_d, table = _tilt_rows(pool, s_local.to(device))
-                key = (j, g, pool.x.dtype)
-                tilt = None if tilt_cache is None else tilt_cache.get(key)
-                if tilt is None:
-                    tilt = TiltBlock.build(plan.seed, j, eps, x, src_d, table)
-                    if tilt_cache is not None:
-                        tilt_cache[key] = tilt
-                eps, weight = tilted_noise(tilt, eps, x, src_d, sigma)
+                eps, weight = tilt_group(plan, j, g, pool, s_local.to(device), eps, sigma,
+                                         tilt_cache)  # fmt: skip
             out = estimator(
                 pool,
                 s_local.to(device),
@@ -480,6 +472,60 @@ def per_sample_values(
     return PerSample(
         closed=closed, direct=direct, weight=ratio, closed_error=rounding / (m - start)
     )
+
+
+def tilt_group(
+    plan: OuterPlan,
+    block: int,
+    group: int,
+    pool: Pool,
+    sources: Tensor,
+    plain: Tensor,
+    sigma: float,
+    tilt_cache: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(ε, w) of ``tilted_noise`` for the draws of outer block ``block`` whose sources (pool
+    indices, on the pool's device) lie in ``group``, from their plain draws: the noise
+    ``per_sample_values`` uses (the pool needs its neighbour table); ``tilt_cache`` keeps the
+    block's ``TiltBlock`` for the next σ."""
+    if pool.neighbours is None:
+        raise UserError("tilted draws need the pools' neighbour tables")
+    x, src_d, table = _tilt_rows(pool, sources)
+    key = (block, group, pool.x.dtype)
+    tilt = None if tilt_cache is None else tilt_cache.get(key)
+    if tilt is None:
+        tilt = TiltBlock.build(plan.seed, block, plain, x, src_d, table)
+        if tilt_cache is not None:
+            tilt_cache[key] = tilt
+    return tilted_noise(tilt, plain, x, src_d, sigma)
+
+
+def block_draws(
+    plan: OuterPlan,
+    pools: list[Pool],
+    block: int,
+    sigma: float,
+    draws: str,
+    tilt_cache: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The ε of outer block ``block`` at σ as ``per_sample_values`` draws them (float64, CPU,
+    in the order of ``plan.sources``) and, ``tilted``, their likelihood ratios w (1 in a pool
+    of one point; None for ``plain`` draws)."""
+    m = plan.sources.numel()
+    lo, hi = block * OUTER_BLOCK, min(m, (block + 1) * OUTER_BLOCK)
+    plain = block_noise(plan.seed, block, hi - lo, pools[0].dim)
+    if draws != "tilted":
+        return plain, None
+    eps, weight = plain.clone(), torch.ones(hi - lo, dtype=torch.float64)
+    src = plan.sources[lo:hi]
+    for g, ((_, local), pool) in enumerate(zip(plan.groups, pools, strict=True)):
+        sel = torch.nonzero(local[src] >= 0).flatten()
+        if sel.numel() == 0 or pool.n <= 1:
+            continue
+        e, w = tilt_group(plan, block, g, pool, local[src[sel]].to(pool.x.device), plain[sel],
+                          sigma, tilt_cache)  # fmt: skip
+        eps[sel], weight[sel] = e.cpu(), w.cpu()
+    return eps, weight
 
 
 def join_samples(first: PerSample, rest: PerSample) -> PerSample:

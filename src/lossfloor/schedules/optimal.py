@@ -25,7 +25,8 @@ q is tabulated on ``grid`` cells uniform in ln σ and is piecewise linear in ln 
 piecewise quadratic and ``sample`` inverts it exactly (one square root per draw).
 
 **Gap sources.** ``gap`` is None (p from w alone), a table {"sigma", "value"} (a ``diagnose``
-result, linear in ln σ; it must cover [σ_min, σ_max]) or "online": per ln σ bin (``bins``
+result, linear in ln σ; it must cover [σ_min, σ_max]: ``gap_range`` moves the default ends
+inside it) or "online": per ln σ bin (``bins``
 uniform over the support) the exponentially decayed sums S_k ← d·S_k + Σ(ℓ_i − J*(σ_i)),
 C_k ← d·C_k + n_k of the training x0 losses ℓ_i the objective reports (``observe``), with
 d = 2^(−n/h) per batch of n images (h = ``halflife`` images); ĝ_k = S_k/C_k at the bin centres,
@@ -102,6 +103,25 @@ def sample_piecewise_linear(
     root = (qi**2 + 2 * dq * r / hi).clamp_min(0).sqrt()
     x = torch.where(r > 0, 2 * r / (qi + root), torch.zeros_like(r))
     return u[i] + torch.minimum(x.nan_to_num(0.0), hi)
+
+
+def gap_range(
+    gap_sigmas: list[float], sigma_min: float | None = None, sigma_max: float | None = None
+) -> tuple[float, float]:
+    """The σ range [σ_min, σ_max] a schedule with a gap table (at ``gap_sigmas``) draws: an end
+    given is kept (the schedule then refuses a gap that does not cover it); an end not given
+    is the default's (OptimalLossSchedule: 0.002, 80) moved inside the gap's σ range where the
+    gap does not reach it (within the 1e-9 relative tolerance of the coverage check), so the
+    density never extrapolates the gap."""
+    lo = OptimalLossSchedule.sigma_min if sigma_min is None else sigma_min
+    hi = OptimalLossSchedule.sigma_max if sigma_max is None else sigma_max
+    if not gap_sigmas:
+        return lo, hi
+    if sigma_min is None and min(gap_sigmas) > lo * (1 + 1e-9):
+        lo = min(gap_sigmas)
+    if sigma_max is None and max(gap_sigmas) < hi * (1 - 1e-9):
+        hi = max(gap_sigmas)
+    return lo, hi
 
 
 @SCHEDULES.register("optimal", "optimal-loss")
