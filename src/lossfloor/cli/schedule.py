@@ -4,6 +4,7 @@ a gap, tabulated to JSON and plotted. Its options are shared with ``lossfloor tr
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 from lossfloor.errors import UserError
@@ -70,9 +71,12 @@ def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossS
     elif args.gap is not None:
         gap = Diagnosis.load(args.gap)
     params = {p: getattr(args, f"sched_{p}") for p in _PARAMS}
-    return OptimalLossSchedule.from_curve(
+    schedule = OptimalLossSchedule.from_curve(
         curve, gap, **{k: v for k, v in params.items() if v is not None}
     )
+    if (coarse := schedule.coarse_warning()) is not None:
+        print(f"lossfloor: warning: --curve {args.curve}: {coarse}", file=sys.stderr)
+    return schedule
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
