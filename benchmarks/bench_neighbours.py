@@ -6,6 +6,8 @@ regime against exact values.
     python benchmarks/bench_neighbours.py rare [--seeds 200] [--outer 8000] [--first-seed 0]
         [--draws tilted,plain] [--out FILE]
     python benchmarks/bench_neighbours.py adaptive [--seeds 30] [--target 0.02] [--pilot 2048]
+    python benchmarks/bench_neighbours.py speedup [--sizes 2000,5000,20000,60000] [--grids 8,32]
+        [--threads 1,2] [--outer 1024] [--skip 60000x32x1] [--out FILE]
 
 ``fmnist``: 32 σ from 0.2 to 80, each estimator with its default options: full and then
 stratified on the same (tilted) outer draws, so only the inner estimator differs (the
@@ -22,6 +24,12 @@ reduction), at every σ with J* ≥ 1e-8 of the data variance.
 ``adaptive``: ``--target-rse`` (issue 8 item 5) on the same sets (counted σ only), full, over
 seeds: the draws each σ chose, the achieved stderr/J*, and the true error; and stratified on
 the digits against full with M = 4N.
+
+``speedup``: where gram is faster than full (issue 27 item 14): both on the same plain draws
+(M fixed) of the first N Fashion-MNIST images, the CLI's default σ range 0.01–100 with S
+points, T torch threads; the process CPU time (``time.process_time``, all threads: the primary
+number on a shared machine) and the wall time of each, and gram's largest relative difference
+from full where J* > 1e-3 of the variance.
 """
 
 from __future__ import annotations
@@ -166,6 +174,62 @@ def grid(args) -> dict:
     return out
 
 
+def speedup(args) -> dict:
+    """gram against full per (N, S, T) (module docstring); each pair is saved to ``--stages``
+    as it finishes, so an interrupted run resumes with the next one. ``--skip NxSxT`` leaves
+    combinations out (nothing is extrapolated to them)."""
+    stages = read_json(args.stages) if os.path.exists(args.stages) else {}
+    if stages.get("outer") != args.outer:
+        stages = {"outer": args.outer, "runs": {}}
+    skip = set(args.skip.split(",")) if args.skip else set()
+    sizes = [int(v) for v in args.sizes.split(",")]
+    x_all = load_dataset("fashion-mnist", limit=max(sizes)).x
+    threads = torch.get_num_threads()
+    try:
+        for n in sizes:
+            x = x_all[:n]
+            for s in (int(v) for v in args.grids.split(",")):
+                sigmas = np.geomspace(0.01, 100, s).tolist()
+                for t in (int(v) for v in args.threads.split(",")):
+                    key = f"{n}x{s}x{t}"
+                    if key in stages["runs"] or key in skip:
+                        continue
+                    torch.set_num_threads(t)
+                    run: dict = {"n": n, "grid": s, "threads": t, "load_before": machine()}
+                    for name in ("full", "gram"):
+                        est = make_estimator(name, n)
+                        timed(x[:256], sigmas[:2], make_estimator(name, 256), 256, draws="plain")
+                        cpu = time.process_time()
+                        curve, secs = timed(x, sigmas, est, args.outer, draws="plain")
+                        run[name] = {"wall_s": secs, "cpu_s": time.process_time() - cpu,
+                                     "values": curve.values.tolist()}  # fmt: skip
+                    run["data_variance"] = curve.data_variance  # the data's: the same for both
+                    run["max_abs_rel_diff_where_J_above_1e-3_var"] = relative_errors(
+                        run["gram"]["values"], run["full"]["values"], run["data_variance"]
+                    )[1]
+                    run["load_after"] = os.getloadavg()[0]
+                    stages["runs"][key] = run
+                    write_json(args.stages, stages)
+                    f, g = run["full"], run["gram"]
+                    print(f"{key:14s} full {f['cpu_s']:6.1f} cpu-s {f['wall_s']:6.1f} s | gram "
+                          f"{g['cpu_s']:6.1f} cpu-s {g['wall_s']:6.1f} s | cpu ratio "
+                          f"{g['cpu_s'] / f['cpu_s']:.3f}", file=sys.stderr)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    table = []
+    for key, run in stages["runs"].items():
+        f, g = run["full"], run["gram"]
+        table.append({"n": run["n"], "grid": run["grid"], "threads": run["threads"],
+                      "full_cpu_s": f["cpu_s"], "gram_cpu_s": g["cpu_s"],
+                      "full_wall_s": f["wall_s"], "gram_wall_s": g["wall_s"],
+                      "cpu_ratio": g["cpu_s"] / f["cpu_s"], "wall_ratio": g["wall_s"] / f["wall_s"],
+                      "max_abs_rel_diff": run["max_abs_rel_diff_where_J_above_1e-3_var"],
+                      "load_before": run["load_before"]["load_average"],
+                      "load_after": run["load_after"], "key": key})  # fmt: skip
+    return {"machine": machine(), "outer": args.outer, "sigma_range": [0.01, 100],
+            "table": table, "runs": stages["runs"]}  # fmt: skip
+
+
 def rare_sets() -> dict[str, tuple[torch.Tensor, list[float], list[float]]]:
     """name → (data, σ grid, exact J* per σ)."""
     r, dim = 2.2128884383056144, 16
@@ -308,8 +372,17 @@ def main() -> int:
     a.add_argument("--target", type=float, default=0.02)
     a.add_argument("--pilot", type=int, default=2048)
     a.add_argument("--out", default="docs/results/bench_neighbours_adaptive.json")
+    sp = sub.add_parser("speedup")
+    sp.add_argument("--sizes", default="2000,5000,20000,60000")
+    sp.add_argument("--grids", default="8,32")
+    sp.add_argument("--threads", default="1,2")
+    sp.add_argument("--outer", type=int, default=1024)
+    sp.add_argument("--skip", default="", help="NxSxT,… combinations to leave out")
+    sp.add_argument("--stages", default="benchmarks/runs/speedup_stages.json")
+    sp.add_argument("--out", default="docs/results/bench_gram_speedup.json")
     args = ap.parse_args()
-    result = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive, "grid": grid}[args.what](args)
+    modes = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive, "grid": grid, "speedup": speedup}
+    result = modes[args.what](args)
     write_json(args.out, result)
     return 0
 

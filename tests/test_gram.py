@@ -204,6 +204,26 @@ def test_grid_values_are_each_sigma_alone_bitwise(digits, dtype):
     assert not torch.equal(sweep[1].direct, sweep[2].direct)
 
 
+def test_grid_values_do_not_depend_on_the_thread_count_and_restore_it(digits):
+    """The per-σ passes run in one thread whatever torch's setting (issue 27 item 14); the
+    values are the same bitwise with 1 and 2 threads, and the setting is restored."""
+    pool = Pool.from_data(digits.x[:300], torch.float32, "cpu")
+    src, noise = draws_of(pool, 300, seed=5)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(Gram(inner=8).grid_values(pool, src, noise, [0.3, 3.0],
+                                                  [torch.Generator().manual_seed(i)
+                                                   for i in range(2)]))  # fmt: skip
+            assert torch.get_num_threads() == t
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs, strict=True):
+        assert torch.equal(one.closed, two.closed) and torch.equal(one.direct, two.direct)
+
+
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch):
     """M = 1500 (two outer blocks): the sweep (``_grid_values``, no ``per_sample_values``)

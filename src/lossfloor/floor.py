@@ -75,6 +75,11 @@ VALIDATION_DRAWS = 512
 #: J*(N) below this fraction of the data variance is memorisation, not a converged floor.
 MEMORISED = 1e-3
 
+#: Converged: the change of J* over each of the last two doublings of n, plus 2 standard
+#: errors, within this fraction of J*(N) (the data must rule out a larger change, not merely
+#: fail to show one); about what 3 repeats of M = 2,048 resolve where J* ≥ 0.1·variance.
+CONVERGED_DRIFT = 0.05
+
 #: Extrapolation: the rise per doubling of n shrinks by a ratio r ≤ R_MAX (a geometric series).
 R_MAX = 0.95
 
@@ -349,10 +354,9 @@ class SizePoint:
 @dataclass(frozen=True, kw_only=True)
 class FloorPoint:
     """The floor at σ: ``lower`` = J*_train(N) (± ``lower_stderr``), ``upper`` = the least
-    held-out bound (± ``upper_stderr``, from ``upper_source``), the verdict (``converged``:
-    J*(N) − J*(N/2) within 2 standard errors and J*(N) ≥ MEMORISED·variance; ``memorised``:
-    J*(N) below that; ``rising`` otherwise) and the N-trend's extrapolation J*_∞ (± its error),
-    clipped to [lower, upper]."""
+    held-out bound (± ``upper_stderr``, from ``upper_source``), the verdict (``size_verdict``:
+    converged, memorised, rising or undecided) and the N-trend's extrapolation J*_∞ (± its
+    error), clipped to [lower, upper]; ``crossing`` flags lower > upper."""
 
     sigma: float
     lower: float
@@ -368,6 +372,16 @@ class FloorPoint:
     extrapolated_stderr: float
     heldout: HeldoutPoint
     by_n: list[SizePoint]
+
+    @property
+    def crossing(self) -> str | None:
+        """None where lower ≤ upper; else "within error" where lower − upper ≤ 2·√(se_l² +
+        se_u²) (noise: both bound J*_pop only in expectation), "beyond error" otherwise (a real
+        inconsistency: e.g. the held-out set is not drawn like the training set)."""
+        if self.lower <= self.upper:
+            return None
+        within = self.lower - self.upper <= 2 * math.hypot(self.lower_stderr, self.upper_stderr)
+        return "within error" if within else "beyond error"
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -648,6 +662,25 @@ class Units:
         self.path.unlink(missing_ok=True)
 
 
+def size_verdict(by_n: Sequence[SizePoint], variance: float) -> str:
+    """The verdict on J*'s N-trend (sizes ascending, the last N). With Δ = J*(N) − J*(n) and
+    s.e.(Δ) = √(se_N² + se_n²) for each of the two next sizes n below N (N/2 and N/4 on the
+    default ladder): ``memorised`` where J*(N) < MEMORISED·variance; ``converged`` where every
+    |Δ| + 2·s.e.(Δ) ≤ CONVERGED_DRIFT·J*(N) (the data rule out a change above that, at about
+    95%); ``rising`` where some |Δ| > 2·s.e.(Δ) (a change is shown); ``undecided`` otherwise
+    (no change shown, none above CONVERGED_DRIFT ruled out: more repeats or draws decide)."""
+    last = by_n[-1]
+    if last.optimal_loss < MEMORISED * variance:
+        return "memorised"
+    below = by_n[-3:-1]
+    steps = [
+        (abs(last.optimal_loss - b.optimal_loss), math.hypot(last.stderr, b.stderr)) for b in below
+    ]
+    if all(d + 2 * e <= CONVERGED_DRIFT * last.optimal_loss for d, e in steps):
+        return "converged"
+    return "rising" if any(d > 2 * e for d, e in steps) else "undecided"
+
+
 def _floor_point(
     i: int,
     sigma: float,
@@ -675,15 +708,10 @@ def _floor_point(
     if held.smoothed_loss is not None:
         bounds.append(("smoothed", held.smoothed_loss, held.smoothed_stderr))
     source, upper, upper_se = min(bounds, key=lambda b: b[1])
-    if last.optimal_loss < MEMORISED * variance:
-        verdict = "memorised"
-    elif abs(rise) <= 2 * rise_se:
-        verdict = "converged"
-    else:
-        verdict = "rising"
+    verdict = size_verdict(by_n, variance)
     extra, extra_se = (
         (last.optimal_loss, last.stderr)
-        if verdict != "rising"
+        if verdict in ("converged", "memorised")
         else _extrapolation(by_n, seed, last.optimal_loss, upper)
     )
     return FloorPoint(

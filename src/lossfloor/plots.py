@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 from lossfloor.io import save_with  # noqa: E402
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from lossfloor.diagnosis import Diagnosis
     from lossfloor.floor import Floor
     from lossfloor.optimal import Curve
@@ -107,9 +109,17 @@ def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: st
     save_figure(fig, path)
 
 
-def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> None:
+#: A panel's J* below this fraction of its smallest loss is ≈ 0 for the fit (J − J* = J to
+#: 0.1%, the subtracted fit is the raw one): no J* line (it would stretch the log axis decades
+#: below the data), the panel's title says so.
+NEGLIGIBLE_OPTIMAL = 1e-3
+
+
+def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> Figure:
     """One panel per σ (and the total): J against F on log axes, the raw fit β·F^α and the
-    subtracted fit J* + β·F^α, J* dashed; rows with J ≤ J* marked ×."""
+    subtracted fit J* + β·F^α, J* dashed; rows with J ≤ J* marked ×. The y axis spans the
+    runs, the fits and J*, except where J* < NEGLIGIBLE_OPTIMAL·(the smallest loss): there J*
+    is not drawn and the title is marked "J* ≈ 0". Returns the (closed) figure."""
     n = len(result.fits)
     cols = min(3, n)
     rows = -(-n // cols)
@@ -122,27 +132,36 @@ def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> None:
         if (~above).any():
             ax.plot(x[~above], j[~above], "x", ms=5, color="C3", label="J ≤ J*")
         r, s = f.raw, f.subtracted
-        ax.plot(grid, r.beta * grid**r.alpha, "-", color="C0",
-                label=f"raw α={r.alpha:.3g} ρ={r.rho:.3f}")  # fmt: skip
-        ax.plot(grid, f.optimal_loss + s.beta * grid**s.alpha, "-", color="C1",
-                label=f"J*+βF^α α={s.alpha:.3g} ρ={s.rho:.3f}")  # fmt: skip
-        if f.optimal_loss > 0:
+        raw, sub = r.beta * grid**r.alpha, f.optimal_loss + s.beta * grid**s.alpha
+        ax.plot(grid, raw, "-", color="C0", label=f"raw α={r.alpha:.3g} ρ={r.rho:.3f}")
+        ax.plot(grid, sub, "-", color="C1", label=f"J*+βF^α α={s.alpha:.3g} ρ={s.rho:.3f}")
+        shown = [j, raw, sub]
+        negligible = f.optimal_loss < NEGLIGIBLE_OPTIMAL * float(j.min())
+        if f.optimal_loss > 0 and not negligible:
             ax.axhline(f.optimal_loss, color="C1", ls="--", lw=0.8, label="J*")
+            shown.append(np.array([f.optimal_loss]))
+        values = np.concatenate(shown)
+        values = values[values > 0]
+        ax.set_ylim(values.min() / 1.5, values.max() * 1.5)
+        title = "total loss" if f.sigma is None else f"σ = {f.sigma:.3g}"
+        title += f" (J* ≈ 0: {f.optimal_loss:.2g})" if negligible else ""
         ax.set(xscale="log", yscale="log", xlabel=result.x, ylabel="loss per element",
-               title="total loss" if f.sigma is None else f"σ = {f.sigma:.3g}")  # fmt: skip
+               title=title)  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
     save_figure(fig, path)
+    return fig
 
 
-def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> None:
+def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> Figure:
     """Left: the bracket [J*_train(N), least held-out bound] against σ (log axes), J* of each
-    subset size and the extrapolation; right: J*(n)/J*(N) against n per σ not memorised (the
-    N-trend).
-    Points with J* = 0 are drawn at the axis floor as open markers."""
+    subset size and the extrapolation, lower > upper marked ◇ (``FloorPoint.crossing``: open
+    within error, filled beyond); right: J*(n)/J*(N) against n per σ not memorised (the
+    N-trend). Points with J* = 0 are drawn at the axis floor as open markers. Returns the
+    (closed) figure."""
     pts = result.points
     s = np.array([p.sigma for p in pts])
     lo, up = np.array([p.lower for p in pts]), np.array([p.upper for p in pts])
@@ -187,6 +206,11 @@ def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> 
             color="k",
             label="J* = 0 (drawn at the floor)",
         )
+    for kind, fill in (("within error", "none"), ("beyond error", "C3")):
+        crossed = [p for p in pts if p.crossing == kind]
+        if crossed:
+            a.plot([p.sigma for p in crossed], [max(p.lower, bottom) for p in crossed], "D",
+                   ms=6, mfc=fill, color="C3", label=f"lower > upper, {kind}")  # fmt: skip
     for p in pts:
         if p.converged:
             a.axvline(p.sigma, color="C2", lw=0.5, alpha=0.4)
@@ -216,6 +240,7 @@ def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> 
         ax.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
+    return fig
 
 
 def plot_schedule(path: str | os.PathLike[str], table: dict) -> None:

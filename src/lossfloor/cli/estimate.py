@@ -77,8 +77,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "points exact plus L random ones weighted N/L: exact below σ*, within ~1%% well above "
         "it, but low by 10–30%% where J* rises — see docs/benchmarks.md) | gram (a whole grid "
         "at once: exact weights from two products shared by every σ, the source exactly and "
-        "--inner weight-proportional draws of the rest; unbiased; on all of Fashion-MNIST, 32 σ: "
-        "within 0.3%% of full on the same draws in ~1/10 of its time; plain draws) | snis | "
+        "--inner weight-proportional draws of the rest; unbiased; within 0.3%% of full on the "
+        "same draws on all of Fashion-MNIST; CPU time vs full, measured on Fashion-MNIST at "
+        "M = 1,024, 1-2 threads: 0.11-0.14 at 32 σ and N ≥ 20,000, 0.14-0.34 at N = 2,000-5,000, "
+        "0.3-0.5 at 8 σ and N ≥ 5,000, 0.6-0.8 at 8 σ and N = 2,000 (docs/benchmarks.md); "
+        "plain draws) | snis | "
         "dol | cdol "
         "(the paper's sub-sampled estimators, for comparison)",
     )

@@ -4,6 +4,7 @@ per-σ verdict (docs/floor.md)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lossfloor.cli.common import (
     Declared,
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         _print_table(result)
+    _warn_crossing(result)
     if args.out:
         result.save(args.out)
     if args.plot:
@@ -154,3 +156,14 @@ def _print_table(result) -> None:
             f"{p.upper_stderr:8.2g} {p.upper_source:>8} {p.rise:11.3g} {p.verdict:>10} "
             f"{p.extrapolated:9.5g} ±{p.extrapolated_stderr:.2g}"
         )
+
+
+def _warn_crossing(result) -> None:
+    """One stderr line per kind of lower > upper (FloorPoint.crossing)."""
+    for kind, why in (("within error", "noise: both bound J*_pop in expectation only"),
+                      ("beyond error", "an inconsistency: is the held-out set drawn like the "
+                       "training set?")):  # fmt: skip
+        at = [f"{p.sigma:.4g}" for p in result.points if p.crossing == kind]
+        if at:
+            print(f"lossfloor: warning: lower > upper at σ = {', '.join(at)}, {kind} ({why})",
+                  file=sys.stderr)  # fmt: skip

@@ -100,6 +100,8 @@ def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossS
     )
     if note is not None:
         print(note, file=sys.stderr)
+    if (coarse := schedule.coarse_warning()) is not None:
+        print(f"lossfloor: warning: --curve {args.curve}: {coarse}", file=sys.stderr)
     return schedule
 
 

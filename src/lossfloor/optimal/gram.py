@@ -130,20 +130,25 @@ class Gram(Estimator):
             x0, sq0 = pool.rows(sources[lo : lo + GRAM_ROWS])
             both = torch.cat([x0, noise[lo : lo + GRAM_ROWS]]) @ keys.T  # one GEMM: g and e
             a_all, e_all = both[: x0.shape[0]].sub_(half_sq), both[x0.shape[0] :]
-            for s0 in range(0, x0.shape[0], self.rows):
-                at = slice(lo + s0, lo + s0 + self.rows)
-                src = sources[at]
-                a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                at_src = torch.arange(a.shape[0], device=a.device), src
-                a, e = a - a[at_src][:, None], e - e[at_src][:, None]  # l_n − l_s = a_n + σ·e_n
-                buf = torch.empty_like(a)
-                parts = [
-                    _source_split(a, e, sigma, pool.n, src, draws[i, at], buf)
-                    for i, sigma in enumerate(sigmas)
-                ]
-                own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
-                x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
-                closed[:, at], direct[:, at] = self._forms(pool, own, rest, pick, x, sq)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the per-σ passes: small ops, faster in one thread
+            try:
+                for s0 in range(0, x0.shape[0], self.rows):
+                    at = slice(lo + s0, lo + s0 + self.rows)
+                    src = sources[at]
+                    a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
+                    at_src = torch.arange(a.shape[0], device=a.device), src
+                    a, e = a - a[at_src][:, None], e - e[at_src][:, None]  # l_n − l_s = a_n + σ·e_n
+                    buf = torch.empty_like(a)
+                    parts = [
+                        _source_split(a, e, sigma, pool.n, src, draws[i, at], buf)
+                        for i, sigma in enumerate(sigmas)
+                    ]
+                    own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
+                    x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
+                    closed[:, at], direct[:, at] = self._forms(pool, own, rest, pick, x, sq)
+            finally:
+                torch.set_num_threads(threads)
         d = pool.dim
         return [
             PerSample(closed=c / d, direct=dd / d) for c, dd in zip(closed, direct, strict=True)

@@ -4,7 +4,11 @@
   q(ln σ) ∝ (w(σ)·g(σ))^γ on [σ_min, σ_max]   (density="gap"; g ≡ 1 without a gap source)
   q(ln σ) ∝ N(ln σ; P_mean, P_std²) on [σ_min, σ_max]   (density="lognormal": only w changes)
 
-J*(σ) is a tabulated optimal-loss curve (``Curve``: linear interpolation in ln σ). The bump is the
+J*(σ) is a tabulated optimal-loss curve (``Curve``), here a power law between its points: ln J*
+linear in ln σ where J* > 0 at both ends (J* linear where one is 0), since J* spans decades
+between points where it leaves its memorisation floor (a linear J* there makes w = 1/J* fall by
+the whole ratio just past the lower point); ``coarse`` lists the steps where J* changes by more
+than COARSE_RATIO above the cap, ``coarse_warning`` says so in one line. The bump is the
 paper's 𝒩(ln σ; μ, s²) term written with its peak height b relative to the cap a·w_max, so b is
 scale-free. Defaults and rules (justified in docs/experiments/schedule.md):
 
@@ -76,15 +80,28 @@ def _table(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     return s, v
 
 
-def _interp_ln(sigma: Tensor, s: np.ndarray, v: np.ndarray) -> Tensor:
-    """v(σ) linear in ln σ between the table's points, end values held outside."""
+def _interp_ln(sigma: Tensor, s: np.ndarray, v: np.ndarray, log_values: bool = False) -> Tensor:
+    """v(σ) linear in ln σ between the table's points, end values held outside; with
+    ``log_values``, ln v linear in ln σ (v a power law of σ) between points where v > 0 at
+    both ends, v linear where either is 0."""
     u = torch.from_numpy(np.log(s))
     vals = torch.from_numpy(v)
     x = sigma.log().clamp(float(u[0]), float(u[-1]))
     i = torch.searchsorted(u, x.contiguous()).clamp(1, len(u) - 1)
     u0, u1 = u[i - 1], u[i]
     f = (x - u0) / (u1 - u0)
-    return vals[i - 1] + f * (vals[i] - vals[i - 1])
+    v0, v1 = vals[i - 1], vals[i]
+    linear = v0 + f * (v1 - v0)
+    if not log_values:
+        return linear
+    both = (v0 > 0) & (v1 > 0)
+    l0, l1 = v0.clamp_min(1e-300).log(), v1.clamp_min(1e-300).log()
+    return torch.where(both, torch.exp(l0 + f * (l1 - l0)), linear)
+
+
+#: ``OptimalLossSchedule.coarse``: neighbouring curve points whose J* differ by more than this
+#: factor where w depends on J* (above the cap) make w and p there the interpolation's shape.
+COARSE_RATIO = 10.0
 
 
 def sample_piecewise_linear(
@@ -250,9 +267,11 @@ class OptimalLossSchedule(NoiseSchedule):
             k = int(above[0])
             if k == 0:
                 star = float(self._s[0])
-            else:  # J* linear in ln σ between points k−1 and k: where it crosses the level
+            else:  # where J* (``_optimal`` between points k−1 and k) crosses the level
                 u0, u1 = np.log(self._s[k - 1 : k + 1])
                 j0, j1 = self._j[k - 1 : k + 1]
+                if j0 > 0:
+                    j0, j1, level = np.log(j0), np.log(j1), np.log(level)
                 star = float(np.exp(u0 + (level - j0) / (j1 - j0) * (u1 - u0)))
         else:
             star = float(self.sigma_star)
@@ -277,12 +296,41 @@ class OptimalLossSchedule(NoiseSchedule):
                 "where the cap w_max does not yet bind; estimate it down to sigma_min",
             )  # fmt: skip
 
+    def coarse(self) -> list[tuple[float, float, float]]:
+        """(σ_i, σ_{i+1}, J* ratio) for each pair of neighbouring curve points, in or around
+        the support, where w depends on J* (J*·w_max > 1 at an end: the cap does not
+        bind at both ends) and J* changes by more than COARSE_RATIO (∞ where one end is 0):
+        there J* spans a decade within one step, so w = a/J* and p follow the interpolation
+        (ln J* linear in ln σ), not the data. A grid with ≥ 1 point per such decade is fine."""
+        out = []
+        for k in range(len(self._s) - 1):
+            (s0, s1), (j0, j1) = self._s[k : k + 2], self._j[k : k + 2]
+            if s1 <= self.sigma_min or s0 >= self.sigma_max or max(j0, j1) * self.cap <= 1:
+                continue
+            ratio = max(j0, j1) / min(j0, j1) if min(j0, j1) > 0 else math.inf
+            if ratio > COARSE_RATIO:
+                out.append((float(s0), float(s1), float(ratio)))
+        return out
+
+    def coarse_warning(self) -> str | None:
+        """A one-line message about ``coarse`` steps (None if there are none)."""
+        steps = self.coarse()
+        if not steps:
+            return None
+        listed = ", ".join(f"{a:.3g}→{b:.3g} (×{r:.3g})" for a, b, r in steps)
+        return (
+            f"the J* curve is too coarse for a schedule: J* changes by more than "
+            f"{COARSE_RATIO:g}× between neighbouring points at σ = {listed}, where w = a/J*; "
+            "estimate J* on a finer σ grid there"
+        )
+
     # ----- functions of σ --------------------------------------------------------------------
     def _optimal(self, sigma: Tensor) -> Tensor:
-        return _interp_ln(sigma, self._s, self._j)
+        return _interp_ln(sigma, self._s, self._j, log_values=True)
 
     def optimal_loss_at(self, sigma: float | Tensor) -> Tensor:
-        """J*(σ) of the embedded curve (linear in ln σ, end values held)."""
+        """J*(σ) of the embedded curve (ln J* linear in ln σ where J* > 0 at both points,
+        else J* linear; end values held)."""
         return self._optimal(_f64(sigma))
 
     def weight(self, sigma: float | Tensor) -> Tensor:
