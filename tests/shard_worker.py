@@ -103,6 +103,8 @@ def main(out: Path) -> None:
         results["data"] = cli([*other, "--quiet"])
         results["stratified"] = cli([*base, "--quiet", "--estimator", "stratified"])
         results["reads"] = streamed_reads(out / "points.npy")
+        summary = open_chunked(str(out / "points.npy")).summarise(group)
+        results["fingerprints"] = [summary.sha256, summary.tensor_sha256]
         (out / f"result-{group.rank}.json").write_text(json.dumps(results, indent=1))
 
 

@@ -18,7 +18,7 @@ from shard_worker import SCENARIOS, STATS_ROWS, estimate
 from torchrun import run_workers
 
 import lossfloor.cli
-from lossfloor.data import chunked
+from lossfloor.data import chunked, fingerprint, load_dataset
 from lossfloor.distributed import Group
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
@@ -128,19 +128,36 @@ def test_what_does_not_shard_is_refused_on_every_rank(launch):
 
 
 def test_each_streaming_process_reads_only_its_shard(launch):
-    """Reads of rows: the first statistics block (every process compares it), the process's
-    statistics blocks (5 of 64 rows: rank 0 the first 2, rank 1 the last 3) and its shard of the
-    kernel's keys (150 rows each); reads by index (sources, tilted neighbours): its shard."""
+    """Reads of rows: the first statistics block (every process compares it), the statistics
+    blocks (5 of 64 rows: rank 0 sums the first 2, rank 1 the last 3; rank 0 reads all 5 in the
+    first pass, to hash them in order) and its shard of the kernel's keys (150 rows each); reads
+    by index (sources, tilted neighbours): its shard."""
     _, results = launch
     for rank, (blocks, shard) in enumerate([((0, 128), (0, 150)), ((128, 300), (150, 300))]):
         reads, takes = results[rank]["reads"]["reads"], results[rank]["reads"]["takes"]
         assert reads[0] == [0, STATS_ROWS]
-        passes = 1 + 2 * (2 + rank)  # the first block, then two passes over 2 or 3 blocks
+        first = 5 if rank == 0 else 3  # the first pass: every block on rank 0, its own on 1
+        passes = 1 + first + (2 + rank)
         stats, kernel = reads[1:passes], reads[passes:]
+        if rank == 0:
+            everything = [[lo, min(lo + STATS_ROWS, 300)] for lo in range(0, 300, STATS_ROWS)]
+            assert stats[:first] == everything
+            stats = stats[first:]
         assert all(blocks[0] <= lo < hi <= blocks[1] for lo, hi in stats), stats
         assert all(shard[0] <= lo < hi <= shard[1] for lo, hi in kernel), kernel
         assert sum(hi - lo for lo, hi in kernel) == 2 * 150  # the index, then the σ
         assert takes and all(shard[0] <= lo <= hi < shard[1] for lo, hi in takes), takes
+
+
+def test_two_streaming_processes_give_the_fingerprints_in_memory(launch):
+    """Split over 2 processes, the statistics pass gives the sha256 of the items in memory and
+    the draws' fingerprint of the in-memory tensor; the streamed curves carry that sha256."""
+    out, results = launch
+    ds = load_dataset(str(out / "points.npy"))
+    tensor = fingerprint(ds.x.numpy(), "tensor")  # what OuterPlan.fingerprint hashes in memory
+    assert results[0]["fingerprints"] == results[1]["fingerprints"] == [ds.sha256, tensor]
+    for scenario in ("stream", "stream-plain", "stream-cdol"):
+        assert json.loads((out / f"{scenario}.json").read_text())["dataset"]["sha256"] == ds.sha256
 
 
 # ----- pieces without a process group -----------------------------------------------------

@@ -93,8 +93,8 @@ def test_error_bound_grows_as_sigma_shrinks():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sigma", [0.02, 0.1, 0.5, 2.0])
 def test_keys_streamed_far_to_near_raise_the_shift_correctly(dtype, sigma):
-    """Keys sorted from far to near, 64 per tile: each tile's weights exceed the running shift by
-    e^50…e^1000, which overflows and is recomputed (small σ) or renormalised (larger σ)."""
+    """Keys sorted from far to near, 64 per tile: each tile's largest logit exceeds the running
+    max by 50…1000 (e^Δ would overflow), and the max is raised to it."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2000, 8, generator=g, dtype=torch.float64)
     q = x[:3] + 0.3 * sigma * torch.randn(3, 8, generator=g, dtype=torch.float64)
@@ -104,3 +104,20 @@ def test_keys_streamed_far_to_near_raise_the_shift_correctly(dtype, sigma):
     mu = posterior_mean(q.to(dtype), keys.to(dtype), sigma, tile_bytes=tile).double()
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(mu, brute_posterior_mean(q, keys, sigma), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [0.03, 0.1])
+def test_a_key_that_holds_the_posterior_gives_its_x_to_the_last_bit_in_any_tile(dtype, sigma):
+    """Queries on a key, the others e^−40 or less below it (σ ≤ 0.1, spacing ≥ 0.9): μ = that
+    key's x bitwise whichever tile holds it, 64 keys per tile, keys far to near and shuffled.
+    With the running max left lagging it weighed a rounded e^Δ and μ = acc/z missed x by an
+    ulp: ‖x − μ‖² at (u·x)², not the ~e^−100·‖x_k − x‖² it is (issue 27)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2000, 8, generator=g, dtype=torch.float64).to(dtype)
+    on = torch.tensor([1999, 1500, 700, 64, 5])
+    q = x[on]
+    tile = 64 * len(on) * torch.finfo(dtype).bits // 8
+    for order in (torch.argsort(((x - q[0]) ** 2).sum(1), descending=True), torch.randperm(2000)):
+        mu = posterior_mean(q, x[order], sigma, tile_bytes=tile)
+        assert torch.equal(mu, q)

@@ -23,6 +23,8 @@ from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal import estimate_curve, make_estimator
 from lossfloor.optimal.estimators import Pool
+from lossfloor.optimal.kernel import logit_error_bound
+from lossfloor.optimal.outer import OuterPlan
 from lossfloor.optimal.stream import StreamedPool, chunk_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,11 +89,52 @@ def test_an_npy_read_in_chunks_gives_the_numbers_of_the_data_in_memory(points, n
     assert chunk_rows(CHUNK_MB, D, torch.float32) == 128
     assert _numbers(streamed) == _numbers(memory)
     assert streamed.data_variance == memory.data_variance
-    assert streamed.dataset == {
-        **memory.dataset,
-        "sha256": streamed.dataset["sha256"],
-        "streamed": True,
-    }
+    assert streamed.dataset == {**memory.dataset, "streamed": True}  # the same sha256
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """150 pairs of points at distance 1 in 16 dims, the pairs ~17 apart, float32, as an .npy:
+    below σ ≈ 0.1 J* rests on the draws that cross to the partner, ~Φ(−1/2σ)."""
+    g = torch.Generator().manual_seed(8)
+    centres = 3 * torch.randn(150, 16, generator=g, dtype=torch.float64)
+    step = torch.randn(150, 16, generator=g, dtype=torch.float64)
+    x = torch.cat([centres, centres + step / step.norm(dim=1, keepdim=True)])
+    path = tmp_path_factory.mktemp("pairs") / "pairs.npy"
+    np.save(path, x.float().numpy())
+    return path
+
+
+@pytest.mark.parametrize("draws", ["plain", "tilted"])
+def test_streamed_j_star_at_small_sigma_is_the_in_memory_one(pairs, draws):
+    """σ = 0.05 (J* ≈ 1e-24 on tilted draws) and σ = 0.3 (≈ 1e-4), float32: in memory one
+    kernel tile, streamed in chunks of 6 rows (the sources in every chunk but the first). Each
+    draw's μ has the source's x exactly where the others' weights are below its last bit (all
+    plain draws at σ = 0.05: J* = 0 in both), so J* agrees in relative terms. Before issue 27
+    the streamed source weighed a rounded e^Δ against a lagging max: μ an ulp off, ‖x0 − μ‖²
+    ~ (u·x)², a J* of ~1e-17 at σ = 0.05 against 1e-24 (0 on plain draws)."""
+    sigmas = [0.05, 0.3]
+    ds = load_dataset(str(pairs))
+    est = make_estimator("full", ds.n)
+    opts = dict(draws=draws, precision="float32", progress=False)
+    memory = estimate_curve(ds, sigmas, est, **opts)
+    chunked = open_chunked(str(pairs), chunk_mb=6 * 20 * ds.dim / 2**20)
+    streamed = estimate_curve(chunked, sigmas, est, **opts)
+    exact = estimate_curve(ds, sigmas, est, **{**opts, "precision": "float64"})
+    assert chunk_rows(chunked.chunk_mb, ds.dim, torch.float32) == 6
+    pool = Pool.from_data(ds.x, torch.float32, "cpu")
+    for s, m, e in zip(streamed.points, memory.points, exact.points, strict=True):
+        # the kernel's float32 logits are off by at most δ (kernel.logit_error_bound) in either
+        # run, so each posterior weight by e^{±2δ}, and J* (~ weight²) by ~4δ relative
+        tol = 4 * logit_error_bound(pool.max_sq, ds.dim, s.sigma, torch.float32)
+        for key in ("optimal_loss", "direct", "stderr", "direct_stderr", "ess"):
+            assert getattr(s, key) == pytest.approx(getattr(m, key), rel=tol, abs=0), key
+            assert getattr(m, key) == pytest.approx(getattr(e, key), rel=tol, abs=1e-30), key
+    small = memory.points[0]
+    if draws == "tilted":
+        assert 1e-28 < small.optimal_loss < 1e-20 and small.ess > 10
+    else:
+        assert small.optimal_loss == 0.0 and small.ess == 0.0
 
 
 @pytest.mark.parametrize("name", ["full", "cdol"])
@@ -138,6 +181,45 @@ def test_an_image_folder_and_a_zip_streamed_give_the_numbers_in_memory(tmp_path)
         assert streamed.data_variance == memory.data_variance
         assert torch.equal(items.labels, ds.labels)
         assert items.summary.mean.tolist() == ds.flat().double().mean(dim=0).tolist()
+
+
+@pytest.mark.parametrize("stats_rows", [7, 4096])
+def test_one_fingerprint_however_the_data_are_read(points, tmp_path, monkeypatch, stats_rows):
+    """An .npy of floats, channels-last uint8 images in an .npy, an image folder, an EDM zip
+    and a named source: streamed (any statistics block, any chunk) they carry the sha256 of
+    the same items in memory, and their draws the in-memory plan's fingerprint (the key of
+    checkpoints, the neighbour index and cached J*). (Two processes: test_distributed_estimate.)"""
+    monkeypatch.setattr(chunked_module, "STATS_ROWS", stats_rows)
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(2).integers(0, 256, (40, 6, 5, 3), dtype=np.uint8))
+    for spec in [str(points), str(images), *map(str, _images(tmp_path)), "digits"]:
+        ds = load_dataset(spec, limit=150)
+        plan = OuterPlan.build(ds.x, None, 10, 0, False).fingerprint
+        for chunk_mb in (0.01, 256.0):
+            data = open_chunked(spec, limit=150, chunk_mb=chunk_mb)
+            data.summarise()
+            assert data.sha256 == ds.sha256, spec
+            assert OuterPlan.build(data, None, 10, 0, False).fingerprint == plan, spec
+
+
+def test_diagnose_takes_a_streamed_estimate_of_the_data_it_diagnoses(points, tmp_path, capsys):
+    """estimate --stream, then diagnose --curve on the same .npy in memory: the estimate is of
+    this data (one sha256), and its J* is the curve's direct form."""
+    est, out = tmp_path / "c.json", tmp_path / "d.json"
+    assert lossfloor.cli.main(["estimate", "--data", str(points), "--stream", "--chunk-mb",
+                               str(CHUNK_MB), "--sigmas", "0.5,2", "--outer", "300", "--draws",
+                               "plain", "--quiet", "--out", str(est)]) == 0  # fmt: skip
+    curve = json.loads(est.read_text())
+    assert curve["dataset"]["streamed"] is True
+    diagnose = ["diagnose", "--model", "optimal", "--data", str(points), "--no-cache", "--quiet"]
+    assert lossfloor.cli.main([*diagnose, "--curve", str(est), "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    got = json.loads(out.read_text())
+    assert (
+        got["optimal_from"] == str(est) and got["dataset"]["sha256"] == curve["dataset"]["sha256"]
+    )
+    assert [p["optimal_loss"] for p in got["points"]] == [p["direct"] for p in curve["points"]]
 
 
 def test_the_statistics_pass_matches_the_data_in_memory(points, monkeypatch):

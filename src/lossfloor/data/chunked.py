@@ -8,28 +8,30 @@ scaled to [−1, 1] exactly as ``load_dataset`` scales them (``to_unit``), as fl
 Its ``Summary`` comes from two passes over fixed blocks of STATS_ROWS rows (``summarise``):
 
     x̄ = (Σ_b Σ_{n∈b} x_n)/N,   variance = mean_d Σ_b Σ_{n∈b} (x_nd − x̄_d)²/N,
-    Σ_n ‖x_n − x̄‖²,   max_n ‖x_n − x̄‖²,
-    sha256 = sha256(header | sha256(block 0) | sha256(block 1) | …)
+    Σ_n ‖x_n − x̄‖²,   max_n ‖x_n − x̄‖²
 
-(float64 sums, added block by block in block order). Under torchrun each of K processes reads
-its 1/K of the blocks and the per-block sums and digests are gathered, so every number is the
-same bits for any K, and the variance the bits ``mean_and_variance`` gives in memory (its
-chunks are the same blocks). The fingerprint hashes the raw items block by block, so it differs
-from an in-memory ``Dataset.sha256`` of the same items (one hash of all bytes, which K
-processes reading 1/K each cannot form).
+(float64 sums, added block by block in block order), and, in the first pass, the fingerprints
+of the data in memory: ``sha256`` = ``Dataset.sha256`` of the same items (``fingerprint`` of the
+unscaled items) and ``tensor_sha256`` = the fingerprint ``OuterPlan`` takes of the in-memory
+float32 tensor (the key of checkpoints, the neighbour index and cached J*), each one sha256 fed
+the blocks in order (``Fingerprint``). Under torchrun each of K processes sums its 1/K of the
+blocks and the per-block sums are gathered, so every number is the same bits for any K, and the
+variance the bits ``mean_and_variance`` gives in memory (its chunks are the same blocks); a
+sha256 cannot be split, so rank 0 reads every block in the first pass to hash it (the one
+part not split: ≈ 5 bytes hashed per element of uint8 data, about a minute for ImageNet 64×64)
+and sends the digests to the others.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lossfloor.data.dataset import fingerprint, open_items, to_unit
+from lossfloor.data.dataset import Fingerprint, fingerprint, open_items, to_unit
 from lossfloor.data.formats import Items
 from lossfloor.distributed import Group
 from lossfloor.errors import ParameterError
@@ -52,7 +54,8 @@ class Summary:
     sq_sum: float  # Σ_n ‖x_n − x̄‖²
     sq_max: float  # max_n ‖x_n − x̄‖²
     variance: float  # per-element variance across items, averaged over elements
-    sha256: str
+    sha256: str  # Dataset.sha256 of the same items
+    tensor_sha256: str  # fingerprint(x, "tensor") of the items as a float32 tensor N×shape
 
 
 class ChunkedDataset:
@@ -111,9 +114,9 @@ class ChunkedDataset:
         return self.summary.sha256
 
     def summarise(self, group: Group | None = None) -> Summary:
-        """The ``Summary``, computed once (two passes; with a ``group``, each process reads its
-        1/K of the blocks, then one all-reduce per pass; the processes compare the shape and
-        the first block, which each reads, before any work)."""
+        """The ``Summary``, computed once (two passes; with a ``group``, each process sums its
+        1/K of the blocks and rank 0 hashes them all, then one all-reduce per pass; the
+        processes compare the shape and the first block, which each reads, before any work)."""
         if self._summary is not None:
             return self._summary
         group = group or Group()
@@ -124,14 +127,21 @@ class ChunkedDataset:
             first = fingerprint(self.items.read(0, min(self.n, STATS_ROWS)), self.items.scale)
             group.check_same("data", f"{self.n} items of shape {self.shape}, first {first}")
         sums = torch.zeros(blocks, d, dtype=torch.float64)
-        digests: dict[int, str] = {}
+        hashes: tuple[Fingerprint, Fingerprint] | None = None
         with group.together():
-            for b, x in self._blocks(mine, digests):
-                sums[b] = x.sum(dim=0)
+            for b in range(blocks) if group.main else mine:
+                lo, hi = b * STATS_ROWS, min(self.n, (b + 1) * STATS_ROWS)
+                values = self.items.read(lo, hi)
+                x = self._unit(values)
+                if group.main:
+                    hashes = hashes or self._hashes(values.dtype)
+                    hashes[0].update(values)
+                    hashes[1].update(x.numpy())
+                if b in mine:
+                    sums[b] = x.to(torch.float64).sum(dim=0)
         sums = _reduced(group.sum, sums, group)
-        everyone: dict[int, str] = {}
-        for part in group.gather(digests):
-            everyone.update(part)
+        digests = None if hashes is None else (hashes[0].hexdigest(), hashes[1].hexdigest())
+        sha256, tensor_sha256 = group.gather(digests)[0]
         total = torch.zeros(d, dtype=torch.float64)
         for b in range(blocks):
             total += sums[b]
@@ -139,7 +149,9 @@ class ChunkedDataset:
         squares = torch.zeros(blocks, d + 1, dtype=torch.float64)  # per element | Σ‖·‖²
         top = torch.full((blocks,), -math.inf, dtype=torch.float64)
         with group.together():
-            for b, x in self._blocks(mine, None):
+            for b in mine:
+                lo, hi = b * STATS_ROWS, min(self.n, (b + 1) * STATS_ROWS)
+                x = self.rows(lo, hi).to(torch.float64)
                 x.sub_(mean).square_()  # in place, as mean_and_variance
                 squares[b, :d] = x.sum(dim=0)
                 sq = x.sum(dim=1)
@@ -152,32 +164,28 @@ class ChunkedDataset:
         for b in range(blocks):
             per_element += squares[b, :d]
             sq_sum += float(squares[b, d])
-        header = f"lossfloor-data-blocks-v1|{self.items.scale}|{self.n}|{self.shape}|{STATS_ROWS}|"
-        digest = hashlib.sha256(header.encode())
-        for b in range(blocks):
-            digest.update(bytes.fromhex(everyone[b]))
         self._summary = Summary(
             mean=mean,
             sq_sum=sq_sum,
             sq_max=float(top.max()),
             variance=float((per_element / self.n).mean()),
-            sha256=digest.hexdigest(),
+            sha256=sha256,
+            tensor_sha256=tensor_sha256,
         )
         return self._summary
 
-    def _blocks(self, which: range, digests: dict[int, str] | None) -> Iterator[tuple[int, Tensor]]:
-        """(b, float64 rows of block b) for the blocks ``which``; the raw rows' sha256 into
-        ``digests``."""
-        for b in which:
-            lo, hi = b * STATS_ROWS, min(self.n, (b + 1) * STATS_ROWS)
-            values = self.items.read(lo, hi)
-            if digests is not None:
-                digests[b] = fingerprint(values, self.items.scale)
-            yield b, self._unit(values).to(torch.float64)
+    def _hashes(self, dtype: np.dtype) -> tuple[Fingerprint, Fingerprint]:
+        """The two fingerprints of the whole data, to be fed its blocks in order: of the
+        unscaled items (of ``dtype``: ``Dataset.sha256``) and of the float32 tensor N×shape in
+        [−1, 1] (``OuterPlan.fingerprint``'s, scale "tensor")."""
+        return (
+            Fingerprint(self.items.scale, dtype, (self.n, *self.shape)),
+            Fingerprint("tensor", np.dtype(np.float32), (self.n, *self.shape)),
+        )
 
     def describe(self) -> dict:
-        """What identifies this dataset in a result file (``Dataset.describe``, with the block
-        fingerprint and ``"streamed": true``)."""
+        """What identifies this dataset in a result file: ``Dataset.describe`` of the same
+        items (the same sha256), with ``"streamed": true``."""
         return {
             "name": self.name,
             "n": self.n,

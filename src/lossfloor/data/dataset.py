@@ -88,11 +88,30 @@ class Dataset:
         }
 
 
+class Fingerprint:
+    """``fingerprint`` of an array of ``shape`` (all its rows) fed in consecutive blocks of
+    rows: sha256 is sequential, so the blocks' bytes in order give the digest of the whole."""
+
+    def __init__(self, scale: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        shape = tuple(int(s) for s in shape)
+        self._digest = hashlib.sha256(
+            f"lossfloor-data-v1|{scale}|{self.dtype.str}|{shape}|".encode()
+        )
+
+    def update(self, rows: np.ndarray) -> None:
+        """The next rows (their little-endian bytes)."""
+        self._digest.update(memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B"))
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def fingerprint(values: np.ndarray, scale: str) -> str:
-    """sha256 of an unscaled array: its scale rule, dtype, shape and little-endian bytes."""
-    arr = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    digest = hashlib.sha256(f"lossfloor-data-v1|{scale}|{arr.dtype.str}|{arr.shape}|".encode())
-    digest.update(memoryview(arr).cast("B"))
+    """sha256 of an unscaled array: its scale rule, dtype, shape and little-endian bytes (the
+    one fingerprint of a dataset, in memory or read in chunks: ``Fingerprint``)."""
+    digest = Fingerprint(scale, values.dtype, values.shape)
+    digest.update(values)
     return digest.hexdigest()
 
 

@@ -31,8 +31,8 @@ DEFAULT_TILE_BYTES = 32 * 2**20
 class SoftmaxState:
     """Running per-query (reference logit m, z = Σ exp(l − m), acc = Σ exp(l − m)·x).
 
-    m is the running max or lags it by a bounded amount (``accumulate_softmax`` raises it
-    lazily, keeping z < 2^64); μ = acc/z and log Σ exp(l) = m + log z either way.
+    m is the running max (every weight exp(l − m) ≤ 1; ``accumulate_softmax`` sets it to the
+    largest logit's own value, so that key weighs exactly 1); μ = acc/z, log Σ exp(l) = m + log z.
     """
 
     m: Tensor
@@ -128,7 +128,8 @@ def _shift(state: SoftmaxState) -> Tensor:
 
 def _exact_tile(state: SoftmaxState, shifted_t: Tensor, keys_aug: Tensor, rows: Tensor) -> None:
     """Fold a tile (logits transposed: keys × queries) into queries ``rows`` of the state with
-    an explicit per-query max (no overflow)."""
+    an explicit per-query max (the queries that have seen no key yet: s = 0, so each one's
+    largest logit becomes exactly 0)."""
     d = state.acc.shape[1]
     s = _shift(state)[rows]
     m_new = torch.maximum(state.m[rows], s + shifted_t.amax(dim=0))
@@ -160,14 +161,6 @@ class Adjust:
         """The entries of keys [start, stop), with key positions relative to ``start``."""
         sel = (self.keys >= start) & (self.keys < stop)
         return Adjust(self.keys[sel] - start, self.queries[sel], self.values[sel])
-
-    def rows(self, rows: Tensor, b: int) -> Adjust:
-        """The entries of queries ``rows`` (of b), renumbered 0..len(rows)−1."""
-        new = torch.full((b,), -1, dtype=torch.long, device=rows.device)
-        new[rows] = torch.arange(rows.numel(), device=rows.device)
-        q = new[self.queries]
-        sel = q >= 0
-        return Adjust(self.keys[sel], q[sel], self.values[sel])
 
 
 def _logits_t(
@@ -211,10 +204,13 @@ def accumulate_softmax(
     folded into the keys' −‖x‖²/2 column as σ²·log w_n (a copy of the keys), so it costs no pass
     over the logits; its rounding error in a logit is ~ε·|log w_n|.
 
-    Per tile: one GEMM gives the logits shifted by each query's running max; one exp pass; one
-    GEMM gives [Σp·x | Σp]. The shift is only raised where a tile's weights overflow (they are
-    then recomputed for those queries with an explicit max) or grow past 2^64, so the usual tile
-    costs the two GEMMs and one elementwise pass. Pass ``state`` to continue with further keys.
+    Per tile: one GEMM gives the logits shifted by each query's running max; a max pass; one
+    exp pass; one GEMM gives [Σp·x | Σp]. Where a query's tile holds a logit above its running
+    max, the max is raised to it exactly (``_raise_max``), so each query's largest logit weighs
+    exactly 1 whichever tile (or chunk, or process) holds it: μ of a query whose posterior is
+    one key is that key's x to the last bit, plus the others' terms with their own rounding,
+    for any tiling (with the max left lagging, that key weighed a rounded e^Δ and μ = acc/z was
+    off by an ulp: a floor of ~(u·x)² under J*, issue 27). Pass ``state`` to continue.
     With ``key_ids`` (N) and ``exclude_ids`` (B), key n is masked for query b where
     key_ids[n] == exclude_ids[b].
     """
@@ -239,11 +235,10 @@ def accumulate_softmax(
         logits_t = _logits_t(q_aug, chunk, ids, exclude_ids, adj)
         if _fold_fresh_queries(state, logits_t, chunk):
             continue
+        _raise_max(state, logits_t)
         t = _exp_(logits_t).T @ chunk
-        _redo_overflowed(state, t, q_aug, chunk, ids, exclude_ids, adj)
         state.z.add_(t[:, d])
         state.acc.add_(t[:, :d])
-        _renormalise_large(state)
     return state
 
 
@@ -285,35 +280,20 @@ def _fold_fresh_queries(state: SoftmaxState, logits_t: Tensor, keys_aug: Tensor)
     return False
 
 
-def _redo_overflowed(
-    state: SoftmaxState,
-    t: Tensor,
-    q_aug: Tensor,
-    keys_aug: Tensor,
-    ids: Tensor | None,
-    exclude_ids: Tensor | None,
-    adjust: Adjust | None,
-) -> None:
-    """Where a query's row of [Σp·x | Σp] overflowed, zero it and fold the tile into that query
-    again with an explicit max (rare: the running max lagged too far)."""
-    bad = ~torch.isfinite(t).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()
-        t[rows] = 0
-        excl = None if exclude_ids is None else exclude_ids[rows]
-        adj = None if adjust is None else adjust.rows(rows, t.shape[0])
-        _exact_tile(state, _logits_t(q_aug[rows], keys_aug, ids, excl, adj), keys_aug, rows)
-
-
-def _renormalise_large(state: SoftmaxState, big: float = 2.0**64) -> None:
-    """Where z > ``big``, divide z and acc by z and raise m by ln z (μ and m + ln z unchanged)."""
-    large = state.z > big
-    if bool(large.any()):
-        rows = torch.nonzero(large).flatten()
-        f = state.z[rows]
-        state.acc[rows] /= f[:, None]
-        state.z[rows] = 1.0
-        state.m[rows] = state.m[rows] + torch.log(f)
+def _raise_max(state: SoftmaxState, logits_t: Tensor) -> None:
+    """Where a query's logits in this tile (shifted by its running max m) reach above 0,
+    raise m to the tile's largest logit λ exactly: subtract λ from that query's shifted logits
+    (its largest becomes 0, whose weight is exactly 1) and scale z and acc by e^−λ."""
+    lift = logits_t.amax(dim=0)
+    rows = torch.nonzero(lift > 0).flatten()
+    if rows.numel() == 0:
+        return
+    logits_t.sub_(lift.clamp_(min=0)[None, :])  # one pass; x − 0 = x for the others
+    lift = lift[rows]
+    scale = torch.exp(-lift)
+    state.z[rows] = state.z[rows] * scale
+    state.acc[rows] = state.acc[rows] * scale[:, None]
+    state.m[rows] = state.m[rows] + lift
 
 
 def logit_error_bound(max_sq_norm: float, dim: int, sigma: float, dtype: torch.dtype) -> float:

@@ -374,8 +374,8 @@ class OuterPlan:
     def fingerprint(self) -> str:
         """sha256 of the data and, conditional, of the class partition: with (M, seed,
         conditional) it identifies the draws and the pools."""
-        if isinstance(self.data, ChunkedDataset):  # its block fingerprint (summarised)
-            data = f"chunked|{self.data.sha256}"
+        if isinstance(self.data, ChunkedDataset):  # the same, from its statistics pass
+            data = self.data.summary.tensor_sha256
         else:
             data = fingerprint(self.data.detach().cpu().numpy(), "tensor")
         digest = hashlib.sha256(data.encode())

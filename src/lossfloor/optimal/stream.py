@@ -11,7 +11,10 @@ augmented keys) plus the kernel's tile and one outer block, never N×D.
 A chunk holds a multiple of the kernel's tile (``keys_per_tile``) where ``chunk_mb`` allows
 one, so the tiles are those of the in-memory pool and, with the same x̄, the numbers are the
 same bits (x̄ is Σ/N over 4096-row blocks here, torch's mean in memory: the same bits for pixel
-data, whose float64 sums are exact, and within a few float64 ulps for float data).
+data, whose float64 sums are exact, and within a few float64 ulps for float data). Smaller
+chunks cut the tiles: the kernel raises each query's running max exactly, so the key that holds
+a posterior weighs exactly 1 in any chunk and the numbers differ by the rounding of the other
+keys' weights, relative to each draw's value, however small J* is.
 
 Under torchrun it is a ``ShardedPool``: each process reads only its rows [⌊rN/K⌋, ⌊(r+1)N/K⌋)
 (and its 1/K of the statistics pass), the states merge as there.
