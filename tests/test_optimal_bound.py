@@ -26,7 +26,7 @@ def bound_of(x: torch.Tensor, k: int, dtype=torch.float64, labels=None) -> Neare
     """The bound as an estimate builds it: every point a source, the index with k neighbours."""
     plan = OuterPlan.build(x, labels, len(x), 0, labels is not None)
     pools = make_pools(plan, dtype, torch.device("cpu"))
-    return NearestPointBound.from_index(pools, neighbour_tables(plan, pools, k))
+    return NearestPointBound.from_index(plan, pools, neighbour_tables(plan, pools, k))
 
 
 def test_u_star_maximises_u2_q():
@@ -141,7 +141,7 @@ def test_a_class_conditional_bound_sums_over_each_class():
 def test_no_bound_where_the_index_misses_points(small_set):
     plan = OuterPlan.build(small_set, None, 20, 0, False)
     pools = make_pools(plan, torch.float64, torch.device("cpu"))
-    assert NearestPointBound.from_index(pools, neighbour_tables(plan, pools, 8)) is None
+    assert NearestPointBound.from_index(plan, pools, neighbour_tables(plan, pools, 8)) is None
 
 
 # --- in estimates and the CLI ----------------------------------------------------------------
@@ -216,3 +216,21 @@ def test_the_plot_marks_unresolved_points_and_memorised_bounds(monkeypatch, tmp_
     plots.plot_optimal_loss(tmp_path / "c.png", [("full", plain)])
     labels = shown["fig"].axes[0].get_legend_handles_labels()[1]
     assert plots.MEMORISED not in labels and plots.UNRESOLVED not in labels
+
+
+def test_a_streamed_estimate_bounds_j_from_the_rows_it_reads(tmp_path):
+    """Streamed data: the bound reads the rows the draws' index lists (capped at the 5 other
+    points here, as in memory), so it equals the in-memory one up to the float32 rows'
+    allowance e₀; on three far-apart copies of the two-point set it is at least the two-point
+    bound (each source's term is its partner's, plus far terms), so above its exact J*."""
+    from lossfloor.data.chunked import open_chunked
+
+    x = two_points(1.0, 16).float()
+    x = torch.cat([x, x + 5, x - 5])
+    np.save(tmp_path / "p.npy", x.numpy())
+    est, sigmas = make_estimator("full", 6), [0.05, 0.3]
+    streamed = estimate_curve(open_chunked(str(tmp_path / "p.npy")), sigmas, est, progress=False)
+    memory = estimate_curve(x, sigmas, est, progress=False)
+    for s, m in zip(streamed.points, memory.points, strict=True):
+        assert s.upper_bound == pytest.approx(m.upper_bound, rel=1e-5)
+        assert s.upper_bound >= two_point_optimal_loss(1.0, 16, s.sigma)

@@ -29,6 +29,7 @@ positive number (~4.9e-324).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -37,6 +38,9 @@ import torch
 
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import logit_error_bound
+from lossfloor.optimal.outer import OuterPlan
+
+Tensor = torch.Tensor
 
 #: J* counts as memorised at σ where its upper bound is at most this share of the data variance.
 MEMORISED_SHARE = 1e-6
@@ -46,8 +50,8 @@ MEMORISED_SHARE = 1e-6
 #: its all-pairs value (the tail's share), with 16 within 0.5%, with 32 within 0.01%.
 BOUND_NEIGHBOURS = 32
 
-#: Sources whose neighbours' distances are computed at once.
-ROW_BLOCK = 1024
+#: Bytes of float64 rows (sources and their neighbours) read at once for the distances.
+ROW_BYTES = 64 * 2**20
 
 _U64 = float(np.finfo(np.float64).eps) / 2
 
@@ -90,37 +94,40 @@ class NearestPointBound:
     dim: int
 
     @classmethod
-    def from_index(cls, pools: list[Pool], tables: list[torch.Tensor]) -> NearestPointBound | None:
-        """The bound from each pool (the whole set, or each class) and its neighbour table
-        (``neighbours.neighbour_tables``, built on these pools); None unless every point has its
-        row (every point a source of the draws: M ≥ N). On K > 1 processes every process calls
-        it (``Pool.rows`` gathers).
+    def from_index(
+        cls, plan: OuterPlan, pools: list[Pool], tables: list[Tensor], k: int | None = None
+    ) -> NearestPointBound | None:
+        """The bound from the plan's data, each pool (the whole set, or each class) and its
+        neighbour table (``neighbours.neighbour_tables``, built on these pools), using the first
+        ``k`` neighbours (default: all listed); None unless every point has its row (every
+        point a source of the draws: M ≥ N). On K > 1 processes every process calls it.
 
-        The rows are the centred data rounded to the pool's dtype (unit round-off u): each is
-        within (u + 2u₆₄)·R of the exact centred point, so a distance within e₀ = 2(u + 2u₆₄)·R
-        of the data's; the float64 distance d̂ of the rows is within (D + 3)·u₆₄·d̂ of theirs.
-        An unlisted point ranks below the k-th in the index's scores, whose rounding is at most
-        δ (``kernel.logit_error_bound`` at σ = 1, the index's dtype), so its squared distance
-        is at least the k-th's − 4δ."""
+        The distances are of the pool's rows where it holds them all (the centred data rounded
+        to its dtype, unit round-off u: each within (u + 2u₆₄)·R of the exact centred point, so
+        distances within e₀ = 2(u + 2u₆₄)·R of the data's), else of the data in memory (e₀ = 0)
+        or the rows read (streamed data, as a pool's); the differences are rounded in the rows'
+        dtype (relative u_r) and their norms taken in float64, so each distance d̂ is within
+        (u_r + (D + 3)·u₆₄)·d̂ + e₀ of the data's. An unlisted point ranks below the k-th in the
+        index's scores, whose rounding is at most δ (``kernel.logit_error_bound`` at σ = 1, the
+        index's dtype), so its squared distance is at least the k-th's − 4δ."""
         if any(bool((t[:, 0] < 0).any()) for t in tables):
             return None
         dim = pools[0].dim
-        rel = (dim + 3) * _U64
         near_lo, near_hi, tail_lo, tail_hi, tail_count = [], [], [], [], []
-        for pool, table in zip(pools, tables, strict=True):
-            k = table.shape[1] - 1
-            if k == 0:  # a pool of one point: no pairs
+        for (members, _), pool, table in zip(plan.groups, pools, tables, strict=True):
+            table = table[:, : (table.shape[1] if k is None else k + 1)]
+            if table.shape[1] == 1:  # a pool of one point: no pairs
                 continue
-            unit = torch.finfo(pool.x.dtype).eps / 2
-            e0 = 2 * (unit + 2 * _U64) * math.sqrt(pool.max_sq)
             rank = 4 * logit_error_bound(pool.max_sq, dim, 1.0, pool.x.dtype)
-            d = _neighbour_distances(pool, table)
+            rows, e0 = _row_reader(plan, members, pool)
+            d, unit = _neighbour_distances(rows, table, dim)
+            rel = unit + (dim + 3) * _U64  # the rows' differences in their dtype, norms in float64
             near_lo.append(np.maximum(d * (1 - rel) - e0, 0.0).ravel())
             near_hi.append((d * (1 + rel) + e0).ravel())
             kth = np.maximum((d[:, -1] * (1 - rel)) ** 2 - rank, 0.0)
             tail_lo.append(np.maximum(np.sqrt(kth) - e0, 0.0))
-            tail_hi.append(np.full(pool.n, 2 * math.sqrt(pool.max_sq) * (1 + rel)))
-            tail_count.append(np.full(pool.n, float(pool.n - 1 - k)))
+            tail_hi.append(np.full(pool.n, 2 * math.sqrt(pool.max_sq) * (1 + (dim + 3) * _U64)))
+            tail_count.append(np.full(pool.n, float(pool.n - table.shape[1])))
 
         def joined(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts) if parts else np.zeros(0)
@@ -159,14 +166,35 @@ class NearestPointBound:
         return math.exp(self.log_value(sigma))
 
 
-def _neighbour_distances(pool: Pool, table: torch.Tensor) -> np.ndarray:
-    """‖x_n − x_m‖ in float64 for every point n of the pool and its listed neighbours m
-    (n×k, from the pool's rows, ROW_BLOCK points at a time)."""
+def _row_reader(
+    plan: OuterPlan, members: Tensor, pool: Pool
+) -> tuple[Callable[[Tensor], Tensor], float]:
+    """(the rows of pool indices, the most their distances may differ from the data's beyond
+    the rounding of their differences): the pool's own rows where it holds every one (on its
+    device; e₀ = 2(u + 2u₆₄)·R), else the data in memory (0), else the pool's rows read."""
+    e0 = 2 * (torch.finfo(pool.x.dtype).eps / 2 + 2 * _U64) * math.sqrt(pool.max_sq)
+    if pool.shards == 1 and pool.x.shape[0] == pool.n:
+        return lambda i: pool.x[i.to(pool.x.device)], e0
+    if isinstance(plan.data, Tensor):
+        x = plan.data.reshape(len(plan.data), -1)
+        return lambda i: x[members[i.to(members.device)]], 0.0
+    return lambda i: pool.rows(i.to(pool.x.device))[0], e0
+
+
+def _neighbour_distances(
+    rows: Callable[[Tensor], Tensor], table: Tensor, dim: int
+) -> tuple[np.ndarray, float]:
+    """(‖x_n − x_m‖ for every point n of a pool and its listed neighbours m (n×k), the unit
+    round-off of the rows' dtype): ``rows`` gives the rows (dim elements) of pool indices,
+    ROW_BYTES of them at a time; the differences in their dtype, the norms in float64."""
     n, k = table.shape[0], table.shape[1] - 1
-    out = np.empty((n, k))
-    for lo in range(0, n, ROW_BLOCK):
-        rows = table[lo : lo + ROW_BLOCK].to(pool.x.device)
-        x = pool.rows(rows.flatten())[0].double().view(rows.shape[0], k + 1, -1)
+    step = max(1, ROW_BYTES // ((k + 1) * dim * 8))
+    out, unit = np.empty((n, k)), _U64
+    for lo in range(0, n, step):
+        idx = table[lo : lo + step]
+        x = rows(idx.flatten()).view(idx.shape[0], k + 1, dim)
+        unit = max(unit, torch.finfo(x.dtype).eps / 2)
         diff = x[:, 1:] - x[:, :1]
-        out[lo : lo + rows.shape[0]] = diff.pow(2).sum(dim=2).sqrt().cpu().numpy()
-    return out
+        norm = torch.linalg.vector_norm(diff, dim=2, dtype=torch.float64)
+        out[lo : lo + idx.shape[0]] = norm.cpu().numpy()
+    return out, unit

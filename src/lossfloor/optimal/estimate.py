@@ -204,8 +204,9 @@ def _estimate_points(
 ) -> list[CurvePoint]:
     """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
     added to ``saved``); on K > 1 processes, each on its shard of the data. Where the draws
-    use a neighbour index that lists every point, each point also gets the bound J* ≤
-    ``upper_bound`` (``_with_bound``; the index then holds at least BOUND_NEIGHBOURS)."""
+    use a neighbour index that lists every point, each computed point also gets the bound J* ≤
+    ``upper_bound`` (``_with_bound``; the index then holds at least BOUND_NEIGHBOURS, but for
+    streamed data; a grid in one sweep has plain draws, no index)."""
     done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
@@ -218,11 +219,15 @@ def _estimate_points(
     pools = PoolsByDtype(plan, device, group)
     k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
     bound = None
-    if k > 0:  # the first k columns are the same for any k (``nearest_neighbours``)
+    if todo and k > 0:  # the first k columns are the same for any k (``nearest_neighbours``)
+        # the bound's distances: from the data in memory; of streamed data, by reading rows
+        # (only those the draws' index lists: reads as many as the tilted draws make)
+        streamed = isinstance(plan.data, ChunkedDataset)
+        k_bound = k if streamed else max(k, BOUND_NEIGHBOURS)
         index_pools = pools(pools.index_dtype(precision))
-        tables = neighbour_tables(plan, index_pools, max(k, BOUND_NEIGHBOURS), tile_bytes)
+        tables = neighbour_tables(plan, index_pools, k_bound, tile_bytes)
         pools.attach(tables)
-        bound = NearestPointBound.from_index(index_pools, tables)
+        bound = NearestPointBound.from_index(plan, index_pools, tables)
     if _sweeps(plan, estimator, draws, group, adaptive) and todo:
         done.update(_grid_points(plan, estimator, todo, form, precision, pools, bar.update,
                                  process, target, saved, group))  # fmt: skip
@@ -236,14 +241,14 @@ def _estimate_points(
             plan, estimator, sigma, form, precision, pools, tile_bytes, process, target,
             bar.update, draws, adaptive,
         )  # fmt: skip
+        if bound is not None and variance is not None:
+            point = _with_bound(point, bound(sigma), variance)
         points.append(point)
         if saved is not None:
             with group.together():  # rank 0 writes
                 saved.add(point)
     bar.close()
-    if bound is None or variance is None:
-        return points
-    return [_with_bound(p, bound(p.sigma), variance) for p in points]
+    return points
 
 
 def _with_bound(point: CurvePoint, bound: float, variance: float) -> CurvePoint:
