@@ -64,12 +64,14 @@ def plot_optimal_loss(
     estimate but a ▼ at its upper bound (MEMORISED; at the floor where the bound is below it:
     J* ≤ the floor is true as well)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    marks = [_point_flags(c) for _, c in curves]
+    marks = [_marks(c) for _, c in curves]
     floor = log_floor(
-        [c.values[~m[1]] for (_, c), m in zip(curves, marks, strict=True)]
-        + [_bounds(c)[m[1]] for (_, c), m in zip(curves, marks, strict=True)]
+        [c.values[~bounded] for (_, c), (_, bounded, _) in zip(curves, marks, strict=True)]
+        + [bounds[bounded] for _, bounded, bounds in marks]
     )
-    for i, ((label, curve), (unresolved, bounded)) in enumerate(zip(curves, marks, strict=True)):
+    for i, ((label, curve), (unresolved, bounded, bounds)) in enumerate(
+        zip(curves, marks, strict=True)
+    ):
         shown, color = ~bounded, f"C{i}"
         s, v, se = curve.sigmas[shown], curve.values[shown], curve.stderrs[shown]
         plot_floored(ax, s, v, floor, "o-", ms=3, label=label, color=color)
@@ -80,8 +82,8 @@ def plot_optimal_loss(
             _once(ax, s[hollow], np.maximum(v[hollow], floor), "o", UNRESOLVED, ms=6,
                   mfc="white", color=color, zorder=4)  # fmt: skip
         if bounded.any():
-            _once(ax, curve.sigmas[bounded], np.maximum(_bounds(curve)[bounded], floor), "v",
-                  MEMORISED, ms=8, color=color, zorder=4)  # fmt: skip
+            _once(ax, curve.sigmas[bounded], np.maximum(bounds[bounded], floor), "v", MEMORISED,
+                  ms=8, color=color, zorder=4)  # fmt: skip
     ax.set_ylim(bottom=floor / 1.5)
     if data_variance is not None:
         ax.axhline(data_variance, color="gray", ls="--", lw=1, label="data variance (σ→∞)")
@@ -100,18 +102,14 @@ UNRESOLVED = "unresolved (too few effective draws)"
 MEMORISED = "J* ≤ bound (memorised)"
 
 
-def _point_flags(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
-    """(unresolved, bounded) masks over ``curve.sigmas``: the draws do not resolve the point;
-    and, of those, J* is memorised (its ``upper_bound`` is reported instead)."""
+def _marks(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over ``curve.sigmas``: (unresolved: the draws do not resolve the point; bounded: of
+    those, J* is memorised, its ``upper_bound`` reported instead; the bounds, NaN where none)."""
     pts = sorted(curve.points, key=lambda p: p.sigma)
     unresolved = np.array([p.resolved is False for p in pts])
-    return unresolved, unresolved & np.array([bool(p.memorised) for p in pts])
-
-
-def _bounds(curve: Curve) -> np.ndarray:
-    """The points' ``upper_bound`` over ``curve.sigmas`` (NaN where there is none)."""
-    pts = sorted(curve.points, key=lambda p: p.sigma)
-    return np.array([np.nan if p.upper_bound is None else p.upper_bound for p in pts])
+    bounded = unresolved & np.array([bool(p.memorised) for p in pts])
+    bounds = np.array([np.nan if p.upper_bound is None else p.upper_bound for p in pts])
+    return unresolved, bounded, bounds
 
 
 def _once(ax, s: np.ndarray, v: np.ndarray, fmt: str, label: str, **kwargs) -> None:
