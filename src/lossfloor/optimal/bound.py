@@ -17,9 +17,9 @@ below 0 by √3, then rises to 0 from below; g rises up to the one root u* ≈ 1
 (``u_star``) and falls after it. The sup of f over [a, b] is therefore f at the point of
 [a, b] nearest 2σ·u*.
 
-The bound is rigorous up to the rounding it accounts for: each distance, computed in float64
-from the pool's rows (the centred data rounded to the pool's dtype), is widened to the interval
-that holds the exact distance between the data points (``NearestPointBound.from_index``), the
+The bound is rigorous up to the rounding it accounts for: each distance, computed from the
+pool's rows (the centred data rounded to the pool's dtype) or the data's, is widened to an
+interval that holds the exact distance between the data points (``from_index``), the
 k-th distance is lowered by the index's ranking error, and the sum's logarithm is raised by a
 margin for float64's rounding of Q and of the sum (``log_value``). It is computed in log space
 (``scipy.special.log_ndtr``): the value is 0.0 only where the bound is below float64's smallest
