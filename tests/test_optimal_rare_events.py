@@ -179,3 +179,19 @@ def test_the_95_percent_interval_covers_the_exact_value(name):
     cover = (np.abs(z) < 1.96).mean(axis=0)
     assert np.all(cover >= 0.86), cover
     assert np.all(np.abs(z.mean(axis=0)) < 0.5), z.mean(axis=0)
+
+
+def test_a_negative_closed_form_is_recorded_with_its_weight_and_rounding_bound_never_as_j():
+    """Tilted draws where J* ≈ 0: the closed form's mean may be negative (an unbiased mean of
+    per-draw values); the point keeps it, with the weight the combination gave it and its
+    rounding bound, while optimal_loss stays ≥ 0."""
+    from lossfloor.optimal.estimate import _make_point
+
+    g = torch.Generator().manual_seed(0)
+    direct = torch.rand(4000, generator=g, dtype=torch.float64) * 1e-6
+    closed = direct - 4e-3 + 1e-3 * torch.randn(4000, generator=g, dtype=torch.float64)
+    samples = PerSample(closed=closed, direct=direct, weight=torch.ones(4000), closed_error=2e-3)
+    p = _make_point(0.2, samples, torch.float32, "combined", 1.0, None, None, "tilted")
+    assert p.closed < 0 and p.optimal_loss >= 0
+    assert p.closed_rounding == 2e-3 and p.combined_weight_closed == 0.0  # left out: rounding
+    assert p.to_json()["closed_rounding"] == 2e-3

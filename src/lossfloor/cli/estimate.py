@@ -414,7 +414,7 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset
     from lossfloor.cli.common import write_plot
 
     if not args.quiet:
-        _print_table(curve, args.target)
+        _print_table(curve, args)
         if curve.sources is not None:
             _print_heldout(curve)
     _warn_unresolved(curve)
@@ -453,10 +453,11 @@ def _print_heldout(curve: Curve) -> None:
 
 
 def _warn_unresolved(curve: Curve) -> None:
-    """One line on stderr naming the σ whose value rests on too few draws to trust its stderr."""
+    """One line on stderr naming the σ whose value rests on too few draws to trust its stderr,
+    but for those where the bound shows J* memorised (the table reports the bound there)."""
     from lossfloor.optimal.outer import MIN_EFFECTIVE_DRAWS
 
-    bad = [p for p in curve.points if p.resolved is False]
+    bad = [p for p in curve.points if p.resolved is False and not p.memorised]
     if bad:
         listed = ", ".join(f"{p.sigma:.4g} (ESS {p.ess:.3g})" for p in bad)
         print(
@@ -485,24 +486,34 @@ def _warn_target_missed(curve: Curve) -> None:
         )
 
 
-def _print_table(curve: Curve, target: str) -> None:
+def _print_table(curve: Curve, args: argparse.Namespace) -> None:
     """The points, a line saying what each column is, the data variance and the total; with
-    adaptive sizes, each σ's draws M (and far sample L) and achieved relative stderr."""
-    head = f"J*({target})"
+    adaptive sizes, each σ's draws M (and far sample L) and achieved relative stderr; where J*
+    is memorised and the draws do not resolve it, its upper bound "≤ b" in place of the
+    estimate."""
+    from lossfloor.diffusion import get_process, get_target
+    from lossfloor.optimal.bound import MEMORISED_SHARE
+    from lossfloor.optimal.estimate import in_target_units
+
+    process = get_process(args.process)
+    target = get_target(args.target, sigma_data=args.sigma_data)
+    head = f"J*({args.target})"
     adaptive = curve.target_rse is not None
     far = adaptive and any(p.inner is not None for p in curve.points)
     extra = (f" {'M':>8}" + (f" {'L':>7}" if far else "") + f" {'rse':>8}") if adaptive else ""
     print(f"{'sigma':>10} {'t':>10} {'J*(x0)':>12} {'stderr':>10} {head:>12} {'s':>7}{extra}")
     for p in curve.points:
-        tgt = p.optimal_loss_target
+        value, se, tgt = f"{p.optimal_loss:12.6g}", f"{p.stderr:10.3g}", p.optimal_loss_target
+        bounded = bool(p.memorised and not p.resolved)
+        if bounded:
+            value, se = f"≤ {p.upper_bound:.4g}".rjust(12), f"{'memorised':>10}"
+            tgt = in_target_units(p.upper_bound, p.sigma, process, target)
         sizes = ""
         if adaptive:
             rse = "—" if p.rse is None else f"{p.rse:.3g}"
             sizes = f" {p.outer:8d}" + (f" {p.inner:7d}" if far else "") + f" {rse:>8}"
-        print(
-            f"{p.sigma:10.4g} {p.t:10.4g} {p.optimal_loss:12.6g} {p.stderr:10.3g} "
-            f"{'—' if tgt is None else f'{tgt:.6g}':>12} {p.seconds:7.2f}{sizes}"
-        )
+        shown = "—" if tgt is None else f"{'≤ ' if bounded else ''}{tgt:.6g}"
+        print(f"{p.sigma:10.4g} {p.t:10.4g} {value} {se} {shown:>12} {p.seconds:7.2f}{sizes}")
     print(
         f"sigma: VE σ; t: the process' time at σ; J*(x0) ± stderr: per element, x0 units; "
         f"{head}: per element, in the target's units; s: seconds for that σ"
@@ -511,6 +522,12 @@ def _print_table(curve: Curve, target: str) -> None:
             + ("; L: far sample" if far else "")
             + "; rse: stderr/J*"
             if adaptive
+            else ""
+        )
+        + (
+            f"; ≤ b, memorised: J* ≤ b, a rigorous bound (the nearest-point denoiser's error) "
+            f"at most {MEMORISED_SHARE:g} × the data variance, where the draws cannot resolve J*"
+            if any(p.memorised and not p.resolved for p in curve.points)
             else ""
         )
     )

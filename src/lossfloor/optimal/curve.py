@@ -32,9 +32,12 @@ CSV_COLUMNS = {
     "direct": "x0 units per element",
     "direct_stderr": "x0 units per element",
     "combined_weight_closed": "dimensionless",
+    "closed_rounding": "x0 units per element",
     "dtype": "",
     "ess": "draws",
     "resolved": "",
+    "upper_bound": "x0 units per element",
+    "memorised": "",
     "heldout_loss": "x0 units per element",
     "heldout_stderr": "x0 units per element",
     "smoothed_loss": "x0 units per element",
@@ -56,20 +59,32 @@ OPTIONAL_DRAW_KEYS = ("draws", "target_rse", "pilot")
 #: Point fields written only where set (files written before they existed, and points without
 #: held-out sources, do not have them).
 OPTIONAL_POINT_KEYS = (
-    "ess", "resolved", "heldout_loss", "heldout_stderr", "smoothed_loss", "smoothed_stderr",
-    "bandwidth", "outer", "inner", "rse",
+    "closed_rounding", "ess", "resolved", "upper_bound", "memorised", "heldout_loss",
+    "heldout_stderr", "smoothed_loss", "smoothed_stderr", "bandwidth", "outer", "inner", "rse",
 )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class CurvePoint:
-    """J*(σ) at one σ (per element, x0 units): the reported value (≥ 0) and its standard error,
-    both forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight
+    """J*(σ) at one σ (per element, x0 units): the reported value and its standard error, both
+    forms of the outer average (closed A − ‖μ‖², direct ‖x0 − μ‖²) with theirs, the weight
     a ∈ [0, 1] of the closed form in the combination a·closed + (1−a)·direct, the process time
     t, the value in the target's units (J*·loss factor, None without a target), the dtype and
-    the seconds; ``ess``, the effective number of draws that carry the value ((Σv)²/Σv² of the
-    direct form's per-draw values), and ``resolved``: whether it is large enough for the
-    standard error to mean something; with held-out sources (``lossfloor.floor.with_heldout``)
+    the seconds. ``optimal_loss`` = max(0, the reported form's mean): never negative (a mean
+    below 0 is noise around a J* near 0; the unclipped mean is a·closed + (1−a)·direct).
+    ``closed`` is an unbiased mean of per-draw values that may be negative where J* is near 0
+    (likewise ``direct`` on tilted draws, after the control variate); on tilted draws
+    ``closed_rounding`` bounds its float rounding (``outer.closed_rounding``; None where that
+    bound is not finite), and a = 0 where
+    that bound exceeds a tenth of its standard error and the two forms disagree
+    (``outer.Moments.from_samples``): then the closed form is not in the value.
+    ``ess``, the effective number of draws that carry the value ((Σv)²/Σv² of the direct
+    form's per-draw values), and ``resolved``: whether it is large enough for the standard
+    error to mean something (never with ESS 0). ``upper_bound``: a rigorous bound J* ≤ it (the
+    nearest-point denoiser's error, ``optimal.bound``; only where below the data variance),
+    and ``memorised``: whether that bound is at most ``bound.MEMORISED_SHARE`` of the data
+    variance (J* ≈ 0: the optimum recalls its source; the bound, not the estimate, answers how
+    small J* is there). With held-out sources (``lossfloor.floor.with_heldout``)
     the held-out losses of the optimal denoiser and of its smoothed version at ``bandwidth``
     (upper bounds on the population's J*); with adaptive sizes (``target_rse``), the draws
     ``outer`` and (stratified) far sample ``inner`` this σ used and the achieved relative
@@ -87,9 +102,12 @@ class CurvePoint:
     direct: float | None = None
     direct_stderr: float | None = None
     combined_weight_closed: float | None = None
+    closed_rounding: float | None = None
     dtype: str | None = None
     ess: float | None = None
     resolved: bool | None = None
+    upper_bound: float | None = None
+    memorised: bool | None = None
     heldout_loss: float | None = None
     heldout_stderr: float | None = None
     smoothed_loss: float | None = None

@@ -30,6 +30,7 @@ from lossfloor.diffusion import Process, Target
 from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
+from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
 from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample, Stratified
 from lossfloor.optimal.gram import Gram
@@ -57,7 +58,7 @@ from lossfloor.schedules import NoiseSchedule
 from lossfloor.seeding import generator_for
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
-CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/1"
+CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
 
 
 def estimate_curve(
@@ -138,12 +139,12 @@ def estimate_curve(
     if saved is not None:
         saved.writes = group.main
         group.check_same("checkpoints", str(sorted(saved.points)))
+    variance = x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1]
     points = _estimate_points(
         plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
         process, target, saved, progress and group.main, draws, group,
-        None if adaptive is None else adaptive[:2],
+        None if adaptive is None else adaptive[:2], variance,
     )  # fmt: skip
-    variance = x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1]
     curve = Curve(points=tuple(points), data_variance=variance, dataset=described, **options)
     if schedule is not None:
         curve = dataclasses.replace(curve, total=curve.total_under(schedule))
@@ -199,9 +200,13 @@ def _estimate_points(
     draws: str,
     group: Group,
     adaptive: tuple[float, int] | None = None,
+    variance: float | None = None,
 ) -> list[CurvePoint]:
     """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
-    added to ``saved``); on K > 1 processes, each on its shard of the data."""
+    added to ``saved``); on K > 1 processes, each on its shard of the data. Where the draws
+    use a neighbour index that lists every point, each computed point also gets the bound J* ≤
+    ``upper_bound`` (``_with_bound``; the index then holds at least BOUND_NEIGHBOURS, but for
+    streamed data; a grid in one sweep has plain draws, no index)."""
     done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
     bar = tqdm(
@@ -213,9 +218,16 @@ def _estimate_points(
     )  # fmt: skip
     pools = PoolsByDtype(plan, device, group)
     k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
-    if todo and k > 0:
+    bound = None
+    if todo and k > 0:  # the first k columns are the same for any k (``nearest_neighbours``)
+        # the bound's distances: from the data in memory; of streamed data, by reading rows
+        # (only those the draws' index lists: reads as many as the tilted draws make)
+        streamed = isinstance(plan.data, ChunkedDataset)
+        k_bound = k if streamed else max(k, BOUND_NEIGHBOURS)
         index_pools = pools(pools.index_dtype(precision))
-        pools.attach(neighbour_tables(plan, index_pools, k, tile_bytes))
+        tables = neighbour_tables(plan, index_pools, k_bound, tile_bytes)
+        pools.attach(tables)
+        bound = NearestPointBound.from_index(plan, index_pools, tables)
     if _sweeps(plan, estimator, draws, group, adaptive) and todo:
         done.update(_grid_points(plan, estimator, todo, form, precision, pools, bar.update,
                                  process, target, saved, group))  # fmt: skip
@@ -229,12 +241,24 @@ def _estimate_points(
             plan, estimator, sigma, form, precision, pools, tile_bytes, process, target,
             bar.update, draws, adaptive,
         )  # fmt: skip
+        if bound is not None and variance is not None:
+            point = _with_bound(point, bound(sigma), variance)
         points.append(point)
         if saved is not None:
             with group.together():  # rank 0 writes
                 saved.add(point)
     bar.close()
     return points
+
+
+def _with_bound(point: CurvePoint, bound: float, variance: float) -> CurvePoint:
+    """``point`` with ``upper_bound`` where the bound is below the data variance (J* ≤ Var
+    always: the mean as denoiser) and ``memorised`` where it is at most MEMORISED_SHARE of it."""
+    if not bound < variance:
+        return point
+    return dataclasses.replace(
+        point, upper_bound=bound, memorised=bound <= MEMORISED_SHARE * variance
+    )
 
 
 def _sweeps(
@@ -375,9 +399,12 @@ def _make_point(
             "inner": getattr(used[1], "inner", None) if isinstance(used[1], Stratified) else None,
             "rse": se / value if value > 0 else None,
         }
+    # tilted draws bound the closed form's rounding; not finite where σ² underflows the logits
+    rounding = samples.closed_error if draws == "tilted" else None
+    rounding = rounding if rounding is not None and math.isfinite(rounding) else None
     in_target = None
     if process is not None and target is not None:
-        in_target = value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
+        in_target = in_target_units(value, sigma, process, target)
     return CurvePoint(
         sigma=sigma,
         t=float(process.t_of_sigma_ve(sigma)) if process is not None else sigma,
@@ -390,11 +417,18 @@ def _make_point(
         direct=mom.direct,
         direct_stderr=mom.direct_stderr,
         combined_weight_closed=mom.weight_closed,
+        closed_rounding=rounding,
         dtype=str(dtype).removeprefix("torch."),
         ess=mom.ess,
-        resolved=bool(mom.ess >= MIN_EFFECTIVE_DRAWS or (draws == "tilted" and mom.ess == 0)),
+        resolved=bool(mom.ess >= MIN_EFFECTIVE_DRAWS),  # ESS 0: no draw carries a value
         **sizes,
     )
+
+
+def in_target_units(value: float, sigma: float, process: Process, target: Target) -> float:
+    """A loss per element in x0 units at σ in the target's units: value·(its loss factor at
+    the process time of σ)."""
+    return value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
 
 
 #: Adaptive sizes: the default pilot (draws), the default plan (× the pilot), and the share of
