@@ -36,6 +36,7 @@ from lossfloor.optimal.outer import (
     mean_and_stderr,
     per_sample_values,
 )
+from lossfloor.progress import progress_bar
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
@@ -279,8 +280,6 @@ def diagnose(
     recorded), J* is read from it (``optimal_from_curve``) instead of computed, and the gap's
     standard error is the bound s.e.(J_θ) + s.e.(J*).
     """
-    from tqdm.auto import tqdm
-
     check_sigmas(sigmas)
     protocol = read_protocol(model)
     lo, hi = protocol.sigma_min, protocol.sigma_max
@@ -301,7 +300,7 @@ def diagnose(
         else optimal_from_curve(optimal, dataset, sigmas, outer, seed, conditional)
     )
     pools = PoolsByDtype(plan, device)
-    todo = tqdm(list(zip(sigmas, known, strict=True)), disable=not progress, desc="diagnose",
+    todo = progress_bar(list(zip(sigmas, known, strict=True)), enabled=progress, desc="diagnose",
                 unit="σ", leave=False)  # fmt: skip
     points = [_gap_point(model, dataset, plan, pools, s, batch, labels, cache, k) for s, k in todo]
     return Diagnosis(

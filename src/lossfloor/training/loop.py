@@ -45,6 +45,7 @@ from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.distributed import current
 from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import CHECKPOINT_FORMAT
+from lossfloor.progress import interactive
 from lossfloor.schedules import get_schedule
 from lossfloor.seeding import derived_seed, generator_for
 from lossfloor.training.backbone import UNetBackbone, backbone_config
@@ -385,7 +386,7 @@ class Trainer:
         acc = StatsAccumulator(self.device)
         self.net.train()
         disable = None if self.progress is None else not self.progress
-        lines = self.progress is None and not sys.stderr.isatty()  # tqdm's auto mode is off
+        lines = self.progress is None and not interactive()  # tqdm's auto mode is off
         bar = tqdm(
             total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
         )
