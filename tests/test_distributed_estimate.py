@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from shard_worker import SCENARIOS, STATS_ROWS, estimate
+from tolerances import assert_same_point, pool_of, rounding_bound
 from torchrun import run_workers
 
 import lossfloor.cli
@@ -22,7 +23,6 @@ from lossfloor.data import chunked
 from lossfloor.distributed import Group
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
-from lossfloor.optimal.outer import TILT_SHARE, closed_rounding
 from lossfloor.optimal.shard import ShardedPool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,27 +53,6 @@ def _points(path: Path) -> tuple[dict, list[dict]]:
     return options, points
 
 
-def _tolerance(points: Path, sigma: float, dtype: str, draws: str | None) -> float:
-    """A bound on how far a per-σ value (per element) of two runs that sum in other orders can
-    differ: 2× the bound on one run's rounding.
-
-    Per draw, the closed form (A − ‖μ‖²)/D is off by at most ``outer.closed_rounding`` (μ's
-    error from the logits' rounding and its own; ‖μ‖ ≤ R = max‖x‖, μ being a mean of the
-    centred rows), the direct form ‖x0 − μ‖²/D (‖x0 − μ‖ ≤ 2R) by at most twice that, both
-    times the likelihood ratio w ≤ 1/(1 − TILT_SHARE) of tilted draws; A itself, a float64
-    mean of N squared norms summed in another order, by N·u·A. Means, standard errors and the
-    combination a·closed + (1−a)·direct move by no more than their per-draw values do. (The
-    float32 bound is ~1e5× the differences measured here, so all scenarios but one run in
-    float64, where it is ~1e-12.)"""
-    x = torch.from_numpy(np.load(points)).double()
-    pool = Pool.from_data(x, getattr(torch, dtype), "cpu")
-    at_r = torch.tensor([(pool.a - pool.max_sq) / pool.dim], dtype=torch.float64)  # ‖μ‖ = R
-    per_draw = 2 * float(closed_rounding(pool, sigma, getattr(torch, dtype), at_r)[0])
-    per_draw /= 1 - TILT_SHARE if draws != "plain" else 1
-    per_draw += pool.n * torch.finfo(torch.float64).eps * pool.a / pool.dim
-    return 2 * per_draw
-
-
 def _assert_same_numbers(two: Path, one: Path, points: Path) -> None:
     (opt2, pts2), (opt1, pts1) = _points(two), _points(one)
     assert opt2 == opt1  # estimator, draws, form, dataset, data variance, ...
@@ -87,21 +66,8 @@ def _assert_same_numbers(two: Path, one: Path, points: Path) -> None:
         # each process sums its half of the keys and the halves are merged, one process sums
         # them in one stream: the values differ by rounding, within the bound of both runs
         draws = opt1["estimator"].get("draws")
-        tol = _tolerance(points, p1["sigma"], p1["dtype"], draws)
-        for key in ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr"):
-            assert p2[key] == pytest.approx(p1[key], rel=0, abs=tol), key
-        factor = p1["optimal_loss_target"] / p1["optimal_loss"]  # the target's loss factor
-        assert p2["optimal_loss_target"] == pytest.approx(
-            p1["optimal_loss_target"], rel=0, abs=factor * tol
-        )
-        # a and the ESS are ratios of second moments of the per-draw values: a perturbation of
-        # each value by tol moves them by ≤ 4·tol over the values' spread (√M·stderr) or mean
-        spread = math.sqrt(p1["outer"] or opt1["estimator"]["outer"]) * min(
-            p1["closed_stderr"], p1["direct_stderr"]
-        )
-        a2, a1 = p2["combined_weight_closed"], p1["combined_weight_closed"]
-        assert a2 == pytest.approx(a1, rel=0, abs=4 * tol / spread)
-        assert p2["ess"] == pytest.approx(p1["ess"], rel=4 * tol / p1["direct"])
+        tol = rounding_bound(pool_of(points, p1["dtype"]), p1["sigma"], draws)
+        assert_same_point(p2, p1, tol, p1["outer"] or opt1["estimator"]["outer"])
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerances import assert_same_point, pool_of, rounding_bound
 
 import lossfloor.cli
 from lossfloor.data import chunked as chunked_module
@@ -98,9 +99,10 @@ def test_an_npy_read_in_chunks_gives_the_numbers_of_the_data_in_memory(points, n
 def test_chunks_that_cut_the_tiles_give_the_same_numbers_to_float64_rounding(points, name):
     # 11-row chunks: the kernel's tiles end at each chunk, so sums run in another order
     memory, streamed = _curves(str(points), name, "plain", "float64", chunk_mb=11 * 28 * D / 2**20)
-    for s, m in zip(_numbers(streamed), _numbers(memory), strict=True):
-        for key in NUMBERS[:-1]:
-            assert s[key] == pytest.approx(m[key], rel=1e-12, abs=1e-300), key
+    pool = pool_of(points, "float64")
+    for s, m in zip(streamed.points, memory.points, strict=True):
+        assert (s.sigma, s.dtype) == (m.sigma, m.dtype) == (s.sigma, "float64")
+        assert_same_point(s.to_json(), m.to_json(), rounding_bound(pool, m.sigma, "plain"), N)
 
 
 def _images(tmp_path: Path) -> tuple[Path, Path]:
