@@ -9,6 +9,8 @@ import torch
 
 from lossfloor.optimal.kernel import accumulate_softmax, logit_error_bound, posterior_mean
 
+pytestmark = pytest.mark.numerics
+
 
 def brute_posterior_mean(q: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
     """μ(q) = Σ softmax_n(−‖q − x_n‖²/2σ²)·x_n with explicit differences, float64."""

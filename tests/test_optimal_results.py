@@ -70,6 +70,7 @@ def without_seconds(rec: dict) -> dict:
 # --- typed results ------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("path", CURVE_FILES, ids=lambda p: p.name)
 def test_a_curve_file_reads_and_writes_back_byte_for_byte(path, tmp_path):
     curve = Curve.load(path)
@@ -78,6 +79,7 @@ def test_a_curve_file_reads_and_writes_back_byte_for_byte(path, tmp_path):
     assert (tmp_path / "again.json").read_text() == path.read_text()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("path", CURVE_FILES, ids=lambda p: p.name)
 def test_the_views_of_a_curve_come_from_its_points(path):
     rec = json.loads(path.read_text())
@@ -129,6 +131,7 @@ def _assert_same_total(again: Total, recorded: Total, points: int, exact_densiti
     assert again.quadrature_error == pytest.approx(recorded.quadrature_error, rel=0, abs=quadrature)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("path", DIAGNOSIS_FILES, ids=lambda p: p.name)
 def test_a_diagnosis_file_reads_and_writes_back_byte_for_byte(path, tmp_path):
     """The target-unit values and the relative gap are derived on reading: they come out equal

@@ -26,7 +26,7 @@ from lossfloor.optimal import estimate_curve, make_estimator
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.stream import StreamedPool, chunk_rows
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 #: The per-σ numbers of a curve (not its timings).
 NUMBERS = ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr")
