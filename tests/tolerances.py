@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lossfloor.optimal.estimators import Pool
+from lossfloor.optimal.kernel import logit_error_bound
 from lossfloor.optimal.outer import TILT_SHARE, closed_rounding
 
 #: float64 machine epsilon, 2u (one ulp of 1).
@@ -68,3 +69,13 @@ def assert_same_point(p2: dict[str, Any], p1: dict[str, Any], tol: float, outer:
     a2, a1 = p2["combined_weight_closed"], p1["combined_weight_closed"]
     assert a2 == pytest.approx(a1, rel=0, abs=4 * tol / spread)
     assert p2["ess"] == pytest.approx(p1["ess"], rel=4 * tol / p1["direct"])
+
+
+def posterior_mean_atol(keys: torch.Tensor, sigma: float, dtype: torch.dtype) -> float:
+    """A bound on the rounding error of μ = Σ p(n|q)·x_n computed by the kernel in ``dtype``:
+    the weights' relative error δ (``kernel.logit_error_bound``) moves μ by ≤ 4δ·R, and μ's own
+    rounding by 2u·R (R = max‖x_n‖), as ``outer.closed_rounding`` takes it."""
+    max_sq = float(keys.double().pow(2).sum(dim=1).max())
+    r = math.sqrt(max_sq)
+    delta = logit_error_bound(max_sq, keys.shape[1], sigma, dtype)
+    return 4 * delta * r + torch.finfo(dtype).eps * r
