@@ -5,7 +5,7 @@ bar's carriage-return frames would fill the file.
 ``progress_bar`` takes tqdm's arguments for what the library uses (an iterable or a total,
 ``desc``, ``unit``, ``leave``, ``initial``, ``dynamic_ncols``) and returns an object with
 tqdm's ``update``, ``set_postfix``, ``close`` and iteration. Off a terminal it writes one line
-per tenth of the total (at most 11), or, with no total, one per ``set_postfix`` call (a new σ)."""
+per tenth of the total (at most 10), or, with no total, one per ``set_postfix`` call (a new σ)."""
 
 from __future__ import annotations
 
@@ -99,9 +99,3 @@ class ProgressLines:
         for item in self.iterable or ():
             yield item
             self.update(1)
-
-    def __enter__(self) -> ProgressLines:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
