@@ -23,9 +23,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
+# Then the numerically sensitive tests again under PyTorch's other CPU kernels (scalar, AVX2),
+# so that a test that holds only on one CPU's rounding fails here, not on a user's machine.
 test: lint
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests'; exit 1; fi; exit $$rc
+	for cap in $$($(PY) -c "$$CAPABILITIES"); do \
+		echo "numerics under ATEN_CPU_CAPABILITY=$$cap"; \
+		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -m numerics -p no:cacheprovider || exit 1; \
+	done
+
+# The kernels to test besides this CPU's best: default always, avx2 where the CPU has it.
+export CAPABILITIES := import torch; c = torch.backends.cpu.get_cpu_capability(); \
+	print("default avx2" if c in ("AVX2", "AVX512") else "default")
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -109,6 +109,7 @@ def test_diagnose_at_huge_sigma_gives_the_data_variance(tmp_path, capsys):
 DIAG = ["diagnose", "--model", "optimal", "--data", "digits", "--limit", "60", "--no-cache"]
 
 
+@pytest.mark.numerics
 def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
     """--curve: J* is the estimate's direct form, the same per-sample mean diagnose computes,
     so every number equals a paired run's except the gap's ±, the bound se(J_θ) + se(J*)."""

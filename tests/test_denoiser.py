@@ -121,6 +121,7 @@ def test_loss_factor_in_sigma_ve(p):
 SIGMA_BATCH = torch.tensor([0.002, 0.05, 0.5, 1.0, 7.0, 80.0], dtype=F64)
 
 
+@pytest.mark.numerics
 def test_matches_edm_precond():
     # EDMPrecond: D = c_skip·x + c_out·F(c_in·x, ¼ ln σ), σ_d = 0.5
     g = torch.Generator().manual_seed(3)
@@ -133,6 +134,7 @@ def test_matches_edm_precond():
     torch.testing.assert_close(actual, expected, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.numerics
 def test_matches_edm_vp_precond():
     # VPPrecond: D = x − σ·F(x/√(σ² + 1), 999·t(σ)),
     # t(σ) = (√(β_min² + 2β_d ln(1 + σ²)) − β_min)/β_d
@@ -145,6 +147,7 @@ def test_matches_edm_vp_precond():
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.numerics
 def test_matches_edm_ve_precond():
     # VEPrecond: D = x + σ·F(x, ln(σ/2)); its F is −ε̂, so an ε-prediction net is −F.
     g = torch.Generator().manual_seed(5)
@@ -172,6 +175,7 @@ def test_scale_input_false_feeds_x_t():
     torch.testing.assert_close(seen["x_in"], 0.25 * x, rtol=1e-15, atol=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["edm", "vp-cosine", "fm"])
 def test_sigma_may_be_float_scalar_vector_or_column(name):
     D = Denoiser(toy_net, name, "eps")

@@ -53,6 +53,7 @@ def draws_of(pool: Pool, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 # --- exact where R is one point -------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("inner", [2, 7, 32])
 def test_two_points_per_draw_values_are_full_s(inner):
     """{+a, −a}: R is the one other point, every draw picks it, ū = u and the U-statistic is
@@ -188,6 +189,7 @@ def test_error_falls_like_one_over_root_L(digits):
 # --- the sweep is the per-σ path -----------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grid_values_are_each_sigma_alone_bitwise(digits, dtype):
     """300 draws: a block of GRAM_ROWS = 256 and a rest of 44 (not a multiple of ``rows``)."""

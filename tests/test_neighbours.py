@@ -38,6 +38,7 @@ def data(seed: int = 3, n: int = 300, d: int = 7) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tile_bytes", [64 * 300 * 8, 2**25])  # 64-key tiles, one tile
 def test_equals_brute_force_on_a_tiny_set(tile_bytes):
     x = data()

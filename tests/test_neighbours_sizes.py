@@ -56,6 +56,7 @@ def test_moments_on_plain_draws_are_unchanged_by_the_new_fields():
     assert mom.combined == pytest.approx((a * c + (1 - a) * d).mean().item(), rel=1e-12)
 
 
+@pytest.mark.numerics
 def test_the_closed_form_is_left_out_where_its_rounding_could_bias_it():
     """Two points at σ = 0.3 in float32 (J* = 7.8e-14): A − ‖μ‖² is 1e-8 off, far beyond its
     standard error once the control removes the weights' noise; the combination must then be

@@ -43,6 +43,7 @@ def brute_force_per_sample(data: torch.Tensor, m: int, seed: int, sigma: float):
     return closed.mean().item(), direct.mean().item()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("precision,rtol", [("float64", 1e-6), ("float32", 2e-4)])
 def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
     g = torch.Generator().manual_seed(5)
@@ -56,6 +57,7 @@ def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
         assert p.direct == pytest.approx(direct, rel=rtol)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0, 4.0])
 def test_two_point_dataset_matches_the_tanh_closed_form(sigma):
     """r = 2 in 8 dims. Not below σ = 0.7: there J* comes from draws whose noise carries x_t
@@ -107,6 +109,7 @@ def test_dol_underestimates_the_full_value(digits):
     assert np.all(dol.values < full.values - 3 * full.stderrs)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", ["shared", "independent"])
 def test_cdol_with_C_equal_1_is_dol_and_C_infinite_is_snis(digits, layout):
     x = digits.x[:300]
@@ -152,6 +155,7 @@ def test_no_nan_inf_or_negative_from_tiny_to_huge_sigma_with_duplicates(name, pr
         assert p.optimal_loss >= 0 and 0 <= p.combined_weight_closed <= 1, (name, p)
 
 
+@pytest.mark.numerics
 def test_auto_precision_switches_to_float64_where_float32_loses_digits():
     """Points of norm ≈ 40 in pairs 0.05 apart: at σ = 0.03 the fp32 expanded-form logits are
     off by O(1), so J* in float32 is wrong; ``auto`` detects it from the norms and uses fp64."""

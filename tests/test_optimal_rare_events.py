@@ -24,6 +24,7 @@ def two_points() -> torch.Tensor:
     return torch.stack([a, -a])
 
 
+@pytest.mark.numerics
 def test_the_issue_case_has_the_exact_value_it_names():
     """1.07e-4 came from Gauss–Hermite quadrature of 1 − tanh²; the sech² quadrature gives
     1.069857e-4."""
@@ -109,6 +110,7 @@ def test_the_two_point_and_line_quadratures_agree_with_each_other_and_a_direct_i
 # --- tilted draws --------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_the_tilted_weight_is_the_ratio_of_the_normal_to_the_mixture_density():
     """w(ε) = φ(ε)/q(ε) with q the defensive mixture written out by scipy's densities."""
     from scipy.stats import multivariate_normal

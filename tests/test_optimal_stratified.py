@@ -29,6 +29,7 @@ def pool_with_index(n: int = 400, d: int = 4, k: int = 8) -> Pool:
     return pool
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_far_stratum_covering_everything_is_full_bitwise(digits, precision, tmp_path, monkeypatch):
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path))
@@ -41,6 +42,7 @@ def test_far_stratum_covering_everything_is_full_bitwise(digits, precision, tmp_
         assert (s.closed, s.direct, s.optimal_loss) == (f.closed, f.direct, f.optimal_loss)
 
 
+@pytest.mark.numerics
 def test_an_empty_near_stratum_is_snis_with_weights():
     """near = 0: μ over the far sample R with every key weighted N/L — the kernel with key
     log-weights log(N/L), bitwise; and, the weights being equal, SNIS's μ over R."""

@@ -23,6 +23,8 @@ from lossfloor.diffusion import (
 from lossfloor.errors import UserError
 
 F64 = torch.float64
+pytestmark = pytest.mark.numerics
+
 EPS = torch.finfo(F64).eps
 # DDPM (Ho et al. 2020): 1000 steps, betas linear from 1e-4 to 0.02, built by hand in numpy.
 DDPM_AC = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))

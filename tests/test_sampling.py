@@ -112,6 +112,7 @@ def test_heun_is_second_order_and_euler_first_order_on_a_gaussian():
     assert heun[-1] < 1e-3
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_deterministic_heun_is_unchanged(dtype):
     """The loop before churn and callbacks existed, written out: same x_T, same levels, D in
@@ -139,6 +140,7 @@ def test_edm_latents_are_per_seed_float32_normals():
         assert z.dtype == torch.float32 and torch.equal(x_T[k], z.double() * 80.0)
 
 
+@pytest.mark.numerics
 def test_samples_do_not_depend_on_the_batch_size():
     m = torch.zeros(1, 1, 3, 3)
     shape, seeds = (1, 3, 3), list(range(10, 17))

@@ -25,6 +25,8 @@ from lossfloor.optimal.analytic import gaussian_optimal_loss
 from lossfloor.schedules import SCHEDULE_NAMES, SCHEDULES, get_schedule
 from lossfloor.training import DenoisingLoss
 
+pytestmark = pytest.mark.numerics
+
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_density_of_log_sigma_integrates_to_one_and_matches_samples(name):

@@ -30,6 +30,8 @@ from lossfloor.diffusion import (
 from lossfloor.errors import UserError
 
 F64 = torch.float64
+pytestmark = pytest.mark.numerics
+
 SIGMA_DATA = 0.5
 PROCESSES = [get_process(n) for n in PROCESS_NAMES if n != "vp-discrete"] + [
     VPDiscrete(torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))))

@@ -44,6 +44,7 @@ from lossfloor.optimal.outer import (
     mean_and_stderr,
     per_sample_values,
 )
+from lossfloor.progress import progress_bar
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
@@ -326,8 +327,6 @@ def diagnose(
     estimate's draws (tilted: with their weights), and the gap's standard error is the bound
     s.e.(J_θ) + s.e.(J*).
     """
-    from tqdm.auto import tqdm
-
     check_sigmas(sigmas)
     _, outside = split_by_range(model, sigmas)
     if outside:
@@ -359,7 +358,7 @@ def diagnose(
         precision = "auto" if optimal is None else optimal.precision or "auto"
         index_pools = pools(pools.index_dtype(precision))
         pools.attach(neighbour_tables(plan, index_pools, TILT_NEIGHBOURS))
-    todo = tqdm(list(zip(sigmas, known, strict=True)), disable=not progress, desc="diagnose",
+    todo = progress_bar(list(zip(sigmas, known, strict=True)), enabled=progress, desc="diagnose",
                 unit="σ", leave=False)  # fmt: skip
     points = [
         _gap_point(model, dataset, plan, pools, s, batch, labels, cache, draws, k) for s, k in todo

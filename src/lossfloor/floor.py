@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lossfloor import __version__
 from lossfloor.data import Dataset, mean_and_variance
@@ -56,6 +55,7 @@ from lossfloor.optimal.outer import (
     mean_and_stderr,
     stratified_sources,
 )
+from lossfloor.progress import progress_bar
 from lossfloor.seeding import generator_for
 
 if TYPE_CHECKING:
@@ -337,7 +337,9 @@ def heldout_losses(
         device=device,
         tile_bytes=tile_bytes,
     )
-    return [run.point(s) for s in tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress)]
+    return [
+        run.point(s) for s in progress_bar(sigmas, desc="held-out σ", unit="σ", enabled=progress)
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -549,7 +551,7 @@ def floor(
     ]
     work = [(n, r) for n in sizes for r in range(repeats if n < train.n else 1)]
     by_size: dict[int, list[list[tuple[float, float]]]] = {n: [] for n in sizes}
-    for n, r in tqdm(work, desc="subsets", unit="subset", disable=not progress):
+    for n, r in progress_bar(work, desc="subsets", unit="subset", enabled=progress):
 
         def subset_curve(n: int = n, r: int = r) -> list[list[float]]:
             subset = x if n == train.n else x[perms[r][:n]]
@@ -586,7 +588,9 @@ def floor(
         HeldoutPoint(
             **_unit(saved, f"heldout σ[{i}]", lambda s=sigma: held_run().point(s).to_json())
         )
-        for i, sigma in enumerate(tqdm(sigmas, desc="held-out σ", unit="σ", disable=not progress))
+        for i, sigma in enumerate(
+            progress_bar(sigmas, desc="held-out σ", unit="σ", enabled=progress)
+        )
     ]
     variance = mean_and_variance(x)[1]
     points = [

@@ -28,6 +28,7 @@ from PIL import Image
 
 from lossfloor.diffusion.denoiser import as_denoiser, read_protocol
 from lossfloor.errors import ParameterError, UserError
+from lossfloor.progress import progress_bar
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
@@ -234,8 +235,6 @@ def generate(
     levels for the model (``sampling_sigmas``) from EDM's latents, with EDM's churn noise. A
     class-conditional model (``label_dim`` > 0) gets ``labels``, or else EDM's random classes
     (one draw per image from its stream, after the latents, made in either case as EDM does)."""
-    from tqdm import tqdm
-
     if sampler not in SAMPLERS:
         raise ParameterError("sampler", sampler, f"choose one of: {', '.join(SAMPLERS)}")
     if batch < 1:
@@ -245,11 +244,7 @@ def generate(
     sigmas = sampling_sigmas(denoiser, steps, sigma_min, sigma_max, rho)
     label_dim = read_protocol(denoiser).label_dim
     out = []
-    for i in tqdm(
-        range(0, len(seeds), batch),
-        disable=None if progress is None else not progress,
-        unit="batch",
-    ):
+    for i in progress_bar(range(0, len(seeds), batch), enabled=progress, unit="batch"):
         streams = SeedStreams(seeds[i : i + batch], device)
         x_T = streams.randn(shape).to(torch.float64) * float(sigmas[0])
         drawn = streams.randint(label_dim) if label_dim else None  # EDM draws it after x_T

@@ -10,7 +10,6 @@ The Fréchet distance is computed here (float64, eigen-based); KID by torchmetri
 from __future__ import annotations
 
 import hashlib
-import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lossfloor.data import Dataset, cache_dir, load_dataset
 from lossfloor.errors import ParameterError, UserError
@@ -27,6 +25,7 @@ from lossfloor.evaluation import FEATURES, KID_SUBSETS
 from lossfloor.evaluation.classifier import ClassifierFeatures
 from lossfloor.evaluation.inception import InceptionFeatures
 from lossfloor.io import save_with
+from lossfloor.progress import progress_bar
 
 METRIC_NAMES = {"inception": "FID", "classifier": "FD-classifier"}
 REFERENCE_SEED = 0
@@ -122,7 +121,7 @@ def extract_features(
         raise ParameterError("batch", batch, "must be at least 1")
     extractor = extractor.to(device).eval()
     out = []
-    for i in tqdm(range(0, len(x), batch), desc=desc, disable=not progress, file=sys.stderr):
+    for i in progress_bar(range(0, len(x), batch), desc=desc, enabled=progress):
         out.append(extractor(x[i : i + batch].to(device)).float().cpu())
     return torch.cat(out).numpy()
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.data.chunked import ChunkedDataset
@@ -54,6 +53,7 @@ from lossfloor.optimal.outer import (
     resolve_form,
 )
 from lossfloor.optimal.shard import check_sharded
+from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
 from lossfloor.seeding import generator_for
 
@@ -209,8 +209,8 @@ def _estimate_points(
     streamed data; a grid in one sweep has plain draws, no index)."""
     done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
     todo = [s for s in sigmas if s not in done]
-    bar = tqdm(
-        total=None if adaptive else len(todo) * plan.blocks, disable=not progress, unit="block",
+    bar = progress_bar(
+        total=None if adaptive else len(todo) * plan.blocks, enabled=progress, unit="block",
         leave=False,
         desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)"
         if adaptive is None

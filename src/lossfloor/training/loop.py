@@ -49,6 +49,7 @@ from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.distributed import current
 from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import CHECKPOINT_FORMAT
+from lossfloor.progress import interactive, progress_bar
 from lossfloor.schedules import get_schedule
 from lossfloor.seeding import derived_seed, generator_for
 from lossfloor.training.backbone import UNetBackbone, backbone_config
@@ -392,18 +393,15 @@ class Trainer:
     def run(self) -> StatsRecord | None:
         """Train to ``config.steps``; the last stats record (None if there was nothing to do;
         under data parallelism callbacks run, and add to it, on rank 0 only)."""
-        from tqdm import tqdm
-
         c = self.config
         last = None
         acc = StatsAccumulator(self.device)
         if self.stats_state is not None:  # resumed inside a log interval: continue its sums
             acc.load_state_dict(self.stats_state, self.group.main)
         self.net.train()
-        disable = None if self.progress is None else not self.progress
-        lines = self.progress is None and not sys.stderr.isatty()  # tqdm's auto mode is off
-        bar = tqdm(
-            total=c.steps, initial=self.step, disable=disable, unit="step", dynamic_ncols=True
+        lines = self.progress is None and not interactive()  # no bar: a line per log interval
+        bar = progress_bar(
+            total=c.steps, initial=self.step, enabled=self.progress, unit="step", dynamic_ncols=True
         )
         try:
             with self._stats_file() as stats, self.stop:
