@@ -27,8 +27,11 @@ its σ and losses (``Batch(sigma, loss_x0)``), calls ``on_log`` when it logs and
 Several processes: each process's hook sees its own rows of every batch. A hook whose values sum
 over rows takes a ``Reducer`` (``lossfloor.distributed.Group``, or any object with ``world``,
 ``main`` and ``sum``) when it is built and sums over it in ``on_log`` and ``state_dict``; the loop
-calls every hook on every process at the same points, so these collectives line up. Where only one
-process needs to compute (rank 0 writes the log) ``LogStep.main`` says which.
+calls every hook on every process at the same points, so these collectives line up. lossfloor's
+trainer runs each hook's ``on_log`` and ``state_dict`` in its own ``Group.together()`` block (an
+error on one process is raised on all), so a hook sums before anything that may fail on one
+process alone; ``on_batch`` holds no collective. Where only one process needs to compute (rank 0
+writes the log) ``LogStep.main`` says which.
 """
 
 from __future__ import annotations
