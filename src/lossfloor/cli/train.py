@@ -133,7 +133,7 @@ def _saved_options(run_dir: Path) -> dict[str, Any]:
 def _monitor(
     args: argparse.Namespace, dataset: Dataset, conditional: bool, device: torch.device
 ) -> GapMonitor:
-    """The --monitor callback: GapMonitor on the curve, checked to be of this dataset."""
+    """The --monitor hook: GapMonitor on the curve, checked to be of this dataset."""
     from lossfloor.optimal import Curve
     from lossfloor.training.monitor import GapMonitor
 
@@ -143,7 +143,8 @@ def _monitor(
     if (curve.dataset or {}).get("sha256") != dataset.sha256:
         raise UserError(f"--monitor {args.monitor} was computed on another dataset")
     sigmas = parse_sigmas(args.monitor_sigmas, "--monitor-sigmas")
-    return GapMonitor(curve, dataset, sigmas, n=args.monitor_n, labels=conditional, device=device)
+    return GapMonitor(curve, dataset, sigmas, n=args.monitor_n, labels=conditional, device=device,
+                      log_every=args.monitor_every)  # fmt: skip
 
 
 def _optimal_schedule(args: argparse.Namespace, dataset: Dataset) -> Any:
@@ -181,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             device=device,
             progress=False if args.no_progress else None,
-            callbacks=[monitor] if monitor else [],
-            callback_every=args.monitor_every if monitor else 0,
+            hooks=[monitor] if monitor else [],
         )
     if not group.main:
         return 0

@@ -32,7 +32,8 @@ piecewise quadratic and ``sample`` inverts it exactly (one square root per draw)
 result, linear in ln σ; it must cover [σ_min, σ_max]: ``gap_range`` moves the default ends
 inside it) or "online": per ln σ bin (``bins``
 uniform over the support) the exponentially decayed sums S_k ← d·S_k + Σ(ℓ_i − J*(σ_i)),
-C_k ← d·C_k + n_k of the training x0 losses ℓ_i the objective reports (``observe``), with
+C_k ← d·C_k + n_k of the training x0 losses ℓ_i handed to ``observe`` (by the trainer's
+``training.loss.OnlineGap`` hook), with
 d = 2^(−n/h) per batch of n images (h = ``halflife`` images); ĝ_k = S_k/C_k at the bin centres,
 linear in ln σ between them, bins never visited take the largest observed ĝ (they get explored),
 and before any observation g ≡ 1. S and C are the state (``state_dict``), so resume is exact.

@@ -8,14 +8,18 @@ minimises
 
 with AdamW, linear LR warm-up over ``warmup`` steps, gradient-norm clipping and an EMA (half-life
 in images). With ``uncertainty`` the objective is ``UncertaintyLoss`` (EDM2's learned per-σ
-weighting): its parameters join the AdamW optimizer and the checkpoint. Randomness: data order
-from a permutation per epoch seeded by (seed, epoch) — a pure function of the images seen — and
-σ and ε from two seeded CPU generators whose states are checkpointed with the objective's
-state and the sums of the log interval under way, so a resumed run is bitwise the uninterrupted
-one, its stats.jsonl too (timings aside). checkpoint-latest.pt is written every
-``checkpoint_every`` steps, at the end, and with each snapshot (every ``snapshot_every`` steps,
-whatever ``checkpoint_every`` is); a stop request (SIGINT, SIGTERM) ends the run after the step
-under way has been logged and checkpointed as usual, then saves its state there.
+weighting): its parameters join the AdamW optimizer and the checkpoint. After each step the hooks
+(``training.hooks``) get the batch's σ and losses: the statistics (``training.stats``), the
+objective's (an online gap), then the caller's; at each log step they add to the stats record.
+Randomness: data order from a permutation per epoch seeded by (seed, epoch) — a pure function of
+the images seen — and σ and ε from two seeded CPU generators whose states are checkpointed with
+the objective's state, the sums of the log interval under way (the statistics' state, "stats")
+and the other hooks' states ("hooks", by ``state_key``; absent where none has state), so a
+resumed run is bitwise the uninterrupted one, its stats.jsonl too (timings aside).
+checkpoint-latest.pt is written every ``checkpoint_every`` steps, at the end, and with each
+snapshot (every ``snapshot_every`` steps, whatever ``checkpoint_every`` is); a stop request
+(SIGINT, SIGTERM) ends the run after the step under way has been logged and checkpointed as
+usual, then saves its state there.
 
 Data parallelism (torch.distributed set up, e.g. by torchrun; ``lossfloor.distributed``): process
 r of K trains on rows [rB/K, (r+1)B/K) of the same global batch — the same image indices and the
@@ -23,8 +27,8 @@ same σ and ε draws as one process (every process draws the whole batch's, ``pa
 objective) — through DistributedDataParallel, whose gradient average equals one process's batch
 gradient up to reduction order. The batch loss and the stats are summed over processes; rank 0
 writes config.json, checkpoints and stats; every process loads the checkpoint on resume. Errors
-are agreed on (start-up, every step's forward, every log and checkpoint), so a failure on one
-process stops all with the same message.
+are agreed on (start-up, every step's forward and its hooks, each hook at a log step and at a
+checkpoint, every write), so a failure on one process stops all with the same message.
 
 Files: ``training.rundir``; options: ``training.config``; stats records: ``training.stats``.
 """
@@ -37,9 +41,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO
 
 import torch
@@ -55,6 +60,7 @@ from lossfloor.seeding import derived_seed, generator_for
 from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.config import ADAM_BETAS, ADAM_EPS, TrainConfig, run_config
 from lossfloor.training.ema import EMA
+from lossfloor.training.hooks import Batch, Hook, LogStep, TrainingHook, check_hooks
 from lossfloor.training.loss import DenoisingLoss, UncertaintyLoss
 from lossfloor.training.rundir import RunDir
 from lossfloor.training.stats import StatsAccumulator, StatsRecord
@@ -107,17 +113,43 @@ def _takes_part(objective: Callable[..., Any]) -> bool:
     return any(p.name == "part" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+class _CallbackHook(Hook):
+    """Callback number ``index``, ``cb(step, ema_denoiser, record)``, as a hook of cadence
+    ``every``: on rank 0 it gets the record as a dict, and what it adds or changes there is
+    logged."""
+
+    def __init__(self, callback: Callback, every: int, index: int) -> None:
+        self.callback, self.log_every, self.index = callback, every, index
+
+    @property
+    def state_key(self) -> str:
+        return f"callback {self.index}"
+
+    def on_log(self, log: LogStep) -> Mapping[str, Any]:
+        if not log.main:
+            return {}
+        view = dict(log.record)
+        self.callback(log.step, log.model, view)
+        return view
+
+
 class Trainer:
     """One training run in ``run_dir``; ``run()`` trains up to ``config.steps``.
 
     ``objective`` (default ``DenoisingLoss`` of ``config.schedule``) is any objective with the
     ``DenoisingLoss`` interface; its schedule must be the one ``config.schedule`` names, and it
-    is checked against the model's process, target and σ_data. ``callbacks`` are called as
-    ``cb(step, ema_denoiser, record)`` every ``callback_every`` steps (on the EMA weights, after
-    the step, ``record`` the stats record as a dict; a callback may add JSON-able keys, which
-    are then written to stats.jsonl). The trainer draws no randomness from the global torch
-    RNG after building the net, so a callback that leaves the weights alone never changes the
-    training result.
+    is checked against the model's process, target and σ_data. ``hooks`` (``training.hooks``)
+    get every batch after its step (``Batch``: σ, per-sample losses, the global batch loss, the
+    trained denoiser) and each log step (``LogStep``: the EMA denoiser, in eval mode, and the
+    stats record as a dict); the JSON-able values a hook returns are added to the record (its
+    ``extra``). A log step is every ``config.log_every`` steps, at each checkpoint, and every
+    ``log_every`` steps of a hook with its own cadence (≥ 1), which is called only then; a hook
+    with log_every = 0 is called at every log step. ``callback_seconds``, the hooks' time, is
+    recorded where a hook with its own cadence ran or one logged values (on rank 0).
+    ``callbacks`` (the older form of a hook that only logs) are called as
+    ``cb(step, ema_denoiser, record)`` every ``callback_every`` steps on rank 0 and may add keys
+    to ``record``. The trainer draws no randomness from the global torch RNG after building the
+    net, so a hook that leaves the weights alone never changes the training result.
     """
 
     def __init__(
@@ -129,6 +161,7 @@ class Trainer:
         resume: bool = False,
         device: str | torch.device = "cpu",
         objective: DenoisingLoss | None = None,
+        hooks: Sequence[TrainingHook] = (),
         callbacks: Sequence[Callback] = (),
         callback_every: int = 0,
         progress: bool | None = None,
@@ -138,7 +171,8 @@ class Trainer:
         shown = f"{dataset.name}, sha256 {dataset.sha256[:12]}…"
         self.group.check_same("data", dataset.sha256, shown)
         with self.group.together():
-            self._setup(config, dataset, run_dir, resume, objective, callbacks, callback_every)
+            self._setup(config, dataset, run_dir, resume, objective, hooks, callbacks,
+                        callback_every)  # fmt: skip
         self.group.check_same("checkpoints", f"step {self.step}")
         self.train_denoiser = self._data_parallel()
         self.progress = progress if self.group.main else False  # one bar: rank 0's
@@ -151,10 +185,11 @@ class Trainer:
         run_dir: str | Path,
         resume: bool,
         objective: DenoisingLoss | None,
+        hooks: Sequence[TrainingHook],
         callbacks: Sequence[Callback],
         callback_every: int,
     ) -> None:
-        """Checks, model, objective, draws and the run directory (started or resumed)."""
+        """Checks, model, objective, hooks, draws and the run directory (started or resumed)."""
         if dataset.x.ndim != 4:
             raise UserError(f"training needs images (N×C×H×W); {dataset.name} holds N×D vectors")
         if config.conditional and dataset.labels is None:
@@ -163,10 +198,12 @@ class Trainer:
             raise ParameterError("callback_every", callback_every, "callbacks need at least 1")
         self.config, self.dataset = config, dataset
         self.rundir = RunDir(run_dir)
-        self.callbacks, self.callback_every = list(callbacks), callback_every
         self.rows = self.group.part(config.batch)
         self._build_model()
         self.objective = self._objective(objective)
+        self.stats = StatsAccumulator(self.device, self.group)
+        wrapped = [_CallbackHook(cb, callback_every, i) for i, cb in enumerate(callbacks)]
+        self.hooks = check_hooks([*self.objective.hooks(), *wrapped, *hooks])
         self._build_optimizer()
         self.g_sigma = generator_for(config.seed, _STREAM_SIGMA)
         self.g_noise = generator_for(config.seed, _STREAM_NOISE)
@@ -176,7 +213,6 @@ class Trainer:
         self.step = 0
         self.seconds = 0.0
         self.saved_step = -1  # the step of the last checkpoint written (-1: none yet)
-        self.stats_state: dict[str, Any] | None = None  # the log interval a resume continues
         self.run_config = {
             **run_config(config, dataset, self.denoiser, self.objective.schedule, str(self.device)),
             "processes": self.group.world,
@@ -273,7 +309,9 @@ class Trainer:
         self.g_noise.set_state(ckpt["rng"]["noise"])
         self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
         self.saved_step = self.step
-        self.stats_state = ckpt.get("stats")  # none in older checkpoints: an empty interval
+        if "stats" in ckpt:  # none in older checkpoints: an empty interval
+            self.stats.load_state_dict(ckpt["stats"])
+        self._load_hooks(ckpt.get("hooks", {}))
         if self.config.steps < self.step:
             raise ParameterError(
                 "steps", self.config.steps, f"the run in {self.rundir.path} is already at step "
@@ -282,9 +320,33 @@ class Trainer:
         if self.group.main:
             self.rundir.continue_at(self.step, self.run_config)
 
-    def _save(self, acc: StatsAccumulator) -> None:
+    def _load_hooks(self, states: Mapping[str, Any]) -> None:
+        """Give each hook its state in a checkpoint's "hooks" (one without starts as built)."""
+        unclaimed = set(states) - {hook.state_key for hook in self.hooks}
+        if unclaimed:
+            raise UserError(
+                f"the checkpoint holds the state of the hooks {sorted(unclaimed)}, which this run "
+                "does not have; resume with the hooks the run was trained with"
+            )
+        for hook in self.hooks:
+            if hook.state_key in states:
+                hook.load_state_dict(states[hook.state_key])
+
+    def _hook_states(self) -> dict[str, Any]:
+        """The checkpoint's "stats" and, where any other hook has state, "hooks"."""
+        with self.group.together():
+            out: dict[str, Any] = {"stats": self.stats.state_dict()}
+        states = {}
+        for hook in self.hooks:
+            with self.group.together():
+                state = hook.state_dict()
+            if state:
+                states[hook.state_key] = state
+        return {**out, "hooks": states} if states else out
+
+    def _save(self) -> None:
         """checkpoint-latest.pt (and checkpoint-<step>.pt every ``snapshot_every`` steps) of
-        the state after ``self.step``, with ``acc``: the sums of the log interval so far."""
+        the state after ``self.step``, with the hooks' (the sums of the log interval so far)."""
         for name, module in (("model", self.net), ("EMA", self.ema.model)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 raise self.rundir.diverged(self.step, f"the {name} weights became non-finite")
@@ -299,7 +361,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
             "rng": {"sigma": self.g_sigma.get_state(), "noise": self.g_noise.get_state()},
-            "stats": acc.state_dict(self.group),
+            **self._hook_states(),
         }
         every = self.config.snapshot_every
         with self.group.together():
@@ -313,10 +375,10 @@ class Trainer:
         warmup = self.config.warmup
         return self.config.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
-    def _train_step(self, acc: StatsAccumulator) -> None:
-        """One optimiser step on the next batch (this process's rows of it); adds it to ``acc``
-        with the batch loss: the mean over processes of their rows' mean losses. The processes
-        agree on a stop request (``self.stop.agreed``) in the same all-reduce."""
+    def _train_step(self, hooks: Sequence[TrainingHook]) -> None:
+        """One optimiser step on the next batch (this process's rows of it); hands it to
+        ``hooks`` with the batch loss: the mean over processes of their rows' mean losses. The
+        processes agree on a stop request (``self.stop.agreed``) in the same all-reduce."""
         start = time.perf_counter()
         b, (lo, hi) = self.config.batch, self.rows
         idx = self.order.indices(self.step * b, b)[lo:hi].to(self.device)
@@ -337,7 +399,18 @@ class Trainer:
         self.ema.update(self.net, self.step * b, b)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        acc.add(batch_loss, losses.sigma, losses.loss_x0, seconds)
+        batch = Batch(
+            sigma=losses.sigma,
+            loss_x0=losses.loss_x0.detach(),
+            loss=losses.loss.detach(),
+            batch_loss=batch_loss,
+            model=self.denoiser,
+            step=self.step,
+            seconds=seconds,
+        )
+        with self.group.together():
+            for hook in hooks:
+                hook.on_batch(batch)
 
     def _optimize(self, loss: Tensor) -> None:
         """Backward, gradient clipping and the AdamW step at the warm-up learning rate."""
@@ -351,18 +424,32 @@ class Trainer:
                 raise self.rundir.diverged(self.step + 1, f"the gradient norm is {float(norm)}")
         self.optimizer.step()
 
-    def _log(self, acc: StatsAccumulator, call: bool) -> StatsRecord:
-        """The record of the interval ending now (``acc`` reduced over the processes); if
-        ``call`` (and on rank 0), the callbacks see it as a dict (``to_json()``) and what they add
-        becomes ``extra``."""
+    def _cadence_due(self, step: int) -> bool:
+        """Whether a hook with its own cadence logs at ``step``."""
+        return any(h.log_every and step % h.log_every == 0 for h in self.hooks)
+
+    def _log(self) -> StatsRecord:
+        """The record of the interval ending now: the statistics' values (summed over the
+        processes), then what each hook due at this step adds (``extra``)."""
         step = self.step
-        record = acc.record(step, step * self.config.batch, self.lr_at(step - 1), self.seconds)
-        if call and self.group.main:
-            started = time.perf_counter()
-            view = record.to_json()
-            for cb in self.callbacks:
-                cb(step, self.ema_denoiser, view)
-            record = StatsRecord.from_json(view)
+        main = self.group.main
+        with self.group.together():
+            own = self.stats.on_log(LogStep(step, self.ema_denoiser, MappingProxyType({}), main))
+        record = StatsRecord(step=step, images=step * self.config.batch, lr=self.lr_at(step - 1),
+                             seconds=self.seconds, **own)  # fmt: skip
+        view, timed = record.to_json(), False
+        started = time.perf_counter()
+        for hook in self.hooks:
+            if hook.log_every and step % hook.log_every:
+                continue
+            with self.group.together():
+                added = hook.on_log(LogStep(step, self.ema_denoiser, MappingProxyType(view), main))
+            view.update(added)
+            timed = timed or bool(hook.log_every) or bool(added)
+        if not timed:
+            return record
+        record = StatsRecord.from_json(view)
+        if main:
             record.callback_seconds = time.perf_counter() - started
         return record
 
@@ -378,12 +465,12 @@ class Trainer:
         """stats.jsonl, opened to append on rank 0 (the others write nothing)."""
         return open(self.rundir.stats, "a") if self.group.main else nullcontext()
 
-    def _interrupted(self, acc: StatsAccumulator) -> Interrupted:
-        """Save the state after the last whole step (if any; with ``acc``, the log interval so
-        far) unless it was just saved, and say what was kept."""
+    def _interrupted(self) -> Interrupted:
+        """Save the state after the last whole step (if any; with the hooks', the log interval
+        so far) unless it was just saved, and say what was kept."""
         if self.step > 0:
             if self.saved_step != self.step:
-                self._save(acc)
+                self._save()
             return Interrupted(
                 f"saved a checkpoint at step {self.step} in {self.rundir.path}; run the same "
                 "command with --resume to continue"
@@ -395,9 +482,7 @@ class Trainer:
         under data parallelism callbacks run, and add to it, on rank 0 only)."""
         c = self.config
         last = None
-        acc = StatsAccumulator(self.device)
-        if self.stats_state is not None:  # resumed inside a log interval: continue its sums
-            acc.load_state_dict(self.stats_state, self.group.main)
+        fed = [self.stats, *self.hooks]
         self.net.train()
         lines = self.progress is None and not interactive()  # no bar: a line per log interval
         bar = progress_bar(
@@ -407,28 +492,26 @@ class Trainer:
             with self._stats_file() as stats, self.stop:
                 while self.step < c.steps:
                     if self._stop_now(after_step=False):
-                        raise self._interrupted(acc)
-                    self._train_step(acc)
+                        raise self._interrupted()
+                    self._train_step(fed)
                     bar.update(1)
                     step = self.step
-                    call = bool(self.callbacks) and step % self.callback_every == 0
                     ckpt = step % c.checkpoint_every == 0 or step == c.steps
                     snapshot = bool(c.snapshot_every) and step % c.snapshot_every == 0
-                    if call or ckpt or step % c.log_every == 0:
-                        acc.reduce(self.group)
+                    if self._cadence_due(step) or ckpt or step % c.log_every == 0:
+                        record = self._log()
                         with self.group.together():
-                            record = self._log(acc, call)
                             if self.group.main:
                                 stats.write(json.dumps(record.to_json()) + "\n")
                                 stats.flush()
                         bar.set_postfix(loss=f"{record.loss:.4g}")
                         if lines:
                             print(_progress_line(record, c.steps), file=sys.stderr, flush=True)
-                        last, acc = record, StatsAccumulator(self.device)
+                        last = record
                     if ckpt or snapshot:
-                        self._save(acc)
+                        self._save()
                     if step < c.steps and self._stop_now(after_step=True):
-                        raise self._interrupted(acc)
+                        raise self._interrupted()
         finally:
             bar.close()
         return last
@@ -475,13 +558,14 @@ def train(
     resume: bool = False,
     device: str | torch.device = "cpu",
     objective: DenoisingLoss | None = None,
+    hooks: Sequence[TrainingHook] = (),
     callbacks: Sequence[Callback] = (),
     callback_every: int = 0,
     progress: bool | None = None,
 ) -> StatsRecord | None:
-    """Train (or resume) the run in ``run_dir``; returns the last stats record. ``progress``:
-    None: a bar on a terminal, else a line on stderr per log interval; True: a bar; False:
-    neither."""
+    """Train (or resume) the run in ``run_dir``; returns the last stats record. ``hooks``:
+    ``training.hooks.TrainingHook``s (``Trainer``); ``progress``: None: a bar on a terminal,
+    else a line on stderr per log interval; True: a bar; False: neither."""
     trainer = Trainer(
         config,
         dataset,
@@ -489,6 +573,7 @@ def train(
         resume=resume,
         device=device,
         objective=objective,
+        hooks=hooks,
         callbacks=callbacks,
         callback_every=callback_every,
         progress=progress,

@@ -12,9 +12,10 @@ An objective whose state changes during training (e.g. an online gap estimate) r
 from ``state_dict()`` (tensors, numbers, lists, dicts: what ``torch.load(weights_only=True)``
 reads) and takes it back in ``load_state_dict()``; the trainer saves it in every checkpoint, so
 a resumed run stays bitwise the uninterrupted one. ``DenoisingLoss`` itself carries the state of
-a schedule that learns from the losses it reports (``OptimalLossSchedule`` with gap="online":
-each batch's per-sample x0 losses go to ``schedule.observe`` after they are computed, so the
-next batch's σ are drawn from the updated density).
+a schedule that learns from the training losses (``OptimalLossSchedule`` with gap="online"); the
+schedule learns through a hook (``hooks()``: ``OnlineGap``, which the trainer hands each batch's
+σ and per-sample x0 losses after the step, so the next batch's σ are drawn from the updated
+density), and calling the objective leaves it as it is.
 
 An objective with learnable parameters (``UncertaintyLoss``: EDM2's learned per-σ uncertainty
 weighting) exposes them through ``parameters()``; the trainer optimises them with the network
@@ -25,19 +26,38 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import UserError
-from lossfloor.schedules import NoiseSchedule, get_schedule
+from lossfloor.schedules import NoiseSchedule, OptimalLossSchedule, get_schedule
 from lossfloor.seeding import generator_for
+from lossfloor.training.hooks import Batch, Hook
 
 Tensor = torch.Tensor
 
 # The random stream of the uncertainty net's Fourier features (the trainer's streams are 0–3).
 UNCERTAINTY_STREAM = 4
+
+
+def _learns_online(schedule: NoiseSchedule) -> TypeGuard[OptimalLossSchedule]:
+    """Whether the schedule learns from the training losses (an online gap)."""
+    return isinstance(schedule, OptimalLossSchedule) and schedule.online
+
+
+class OnlineGap(Hook):
+    """The optimal schedule's online gap as a hook: each batch's σ and per-sample x0 losses go
+    to ``schedule.observe`` (method in ``schedules.optimal``). Its state is the schedule's,
+    checkpointed with the objective that holds it (``DenoisingLoss.state_dict()["schedule"]``),
+    so the hook itself has none."""
+
+    def __init__(self, schedule: OptimalLossSchedule) -> None:
+        self.schedule = schedule
+
+    def on_batch(self, batch: Batch) -> None:
+        self.schedule.observe(batch.sigma, batch.loss_x0)
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,7 @@ class DenoisingLoss:
         process draws them, and these rows' are used, so the draws do not depend on the split.
         """
         start, total = (0, len(x0)) if part is None else part
-        if len(x0) != total and getattr(self.schedule, "online", False):
+        if len(x0) != total and _learns_online(self.schedule):
             raise UserError(
                 "--gap online learns from every row of the batch; with the batch split across "
                 "processes it would learn from this process's rows only: train it in one "
@@ -91,10 +111,12 @@ class DenoisingLoss:
         s = sigma.to(x0.device, x0.dtype)
         x = x0 + s.view(-1, *[1] * (x0.ndim - 1)) * eps
         loss_x0 = (denoiser(x, s, labels) - x0).square().mean(dim=tuple(range(1, x0.ndim)))
-        observe = getattr(self.schedule, "observe", None)
-        if observe is not None:
-            observe(sigma, loss_x0.detach())
         return Losses(weight * loss_x0, loss_x0, sigma)
+
+    def hooks(self) -> list[Hook]:
+        """The hooks the trainer must feed for this objective: ``OnlineGap`` of a schedule
+        that learns online, else none."""
+        return [OnlineGap(self.schedule)] if _learns_online(self.schedule) else []
 
     def check(self, denoiser: Denoiser) -> None:
         """UserError unless the schedule is consistent with the denoiser's process, target and

@@ -1,4 +1,4 @@
-"""A training callback that logs the gap to a cached optimal-loss curve on fixed draws."""
+"""A training hook that logs the gap to a cached optimal-loss curve on fixed draws."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from lossfloor.diagnosis import DenoiserFn, model_per_sample_loss
 from lossfloor.diffusion.denoiser import as_denoiser
 from lossfloor.optimal import Curve
 from lossfloor.optimal.outer import OuterPlan
+from lossfloor.training.hooks import Hook, LogStep
 
 
-class GapMonitor:
+class GapMonitor(Hook):
     """The gap J_θ(σ) − J*(σ) at a few σ, J* from a cached curve, J_θ on fixed draws.
 
-    Call as ``monitor(step, denoiser, record)`` (any denoiser with EDM's protocol); adds
-    ``record["gap"] = {σ: J_θ − J*}``. The draws (``n`` sources and noises) are fixed at
-    construction, so successive values are paired.
+    As a hook (``training.hooks``): every ``log_every`` steps, on the main process, it logs
+    ``gap = {σ: J_θ − J*}`` of the log step's model (the trainer's EMA denoiser). As a callback:
+    ``monitor(step, denoiser, record)`` (any denoiser with EDM's protocol) sets
+    ``record["gap"]``. The draws (``n`` sources and noises) are fixed at construction, so
+    successive values are paired.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class GapMonitor:
         seed: int = 0,
         labels: bool = False,
         device: str | torch.device = "cpu",
+        log_every: int = 100,
     ) -> None:
         self.device = torch.device(device)
         self.sigmas = [float(s) for s in sigmas]
@@ -39,9 +43,11 @@ class GapMonitor:
         self.dataset = dataset
         self.plan = OuterPlan.build(dataset.x, dataset.labels, n, seed, False)
         self.labels = dataset.labels if labels else None
+        self.log_every = log_every
         self.seconds = 0.0
 
-    def __call__(self, step: int, denoiser: DenoiserFn, record: dict[str, Any]) -> None:
+    def gaps(self, denoiser: DenoiserFn) -> dict[str, float]:
+        """{f"{σ:g}": J_θ(σ) − J*(σ)} on the fixed draws (its time added to ``seconds``)."""
         t0 = time.perf_counter()
         gaps = {}
         for s in self.sigmas:
@@ -49,5 +55,11 @@ class GapMonitor:
                 as_denoiser(denoiser), self.dataset, self.plan, s, 256, self.device, self.labels
             ).mean()
             gaps[f"{s:g}"] = float(loss) - self.optimal[s]
-        record["gap"] = gaps
         self.seconds += time.perf_counter() - t0
+        return gaps
+
+    def on_log(self, log: LogStep) -> dict[str, Any]:
+        return {"gap": self.gaps(log.model)} if log.main else {}
+
+    def __call__(self, step: int, denoiser: DenoiserFn, record: dict[str, Any]) -> None:
+        record["gap"] = self.gaps(denoiser)

@@ -8,6 +8,7 @@ Per-σ-bin x0 losses use 8 log-spaced bins over EDM's sampling range [0.002, 80]
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
+from lossfloor.training.hooks import Batch, Hook, LogStep, Reducer
 
 Tensor = torch.Tensor
 
@@ -30,8 +32,9 @@ class StatsRecord:
     loss: mean over steps of the batch loss (what is minimised); loss_x0: mean over images of the
     x0 loss mean‖D − x0‖²; bin_loss_x0[k], bin_count[k]: the same over the images whose σ fell in
     bin k (None where none did); lr: the learning rate of the last step; seconds: training time
-    of the run so far; step_seconds, images_per_s: over the interval (callbacks excluded);
-    extra: what callbacks added (e.g. the monitor's ``gap``); callback_seconds: their time.
+    of the run so far; step_seconds, images_per_s: over the interval (hooks excluded);
+    extra: what hooks added (e.g. the monitor's ``gap``); callback_seconds: the hooks' time
+    (``training.loop``).
     """
 
     step: int
@@ -82,16 +85,27 @@ def read_stats(path: str | Path) -> list[StatsRecord]:
     return [r for r in records if r is not None]
 
 
-class StatsAccumulator:
-    """Sums over one log interval: batch loss, x0 loss and image count per σ bin, time; under
-    data parallelism each process adds its rows and ``reduce`` sums them."""
+class StatsAccumulator(Hook):
+    """The trainer's statistics as a hook: sums over one log interval of the batch loss, the x0
+    loss and image count per σ bin, and the steps' time. ``on_log`` sums the bins over the
+    ``group``'s processes (each added its rows), returns the interval's means (``StatsRecord``'s
+    loss fields and timings) and starts the next interval; its state (``state_dict``, every
+    process's rows summed) is checkpointed under "stats" so a resume continues the interval."""
 
-    def __init__(self, device: torch.device) -> None:
+    state_key = "stats"
+
+    def __init__(self, device: torch.device, group: Reducer | None = None) -> None:
+        self.device = device
+        self.group: Reducer = Group(device=device) if group is None else group
         self.inner_edges = torch.tensor(SIGMA_BIN_EDGES[1:-1], dtype=torch.float64)
+        self._reset()
+
+    def _reset(self) -> None:
+        """An empty interval."""
         nbins = len(SIGMA_BIN_EDGES) - 1
-        self.bin_sum = torch.zeros(nbins, dtype=torch.float64, device=device)
-        self.bin_count = torch.zeros(nbins, dtype=torch.float64, device=device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.bin_sum = torch.zeros(nbins, dtype=torch.float64, device=self.device)
+        self.bin_count = torch.zeros(nbins, dtype=torch.float64, device=self.device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps = 0
         self.images = 0
         self.seconds = 0.0
@@ -106,13 +120,26 @@ class StatsAccumulator:
         self.images += len(sigma)
         self.seconds += seconds
 
-    def state_dict(self, group: Group) -> dict[str, Any]:
+    def on_batch(self, batch: Batch) -> None:
+        """``add`` the batch: it needs the whole batch's mean loss and the step's time."""
+        if batch.batch_loss is None or batch.seconds is None:
+            raise UserError("the training statistics need each batch's batch_loss and seconds")
+        self.add(batch.batch_loss, batch.sigma, batch.loss_x0, batch.seconds)
+
+    def on_log(self, log: LogStep) -> dict[str, Any]:
+        """``reduce``, the interval's values (``values``), then a new interval."""
+        self.reduce(self.group)
+        out = self.values()
+        self._reset()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
         """The sums so far, for a checkpoint taken inside a log interval: the per-bin sums and
-        counts summed over ``group``'s processes (each holds its rows; ``self`` is left as it
+        counts summed over the group's processes (each holds its rows; ``self`` is left as it
         is), so that a resume in any number of processes continues the interval."""
         bins = torch.stack([self.bin_sum, self.bin_count])
-        if group.world > 1:
-            bins = group.sum(bins)
+        if self.group.world > 1:
+            bins = self.group.sum(bins)
         return {
             "bin_sum": bins[0].cpu(),
             "bin_count": bins[1].cpu(),
@@ -122,12 +149,12 @@ class StatsAccumulator:
             "seconds": self.seconds,
         }
 
-    def load_state_dict(self, state: dict[str, Any], main: bool) -> None:
-        """Continue the interval of ``state_dict``: the process with ``main`` takes the per-bin
-        sums of all processes (``reduce`` adds the others' rows from here on); the batch-loss
-        sum and step count are every process's."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the interval of ``state_dict``: the main process takes the per-bin sums of
+        all processes (``reduce`` adds the others' rows from here on); the batch-loss sum and
+        step count are every process's."""
         device = self.bin_sum.device
-        if main:
+        if self.group.main:
             self.bin_sum = state["bin_sum"].to(device, torch.float64)
             self.bin_count = state["bin_count"].to(device, torch.float64)
             self.images = int(state["images"])
@@ -135,7 +162,7 @@ class StatsAccumulator:
         self.steps = int(state["steps"])
         self.seconds = float(state["seconds"])
 
-    def reduce(self, group: Group) -> None:
+    def reduce(self, group: Reducer) -> None:
         """Sum the per-bin x0-loss sums and image counts over ``group``'s processes, each of
         which added its rows of every batch (the batch losses added are already the global
         batch's); the time stays this process's."""
@@ -145,19 +172,20 @@ class StatsAccumulator:
         self.bin_sum, self.bin_count = sums[0], sums[1]
         self.images = int(self.bin_count.sum())
 
-    def record(self, step: int, images: int, lr: float, total_seconds: float) -> StatsRecord:
-        """The interval's record (``images``, ``lr``, ``total_seconds``: of the run)."""
+    def values(self) -> dict[str, Any]:
+        """The interval's means: ``StatsRecord``'s loss, loss_x0, bin_loss_x0, bin_count,
+        step_seconds and images_per_s."""
         counts = self.bin_count.cpu().tolist()
         sums = self.bin_sum.cpu().tolist()
-        return StatsRecord(
-            step=step,
-            images=images,
-            loss=float(self.loss_sum) / self.steps,
-            loss_x0=sum(sums) / sum(counts),
-            bin_loss_x0=[s / c if c else None for s, c in zip(sums, counts, strict=True)],
-            bin_count=[int(c) for c in counts],
-            lr=lr,
-            seconds=total_seconds,
-            step_seconds=self.seconds / self.steps,
-            images_per_s=self.images / self.seconds if self.seconds > 0 else None,
-        )
+        return {
+            "loss": float(self.loss_sum) / self.steps,
+            "loss_x0": sum(sums) / sum(counts),
+            "bin_loss_x0": [s / c if c else None for s, c in zip(sums, counts, strict=True)],
+            "bin_count": [int(c) for c in counts],
+            "step_seconds": self.seconds / self.steps,
+            "images_per_s": self.images / self.seconds if self.seconds > 0 else None,
+        }
+
+    def record(self, step: int, images: int, lr: float, total_seconds: float) -> StatsRecord:
+        """The interval's record (``images``, ``lr``, ``total_seconds``: of the run)."""
+        return StatsRecord(step=step, images=images, lr=lr, seconds=total_seconds, **self.values())
