@@ -264,13 +264,12 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """The torch device named by --device: cpu, cuda (which must be available) or auto (cuda
-    when available, else cpu)."""
-    import torch
+    when available, else cpu): the library's rule (``lossfloor.device.resolve_device``)."""
+    from lossfloor.device import resolve_device as library_rule
 
     if name not in DEVICES:
         raise UserError(f"--device {name}: expected {' | '.join(DEVICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    try:
+        return library_rule(name)
+    except ParameterError as exc:
+        raise UserError(exc.for_option("--device")) from None

@@ -25,6 +25,7 @@ import torch
 
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.data.chunked import ChunkedDataset
+from lossfloor.device import resolve_device
 from lossfloor.diffusion import Process, Target
 from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
@@ -73,7 +74,7 @@ def estimate_curve(
     draws: str = "auto",
     form: str = "auto",
     precision: str = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     process: Process | None = None,
     target: Target | None = None,
     schedule: NoiseSchedule | None = None,
@@ -101,7 +102,9 @@ def estimate_curve(
     stratified estimator's far sample) for this relative standard error, from a pilot of the
     first ``outer`` draws (default ADAPTIVE_PILOT; whole blocks of OUTER_BLOCK) of a plan of
     ``max_outer`` (default ADAPTIVE_CAP × the pilot); each point records what it used.
+    ``device``: ``"auto"`` is cuda when available, else cpu (``lossfloor.device``).
     """
+    device = resolve_device(device)
     group = current(device)
     with group.together():
         x, labels, described = _unpack(data, labels, conditional, group)
