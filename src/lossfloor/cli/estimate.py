@@ -341,7 +341,7 @@ def _too_large(args: argparse.Namespace, group: Group) -> bool:
 
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
     """--bandwidth (given only with --sources: ``DECLARED.needs``), checked before any work."""
-    from lossfloor.cli.floor import parse_bandwidth
+    from lossfloor.cli.common import parse_bandwidth
     from lossfloor.floor import check_bandwidth
 
     if args.bandwidth is None:

@@ -5,7 +5,7 @@ Modules: ``config`` (TrainConfig, config.json), ``loss`` (objectives), ``stats``
 records), ``rundir`` (run directory, checkpoints), ``loop`` (the Trainer), ``monitor``.
 """
 
-from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config
+from lossfloor.backbone import PRESETS, UNetBackbone, backbone_config
 from lossfloor.training.config import TrainConfig
 from lossfloor.training.ema import EMA
 from lossfloor.training.loop import Callback, Trainer, train
