@@ -31,7 +31,7 @@ from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
-from lossfloor.optimal.curve import Curve, CurvePoint
+from lossfloor.optimal.curve import SIGMA_MATCH_RTOL, Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample, Stratified
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
@@ -595,11 +595,6 @@ def _checkpoint_key(options: dict, plan: OuterPlan) -> str:
     draws = [plan.fingerprint, plan.conditional]
     text = json.dumps([CHECKPOINT_FORMAT, draws, options], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-#: Relative tolerance within which a requested σ is the σ of a saved point (a grid written
-#: as 0.1 and one computed as 0.10000000000000002 name the same σ).
-SIGMA_MATCH_RTOL = 1e-9
 
 
 @dataclass
