@@ -12,6 +12,7 @@ from lossfloor.device import resolve_device
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.floor import floor, heldout_losses, with_heldout
 from lossfloor.optimal import estimate_curve
+from lossfloor.scaling.collection import collect
 
 
 def test_auto_is_cuda_when_available_else_cpu(monkeypatch):
@@ -34,5 +35,5 @@ def test_cuda_without_a_cuda_device_is_refused_in_one_line_by_the_api_and_the_cl
 
 
 def test_the_api_entry_points_on_data_default_to_auto():
-    for fn in (estimate_curve, heldout_losses, floor, with_heldout):
+    for fn in (estimate_curve, heldout_losses, floor, with_heldout, collect):
         assert inspect.signature(fn).parameters["device"].default == "auto", fn.__name__

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lossfloor.device import resolve_device
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.scaling.fit import RunRow
 
@@ -91,7 +92,7 @@ def collect(
     outer: int = 2048,
     seed: int = 0,
     batch: int = 256,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
 ) -> list[RunRow]:
     """RUNS.csv rows of every checkpoint of every run (EMA weights): per σ, the model's loss
@@ -100,7 +101,8 @@ def collect(
     ``Total.compute``'s quadrature (J_θ linear in ln σ between the grid's σ, trapezoid on a
     finer grid, plus the schedule's mass outside the grid times the end values); the
     parameter count; FLOPs = ``denoiser_step_flops`` × step; images_seen = step × batch.
-    Extra columns: step, loss_stderr, optimal_loss (J* on the same draws)."""
+    Extra columns: step, loss_stderr, optimal_loss (J* on the same draws). ``device``:
+    ``"auto"`` is cuda when available (``lossfloor.device``); the models load there."""
     from lossfloor.diagnosis import diagnose
     from lossfloor.models import load_model
     from lossfloor.optimal.curve import Total
@@ -108,6 +110,7 @@ def collect(
 
     if len(sigmas) < 2:
         raise ParameterError("sigmas", list(sigmas), "the total loss needs at least 2 σ values")
+    device = resolve_device(device)
     grid = np.array(sorted(sigmas), dtype=np.float64)
     rows: list[RunRow] = []
     for run_dir in run_dirs:
