@@ -19,13 +19,13 @@ from tolerances import sum_rtol
 from torchrun import run_workers
 
 import lossfloor.cli
+from lossfloor.backbone import UNetBackbone, backbone_config
 from lossfloor.data import load_dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.distributed import TIMEOUT_ENV, Group, _timeout
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.seeding import generator_for
 from lossfloor.training import DenoisingLoss, read_stats
-from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.config import ADAM_BETAS, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,9 +18,9 @@ from lossfloor.scaling import (
     fit_scaling,
     power_law_fit,
     read_runs,
-    step_flops,
     write_runs,
 )
+from lossfloor.scaling.collection import step_flops
 
 # The synthetic law: J(F) = β·F^α + J*(σ), multiplicative noise of 1 % on J − J*.
 ALPHA, BETA, NOISE = -0.3, 50.0, 0.01

@@ -227,9 +227,10 @@ def test_a_diagnosis_of_another_dataset_is_refused():
                 for s in (0.01, 1.0, 1e3))  # fmt: skip
     other = Diagnosis(points=pts, dataset={"sha256": "bb"}, outer=2, seed=0)
     with pytest.raises(UserError, match="another dataset"):
-        OptimalLossSchedule.from_curve(TWO_POINT, gap=other, sigma_min=0.01, sigma_max=1e3)
+        other.gap_table(TWO_POINT.dataset)
     same = Diagnosis(points=pts, dataset={"sha256": "aa"}, outer=2, seed=0)
-    sched = OptimalLossSchedule.from_curve(TWO_POINT, gap=same, sigma_min=0.01, sigma_max=1e3)
+    gap = same.gap_table(TWO_POINT.dataset)
+    sched = OptimalLossSchedule.from_curve(TWO_POINT, gap=gap, sigma_min=0.01, sigma_max=1e3)
     assert sched.gap == {"sigma": [0.01, 1.0, 1e3], "value": [0.1, 0.1, 0.1]}
 
 
@@ -295,7 +296,9 @@ def test_schedule_cli_writes_the_table_and_plot(tmp_path, cli, digits_curve):
     assert min(table["gap"]) > 0 and plot.read_bytes()[:4] == b"\x89PNG"
     from lossfloor.diagnosis import Diagnosis
 
-    api = OptimalLossSchedule.from_curve(Curve.load(digits_curve), Diagnosis.load(gap), bump=0.2)
+    curve = Curve.load(digits_curve)
+    api = OptimalLossSchedule.from_curve(curve, Diagnosis.load(gap).gap_table(curve.dataset),
+                                         bump=0.2)  # fmt: skip
     assert table == json.loads(json.dumps(api.tabulated()))
     curve = Curve.load(digits_curve)
     j = _power_law_interp(u, np.log(curve.sigmas), np.maximum(curve.values, 0))

@@ -326,6 +326,23 @@ def test_data_larger_than_the_memory_budget_is_streamed_and_says_so(points, tmp_
     assert "--memory-gb nan: must be a finite number" in capsys.readouterr().err
 
 
+def test_the_memory_rule_that_makes_an_estimate_stream_is_the_library_s(points, monkeypatch):
+    """need = n·D·(4 + (IN_MEMORY_BYTES − 4)/K) bytes per process of K; budget = the bytes
+    given, else the memory available / LOCAL_WORLD_SIZE; a named source never streams."""
+    from lossfloor.optimal import stream
+    from lossfloor.optimal.stream import IN_MEMORY_BYTES, memory_need
+
+    need = memory_need(str(points), memory_bytes=1e9)
+    assert (need.need, need.budget, need.stream) == (300 * 64 * IN_MEMORY_BYTES, 1e9, False)
+    assert memory_need(str(points), world=4, memory_bytes=1.0).need == 300 * 64 * (4 + 16 / 4)
+    small = memory_need(str(points), limit=100, memory_bytes=100 * 64 * IN_MEMORY_BYTES - 1)
+    assert small.need == 100 * 64 * IN_MEMORY_BYTES and small.stream
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(stream, "available_bytes", lambda: 1000.0)
+    assert memory_need(str(points)).budget == 500.0
+    assert memory_need("digits") is None
+
+
 def test_adaptive_sizes_streamed_give_the_numbers_in_memory(points):
     """--target-rse on streamed data: the same pilot, the same chosen M per σ, the same bits."""
     ds = load_dataset(str(points))

@@ -16,6 +16,7 @@ import torch
 
 import lossfloor.cli
 import lossfloor.cli.train
+from lossfloor.backbone import UNetBackbone, backbone_config
 from lossfloor.data import load_dataset
 from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import check_compatible, load_run
@@ -31,7 +32,6 @@ from lossfloor.training import (
     read_stats,
     train,
 )
-from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.ema import EMA
 from lossfloor.training.stats import StatsAccumulator
 

@@ -199,6 +199,20 @@ class Diagnosis:
         top = self.optimal_top
         return [p.to_json(top)["relative_gap"] for p in self.points]
 
+    def gap_table(self, dataset: dict[str, Any] | None) -> dict[str, list[float]]:
+        """The gap as a table {"sigma", "value"} (what a schedule takes: ``gap=``), for a curve
+        of ``dataset`` (its description): refused unless its data fingerprint is this
+        diagnosis' (a gap of other data would weight the wrong σ)."""
+        mine = (dataset or {}).get("sha256")
+        theirs = (self.dataset or {}).get("sha256")
+        if mine is None or mine != theirs:
+            raise UserError(
+                "the gap's diagnosis was computed on another dataset than the optimal-loss "
+                f"curve (sha256 {str(theirs)[:12]} vs {str(mine)[:12]}); diagnose on the "
+                "curve's data"
+            )
+        return {"sigma": [p.sigma for p in self.points], "value": [p.gap for p in self.points]}
+
     def to_json(self) -> dict[str, Any]:
         return {
             **({} if self.model is None else {"model": self.model}),

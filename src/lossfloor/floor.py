@@ -38,6 +38,7 @@ import torch
 
 from lossfloor import __version__
 from lossfloor.data import Dataset, mean_and_variance
+from lossfloor.device import resolve_device
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve
@@ -259,7 +260,7 @@ class _Heldout:
         check_bandwidth(bandwidth)
         m = heldout.shape[0] if outer is None else outer
         check_outer(m)
-        self.pools = _Pools(train, 0.0, torch.device(device))
+        self.pools = _Pools(train, 0.0, resolve_device(device))
         self.x0 = _centred(heldout, self.pools(base_dtype(precision)))
         self.pools.heldout_max_sq = float(self.x0.pow(2).sum(dim=1).max())
         self.sources = stratified_sources(heldout.shape[0], m, seed)
@@ -312,7 +313,7 @@ def heldout_losses(
     bandwidth: float | str | None = None,
     validation: int = VALIDATION_DRAWS,
     precision: str = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     tile_bytes: int = DEFAULT_TILE_BYTES,
     progress: bool = False,
 ) -> list[HeldoutPoint]:
@@ -511,7 +512,7 @@ def floor(
     draws: str = "auto",
     bandwidth: float | str | None = "auto",
     precision: str = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     tile_bytes: int = DEFAULT_TILE_BYTES,
     checkpoint: str | os.PathLike[str] | None = None,
     restart: bool = False,
@@ -744,7 +745,7 @@ def with_heldout(
     outer: int | None = None,
     bandwidth: float | str | None = None,
     precision: str = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     tile_bytes: int = DEFAULT_TILE_BYTES,
     progress: bool = False,
 ) -> Curve:

@@ -77,7 +77,7 @@ def load_run(
     and target are rebuilt from the full configs the run recorded (``config["process"]``,
     ``config["target"]``), so every parameter (e.g. a VP β range) is the trained one.
     """
-    from lossfloor.training.backbone import UNetBackbone
+    from lossfloor.backbone import UNetBackbone
 
     path = checkpoint_path(run)
     ckpt = load_checkpoint(path, device)

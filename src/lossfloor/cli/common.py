@@ -1,4 +1,5 @@
-"""Options several subcommands share: data selection, σ grids, the device, output checks."""
+"""Options several subcommands share: data selection, σ grids, the device, output checks, the
+optimal-loss schedule's options (``schedule`` and ``train --schedule optimal``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import check_writable
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # torch and the data layer load when a command runs, not for 
     import torch
 
     from lossfloor.data import Dataset
-    from lossfloor.schedules import NoiseSchedule
+    from lossfloor.schedules import NoiseSchedule, OptimalLossSchedule
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,6 +240,16 @@ def parse_total(name: str | None) -> NoiseSchedule | None:
     return get_schedule(name)
 
 
+def parse_bandwidth(text: str) -> float | str | None:
+    """auto | none | a number ≥ 0 (checked by the library)."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--bandwidth {text}: expected auto, none or a number ≥ 0") from None
+
+
 #: The devices --device names; ``auto`` is cuda when a CUDA device is available, else cpu.
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -264,13 +275,106 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """The torch device named by --device: cpu, cuda (which must be available) or auto (cuda
-    when available, else cpu)."""
-    import torch
+    when available, else cpu): the library's rule (``lossfloor.device.resolve_device``)."""
+    from lossfloor.device import resolve_device as library_rule
 
     if name not in DEVICES:
         raise UserError(f"--device {name}: expected {' | '.join(DEVICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    try:
+        return library_rule(name)
+    except ParameterError as exc:
+        raise UserError(exc.for_option("--device")) from None
+
+
+# OptimalLossSchedule parameter → (option, type, help); options default to None (= the
+# schedule's default), so only the options given reach the schedule.
+_PARAMS: dict[str, tuple[str, type, str]] = {
+    "a": ("--weight-scale", float, "a in w = a·min(1/J*, w_max) + bump (default 1)"),
+    "w_max": ("--w-max", float, "cap of 1/J* (default 1/J*(σ*))"),
+    "sigma_star": ("--sigma-star", float, "σ* (default: smallest σ with J* ≥ τ·Var)"),
+    "star_threshold": ("--star-threshold", float, "τ of the σ* rule (default 0.01)"),
+    "bump": ("--bump", float, "bump height below σ*, relative to a·w_max (default 0: off)"),
+    "bump_mean": ("--bump-mean", float, "bump centre μ in ln σ (default ln σ* − 1)"),
+    "bump_std": ("--bump-std", float, "bump width s in ln σ (default 0.5)"),
+    "density": ("--density", str, "gap: p ∝ (w·gap)^γ; lognormal: EDM's p (default gap)"),
+    "p_mean": ("--p-mean", float, "lognormal density: mean of ln σ (default -1.2)"),
+    "p_std": ("--p-std", float, "lognormal density: std of ln σ (default 1.2)"),
+    "exponent": ("--exponent", float, "γ in p ∝ (w·gap)^γ (default 1)"),
+    "gap_floor": ("--gap-floor", float, "gap ≥ this × its maximum (default 0.02)"),
+    "halflife": ("--gap-halflife", float, "online gap: half-life in images (default 2000)"),
+    "bins": ("--gap-bins", int, "online gap: ln σ bins (default 32)"),
+    "sigma_min": ("--sigma-min", float, "lowest σ drawn (default 0.002)"),
+    "sigma_max": ("--sigma-max", float, "highest σ drawn (default 80)"),
+}
+PARAM_OPTIONS = {
+    **{param: option for param, (option, _, _) in _PARAMS.items()},
+    "optimal_loss": "--curve",
+    "gap": "--gap",
+}
+
+
+#: The parameters of the online gap, which exists only while training.
+_ONLINE = ("halflife", "bins")
+
+
+def add_schedule_options(parser: argparse.ArgumentParser, train: bool = False) -> None:
+    """--curve, --gap and the schedule's parameters (``--schedule optimal`` of train, where
+    --curve is needed only with it; the online gap's options only there)."""
+    g = parser.add_argument_group("optimal-loss schedule" + (" (--schedule optimal)" * train))
+    g.add_argument("--curve", default=None, required=not train, metavar="CURVE.json",
+                   help="J* curve (lossfloor estimate --out) of the training data")  # fmt: skip
+    gap_help = "the gap J_θ − J*: a lossfloor diagnose --out file"
+    g.add_argument("--gap", default=None, metavar="DIAGNOSIS.json" + "|online" * train,
+                   help=gap_help + (", or online (estimated during training)" if train else "")
+                   + " (without it: p from w alone)")  # fmt: skip
+    for param, (option, kind, text) in _PARAMS.items():
+        if param in _ONLINE and not train:
+            continue
+        metavar = "{gap,lognormal}" if param == "density" else kind.__name__.upper()
+        g.add_argument(option, dest=f"sched_{param}", type=kind, default=None, help=text,
+                       metavar=metavar)  # fmt: skip
+
+
+def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossSchedule:
+    """The schedule of --curve, --gap and the parameters given."""
+    from lossfloor.diagnosis import Diagnosis
+    from lossfloor.optimal import Curve
+    from lossfloor.schedules import OptimalLossSchedule
+    from lossfloor.schedules.optimal import gap_range
+
+    if args.curve is None:
+        raise UserError("the optimal-loss schedule needs --curve CURVE.json (lossfloor estimate)")
+    curve = Curve.load(args.curve)
+    gap: Any = None
+    if args.gap == "online":
+        if not allow_online:
+            raise UserError("--gap online exists only while training (lossfloor train)")
+        gap = "online"
+    elif args.gap is not None:
+        gap = Diagnosis.load(args.gap)
+    params = {p: getattr(args, f"sched_{p}", None) for p in _PARAMS}
+    note = None
+    if isinstance(gap, Diagnosis):  # the ends not given: inside the gap's σ, with a note
+        given = (params["sigma_min"], params["sigma_max"])
+        covered = [p.sigma for p in gap.points]
+        ends = gap_range(covered, *given)
+        default = (OptimalLossSchedule.sigma_min, OptimalLossSchedule.sigma_max)
+        wanted = tuple(d if g is None else g for g, d in zip(given, default, strict=True))
+        if ends != wanted:
+            note = (
+                f"lossfloor: note: the gap {args.gap} covers σ in [{min(covered):.4g}, "
+                f"{max(covered):.4g}]: the schedule draws σ in [{ends[0]:.4g}, {ends[1]:.4g}], "
+                f"not [{wanted[0]:g}, {wanted[1]:g}] (diagnose over that range, or give "
+                "--sigma-min/--sigma-max)"
+            )
+        params["sigma_min"], params["sigma_max"] = ends
+    if isinstance(gap, Diagnosis):
+        gap = gap.gap_table(curve.dataset)
+    schedule = OptimalLossSchedule.from_curve(
+        curve, gap, **{k: v for k, v in params.items() if v is not None}
+    )
+    if note is not None:
+        print(note, file=sys.stderr)
+    if (coarse := schedule.coarse_warning()) is not None:
+        print(f"lossfloor: warning: --curve {args.curve}: {coarse}", file=sys.stderr)
+    return schedule

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -317,57 +316,32 @@ def _open_stream(args: argparse.Namespace) -> ChunkedDataset:
     return data
 
 
-#: Bytes per data element of an in-memory estimate on one process: the float32 items, the
-#: pool's float64 copy while it is built, the float32 centred rows and augmented keys.
-IN_MEMORY_BYTES = 4 + 8 + 4 + 4
-
-
 def _too_large(args: argparse.Namespace, group: Group) -> bool:
     """Whether the data in memory would need more than --memory-gb (default: the memory
-    available, shared by this machine's processes): then say so and stream. Data that cannot
-    stream (.npz, --xflip, --sources) are loaded as asked."""
-    from lossfloor.data import NAMED_SOURCES
-    from lossfloor.data.dataset import open_items
+    available, shared by this machine's processes; ``optimal.stream.memory_need``): then say so
+    and stream. Data that cannot stream (.npz, --xflip, --sources) are loaded as asked."""
+    from lossfloor.optimal.stream import memory_need
 
     if args.memory_gb is not None and not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
         raise UserError(f"--memory-gb {args.memory_gb}: must be a finite number of GiB > 0")
-    if args.xflip or args.sources or args.key or args.labels_key or args.data in NAMED_SOURCES:
-        return False  # the named sources are small (Fashion-MNIST: ~1 GB in memory)
-    try:
-        items = open_items(args.data, limit=args.limit)
-    except UserError:
-        return False  # loaded as asked, which says what is wrong
-    items.close()
-    elements = items.n * math.prod(items.shape)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    # every process holds the items, and its 1/K of the pool
-    need = elements * (4 + (IN_MEMORY_BYTES - 4) / group.world)
-    budget = args.memory_gb * 2**30 if args.memory_gb is not None else _available_bytes() / local
-    if need <= budget:
+    if args.xflip or args.sources or args.key or args.labels_key:
+        return False
+    memory = None if args.memory_gb is None else args.memory_gb * 2**30
+    need = memory_need(args.data, limit=args.limit, world=group.world, memory_bytes=memory)
+    if need is None or not need.stream:
         return False
     if group.main:
         print(
-            f"lossfloor: {args.data} needs ~{need / 2**30:.3g} GiB per process in memory, more "
-            f"than {budget / 2**30:.3g} GiB: streaming it (--stream)",
+            f"lossfloor: {args.data} needs ~{need.need / 2**30:.3g} GiB per process in memory, "
+            f"more than {need.budget / 2**30:.3g} GiB: streaming it (--stream)",
             file=sys.stderr,
         )
     return True
 
 
-def _available_bytes() -> float:
-    """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def _bandwidth(args: argparse.Namespace) -> float | str | None:
     """--bandwidth (given only with --sources: ``DECLARED.needs``), checked before any work."""
-    from lossfloor.cli.floor import parse_bandwidth
+    from lossfloor.cli.common import parse_bandwidth
     from lossfloor.floor import check_bandwidth
 
     if args.bandwidth is None:

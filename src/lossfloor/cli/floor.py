@@ -77,22 +77,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def parse_bandwidth(text: str) -> float | str | None:
-    """auto | none | a number ≥ 0 (checked by the library)."""
-    from lossfloor.errors import UserError
-
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"--bandwidth {text}: expected auto, none or a number ≥ 0") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import (
         check_args,
         load_data_from_args,
+        parse_bandwidth,
         parse_sigmas,
         resolve_device,
         write_plot,

@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
+    PARAM_OPTIONS,
     Declared,
     add_data_arguments,
     add_device_argument,
+    add_schedule_options,
+    build_schedule,
     check_args,
     load_data_from_args,
     parse_sigmas,
     resolve_device,
 )
-from lossfloor.cli.schedule import PARAM_OPTIONS, add_schedule_options, build_schedule
 from lossfloor.errors import UserError
 from lossfloor.io import read_json
 

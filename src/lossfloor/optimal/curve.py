@@ -18,6 +18,9 @@ from lossfloor.schedules import NoiseSchedule
 
 #: Sub-intervals per grid interval for the refined quadrature that estimates the trapezoid error.
 REFINE = 16
+#: Relative tolerance within which a requested σ is the σ of a saved point (a grid written
+#: as 0.1 and one computed as 0.10000000000000002 name the same σ).
+SIGMA_MATCH_RTOL = 1e-9
 
 #: The columns of ``Curve.to_csv``: a CurvePoint field and its unit.
 CSV_COLUMNS = {
@@ -284,8 +287,6 @@ class Curve:
 
     def point_at(self, sigma: float) -> CurvePoint | None:
         """The point at ``sigma`` (within the relative tolerance a resumed estimate uses)."""
-        from lossfloor.optimal.estimate import SIGMA_MATCH_RTOL
-
         return next(
             (p for p in self.points if math.isclose(p.sigma, sigma, rel_tol=SIGMA_MATCH_RTOL)),
             None,

@@ -25,12 +25,13 @@ import torch
 
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.data.chunked import ChunkedDataset
+from lossfloor.device import resolve_device
 from lossfloor.diffusion import Process, Target
 from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
-from lossfloor.optimal.curve import Curve, CurvePoint
+from lossfloor.optimal.curve import SIGMA_MATCH_RTOL, Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, PerSample, Stratified
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
@@ -73,7 +74,7 @@ def estimate_curve(
     draws: str = "auto",
     form: str = "auto",
     precision: str = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     process: Process | None = None,
     target: Target | None = None,
     schedule: NoiseSchedule | None = None,
@@ -101,7 +102,9 @@ def estimate_curve(
     stratified estimator's far sample) for this relative standard error, from a pilot of the
     first ``outer`` draws (default ADAPTIVE_PILOT; whole blocks of OUTER_BLOCK) of a plan of
     ``max_outer`` (default ADAPTIVE_CAP × the pilot); each point records what it used.
+    ``device``: ``"auto"`` is cuda when available, else cpu (``lossfloor.device``).
     """
+    device = resolve_device(device)
     group = current(device)
     with group.together():
         x, labels, described = _unpack(data, labels, conditional, group)
@@ -592,11 +595,6 @@ def _checkpoint_key(options: dict, plan: OuterPlan) -> str:
     draws = [plan.fingerprint, plan.conditional]
     text = json.dumps([CHECKPOINT_FORMAT, draws, options], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-#: Relative tolerance within which a requested σ is the σ of a saved point (a grid written
-#: as 0.1 and one computed as 0.10000000000000002 name the same σ).
-SIGMA_MATCH_RTOL = 1e-9
 
 
 @dataclass

@@ -22,13 +22,17 @@ Under torchrun it is a ``ShardedPool``: each process reads only its rows [⌊rN/
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.distributed import Group
+from lossfloor.errors import UserError
 from lossfloor.optimal.kernel import augment
 from lossfloor.optimal.shard import ShardedPool
 
@@ -115,3 +119,57 @@ class StreamedPool(ShardedPool):
         for lo in range(0, held.numel(), size):
             part = held[lo : lo + size]
             yield self._keys(self.data.take(part)), part
+
+
+#: Bytes per data element of an in-memory estimate on one process: the float32 items, the
+#: pool's float64 copy while it is built, the float32 centred rows and augmented keys.
+IN_MEMORY_BYTES = 4 + 8 + 4 + 4
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes per process of an in-memory estimate (``need``) against those it may use
+    (``budget``); ``stream`` when they do not fit."""
+
+    need: float
+    budget: float
+
+    @property
+    def stream(self) -> bool:
+        return self.need > self.budget
+
+
+def memory_need(
+    data: str, *, limit: int | None = None, world: int = 1, memory_bytes: float | None = None
+) -> MemoryNeed | None:
+    """The memory an in-memory estimate of the items at ``data`` (a path read by rows) needs
+    per process of ``world``: every process holds the float32 items and its 1/K of the pool,
+    need = n·D·(4 + (IN_MEMORY_BYTES − 4)/K); budget = ``memory_bytes``, default the memory
+    available now shared by this machine's processes (``LOCAL_WORLD_SIZE``). None where the
+    data do not stream: a named source (small: Fashion-MNIST is ~1 GB in memory) or a path
+    not read by rows (loading it as asked says what is wrong)."""
+    from lossfloor.data import NAMED_SOURCES
+    from lossfloor.data.dataset import open_items
+
+    if data in NAMED_SOURCES:
+        return None
+    try:
+        items = open_items(data, limit=limit)
+    except UserError:
+        return None
+    items.close()
+    elements = items.n * math.prod(items.shape)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = memory_bytes if memory_bytes is not None else available_bytes() / local
+    return MemoryNeed(need=elements * (4 + (IN_MEMORY_BYTES - 4) / world), budget=budget)
+
+
+def available_bytes() -> float:
+    """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

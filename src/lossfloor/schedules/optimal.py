@@ -177,21 +177,10 @@ class OptimalLossSchedule(NoiseSchedule):
     # ----- construction --------------------------------------------------------------------
     @classmethod
     def from_curve(cls, curve: Any, gap: Any = None, **params: Any) -> OptimalLossSchedule:
-        """From a ``Curve`` and a gap source: None, "online" or a ``Diagnosis`` (its data
-        fingerprint must be the curve's)."""
-        from lossfloor.diagnosis import Diagnosis
-
+        """From a ``Curve`` (its ``sigmas``, ``values``, ``data_variance``, ``dataset``) and a
+        gap source: None, "online" or a table {"sigma", "value"} (a ``Diagnosis``:
+        ``diagnosis.gap_table(curve.dataset)``, which checks it is of the curve's data)."""
         table = {"sigma": curve.sigmas.tolist(), "value": curve.values.tolist()}
-        if isinstance(gap, Diagnosis):
-            mine = (curve.dataset or {}).get("sha256")
-            theirs = (gap.dataset or {}).get("sha256")
-            if mine is None or mine != theirs:
-                raise UserError(
-                    "the gap's diagnosis was computed on another dataset than the optimal-loss "
-                    f"curve (sha256 {str(theirs)[:12]} vs {str(mine)[:12]}); diagnose on the "
-                    "curve's data"
-                )
-            gap = {"sigma": [p.sigma for p in gap.points], "value": [p.gap for p in gap.points]}
         return cls(
             optimal_loss=table,
             data_variance=curve.data_variance,

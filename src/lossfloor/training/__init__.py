@@ -6,7 +6,7 @@ TrainingHook protocol), ``stats`` (stats.jsonl records), ``rundir`` (run directo
 checkpoints), ``loop`` (the Trainer), ``monitor``.
 """
 
-from lossfloor.training.backbone import PRESETS, UNetBackbone, backbone_config
+from lossfloor.backbone import PRESETS, UNetBackbone, backbone_config
 from lossfloor.training.config import TrainConfig
 from lossfloor.training.ema import EMA
 from lossfloor.training.hooks import Batch, Hook, LogStep, Reducer, TrainingHook

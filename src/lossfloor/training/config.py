@@ -6,11 +6,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lossfloor import __version__
+from lossfloor.backbone import PRESETS, count_parameters
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import ParameterError
 from lossfloor.schedules import NoiseSchedule
-from lossfloor.training.backbone import PRESETS, count_parameters
 from lossfloor.training.stats import SIGMA_BIN_EDGES
 
 ADAM_BETAS = (0.9, 0.999)

@@ -49,6 +49,7 @@ from typing import Any, TextIO
 
 import torch
 
+from lossfloor.backbone import UNetBackbone, backbone_config
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.distributed import current
@@ -57,7 +58,6 @@ from lossfloor.models import CHECKPOINT_FORMAT
 from lossfloor.progress import interactive, progress_bar
 from lossfloor.schedules import get_schedule
 from lossfloor.seeding import derived_seed, generator_for
-from lossfloor.training.backbone import UNetBackbone, backbone_config
 from lossfloor.training.config import ADAM_BETAS, ADAM_EPS, TrainConfig, run_config
 from lossfloor.training.ema import EMA
 from lossfloor.training.hooks import Batch, Hook, LogStep, TrainingHook, check_hooks
