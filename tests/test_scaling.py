@@ -174,7 +174,27 @@ def test_total_rows_need_an_estimate_with_a_total(tmp_path, capsys):
     write_runs(runs, [r for r in _synthetic_rows() if r.sigma is None])
     rc = main(["scaling", "fit", "--runs", str(runs), "--optimal", str(est)])
     err = capsys.readouterr().err
-    assert rc == 2 and "the estimate has no total" in err
+    assert rc == 2 and "the estimate has no total" in err and err.count("\n") == 1
+
+
+def test_an_estimate_without_a_total_fits_the_sigmas_and_says_the_total_is_left_out(
+    tmp_path, capsys
+):
+    """What `scaling collect` writes (per-σ rows and a total) fits against an estimate made
+    with estimate's defaults (no --total): every σ is fitted, the total left out with a note."""
+    est = tmp_path / "est.json"
+    _curve(total=None).save(est)
+    runs = tmp_path / "runs.csv"
+    rows = _synthetic_rows()
+    write_runs(runs, rows)
+    out = tmp_path / "fit.json"
+    rc = main(["scaling", "fit", "--runs", str(runs), "--optimal", str(est), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "the total is left out" in err and err.count("\n") == 1
+    fitted = [f["sigma"] for f in json.loads(out.read_text())["fits"]]
+    assert None not in fitted
+    assert sorted(fitted) == sorted({r.sigma for r in rows if r.sigma is not None})
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -91,12 +92,19 @@ def _under_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 def run_fit(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import check_args
     from lossfloor.optimal import Curve
-    from lossfloor.scaling import fit_scaling, read_runs
+    from lossfloor.scaling import fit_scaling, read_runs, total_left_out
 
     check_args(args)
     rows = read_runs(args.runs)
     curve = Curve.load(args.optimal)
     result = fit_scaling(rows, curve, x=args.x, sigmas=args.sigma)
+    if total_left_out(rows, curve, args.sigma):
+        print(
+            f"lossfloor: note: the rows of {args.runs} hold a total loss but {args.optimal} has "
+            "no total: the total is left out (estimate J* with --total and the runs' schedule "
+            "to fit it)",
+            file=sys.stderr,
+        )
     _print_table(result)
     if args.out:
         result.save(args.out)

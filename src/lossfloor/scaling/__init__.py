@@ -19,6 +19,7 @@ from lossfloor.scaling.fit import (
     offset_fit,
     power_law_fit,
     read_runs,
+    total_left_out,
     write_runs,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "offset_fit",
     "power_law_fit",
     "read_runs",
+    "total_left_out",
     "write_runs",
 ]

@@ -304,10 +304,13 @@ def offset_fit(x: np.ndarray, loss: np.ndarray, optimal_loss: float) -> OffsetFi
     )
 
 
-def _select_sigmas(rows: Sequence[RunRow], sigmas: Sequence[float] | None) -> list[float | None]:
-    """The σ values to fit: every σ of the rows and the total (None), or those requested."""
+def _select_sigmas(
+    rows: Sequence[RunRow], sigmas: Sequence[float] | None, with_total: bool
+) -> list[float | None]:
+    """The σ values to fit: every σ of the rows and, ``with_total``, the total (None) where the
+    rows hold one; or those requested."""
     present = sorted({r.sigma for r in rows if r.sigma is not None})
-    has_total = any(r.sigma is None for r in rows)
+    has_total = with_total and any(r.sigma is None for r in rows)
     if sigmas is None:
         return [*present, *([None] if has_total else [])]
     chosen: list[float | None] = []
@@ -320,6 +323,12 @@ def _select_sigmas(rows: Sequence[RunRow], sigmas: Sequence[float] | None) -> li
     return chosen
 
 
+def total_left_out(rows: Sequence[RunRow], curve: Curve, sigmas: Sequence[float] | None) -> bool:
+    """Whether ``fit_scaling`` leaves the rows' total loss out: they hold one, no σ were
+    chosen, and the estimate has no total (J* of the total needs the runs' schedule)."""
+    return sigmas is None and curve.total is None and any(r.sigma is None for r in rows)
+
+
 def fit_scaling(
     rows: Sequence[RunRow],
     curve: Curve,
@@ -329,7 +338,8 @@ def fit_scaling(
     """Raw, subtracted and offset fits of J against F = ``x`` per σ (pooled over runs and
     checkpoints) and for the total loss. J*(σ) = ``curve(σ)`` (linear in ln σ; a σ outside
     the curve's grid is an error), J* of the total = ``curve.total``'s (it must have been
-    estimated under the runs' schedule). ``sigmas`` restricts the σ values fitted."""
+    estimated under the runs' schedule; without one the total's rows are left out:
+    ``total_left_out`` says whether they were). ``sigmas`` restricts the σ values fitted."""
     if x not in X_CHOICES:
         raise ParameterError("x", x, f"must be one of: {', '.join(X_CHOICES)}")
     if not rows:
@@ -342,15 +352,17 @@ def fit_scaling(
         )
     lo, hi = float(curve.sigmas[0]), float(curve.sigmas[-1])
     fits = []
-    for sigma in _select_sigmas(rows, sigmas):
+    chosen = _select_sigmas(rows, sigmas, with_total=curve.total is not None)
+    if not chosen:
+        raise UserError(
+            "the rows hold only a total loss but the estimate has no total; estimate J* with "
+            "--total and the runs' schedule"
+        )
+    for sigma in chosen:
         sel = [r for r in rows if r.sigma == sigma]
         where = "the total loss" if sigma is None else f"σ = {sigma:g}"
         if sigma is None:
-            if curve.total is None:
-                raise UserError(
-                    "the rows hold a total loss but the estimate has no total; estimate J* "
-                    "with the runs' --schedule, or fit single σ with --sigma"
-                )
+            assert curve.total is not None  # _select_sigmas leaves the total out without one
             floor = curve.total.optimal_loss
         else:
             if not lo * (1 - 1e-9) <= sigma <= hi * (1 + 1e-9):
