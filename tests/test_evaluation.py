@@ -193,14 +193,28 @@ def classifier() -> ClassifierFeatures:
     return ClassifierFeatures()
 
 
+#: Float32 GEMM rounding per layer, relative to the layer's |output| scale: 2·K·u with K ≤ 1,152
+#: terms (conv64 → conv128, 3×3) and u = 2⁻²⁴, is 1.4e-4; over the network's four layers < 1e-3.
+#: Only an image whose top two logits are closer than that may change its class between BLAS builds.
+LOGIT_ROUNDING = 1e-3
+
+
+@pytest.mark.slow
 @needs_fashion
 def test_committed_classifier_reaches_its_stated_test_accuracy():
+    """The accuracy on the whole test set and on its first 2,000 images, computed here, equals
+    the one the asset records, but for images whose top two logits tie within rounding."""
     meta = json.loads(default_weights_path().with_suffix(".json").read_text())
-    test = load_dataset("fashion-mnist:test", limit=2000)
-    acc = accuracy(load_classifier(), test.x, test.labels)
-    assert meta["test_accuracy"] >= 0.90
-    # One image of 2,000 may flip between BLAS builds; more would mean different weights.
-    assert abs(acc - meta["test_accuracy_first_2000"]) <= 1 / 2000
+    test = load_dataset("fashion-mnist:test")
+    model = load_classifier()
+    with torch.no_grad():
+        logits = torch.cat([model(test.x[i : i + 500]) for i in range(0, test.n, 500)])
+    top = logits.topk(2, dim=1).values
+    tie = (top[:, 0] - top[:, 1]) <= LOGIT_ROUNDING * logits.abs().amax()
+    correct = logits.argmax(1) == test.labels
+    for n, key in ((test.n, "test_accuracy"), (2000, "test_accuracy_first_2000")):
+        assert abs(int(correct[:n].sum()) - round(meta[key] * n)) <= int(tie[:n].sum()), key
+    assert accuracy(model, test.x[:2000], test.labels[:2000]) == float(correct[:2000].sum()) / 2000
     assert default_weights_path().stat().st_size < 1_000_000
 
 
