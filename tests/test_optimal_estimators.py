@@ -10,8 +10,9 @@ import torch
 
 from lossfloor.data import load_dataset
 from lossfloor.errors import UserError
-from lossfloor.optimal import estimate_curve, make_estimator
+from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import gaussian_optimal_loss, two_point_optimal_loss
+from lossfloor.optimal.estimators import as_estimator
 from lossfloor.optimal.outer import OUTER_BLOCK, block_noise, stratified_sources
 
 
@@ -204,3 +205,21 @@ def test_bad_estimator_parameters_are_user_errors(kwargs, message):
     name = kwargs.pop("name")
     with pytest.raises(UserError, match=message):
         make_estimator(name, 100, **kwargs)
+
+
+@pytest.mark.parametrize("name", ESTIMATORS.names)
+def test_as_estimator_of_a_name_and_of_a_recorded_config_equals_the_estimator(name):
+    n = 300
+    est = make_estimator(name, n)
+    assert as_estimator(name, n) == est
+    assert as_estimator(est.to_config(), n) == est
+    assert as_estimator(est, n) is est
+
+
+def test_as_estimator_of_a_partial_config_fills_the_defaults_for_n():
+    assert as_estimator({"name": "stratified", "share": 64}, 400) == make_estimator(
+        "stratified", 400, share=64
+    )
+    assert as_estimator({"name": "gram", "rows": 4}, 400) == ESTIMATORS.create("gram", rows=4)
+    with pytest.raises(UserError, match="a config with a 'name'"):
+        as_estimator({"inner": 4}, 400)
