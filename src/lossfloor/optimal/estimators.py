@@ -310,12 +310,13 @@ class Subset(Estimator):
         return state.mean()
 
     def _shared(self, pool, queries, sources, sigma, generator, tile_bytes) -> SoftmaxState:
-        k = self.n_random
+        k, share = self.n_random, self.share
+        assert share is not None  # the shared layout has one (``__post_init__``)
         spare = self.exclude_source and not self.replace and k < pool.n
         states = []
-        for start in range(0, queries.shape[0], self.share):
-            q = queries[start : start + self.share]
-            src = sources[start : start + self.share]
+        for start in range(0, queries.shape[0], share):
+            q = queries[start : start + share]
+            src = sources[start : start + share]
             idx = self._draw(pool.n, k + int(spare), generator, queries.device)
             exclude = None
             if self.exclude_source:

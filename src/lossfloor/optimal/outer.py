@@ -134,7 +134,7 @@ def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
     return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
 
 
-def resolve_draws(draws: str, estimator: Estimator) -> str:
+def resolve_draws(draws: Draws, estimator: Estimator) -> Literal["tilted", "plain"]:
     """``auto``: ``tilted`` for the exact and near-exact estimators (J* right below σ*), and
     ``plain`` for the paper's sub-sampled ones (as the paper ran them: their closed form
     A − ‖μ̂‖², weighted, gains variance from the weights where it has no rare events to find)."""
@@ -313,7 +313,7 @@ class Moments:
         }[form]
 
 
-def resolve_form(form: str, estimator: Estimator) -> str:
+def resolve_form(form: Form, estimator: Estimator) -> Literal["closed", "direct", "combined"]:
     """``auto``: the min-variance combination for the exact (and near-exact stratified)
     posterior and for gram (both forms unbiased); for the sub-sampled estimators the two forms
     are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
