@@ -18,6 +18,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+@pytest.mark.slow
 def test_json_contract_and_plot(tmp_path, capsys):
     out, png = tmp_path / "j.json", tmp_path / "j.png"
     rc, _, err = run_cli(capsys, "--sigmas", "0.1:10:5", "--total", "edm", "--out", str(out),
@@ -60,6 +61,7 @@ def test_target_units_follow_the_process(tmp_path, capsys):
         assert p["optimal_loss_target"] == pytest.approx(p["optimal_loss"] / t**2, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_file(tmp_path, capsys, monkeypatch):
     args = ["--sigmas", "0.2:5:5", "--estimator", "cdol", "--inner", "40", "--seed", "3"]
     ref = tmp_path / "ref.json"

@@ -109,6 +109,7 @@ def test_diagnose_at_huge_sigma_gives_the_data_variance(tmp_path, capsys):
 DIAG = ["diagnose", "--model", "optimal", "--data", "digits", "--limit", "60", "--no-cache"]
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
     """--curve: J* is the estimate's direct form, the same per-sample mean diagnose computes,
@@ -137,6 +138,7 @@ def test_diagnose_reuses_an_estimate_of_the_same_draws(tmp_path, capsys):
         assert b["gap_stderr"] >= a["gap_stderr"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -290,6 +292,7 @@ def test_one_device_rule_for_every_command(capsys):
     assert "--device gpu: expected auto | cpu | cuda" in line
 
 
+@pytest.mark.slow
 def test_train_prints_a_line_per_log_interval_when_stderr_is_not_a_terminal(tmp_path, capsys):
     argv = ["train", "--data", "digits", "--limit", "16", "--steps", "4", "--batch", "8",
             "--model", "tiny", "--log-every", "2", "--checkpoint-every", "100"]  # fmt: skip
@@ -303,6 +306,7 @@ def test_train_prints_a_line_per_log_interval_when_stderr_is_not_a_terminal(tmp_
     assert "train: step" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_writes_what_the_cli_writes(tmp_path, capsys, monkeypatch):
     """The README's Python API block, run as it is, saves the same JSON and CSV as the command
     its comment names (on the CPU: same numbers to the last bit; only the seconds differ)."""

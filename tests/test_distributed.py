@@ -28,7 +28,7 @@ from lossfloor.seeding import generator_for
 from lossfloor.training import DenoisingLoss, read_stats
 from lossfloor.training.config import ADAM_BETAS, TrainConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 

@@ -25,7 +25,7 @@ from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
 from lossfloor.optimal.shard import ShardedPool
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics, pytest.mark.slow]
 WORKER = Path(__file__).parent / "shard_worker.py"
 #: The per-σ numbers of a curve (not its timings).
 NUMBERS = ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr")

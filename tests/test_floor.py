@@ -59,6 +59,7 @@ def test_zero_bandwidth_is_the_optimal_denoiser_and_loo_drops_the_source():
         torch.testing.assert_close(loo[i : i + 1], ref, rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_heldout_equal_to_train_is_the_direct_form_on_the_same_draws():
     ds = load_dataset("digits", limit=200)
     sigmas = [0.02, 1.0, 10.0]  # 0.02 runs in float64 under the auto policy
@@ -74,6 +75,7 @@ def _gaussian(n: int, dim: int, seed: int) -> Dataset:
     return Dataset(f"gauss{seed}", x, None, f"{seed:064x}", False)
 
 
+@pytest.mark.slow
 def test_gaussian_bracket_and_subset_trend():
     """For x0 ~ 𝒩(0, I) in D = 4, J*_pop = σ²/(1+σ²) per element: averaged over drawn training
     sets E[J*_train] ≤ J*_pop ≤ both held-out bounds, and J* of nested subsets rises toward it."""
@@ -112,6 +114,7 @@ def test_gaussian_bracket_and_subset_trend():
     assert all(h.smoothed_loss < h.heldout_loss for h in small)
 
 
+@pytest.mark.slow
 def test_verdicts_and_extrapolation():
     assert extrapolate([0.1, 0.2, 0.25]) == pytest.approx(0.25 + 0.05 * 0.5 / 0.5)
     assert extrapolate([0.1, 0.2, 0.2]) == 0.2
@@ -145,6 +148,7 @@ def npz(tmp_path):
     return write
 
 
+@pytest.mark.slow
 def test_floor_cli_writes_json_and_plot(tmp_path, npz, capsys):
     rng = np.random.default_rng(0)
     train = npz("train.npz", rng.standard_normal((128, 3)).astype(np.float32))
@@ -220,6 +224,7 @@ def test_floor_cli_empty_heldout(tmp_path, npz, capsys):
     assert code == 2 and err.count("\n") == 1 and "empty" in err
 
 
+@pytest.mark.slow
 def test_estimate_sources_equal_to_data_gives_the_direct_form(tmp_path, npz):
     rng = np.random.default_rng(2)
     train = npz("train.npz", rng.standard_normal((150, 6)).astype(np.float32))
@@ -303,6 +308,7 @@ def test_readings():
     assert reading(_gap(0.01, 0.01), (0.61, 0.01), _floor_point(True, 0.6)) == "within the bracket"
 
 
+@pytest.mark.slow
 def test_diagnose_heldout_with_floor(tmp_path, npz, capsys):
     """The optimal denoiser of the training set: no gap, and its held-out loss is the floor's
     own held-out bound (same draws), so every σ reads 'within the bracket'."""
@@ -401,6 +407,7 @@ def test_diagnose_heldout_with_floor(tmp_path, npz, capsys):
     assert code == 2 and "applies only with --heldout" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_floor_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     import lossfloor.floor as floor_module
 

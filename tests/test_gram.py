@@ -53,6 +53,7 @@ def draws_of(pool: Pool, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 # --- exact where R is one point -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("inner", [2, 7, 32])
 def test_two_points_per_draw_values_are_full_s(inner):
@@ -69,6 +70,7 @@ def test_two_points_per_draw_values_are_full_s(inner):
             assert ref.direct.mean() > 1e-3  # not a comparison of zeros
 
 
+@pytest.mark.slow
 def test_two_points_curve_is_full_s_on_the_same_draws():
     sigmas = [0.05, 0.3, 0.6, 1.0, 3.0, 20.0]
     kw = dict(outer=3000, seed=7, draws="plain", precision="float64", progress=False)
@@ -109,6 +111,7 @@ def repeat_mean(values: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tenso
     return v.mean(dim=0), v.std(dim=0) / math.sqrt(REPEATS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner", [2, 5])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
 def test_per_draw_forms_are_unbiased(inner, sigma):
@@ -152,6 +155,7 @@ def test_per_draw_forms_are_unbiased(inner, sigma):
     assert caught.sum() >= m // 2, bias / se
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
 def test_posterior_mean_is_unbiased(sigma):
     pool, m = tiny_pool(), 20
@@ -167,6 +171,7 @@ def test_posterior_mean_is_unbiased(sigma):
     assert bool(((mean - exact).abs() <= 4 * se + 1e-12).all()), mean - exact
 
 
+@pytest.mark.slow
 def test_error_falls_like_one_over_root_L(digits):
     """The rest enters through a mean of L iid draws (x̄, ū) and U-statistics of degree 2
     (‖E_R x‖², ‖E_R u‖²), whose variance is 4ζ₁/L + 2ζ₂/(L(L−1)) = O(1/L): the per-draw RMS
@@ -189,6 +194,7 @@ def test_error_falls_like_one_over_root_L(digits):
 # --- the sweep is the per-σ path -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grid_values_are_each_sigma_alone_bitwise(digits, dtype):
@@ -226,6 +232,7 @@ def test_grid_values_do_not_depend_on_the_thread_count_and_restore_it(digits):
         assert torch.equal(one.closed, two.closed) and torch.equal(one.direct, two.direct)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch):
     """M = 1500 (two outer blocks): the sweep (``_grid_values``, no ``per_sample_values``)
@@ -258,6 +265,7 @@ def _within(gram, full, tol: float, where: float) -> int:
     return compared
 
 
+@pytest.mark.slow
 def test_curve_is_full_s_within_3_percent(digits):
     sigmas = [0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 7.0, 20.0]
     kw = dict(outer=1797, seed=0, draws="plain", progress=False)
@@ -266,6 +274,7 @@ def test_curve_is_full_s_within_3_percent(digits):
     assert _within(gram, full, 0.03, where=1e-3) >= 6
 
 
+@pytest.mark.slow
 def test_values_are_finite_and_not_negative_from_1e_3_to_1e3(digits):
     """auto precision (float64 at the small σ, float32 elsewhere): finite, ≥ 0, and full's
     (0) where the posterior is the source alone. The closed form's mean is A − ‖μ‖² to float32
@@ -315,6 +324,7 @@ def test_config_round_trip_and_checks():
 # --- CLI -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_records_gram(tmp_path, capsys):
     out = tmp_path / "g.json"
     rc = main(["estimate", "--data", "digits", "--estimator", "gram", "--outer", "512",
@@ -347,6 +357,7 @@ def test_cli_refuses_gram_on_streamed_data_and_bad_sizes(tmp_path, capsys):
 # --- checkpoint ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoint_is_removed_and_an_interrupted_sweep_resumes(digits, tmp_path, monkeypatch):
     x, sigmas = digits.x[:300], [0.01, 0.5, 1.0, 2.0, 4.0]
     est = make_estimator("gram", 300, inner=8)
@@ -386,6 +397,7 @@ def test_checkpoint_is_removed_and_an_interrupted_sweep_resumes(digits, tmp_path
 # --- tilted draws ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tilted_draws_run_sigma_by_sigma_and_match_full(digits, monkeypatch):
     sigmas = [0.4, 0.7, 1.0, 2.0, 5.0]
     kw = dict(outer=1797, seed=2, draws="tilted", progress=False)

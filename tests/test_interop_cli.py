@@ -16,7 +16,7 @@ from lossfloor.training import TrainConfig, train
 
 MODULE = "lf_user_model"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

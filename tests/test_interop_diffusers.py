@@ -86,6 +86,7 @@ def compare(path, unet, scheduler, ds, timesteps=(20, 400, 850), labels=None):
     return model, info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "prediction", "alone"),
     [

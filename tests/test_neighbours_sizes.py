@@ -56,6 +56,7 @@ def test_moments_on_plain_draws_are_unchanged_by_the_new_fields():
     assert mom.combined == pytest.approx((a * c + (1 - a) * d).mean().item(), rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_the_closed_form_is_left_out_where_its_rounding_could_bias_it():
     """Two points at σ = 0.3 in float32 (J* = 7.8e-14): A − ‖μ‖² is 1e-8 off, far beyond its
@@ -70,6 +71,7 @@ def test_the_closed_form_is_left_out_where_its_rounding_could_bias_it():
         assert abs(p.optimal_loss / exact - 1) < 0.1 and abs(p.optimal_loss - exact) < 3 * p.stderr
 
 
+@pytest.mark.slow
 def test_the_control_variate_cuts_the_tilted_draws_variance_where_the_tilt_is_wasted():
     """σ = 2 and 5 on the two-point set: half the tilted draws land at the midpoint, which no
     longer carries J*; the control w − 1 removes that noise. With M = 8000 the stderrs are
@@ -86,6 +88,7 @@ def test_the_control_variate_cuts_the_tilted_draws_variance_where_the_tilt_is_wa
 # --- adaptive sizes -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_adaptive_sizes_reach_the_target_and_grow_as_it_shrinks():
     """Full on the two-point set (exact values by quadrature): where the pilot (2 blocks) is not
     enough, M = M₀(s₀/(target·J₀))² gives an achieved stderr/J* within 0.6–1.4 of the target,
@@ -111,6 +114,7 @@ def test_adaptive_sizes_reach_the_target_and_grow_as_it_shrinks():
     assert tight[0] > 2048  # the rarest σ needed more than the pilot
 
 
+@pytest.mark.slow
 def test_the_achieved_error_across_seeds_matches_the_target():
     """The line set at σ = 0.07 (J* ~ 1e-5 of the variance: rare events), target 5%: over 12
     seeds the RMS of the true relative error (against 1-D quadrature) is 0.5–1.6× the target."""
@@ -125,6 +129,7 @@ def test_the_achieved_error_across_seeds_matches_the_target():
     assert 0.5 * 0.05 < rms < 1.6 * 0.05, errors
 
 
+@pytest.mark.slow
 def test_adaptive_stratified_grows_its_far_sample_where_its_bias_is_large():
     """Stratified on 600 Gaussian points in 6 dims with a small far sample (L = 20): at σ = 0.5
     (the posterior spreads over many points beyond the near stratum) the ratio estimator's
@@ -189,6 +194,7 @@ def test_fixed_sizes_write_no_adaptive_fields(tmp_path):
 # --- never negative -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draws", ["tilted", "plain"])
 @pytest.mark.parametrize("name", ["full", "stratified"])
 def test_no_nan_inf_or_negative_from_tiny_to_huge_sigma_with_duplicates(name, draws):

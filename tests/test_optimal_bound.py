@@ -74,6 +74,7 @@ def test_on_two_points_the_bound_is_its_closed_form_and_above_the_exact_value(dt
     assert b.log_value(0.01) == pytest.approx(math.log(0.25) + log_ndtr(-100.0), rel=rtol)
 
 
+@pytest.mark.slow
 def test_on_collinear_points_the_bound_is_above_the_exact_value_with_or_without_a_tail():
     """Ten points on a line in 4 dims, exact J* by quadrature (``line_optimal_loss``): the
     bound from the 3 nearest neighbours and a tail is above the one from all pairs, which is
@@ -112,6 +113,7 @@ def planar_optimal_loss(x: np.ndarray, sigma: float) -> float:
     return total * h * h / 2
 
 
+@pytest.mark.slow
 def test_the_planar_brute_force_agrees_with_the_line_quadrature():
     t = np.array([0.0, 0.25, 0.6, 1.1])
     x = np.stack([t * 0.6, t * 0.8], axis=1)
@@ -121,6 +123,7 @@ def test_the_planar_brute_force_agrees_with_the_line_quadrature():
         )
 
 
+@pytest.mark.slow
 def test_on_a_random_planar_set_the_bound_is_above_the_brute_force_value():
     """Six random points in the unit square; the bound from 2 neighbours and a tail."""
     x = np.random.default_rng(3).random((6, 2))
@@ -169,6 +172,7 @@ def test_an_estimate_on_plain_draws_has_no_bound(small_set):
     assert curve.points[0].upper_bound is None and curve.points[0].closed_rounding is None
 
 
+@pytest.mark.slow
 def test_the_cli_reports_memorised_sigma_by_their_bound_without_a_warning(tmp_path, capsys):
     """digits (300 points) at σ where its draws cannot resolve J*: the table shows "≤ bound"
     and "memorised", the JSON the bound, and stderr has no warning; plain draws (no index)
@@ -218,6 +222,7 @@ def test_the_plot_marks_unresolved_points_and_memorised_bounds(monkeypatch, tmp_
     assert plots.MEMORISED not in labels and plots.UNRESOLVED not in labels
 
 
+@pytest.mark.slow
 def test_a_streamed_estimate_bounds_j_from_the_rows_it_reads(tmp_path):
     """Streamed data: the bound reads the rows the draws' index lists (capped at the 5 other
     points here, as in memory), so it equals the in-memory one up to the float32 rows'

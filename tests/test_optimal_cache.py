@@ -60,6 +60,7 @@ def numbers(result):
     return [{k: v for k, v in p.items() if k != "seconds"} for p in rec["points"]]
 
 
+@pytest.mark.slow
 def test_a_second_diagnosis_on_the_same_draws_does_not_run_the_kernel(
     cache, monkeypatch, digits300
 ):
@@ -77,6 +78,7 @@ def test_a_second_diagnosis_on_the_same_draws_does_not_run_the_kernel(
     assert [p.model_loss for p in other.points] != [p.model_loss for p in first.points]
 
 
+@pytest.mark.slow
 def test_cached_values_equal_recomputed_ones_bit_for_bit(cache, digits300, kernel_calls):
     cached_run = diagnose(shrink, digits300, SIGMAS, outer=300, progress=False)
     hit = diagnose(shrink, digits300, SIGMAS, outer=300, progress=False)
@@ -87,6 +89,7 @@ def test_cached_values_equal_recomputed_ones_bit_for_bit(cache, digits300, kerne
     assert numbers(hit) == numbers(cached_run) == numbers(fresh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change",
     [dict(seed=1), dict(outer=200), dict(conditional=True)],
@@ -100,6 +103,7 @@ def test_other_draws_are_other_entries(cache, digits300, kernel_calls, change):
     assert len(list(cache.glob("*.npz"))) == 2
 
 
+@pytest.mark.slow
 def test_other_data_of_the_same_shape_is_another_entry(cache, digits300, kernel_calls):
     diagnose(shrink, digits300, [1.0], outer=300, progress=False)
     before = len(kernel_calls)
@@ -108,6 +112,7 @@ def test_other_data_of_the_same_shape_is_another_entry(cache, digits300, kernel_
     assert len(kernel_calls) > before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spoil",
     [

@@ -10,8 +10,9 @@ import torch
 
 from lossfloor.data import load_dataset
 from lossfloor.errors import UserError
-from lossfloor.optimal import estimate_curve, make_estimator
+from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import gaussian_optimal_loss, two_point_optimal_loss
+from lossfloor.optimal.estimators import as_estimator
 from lossfloor.optimal.outer import OUTER_BLOCK, block_noise, stratified_sources
 
 
@@ -43,6 +44,7 @@ def brute_force_per_sample(data: torch.Tensor, m: int, seed: int, sigma: float):
     return closed.mean().item(), direct.mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("precision,rtol", [("float64", 1e-6), ("float32", 2e-4)])
 def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
@@ -57,6 +59,7 @@ def test_full_matches_float64_brute_force_on_the_same_draws(precision, rtol):
         assert p.direct == pytest.approx(direct, rel=rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0, 4.0])
 def test_two_point_dataset_matches_the_tanh_closed_form(sigma):
@@ -74,6 +77,7 @@ def test_two_point_dataset_matches_the_tanh_closed_form(sigma):
     assert abs(got - exact) < 3 * se, (got, exact, se)
 
 
+@pytest.mark.slow
 def test_gaussian_data_matches_the_population_closed_form():
     """N = 8000 draws of N(0, diag(1, 0.25)) in 2 dims. Where σ is well above the typical spacing
     of the points (≈ 0.01 here) the empirical set smooths into its population. Tolerance:
@@ -91,6 +95,7 @@ def test_gaussian_data_matches_the_population_closed_form():
         assert abs(got - exact) < 3 * se + 0.02 * exact, (s, got, exact, se)
 
 
+@pytest.mark.slow
 def test_limits_and_monotonicity(digits):
     sigmas = [1e-3, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 1e3]
     curve = estimate_curve(digits.x, sigmas, make_estimator("full", digits.n), progress=False)
@@ -101,6 +106,7 @@ def test_limits_and_monotonicity(digits):
     assert np.all(steps >= -3 * (curve.stderrs[1:] + curve.stderrs[:-1]))
 
 
+@pytest.mark.slow
 def test_dol_underestimates_the_full_value(digits):
     sigmas = [0.5, 1.0, 2.0]
     kw = dict(outer=digits.n, seed=3, progress=False, form="closed", draws="plain")
@@ -109,6 +115,7 @@ def test_dol_underestimates_the_full_value(digits):
     assert np.all(dol.values < full.values - 3 * full.stderrs)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("layout", ["shared", "independent"])
 def test_cdol_with_C_equal_1_is_dol_and_C_infinite_is_snis(digits, layout):
@@ -126,6 +133,7 @@ def test_cdol_with_C_equal_1_is_dol_and_C_infinite_is_snis(digits, layout):
     assert not np.array_equal(cinf.values, c1.values)
 
 
+@pytest.mark.slow
 def test_cdol_default_tracks_full_on_digits(digits):
     """Stated tolerance: with L = N/10 and the paper's C = 4N/L, |cDOL − full| ≤ 3% of the data
     variance at every σ (the relative error is large where J* ≈ 0; see docs/benchmarks.md).
@@ -140,6 +148,7 @@ def test_cdol_default_tracks_full_on_digits(digits):
     assert np.any(np.abs(dol.values - full.values) > tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("name", ["full", "snis", "dol", "cdol"])
 def test_no_nan_inf_or_negative_from_tiny_to_huge_sigma_with_duplicates(name, precision):
@@ -155,6 +164,7 @@ def test_no_nan_inf_or_negative_from_tiny_to_huge_sigma_with_duplicates(name, pr
         assert p.optimal_loss >= 0 and 0 <= p.combined_weight_closed <= 1, (name, p)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_auto_precision_switches_to_float64_where_float32_loses_digits():
     """Points of norm ≈ 40 in pairs 0.05 apart: at σ = 0.03 the fp32 expanded-form logits are
@@ -174,6 +184,7 @@ def test_auto_precision_switches_to_float64_where_float32_loses_digits():
     assert auto.values[0] == pytest.approx(ref, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_conditional_posterior_is_the_class_average(digits):
     """J*_cond = Σ_c (N_c/N)·J*_c: the conditional run equals the per-class runs pooled."""
     x, y = digits.x[:400], digits.labels[:400]
@@ -204,3 +215,21 @@ def test_bad_estimator_parameters_are_user_errors(kwargs, message):
     name = kwargs.pop("name")
     with pytest.raises(UserError, match=message):
         make_estimator(name, 100, **kwargs)
+
+
+@pytest.mark.parametrize("name", ESTIMATORS.names)
+def test_as_estimator_of_a_name_and_of_a_recorded_config_equals_the_estimator(name):
+    n = 300
+    est = make_estimator(name, n)
+    assert as_estimator(name, n) == est
+    assert as_estimator(est.to_config(), n) == est
+    assert as_estimator(est, n) is est
+
+
+def test_as_estimator_of_a_partial_config_fills_the_defaults_for_n():
+    assert as_estimator({"name": "stratified", "share": 64}, 400) == make_estimator(
+        "stratified", 400, share=64
+    )
+    assert as_estimator({"name": "gram", "rows": 4}, 400) == ESTIMATORS.create("gram", rows=4)
+    with pytest.raises(UserError, match="a config with a 'name'"):
+        as_estimator({"inner": 4}, 400)

@@ -96,6 +96,7 @@ def test_error_bound_grows_as_sigma_shrinks():
     assert math.isfinite(big)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sigma", [0.02, 0.1, 0.5, 2.0])
 def test_keys_streamed_far_to_near_raise_the_shift_correctly(dtype, sigma):
@@ -112,6 +113,7 @@ def test_keys_streamed_far_to_near_raise_the_shift_correctly(dtype, sigma):
     torch.testing.assert_close(mu, brute_posterior_mean(q, keys, sigma), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sigma", [0.03, 0.1])
 def test_a_key_that_holds_the_posterior_gives_its_x_to_the_last_bit_in_any_tile(dtype, sigma):

@@ -143,6 +143,7 @@ def test_the_tilted_weight_is_the_ratio_of_the_normal_to_the_mixture_density():
         assert w[i].item() == pytest.approx(phi / q, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_the_issue_case_with_the_default_draws_is_resolved_and_right():
     """Default (tilted) draws, --outer 8000 --seed 7: resolved, within 3 standard errors of the
     exact value and within 10% at every σ from 0.3 (J* ~ 1e-13) to 5."""
@@ -157,6 +158,7 @@ def test_the_issue_case_with_the_default_draws_is_resolved_and_right():
         assert abs(p.optimal_loss / exact - 1) < 0.1, (p, exact)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["two-point", "line"])
 def test_the_95_percent_interval_covers_the_exact_value(name):
     """50 seeds, M = 2000 (docs/benchmarks.md: 200 seeds at M = 8000): coverage ≥ 86% at

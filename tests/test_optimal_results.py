@@ -143,6 +143,7 @@ def test_a_diagnosis_file_reads_and_writes_back_byte_for_byte(path, tmp_path):
     assert (tmp_path / "again.json").read_text() == path.read_text()
 
 
+@pytest.mark.slow
 def test_curve_save_writes_what_the_cli_writes(tmp_path, capsys, digits200):
     out = tmp_path / "cli.json"
     rc = main(["estimate", "--data", "digits", "--limit", "200", "--sigmas", "0.1:10:4",
@@ -337,6 +338,7 @@ def test_subcommand_modules_import_nothing_heavy_at_top_level(module):
 # --- resume through the Python API -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_estimate_curve_resumes_from_its_checkpoint(tmp_path, monkeypatch, digits200):
     sigmas = [0.2, 0.5, 1.0, 2.0, 5.0]
     est = make_estimator("cdol", 200, inner=40)
@@ -367,6 +369,7 @@ def test_estimate_curve_resumes_from_its_checkpoint(tmp_path, monkeypatch, digit
     assert without_seconds(resumed.to_json()) == without_seconds(ref.to_json())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content",
     [

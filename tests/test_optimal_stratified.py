@@ -29,6 +29,7 @@ def pool_with_index(n: int = 400, d: int = 4, k: int = 8) -> Pool:
     return pool
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_far_stratum_covering_everything_is_full_bitwise(digits, precision, tmp_path, monkeypatch):
@@ -78,6 +79,7 @@ def test_the_near_stratum_is_exact_where_the_posterior_lives_in_it():
     assert (snis - exact).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_error_falls_at_the_ratio_estimator_rate():
     """μ̂ is a ratio of two Horvitz–Thompson sums: E‖μ̂ − μ‖² ≈ c·(1 − L/N)/L, and the direct
     form's J* error (its bias, +E‖μ̂ − μ‖²) the same. Against the float64 exact μ, σ = 2,
@@ -118,6 +120,7 @@ def test_stratified_is_registered_round_trips_and_checks_its_parameters():
             make_estimator(other, 10, near=3)
 
 
+@pytest.mark.slow
 def test_the_cli_runs_stratified_and_refuses_options_it_does_not_take(tmp_path, capsys,
                                                                      monkeypatch):  # fmt: skip
     import json

@@ -4,6 +4,7 @@ figure."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lossfloor.floor import Floor
 from lossfloor.io import read_json
@@ -20,6 +21,7 @@ def _fit(sigma: float, optimal_loss: float) -> SigmaFit:
                     loss=tuple(loss))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_scaling_panels_with_j_star_near_zero_keep_the_axis_on_the_data_and_say_so(tmp_path):
     # σ = 0.05 of the issue: J* = 7e-37 (a memorising optimum); σ = 10: J* = 0.3, a third of
     # the smallest loss, drawn and inside the axis
@@ -35,6 +37,7 @@ def test_scaling_panels_with_j_star_near_zero_keep_the_axis_on_the_data_and_say_
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_floor_plot_marks_lower_above_upper_within_error(tmp_path):
     # the committed Fashion-MNIST floor: lower > upper at σ = 20.9, 40.9 and 80, within error
     result = Floor.from_json(read_json("docs/results/fmnist-floor.json"))

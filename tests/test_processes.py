@@ -78,6 +78,7 @@ def derivative_points(p):
     return t, 1e-3 * t
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", PROCESSES, ids=lambda p: p.name)
 @pytest.mark.parametrize("which", ["alpha", "sigma"])
 def test_derivatives_match_finite_differences(p, which):

@@ -63,6 +63,7 @@ def test_on_a_terminal_it_is_a_bar(monkeypatch):
     assert not interactive(io.StringIO()) or "ipykernel" in sys.modules
 
 
+@pytest.mark.slow
 def test_estimate_to_a_pipe_writes_plain_lines(tmp_path):
     """`lossfloor estimate` with stderr to a pipe (a CI log): no carriage return, at most a
     line per tenth of the blocks (and the warnings)."""

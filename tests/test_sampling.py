@@ -75,6 +75,7 @@ def test_heun_on_the_optimal_denoiser_of_a_tiny_set_returns_training_points():
     assert len(set(nearest.indices.tolist())) >= 4  # it samples the set, not one point
 
 
+@pytest.mark.slow
 def test_heun_on_a_gaussian_gives_the_right_mean_and_variance():
     n, d, v = 20_000, 8, 0.25
     m = torch.linspace(-0.5, 0.5, d, dtype=torch.float64).view(1, d)
@@ -174,6 +175,7 @@ def conditional_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_grid_and_npz(conditional_run, tmp_path, monkeypatch):
     monkeypatch.setattr(lossfloor.cli, "SUBCOMMANDS", ["sample"])
     grid, npz = tmp_path / "g.png", tmp_path / "s.npz"
@@ -190,6 +192,7 @@ def test_sample_cli_writes_grid_and_npz(conditional_run, tmp_path, monkeypatch):
     assert samples.shape == (1, 8, 8) and samples.labels.tolist() == y.tolist()
 
 
+@pytest.mark.slow
 def test_sample_cli_bad_inputs_are_one_line_errors(conditional_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lossfloor.cli, "SUBCOMMANDS", ["sample"])
     out = ["--out-grid", str(tmp_path / "g.png")]

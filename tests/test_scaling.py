@@ -116,6 +116,7 @@ def test_runs_csv_round_trips(tmp_path):
     assert back[0].extra["step"] == "5" and back[1].extra["step"] == ""
 
 
+@pytest.mark.slow
 def test_fit_cli_writes_the_json_and_the_plot(tmp_path, capsys):
     runs, est = tmp_path / "runs.csv", tmp_path / "est.json"
     write_runs(runs, _synthetic_rows())
@@ -202,6 +203,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("_private_cache", "one_thread")
 def test_collect_rows_equal_diagnose_on_the_same_draws(tmp_path, capsys):
     """A tiny run on 100 digits, snapshots at steps 2 and 4: per-σ loss = diagnose's model loss

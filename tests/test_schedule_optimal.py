@@ -51,6 +51,7 @@ def test_gaussian_data_first_term_is_edms_lambda_with_sigma_data_squared_the_var
     assert abs(math.log(float(ratio[0]))) <= h * h / 8 * 4 * curve.sigmas[1] ** 2 / v
 
 
+@pytest.mark.slow
 def test_weight_is_finite_positive_and_capped_from_1e_minus_3_to_1e3():
     sched = OptimalLossSchedule.from_curve(TWO_POINT, sigma_min=0.01, sigma_max=1e3, bump=0.5)
     s = torch.from_numpy(np.geomspace(1e-3, 1e3, 2001))
@@ -83,6 +84,7 @@ def test_weight_is_finite_positive_and_capped_from_1e_minus_3_to_1e3():
     )
 
 
+@pytest.mark.slow
 def test_piecewise_linear_sampler_matches_its_density_ks_on_1e5_draws():
     sched = OptimalLossSchedule.from_curve(TWO_POINT, sigma_min=0.01, sigma_max=1e3)
     draws = sched.sample(100_000, torch.Generator().manual_seed(0)).log().numpy()
@@ -144,6 +146,7 @@ def test_density_is_w_times_gap_to_the_exponent_with_the_gap_floored():
     np.testing.assert_allclose(got / got[2], expected / expected[2], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_online_gap_converges_on_a_synthetic_stream():
     """Losses = J*(σ) + true gap(σ) + noise: the per-bin estimate approaches the true gap."""
     sched = OptimalLossSchedule.from_curve(TWO_POINT, gap="online", sigma_min=0.01,
@@ -280,6 +283,7 @@ def _power_law_interp(u: np.ndarray, nodes: np.ndarray, v: np.ndarray) -> np.nda
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_schedule_cli_writes_the_table_and_plot(tmp_path, cli, digits_curve):
     import json
 
@@ -332,6 +336,7 @@ def test_schedule_cli_bad_inputs_are_one_line_exit_2(tmp_path, cli, capsys, digi
     assert not (tmp_path / "s.json").exists()
 
 
+@pytest.mark.slow
 def test_train_cli_optimal_online_resumes_bitwise_with_the_gap_state(tmp_path, cli, digits_curve):
     full, half = tmp_path / "full", tmp_path / "half"
     base = ["train", "--data", "digits", "--limit", "24", "--batch", "8", "--model", "tiny",

@@ -28,6 +28,7 @@ from lossfloor.training import DenoisingLoss
 pytestmark = pytest.mark.numerics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_density_of_log_sigma_integrates_to_one_and_matches_samples(name):
     s = get_schedule(name)
@@ -54,6 +55,7 @@ def test_weights_are_the_objectives_x0_units():
     torch.testing.assert_close(get_schedule("fm").weight(sig), 1 / t**2)  # rectified-flow v
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_total_matches_quadrature_of_a_closed_form_curve(name):
     """Gaussian data (v = 0.3): J*(σ) = vσ²/(v+σ²). The total over a 60-point grid against
@@ -133,11 +135,20 @@ def _denoiser(process: str, target: str, sigma_data: float = 0.5) -> Denoiser:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
-def test_every_default_process_target_and_schedule_combination_is_consistent(schedule):
+def test_every_default_process_target_and_schedule_combination_trains_on_finite_losses(schedule):
+    """Each default combination passes the consistency check, and its objective gives finite
+    per-sample losses equal to w(σ)·loss_x0 at σ drawn from the schedule."""
     objective = DenoisingLoss(get_schedule(schedule, sigma_data=0.5))
+    x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for process in (p for p in PROCESS_NAMES if p != "vp-discrete"):
         for target in TARGET_NAMES:
-            objective.check(_denoiser(process, target))
+            denoiser = _denoiser(process, target)
+            objective.check(denoiser)  # raises UserError on an inconsistent combination
+            g_sigma, g_noise = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+            out = objective(denoiser, x0, None, g_sigma=g_sigma, g_noise=g_noise)
+            assert torch.isfinite(out.loss).all() and (out.loss_x0 > 0).all(), (process, target)
+            weight = objective.schedule.weight(out.sigma)
+            assert torch.equal(out.loss, weight * out.loss_x0), (process, target)
 
 
 def test_a_schedule_must_match_a_model_process_of_its_family_and_share_sigma_data():

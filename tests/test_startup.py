@@ -40,11 +40,13 @@ def _main(*argv: str) -> str:
     return f"from lossfloor.cli import main\ntry:\n    {call}\nexcept SystemExit:\n    pass"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_cli_modules_import_no_heavy_package(name):
     assert not _imported(f"import lossfloor.cli.{name}") & HEAVY
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [
@@ -62,6 +64,7 @@ def test_lossfloor_package_is_light():
     assert not _imported("import lossfloor, lossfloor.errors, lossfloor.io") & {"torch", "numpy"}
 
 
+@pytest.mark.slow
 def test_commands_on_cached_digits_import_no_sklearn_nor_evaluation_or_training(tmp_path):
     env = {"LOSSFLOOR_CACHE": str(tmp_path)}
     first = _imported(_main("data", "--data", "digits"), env)
@@ -72,6 +75,7 @@ def test_commands_on_cached_digits_import_no_sklearn_nor_evaluation_or_training(
     assert not _imported(estimate, env) & (HEAVY - {"matplotlib"})
 
 
+@pytest.mark.slow
 def test_estimate_without_plot_does_not_import_matplotlib(tmp_path):
     estimate = _main("estimate", "--data", "digits", "--sigmas", "1", "--outer", "10", "--quiet")
     assert "matplotlib" not in _imported(estimate, {"LOSSFLOOR_CACHE": str(tmp_path)})

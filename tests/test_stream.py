@@ -169,6 +169,7 @@ def _images(tmp_path: Path) -> tuple[Path, Path]:
     return folder, zipped
 
 
+@pytest.mark.slow
 def test_an_image_folder_and_a_zip_streamed_give_the_numbers_in_memory(tmp_path):
     for spec in map(str, _images(tmp_path)):
         ds = load_dataset(spec)
@@ -185,6 +186,7 @@ def test_an_image_folder_and_a_zip_streamed_give_the_numbers_in_memory(tmp_path)
         assert items.summary.mean.tolist() == ds.flat().double().mean(dim=0).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stats_rows", [7, 4096])
 def test_one_fingerprint_however_the_data_are_read(points, tmp_path, monkeypatch, stats_rows):
     """An .npy of floats, channels-last uint8 images in an .npy, an image folder, an EDM zip
@@ -343,6 +345,7 @@ def test_the_memory_rule_that_makes_an_estimate_stream_is_the_library_s(points, 
     assert memory_need("digits") is None
 
 
+@pytest.mark.slow
 def test_adaptive_sizes_streamed_give_the_numbers_in_memory(points):
     """--target-rse on streamed data: the same pilot, the same chosen M per σ, the same bits."""
     ds = load_dataset(str(points))

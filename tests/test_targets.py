@@ -219,6 +219,7 @@ def test_edm_coefficient_identities(sigma_data):
     assert bool((c_in > 0).all()) and bool((c_out > 0).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", [0.002, 0.5, 3.0, 80.0])
 def test_edm_input_and_target_have_unit_variance_by_monte_carlo(sigma):
     g = torch.Generator().manual_seed(7)

@@ -134,6 +134,7 @@ def test_ema_rampup_limits_the_halflife_early_on():
 
 
 # ----- trainer ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_gives_bitwise_identical_weights_ema_optimizer_and_rng(tmp_path):
     data = _digits(20)  # 6 steps of 8 images cross epoch boundaries of the 20 items
     full, half = tmp_path / "full", tmp_path / "half"
@@ -155,6 +156,7 @@ def test_resume_gives_bitwise_identical_weights_ema_optimizer_and_rng(tmp_path):
     assert not _states_equal(a["model"], _ckpt(other)["model"])
 
 
+@pytest.mark.slow
 def test_train_cli_writes_run_files_and_the_loss_decreases(tmp_path, cli):
     run_dir = tmp_path / "run"
     argv = ["train", "--data", "digits", "--limit", "64", "--run-dir", str(run_dir)]
@@ -300,6 +302,7 @@ def test_bad_options_are_errors_of_the_parameter_and_of_its_cli_option(tmp_path,
     )
 
 
+@pytest.mark.slow
 def test_resume_with_data_of_another_shape_is_a_user_error(tmp_path, cli, capsys):
     run_dir = tmp_path / "run"
     train(_tiny(1), _digits(), run_dir, progress=False)
@@ -396,6 +399,7 @@ class _RunningMeanLoss(DenoisingLoss):
         self.mean = state["mean"].clone()
 
 
+@pytest.mark.slow
 def test_an_objective_with_state_is_checkpointed_and_resumes_bitwise(tmp_path):
     data = _digits(20)
     full, half, forgot = tmp_path / "full", tmp_path / "half", tmp_path / "forgot"
@@ -422,6 +426,7 @@ def test_an_objective_with_state_is_checkpointed_and_resumes_bitwise(tmp_path):
         train(_tiny(7), data, half, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_objective_state_resumes_like_before(tmp_path):
     """Checkpoints of lossfloor 0.1 hold no objective state; the default objective has none."""
     data = _digits(20)
@@ -453,6 +458,7 @@ def test_inconsistent_process_target_and_schedule_are_one_line_errors(tmp_path, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_schedule_parameters_are_recorded_and_a_run_reloads_them(tmp_path, cli):
     vp = {"beta_min": 0.2, "beta_d": 10.0}
     config = _tiny(2, process={"name": "vp-edm", **vp}, target="eps",
@@ -514,6 +520,7 @@ def _interrupt_at(step: int, signum: int = signal.SIGINT):
     return callback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bitwise_the_same(tmp_path, signum):
     data = _digits(20)
@@ -579,6 +586,7 @@ def _records_without_timings(run_dir) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(tmp_path, monkeypatch):
     """Interrupted at step 6 of a log interval 5–8, the resumed run's records (step 8's mean
     over steps 5–8 included) are bitwise the uninterrupted run's; timings aside."""
@@ -609,6 +617,7 @@ def test_a_run_interrupted_inside_a_log_interval_resumes_to_the_same_stats(tmp_p
     assert other[0] == expected[0] and other[2] == expected[2]
 
 
+@pytest.mark.slow
 def test_train_cli_keeps_a_snapshot_every_k_steps_whatever_checkpoint_every_is(
     tmp_path, cli, monkeypatch, capsys
 ):
@@ -678,6 +687,7 @@ def test_uncertainty_loss_starts_as_the_plain_loss_and_reweights_by_its_formula(
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_uncertainty_learns_the_log_of_the_weighted_loss_per_sigma():
     """min_u e^{−u}·E[w·L] + u is at u = ln E[w·L]. With D(x) = x, E[L] = σ² and EDM's
     λ = (σ² + σ_d²)/(σ·σ_d)², so the optimum is u*(σ) = ln(1 + σ²/σ_d²)."""
@@ -697,6 +707,7 @@ def test_uncertainty_learns_the_log_of_the_weighted_loss_per_sigma():
     assert (u - optimum).abs().max() < 0.05, (u, optimum)  # u started at 0, the optimum at 2.83
 
 
+@pytest.mark.slow
 def test_uncertainty_run_resumes_bitwise_with_u_in_checkpoint_and_optimizer(tmp_path):
     data = _digits(20)
     full, half = tmp_path / "full", tmp_path / "half"

@@ -76,6 +76,7 @@ def readme_workflow() -> list[list[str]]:
     return commands
 
 
+@pytest.mark.slow
 def test_readme_workflow_runs_as_written_with_every_default(tmp_path, monkeypatch, capsys):
     """Items 3 and 4 end to end: the estimate's default (tilted) draws feed diagnose --curve,
     whose σ outside the model's range (100 > 80) are left out with a note; the schedule and
@@ -112,6 +113,7 @@ def _tilted_estimate(tmp_path, sigmas: str, outer: int = 128) -> Path:
     return est
 
 
+@pytest.mark.slow
 def test_optimal_model_on_an_estimates_tilted_draws_reproduces_its_values(tmp_path, capsys):
     """--model optimal against an estimate on its default tilted draws: the model's loss is
     the estimate's direct form to float32 rounding at every σ (the same draws, the same
@@ -129,6 +131,7 @@ def test_optimal_model_on_an_estimates_tilted_draws_reproduces_its_values(tmp_pa
         assert abs(p["gap"]) <= Z * p["gap_stderr"] + ROUNDING * c.direct + 1e-15, p
 
 
+@pytest.mark.slow
 def test_paired_gap_on_tilted_draws_is_zero_for_the_optimal_model(digits64):
     """Paired on tilted draws (J* computed here): J* is the estimate's direct form on the same
     draws, and the optimal model's gap is 0 within the paired s.e. and the rounding."""
@@ -179,6 +182,7 @@ def test_diagnose_refuses_plain_draws_against_a_tilted_estimate(tmp_path, capsys
     assert "--draws plain: the estimate used tilted draws" in line
 
 
+@pytest.mark.slow
 def test_default_diagnosis_grid_covers_the_schedules_default_range(tmp_path, run_dir, capsys):
     """Item 4: diagnose's default grid spans [0.002, 80], so schedule --gap keeps its default
     range, without a note."""
@@ -221,6 +225,7 @@ def test_schedule_refuses_a_gap_short_of_an_end_given(tmp_path, capsys):
     assert "the gap must cover the training range [0.002, 60]" in line
 
 
+@pytest.mark.slow
 def test_relative_gap_is_null_where_the_table_prints_a_dash(tmp_path, run_dir, capsys):
     """Item 7: at σ = 0.002 J* ≈ 0 (< REL_FLOOR × its largest value): relative_gap is null in
     the JSON and empty in the CSV, as the table's "—"; elsewhere the three agree."""

@@ -47,7 +47,9 @@ from lossfloor.optimal.estimators import ESTIMATORS, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, posterior_mean
 from lossfloor.optimal.outer import (
     OUTER_BLOCK,
+    Draws,
     OuterPlan,
+    Precision,
     base_dtype,
     check_outer,
     check_seed,
@@ -509,9 +511,9 @@ def floor(
     repeats: int = 3,
     outer: int = 2048,
     seed: int = 0,
-    draws: str = "auto",
+    draws: Draws = "auto",
     bandwidth: float | str | None = "auto",
-    precision: str = "auto",
+    precision: Precision = "auto",
     device: str | torch.device = "auto",
     tile_bytes: int = DEFAULT_TILE_BYTES,
     checkpoint: str | os.PathLike[str] | None = None,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lossfloor.data import Dataset, mean_and_variance
+from lossfloor.data import Dataset, load_dataset, mean_and_variance
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.device import resolve_device
 from lossfloor.diffusion import Process, Target
@@ -32,7 +32,13 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
 from lossfloor.optimal.curve import SIGMA_MATCH_RTOL, Curve, CurvePoint
-from lossfloor.optimal.estimators import Estimator, PerSample, Stratified
+from lossfloor.optimal.estimators import (
+    Estimator,
+    EstimatorSpec,
+    PerSample,
+    Stratified,
+    as_estimator,
+)
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.neighbours import neighbour_tables
@@ -40,9 +46,12 @@ from lossfloor.optimal.outer import (
     MIN_EFFECTIVE_DRAWS,
     OUTER_BLOCK,
     TILT_NEIGHBOURS,
+    Draws,
+    Form,
     Moments,
     OuterPlan,
     PoolsByDtype,
+    Precision,
     base_dtype,
     block_noise,
     check_outer,
@@ -63,17 +72,17 @@ CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
 
 
 def estimate_curve(
-    data: torch.Tensor | Dataset | ChunkedDataset,
+    data: str | torch.Tensor | Dataset | ChunkedDataset,
     sigmas: Sequence[float],
-    estimator: Estimator,
+    estimator: EstimatorSpec = "full",
     *,
     labels: torch.Tensor | None = None,
     conditional: bool = False,
     outer: int | None = None,
     seed: int = 0,
-    draws: str = "auto",
-    form: str = "auto",
-    precision: str = "auto",
+    draws: Draws = "auto",
+    form: Form = "auto",
+    precision: Precision = "auto",
     device: str | torch.device = "auto",
     process: Process | None = None,
     target: Target | None = None,
@@ -86,7 +95,9 @@ def estimate_curve(
     max_outer: int | None = None,
 ) -> Curve:
     """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...,
-    or a Dataset: its labels, and its description recorded in the curve).
+    or a Dataset: its labels, and its description recorded in the curve; or a dataset spec,
+    ``load_dataset``'s). ``estimator``: an Estimator, a name or a config (``as_estimator``:
+    a name's defaults depend on N, so a name is resolved here, once N is known).
 
     ``outer`` M defaults to N (every point once). ``draws``: ``tilted`` (importance-sampled
     noise toward each source's nearest neighbours, ``outer.tilted_noise``: right below σ*, where
@@ -107,9 +118,12 @@ def estimate_curve(
     device = resolve_device(device)
     group = current(device)
     with group.together():
+        if isinstance(data, str):
+            data = load_dataset(data)
         x, labels, described = _unpack(data, labels, conditional, group)
         _check_grid(x, sigmas, outer)
         n = len(x)
+        estimator = as_estimator(estimator, n)
         adaptive = _adaptive_sizes(target_rse, max_outer, outer)
         m = adaptive[2] if adaptive is not None else n if outer is None else outer
         plan = OuterPlan.build(x, labels, m, seed, conditional)

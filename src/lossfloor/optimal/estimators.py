@@ -28,9 +28,10 @@ round trip; ``make_estimator(name, n, ...)`` adds the defaults that depend on th
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -309,12 +310,13 @@ class Subset(Estimator):
         return state.mean()
 
     def _shared(self, pool, queries, sources, sigma, generator, tile_bytes) -> SoftmaxState:
-        k = self.n_random
+        k, share = self.n_random, self.share
+        assert share is not None  # the shared layout has one (``__post_init__``)
         spare = self.exclude_source and not self.replace and k < pool.n
         states = []
-        for start in range(0, queries.shape[0], self.share):
-            q = queries[start : start + self.share]
-            src = sources[start : start + self.share]
+        for start in range(0, queries.shape[0], share):
+            q = queries[start : start + share]
+            src = sources[start : start + share]
             idx = self._draw(pool.n, k + int(spare), generator, queries.device)
             exclude = None
             if self.exclude_source:
@@ -575,3 +577,27 @@ def make_estimator(
     est = ESTIMATORS.create(key, **params)
     est.check(n)
     return est
+
+
+#: What names an estimator: an instance, a name, or a config ``{"name": ..., **parameters}``.
+EstimatorSpec = Estimator | str | Mapping[str, Any]
+
+
+def as_estimator(spec: EstimatorSpec, n: int) -> Estimator:
+    """The estimator ``spec`` names for a pool of n points: an instance as it is; a name, or a
+    config whose parameters ``make_estimator`` takes, through ``make_estimator`` (the ones left
+    out get their defaults for this n); any other config (a recorded ``to_config()`` with
+    gram's ``rows``) through ``ESTIMATORS.from_config``."""
+    if isinstance(spec, Estimator):
+        return spec
+    if isinstance(spec, str):
+        return make_estimator(spec, n)
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise UserError(f"an estimator is a name, a config with a 'name' or an Estimator: {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    if params.keys() <= _MAKE_PARAMETERS:
+        return make_estimator(spec["name"], n, **params)
+    return ESTIMATORS.from_config(spec)
+
+
+_MAKE_PARAMETERS = set(inspect.signature(make_estimator).parameters) - {"name", "n"}

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal, get_args
 
 import torch
 
@@ -62,8 +63,12 @@ MIN_EFFECTIVE_DRAWS = 30.0
 CLOSED_ROUNDING_SHARE = 0.1
 FORMS_AGREE = 2.0
 
-FORMS = ("auto", "closed", "direct", "combined")
-DRAWS = ("auto", "tilted", "plain")
+#: The options of the outer average, as types (``estimate_curve``'s signature) and as tuples.
+Form = Literal["auto", "closed", "direct", "combined"]
+Draws = Literal["auto", "tilted", "plain"]
+Precision = Literal["auto", "float32", "float64"]
+FORMS: tuple[Form, ...] = get_args(Form)
+DRAWS: tuple[Draws, ...] = get_args(Draws)
 
 #: Estimators whose posterior is exact or near-exact: the min-variance combination of the two
 #: forms and tilted draws by default (the paper's sub-sampled ones: closed form, plain draws).
@@ -73,7 +78,7 @@ NEAR_EXACT = ("full", "stratified")
 #: the source's nearest neighbours the shifted components cover.
 TILT_SHARE = 0.5
 TILT_NEIGHBOURS = 8
-PRECISIONS = ("auto", "float32", "float64")
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 def check_outer(m: int) -> None:
@@ -129,7 +134,7 @@ def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
     return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
 
 
-def resolve_draws(draws: str, estimator: Estimator) -> str:
+def resolve_draws(draws: Draws, estimator: Estimator) -> Literal["tilted", "plain"]:
     """``auto``: ``tilted`` for the exact and near-exact estimators (J* right below σ*), and
     ``plain`` for the paper's sub-sampled ones (as the paper ran them: their closed form
     A − ‖μ̂‖², weighted, gains variance from the weights where it has no rare events to find)."""
@@ -308,7 +313,7 @@ class Moments:
         }[form]
 
 
-def resolve_form(form: str, estimator: Estimator) -> str:
+def resolve_form(form: Form, estimator: Estimator) -> Literal["closed", "direct", "combined"]:
     """``auto``: the min-variance combination for the exact (and near-exact stratified)
     posterior and for gram (both forms unbiased); for the sub-sampled estimators the two forms
     are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
