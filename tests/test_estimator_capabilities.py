@@ -24,7 +24,7 @@ import lossfloor.cli
 from lossfloor.data.chunked import open_chunked
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
-from lossfloor.optimal.capabilities import PLACES, Capabilities
+from lossfloor.optimal.capabilities import PLACES, Capabilities, listed
 from lossfloor.optimal.estimators import declared
 from lossfloor.optimal.outer import resolve_draws, resolve_form
 
@@ -167,5 +167,8 @@ def test_the_cli_help_names_each_estimator_and_the_declared_defaults(capsys):
     combined = [n for n, c in declared().items() if c.default_form == "combined"]
     for name in ESTIMATORS.names:
         assert f"{name} (" in text or f"| {name}" in text or f"{name} |" in text, name
+    everywhere = [n for n, c in declared().items() if c.runs_on == frozenset(PLACES)]
+    assert f"under torchrun and on streamed data: {listed(everywhere)} (" in text
+    assert all("memory" in c.runs_on for c in declared().values())
     assert f"auto (tilted for {' and '.join(tilted)}, else plain)" in text
     assert f"auto: combined for {', '.join(combined[:-1])} and {combined[-1]}, closed" in text
