@@ -208,7 +208,7 @@ def test_conditional_posterior_is_the_class_average(digits):
         (dict(name="cdol", inner=10, C=0), "must be > 0"),
         (dict(name="cdol", inner=10, C="many"), "expected a number"),
         (dict(name="nope"), "unknown estimator"),
-        (dict(name="full", inner=10), "not to full"),
+        (dict(name="full", inner=10), "applies to snis, dol, cdol, stratified and gram, not full"),
     ],
 )
 def test_bad_estimator_parameters_are_user_errors(kwargs, message):

@@ -278,7 +278,10 @@ def test_library_errors_name_parameters_not_options(call, param, small_set):
         (["--estimator", "snis", "--inner", "20", "--share", "0"], "--share 0: must be ≥ 1"),
         (["--estimator", "cdol", "--inner", "20", "--C", "0"], "--C 0: the correction C"),
         (["--estimator", "dol", "--inner", "1"], "--inner 1: the inner set needs at least 2"),
-        (["--estimator", "full", "--inner", "5"], "--inner 5: applies to snis, dol and cdol"),
+        (
+            ["--estimator", "full", "--inner", "5"],
+            "--inner 5: applies to snis, dol, cdol, stratified and gram, not full",
+        ),
         (["--outer", "1"], "--outer 1: need at least 2 outer samples"),
     ],
 )

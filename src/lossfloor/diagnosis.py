@@ -30,6 +30,8 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_csv, write_json
 from lossfloor.optimal import Curve, Full
 from lossfloor.optimal.cache import cached_per_sample, per_sample_key
+from lossfloor.optimal.capabilities import having, listed
+from lossfloor.optimal.estimators import declared
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.outer import (
@@ -401,8 +403,8 @@ def optimal_from_curve(
     uses: the curve's direct form, the mean of the same per-sample values ‖μ(x0 + σε) − x0‖²/D
     diagnose computes (tilted draws: of control_variate(w·v, w), as for the model's loss).
     Refused (parameter ``curve``) unless it is an estimate of this data (sha256, conditional)
-    by the exact posterior (``full``), on the same draws (M, seed; fixed sizes, the data's own
-    sources), with every σ."""
+    by the exact posterior (an estimator whose ``capabilities.exact``: ``full``), on the same
+    draws (M, seed; fixed sizes, the data's own sources), with every σ."""
     info = curve.dataset or {}
     if info.get("sha256") != dataset.sha256:
         reason = "the estimate is of other data (its dataset sha256 differs from this data's)"
@@ -411,9 +413,10 @@ def optimal_from_curve(
         kind = "a conditional" if conditional else "an unconditional"
         raise ParameterError("curve", None, f"the model is {kind} one; the estimate is not")
     name = (curve.estimator or {}).get("name")
-    if name != "full":
-        reason = f"the estimate is a {name} estimate; the gap is to the exact posterior (full)"
-        raise ParameterError("curve", None, reason)
+    exact = having(declared(), lambda caps: caps.exact)  # per-draw values that pair: full
+    if name not in exact:
+        reason = f"the estimate is a {name} estimate; the gap is to the exact posterior "
+        raise ParameterError("curve", None, reason + f"({listed(exact)})")
     if curve.draws not in (None, *DRAWS):
         raise ParameterError("curve", None, f"the estimate used unknown draws {curve.draws!r}")
     if curve.target_rse is not None or curve.sources is not None:

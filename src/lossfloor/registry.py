@@ -55,6 +55,10 @@ class Registry(Generic[T]):
             raise UserError(f"unknown {self.kind} {name!r}; use one of: {valid}")
         return key
 
+    def get(self, name: str) -> type[T]:
+        """The class called ``name`` or an alias (UserError if unknown)."""
+        return self._classes[self.canonical(name)]
+
     def create(self, name: str, **params: Any) -> T:
         """An instance of the class called ``name`` with ``params`` (the others at defaults)."""
         key = self.canonical(name)

@@ -82,7 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "0.3-0.5 at 8 σ and N ≥ 5,000, 0.6-0.8 at 8 σ and N = 2,000 (docs/benchmarks.md); "
         "plain draws) | snis | "
         "dol | cdol "
-        "(the paper's sub-sampled estimators, for comparison)",
+        "(the paper's sub-sampled estimators, for comparison). Each runs on data in memory; "
+        "under torchrun and on streamed data: full, snis, dol and cdol (the shared layout). "
+        "Their capabilities are declared on their classes (lossfloor.optimal.capabilities)",
     )
     p.add_argument(
         "--inner",

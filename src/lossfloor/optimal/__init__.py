@@ -1,5 +1,6 @@
 """The optimal loss J*(σ) of a dataset and its estimators (docs/method.md §2–3)."""
 
+from lossfloor.optimal.capabilities import Capabilities
 from lossfloor.optimal.curve import Curve, CurvePoint, Total
 from lossfloor.optimal.denoiser import OptimalDenoiser
 from lossfloor.optimal.estimate import Checkpoint, estimate_curve
@@ -13,6 +14,7 @@ from lossfloor.optimal.estimators import (
     Pool,
     Stratified,
     Subset,
+    declared,
     make_estimator,
     resolve_C,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "DOL",
     "ESTIMATORS",
     "SNIS",
+    "Capabilities",
     "Checkpoint",
     "Curve",
     "CurvePoint",
@@ -38,6 +41,7 @@ __all__ = [
     "Subset",
     "Total",
     "accumulate_softmax",
+    "declared",
     "estimate_curve",
     "make_estimator",
     "nearest_neighbours",

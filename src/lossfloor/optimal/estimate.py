@@ -32,13 +32,7 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
 from lossfloor.optimal.curve import SIGMA_MATCH_RTOL, Curve, CurvePoint
-from lossfloor.optimal.estimators import (
-    Estimator,
-    EstimatorSpec,
-    PerSample,
-    Stratified,
-    as_estimator,
-)
+from lossfloor.optimal.estimators import Estimator, EstimatorSpec, PerSample, as_estimator
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.neighbours import neighbour_tables
@@ -234,7 +228,7 @@ def _estimate_points(
         else f"J*(σ) in blocks of up to {plan.outer} draws per σ",
     )  # fmt: skip
     pools = PoolsByDtype(plan, device, group)
-    k = max(getattr(estimator, "neighbours_needed", 0), TILT_NEIGHBOURS * (draws == "tilted"))
+    k = max(estimator.neighbours_needed, TILT_NEIGHBOURS * (draws == "tilted"))
     bound = None
     if todo and k > 0:  # the first k columns are the same for any k (``nearest_neighbours``)
         # the bound's distances: from the data in memory; of streamed data, by reading rows
@@ -285,10 +279,11 @@ def _sweeps(
     group: Group,
     adaptive: tuple[float, int] | None,
 ) -> bool:
-    """Whether the whole grid is one sweep (``Gram.grid_values``): gram on plain draws, one
-    pool held in memory by one process, fixed sizes; else gram runs σ by σ like the others."""
+    """Whether the whole grid is one sweep (``Gram.grid_values``): an estimator that sweeps
+    grids (``capabilities.sweeps_grid``: gram) on plain draws, one pool held in memory by one
+    process, fixed sizes; else it runs σ by σ like the others."""
     return (
-        isinstance(estimator, Gram)
+        estimator.capabilities.sweeps_grid
         and draws == "plain"
         and adaptive is None
         and group.world == 1
@@ -413,7 +408,7 @@ def _make_point(
     if used is not None:
         sizes = {
             "outer": used[0],
-            "inner": getattr(used[1], "inner", None) if isinstance(used[1], Stratified) else None,
+            "inner": used[1].inner if used[1].capabilities.adapts_inner else None,
             "rse": se / value if value > 0 else None,
         }
     # tilted draws bound the closed form's rounding; not finite where σ² underflows the logits
@@ -530,7 +525,7 @@ def _adaptive_values(
     value, se = Moments.from_samples(first).pick(form)
     est = estimator
     n = min(members.numel() for members, _ in run.plan.groups)
-    if isinstance(estimator, Stratified) and estimator.inner < n:
+    if estimator.capabilities.adapts_inner and estimator.inner < n:
         big = estimator.inner
         wider = dataclasses.replace(estimator, inner=min(n, 2 * big))
         second, dtype = run(wider, pilot, dtype)

@@ -23,12 +23,13 @@ L−1 random points when sampling without replacement).
 
 Each is a class registered in ``ESTIMATORS`` under its name, built from keyword parameters
 (``ESTIMATORS.create("cdol", inner=180, C=40.0)``) with a ``to_config()`` / ``from_config()``
-round trip; ``make_estimator(name, n, ...)`` adds the defaults that depend on the pool size N.
+round trip. Each declares what it can do on its class (``capabilities``: where it runs, its
+draws and forms, what it needs; ``capabilities.py``) and the defaults that depend on the pool
+size N (``defaults_for``); ``make_estimator(name, n, ...)`` builds one from those alone.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 from lossfloor.errors import ParameterError, UserError
+from lossfloor.optimal.capabilities import PLACES, Capabilities, having, listed, reads_rows
 from lossfloor.optimal.kernel import (
     DEFAULT_TILE_BYTES,
     Adjust,
@@ -168,12 +170,37 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator")
 
 
 class Estimator(ABC):
-    """One interface: ``name``, ``to_config()``, ``posterior_mean`` and ``__call__`` → PerSample.
+    """One interface: ``name``, ``capabilities``, ``defaults_for(n)``, ``to_config()``,
+    ``posterior_mean`` and ``__call__`` → PerSample.
 
     ``ESTIMATORS.from_config(estimator.to_config())`` rebuilds an equal estimator.
     """
 
     name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @classmethod
+    def defaults_for(cls, n: int) -> dict[str, Any]:
+        """The parameters whose default depends on the pool size N (here: none)."""
+        return {}
+
+    @classmethod
+    def for_pool(cls, n: int, **given: Any) -> Estimator:
+        """This estimator for a pool of n points: ``defaults_for(n)`` under the ``given``
+        parameters, checked against n (``check``)."""
+        est = cls(**{**cls.defaults_for(n), **given})
+        est.check(n)
+        return est
+
+    @property
+    def neighbours_needed(self) -> int:
+        """k of the pool's neighbour table this estimator reads (0: none)."""
+        return 0
+
+    def refusal(self, place: str) -> str | None:
+        """Why this estimator, with its parameters, does not run on ``place`` (PLACES), or None
+        where it does (its class's ``capabilities``)."""
+        return self.capabilities.refusal(place)
 
     @abstractmethod
     def to_config(self) -> dict[str, Any]:
@@ -219,6 +246,9 @@ class Full(Estimator):
     (the inner set is the whole pool) and must stay None."""
 
     name: ClassVar[str] = "full"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        runs_on=frozenset(PLACES), default_draws="tilted", default_form="combined", exact=True
+    )
     inner: None = None
     C: None = None
 
@@ -244,7 +274,16 @@ class Subset(Estimator):
     ``SNIS`` (C = None), ``DOL`` (C = 1) and ``CDOL`` (any C > 0, ∞ allowed).
 
     ``inner`` is L, the total inner size: R has L points for SNIS and L−1 with a source term.
+    The shared layout runs on every pool (through ``Pool.accumulate``); the independent one
+    gathers rows itself (``refusal``).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        runs_on=frozenset(PLACES),
+        default_draws="plain",
+        default_form="closed",
+        options=frozenset({"inner", "C", "replace", "exclude_source", "layout", "share"}),
+    )
 
     inner: int
     C: float | None = None
@@ -283,6 +322,17 @@ class Subset(Estimator):
             "layout": self.layout,
             "share": self.share,
         }
+
+    @classmethod
+    def defaults_for(cls, n: int) -> dict[str, Any]:
+        """L = max(2, N/10)."""
+        return {"inner": max(2, min(n, n // 10))}
+
+    def refusal(self, place: str) -> str | None:
+        if self.layout == "independent" and place != "memory":
+            return reads_rows("gathers each query's own random rows (pool.x, pool.sq by index) "
+                              "in the independent layout")[place]  # fmt: skip
+        return super().refusal(place)
 
     def check(self, n: int) -> None:
         if self.inner > n:
@@ -392,6 +442,13 @@ class CDOL(Subset):
     name: ClassVar[str] = "cdol"
     C: float = field()
 
+    @classmethod
+    def for_pool(cls, n: int, **given: Any) -> Estimator:
+        """As ``Estimator.for_pool``, C by ``resolve_C`` (default ``paper``: 4N/L) of the L
+        used."""
+        inner = given.get("inner", cls.defaults_for(n)["inner"])
+        return super().for_pool(n, **{**given, "C": resolve_C(given.get("C"), n, max(inner, 2))})
+
     def _check_C(self) -> None:
         try:
             value = float(self.C)  # "inf" as recorded in results
@@ -426,6 +483,16 @@ class Stratified(Estimator):
     """
 
     name: ClassVar[str] = "stratified"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        runs_on=frozenset({"memory"}),
+        default_draws="tilted",
+        default_form="combined",
+        options=frozenset({"inner", "near", "share"}),
+        needs_neighbours=True,
+        adapts_inner=True,
+        why_not=reads_rows("reads the far sample's keys and the near stratum's rows by index "
+                           "(pool.aug, pool.x, pool.sq)"),
+    )  # fmt: skip
     inner: int
     near: int = 16
     share: int = 256
@@ -445,6 +512,11 @@ class Stratified(Estimator):
             "near": self.near,
             "share": self.share,
         }
+
+    @classmethod
+    def defaults_for(cls, n: int) -> dict[str, Any]:
+        """L = max(1, N/20) far points, min(N, STRATIFIED_NEAR) near ones."""
+        return {"inner": max(1, n // 20), "near": min(n, STRATIFIED_NEAR)}
 
     def check(self, n: int) -> None:
         for param in ("inner", "near"):
@@ -527,56 +599,39 @@ def resolve_C(c: str | float | None, n: int, inner: int) -> float:
     return value
 
 
-def make_estimator(
-    name: str,
-    n: int,
-    *,
-    inner: int | None = None,
-    C: str | float | None = None,
-    replace: bool = False,
-    exclude_source: bool | None = None,
-    layout: str = "shared",
-    share: int = 256,
-    near: int | None = None,
-) -> Estimator:
-    """The estimator ``name`` for a pool of n points, through ``ESTIMATORS``, with the defaults
-    that depend on n: L = max(2, N/10) (stratified: max(1, N/20) far points and
-    min(N, STRATIFIED_NEAR) near ones; gram: 32 draws, whatever N), C = ``resolve_C`` (cdol),
-    exclude_source = (not snis).
-    Every parameter is checked (ParameterError)."""
+#: ``make_estimator``'s parameters and the value of each that means "not given" (the CLI's
+#: defaults): only the others reach the estimator, and only if its ``capabilities.options``
+#: name them.
+NOT_GIVEN: dict[str, Any] = {
+    "inner": None, "C": None, "replace": False, "exclude_source": None, "layout": "shared",
+    "share": 256, "near": None,
+}  # fmt: skip
+
+
+def declared() -> dict[str, Capabilities]:
+    """Each registered estimator's name → its ``capabilities``, in registration order."""
+    return {name: ESTIMATORS.get(name).capabilities for name in ESTIMATORS.names}
+
+
+def make_estimator(name: str, n: int, **params: Any) -> Estimator:
+    """The estimator ``name`` for a pool of n points, through ``ESTIMATORS``: the parameters
+    given (those not at their NOT_GIVEN value) over the class's ``defaults_for(n)``
+    (``for_pool``). A parameter the estimator does not take (its ``capabilities.options``) is
+    refused, naming those that take it; every parameter is checked (ParameterError)."""
     key = ESTIMATORS.canonical(name)
-    if near is not None and key != "stratified":
-        raise ParameterError("near", near, "applies to stratified only")
-    if key == "full":
-        return ESTIMATORS.create(key, inner=inner, C=C)
-    if key in ("stratified", "gram"):
-        for param, value, default in (("C", C, None), ("replace", replace, False),
-                                      ("exclude_source", exclude_source, None),
-                                      ("layout", layout, "shared")):  # fmt: skip
-            if value != default:
-                raise ParameterError(param, value, f"applies to snis, dol and cdol, not {key}")
-        if key == "gram":
-            return ESTIMATORS.create(key) if inner is None else ESTIMATORS.create(key, inner=inner)
-        est = ESTIMATORS.create(
-            key,
-            inner=max(1, n // 20) if inner is None else inner,
-            near=min(n, STRATIFIED_NEAR) if near is None else near,
-            share=share,
-        )
-        est.check(n)
-        return est
-    if inner is None:
-        inner = max(2, min(n, n // 10))
-    params: dict[str, Any] = dict(inner=inner, replace=replace, layout=layout, share=share)
-    if exclude_source is not None:
-        params["exclude_source"] = exclude_source
-    if key == "cdol":
-        params["C"] = resolve_C(C, n, max(inner, 2))
-    elif C is not None:
-        params["C"] = C
-    est = ESTIMATORS.create(key, **params)
-    est.check(n)
-    return est
+    cls = ESTIMATORS.get(key)
+    given = {}
+    for param, value in params.items():
+        if param not in NOT_GIVEN:
+            raise ParameterError(param, value, f"not a parameter of an estimator ({key})")
+        if value == NOT_GIVEN[param]:
+            continue
+        if param not in cls.capabilities.options:
+            takers = having(declared(), lambda caps, p=param: p in caps.options)
+            where = f"{takers[0]} only" if len(takers) == 1 else f"{listed(takers)}, not {key}"
+            raise ParameterError(param, value, f"applies to {where}")
+        given[param] = value
+    return cls.for_pool(n, **given)
 
 
 #: What names an estimator: an instance, a name, or a config ``{"name": ..., **parameters}``.
@@ -600,4 +655,4 @@ def as_estimator(spec: EstimatorSpec, n: int) -> Estimator:
     return ESTIMATORS.from_config(spec)
 
 
-_MAKE_PARAMETERS = set(inspect.signature(make_estimator).parameters) - {"name", "n"}
+_MAKE_PARAMETERS = set(NOT_GIVEN)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lossfloor.errors import ParameterError
+from lossfloor.optimal.capabilities import Capabilities, reads_rows
 from lossfloor.optimal.estimators import ESTIMATORS, Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 
@@ -74,6 +75,15 @@ class Gram(Estimator):
     pass (a cache-sized B×N)."""
 
     name: ClassVar[str] = "gram"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        runs_on=frozenset({"memory"}),
+        default_draws="plain",
+        default_form="combined",
+        options=frozenset({"inner"}),
+        sweeps_grid=True,
+        why_not=reads_rows("multiplies each query by every row and gathers the drawn ones "
+                           "(pool.x, pool.sq)"),
+    )  # fmt: skip
     inner: int = 32
     rows: int = 16
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 
@@ -24,6 +24,7 @@ from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.data.dataset import fingerprint
 from lossfloor.distributed import Group
 from lossfloor.errors import ParameterError, UserError
+from lossfloor.optimal.capabilities import listed
 from lossfloor.optimal.estimators import Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
 from lossfloor.optimal.shard import ShardedPool
@@ -69,10 +70,6 @@ Draws = Literal["auto", "tilted", "plain"]
 Precision = Literal["auto", "float32", "float64"]
 FORMS: tuple[Form, ...] = get_args(Form)
 DRAWS: tuple[Draws, ...] = get_args(Draws)
-
-#: Estimators whose posterior is exact or near-exact: the min-variance combination of the two
-#: forms and tilted draws by default (the paper's sub-sampled ones: closed form, plain draws).
-NEAR_EXACT = ("full", "stratified")
 
 #: The tilted draws' mixture: the share α of draws shifted toward a neighbour, and how many of
 #: the source's nearest neighbours the shifted components cover.
@@ -135,14 +132,17 @@ def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
 
 
 def resolve_draws(draws: Draws, estimator: Estimator) -> Literal["tilted", "plain"]:
-    """``auto``: ``tilted`` for the exact and near-exact estimators (J* right below σ*), and
-    ``plain`` for the paper's sub-sampled ones (as the paper ran them: their closed form
-    A − ‖μ̂‖², weighted, gains variance from the weights where it has no rare events to find)."""
+    """``auto``: the estimator's ``capabilities.default_draws``: ``tilted`` for the exact and
+    near-exact ones (J* right below σ*), ``plain`` for the paper's sub-sampled ones (as the
+    paper ran them: their closed form A − ‖μ̂‖², weighted, gains variance from the weights where
+    it has no rare events to find) and for gram (its grid sweep takes plain draws); draws the
+    estimator does not take (``capabilities.draws``) are refused."""
     if draws not in DRAWS:
         raise ParameterError("draws", draws, f"expected one of {', '.join(DRAWS)}")
-    if draws != "auto":
-        return draws
-    return "tilted" if estimator.name in NEAR_EXACT else "plain"
+    return cast(
+        Literal["tilted", "plain"],
+        _resolve("draws", draws, estimator, estimator.capabilities.draws),
+    )
 
 
 @dataclass
@@ -314,14 +314,30 @@ class Moments:
 
 
 def resolve_form(form: Form, estimator: Estimator) -> Literal["closed", "direct", "combined"]:
-    """``auto``: the min-variance combination for the exact (and near-exact stratified)
-    posterior and for gram (both forms unbiased); for the sub-sampled estimators the two forms
-    are biased in opposite directions, so the paper's A − ‖μ̂‖²."""
+    """``auto``: the estimator's ``capabilities.default_form``: the min-variance combination
+    for the exact (and near-exact stratified) posterior and for gram (both forms unbiased); for
+    the sub-sampled estimators the two forms are biased in opposite directions, so the paper's
+    A − ‖μ̂‖²; forms the estimator does not report (``capabilities.forms``) are refused."""
     if form not in FORMS:
         raise ParameterError("form", form, f"expected one of {', '.join(FORMS)}")
-    if form != "auto":
-        return form
-    return "combined" if estimator.name in (*NEAR_EXACT, "gram") else "closed"
+    return cast(
+        Literal["closed", "direct", "combined"],
+        _resolve("form", form, estimator, estimator.capabilities.forms),
+    )
+
+
+def _resolve(param: str, value: str, estimator: Estimator, able: frozenset[str]) -> str:
+    """``value``, or the estimator's default ``param`` for ``auto``; refused where ``able``
+    lacks it."""
+    caps = estimator.capabilities
+    if value == "auto":
+        return caps.default_draws if param == "draws" else caps.default_form
+    if value not in able:
+        reason = (
+            f"the {estimator.name} estimator does not take it ({param}: {listed(sorted(able))})"
+        )
+        raise ParameterError(param, value, reason)
+    return value
 
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:

@@ -25,7 +25,8 @@ import torch
 
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
-from lossfloor.optimal.estimators import Estimator, Pool, Subset
+from lossfloor.optimal.capabilities import having, listed
+from lossfloor.optimal.estimators import Estimator, Pool, declared
 from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
 
 Tensor = torch.Tensor
@@ -119,23 +120,23 @@ def check_sharded(
     estimator: Estimator, conditional: bool, group: Group, streamed: bool = False
 ) -> None:
     """UserError (before any work) for what does not run on K > 1 sharded processes yet, or
-    on a chunked dataset (``streamed``: the pools are read per chunk, ``stream.StreamedPool``)."""
+    on a chunked dataset (``streamed``: the pools are read per chunk, ``stream.StreamedPool``):
+    a conditional estimate, or an estimator without the capability (``capabilities.runs_on``;
+    ``Estimator.refusal`` gives the reason)."""
     if group.world == 1 and not streamed:
         return
-    why = None
+    place = "streamed" if streamed else "sharded"
+    able = listed(having(declared(), lambda caps: place in caps.runs_on))
+    where, fix = (
+        ("streamed data (--stream)", "load the data in memory")
+        if streamed
+        else (f"{group.world} processes", "run it in one process")
+    )
     if conditional:
         why = "a conditional estimate (--conditional)"
-    elif estimator.name in ("stratified", "gram"):
+    elif (reason := estimator.refusal(place)) is not None:
         why = f"the {estimator.name} estimator"
-    elif isinstance(estimator, Subset) and estimator.layout != "shared":
-        why = f"the {estimator.layout} layout of {estimator.name}"
-    if why is not None and streamed:
-        raise UserError(
-            f"{why} does not run on streamed data (--stream) yet; load the data in memory "
-            "(streamed: full, snis, dol, cdol with the shared layout, plain or tilted draws)"
-        )
-    if why is not None:
-        raise UserError(
-            f"{why} does not run on {group.world} processes yet; run it in one process "
-            "(sharded: full, snis, dol, cdol with the shared layout, plain or tilted draws)"
-        )
+        fix = f"it lacks the capability '{place}': {reason}; {fix}"
+    else:
+        return
+    raise UserError(f"{why} does not run on {where} yet; {fix} ({place}: {able})")

@@ -1,0 +1,174 @@
+"""Each estimator's declared capabilities (``optimal/capabilities.py``) against what it does:
+every registered estimator × {in memory, 2 processes, streamed} × {plain, tilted} draws either
+runs and agrees with ``full`` on the same draws, or is refused in one line that names the
+missing capability and the reason; and the declarations drive the defaults, the parameter
+refusals, the diagnosis's choice of curve and the CLI's help.
+
+The 2-process part is one torchrun launch (tests/capabilities_worker.py) that runs every
+combination inside its workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from capabilities_worker import DRAWS, EXACT, SIGMAS, D, N, outcome
+from torchrun import run_workers
+
+import lossfloor.cli
+from lossfloor.data.chunked import open_chunked
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
+from lossfloor.optimal.capabilities import PLACES, Capabilities, listed
+from lossfloor.optimal.estimators import declared
+from lossfloor.optimal.outer import resolve_draws, resolve_form
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
+WORKER = Path(__file__).parent / "capabilities_worker.py"
+#: Agreement of an estimator configured to compute the exact posterior (``EXACT``) with full on
+#: the same draws, in float64: the sums differ only in their order, so their relative rounding
+#: is ~N·2^-53 ≈ 1e-14; 1e-9 is far below either's standard error (≥ 1e-4 here) and far above it.
+EXACT_RTOL = 1e-9
+#: Agreement of an unbiased estimator with its own sampling error (gram): within this many
+#: standard errors of the difference, bounded by √(s_a² + s_full²) (the shared outer draws make
+#: the difference's error smaller: the bound is conservative, not loose by orders).
+STDERRS = 5.0
+
+
+@pytest.fixture(scope="module")
+def points(tmp_path_factory) -> Path:
+    """N Gaussian points in D dims (general position), float32, as an .npy file."""
+    path = tmp_path_factory.mktemp("capabilities") / "points.npy"
+    g = torch.Generator().manual_seed(5)
+    np.save(path, (0.5 * torch.randn(N, D, generator=g)).numpy())
+    return path
+
+
+@pytest.fixture(scope="module")
+def outcomes(points) -> dict[str, dict[str, dict]]:
+    """place → "name/draws" → outcome (``capabilities_worker.outcome``): in memory and
+    streamed here, sharded from rank 0 of one launch of 2 processes (rank 1's must be equal)."""
+    x = torch.from_numpy(np.load(points))
+    found = {"memory": {}, "streamed": {}}
+    for name in ESTIMATORS.names:
+        for draws in DRAWS:
+            found["memory"][f"{name}/{draws}"] = outcome(x, name, draws)
+            streamed = open_chunked(str(points), chunk_mb=0.002)  # several chunks of 64 rows
+            found["streamed"][f"{name}/{draws}"] = outcome(streamed, name, draws)
+    ranks = run_workers(WORKER, points.parent)
+    assert ranks[0] == ranks[1]  # every process has the same numbers and the same refusals
+    found["sharded"] = ranks[0]
+    return found
+
+
+def _agrees(name: str, got: list[list[float]], full: list[list[float]]) -> None:
+    for (closed, closed_se, direct, direct_se), (f_closed, f_cse, f_direct, f_dse) in zip(
+        got, full, strict=True
+    ):
+        for value, se, ref, ref_se in [
+            (closed, closed_se, f_closed, f_cse),
+            (direct, direct_se, f_direct, f_dse),
+        ]:
+            if name in EXACT or name == "full":
+                assert value == pytest.approx(ref, rel=EXACT_RTOL, abs=1e-15), name
+            else:
+                assert abs(value - ref) <= STDERRS * math.hypot(se, ref_se), name
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("draws", DRAWS)
+@pytest.mark.parametrize("name", ESTIMATORS.names)
+def test_each_estimator_runs_and_agrees_with_full_or_is_refused_naming_the_capability(
+    outcomes, name, draws, place
+):
+    got = outcomes[place][f"{name}/{draws}"]
+    caps = ESTIMATORS.get(name).capabilities
+    if place in caps.runs_on:
+        assert "error" not in got, got
+        _agrees(name, got["points"], outcomes["memory"][f"full/{draws}"]["points"])
+    else:
+        message = got["error"]
+        assert "\n" not in message
+        assert f"the {name} estimator does not run on" in message
+        assert f"it lacks the capability '{place}': {caps.why_not[place]}" in message
+
+
+def test_the_independent_layout_runs_in_memory_only_and_says_why(points):
+    x = torch.from_numpy(np.load(points))
+    est = make_estimator("snis", N, inner=N, layout="independent")
+    assert est.refusal("memory") is None
+    for place in ("sharded", "streamed"):
+        assert "independent layout" in est.refusal(place)
+    assert estimate_curve(x, SIGMAS, est, progress=False).points  # in memory: runs
+    streamed = open_chunked(str(points))
+    with pytest.raises(UserError, match="lacks the capability 'streamed': it gathers each"):
+        estimate_curve(streamed, SIGMAS, est, progress=False)
+
+
+def test_the_cli_refuses_what_streaming_lacks_in_one_line(points, capsys):
+    base = ["estimate", "--data", str(points), "--stream", "--sigmas", "1", "--quiet"]
+    for name, caps in declared().items():
+        rc = lossfloor.cli.main([*base, "--estimator", name, "--outer", "8"])
+        err = capsys.readouterr().err
+        if "streamed" in caps.runs_on:
+            assert rc == 0, err
+        else:
+            assert rc == 2 and err.count("\n") == 1 and "lacks the capability 'streamed'" in err
+
+
+def test_defaults_of_auto_are_the_declared_ones():
+    for name, caps in declared().items():
+        est = make_estimator(name, 100)
+        assert resolve_draws("auto", est) == caps.default_draws
+        assert resolve_form("auto", est) == caps.default_form
+        for draws in ("plain", "tilted"):
+            assert resolve_draws(draws, est) == draws  # every estimator takes both draws
+        assert (est.neighbours_needed > 0) == caps.needs_neighbours
+        assert callable(getattr(est, "grid_values", None)) == caps.sweeps_grid
+        assert ("inner" in dataclasses.asdict(est)) >= caps.adapts_inner
+
+
+def test_draws_or_a_form_an_estimator_does_not_take_is_refused(monkeypatch):
+    est = make_estimator("full", 10)
+    narrow = dataclasses.replace(est.capabilities, forms=frozenset({"combined"}))
+    monkeypatch.setattr(type(est), "capabilities", narrow)
+    with pytest.raises(ParameterError, match="the full estimator does not take it"):
+        resolve_form("closed", est)
+    assert resolve_form("combined", est) == "combined"
+
+
+def test_a_declaration_without_a_reason_for_a_missing_place_is_rejected():
+    with pytest.raises(ValueError, match="without a reason"):
+        Capabilities(runs_on=frozenset({"memory"}), default_draws="plain", default_form="closed")
+
+
+def test_a_parameter_an_estimator_does_not_take_is_refused_naming_those_that_do():
+    for name, caps in declared().items():
+        for param, value in [("near", 3), ("C", 2.0), ("layout", "independent")]:
+            if param in caps.options:
+                continue
+            takers = [n for n, c in declared().items() if param in c.options]
+            with pytest.raises(ParameterError, match=f"applies to {takers[0]}"):
+                make_estimator(name, 100, **{param: value})
+
+
+def test_the_cli_help_names_each_estimator_and_the_declared_defaults(capsys):
+    """The help is static text (``estimate --help`` imports no torch, and the declarations
+    live on the estimator classes, which do): it must say what the declarations say."""
+    with pytest.raises(SystemExit):
+        lossfloor.cli.main(["estimate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    tilted = [n for n, c in declared().items() if c.default_draws == "tilted"]
+    combined = [n for n, c in declared().items() if c.default_form == "combined"]
+    for name in ESTIMATORS.names:
+        assert f"{name} (" in text or f"| {name}" in text or f"{name} |" in text, name
+    everywhere = [n for n, c in declared().items() if c.runs_on == frozenset(PLACES)]
+    assert f"under torchrun and on streamed data: {listed(everywhere)} (" in text
+    assert all("memory" in c.runs_on for c in declared().values())
+    assert f"auto (tilted for {' and '.join(tilted)}, else plain)" in text
+    assert f"auto: combined for {', '.join(combined[:-1])} and {combined[-1]}, closed" in text
