@@ -16,11 +16,12 @@ import time
 
 import numpy as np
 from common import machine
+from matplotlib.figure import Figure
 
 from lossfloor.data import load_dataset
 from lossfloor.io import write_json
 from lossfloor.optimal import estimate_curve, make_estimator
-from lossfloor.plots import plt, save_figure
+from lossfloor.plots import save_figure
 
 SIGMAS = [0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]
 
@@ -122,7 +123,8 @@ def main() -> int:
 
 
 def figure(path, full, curves, inner, ds) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    a, b = fig.subplots(1, 2)
     s = np.array(SIGMAS)
     a.plot(s, np.maximum(full["closed"], 1e-8), "k-o", ms=3, label="full (exact posterior)")
     for c_name, style in (("1 (DOL)", "--"), ("4N/L (paper)", "-"), ("inf (SNIS)", ":")):

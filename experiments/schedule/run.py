@@ -315,10 +315,11 @@ def collect(out: Path) -> None:
             writer.writeheader()
             writer.writerows(rows)
     # the gap per σ of every arm: mean over its diagnosed seeds, ± their std
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     previous = read_json(PREVIOUS_GAPS) if Path(PREVIOUS_GAPS).exists() else {"runs": {}}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    fig = Figure(figsize=(12, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
     sig = [float(s) for s in DIAG_SIGMAS.split(",")]
     for i, arm in enumerate(ARMS):
         ax = axes[0 if arm.startswith("edm") else 1]

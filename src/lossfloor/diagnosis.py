@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +47,9 @@ from lossfloor.optimal.outer import (
     per_sample_values,
 )
 from lossfloor.progress import progress_bar
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
@@ -267,6 +270,13 @@ class Diagnosis:
         top = self.optimal_top
         rows = [[p.to_json(top).get(k) for k in CSV_COLUMNS] for p in self.points]
         write_csv(path, header, rows)
+
+    def plot(self, axes: Sequence[Axes] | None = None, title: str = "") -> list[Axes]:
+        """J_θ and J* against σ on ``axes[0]``, the gap ± 2 s.e. on ``axes[1]`` (a new pyplot
+        figure's without): ``plots.draw_diagnosis``. Returns the two axes."""
+        from lossfloor.plots import draw_diagnosis
+
+        return draw_diagnosis(self, axes, title)
 
 
 def loss_factor_of(model: DenoiserFn, sigma: float) -> float | None:

@@ -62,6 +62,8 @@ from lossfloor.progress import progress_bar
 from lossfloor.seeding import generator_for
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from lossfloor.diagnosis import Diagnosis, GapPoint
 
 Tensor = torch.Tensor
@@ -447,6 +449,13 @@ class Floor:
     @classmethod
     def load(cls, path: str) -> Floor:
         return cls.from_json(read_json(path))
+
+    def plot(self, axes: Sequence[Axes] | None = None, title: str = "") -> list[Axes]:
+        """The bracket, J* by subset size and the extrapolation on ``axes[0]``, the N-trend on
+        ``axes[1]`` (a new pyplot figure's without): ``plots.draw_floor``. Returns the axes."""
+        from lossfloor.plots import draw_floor
+
+        return draw_floor(self, axes, title)
 
     def at(self, sigma: float) -> FloorPoint | None:
         """The point at σ (relative tolerance 1e-9), or None."""

@@ -1,31 +1,200 @@
-"""PNG plots of curves (matplotlib, Agg backend), written atomically."""
+"""Plots of curves, diagnoses, floors, scaling fits and schedules (matplotlib).
+
+Each ``draw_*`` draws one result on axes it is given and returns them: a plot of one panel
+takes and returns an ``Axes`` (``ax``), a plot of several panels a sequence of them (``axes``,
+one per panel, returned as a list). Without axes it makes its own in a new pyplot figure (shown
+inline in a notebook, by ``plt.show()`` in a script); the results' ``plot`` methods call these.
+Each ``plot_*`` writes a PNG: its panels in a ``matplotlib.figure.Figure`` (no pyplot, so no
+backend and no window), drawn by ``draw_*`` and saved atomically.
+
+Nothing here picks a matplotlib backend (the CLI does), and importing it imports no pyplot. The
+results are typed by what is read from them (the protocols below), so this module imports none
+of them and sits below them all in docs/architecture.md's layering.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lossfloor.io import save_with  # noqa: E402
+from lossfloor.io import save_with
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from lossfloor.diagnosis import Diagnosis
-    from lossfloor.floor import Floor
-    from lossfloor.optimal import Curve
-    from lossfloor.scaling import ScalingFit
+    from matplotlib.axes import Axes
 
 
-def save_figure(fig, path: str | os.PathLike[str]) -> None:
+# ----- what the plots read from the results ---------------------------------------------------
+class CurvePointLike(Protocol):
+    """A point of ``optimal.Curve``."""
+
+    @property
+    def sigma(self) -> float: ...
+    @property
+    def resolved(self) -> bool | None: ...
+    @property
+    def memorised(self) -> bool | None: ...
+    @property
+    def upper_bound(self) -> float | None: ...
+
+
+class CurveLike(Protocol):
+    """``optimal.Curve``: its points and, sorted by σ, the σ, J* and standard errors."""
+
+    @property
+    def points(self) -> Sequence[CurvePointLike]: ...
+    @property
+    def sigmas(self) -> np.ndarray: ...
+    @property
+    def values(self) -> np.ndarray: ...
+    @property
+    def stderrs(self) -> np.ndarray: ...
+
+
+class GapPointLike(Protocol):
+    """A point of ``diagnosis.Diagnosis``."""
+
+    @property
+    def sigma(self) -> float: ...
+    @property
+    def model_loss(self) -> float: ...
+    @property
+    def optimal_loss(self) -> float: ...
+    @property
+    def gap(self) -> float: ...
+    @property
+    def gap_stderr(self) -> float: ...
+
+
+class DiagnosisLike(Protocol):
+    """``diagnosis.Diagnosis``."""
+
+    @property
+    def points(self) -> Sequence[GapPointLike]: ...
+
+
+class PowerLawLike(Protocol):
+    """``scaling.PowerLawFit``: J = β·F^α (+ J*), ρ the correlation of the log–log fit."""
+
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def beta(self) -> float: ...
+    @property
+    def rho(self) -> float: ...
+
+
+class SigmaFitLike(Protocol):
+    """``scaling.SigmaFit``: the rows fitted at σ (None: the total) and both fits."""
+
+    @property
+    def sigma(self) -> float | None: ...
+    @property
+    def optimal_loss(self) -> float: ...
+    @property
+    def raw(self) -> PowerLawLike: ...
+    @property
+    def subtracted(self) -> PowerLawLike: ...
+    @property
+    def x(self) -> Sequence[float]: ...
+    @property
+    def loss(self) -> Sequence[float]: ...
+
+
+class ScalingFitLike(Protocol):
+    """``scaling.ScalingFit``: the x axis' name and a fit per σ."""
+
+    @property
+    def x(self) -> str: ...
+    @property
+    def fits(self) -> Sequence[SigmaFitLike]: ...
+
+
+class SizePointLike(Protocol):
+    """``floor.SizePoint``: J* of n-subsets."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def optimal_loss(self) -> float: ...
+
+
+class FloorPointLike(Protocol):
+    """``floor.FloorPoint``."""
+
+    @property
+    def sigma(self) -> float: ...
+    @property
+    def lower(self) -> float: ...
+    @property
+    def upper(self) -> float: ...
+    @property
+    def extrapolated(self) -> float: ...
+    @property
+    def converged(self) -> bool: ...
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def crossing(self) -> str | None: ...
+    @property
+    def by_n(self) -> Sequence[SizePointLike]: ...
+
+
+class FloorLike(Protocol):
+    """``floor.Floor``."""
+
+    @property
+    def points(self) -> Sequence[FloorPointLike]: ...
+
+
+# ----- figures ----------------------------------------------------------------------------
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
+    """``fig`` as a PNG at ``path`` (120 dpi, tight bounding box), written atomically."""
     save_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
-    plt.close(fig)
+
+
+def new_axes(
+    rows: int, cols: int, figsize: tuple[float, float], *, pyplot: bool, **kwargs: Any
+) -> list[Axes]:
+    """rows × cols axes (row by row) of a new figure of ``figsize`` inches: a pyplot figure
+    (``pyplot``: the current backend shows it) or a bare ``Figure`` (drawn to files only);
+    ``kwargs`` go to ``Figure.subplots``."""
+    if pyplot:
+        import matplotlib.pyplot as plt  # only here: importing this module loads no pyplot
+
+        fig = plt.figure(figsize=figsize)
+    else:
+        fig = Figure(figsize=figsize)
+    return list(np.ravel(fig.subplots(rows, cols, squeeze=False, **kwargs)))
+
+
+def _panels(axes: Sequence[Axes] | None, count: int, layout: dict[str, Any]) -> list[Axes]:
+    """``axes`` (at least ``count``), or pyplot axes of the plot's own ``layout``."""
+    if axes is None:
+        return new_axes(pyplot=True, **layout)
+    if len(axes) < count:
+        raise ValueError(f"this plot has {count} panels: got {len(axes)} axes")
+    return list(axes)
+
+
+#: The panels of each plot when it makes its own figure: rows, columns, size (inches) and
+#: the options of ``Figure.subplots``.
+CURVE_LAYOUT: dict[str, Any] = {"rows": 1, "cols": 1, "figsize": (6.4, 4.4)}
+DIAGNOSIS_LAYOUT: dict[str, Any] = {"rows": 2, "cols": 1, "figsize": (6.4, 6.4), "sharex": True,
+                                    "height_ratios": [3, 2]}  # fmt: skip
+FLOOR_LAYOUT: dict[str, Any] = {"rows": 1, "cols": 2, "figsize": (11, 4.4)}
+SCHEDULE_LAYOUT: dict[str, Any] = {"rows": 1, "cols": 1, "figsize": (6.8, 4.4)}
+
+
+def scaling_layout(panels: int) -> dict[str, Any]:
+    """Up to 3 panels a row, 4.2 × 3.4 inches each."""
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    return {"rows": rows, "cols": cols, "figsize": (4.2 * cols, 3.4 * rows)}
 
 
 #: The legend entry of values drawn at a log axis' floor (0, or too small to show).
@@ -42,7 +211,9 @@ def log_floor(values: Sequence[np.ndarray]) -> float:
     return max(float(positive.min()) / 3, float(positive.max()) * 1e-8)
 
 
-def plot_floored(ax, s: np.ndarray, v: np.ndarray, floor: float, fmt: str, **kwargs) -> None:
+def plot_floored(
+    ax: Axes, s: np.ndarray, v: np.ndarray, floor: float, fmt: str, **kwargs: Any
+) -> None:
     """``v`` against ``s`` on a log y axis, values below ``floor`` (0 included) drawn at the
     floor with an open black ▽ (one legend entry BELOW_FLOOR per axes)."""
     ax.plot(s, np.maximum(v, floor), fmt, **kwargs)
@@ -53,19 +224,20 @@ def plot_floored(ax, s: np.ndarray, v: np.ndarray, floor: float, fmt: str, **kwa
                 label=None if shown else BELOW_FLOOR, zorder=3)  # fmt: skip
 
 
-def plot_optimal_loss(
-    path: str | os.PathLike[str],
-    curves: Sequence[tuple[str, Curve]],
+# ----- J*(σ) ------------------------------------------------------------------------------
+def draw_optimal_loss(
+    curves: Sequence[tuple[str, CurveLike]],
+    ax: Axes | None = None,
     *,
     data_variance: float | None = None,
     title: str = "",
-) -> None:
+) -> Axes:
     """J*(σ) per element against σ (log–log), one line per (label, curve), ±2 s.e.; values
     below the floor (``log_floor``) drawn at it and marked ▽; points the draws do not resolve
     (``resolved`` false) hollow (UNRESOLVED); where J* is memorised and unresolved, no
     estimate but a ▼ at its upper bound (MEMORISED; at the floor where the bound is below it:
-    J* ≤ the floor is true as well)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    J* ≤ the floor is true as well). Returns the axes."""
+    (ax,) = _panels(None if ax is None else [ax], 1, CURVE_LAYOUT)
     marks = [_marks(c) for _, c in curves]
     floor = log_floor(
         [c.values[~bounded] for (_, c), (_, bounded, _) in zip(curves, marks, strict=True)]
@@ -96,7 +268,20 @@ def plot_optimal_loss(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    save_figure(fig, path)
+    return ax
+
+
+def plot_optimal_loss(
+    path: str | os.PathLike[str],
+    curves: Sequence[tuple[str, CurveLike]],
+    *,
+    data_variance: float | None = None,
+    title: str = "",
+) -> None:
+    """``draw_optimal_loss`` as a PNG at ``path``."""
+    (ax,) = new_axes(pyplot=False, **CURVE_LAYOUT)
+    draw_optimal_loss(curves, ax, data_variance=data_variance, title=title)
+    save_figure(ax.figure, path)
 
 
 #: The legend entries of the estimate plot's unresolved points and memorised bounds.
@@ -104,7 +289,7 @@ UNRESOLVED = "unresolved (too few effective draws)"
 MEMORISED = "J* ≤ bound (memorised)"
 
 
-def _marks(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _marks(curve: CurveLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Over ``curve.sigmas``: (unresolved: the draws do not resolve the point; bounded: of
     those, J* is memorised, its ``upper_bound`` reported instead; the bounds, NaN where none)."""
     pts = sorted(curve.points, key=lambda p: p.sigma)
@@ -114,22 +299,25 @@ def _marks(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return unresolved, bounded, bounds
 
 
-def _once(ax, s: np.ndarray, v: np.ndarray, fmt: str, label: str, **kwargs) -> None:
+def _once(ax: Axes, s: np.ndarray, v: np.ndarray, fmt: str, label: str, **kwargs: Any) -> None:
     """Markers with a legend entry ``label`` on its first use in the axes."""
     shown = label in ax.get_legend_handles_labels()[1]
     ax.plot(s, v, fmt, ls="none", label=None if shown else label, **kwargs)
 
 
-def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: str = "") -> None:
-    """J* and J_θ against σ (log axes) above, values below the floor (``log_floor``) drawn at
-    it and marked ▽; the gap ± 2 s.e. below."""
+# ----- the gap ----------------------------------------------------------------------------
+def draw_diagnosis(
+    diagnosis: DiagnosisLike, axes: Sequence[Axes] | None = None, title: str = ""
+) -> list[Axes]:
+    """Two panels: J* and J_θ against σ (log axes), values below the floor (``log_floor``)
+    drawn at it and marked ▽; the gap ± 2 s.e. Returns [the losses' axes, the gap's]."""
+    a, b = _panels(axes, 2, DIAGNOSIS_LAYOUT)[:2]
     pts = diagnosis.points
     s = np.array([p.sigma for p in pts])
     jm = np.array([p.model_loss for p in pts])
     jo = np.array([p.optimal_loss for p in pts])
     g = np.array([p.gap for p in pts])
     gse = np.array([p.gap_stderr for p in pts])
-    fig, (a, b) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, height_ratios=[3, 2])
     floor = log_floor([jm, jo])
     plot_floored(a, s, jm, floor, "o-", ms=3, label="model J_θ(σ)")
     plot_floored(a, s, jo, floor, "s-", ms=3, label="optimal J*(σ)")
@@ -144,25 +332,32 @@ def plot_diagnosis(path: str | os.PathLike[str], diagnosis: Diagnosis, title: st
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
     a.legend()
-    save_figure(fig, path)
+    return [a, b]
 
 
+def plot_diagnosis(path: str | os.PathLike[str], diagnosis: DiagnosisLike, title: str = "") -> None:
+    """``draw_diagnosis`` as a PNG at ``path`` (the panels one above the other, σ shared)."""
+    axes = new_axes(pyplot=False, **DIAGNOSIS_LAYOUT)
+    draw_diagnosis(diagnosis, axes, title)
+    save_figure(axes[0].figure, path)
+
+
+# ----- scaling ----------------------------------------------------------------------------
 #: A panel's J* below this fraction of its smallest loss is ≈ 0 for the fit (J − J* = J to
 #: 0.1%, the subtracted fit is the raw one): no J* line (it would stretch the log axis decades
 #: below the data), the panel's title says so.
 NEGLIGIBLE_OPTIMAL = 1e-3
 
 
-def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> Figure:
-    """One panel per σ (and the total): J against F on log axes, the raw fit β·F^α and the
-    subtracted fit J* + β·F^α, J* dashed; rows with J ≤ J* marked ×. The y axis spans the
-    runs, the fits and J*, except where J* < NEGLIGIBLE_OPTIMAL·(the smallest loss): there J*
-    is not drawn and the title is marked "J* ≈ 0". Returns the (closed) figure."""
+def draw_scaling(result: ScalingFitLike, axes: Sequence[Axes] | None = None) -> list[Axes]:
+    """One panel per σ (and the total), in ``result.fits``' order, axes beyond them turned off:
+    J against F on log axes, the raw fit β·F^α and the subtracted fit J* + β·F^α, J* dashed;
+    rows with J ≤ J* marked ×. The y axis spans the runs, the fits and J*, except where J* <
+    NEGLIGIBLE_OPTIMAL·(the smallest loss): there J* is not drawn and the title is marked
+    "J* ≈ 0". Returns all the axes."""
     n = len(result.fits)
-    cols = min(3, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, f in zip(axes.flat, result.fits, strict=False):
+    panels = _panels(axes, n, scaling_layout(n))
+    for ax, f in zip(panels, result.fits, strict=False):
         x, j = np.array(f.x), np.array(f.loss)
         grid = np.geomspace(x.min(), x.max(), 100)
         above = j > f.optimal_loss
@@ -187,26 +382,38 @@ def plot_scaling(path: str | os.PathLike[str], result: ScalingFit) -> Figure:
                title=title)  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[n:]:
+    for ax in panels[n:]:
         ax.axis("off")
+    return panels
+
+
+def plot_scaling(path: str | os.PathLike[str], result: ScalingFitLike) -> Figure:
+    """``draw_scaling`` as a PNG at ``path`` (3 panels a row). Returns the figure."""
+    axes = new_axes(pyplot=False, **scaling_layout(len(result.fits)))
+    draw_scaling(result, axes)
+    fig = axes[0].figure
     fig.tight_layout()
     save_figure(fig, path)
     return fig
 
 
-def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> Figure:
-    """Left: the bracket [J*_train(N), least held-out bound] against σ (log axes), J* of each
-    subset size and the extrapolation, lower > upper marked ◇ (``FloorPoint.crossing``: open
-    within error, filled beyond); right: J*(n)/J*(N) against n per σ not memorised (the
-    N-trend). Points with J* = 0 are drawn at the axis floor as open markers. Returns the
-    (closed) figure."""
+# ----- the floor --------------------------------------------------------------------------
+def draw_floor(
+    result: FloorLike, axes: Sequence[Axes] | None = None, title: str = ""
+) -> list[Axes]:
+    """Two panels: the bracket [J*_train(N), least held-out bound] against σ (log axes), J* of
+    each subset size and the extrapolation, lower > upper marked ◇ (``FloorPoint.crossing``:
+    open within error, filled beyond); J*(n)/J*(N) against n per σ not memorised (the
+    N-trend). Points with J* = 0 are drawn at the axis floor as open markers. Returns [the
+    bracket's axes, the N-trend's]."""
+    a, b = _panels(axes, 2, FLOOR_LAYOUT)[:2]
     pts = result.points
     s = np.array([p.sigma for p in pts])
     lo, up = np.array([p.lower for p in pts]), np.array([p.upper for p in pts])
     positive = np.concatenate([lo[lo > 0], up[up > 0]])
     bottom = max(float(positive.min()) / 3, float(up.max()) * 1e-8) if positive.size else 1e-12
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
     sizes = [q.n for q in pts[0].by_n]
+    viridis = matplotlib.colormaps["viridis"]
     for k, n in enumerate(sizes):
         v = np.array([p.by_n[k].optimal_loss for p in pts])
         a.plot(
@@ -214,7 +421,7 @@ def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> 
             np.maximum(v, bottom),
             "-",
             lw=0.8,
-            color=plt.cm.viridis(k / max(1, len(sizes) - 1)),
+            color=viridis(k / max(1, len(sizes) - 1)),
             label=f"J* of n = {n}",
         )
     a.fill_between(
@@ -276,17 +483,27 @@ def plot_floor(path: str | os.PathLike[str], result: Floor, title: str = "") -> 
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
+    return [a, b]
+
+
+def plot_floor(path: str | os.PathLike[str], result: FloorLike, title: str = "") -> Figure:
+    """``draw_floor`` as a PNG at ``path`` (the panels side by side). Returns the figure."""
+    axes = new_axes(pyplot=False, **FLOOR_LAYOUT)
+    draw_floor(result, axes, title)
+    fig = axes[0].figure
     fig.tight_layout()
     save_figure(fig, path)
     return fig
 
 
-def plot_schedule(path: str | os.PathLike[str], table: dict) -> None:
+# ----- the optimal-loss schedule ----------------------------------------------------------
+def draw_schedule(table: dict[str, Any], ax: Axes | None = None) -> Axes:
     """An optimal-loss schedule (``OptimalLossSchedule.tabulated()``): w(σ) and J*(σ) on log
-    axes (left), the density of ln σ (right), σ* marked."""
+    axes, the density of ln σ on a twin axis at the right, σ* marked. Returns the left axes
+    (the twin shares its x axis)."""
+    (ax,) = _panels(None if ax is None else [ax], 1, SCHEDULE_LAYOUT)
     s = np.asarray(table["sigma"])
     w, j = np.asarray(table["weight"]), np.asarray(table["optimal_loss"])
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
     ax.plot(s, w, color="C0", label="weight w(σ)")
     positive = j > 0
     ax.plot(s[positive], j[positive], color="C2", label="optimal loss J*(σ)")
@@ -304,4 +521,11 @@ def plot_schedule(path: str | os.PathLike[str], table: dict) -> None:
     params = table["params"]
     gap = "none" if table["gap"] is None else params.get("gap", "table")
     ax.set_title(f"optimal-loss schedule (density: {params.get('density')}, gap: {gap})")
-    save_figure(fig, path)
+    return ax
+
+
+def plot_schedule(path: str | os.PathLike[str], table: dict[str, Any]) -> None:
+    """``draw_schedule`` as a PNG at ``path``."""
+    (ax,) = new_axes(pyplot=False, **SCHEDULE_LAYOUT)
+    draw_schedule(table, ax)
+    save_figure(ax.figure, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lossfloor import __version__
@@ -67,12 +68,22 @@ def _option_of(parser: argparse.ArgumentParser, args: argparse.Namespace, param:
     return option if option in sub.choices[args.command]._option_string_actions else None
 
 
+def _file_backend() -> None:
+    """matplotlib's Agg backend for this process, unless one is chosen already (MPLBACKEND set,
+    or matplotlib imported): the CLI draws to files only. Set through the environment, so a
+    command that draws nothing imports no matplotlib; the library never picks a backend, and
+    its PNGs (``plots.plot_*``) use no pyplot, so they come out the same under any backend."""
+    if "matplotlib" not in sys.modules:
+        os.environ.setdefault("MPLBACKEND", "agg")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = None
     try:
         args = parser.parse_args(argv)
+        _file_backend()
         return int(args.run(args) or 0)
     except ParameterError as exc:
         option = None if args is None else _option_of(parser, args, exc.param)

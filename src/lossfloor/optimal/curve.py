@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from lossfloor import __version__
 from lossfloor.errors import UserError
 from lossfloor.io import read_json, write_csv, write_json
 from lossfloor.schedules import NoiseSchedule
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 #: Sub-intervals per grid interval for the refined quadrature that estimates the trapezoid error.
 REFINE = 16
@@ -361,3 +364,11 @@ class Curve:
         order, the columns of CSV_COLUMNS with their units in the header ("sigma [VE sigma]")."""
         header = [f"{k} [{unit}]" if unit else k for k, unit in CSV_COLUMNS.items()]
         write_csv(path, header, ([getattr(p, k) for k in CSV_COLUMNS] for p in self.points))
+
+    def plot(self, ax: Axes | None = None, title: str = "") -> Axes:
+        """J*(σ) ± 2 s.e. on ``ax`` (log axes; a new pyplot figure's without), labelled by the
+        estimator, the data variance dashed: ``plots.draw_optimal_loss``. Returns the axes."""
+        from lossfloor.plots import draw_optimal_loss
+
+        label = self.estimator["name"] if self.estimator else "J*(σ)"
+        return draw_optimal_loss([(label, self)], ax, data_variance=self.data_variance, title=title)

@@ -37,6 +37,8 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import atomic_path, write_json
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from lossfloor.optimal import Curve
 
 #: The columns RUNS.csv must have; ``collect`` writes these and EXTRA_COLUMNS.
@@ -161,6 +163,13 @@ class ScalingFit:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_json()`` atomically."""
         write_json(path, self.to_json())
+
+    def plot(self, axes: Sequence[Axes] | None = None) -> list[Axes]:
+        """One panel per fit on ``axes`` (a new pyplot figure's without): J against F, both
+        fits, J*: ``plots.draw_scaling``. Returns the axes."""
+        from lossfloor.plots import draw_scaling
+
+        return draw_scaling(self, axes)
 
 
 # --- reading ---------------------------------------------------------------------------------

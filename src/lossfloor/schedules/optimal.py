@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from lossfloor.diffusion.processes import Process
 from lossfloor.diffusion.targets import Target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.schedules.base import SCHEDULES, NoiseSchedule, _f64
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 Tensor = torch.Tensor
 
@@ -403,6 +406,13 @@ class OptimalLossSchedule(NoiseSchedule):
             "gap": None if g is None else g.tolist(),
             "params": self.params(),
         }
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        """w(σ), J*(σ) and the density of ln σ (twin axis) on ``ax`` (a new pyplot figure's
+        without), σ* marked: ``plots.draw_schedule`` of ``tabulated()``. Returns the axes."""
+        from lossfloor.plots import draw_schedule
+
+        return draw_schedule(self.tabulated(), ax)
 
     def params(self) -> dict[str, Any]:
         """The parameters without the embedded tables, with σ*, w_max and μ as used."""
