@@ -157,25 +157,25 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
     save_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
 
 
-def new_axes(
+def new_figure(
     rows: int, cols: int, figsize: tuple[float, float], *, pyplot: bool, **kwargs: Any
-) -> list[Axes]:
-    """rows × cols axes (row by row) of a new figure of ``figsize`` inches: a pyplot figure
-    (``pyplot``: the current backend shows it) or a bare ``Figure`` (drawn to files only);
-    ``kwargs`` go to ``Figure.subplots``."""
+) -> tuple[Figure, list[Axes]]:
+    """A new figure of ``figsize`` inches and its rows × cols axes (row by row): a pyplot
+    figure (``pyplot``: the current backend shows it) or a bare ``Figure`` (drawn to files
+    only); ``kwargs`` go to ``Figure.subplots``."""
     if pyplot:
         import matplotlib.pyplot as plt  # only here: importing this module loads no pyplot
 
         fig = plt.figure(figsize=figsize)
     else:
         fig = Figure(figsize=figsize)
-    return list(np.ravel(fig.subplots(rows, cols, squeeze=False, **kwargs)))
+    return fig, list(np.ravel(fig.subplots(rows, cols, squeeze=False, **kwargs)))
 
 
 def _panels(axes: Sequence[Axes] | None, count: int, layout: dict[str, Any]) -> list[Axes]:
     """``axes`` (at least ``count``), or pyplot axes of the plot's own ``layout``."""
     if axes is None:
-        return new_axes(pyplot=True, **layout)
+        return new_figure(pyplot=True, **layout)[1]
     if len(axes) < count:
         raise ValueError(f"this plot has {count} panels: got {len(axes)} axes")
     return list(axes)
@@ -279,9 +279,9 @@ def plot_optimal_loss(
     title: str = "",
 ) -> None:
     """``draw_optimal_loss`` as a PNG at ``path``."""
-    (ax,) = new_axes(pyplot=False, **CURVE_LAYOUT)
+    fig, (ax,) = new_figure(pyplot=False, **CURVE_LAYOUT)
     draw_optimal_loss(curves, ax, data_variance=data_variance, title=title)
-    save_figure(ax.figure, path)
+    save_figure(fig, path)
 
 
 #: The legend entries of the estimate plot's unresolved points and memorised bounds.
@@ -337,9 +337,9 @@ def draw_diagnosis(
 
 def plot_diagnosis(path: str | os.PathLike[str], diagnosis: DiagnosisLike, title: str = "") -> None:
     """``draw_diagnosis`` as a PNG at ``path`` (the panels one above the other, σ shared)."""
-    axes = new_axes(pyplot=False, **DIAGNOSIS_LAYOUT)
+    fig, axes = new_figure(pyplot=False, **DIAGNOSIS_LAYOUT)
     draw_diagnosis(diagnosis, axes, title)
-    save_figure(axes[0].figure, path)
+    save_figure(fig, path)
 
 
 # ----- scaling ----------------------------------------------------------------------------
@@ -389,9 +389,8 @@ def draw_scaling(result: ScalingFitLike, axes: Sequence[Axes] | None = None) -> 
 
 def plot_scaling(path: str | os.PathLike[str], result: ScalingFitLike) -> Figure:
     """``draw_scaling`` as a PNG at ``path`` (3 panels a row). Returns the figure."""
-    axes = new_axes(pyplot=False, **scaling_layout(len(result.fits)))
+    fig, axes = new_figure(pyplot=False, **scaling_layout(len(result.fits)))
     draw_scaling(result, axes)
-    fig = axes[0].figure
     fig.tight_layout()
     save_figure(fig, path)
     return fig
@@ -488,9 +487,8 @@ def draw_floor(
 
 def plot_floor(path: str | os.PathLike[str], result: FloorLike, title: str = "") -> Figure:
     """``draw_floor`` as a PNG at ``path`` (the panels side by side). Returns the figure."""
-    axes = new_axes(pyplot=False, **FLOOR_LAYOUT)
+    fig, axes = new_figure(pyplot=False, **FLOOR_LAYOUT)
     draw_floor(result, axes, title)
-    fig = axes[0].figure
     fig.tight_layout()
     save_figure(fig, path)
     return fig
@@ -515,8 +513,9 @@ def draw_schedule(table: dict[str, Any], ax: Axes | None = None) -> Axes:
     right.plot(s, table["log_sigma_density"], color="C1", label="density of ln σ, p")
     right.set_ylabel("density of ln σ")
     right.set_ylim(bottom=0)
-    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper right")
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = right.get_legend_handles_labels()
+    ax.legend(handles + more, labels + more_labels, fontsize=8, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     params = table["params"]
     gap = "none" if table["gap"] is None else params.get("gap", "table")
@@ -526,6 +525,6 @@ def draw_schedule(table: dict[str, Any], ax: Axes | None = None) -> Axes:
 
 def plot_schedule(path: str | os.PathLike[str], table: dict[str, Any]) -> None:
     """``draw_schedule`` as a PNG at ``path``."""
-    (ax,) = new_axes(pyplot=False, **SCHEDULE_LAYOUT)
+    fig, (ax,) = new_figure(pyplot=False, **SCHEDULE_LAYOUT)
     draw_schedule(table, ax)
-    save_figure(ax.figure, path)
+    save_figure(fig, path)
