@@ -59,7 +59,7 @@ from lossfloor.optimal.outer import (
 from lossfloor.optimal.shard import check_sharded
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
-from lossfloor.seeding import generator_for
+from lossfloor.seeding import Stream, generator_for
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
 CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
@@ -351,7 +351,7 @@ def _grid_values(
     for j in range(plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         noise = block_noise(plan.seed, j, hi - lo, dim).to(device=pools.device, dtype=dtype)
-        gens = [generator_for(plan.seed, 2, j) for _ in sigmas]
+        gens = [generator_for(plan.seed, Stream.INNER, j) for _ in sigmas]
         src = plan.sources[lo:hi].to(pools.device)
         for i, s in enumerate(estimator.grid_values(pool, src, noise, sigmas, gens)):
             closed[i][lo:hi], direct[i][lo:hi] = s.closed.cpu(), s.direct.cpu()
