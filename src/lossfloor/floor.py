@@ -60,6 +60,7 @@ from lossfloor.optimal.outer import (
 )
 from lossfloor.progress import progress_bar
 from lossfloor.seeding import Stream, generator_for
+from lossfloor.sigmas import same_sigma
 
 if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis, GapPoint
@@ -445,8 +446,8 @@ class Floor:
         return cls.from_json(read_json(path))
 
     def at(self, sigma: float) -> FloorPoint | None:
-        """The point at σ (relative tolerance 1e-9), or None."""
-        return next((p for p in self.points if math.isclose(p.sigma, sigma, rel_tol=1e-9)), None)
+        """The point at σ (``same_sigma``), or None."""
+        return next((p for p in self.points if same_sigma(p.sigma, sigma)), None)
 
 
 def subset_sizes(n: int, levels: int = 5, sizes: Sequence[int] | None = None) -> list[int]:

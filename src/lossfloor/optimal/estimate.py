@@ -31,7 +31,7 @@ from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
-from lossfloor.optimal.curve import SIGMA_MATCH_RTOL, Curve, CurvePoint
+from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, EstimatorSpec, PerSample, as_estimator
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
@@ -60,6 +60,7 @@ from lossfloor.optimal.shard import check_sharded
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
 from lossfloor.seeding import Stream, generator_for
+from lossfloor.sigmas import same_sigma
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
 CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
@@ -642,11 +643,8 @@ class Checkpoint:
         return cls(path=path, key=key, points=points)
 
     def find(self, sigma: float) -> CurvePoint | None:
-        """The saved point at ``sigma`` (within SIGMA_MATCH_RTOL), if any."""
-        return next(
-            (p for s, p in self.points.items() if math.isclose(s, sigma, rel_tol=SIGMA_MATCH_RTOL)),
-            None,
-        )
+        """The saved point at ``sigma`` (``same_sigma``), if any."""
+        return next((p for s, p in self.points.items() if same_sigma(s, sigma)), None)
 
     def add(self, point: CurvePoint) -> None:
         """Record ``point`` and rewrite the file (if this process writes)."""

@@ -30,6 +30,7 @@ from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
 from lossfloor.optimal.shard import ShardedPool
 from lossfloor.optimal.stream import StreamedPool
 from lossfloor.seeding import Stream, generator_for
+from lossfloor.sigmas import same_sigma
 
 Tensor = torch.Tensor
 
@@ -92,8 +93,8 @@ def check_outer(m: int) -> None:
 
 
 def check_sigmas(sigmas: Sequence[float]) -> None:
-    """A non-empty σ grid, each σ finite, within SIGMA_RANGE, and no σ twice: the one check of
-    a grid, made before any work by ``estimate_curve`` and ``diagnose``."""
+    """A non-empty σ grid, each σ finite, within SIGMA_RANGE, and no σ twice (``same_sigma``):
+    the one check of a grid, made before any work by ``estimate_curve`` and ``diagnose``."""
     if not sigmas:
         raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
     lo, hi = SIGMA_RANGE
@@ -107,9 +108,9 @@ def check_sigmas(sigmas: Sequence[float]) -> None:
                 "sigmas", s, f"σ must lie in [{lo:g}, {hi:g}] (beyond it J* is 0 or the data "
                 "variance to every digit, and σ² leaves the float range)",
             )  # fmt: skip
-    if len(set(sigmas)) < len(sigmas):
-        twice = next(s for i, s in enumerate(sigmas) if s in sigmas[:i])
-        raise ParameterError("sigmas", twice, "this σ appears twice in the list")
+    twice = [s for i, s in enumerate(sigmas) if any(same_sigma(s, t) for t in sigmas[:i])]
+    if twice:
+        raise ParameterError("sigmas", twice[0], "this σ appears twice in the list")
 
 
 def check_seed(seed: int) -> None:
