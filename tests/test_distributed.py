@@ -24,7 +24,7 @@ from lossfloor.data import load_dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.distributed import TIMEOUT_ENV, Group, _timeout
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.seeding import generator_for
+from lossfloor.seeding import Stream, generator_for
 from lossfloor.training import DenoisingLoss, read_stats
 from lossfloor.training.config import ADAM_BETAS, TrainConfig
 
@@ -211,7 +211,7 @@ def test_objective_parts_draw_the_whole_batch_and_keep_their_rows():
     objective = DenoisingLoss("edm")
 
     def call(rows: slice, part=None):
-        g_sigma, g_noise = generator_for(0, 1), generator_for(0, 2)
+        g_sigma, g_noise = generator_for(0, Stream.SIGMA), generator_for(0, Stream.NOISE)
         kw = {} if part is None else {"part": part}
         with torch.no_grad():
             out = objective(denoiser, x0[rows], None, g_sigma=g_sigma, g_noise=g_noise, **kw)

@@ -59,7 +59,8 @@ from lossfloor.optimal.outer import (
     stratified_sources,
 )
 from lossfloor.progress import progress_bar
-from lossfloor.seeding import generator_for
+from lossfloor.seeding import Stream, generator_for
+from lossfloor.sigmas import same_sigma
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -67,9 +68,6 @@ if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis, GapPoint
 
 Tensor = torch.Tensor
-
-#: Random-stream purposes of this module (the estimate uses 0 sources, 1 noise, 2 inner sets).
-_SUBSETS, _VALIDATION = 10, 11
 
 #: Candidate bandwidths of ``bandwidth="auto"``, in units of the data's per-element std.
 AUTO_BANDWIDTHS = tuple(float(b) for b in np.geomspace(0.01, 1.0, 9))
@@ -181,13 +179,14 @@ def _losses(
     bandwidths: Sequence[float],
     *,
     seed: int,
-    stream: tuple[int, ...],
+    stream: Stream,
     precision: str,
     tile_bytes: int,
     exclude: bool = False,
 ) -> Tensor:
     """Per-sample ‖x0_s − D_b(x0_s + σε)‖²/D for each b (K×M, float64; b = 0 is μ_σ); ε from the
-    stream (seed, *stream, block) in blocks of OUTER_BLOCK: the estimate's ε when stream = (1,)."""
+    stream (seed, stream, block) in blocks of OUTER_BLOCK: the estimate's ε when stream is
+    ``Stream.OUTER_NOISE``."""
     dtype = pools.dtype_at(precision, sigma)
     pool = pools(dtype)
     m, d = sources.numel(), x0.shape[1]
@@ -195,9 +194,7 @@ def _losses(
     for j in range(math.ceil(m / OUTER_BLOCK)):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         src = sources[lo:hi].to(pool.x.device)
-        eps = torch.randn(
-            hi - lo, d, generator=generator_for(seed, *stream, j), dtype=torch.float64
-        )
+        eps = torch.randn(hi - lo, d, generator=generator_for(seed, stream, j), dtype=torch.float64)
         x = x0[src].to(dtype)
         q = x + sigma * eps.to(device=pool.x.device, dtype=dtype)
         for k, b in enumerate(bandwidths):
@@ -234,7 +231,7 @@ def choose_bandwidth(
         sigma,
         candidates,
         seed=seed,
-        stream=(_VALIDATION,),
+        stream=Stream.FLOOR_VALIDATION,
         precision=precision,
         tile_bytes=tile_bytes,
         exclude=True,
@@ -291,7 +288,7 @@ class _Heldout:
             sigma,
             bws,
             seed=self.seed,
-            stream=(1,),
+            stream=Stream.OUTER_NOISE,
             precision=self.precision,
             tile_bytes=self.tile_bytes,
         )
@@ -458,8 +455,8 @@ class Floor:
         return draw_floor(self, axes, title)
 
     def at(self, sigma: float) -> FloorPoint | None:
-        """The point at σ (relative tolerance 1e-9), or None."""
-        return next((p for p in self.points if math.isclose(p.sigma, sigma, rel_tol=1e-9)), None)
+        """The point at σ (``same_sigma``), or None."""
+        return next((p for p in self.points if same_sigma(p.sigma, sigma)), None)
 
 
 def subset_sizes(n: int, levels: int = 5, sizes: Sequence[int] | None = None) -> list[int]:
@@ -559,7 +556,8 @@ def floor(
     key = [FORMAT, train.sha256, heldout.sha256, list(map(float, sigmas)), params]
     saved = None if checkpoint is None else Units.open(checkpoint, key, restart)
     perms = [
-        torch.randperm(train.n, generator=generator_for(seed, _SUBSETS, r)) for r in range(repeats)
+        torch.randperm(train.n, generator=generator_for(seed, Stream.FLOOR_SUBSETS, r))
+        for r in range(repeats)
     ]
     work = [(n, r) for n in sizes for r in range(repeats if n < train.n else 1)]
     by_size: dict[int, list[list[tuple[float, float]]]] = {n: [] for n in sizes}

@@ -23,11 +23,11 @@ import torch
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser, read_protocol
 from lossfloor.errors import UserError
+from lossfloor.runfiles import CHECKPOINT_LATEST
 
 Tensor = torch.Tensor
 DenoiserFn = Callable[..., Tensor]
 
-CHECKPOINT_LATEST = "checkpoint-latest.pt"
 CHECKPOINT_FORMAT = "lossfloor-run/1"
 
 

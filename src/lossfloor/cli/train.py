@@ -20,6 +20,7 @@ from lossfloor.cli.common import (
 )
 from lossfloor.errors import UserError
 from lossfloor.io import read_json
+from lossfloor.runfiles import CONFIG
 
 if TYPE_CHECKING:  # heavy imports (torch) only when running
     import torch
@@ -125,9 +126,9 @@ def _saved_options(run_dir: Path) -> dict[str, Any]:
     configs its config.json recorded (``train`` holds them as given, e.g. names)."""
     if not run_dir.is_dir():
         raise UserError(f"--resume: run directory not found: {run_dir}")
-    saved = read_json(run_dir / "config.json")
+    saved = read_json(run_dir / CONFIG)
     if not isinstance(saved, dict) or "train" not in saved:
-        raise UserError(f"{run_dir / 'config.json'} is not a lossfloor run config")
+        raise UserError(f"{run_dir / CONFIG} is not a lossfloor run config")
     resolved = {k: saved[k] for k in ("process", "target", "schedule") if k in saved}
     return {**saved["train"], **resolved}
 

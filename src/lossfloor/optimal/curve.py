@@ -15,15 +15,13 @@ from lossfloor import __version__
 from lossfloor.errors import UserError
 from lossfloor.io import read_json, write_csv, write_json
 from lossfloor.schedules import NoiseSchedule
+from lossfloor.sigmas import SIGMA_RTOL, same_sigma
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 #: Sub-intervals per grid interval for the refined quadrature that estimates the trapezoid error.
 REFINE = 16
-#: Relative tolerance within which a requested σ is the σ of a saved point (a grid written
-#: as 0.1 and one computed as 0.10000000000000002 name the same σ).
-SIGMA_MATCH_RTOL = 1e-9
 
 #: The columns of ``Curve.to_csv``: a CurvePoint field and its unit.
 CSV_COLUMNS = {
@@ -282,18 +280,15 @@ class Curve:
         """J*(σ) by linear interpolation in ln σ; σ outside the grid is an error."""
         s = np.asarray(sigma, dtype=np.float64)
         lo, hi = self.sigmas[0], self.sigmas[-1]
-        if np.any(s < lo * (1 - 1e-9)) or np.any(s > hi * (1 + 1e-9)):
+        if np.any(s < lo * (1 - SIGMA_RTOL)) or np.any(s > hi * (1 + SIGMA_RTOL)):
             raise UserError(
                 f"σ outside the optimal-loss curve's grid [{lo:g}, {hi:g}]; recompute it wider"
             )
         return np.interp(np.log(s), np.log(self.sigmas), self.values)
 
     def point_at(self, sigma: float) -> CurvePoint | None:
-        """The point at ``sigma`` (within the relative tolerance a resumed estimate uses)."""
-        return next(
-            (p for p in self.points if math.isclose(p.sigma, sigma, rel_tol=SIGMA_MATCH_RTOL)),
-            None,
-        )
+        """The point at ``sigma`` (``same_sigma``: the tolerance a resumed estimate uses)."""
+        return next((p for p in self.points if same_sigma(p.sigma, sigma)), None)
 
     def total_under(self, schedule: NoiseSchedule) -> Total:
         """The total E_{σ~p}[w(σ)·J*(σ)] under ``schedule`` (``Total.compute``)."""

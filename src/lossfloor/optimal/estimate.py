@@ -31,7 +31,7 @@ from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
-from lossfloor.optimal.curve import SIGMA_MATCH_RTOL, Curve, CurvePoint
+from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.estimators import Estimator, EstimatorSpec, PerSample, as_estimator
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
@@ -59,7 +59,8 @@ from lossfloor.optimal.outer import (
 from lossfloor.optimal.shard import check_sharded
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
-from lossfloor.seeding import generator_for
+from lossfloor.seeding import Stream, generator_for
+from lossfloor.sigmas import same_sigma
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
 CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
@@ -351,7 +352,7 @@ def _grid_values(
     for j in range(plan.blocks):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         noise = block_noise(plan.seed, j, hi - lo, dim).to(device=pools.device, dtype=dtype)
-        gens = [generator_for(plan.seed, 2, j) for _ in sigmas]
+        gens = [generator_for(plan.seed, Stream.INNER, j) for _ in sigmas]
         src = plan.sources[lo:hi].to(pools.device)
         for i, s in enumerate(estimator.grid_values(pool, src, noise, sigmas, gens)):
             closed[i][lo:hi], direct[i][lo:hi] = s.closed.cpu(), s.direct.cpu()
@@ -642,11 +643,8 @@ class Checkpoint:
         return cls(path=path, key=key, points=points)
 
     def find(self, sigma: float) -> CurvePoint | None:
-        """The saved point at ``sigma`` (within SIGMA_MATCH_RTOL), if any."""
-        return next(
-            (p for s, p in self.points.items() if math.isclose(s, sigma, rel_tol=SIGMA_MATCH_RTOL)),
-            None,
-        )
+        """The saved point at ``sigma`` (``same_sigma``), if any."""
+        return next((p for s, p in self.points.items() if same_sigma(s, sigma)), None)
 
     def add(self, point: CurvePoint) -> None:
         """Record ``point`` and rewrite the file (if this process writes)."""

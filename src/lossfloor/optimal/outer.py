@@ -29,7 +29,8 @@ from lossfloor.optimal.estimators import Estimator, PerSample, Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
 from lossfloor.optimal.shard import ShardedPool
 from lossfloor.optimal.stream import StreamedPool
-from lossfloor.seeding import generator_for
+from lossfloor.seeding import Stream, generator_for
+from lossfloor.sigmas import same_sigma
 
 Tensor = torch.Tensor
 
@@ -92,8 +93,8 @@ def check_outer(m: int) -> None:
 
 
 def check_sigmas(sigmas: Sequence[float]) -> None:
-    """A non-empty σ grid, each σ finite, within SIGMA_RANGE, and no σ twice: the one check of
-    a grid, made before any work by ``estimate_curve`` and ``diagnose``."""
+    """A non-empty σ grid, each σ finite, within SIGMA_RANGE, and no σ twice (``same_sigma``):
+    the one check of a grid, made before any work by ``estimate_curve`` and ``diagnose``."""
     if not sigmas:
         raise ParameterError("sigmas", list(sigmas), "the σ list is empty; give at least one σ > 0")
     lo, hi = SIGMA_RANGE
@@ -107,9 +108,9 @@ def check_sigmas(sigmas: Sequence[float]) -> None:
                 "sigmas", s, f"σ must lie in [{lo:g}, {hi:g}] (beyond it J* is 0 or the data "
                 "variance to every digit, and σ² leaves the float range)",
             )  # fmt: skip
-    if len(set(sigmas)) < len(sigmas):
-        twice = next(s for i, s in enumerate(sigmas) if s in sigmas[:i])
-        raise ParameterError("sigmas", twice, "this σ appears twice in the list")
+    twice = [s for i, s in enumerate(sigmas) if any(same_sigma(s, t) for t in sigmas[:i])]
+    if twice:
+        raise ParameterError("sigmas", twice[0], "this σ appears twice in the list")
 
 
 def check_seed(seed: int) -> None:
@@ -120,7 +121,7 @@ def check_seed(seed: int) -> None:
 
 def stratified_sources(n: int, m: int, seed: int) -> Tensor:
     """M source indices into range(n): each index ⌊M/n⌋ or ⌈M/n⌉ times, in random order."""
-    g = generator_for(seed, 0)
+    g = generator_for(seed, Stream.SOURCES)
     reps, rest = divmod(m, n)
     idx = torch.cat([torch.arange(n).repeat(reps), torch.randperm(n, generator=g)[:rest]])
     return idx[torch.randperm(m, generator=g)]
@@ -128,7 +129,9 @@ def stratified_sources(n: int, m: int, seed: int) -> Tensor:
 
 def block_noise(seed: int, block: int, size: int, dim: int) -> Tensor:
     """ε for outer block ``block``: float64 N(0, I), identical for every dtype and σ."""
-    return torch.randn(size, dim, generator=generator_for(seed, 1, block), dtype=torch.float64)
+    return torch.randn(
+        size, dim, generator=generator_for(seed, Stream.OUTER_NOISE, block), dtype=torch.float64
+    )
 
 
 def resolve_draws(draws: Draws, estimator: Estimator) -> Literal["tilted", "plain"]:
@@ -163,7 +166,9 @@ class TiltBlock:
         table = neighbours[sources, 1 : TILT_NEIGHBOURS + 1].to(x.device)
         diff = x[table].double() - x[sources].double()[:, None, :]  # B×K×D
         z = plain.to(device=x.device, dtype=torch.float64)
-        u = torch.rand(plain.shape[0], generator=generator_for(seed, 3, block), dtype=torch.float64)
+        u = torch.rand(
+            plain.shape[0], generator=generator_for(seed, Stream.TILT, block), dtype=torch.float64
+        )
         return cls(
             u=u.to(x.device),
             neighbours=table,
@@ -457,7 +462,7 @@ def per_sample_values(
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
         src = plan.sources[lo:hi]
         noise = block_noise(plan.seed, j, hi - lo, dim)
-        inner_g = generator_for(plan.seed, 2, j)
+        inner_g = generator_for(plan.seed, Stream.INNER, j)
         for g, ((_, local), pool) in enumerate(zip(plan.groups, pools, strict=True)):
             sel = torch.nonzero(local[src] >= 0).flatten() if len(plan.groups) > 1 else None
             s_local = local[src] if sel is None else local[src[sel]]

@@ -8,7 +8,6 @@ trains a step and diagnoses, so it sits above the fit (which imports nothing abo
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,20 +23,17 @@ if TYPE_CHECKING:
 
     from lossfloor.data import Dataset
 
-_SNAPSHOT = re.compile(r"checkpoint-(\d+)\.pt$")
-
 
 def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint of a run, by step: the ``checkpoint-<step>.pt``
     snapshots and ``checkpoint-latest.pt`` where its step has no snapshot."""
-    from lossfloor.models import CHECKPOINT_LATEST, load_checkpoint
+    from lossfloor.models import load_checkpoint
+    from lossfloor.runfiles import CHECKPOINT_LATEST, snapshots
 
     root = Path(run_dir)
     if not root.is_dir():
         raise UserError(f"run directory not found: {root}")
-    found = {
-        int(m.group(1)): p for p in root.iterdir() if (m := _SNAPSHOT.match(p.name)) is not None
-    }
+    found = snapshots(root)
     latest = root / CHECKPOINT_LATEST
     if latest.is_file():
         step = int(load_checkpoint(latest)["step"])

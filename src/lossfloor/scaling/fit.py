@@ -35,6 +35,7 @@ import numpy as np
 
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import atomic_path, write_json
+from lossfloor.sigmas import SIGMA_RTOL, same_sigma
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -48,8 +49,6 @@ EXTRA_COLUMNS = ("step", "loss_stderr", "optimal_loss")
 X_CHOICES = ("flops", "params", "images_seen")
 #: Fewest rows a fit takes (two points always lie on a line: ρ = ±1 says nothing).
 MIN_ROWS = 3
-#: Relative tolerance when matching a requested σ to the σ of the rows.
-SIGMA_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -324,7 +323,7 @@ def _select_sigmas(
         return [*present, *([None] if has_total else [])]
     chosen: list[float | None] = []
     for s in sigmas:
-        match = [p for p in present if abs(p - s) <= SIGMA_RTOL * s]
+        match = [p for p in present if same_sigma(p, s)]
         if not match:
             have = ", ".join(f"{p:g}" for p in present) or "none"
             raise ParameterError("sigma", s, f"no rows at this σ (the file has: {have})")
@@ -374,7 +373,7 @@ def fit_scaling(
             assert curve.total is not None  # _select_sigmas leaves the total out without one
             floor = curve.total.optimal_loss
         else:
-            if not lo * (1 - 1e-9) <= sigma <= hi * (1 + 1e-9):
+            if not lo * (1 - SIGMA_RTOL) <= sigma <= hi * (1 + SIGMA_RTOL):
                 raise UserError(
                     f"σ = {sigma:g} of the runs is outside the estimate's grid [{lo:g}, {hi:g}]; "
                     "estimate J* on a grid that covers it"

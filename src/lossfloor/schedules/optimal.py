@@ -57,6 +57,7 @@ from lossfloor.diffusion.processes import Process
 from lossfloor.diffusion.targets import Target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.schedules.base import SCHEDULES, NoiseSchedule, _f64
+from lossfloor.sigmas import SIGMA_RTOL
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -132,15 +133,15 @@ def gap_range(
     """The σ range [σ_min, σ_max] a schedule with a gap table (at ``gap_sigmas``) draws: an end
     given is kept (the schedule then refuses a gap that does not cover it); an end not given
     is the default's (OptimalLossSchedule: 0.002, 80) moved inside the gap's σ range where the
-    gap does not reach it (within the 1e-9 relative tolerance of the coverage check), so the
+    gap does not reach it (within SIGMA_RTOL, the relative tolerance of the coverage check), so the
     density never extrapolates the gap."""
     lo = OptimalLossSchedule.sigma_min if sigma_min is None else sigma_min
     hi = OptimalLossSchedule.sigma_max if sigma_max is None else sigma_max
     if not gap_sigmas:
         return lo, hi
-    if sigma_min is None and min(gap_sigmas) > lo * (1 + 1e-9):
+    if sigma_min is None and min(gap_sigmas) > lo * (1 + SIGMA_RTOL):
         lo = min(gap_sigmas)
-    if sigma_max is None and max(gap_sigmas) < hi * (1 - 1e-9):
+    if sigma_max is None and max(gap_sigmas) < hi * (1 - SIGMA_RTOL):
         hi = max(gap_sigmas)
     return lo, hi
 
@@ -230,7 +231,7 @@ class OptimalLossSchedule(NoiseSchedule):
         if isinstance(self.gap, Mapping):
             self._gap_table = _table(self.gap, "gap")
             lo, hi = self._gap_table[0][[0, -1]]
-            if self.sigma_min < lo * (1 - 1e-9) or self.sigma_max > hi * (1 + 1e-9):
+            if self.sigma_min < lo * (1 - SIGMA_RTOL) or self.sigma_max > hi * (1 + SIGMA_RTOL):
                 raise ParameterError(
                     "gap", f"σ {lo:g}..{hi:g}", f"the gap must cover the training range "
                     f"[{self.sigma_min:g}, {self.sigma_max:g}]: diagnose over it, or narrow the "
@@ -278,12 +279,12 @@ class OptimalLossSchedule(NoiseSchedule):
     def _check_coverage(self) -> None:
         """The curve must reach σ_max, and below its first point the cap must bind."""
         lo, hi = float(self._s[0]), float(self._s[-1])
-        if self.sigma_max > hi * (1 + 1e-9):
+        if self.sigma_max > hi * (1 + SIGMA_RTOL):
             raise ParameterError(
                 "sigma_max", self.sigma_max, f"the optimal-loss curve ends at σ = {hi:g}; "
                 "estimate it up to the training range's top or lower sigma_max",
             )  # fmt: skip
-        if self.sigma_min < lo * (1 - 1e-9) and not self._j[0] * self.cap <= 1:
+        if self.sigma_min < lo * (1 - SIGMA_RTOL) and not self._j[0] * self.cap <= 1:
             raise ParameterError(
                 "sigma_min", self.sigma_min, f"the optimal-loss curve starts at σ = {lo:g}, "
                 "where the cap w_max does not yet bind; estimate it down to sigma_min",
@@ -429,7 +430,7 @@ class OptimalLossSchedule(NoiseSchedule):
         """The support must lie in the model process's σ̃ range."""
         lo = float(process.sigma_ve(_f64(process.t_min)))
         hi = float(process.sigma_ve(_f64(process.t_max)))
-        if self.sigma_min < lo * (1 - 1e-9) or self.sigma_max > hi * (1 + 1e-9):
+        if self.sigma_min < lo * (1 - SIGMA_RTOL) or self.sigma_max > hi * (1 + SIGMA_RTOL):
             raise UserError(
                 f"schedule optimal draws σ in [{self.sigma_min:g}, {self.sigma_max:g}] but the "
                 f"model's process covers [{lo:g}, {hi:g}]; set sigma_min/sigma_max inside it"

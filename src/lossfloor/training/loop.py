@@ -57,7 +57,7 @@ from lossfloor.errors import Interrupted, ParameterError, UserError
 from lossfloor.models import CHECKPOINT_FORMAT
 from lossfloor.progress import interactive, progress_bar
 from lossfloor.schedules import get_schedule
-from lossfloor.seeding import derived_seed, generator_for
+from lossfloor.seeding import Stream, derived_seed, generator_for
 from lossfloor.training.config import ADAM_BETAS, ADAM_EPS, TrainConfig, run_config
 from lossfloor.training.ema import EMA
 from lossfloor.training.hooks import Batch, Hook, LogStep, TrainingHook, check_hooks
@@ -70,8 +70,6 @@ __all__ = ["Callback", "TrainConfig", "Trainer", "train"]
 Tensor = torch.Tensor
 Callback = Callable[[int, Denoiser, dict[str, Any]], None]
 
-_STREAM_MODEL, _STREAM_DATA, _STREAM_SIGMA, _STREAM_NOISE = range(4)
-
 
 class _DataOrder:
     """Index of the k-th image seen: position k mod N of the permutation of epoch ⌊k/N⌋."""
@@ -82,7 +80,7 @@ class _DataOrder:
 
     def _permutation(self, epoch: int) -> Tensor:
         if epoch != self._epoch:
-            g = generator_for(self.seed, _STREAM_DATA, epoch)
+            g = generator_for(self.seed, Stream.DATA_ORDER, epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm
 
@@ -205,8 +203,8 @@ class Trainer:
         wrapped = [_CallbackHook(cb, callback_every, i) for i, cb in enumerate(callbacks)]
         self.hooks = check_hooks([*self.objective.hooks(), *wrapped, *hooks])
         self._build_optimizer()
-        self.g_sigma = generator_for(config.seed, _STREAM_SIGMA)
-        self.g_noise = generator_for(config.seed, _STREAM_NOISE)
+        self.g_sigma = generator_for(config.seed, Stream.SIGMA)
+        self.g_noise = generator_for(config.seed, Stream.NOISE)
         self.order = _DataOrder(dataset.n, config.seed)
         self.x = dataset.x.to(self.device)
         self.labels = dataset.labels.to(self.device) if config.conditional else None
@@ -228,7 +226,7 @@ class Trainer:
         c, dataset = self.config, self.dataset
         num_classes = dataset.num_classes if c.conditional else None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(c.seed, _STREAM_MODEL))
+            torch.manual_seed(derived_seed(c.seed, Stream.MODEL))
             net = UNetBackbone(backbone_config(dataset.shape, c.model, num_classes))
         self.net = net.to(self.device)
         self.params = list(self.net.parameters())

@@ -33,13 +33,10 @@ import torch
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import UserError
 from lossfloor.schedules import NoiseSchedule, OptimalLossSchedule, get_schedule
-from lossfloor.seeding import generator_for
+from lossfloor.seeding import Stream, generator_for
 from lossfloor.training.hooks import Batch, Hook
 
 Tensor = torch.Tensor
-
-# The random stream of the uncertainty net's Fourier features (the trainer's streams are 0–3).
-UNCERTAINTY_STREAM = 4
 
 
 def _learns_online(schedule: NoiseSchedule) -> TypeGuard[OptimalLossSchedule]:
@@ -155,7 +152,7 @@ class LogVarianceNet(torch.nn.Module):
         super().__init__()
         if channels < 1:
             raise UserError(f"the uncertainty net needs at least 1 Fourier channel, not {channels}")
-        g = generator_for(seed, UNCERTAINTY_STREAM)
+        g = generator_for(seed, Stream.UNCERTAINTY)
         self.register_buffer("freqs", torch.randn(channels, generator=g))
         self.register_buffer("phases", torch.rand(channels, generator=g))
         self.linear = torch.nn.Linear(channels, 1)

@@ -1,9 +1,9 @@
 """A training run directory: starting, resuming and saving.
 
-Files: ``config.json`` (everything that defines the run, ``training.config.run_config``),
-``stats.jsonl`` (one ``StatsRecord`` per log interval), ``checkpoint-latest.pt`` (written
-atomically) and optional ``checkpoint-<step>.pt`` snapshots. Checkpoints are read through
-``lossfloor.models.load_checkpoint``.
+Files (their names: ``lossfloor.runfiles``): ``config.json`` (everything that defines the run,
+``training.config.run_config``), ``stats.jsonl`` (one ``StatsRecord`` per log interval),
+``checkpoint-latest.pt`` (written atomically) and optional ``checkpoint-<step>.pt`` snapshots.
+Checkpoints are read through ``lossfloor.models.load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from lossfloor.data import Dataset
 from lossfloor.errors import UserError
 from lossfloor.io import atomic_path, save_with, write_json
-from lossfloor.models import CHECKPOINT_LATEST, check_compatible, load_checkpoint
+from lossfloor.models import check_compatible, load_checkpoint
+from lossfloor.runfiles import CHECKPOINT_LATEST, CONFIG, STATS, snapshot_name
 from lossfloor.training.config import RESOLVED_FIELDS, RESUMABLE_FIELDS
 from lossfloor.training.stats import parse_stats_line
 
@@ -61,7 +62,7 @@ class RunDir:
 
     @property
     def stats(self) -> Path:
-        return self.path / "stats.jsonl"
+        return self.path / STATS
 
     def start(self, run_config: dict[str, Any]) -> None:
         """A new run: config.json and an empty stats.jsonl; UserError if a run is there."""
@@ -69,7 +70,7 @@ class RunDir:
             raise UserError(
                 f"{self.path} already holds a run; resume it or choose another run directory"
             )
-        write_json(self.path / "config.json", run_config)
+        write_json(self.path / CONFIG, run_config)
         with atomic_path(self.stats) as tmp:
             tmp.write_text("")
 
@@ -88,7 +89,7 @@ class RunDir:
     def continue_at(self, step: int, run_config: dict[str, Any]) -> None:
         """After a resume from ``step``: rewrite config.json, drop stats records after ``step``
         (and lines an interrupted write cut off)."""
-        write_json(self.path / "config.json", run_config)
+        write_json(self.path / CONFIG, run_config)
         kept = []
         if self.stats.exists():
             for line in self.stats.read_text().splitlines():
@@ -103,7 +104,7 @@ class RunDir:
         ``snapshot``."""
         save_with(self.latest, lambda p: torch.save(ckpt, p))
         if snapshot:
-            path = self.path / f"checkpoint-{ckpt['step']:08d}.pt"
+            path = self.path / snapshot_name(ckpt["step"])
             save_with(path, lambda p: torch.save(ckpt, p))
 
     def diverged(self, step: int, what: str) -> UserError:
