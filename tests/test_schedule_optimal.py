@@ -441,3 +441,16 @@ def test_schedule_cli_warns_on_a_coarse_curve(tmp_path, cli, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lossfloor: warning: --curve")
     assert "too coarse" in err[0]
+
+
+def test_schedule_notes_come_from_the_first_process_only(tmp_path, cli, capsys, monkeypatch):
+    """Under torchrun every process builds the schedule (``train``); only RANK 0 says so."""
+    path = tmp_path / "curve.json"
+    _curve(_two_point, 0.05, 80, 12, {"sha256": "aa"}, 1.0).save(path)
+    argv = ["schedule", "--curve", str(path), "--sigma-min", "0.05", "--out"]
+    monkeypatch.setenv("RANK", "1")
+    assert cli([*argv, str(tmp_path / "s1.json")]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli([*argv, str(tmp_path / "s0.json")]) == 0
+    assert "too coarse" in capsys.readouterr().err

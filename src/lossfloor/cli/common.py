@@ -51,12 +51,18 @@ def load_data_from_args(args: argparse.Namespace) -> Dataset:
     return ds
 
 
+def say(line: str) -> None:
+    """``line`` on stderr, from the first process only (torchrun's RANK 0, or no torchrun):
+    the notes and warnings every process would otherwise repeat."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def note_limit(limit: int | None, n: int, option: str = "--limit") -> None:
-    """One line on stderr (from the first process) when ``limit`` exceeds the ``n`` items
-    there are: all ``n`` are used."""
-    if limit is not None and limit > n and os.environ.get("RANK", "0") == "0":
-        print(f"lossfloor: note: {option} {limit}: the data has {n} items; using all {n}",
-              file=sys.stderr)  # fmt: skip
+    """One line on stderr when ``limit`` exceeds the ``n`` items there are: all ``n`` are
+    used."""
+    if limit is not None and limit > n:
+        say(f"lossfloor: note: {option} {limit}: the data has {n} items; using all {n}")
 
 
 @dataclass(frozen=True)
@@ -374,7 +380,7 @@ def build_schedule(args: argparse.Namespace, allow_online: bool) -> OptimalLossS
         curve, gap, **{k: v for k, v in params.items() if v is not None}
     )
     if note is not None:
-        print(note, file=sys.stderr)
+        say(note)
     if (coarse := schedule.coarse_warning()) is not None:
-        print(f"lossfloor: warning: --curve {args.curve}: {coarse}", file=sys.stderr)
+        say(f"lossfloor: warning: --curve {args.curve}: {coarse}")
     return schedule
