@@ -4,6 +4,7 @@ pipe or in a file (no carriage-return frames), a bounded number of them."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -21,39 +22,53 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_known_total_gives_a_line_per_tenth_of_it():
-    out = io.StringIO()
-    bar = ProgressLines(total=37, desc="J*(σ)", unit="block", stream=out)
+def progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines ``lossfloor.progress`` logged (at INFO)."""
+    return [r.getMessage() for r in caplog.records if r.name == "lossfloor.progress"]
+
+
+def test_a_known_total_gives_a_line_per_tenth_of_it(caplog):
+    caplog.set_level(logging.INFO, logger="lossfloor")
+    bar = ProgressLines(total=37, desc="J*(σ)", unit="block")
     for _ in range(37):
         bar.update()
     bar.set_postfix(sigma="0.5")  # with a total, the next tenth's line says it
     bar.close()
-    lines = out.getvalue().splitlines()
-    assert len(lines) == STEPS and "\r" not in out.getvalue()
+    lines = progress_lines(caplog)
+    assert len(lines) == STEPS and not any("\r" in line or "\n" in line for line in lines)
     assert lines[0].startswith("J*(σ): 4/37 block (11%), ")
     assert lines[-1].startswith("J*(σ): 37/37 block (100%), ")
 
 
-def test_an_unknown_total_gives_a_line_per_stage():
-    out = io.StringIO()
-    bar = ProgressLines(desc="J*(σ)", unit="block", stream=out)
+def test_an_unknown_total_gives_a_line_per_stage(caplog):
+    caplog.set_level(logging.INFO, logger="lossfloor")
+    bar = ProgressLines(desc="J*(σ)", unit="block")
     for sigma in (0.1, 1.0):
         bar.set_postfix(sigma=sigma)
         bar.update(5)
-    assert out.getvalue().splitlines()[1].startswith("J*(σ): 5 block, sigma=1.0, ")
+    assert progress_lines(caplog)[1].startswith("J*(σ): 5 block, sigma=1.0, ")
 
 
-def test_iterating_counts_the_items(capsys, monkeypatch):
+def test_iterating_counts_the_items(caplog, monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger="lossfloor")
     assert list(progress_bar(range(3), desc="held-out σ", unit="σ")) == [0, 1, 2]
-    assert sys.stderr.getvalue().splitlines()[-1].startswith("held-out σ: 3/3 σ (100%)")
+    assert progress_lines(caplog)[-1].startswith("held-out σ: 3/3 σ (100%)")
+
+
+def test_off_a_terminal_the_lines_are_logged_not_printed(monkeypatch):
+    """With no logging configured (the library's NullHandler only) nothing reaches stderr."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert list(progress_bar(range(3), desc="held-out σ")) == [0, 1, 2]
+    assert sys.stderr.getvalue() == ""
 
 
 @pytest.mark.parametrize("enabled", [False, None])
-def test_off_a_terminal_disabled_or_auto_writes_nothing(monkeypatch, enabled):
+def test_off_a_terminal_disabled_or_auto_writes_nothing(monkeypatch, caplog, enabled):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger="lossfloor")
     assert list(progress_bar(range(3), enabled=enabled)) == [0, 1, 2]
-    assert sys.stderr.getvalue() == ""
+    assert sys.stderr.getvalue() == "" and progress_lines(caplog) == []
 
 
 def test_on_a_terminal_it_is_a_bar(monkeypatch):

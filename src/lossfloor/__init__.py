@@ -17,9 +17,14 @@ Data (``load_dataset``, ``Dataset``), the optimal loss (``estimate_curve``, ``ma
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The library never prints: notes and progress lines are records of the "lossfloor.*" loggers,
+# silent unless the program configures logging (the CLI shows them on stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: Public name → (module, attribute in it).
 _EXPORTS: dict[str, tuple[str, str]] = {

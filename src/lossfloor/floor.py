@@ -25,9 +25,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 
     from lossfloor.diagnosis import Diagnosis, GapPoint
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 #: Candidate bandwidths of ``bandwidth="auto"``, in units of the data's per-element std.
@@ -665,7 +666,7 @@ class Units:
                 )
             done = saved["done"]
             if done:
-                print(f"resuming: {len(done)} finished units in {path}", file=sys.stderr)
+                log.info("resuming: %d finished units in %s", len(done), path)
         return cls(path=path, key=digest, done=done)
 
     def add(self, name: str, value: Any) -> None:

@@ -1,6 +1,10 @@
 """Progress output, decided in one place: a tqdm bar where a person watches (a terminal, a
-notebook), plain lines on stderr elsewhere (CI logs, ``lossfloor estimate 2> log``), where a
-bar's carriage-return frames would fill the file.
+notebook), plain lines elsewhere (CI logs, ``lossfloor estimate 2> log``), where a bar's
+carriage-return frames would fill the file.
+
+The plain lines are INFO records of the ``lossfloor.progress`` logger, never prints: a program
+that configures no logging sees none, and the CLI shows them on stderr. The bar is no print
+either: it is drawn on the terminal or notebook a person watches, which tqdm redraws in place.
 
 ``progress_bar`` takes tqdm's arguments for what the library uses (an iterable or a total,
 ``desc``, ``unit``, ``leave``, ``initial``, ``dynamic_ncols``) and returns an object with
@@ -9,10 +13,13 @@ per tenth of the total (at most 10), or, with no total, one per ``set_postfix`` 
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
 
 #: Lines off a terminal: one each time the work done crosses another 1/STEPS of the total.
 STEPS = 10
@@ -34,7 +41,7 @@ def progress_bar(
     enabled: bool | None = True,
     **tqdm_options: Any,
 ) -> Any:
-    """A tqdm bar on a terminal or notebook, else ``ProgressLines`` on stderr; ``enabled``
+    """A tqdm bar on a terminal or notebook, else ``ProgressLines`` (logged); ``enabled``
     False: nothing; None: a bar on a terminal and nothing elsewhere."""
     from tqdm.auto import tqdm
 
@@ -46,7 +53,8 @@ def progress_bar(
 
 
 class ProgressLines:
-    """tqdm's interface, writing plain lines ``desc: done/total unit (p%), postfix, 12s``."""
+    """tqdm's interface, logging plain lines ``desc: done/total unit (p%), postfix, 12s`` at
+    INFO."""
 
     def __init__(
         self,
@@ -56,13 +64,12 @@ class ProgressLines:
         desc: str = "",
         unit: str = "it",
         initial: float = 0,
-        stream: TextIO | None = None,
         **_ignored: Any,  # a bar's looks (leave, dynamic_ncols, ...): nothing to draw here
     ) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.n, self.postfix, self.stream = initial, "", stream
+        self.n, self.postfix = initial, ""
         self.start, self.shown = time.monotonic(), self._step()
 
     def _step(self) -> int:
@@ -78,7 +85,7 @@ class ProgressLines:
         head = f"{self.desc}: " if self.desc else ""
         seconds = time.monotonic() - self.start
         line = f"{head}{done} {self.unit}{share}{postfix}, {seconds:.0f}s"
-        print(line, file=sys.stderr if self.stream is None else self.stream, flush=True)
+        log.info("%s", line)
 
     def update(self, n: float = 1) -> None:
         self.n += n

@@ -11,9 +11,12 @@ subcommand gives in ``set_defaults(param_options={param: option})``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from lossfloor import __version__
 from lossfloor.errors import Interrupted, ParameterError, UserError
@@ -77,6 +80,36 @@ def _file_backend() -> None:
         os.environ.setdefault("MPLBACKEND", "agg")
 
 
+class _StderrLines(logging.Handler):
+    """Each record's message as one line on the current ``sys.stderr`` (looked up per record,
+    so that a redirected stderr, e.g. pytest's capture, gets it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # logging's rule: a failed emit reports itself, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _stderr_log(level: int) -> Iterator[None]:
+    """The library's log records at ``level`` and above as stderr lines while a command runs
+    (INFO: notes and progress lines; WARNING under --quiet), not passed on to the root logger
+    (a program calling ``main`` that configured logging gets no second copy)."""
+    logger = logging.getLogger("lossfloor")
+    handler = _StderrLines()
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
@@ -84,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _file_backend()
-        return int(args.run(args) or 0)
+        with _stderr_log(logging.WARNING if getattr(args, "quiet", False) else logging.INFO):
+            return int(args.run(args) or 0)
     except ParameterError as exc:
         option = None if args is None else _option_of(parser, args, exc.param)
         print(f"lossfloor: error: {exc if option is None else exc.for_option(option)}",

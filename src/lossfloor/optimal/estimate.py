@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +61,8 @@ from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
 from lossfloor.seeding import Stream, generator_for
 from lossfloor.sigmas import same_sigma
+
+log = logging.getLogger(__name__)
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
 CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
@@ -585,16 +587,18 @@ def _resume(
     restart: bool,
     announce: bool,
 ) -> Checkpoint:
-    """The checkpoint at ``path`` for these options and draws (saying on stderr which of
+    """The checkpoint at ``path`` for these options and draws (logging at INFO which of
     ``sigmas`` it holds, if ``announce``)."""
     saved = Checkpoint.open(path, _checkpoint_key(options, plan), restart)
     found = [s for s in sigmas if saved.find(s) is not None]
     if announce and found:
         listed = ", ".join(f"{s:.4g}" for s in found)
-        print(
-            f"resuming: {len(found)} of {len(sigmas)} σ already computed in {saved.path} "
-            f"(σ = {listed})",
-            file=sys.stderr,
+        log.info(
+            "resuming: %d of %d σ already computed in %s (σ = %s)",
+            len(found),
+            len(sigmas),
+            saved.path,
+            listed,
         )
     return saved
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +67,7 @@ from lossfloor.training.stats import StatsAccumulator, StatsRecord
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "train"]
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 Callback = Callable[[int, Denoiser, dict[str, Any]], None]
 
@@ -504,7 +505,7 @@ class Trainer:
                                 stats.flush()
                         bar.set_postfix(loss=f"{record.loss:.4g}")
                         if lines:
-                            print(_progress_line(record, c.steps), file=sys.stderr, flush=True)
+                            log.info("%s", _progress_line(record, c.steps))
                         last = record
                     if ckpt or snapshot:
                         self._save()
