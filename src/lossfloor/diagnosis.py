@@ -517,18 +517,22 @@ def _gap_point(
     opt = None if known is not None else optimal_per_sample_loss(plan, pools, sigma, cache, draws)
     if opt is not None and not torch.isfinite(opt).all():
         raise ParameterError("sigmas", sigma, "J* overflows at this σ for this data's scale")
-    noise, weight = None, None
+    noise, weight, weights = None, None, []
     if draws == "tilted":
         tables = pools(_draw_dtype(pools, sigma, None if known is None else known[2]))
 
         def noise(j: int) -> Tensor:
-            return block_draws(plan, tables, j, sigma, draws, pools.tilts)[0]
+            """Block j's tilted ε, its likelihood ratios kept in ``weights`` (each block is
+            drawn once: model_per_sample_loss asks for every block once, in order)."""
+            eps, w = block_draws(plan, tables, j, sigma, draws, pools.tilts)
+            weights.append(w)
+            return eps
 
-        weight = torch.cat([block_draws(plan, tables, j, sigma, draws, pools.tilts)[1]
-                            for j in range(plan.blocks)])  # fmt: skip
     mod = model_per_sample_loss(
         as_denoiser(model), dataset, plan, sigma, batch, pools.device, labels, noise
     )  # as_denoiser refuses an output not shaped like x or not finite
+    if weights:
+        weight = torch.cat(weights)
 
     def mean(values: Tensor) -> tuple[float, float]:
         return mean_and_stderr(values if weight is None else control_variate(values, weight))
