@@ -125,8 +125,9 @@ def test_argparse_errors_carry_one_prefix(capsys):
     assert not line.startswith("lossfloor: error: lossfloor")
 
 
-def _partial_of(capsys, tmp_path, monkeypatch, args: list[str]):
-    """Interrupt an estimate with ``args`` after its first σ; return its --out path."""
+def interrupted_after_first_sigma(monkeypatch, run):
+    """``run()`` with the second σ's per-sample values interrupted (KeyboardInterrupt; the
+    first σ's checkpoint remains); its result."""
     import lossfloor.optimal.estimate as estimate_module
 
     real, calls = estimate_module.per_sample_values, {"n": 0}
@@ -137,10 +138,18 @@ def _partial_of(capsys, tmp_path, monkeypatch, args: list[str]):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    out = tmp_path / "run.json"
     monkeypatch.setattr(estimate_module, "per_sample_values", flaky)
-    assert main([*EST, *args, "--out", str(out)]) == 130
-    monkeypatch.setattr(estimate_module, "per_sample_values", real)
+    try:
+        return run()
+    finally:
+        monkeypatch.setattr(estimate_module, "per_sample_values", real)
+
+
+def _partial_of(capsys, tmp_path, monkeypatch, args: list[str]):
+    """Interrupt an estimate with ``args`` after its first σ; return its --out path."""
+    out = tmp_path / "run.json"
+    rc = interrupted_after_first_sigma(monkeypatch, lambda: main([*EST, *args, "--out", str(out)]))
+    assert rc == 130
     capsys.readouterr()
     return out
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli_hardening import interrupted_after_first_sigma
 
-import lossfloor.optimal.estimate as estimate_module
 from lossfloor.cli import main
 from lossfloor.optimal.estimate import estimate_curve
 
@@ -72,21 +72,6 @@ def test_the_scan_finds_a_print_and_a_stderr_write(tmp_path):
     assert _stream_uses(source) == [("f", 3, "print("), ("f", 3, "sys.stderr")]
 
 
-def _interrupted_after_first_sigma(monkeypatch, run) -> None:
-    """Run ``run`` with the second σ's per-sample values interrupted (a checkpoint remains)."""
-    real, calls = estimate_module.per_sample_values, {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(estimate_module, "per_sample_values", flaky)
-    run()
-    monkeypatch.setattr(estimate_module, "per_sample_values", real)
-
-
 def test_a_resumed_estimate_writes_nothing_without_logging_configured(
     tmp_path, capsys, caplog, monkeypatch
 ):
@@ -100,14 +85,14 @@ def test_a_resumed_estimate_writes_nothing_without_logging_configured(
         with pytest.raises(KeyboardInterrupt):
             estimate_curve(data, [0.1, 2.0], checkpoint=checkpoint, progress=True)
 
-    _interrupted_after_first_sigma(monkeypatch, first)
+    interrupted_after_first_sigma(monkeypatch, first)
     assert checkpoint.exists()
     capsys.readouterr()
     estimate_curve(data, [0.1, 2.0], checkpoint=checkpoint, progress=True)
     assert capsys.readouterr() == ("", "")
 
     # The same run with INFO records kept: the note was there to print, and was not printed.
-    _interrupted_after_first_sigma(monkeypatch, first)
+    interrupted_after_first_sigma(monkeypatch, first)
     caplog.set_level(logging.INFO, logger="lossfloor")
     estimate_curve(data, [0.1, 2.0], checkpoint=checkpoint, progress=True)
     messages = [r.getMessage() for r in caplog.records]
@@ -129,7 +114,7 @@ def test_the_cli_writes_the_resume_note_and_progress_lines_on_stderr(
     the one the library printed); --quiet keeps warnings only: no note, no progress."""
     out = tmp_path / "run.json"
     extra = ["--quiet"] if quiet else []
-    _interrupted_after_first_sigma(monkeypatch, lambda: main(_estimate(out, *extra)))
+    interrupted_after_first_sigma(monkeypatch, lambda: main(_estimate(out, *extra)))
     partial = out.with_name("run.json.partial")
     assert partial.exists()
     capsys.readouterr()

@@ -208,11 +208,11 @@ def test_each_sigma_lands_in_its_bin_and_each_bin_averages_its_own_losses():
     assert empty.record(1, 1, 1e-3, 1.0).bin_loss_x0 == [None, None, 1.0] + [None] * (nbins - 3)
 
 
-class _Recording(DenoisingLoss):
+class RecordingLoss(DenoisingLoss):
     """The default objective, keeping what it returned."""
 
-    def __init__(self) -> None:
-        super().__init__("edm")
+    def __init__(self, schedule="edm") -> None:
+        super().__init__(schedule)
         self.seen: list[Losses] = []
 
     def __call__(self, denoiser, x0, labels, **generators):
@@ -222,7 +222,7 @@ class _Recording(DenoisingLoss):
 
 
 def test_the_record_bins_the_sigmas_the_objective_drew(tmp_path):
-    objective = _Recording()
+    objective = RecordingLoss()
     last = train(_tiny(2, batch=32, log_every=2), _digits(), tmp_path / "r", objective=objective,
                  progress=False)  # fmt: skip
     sigma = torch.cat([o.sigma for o in objective.seen]).numpy()

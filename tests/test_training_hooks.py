@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_training import RecordingLoss
 from tolerances import sum_rtol
 
 from lossfloor.data import load_dataset
@@ -20,7 +21,6 @@ from lossfloor.schedules import OptimalLossSchedule
 from lossfloor.training import (
     SIGMA_BIN_EDGES,
     DenoisingLoss,
-    Losses,
     TrainConfig,
     read_stats,
     train,
@@ -74,22 +74,9 @@ class _Recording(Hook):
         return {self.name: log.step} if self.log else {}
 
 
-class _RecordingLoss(DenoisingLoss):
-    """The default objective, keeping what it returned."""
-
-    def __init__(self, schedule="edm") -> None:
-        super().__init__(schedule)
-        self.seen: list[Losses] = []
-
-    def __call__(self, denoiser, x0, labels, **generators):
-        out = super().__call__(denoiser, x0, labels, **generators)
-        self.seen.append(out)
-        return out
-
-
 # ----- what a hook gets ---------------------------------------------------------------------
 def test_a_hook_gets_every_batch_and_its_sigmas_and_losses_are_what_the_stats_record(tmp_path):
-    hook, objective = _Recording(), _RecordingLoss()
+    hook, objective = _Recording(), RecordingLoss()
     run_dir = tmp_path / "r"
     train(_tiny(4, log_every=2), _digits(), run_dir, objective=objective, hooks=[hook],
           progress=False)  # fmt: skip
