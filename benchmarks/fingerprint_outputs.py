@@ -14,6 +14,7 @@ are compared only on one machine (float32 bits differ across CPUs).
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -25,7 +26,18 @@ from pathlib import Path
 import numpy as np
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-VOLATILE = ("seconds", "time", "elapsed", "lossfloor_version", "torch_version", "date", "host")
+VOLATILE = (
+    "seconds",
+    "time",
+    "elapsed",
+    "per_s",
+    "lossfloor_version",
+    "torch_version",
+    "date",
+    "host",
+)
+#: The scratch folder, written as TMP wherever a file names a path in it.
+SCRATCH = [""]
 SMALL = ["--sigmas", "0.05:20:6", "--outer", "256", "--seed", "3"]
 ESTIMATORS = ["full", "stratified", "gram", "snis", "dol", "cdol"]
 
@@ -36,6 +48,8 @@ def canon(value):
         return {k: canon(v) for k, v in sorted(value.items()) if not any(s in k for s in VOLATILE)}
     if isinstance(value, list):
         return [canon(v) for v in value]
+    if isinstance(value, str) and SCRATCH[0]:
+        return value.replace(SCRATCH[0], "TMP")
     return repr(value) if isinstance(value, float) else value
 
 
@@ -65,6 +79,11 @@ def digest(path: Path) -> str:
                 h.update(f"{key}={obj!r}".encode())
 
         walk(torch.load(path, map_location="cpu", weights_only=False))
+    elif path.suffix == ".csv":
+        rows = list(csv.reader(path.read_text().splitlines()))
+        keep = [i for i, c in enumerate(rows[0]) if not any(s in c for s in VOLATILE)]
+        for row in rows:
+            h.update(repr([row[i] for i in keep if i < len(row)]).encode())
     else:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -118,7 +137,7 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         "--target-rse",
         "0.05",
         "--max-outer",
-        "1024",
+        "8192",
     ]
     c["full-heldout"] = [
         "estimate",
@@ -135,7 +154,7 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         c[f"{est}-stream"] = [
             "estimate",
             "--data",
-            str(tmp / "train.npz"),
+            str(tmp / "train.npy"),
             *SMALL,
             "--stream",
             "--chunk-mb",
@@ -225,6 +244,10 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         str(tmp / "full-plain" / "out.json"),
         "--gap",
         "online",
+        "--sigma-min",
+        "0.05",
+        "--sigma-max",
+        "20",
         "--no-progress",
         "--device",
         "cpu",
@@ -246,9 +269,10 @@ def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
                "--master_port", "29731", "-m", "lossfloor", *argv[1:]]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "lossfloor", *argv]
-    if argv[0] in ("estimate", "diagnose", "floor", "schedule"):
-        cmd += ["--out", str(out / "out.json"), "--quiet"]
-    if argv[0] in ("estimate", "diagnose"):
+    command = argv[1] if argv[0] == "torchrun" else argv[0]
+    if command in ("estimate", "diagnose", "floor", "schedule"):
+        cmd += ["--out", str(out / "out.json")] + (["--quiet"] if command != "schedule" else [])
+    if command in ("estimate", "diagnose"):
         cmd += ["--csv", str(out / "out.csv")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     result = {"rc": str(p.returncode)}
@@ -257,7 +281,7 @@ def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
     for f in sorted(out.rglob("*")) if argv[0] != "train" else []:
         if f.is_file() and not f.name.endswith(".partial"):
             result[f.name] = digest(f)
-    if argv[0] == "train":
+    if argv[0] == "train" and not p.returncode:
         run = Path(argv[argv.index("--run-dir") + 1])
         for f in sorted(run.iterdir()):
             if f.suffix in (".pt", ".jsonl"):
@@ -273,11 +297,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        SCRATCH[0] = str(tmp)
         from sklearn.datasets import load_digits
 
         x = load_digits().data.astype(np.float32) / 8.0 - 1.0
         y = load_digits().target
         np.savez(tmp / "train.npz", x=x[:1200].reshape(-1, 1, 8, 8), y=y[:1200])
+        np.save(tmp / "train.npy", x[:1200].reshape(-1, 1, 8, 8))
         np.savez(tmp / "heldout.npz", x=x[1200:].reshape(-1, 1, 8, 8), y=y[1200:])
         todo = cases(tmp)
         if args.only:
