@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,13 @@ def cases(tmp: Path) -> dict[str, list[str]]:
     return c  # fmt: skip
 
 
+def free_port() -> int:
+    """A TCP port free now (several checks may run at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
     out = tmp / name
     out.mkdir(exist_ok=True)
@@ -275,7 +283,7 @@ def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
     }
     if argv[0] == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29731", "-m", "lossfloor", *argv[1:]]  # fmt: skip
+               "--master_port", str(free_port()), "-m", "lossfloor", *argv[1:]]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "lossfloor", *argv]
     command = argv[1] if argv[0] == "torchrun" else argv[0]
