@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from lossfloor import __version__
 from lossfloor.errors import Interrupted, ParameterError, UserError
 
-SUBCOMMANDS = ["data", "estimate", "diagnose", "train", "sample", "fid", "scaling", "floor",
-               "schedule"]  # fmt: skip
+SUBCOMMANDS = ["data", "estimate", "estimators", "diagnose", "train", "sample", "fid", "scaling",
+               "floor", "schedule"]  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):

@@ -318,6 +318,14 @@ PARAM_OPTIONS = {
     "gap": "--gap",
 }
 
+#: The option of `estimate` that sets an estimator parameter, where it is not --<param>.
+ESTIMATOR_OPTIONS = {"exclude_source": "--source-in-random"}
+
+
+def estimator_option(param: str) -> str:
+    """`estimate`'s option for the estimator parameter ``param``."""
+    return ESTIMATOR_OPTIONS.get(param, "--" + param.replace("_", "-"))
+
 
 #: The parameters of the online gap, which exists only while training.
 _ONLINE = ("halflife", "bins")
