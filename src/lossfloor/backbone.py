@@ -11,6 +11,7 @@ through L (and the number of channels C).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ def _padding(size: int, multiple: int) -> tuple[int, int]:
 
 
 def backbone_config(
-    shape: tuple[int, int, int] | list[int], preset: str = "small", num_classes: int | None = None
+    shape: Sequence[int], preset: str = "small", num_classes: int | None = None
 ) -> dict[str, Any]:
     """The JSON-able config of a preset UNet for C×H×W images (class-conditional if num_classes)."""
     if preset not in PRESETS:
@@ -100,7 +101,9 @@ class UNetBackbone(nn.Module):
         unet = dict(config["unet"])
         for key in ("sample_size", "block_out_channels", "down_block_types", "up_block_types"):
             unet[key] = tuple(unet[key])
-        self.unet = UNet2DModel(**unet)
+        # diffusers' __init__ shows a type checker its torch-less dummy UNet2DModel (not a
+        # Module); the class imported at run time is the nn.Module
+        self.unet: nn.Module = UNet2DModel(**unet)  # type: ignore[assignment]
 
     @property
     def num_classes(self) -> int | None:

@@ -135,6 +135,78 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu"
     return load_diffusers(path, device)[0]
 
 
+def _load_diffusers_parts(root: Path) -> tuple[Any, Any, tuple[Path, Path, str]]:
+    """The UNet2DModel and the scheduler saved at ``root``, and (UNet folder, scheduler
+    folder, scheduler class name)."""
+    import diffusers
+    from diffusers import UNet2DModel
+
+    unet_dir, sched_dir = _diffusers_dirs(root)
+    unet_class = _json(unet_dir / "config.json").get("_class_name")
+    if unet_class != "UNet2DModel":
+        raise UserError(f"{unet_dir}: a {unet_class} is not supported (only UNet2DModel)")
+    sched_class = _json(sched_dir / "scheduler_config.json").get("_class_name")
+    scheduler_cls = getattr(diffusers, str(sched_class), None)
+    if scheduler_cls is None:
+        raise UserError(f"{sched_dir}: unknown scheduler class {sched_class!r}")
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+        scheduler = scheduler_cls.from_pretrained(sched_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{root}: cannot load the UNet or the scheduler ({first})") from None
+    return unet, scheduler, (unet_dir, sched_dir, str(sched_class))  # a diffusers class name
+
+
+def _decreasing_alphas(scheduler: Any, sched_dir: Path, sched_class: str) -> tuple[Tensor, int]:
+    """The scheduler's ᾱ table (float64) and the length of its longest prefix with 0 < ᾱ
+    strictly decreasing (a zero-terminal-SNR table ends in ᾱ = 0, σ̃ = ∞)."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
+    ac = torch.as_tensor(ac, dtype=torch.float64)
+    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
+    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
+    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
+    kept = int(torch.cumprod(ok.long(), 0).sum())
+    if kept < 2:
+        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
+    return ac, kept
+
+
+def _unet_channels(cfg: Any, scheduler: Any, unet_dir: Path) -> tuple[int, bool, int]:
+    """(image channels C, whether the UNet's 2C outputs are split into mean and learned
+    variance, number of classes: 0 if unconditional) of a UNet config."""
+    channels, out_channels = cfg.in_channels, cfg.out_channels
+    variance = scheduler.config.get("variance_type")
+    split = out_channels == 2 * channels and variance in ("learned", "learned_range")
+    if out_channels != channels and not split:
+        raise UserError(
+            f"{unet_dir}: the UNet has {out_channels} output channels for {channels} input "
+            f"channels and variance_type {variance!r}; supported: equal counts, or twice as many "
+            "with variance_type learned or learned_range"
+        )
+    if cfg.class_embed_type is not None and cfg.num_class_embeds is None:
+        raise UserError(f"{unet_dir}: class_embed_type {cfg.class_embed_type!r} is not "
+                        "supported (only num_class_embeds class labels)")  # fmt: skip
+    return channels, split, cfg.num_class_embeds or 0
+
+
+def _diffusers_net(
+    unet: Any, root: Path, channels: int, split: bool, num_classes: int
+) -> Callable[..., Tensor]:
+    """net(x_in, c_noise, labels): the UNet at timesteps c_noise, its mean channels only."""
+
+    def net(x_in: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        if num_classes and labels is None:
+            raise UserError(f"{root}: the UNet is class-conditional; it needs class labels")
+        t = c_noise.reshape(-1).expand(x_in.shape[0])
+        out = unet(x_in, t, class_labels=labels).sample
+        return out[:, :channels] if split else out
+
+    return net
+
+
 def load_diffusers(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Denoiser, dict[str, Any]]:
@@ -150,62 +222,18 @@ def load_diffusers(
     variance_type learned or learned_range) has its variance channels split off as diffusers'
     pipelines do. Anything else is a one-line error naming it.
     """
-    import diffusers
-    from diffusers import UNet2DModel
-
     from lossfloor.diffusion import VPDiscrete
 
     root = Path(path)
-    unet_dir, sched_dir = _diffusers_dirs(root)
-    unet_class = _json(unet_dir / "config.json").get("_class_name")
-    if unet_class != "UNet2DModel":
-        raise UserError(f"{unet_dir}: a {unet_class} is not supported (only UNet2DModel)")
-    sched_class = _json(sched_dir / "scheduler_config.json").get("_class_name")
-    scheduler_cls = getattr(diffusers, str(sched_class), None)
-    if scheduler_cls is None:
-        raise UserError(f"{sched_dir}: unknown scheduler class {sched_class!r}")
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
-        scheduler = scheduler_cls.from_pretrained(sched_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{root}: cannot load the UNet or the scheduler ({first})") from None
-    ac = getattr(scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
-    ac = torch.as_tensor(ac, dtype=torch.float64)
-    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
-    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
-    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
-    kept = int(torch.cumprod(ok.long(), 0).sum())
-    if kept < 2:
-        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
+    unet, scheduler, (unet_dir, sched_dir, sched_class) = _load_diffusers_parts(root)
+    ac, kept = _decreasing_alphas(scheduler, sched_dir, sched_class)
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TARGETS:
         raise UserError(f"{sched_dir}: prediction_type {prediction!r} is not supported "
                         f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
     cfg = unet.config
-    channels, out_channels = cfg.in_channels, cfg.out_channels
-    variance = scheduler.config.get("variance_type")
-    split = out_channels == 2 * channels and variance in ("learned", "learned_range")
-    if out_channels != channels and not split:
-        raise UserError(
-            f"{unet_dir}: the UNet has {out_channels} output channels for {channels} input "
-            f"channels and variance_type {variance!r}; supported: equal counts, or twice as many "
-            "with variance_type learned or learned_range"
-        )
-    if cfg.class_embed_type is not None and cfg.num_class_embeds is None:
-        raise UserError(f"{unet_dir}: class_embed_type {cfg.class_embed_type!r} is not "
-                        "supported (only num_class_embeds class labels)")  # fmt: skip
-    num_classes = cfg.num_class_embeds or 0
-
-    def net(x_in: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
-        if num_classes and labels is None:
-            raise UserError(f"{root}: the UNet is class-conditional; it needs class labels")
-        t = c_noise.reshape(-1).expand(x_in.shape[0])
-        out = unet(x_in, t, class_labels=labels).sample
-        return out[:, :channels] if split else out
-
+    channels, split, num_classes = _unet_channels(cfg, scheduler, unet_dir)
+    net = _diffusers_net(unet, root, channels, split, num_classes)
     denoiser = Denoiser(net, VPDiscrete(ac[:kept]), PREDICTION_TARGETS[prediction],
                         scale_input=False, label_dim=num_classes)  # fmt: skip
     denoiser.unet = unet  # registers the weights with the Module (device moves, eval)

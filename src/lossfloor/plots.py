@@ -411,6 +411,36 @@ def draw_floor(
     lo, up = np.array([p.lower for p in pts]), np.array([p.upper for p in pts])
     positive = np.concatenate([lo[lo > 0], up[up > 0]])
     bottom = max(float(positive.min()) / 3, float(up.max()) * 1e-8) if positive.size else 1e-12
+    _draw_bracket(a, pts, s, lo, up, bottom)
+    _mark_floor_points(a, pts, s, lo, bottom)
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="σ (VE)",
+        ylim=(bottom, None),
+        ylabel="loss per element (x0 units)",
+        title=title or "generalising floor",
+    )
+    a.text(
+        0.01, 0.01, "green lines: J* converged in N", transform=a.transAxes, fontsize=7, color="C2"
+    )
+    _draw_n_trend(b, pts)
+    for ax in (a, b):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    return [a, b]
+
+
+def _draw_bracket(
+    a: Axes,
+    pts: Sequence[FloorPointLike],
+    s: np.ndarray,
+    lo: np.ndarray,
+    up: np.ndarray,
+    bottom: float,
+) -> None:
+    """J* of each subset size, the bracket [lo, up] shaded, the least held-out bound and the
+    extrapolated J*_∞ against σ (values below ``bottom`` drawn at it)."""
     sizes = [q.n for q in pts[0].by_n]
     viridis = matplotlib.colormaps["viridis"]
     for k, n in enumerate(sizes):
@@ -440,6 +470,13 @@ def draw_floor(
         color="C3",
         label="extrapolated J*_∞",
     )
+
+
+def _mark_floor_points(
+    a: Axes, pts: Sequence[FloorPointLike], s: np.ndarray, lo: np.ndarray, bottom: float
+) -> None:
+    """J* = 0 as open markers at ``bottom``, lower > upper as ◇ (open within error, filled
+    beyond), and a green line at each σ where J* is converged in N."""
     zero = lo <= 0
     if zero.any():
         a.plot(
@@ -458,17 +495,10 @@ def draw_floor(
     for p in pts:
         if p.converged:
             a.axvline(p.sigma, color="C2", lw=0.5, alpha=0.4)
-    a.set(
-        xscale="log",
-        yscale="log",
-        xlabel="σ (VE)",
-        ylim=(bottom, None),
-        ylabel="loss per element (x0 units)",
-        title=title or "generalising floor",
-    )
-    a.text(
-        0.01, 0.01, "green lines: J* converged in N", transform=a.transAxes, fontsize=7, color="C2"
-    )
+
+
+def _draw_n_trend(b: Axes, pts: Sequence[FloorPointLike]) -> None:
+    """J*(n)/J*(N) against the subset size n, one line per σ where J* is not memorised."""
     for p in pts:
         last = p.by_n[-1].optimal_loss
         if last > 0 and p.verdict != "memorised":  # J* ≈ 0: the ratio is noise
@@ -479,10 +509,6 @@ def draw_floor(
     b.axhline(1, color="gray", lw=0.8)
     b.set(xscale="log", xlabel="subset size n", ylabel="J*(n) / J*(N)",
           title="N-trend (memorised σ left out)")  # fmt: skip
-    for ax in (a, b):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    return [a, b]
 
 
 def plot_floor(path: str | os.PathLike[str], result: FloorLike, title: str = "") -> Figure:

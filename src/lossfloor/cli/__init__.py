@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 from lossfloor import __version__
 from lossfloor.errors import Interrupted, ParameterError, UserError
@@ -45,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # argparse's own errors: also one line, exit 2
+    def error(self, message: str) -> NoReturn:  # argparse's own errors: also one line, exit 2
         raise UserError(f"{message} (see {self.prog} --help)")  # main adds "lossfloor: error:"
 
 

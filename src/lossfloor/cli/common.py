@@ -183,7 +183,7 @@ def check_args(args: argparse.Namespace, write: bool = True) -> None:
             check_writable(path, option, siblings, folder=option in declared.folders)
 
 
-def write_plot(path: str, draw: Callable[[], None], written: str | None) -> None:
+def write_plot(path: str, draw: Callable[[], object], written: str | None) -> None:
     """``draw()`` the plot at ``path``; a failure is one line that says which result file
     (``written``) was saved before it."""
     try:

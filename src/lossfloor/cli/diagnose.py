@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import Declared, add_data_arguments, add_device_argument
 
 if TYPE_CHECKING:
+    from lossfloor.data import Dataset
     from lossfloor.diagnosis import Diagnosis
+    from lossfloor.diffusion.denoiser import DenoiserFn
+    from lossfloor.floor import Floor
     from lossfloor.optimal import Curve
 
 #: The σ grid and the number of draws without --sigmas, --outer or --curve: the grid spans the
@@ -32,6 +35,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "python:MODULE:CALLABLE (a factory returning a denoiser with EDM's protocol)",
     )
     add_data_arguments(p)
+    _add_draw_options(p)
+    _add_evaluation_options(p)
+    _add_output_options(p)
+    _add_heldout_options(p)
+    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    p.set_defaults(
+        run=run,
+        param_options={"heldout": "--heldout", "floor": "--floor"},
+        declared=Declared(
+            inputs=("--model", "--data", "--curve", "--heldout", "--floor"),
+            outputs=("--out", "--csv", "--plot"),
+            needs=(("--floor", "--heldout"),),
+        ),
+    )
+
+
+def _add_draw_options(p: argparse.ArgumentParser) -> None:
+    """The σ grid and the paired draws (x0, ε)."""
     p.add_argument(
         "--sigmas",
         default=None,
@@ -60,6 +81,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "each source's neighbours; every mean weighted by the likelihood ratios) (default: "
         "the --curve's draws, else plain)",
     )
+
+
+def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """How the model runs and where J* comes from."""
     p.add_argument("--batch", type=int, default=256, help="model batch size, in images")
     p.add_argument("--no-ema", action="store_true", help="use raw weights, not the EMA")
     add_device_argument(p)
@@ -72,6 +97,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "is taken on the estimate's draws, and the gap's ± is then the bound "
         "s.e.(J_θ) + s.e.(J*), not the paired s.e.",
     )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """The files written, and the J* cache."""
     p.add_argument("--out", required=True, metavar="FILE.json", help="result JSON")
     p.add_argument(
         "--csv", default=None, metavar="FILE.csv", help="the table as CSV (units in the header)"
@@ -84,6 +113,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute J* instead of reusing $LOSSFLOOR_CACHE/optimal (same draws, same values)",
     )
+
+
+def _add_heldout_options(p: argparse.ArgumentParser) -> None:
+    """The held-out loss and its reading through a floor."""
     p.add_argument(
         "--heldout",
         default=None,
@@ -98,40 +131,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --heldout: read each gap through `lossfloor floor`'s bracket (underfitting "
         "| provable headroom | within the bracket)",
     )
-    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(
-        run=run,
-        param_options={"heldout": "--heldout", "floor": "--floor"},
-        declared=Declared(
-            inputs=("--model", "--data", "--curve", "--heldout", "--floor"),
-            outputs=("--out", "--csv", "--plot"),
-            needs=(("--floor", "--heldout"),),
-        ),
-    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import (
-        check_args,
-        load_data_from_args,
-        parse_sigmas,
-        resolve_device,
-        write_plot,
-    )
-    from lossfloor.data import load_dataset
+    from lossfloor.cli.common import check_args, load_data_from_args, resolve_device
     from lossfloor.diagnosis import diagnose
-    from lossfloor.floor import Floor, check_floor, check_heldout, read_heldout
+    from lossfloor.floor import Floor
     from lossfloor.models import load_model
     from lossfloor.optimal import Curve
     from lossfloor.optimal.outer import check_outer
-    from lossfloor.plots import plot_diagnosis
 
     check_args(args)
     curve = None if args.curve is None else Curve.load(args.curve)
-    if args.sigmas is not None:
-        sigmas = parse_sigmas(args.sigmas)
-    else:
-        sigmas = parse_sigmas(DEFAULT_SIGMAS) if curve is None else curve.sigmas.tolist()
+    sigmas = _sigmas(args.sigmas, curve)
     outer = _from_curve(args.outer, curve, "outer", DEFAULT_OUTER)
     seed = _from_curve(args.seed, curve, "seed", 0)
     check_outer(outer)
@@ -141,19 +153,8 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_model(args.model, ds, device, ema=not args.no_ema)
     if args.sigmas is None:
         sigmas = _within_range(model, sigmas, "the default grid" if curve is None else args.curve)
-    heldout = None if args.heldout is None else load_dataset(args.heldout)
-    if heldout is not None:
-        check_heldout(ds.x, heldout.x)
-        if floor_result is not None:
-            check_floor(floor_result, ds, sigmas)
-    trained_on = info.get("config", {}).get("data", {}).get("sha256")
-    if trained_on is not None and trained_on != ds.sha256:
-        print(
-            f"lossfloor: warning: {args.model} was trained on other data (sha256 "
-            f"{trained_on[:12]}…, not {ds.sha256[:12]}…); its loss on {ds.name} is not comparable "
-            "with J* of this data",
-            file=sys.stderr,
-        )
+    heldout = _heldout(args.heldout, ds, floor_result, sigmas)
+    _warn_other_data(args.model, info, ds)
     conditional = bool(info.get("conditional"))
     result = diagnose(
         model,
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         draws=args.draws,
     )
     if heldout is not None:
+        from lossfloor.floor import read_heldout
+
         result = read_heldout(
             result,
             model,
@@ -183,6 +186,54 @@ def run(args: argparse.Namespace) -> int:
             use_labels=conditional,
             device=device,
         )
+    _report(result, args, ds)
+    return 0
+
+
+def _sigmas(given: str | None, curve: Curve | None) -> list[float]:
+    """--sigmas as given, else the --curve's grid, else the default grid."""
+    from lossfloor.cli.common import parse_sigmas
+
+    if given is not None:
+        return parse_sigmas(given)
+    return parse_sigmas(DEFAULT_SIGMAS) if curve is None else curve.sigmas.tolist()
+
+
+def _heldout(
+    spec: str | None, ds: Dataset, floor_result: Floor | None, sigmas: list[float]
+) -> Dataset | None:
+    """The --heldout dataset, checked against the training data (and the --floor against
+    both) before any work."""
+    if spec is None:
+        return None
+    from lossfloor.data import load_dataset
+    from lossfloor.floor import check_floor, check_heldout
+
+    heldout = load_dataset(spec)
+    check_heldout(ds.x, heldout.x)
+    if floor_result is not None:
+        check_floor(floor_result, ds, sigmas)
+    return heldout
+
+
+def _warn_other_data(model: str, info: dict[str, Any], ds: Dataset) -> None:
+    """A warning on stderr where the model's run was trained on other data than ``ds``."""
+    trained_on = info.get("config", {}).get("data", {}).get("sha256")
+    if trained_on is not None and trained_on != ds.sha256:
+        print(
+            f"lossfloor: warning: {model} was trained on other data (sha256 "
+            f"{trained_on[:12]}…, not {ds.sha256[:12]}…); its loss on {ds.name} is not comparable "
+            "with J* of this data",
+            file=sys.stderr,
+        )
+
+
+def _report(result: Diagnosis, args: argparse.Namespace, ds: Dataset) -> None:
+    """The table (unless --quiet), the JSON, the CSV and the plot the options ask for (in that
+    order: a failing plot leaves the JSON written)."""
+    from lossfloor.cli.common import write_plot
+    from lossfloor.plots import plot_diagnosis
+
     if not args.quiet:
         _print_table(result)
     result.save(args.out)
@@ -194,7 +245,6 @@ def run(args: argparse.Namespace) -> int:
             lambda: plot_diagnosis(args.plot, result, title=f"{ds.name}: {args.model}"),
             args.out,
         )
-    return 0
 
 
 def _from_curve(given: int | None, curve: Curve | None, name: str, default: int) -> int:
@@ -205,7 +255,7 @@ def _from_curve(given: int | None, curve: Curve | None, name: str, default: int)
     return default if saved is None else saved
 
 
-def _within_range(model: object, sigmas: list[float], grid: str) -> list[float]:
+def _within_range(model: DenoiserFn, sigmas: list[float], grid: str) -> list[float]:
     """The σ of a grid the user did not give (``grid`` names it) within the model's range; a
     note on stderr names those left out (none left: the one-line error of --sigmas)."""
     from lossfloor.diagnosis import split_by_range

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
     Declared,
@@ -17,10 +18,14 @@ from lossfloor.cli.common import (
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from lossfloor.data import Dataset
     from lossfloor.data.chunked import ChunkedDataset
+    from lossfloor.diffusion import Process, Target
     from lossfloor.distributed import Group
     from lossfloor.optimal import Curve, Estimator
+    from lossfloor.schedules import NoiseSchedule
 
 #: The files read and written, and the options that apply only under another.
 DECLARED = Declared(
@@ -45,6 +50,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Estimate the optimal loss J*(σ) (per element, VE σ, x0 units) of a dataset.",
     )
     add_data_arguments(p)
+    _add_problem_options(p)
+    _add_estimator_option(p)
+    _add_inner_set_options(p)
+    _add_draw_options(p)
+    _add_unit_options(p)
+    _add_resource_options(p)
+    _add_output_options(p)
+    p.set_defaults(run=run, param_options=PARAM_OPTIONS, declared=DECLARED)
+
+
+def _add_problem_options(p: argparse.ArgumentParser) -> None:
+    """What is estimated: the conditional J*, held-out sources and the σ grid."""
     p.add_argument(
         "--conditional",
         action="store_true",
@@ -69,6 +86,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="0.01:100:25",
         help="σ grid (VE σ, x0 units): a list 0.1,1,10 or min:max:count, log-spaced",
     )
+
+
+def _add_estimator_option(p: argparse.ArgumentParser) -> None:
+    """The estimator (its help: each one's cost and accuracy)."""
     p.add_argument(
         "--estimator",
         default="full",
@@ -86,6 +107,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "under torchrun and on streamed data: full, snis, dol and cdol (the shared layout). "
         "Their capabilities are declared on their classes (lossfloor.optimal.capabilities)",
     )
+
+
+def _add_inner_set_options(p: argparse.ArgumentParser) -> None:
+    """The inner sets of the sub-sampled estimators."""
     p.add_argument(
         "--inner",
         type=int,
@@ -123,6 +148,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--share", type=int, default=256, help="queries sharing one random inner set (shared)"
     )
+
+
+def _add_draw_options(p: argparse.ArgumentParser) -> None:
+    """The outer draws: their number (fixed or adaptive), seed, noise and form."""
     p.add_argument(
         "--outer",
         type=int,
@@ -162,6 +191,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="auto | closed | direct | combined (auto: combined for full, stratified and gram, "
         "closed otherwise)",
     )
+
+
+def _add_unit_options(p: argparse.ArgumentParser) -> None:
+    """The process, target and schedule that J* is also given in."""
     p.add_argument(
         "--process",
         default="edm",
@@ -181,6 +214,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also the total E_σ~p[w(σ)·J*(σ)] under this schedule: edm | ve | vp | fm | "
         "fm-logit-normal (default: none)",
     )
+
+
+def _add_resource_options(p: argparse.ArgumentParser) -> None:
+    """Device, precision, memory and streaming."""
     add_device_argument(p)
     add_dtype_argument(p)
     p.add_argument("--tile-mb", type=float, default=32.0, help="memory of one logits tile, in MiB")
@@ -206,6 +243,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "more than this many GiB per process (default: the memory available now, divided "
         "among this machine's processes)",
     )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """The files written, resuming, and the table."""
     p.add_argument(
         "--out",
         default=None,
@@ -222,83 +263,112 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--plot", default=None, metavar="FILE.png", help="PNG of J*(σ)")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(run=run, param_options=PARAM_OPTIONS, declared=DECLARED)
+
+
+@dataclass
+class _Inputs:
+    """What the options give, checked before any work."""
+
+    sigmas: list[float]
+    process: Process
+    target: Target
+    schedule: NoiseSchedule | None
+    bandwidth: float | str | None
+    ds: Dataset | ChunkedDataset
+    heldout: tuple[Dataset, Dataset] | None  # (the training set in memory, the held-out set)
+    estimator: Estimator
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import (
-        check_args,
-        load_data_from_args,
-        parse_sigmas,
-        parse_total,
-        resolve_device,
-    )
-    from lossfloor.diffusion import get_process, get_target
+    from lossfloor.cli.common import resolve_device
     from lossfloor.distributed import launched
-    from lossfloor.optimal import estimate_curve
-    from lossfloor.optimal.outer import check_outer
 
     # under torchrun: one process of K, each on its shard of the data; rank 0 reports and writes
     with launched(resolve_device(args.device)) as (group, device):
         with group.together():
-            check_args(args, write=group.main)
-            sigmas = parse_sigmas(args.sigmas)
-            if args.outer is not None:
-                check_outer(args.outer)
-            process = get_process(args.process)
-            target = get_target(args.target, sigma_data=args.sigma_data)
-            schedule = parse_total(args.total)
-            if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
-                raise UserError(
-                    f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte"
-                )
-            if args.sources is not None and group.world > 1:
-                raise UserError("--sources: held-out losses run in one process, not under torchrun")
-            bandwidth = _bandwidth(args)
-            # every process streams if one must (they must read the data alike)
-            stream = args.stream or group.any(_too_large(args, group))
-            ds = _open_stream(args) if stream else load_data_from_args(args)
-            heldout = _heldout(args, ds)
-            estimator = _estimator(args, ds.n)
-        curve = estimate_curve(
-            ds,
-            sigmas,
-            estimator,
-            conditional=args.conditional,
-            outer=args.outer,
-            seed=args.seed,
-            draws=args.draws,
-            form=args.form,
-            precision=args.dtype,
-            device=device,
-            process=process,
-            target=target,
-            schedule=schedule,
-            tile_bytes=int(args.tile_mb * 2**20),
-            checkpoint=Path(args.out + ".partial") if args.out else None,
-            restart=args.restart,
-            progress=not args.quiet,
-            target_rse=args.target_rse,
-            max_outer=args.max_outer,
-        )
+            inputs = _inputs(args, group)
+        curve = _estimate(args, inputs, device)
         with group.together():
-            if heldout is not None:
-                from lossfloor.floor import with_heldout
-
-                curve = with_heldout(
-                    curve,
-                    ds,
-                    heldout,
-                    outer=args.outer,
-                    bandwidth=bandwidth,
-                    precision=args.dtype,
-                    device=device,
-                    tile_bytes=int(args.tile_mb * 2**20),
-                    progress=not args.quiet,
-                )
+            if inputs.heldout is not None:
+                curve = _with_heldout(args, curve, inputs, device)
             if group.main:
-                _report(curve, args, ds)
+                _report(curve, args, inputs.ds)
     return 0
+
+
+def _inputs(args: argparse.Namespace, group: Group) -> _Inputs:
+    """The checked options, the data (streamed where asked or where memory is short) and the
+    estimator."""
+    from lossfloor.cli.common import check_args, load_data_from_args, parse_sigmas, parse_total
+    from lossfloor.diffusion import get_process, get_target
+    from lossfloor.optimal.outer import check_outer
+
+    check_args(args, write=group.main)
+    sigmas = parse_sigmas(args.sigmas)
+    if args.outer is not None:
+        check_outer(args.outer)
+    process = get_process(args.process)
+    target = get_target(args.target, sigma_data=args.sigma_data)
+    schedule = parse_total(args.total)
+    if not (math.isfinite(args.tile_mb) and args.tile_mb * 2**20 >= 1):
+        raise UserError(f"--tile-mb {args.tile_mb}: must be a finite size of at least one byte")
+    if args.sources is not None and group.world > 1:
+        raise UserError("--sources: held-out losses run in one process, not under torchrun")
+    bandwidth = _bandwidth(args)
+    # every process streams if one must (they must read the data alike)
+    stream = args.stream or group.any(_too_large(args, group))
+    ds = _open_stream(args) if stream else load_data_from_args(args)
+    heldout = _heldout(args, ds)
+    estimator = _estimator(args, ds.n)
+    return _Inputs(sigmas, process, target, schedule, bandwidth, ds, heldout, estimator)
+
+
+def _estimate(args: argparse.Namespace, inputs: _Inputs, device: torch.device) -> Curve:
+    """J* over the grid (checkpointed per σ to OUT.partial)."""
+    from lossfloor.optimal import estimate_curve
+
+    return estimate_curve(
+        inputs.ds,
+        inputs.sigmas,
+        inputs.estimator,
+        conditional=args.conditional,
+        outer=args.outer,
+        seed=args.seed,
+        draws=args.draws,
+        form=args.form,
+        precision=args.dtype,
+        device=device,
+        process=inputs.process,
+        target=inputs.target,
+        schedule=inputs.schedule,
+        tile_bytes=int(args.tile_mb * 2**20),
+        checkpoint=Path(args.out + ".partial") if args.out else None,
+        restart=args.restart,
+        progress=not args.quiet,
+        target_rse=args.target_rse,
+        max_outer=args.max_outer,
+    )
+
+
+def _with_heldout(
+    args: argparse.Namespace, curve: Curve, inputs: _Inputs, device: torch.device
+) -> Curve:
+    """``curve`` with the --sources' held-out losses (and smoothed ones, with --bandwidth)."""
+    from lossfloor.floor import with_heldout
+
+    assert inputs.heldout is not None
+    train, heldout = inputs.heldout
+    return with_heldout(
+        curve,
+        train,
+        heldout,
+        outer=args.outer,
+        bandwidth=inputs.bandwidth,
+        precision=args.dtype,
+        device=device,
+        tile_bytes=int(args.tile_mb * 2**20),
+        progress=not args.quiet,
+    )
 
 
 def _open_stream(args: argparse.Namespace) -> ChunkedDataset:
@@ -353,18 +423,21 @@ def _bandwidth(args: argparse.Namespace) -> float | str | None:
     return bandwidth
 
 
-def _heldout(args: argparse.Namespace, ds: Dataset | ChunkedDataset) -> Dataset | None:
-    """The --sources dataset, checked against the training data before any work."""
+def _heldout(
+    args: argparse.Namespace, ds: Dataset | ChunkedDataset
+) -> tuple[Dataset, Dataset] | None:
+    """The training set and the --sources dataset, checked against it before any work."""
     if args.sources is None:
         return None
-    from lossfloor.data import load_dataset
+    from lossfloor.data import Dataset, load_dataset
     from lossfloor.floor import check_heldout
 
     if args.conditional:
         raise UserError("--sources: held-out sources need an unconditional J* (no --conditional)")
+    assert isinstance(ds, Dataset)  # --sources never streams (_open_stream, _too_large)
     heldout = load_dataset(args.sources)
     check_heldout(ds.x, heldout.x)
-    return heldout
+    return ds, heldout
 
 
 def _estimator(args: argparse.Namespace, n: int) -> Estimator:
@@ -392,7 +465,7 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset
     if not args.quiet:
         _print_table(curve, args)
         if curve.sources is not None:
-            _print_heldout(curve)
+            _print_heldout(curve, curve.sources)
     _warn_unresolved(curve)
     _warn_target_missed(curve)
     if args.out:
@@ -402,11 +475,13 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset
     if args.plot:
         from lossfloor.plots import plot_optimal_loss
 
+        assert curve.estimator is not None  # estimate_curve describes its estimator
+        name = curve.estimator["name"]
         write_plot(
             args.plot,
             lambda: plot_optimal_loss(
                 args.plot,
-                [(curve.estimator["name"], curve)],
+                [(name, curve)],
                 data_variance=curve.data_variance,
                 title=f"{ds.name}: optimal loss (n={ds.n}, M={curve.outer})",
             ),
@@ -414,9 +489,10 @@ def _report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset
         )
 
 
-def _print_heldout(curve: Curve) -> None:
-    """Held-out losses (upper bounds on the population's J*) beside J* of the training set."""
-    print(f"held-out sources {curve.sources['name']} (n={curve.sources['n']}), per element:")
+def _print_heldout(curve: Curve, sources: dict[str, Any]) -> None:
+    """Held-out losses (upper bounds on the population's J*) beside J* of the training set
+    (``sources``: the curve's description of the held-out set)."""
+    print(f"held-out sources {sources['name']} (n={sources['n']}), per element:")
     print(f"{'sigma':>10} {'J*(train)':>12} {'held-out':>12} {'stderr':>10} {'smoothed':>12} "
           f"{'stderr':>10} {'b':>8}")  # fmt: skip
     for p in curve.points:
@@ -480,10 +556,11 @@ def _print_table(curve: Curve, args: argparse.Namespace) -> None:
     print(f"{'sigma':>10} {'t':>10} {'J*(x0)':>12} {'stderr':>10} {head:>12} {'s':>7}{extra}")
     for p in curve.points:
         value, se, tgt = f"{p.optimal_loss:12.6g}", f"{p.stderr:10.3g}", p.optimal_loss_target
-        bounded = bool(p.memorised and not p.resolved)
-        if bounded:
-            value, se = f"≤ {p.upper_bound:.4g}".rjust(12), f"{'memorised':>10}"
-            tgt = in_target_units(p.upper_bound, p.sigma, process, target)
+        bound = p.upper_bound if p.memorised and not p.resolved else None  # set with memorised
+        bounded = bound is not None
+        if bound is not None:
+            value, se = f"≤ {bound:.4g}".rjust(12), f"{'memorised':>10}"
+            tgt = in_target_units(bound, p.sigma, process, target)
         sizes = ""
         if adaptive:
             rse = "—" if p.rse is None else f"{p.rse:.3g}"

@@ -29,6 +29,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="held-out data, same item shape (e.g. fashion-mnist:test)",
     )
+    _add_bracket_options(p)
+    _add_run_options(p)
+    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    p.set_defaults(
+        run=run,
+        param_options={"precision": "--dtype", "heldout": "--heldout"},
+        declared=Declared(
+            inputs=("--data", "--heldout"),
+            outputs=("--out", "--plot"),
+            partial=("--out",),
+            needs=(("--restart", "--out"),),
+        ),
+    )
+
+
+def _add_bracket_options(p: argparse.ArgumentParser) -> None:
+    """The σ grid, the nested subsets, the draws and the smoothing of the bracket."""
     p.add_argument("--sigmas", default="0.05:80:12", help="list 0.1,1,10 or min:max:count (log)")
     p.add_argument("--levels", type=int, default=5, help="subset sizes N/2^(levels−1) … N")
     p.add_argument("--sizes", default=None, help="explicit subset sizes n1,n2,… (N is added)")
@@ -53,6 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="outer noise of each J*: tilted | plain | auto (tilted for the full estimator; "
         "see lossfloor estimate --help)",
     )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Device, precision and the files written."""
     add_device_argument(p)
     add_dtype_argument(p)
     p.add_argument(
@@ -64,17 +85,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="discard FLOOR.json.partial of a run with other options",
     )
     p.add_argument("--plot", default=None, help="FLOOR.png: the bracket and the N-trend")
-    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.set_defaults(
-        run=run,
-        param_options={"precision": "--dtype", "heldout": "--heldout"},
-        declared=Declared(
-            inputs=("--data", "--heldout"),
-            outputs=("--out", "--plot"),
-            partial=("--out",),
-            needs=(("--restart", "--out"),),
-        ),
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lossfloor import __version__
 from lossfloor.cli.common import Declared, add_device_argument, check_args, resolve_device
@@ -13,6 +14,8 @@ from lossfloor.io import save_with
 
 if TYPE_CHECKING:
     import torch
+
+    from lossfloor.sampling import Churn
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -113,8 +116,6 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from lossfloor.models import load_model
     from lossfloor.sampling import Churn, generate, image_grid, sampling_sigmas
 
@@ -151,29 +152,46 @@ def run(args: argparse.Namespace) -> int:
         grid = image_grid(x)
         save_with(args.out_grid, lambda p: grid.save(p, format="PNG"))
     if args.out_npz is not None:
-        meta = {
-            "model": {k: v for k, v in info.items() if k != "config"},
-            "ema": not args.raw,
-            "sampler": args.sampler,
-            "steps": args.steps,
-            "sigma_min": float(sigmas[-2]) if args.steps > 1 else None,
-            "sigma_max": float(sigmas[0]),
-            "rho": args.rho,
-            "churn": vars(churn) if churn.S_churn > 0 else None,
-            "seeds": [args.seed, args.seed + args.n - 1],
-            "data": info.get("config", {}).get("data"),
-            "lossfloor_version": __version__,
-        }
-        arrays = {"x": x.numpy(), "seeds": np.asarray(seeds, dtype=np.int64)}
-        if labels is not None:
-            arrays["y"] = labels.numpy()
-        arrays["meta"] = np.asarray(json.dumps(meta))
-
-        def save(path):
-            with open(path, "wb") as f:
-                np.savez(f, **arrays)
-
-        save_with(args.out_npz, save)
+        _write_npz(args, x, labels, seeds, sigmas, churn, info)
     print(f"{args.n} samples ({args.sampler}, {args.steps} steps, σ {float(sigmas[0]):g} → "
           f"{float(sigmas[-2]):g}) from {args.model}")  # fmt: skip
     return 0
+
+
+def _write_npz(
+    args: argparse.Namespace,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    seeds: list[int],
+    sigmas: torch.Tensor,
+    churn: Churn,
+    info: dict[str, Any],
+) -> None:
+    """--out-npz: the samples ``x``, their seeds, their labels (if any) and a JSON ``meta``
+    saying how they were drawn, written atomically."""
+    import numpy as np
+
+    meta = {
+        "model": {k: v for k, v in info.items() if k != "config"},
+        "ema": not args.raw,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "sigma_min": float(sigmas[-2]) if args.steps > 1 else None,
+        "sigma_max": float(sigmas[0]),
+        "rho": args.rho,
+        "churn": vars(churn) if churn.S_churn > 0 else None,
+        "seeds": [args.seed, args.seed + args.n - 1],
+        "data": info.get("config", {}).get("data"),
+        "lossfloor_version": __version__,
+    }
+    arrays = {"x": x.numpy(), "seeds": np.asarray(seeds, dtype=np.int64)}
+    if labels is not None:
+        arrays["y"] = labels.numpy()
+    arrays["meta"] = np.asarray(json.dumps(meta))
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:
+            # allow_pickle: numpy's default, named so that **arrays cannot be taken for it
+            np.savez(f, allow_pickle=True, **arrays)
+
+    save_with(args.out_npz, save)

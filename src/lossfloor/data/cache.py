@@ -39,7 +39,7 @@ def file_sha256(path: Path) -> str:
 
 def array_sha256(arr: np.ndarray) -> str:
     """sha256 of a C-contiguous array's bytes."""
-    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
+    return hashlib.sha256(arr.data.cast("B")).hexdigest()
 
 
 def _array_path(folder: Path, name: str, sources: dict[str, str], array: str) -> Path:

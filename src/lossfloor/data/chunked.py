@@ -113,6 +113,16 @@ class ChunkedDataset:
     def sha256(self) -> str:
         return self.summary.sha256
 
+    @staticmethod
+    def _main_digests(
+        group: Group, hashes: tuple[Fingerprint, Fingerprint] | None
+    ) -> tuple[str, str]:
+        """The main process's hex digests (it hashed every block), on every process."""
+        digests = None if hashes is None else (hashes[0].hexdigest(), hashes[1].hexdigest())
+        main = group.gather(digests)[0]
+        assert main is not None  # rank 0 is the main process
+        return main
+
     def summarise(self, group: Group | None = None) -> Summary:
         """The ``Summary``, computed once (two passes; with a ``group``, each process sums its
         1/K of the blocks and rank 0 hashes them all, then one all-reduce per pass; the
@@ -140,8 +150,7 @@ class ChunkedDataset:
                 if b in mine:
                     sums[b] = x.to(torch.float64).sum(dim=0)
         sums = _reduced(group.sum, sums, group)
-        digests = None if hashes is None else (hashes[0].hexdigest(), hashes[1].hexdigest())
-        sha256, tensor_sha256 = group.gather(digests)[0]
+        sha256, tensor_sha256 = self._main_digests(group, hashes)
         total = torch.zeros(d, dtype=torch.float64)
         for b in range(blocks):
             total += sums[b]

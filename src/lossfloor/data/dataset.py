@@ -101,7 +101,7 @@ class Fingerprint:
 
     def update(self, rows: np.ndarray) -> None:
         """The next rows (their little-endian bytes)."""
-        self._digest.update(memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B"))
+        self._digest.update(np.ascontiguousarray(rows, dtype=self.dtype).data.cast("B"))
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -172,7 +172,11 @@ def _reader(spec: str) -> tuple[Callable[..., RawData], bool]:
     if path.is_dir():
         return partial(load_image_folder, path), False
     if path.is_file():
-        readers = {".npz": load_npz, ".npy": load_npy, ".zip": load_edm_zip}
+        readers: dict[str, Callable[..., RawData]] = {
+            ".npz": load_npz,
+            ".npy": load_npy,
+            ".zip": load_edm_zip,
+        }
         suffix = path.suffix.lower()
         if suffix not in readers:
             raise UserError(

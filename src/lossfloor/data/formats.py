@@ -30,7 +30,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
@@ -136,11 +136,13 @@ def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int 
     return RawData(values, labels, scale)
 
 
-def _np_load(path: Path, kind: str, **kwargs: str) -> np.ndarray | np.lib.npyio.NpzFile:
+def _np_load(
+    path: Path, kind: str, mmap_mode: Literal["r"] | None = None
+) -> np.ndarray | np.lib.npyio.NpzFile:
     """``np.load`` without pickles; a file that is neither an .npy array nor an .npz archive
     (numpy would offer to unpickle it) is called what it is."""
     try:
-        return np.load(path, allow_pickle=False, **kwargs)
+        return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise UserError(
@@ -317,6 +319,16 @@ class ImageItems(Items):
         self._close()
 
 
+def _opener(path: Path) -> Callable[[], IO[bytes]]:
+    """Opens ``path`` for reading bytes when called."""
+    return lambda: path.open("rb")
+
+
+def _zip_opener(zf: zipfile.ZipFile, name: str) -> Callable[[], IO[bytes]]:
+    """Opens the member ``name`` of ``zf`` when called."""
+    return lambda: zf.open(name)
+
+
 def open_image_folder(path: Path, *, limit: int | None) -> ImageItems:
     """The first ``limit`` images below ``path`` (see the module docstring for labels)."""
     files = sorted(
@@ -335,7 +347,7 @@ def open_image_folder(path: Path, *, limit: int | None) -> ImageItems:
     else:
         labels = None
     files = files[:limit]
-    openers = [(f, lambda f=f: (path / f).open("rb")) for f in files]
+    openers = [(f, _opener(path / f)) for f in files]
     return ImageItems(openers, None if labels is None else labels[:limit], str(path))
 
 
@@ -364,7 +376,7 @@ def open_edm_zip(path: Path, *, limit: int | None) -> ImageItems:
             zf.close()
             raise
     files = files[:limit]
-    openers = [(f, lambda f=f: zf.open(f)) for f in files]
+    openers = [(f, _zip_opener(zf, f)) for f in files]
     return ImageItems(openers, None if labels is None else labels[:limit], str(path), zf.close)
 
 

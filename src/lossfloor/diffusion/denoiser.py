@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,8 +150,8 @@ class Denoiser(torch.nn.Module):
     def __init__(
         self,
         net: Backbone,
-        process: Process | str,
-        target: Target | str,
+        process: Process | str | Mapping[str, Any],
+        target: Target | str | Mapping[str, Any],
         sigma_data: float = 0.5,
         scale_input: bool = True,
         *,
@@ -252,10 +252,10 @@ class Denoiser(torch.nn.Module):
         u = iddpm_levels(M, C_1, C_2) if levels is None else torch.as_tensor(levels).double()
         if u.shape != (M + 1,) or not bool((u[1:] < u[:-1]).all()):
             raise ParameterError("levels", tuple(u.shape), f"need {M + 1} decreasing levels")
-        levels = _NearestLevel(u.cpu())
+        nearest = _NearestLevel(u.cpu())
         return cls(_MeanChannels(net), VPEDM(), "eps", scale_input=False,
                    sigma_min=float(u[M - 1]), sigma_max=float(u[0]), label_dim=label_dim,
-                   one_hot=True, c_noise=levels.c_noise, round_sigma=levels.round,
+                   one_hot=True, c_noise=nearest.c_noise, round_sigma=nearest.round,
                    **kwargs)  # fmt: skip
 
     def round_sigma(self, sigma: TensorLike) -> Tensor:

@@ -14,6 +14,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -97,7 +98,26 @@ def frechet_distance(
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
 
 
-def make_extractor(feature: str) -> nn.Module:
+class Extractor(Protocol):
+    """A module mapping a batch of images to its feature rows (any ``nn.Module`` that does)."""
+
+    def to(self, device: torch.device | str) -> Extractor: ...
+
+    def eval(self) -> Extractor: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class FeatureExtractor(Extractor, Protocol):
+    """An ``Extractor`` with a ``name`` (a key of the reference cache) that checks the item
+    shape it accepts (``ClassifierFeatures``, ``InceptionFeatures``)."""
+
+    name: str
+
+    def check_shape(self, shape: tuple[int, ...]) -> None: ...
+
+
+def make_extractor(feature: str) -> FeatureExtractor:
     """``inception`` (2048-d, offline TF weights) or ``classifier`` (128-d, Fashion-MNIST CNN)."""
     if feature == "inception":
         return InceptionFeatures()
@@ -108,7 +128,7 @@ def make_extractor(feature: str) -> nn.Module:
 
 @torch.inference_mode()
 def extract_features(
-    extractor: nn.Module,
+    extractor: Extractor,
     x: torch.Tensor,
     *,
     batch: int = 32,
@@ -158,7 +178,7 @@ def _read_cache(path: Path, key: str) -> tuple[np.ndarray, FeatureStats] | None:
 
 
 def reference_features(
-    extractor: nn.Module,
+    extractor: FeatureExtractor,
     dataset: Dataset,
     n: int,
     *,
@@ -267,7 +287,7 @@ def _check_samples(samples: torch.Tensor, dataset: Dataset) -> None:
 
 
 def _score(
-    extractor: nn.Module,
+    extractor: FeatureExtractor,
     feature: str,
     samples: torch.Tensor,
     dataset: Dataset,
@@ -312,7 +332,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     seed: int = 0,
     kid_subsets: int = KID_SUBSETS,
-    extractors: dict[str, nn.Module] | None = None,
+    extractors: dict[str, FeatureExtractor] | None = None,
     progress: bool = True,
 ) -> dict:
     """Fréchet distance and KID of ``samples`` against ``n_reference`` items of ``dataset``

@@ -110,7 +110,8 @@ def write_arrays(path: Path, key: dict[str, Any], arrays: dict[str, np.ndarray])
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(canonical(key)), **arrays)
+            # allow_pickle: numpy's default, named so that **arrays cannot be taken for it
+            np.savez(f, key=np.array(canonical(key)), allow_pickle=True, **arrays)
 
     try:
         save_with(path, save)

@@ -118,7 +118,7 @@ def _exp_(logits: Tensor) -> Tensor:
     than a normal one; they are below the resolution of any sum here, so they become 0.
     """
     floor = math.log(torch.finfo(logits.dtype).tiny)
-    return torch.nn.functional.threshold_(logits, floor, -math.inf).exp_()
+    return torch.threshold_(logits, floor, -math.inf).exp_()
 
 
 def _shift(state: SoftmaxState) -> Tensor:
@@ -181,6 +181,15 @@ def _logits_t(
     return logits_t
 
 
+def _augmented(keys: Tensor | None, keys_aug: Tensor | None) -> Tensor:
+    """``keys_aug`` where given, else ``augment(keys)``."""
+    if keys_aug is not None:
+        return keys_aug
+    if keys is None:
+        raise ValueError("accumulate_softmax needs keys or keys_aug")
+    return augment(keys)
+
+
 def accumulate_softmax(
     queries: Tensor,
     keys: Tensor | None,
@@ -215,8 +224,7 @@ def accumulate_softmax(
     key_ids[n] == exclude_ids[b].
     """
     b, d = queries.shape
-    if keys_aug is None:
-        keys_aug = augment(keys)
+    keys_aug = _augmented(keys, keys_aug)
     if key_logw is not None:
         keys_aug = keys_aug.clone()
         keys_aug[:, d + 1] += (sigma * sigma) * key_logw.to(keys_aug.dtype)

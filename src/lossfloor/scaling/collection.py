@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from lossfloor.data import Dataset
+    from lossfloor.diagnosis import Diagnosis
 
 
 def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -68,7 +69,8 @@ def denoiser_step_flops(denoiser: Any, config: dict[str, Any], dataset: Dataset)
     objective = DenoisingLoss(get_schedule(config["schedule"]))
     idx = torch.arange(batch) % dataset.n
     x0 = dataset.x[idx]
-    labels = None if config["model"].get("num_classes") is None else dataset.labels[idx]
+    conditional = config["model"].get("num_classes") is not None
+    labels = dataset.labels[idx] if conditional and dataset.labels is not None else None
     gs, gn = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     denoiser.train().requires_grad_(True)
     try:
@@ -99,50 +101,72 @@ def collect(
     parameter count; FLOPs = ``denoiser_step_flops`` × step; images_seen = step × batch.
     Extra columns: step, loss_stderr, optimal_loss (J* on the same draws). ``device``:
     ``"auto"`` is cuda when available (``lossfloor.device``); the models load there."""
-    from lossfloor.diagnosis import diagnose
-    from lossfloor.models import load_model
-    from lossfloor.optimal.curve import Total
-    from lossfloor.schedules import get_schedule
-
     if len(sigmas) < 2:
         raise ParameterError("sigmas", list(sigmas), "the total loss needs at least 2 σ values")
     device = resolve_device(device)
     grid = np.array(sorted(sigmas), dtype=np.float64)
     rows: list[RunRow] = []
     for run_dir in run_dirs:
-        name = Path(run_dir).name
-        per_step = None
-        for step, path in run_checkpoints(run_dir):
-            model, info = load_model(str(path), dataset, device)
-            config = info["config"]
-            if per_step is None:
-                per_step = denoiser_step_flops(model, config, dataset)
-            cond = bool(info["conditional"])
-            diag = diagnose(model, dataset, [float(s) for s in grid], outer=outer, seed=seed,
-                            batch=batch, conditional=cond, use_labels=cond, device=device,
-                            progress=progress)  # fmt: skip
-            common = {
-                "run": name,
-                "params": float(config["parameters"]),
-                "flops": float(per_step * step),
-                "images_seen": float(step * config["train"]["batch"]),
-            }
-            for p in diag.points:
-                extra = {"step": str(step), "loss_stderr": repr(float(p.model_loss_stderr)),
-                         "optimal_loss": repr(float(p.optimal_loss))}  # fmt: skip
-                rows.append(RunRow(**common, sigma=p.sigma, loss=p.model_loss, extra=extra))
-            schedule = get_schedule(config["schedule"])
-            model_total = Total.compute(
-                grid,
-                np.array([p.model_loss for p in diag.points]),
-                np.array([p.model_loss_stderr for p in diag.points]),
-                schedule,
-            )
-            opt_total = Total.compute(
-                grid, np.array([p.optimal_loss for p in diag.points]), np.zeros(grid.size),
-                schedule,
-            )  # fmt: skip
-            extra = {"step": str(step), "loss_stderr": repr(float(model_total.stderr)),
-                     "optimal_loss": repr(float(opt_total.optimal_loss))}  # fmt: skip
-            rows.append(RunRow(**common, sigma=None, loss=model_total.optimal_loss, extra=extra))
+        rows += _run_rows(run_dir, dataset, grid, outer, seed, batch, device, progress)
+    return rows
+
+
+def _run_rows(
+    run_dir: str | os.PathLike[str],
+    dataset: Dataset,
+    grid: np.ndarray,
+    outer: int,
+    seed: int,
+    batch: int,
+    device: str | torch.device,
+    progress: bool,
+) -> list[RunRow]:
+    """The rows of every checkpoint of one run (``collect``; FLOPs per step counted once)."""
+    from lossfloor.diagnosis import diagnose
+    from lossfloor.models import load_model
+
+    name = Path(run_dir).name
+    per_step = None
+    rows: list[RunRow] = []
+    for step, path in run_checkpoints(run_dir):
+        model, info = load_model(str(path), dataset, device)
+        config = info["config"]
+        if per_step is None:
+            per_step = denoiser_step_flops(model, config, dataset)
+        cond = bool(info["conditional"])
+        diag = diagnose(model, dataset, [float(s) for s in grid], outer=outer, seed=seed,
+                        batch=batch, conditional=cond, use_labels=cond, device=device,
+                        progress=progress)  # fmt: skip
+        rows += _checkpoint_rows(name, step, per_step, config, grid, diag)
+    return rows
+
+
+def _checkpoint_rows(
+    name: str, step: int, per_step: int, config: dict[str, Any], grid: np.ndarray, diag: Diagnosis
+) -> list[RunRow]:
+    """One checkpoint's rows: one per σ of its diagnosis, then the total under the run's
+    schedule (``Total.compute``)."""
+    from lossfloor.optimal.curve import Total
+    from lossfloor.schedules import get_schedule
+
+    def row(sigma: float | None, loss: float, stderr: float, optimal: float) -> RunRow:
+        extra = {"step": str(step), "loss_stderr": repr(float(stderr)),
+                 "optimal_loss": repr(float(optimal))}  # fmt: skip
+        return RunRow(run=name, params=float(config["parameters"]),
+                      flops=float(per_step * step),
+                      images_seen=float(step * config["train"]["batch"]),
+                      sigma=sigma, loss=loss, extra=extra)  # fmt: skip
+
+    rows = [row(p.sigma, p.model_loss, p.model_loss_stderr, p.optimal_loss) for p in diag.points]
+    schedule = get_schedule(config["schedule"])
+    model_total = Total.compute(
+        grid,
+        np.array([p.model_loss for p in diag.points]),
+        np.array([p.model_loss_stderr for p in diag.points]),
+        schedule,
+    )
+    opt_total = Total.compute(
+        grid, np.array([p.optimal_loss for p in diag.points]), np.zeros(grid.size), schedule
+    )
+    rows.append(row(None, model_total.optimal_loss, model_total.stderr, opt_total.optimal_loss))
     return rows

@@ -348,6 +348,18 @@ def fit_scaling(
     the curve's grid is an error), J* of the total = ``curve.total``'s (it must have been
     estimated under the runs' schedule; without one the total's rows are left out:
     ``total_left_out`` says whether they were). ``sigmas`` restricts the σ values fitted."""
+    _check_rows(rows, x)
+    chosen = _select_sigmas(rows, sigmas, with_total=curve.total is not None)
+    if not chosen:
+        raise UserError(
+            "the rows hold only a total loss but the estimate has no total; estimate J* with "
+            "--total and the runs' schedule"
+        )
+    return ScalingFit(x=x, fits=tuple(_sigma_fit(rows, curve, x, sigma) for sigma in chosen))
+
+
+def _check_rows(rows: Sequence[RunRow], x: str) -> None:
+    """A one-line error unless ``x`` names a measure of F and every row has F > 0."""
     if x not in X_CHOICES:
         raise ParameterError("x", x, f"must be one of: {', '.join(X_CHOICES)}")
     if not rows:
@@ -358,44 +370,41 @@ def fit_scaling(
             f"{x} = {bad[0].x(x):g} (run {bad[0].run!r}) is not > 0: a power law needs F > 0; "
             "drop the rows of step 0"
         )
+
+
+def _optimal_at(curve: Curve, sigma: float | None) -> float:
+    """J* at ``sigma`` (None: the total's), from ``curve``; a σ outside its grid is an error."""
+    if sigma is None:
+        assert curve.total is not None  # _select_sigmas leaves the total out without one
+        return curve.total.optimal_loss
     lo, hi = float(curve.sigmas[0]), float(curve.sigmas[-1])
-    fits = []
-    chosen = _select_sigmas(rows, sigmas, with_total=curve.total is not None)
-    if not chosen:
+    if not lo * (1 - SIGMA_RTOL) <= sigma <= hi * (1 + SIGMA_RTOL):
         raise UserError(
-            "the rows hold only a total loss but the estimate has no total; estimate J* with "
-            "--total and the runs' schedule"
+            f"σ = {sigma:g} of the runs is outside the estimate's grid [{lo:g}, {hi:g}]; "
+            "estimate J* on a grid that covers it"
         )
-    for sigma in chosen:
-        sel = [r for r in rows if r.sigma == sigma]
-        where = "the total loss" if sigma is None else f"σ = {sigma:g}"
-        if sigma is None:
-            assert curve.total is not None  # _select_sigmas leaves the total out without one
-            floor = curve.total.optimal_loss
-        else:
-            if not lo * (1 - SIGMA_RTOL) <= sigma <= hi * (1 + SIGMA_RTOL):
-                raise UserError(
-                    f"σ = {sigma:g} of the runs is outside the estimate's grid [{lo:g}, {hi:g}]; "
-                    "estimate J* on a grid that covers it"
-                )
-            floor = float(curve(sigma))
-        fx = np.array([r.x(x) for r in sel])
-        fj = np.array([r.loss for r in sel])
-        names = [r.run for r in sel]
-        try:
-            raw = power_law_fit(fx, fj, 0.0, names)
-            sub = power_law_fit(fx, fj, floor, names)
-        except UserError as exc:
-            raise UserError(f"{where}: {exc}") from None
-        fits.append(
-            SigmaFit(
-                sigma=sigma,
-                optimal_loss=floor,
-                raw=raw,
-                subtracted=sub,
-                offset=offset_fit(fx, fj, floor),
-                x=tuple(float(v) for v in fx),
-                loss=tuple(float(v) for v in fj),
-            )
-        )
-    return ScalingFit(x=x, fits=tuple(fits))
+    return float(curve(sigma))
+
+
+def _sigma_fit(rows: Sequence[RunRow], curve: Curve, x: str, sigma: float | None) -> SigmaFit:
+    """The raw, subtracted and offset fits of the rows at ``sigma`` (None: the total)."""
+    sel = [r for r in rows if r.sigma == sigma]
+    where = "the total loss" if sigma is None else f"σ = {sigma:g}"
+    floor = _optimal_at(curve, sigma)
+    fx = np.array([r.x(x) for r in sel])
+    fj = np.array([r.loss for r in sel])
+    names = [r.run for r in sel]
+    try:
+        raw = power_law_fit(fx, fj, 0.0, names)
+        sub = power_law_fit(fx, fj, floor, names)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return SigmaFit(
+        sigma=sigma,
+        optimal_loss=floor,
+        raw=raw,
+        subtracted=sub,
+        offset=offset_fit(fx, fj, floor),
+        x=tuple(float(v) for v in fx),
+        loss=tuple(float(v) for v in fj),
+    )

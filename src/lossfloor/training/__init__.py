@@ -3,7 +3,9 @@ hooks (statistics, gap monitor, online gap, a user's own).
 
 Modules: ``config`` (TrainConfig, config.json), ``loss`` (objectives), ``hooks`` (the
 TrainingHook protocol), ``stats`` (stats.jsonl records), ``rundir`` (run directory,
-checkpoints), ``loop`` (the Trainer), ``monitor``.
+checkpoint files), ``loop`` (the Trainer) and its parts ``order`` (data order), ``objective``
+(the objective, checked), ``checkpoint`` (save, resume), ``signals`` (stop requests),
+``monitor``.
 """
 
 from lossfloor.backbone import PRESETS, UNetBackbone, backbone_config

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lossfloor import __version__
-from lossfloor.backbone import PRESETS, count_parameters
+from lossfloor.backbone import PRESETS, UNetBackbone, count_parameters
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.errors import ParameterError
@@ -87,6 +87,7 @@ def run_config(
     config: TrainConfig,
     dataset: Dataset,
     denoiser: Denoiser,
+    net: UNetBackbone,
     schedule: NoiseSchedule,
     device: str,
 ) -> dict[str, Any]:
@@ -99,8 +100,8 @@ def run_config(
         "process": denoiser.process.to_config(),
         "target": denoiser.target.to_config(),
         "schedule": schedule.to_config(),
-        "model": denoiser.net.config,
-        "parameters": count_parameters(denoiser.net),
+        "model": net.config,
+        "parameters": count_parameters(net),
         "optimizer": {
             "name": "AdamW",
             "lr": config.lr,

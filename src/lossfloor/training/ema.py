@@ -40,7 +40,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, images_seen: int, batch_size: int) -> None:
         """θ_ema ← β·θ_ema + (1−β)·θ; ``images_seen`` counts this step's batch."""
-        ema_params, params = list(self.model.parameters()), list(model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
+        params: list[torch.Tensor] = list(model.parameters())
         if len(ema_params) != len(params):
             raise ValueError("EMA.update: the model does not match the averaged copy")
         torch._foreach_lerp_(ema_params, params, 1.0 - self.beta(images_seen, batch_size))

@@ -30,16 +30,16 @@ writes config.json, checkpoints and stats; every process loads the checkpoint on
 are agreed on (start-up, every step's forward and its hooks, each hook at a log step and at a
 checkpoint, every write), so a failure on one process stops all with the same message.
 
-Files: ``training.rundir``; options: ``training.config``; stats records: ``training.stats``.
+Parts: ``training.order`` (the data order), ``training.objective`` (the objective, checked),
+``training.checkpoint`` (what a checkpoint holds: save, resume, interrupt), ``training.signals``
+(stop requests); files: ``training.rundir``; options: ``training.config``; stats records:
+``training.stats``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -53,16 +53,18 @@ from lossfloor.backbone import UNetBackbone, backbone_config
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser
 from lossfloor.distributed import current
-from lossfloor.errors import Interrupted, ParameterError, UserError
-from lossfloor.models import CHECKPOINT_FORMAT
+from lossfloor.errors import ParameterError, UserError
 from lossfloor.progress import interactive, progress_bar
-from lossfloor.schedules import get_schedule
 from lossfloor.seeding import Stream, derived_seed, generator_for
+from lossfloor.training import checkpoint
 from lossfloor.training.config import ADAM_BETAS, ADAM_EPS, TrainConfig, run_config
 from lossfloor.training.ema import EMA
 from lossfloor.training.hooks import Batch, Hook, LogStep, TrainingHook, check_hooks
-from lossfloor.training.loss import DenoisingLoss, UncertaintyLoss
+from lossfloor.training.loss import DenoisingLoss
+from lossfloor.training.objective import objective_parameters, resolve_objective
+from lossfloor.training.order import DataOrder
 from lossfloor.training.rundir import RunDir
+from lossfloor.training.signals import StopRequests
 from lossfloor.training.stats import StatsAccumulator, StatsRecord
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "train"]
@@ -70,46 +72,6 @@ __all__ = ["Callback", "TrainConfig", "Trainer", "train"]
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 Callback = Callable[[int, Denoiser, dict[str, Any]], None]
-
-
-class _DataOrder:
-    """Index of the k-th image seen: position k mod N of the permutation of epoch ⌊k/N⌋."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = n, seed
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def _permutation(self, epoch: int) -> Tensor:
-        if epoch != self._epoch:
-            g = generator_for(self.seed, Stream.DATA_ORDER, epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm
-
-    def indices(self, start: int, count: int) -> Tensor:
-        out, k = [], start
-        while k < start + count:
-            epoch, pos = divmod(k, self.n)
-            take = min(self.n - pos, start + count - k)
-            out.append(self._permutation(epoch)[pos : pos + take])
-            k += take
-        return torch.cat(out)
-
-
-def _schedule_name(spec: Any) -> str:
-    """The (lower-case) name a schedule spec gives: a name or a config's ``name``."""
-    return str(spec.get("name", "") if isinstance(spec, dict) else spec).lower()
-
-
-def _objective_parameters(objective: Any) -> list[torch.nn.Parameter]:
-    """An objective's learnable parameters (``parameters()``; none without it)."""
-    own = getattr(objective, "parameters", None)
-    return list(own()) if own is not None else []
-
-
-def _takes_part(objective: Callable[..., Any]) -> bool:
-    """Whether ``objective`` can be called with ``part=`` (named, or through ``**kwargs``)."""
-    params = inspect.signature(objective).parameters.values()
-    return any(p.name == "part" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class _CallbackHook(Hook):
@@ -175,7 +137,7 @@ class Trainer:
         self.group.check_same("checkpoints", f"step {self.step}")
         self.train_denoiser = self._data_parallel()
         self.progress = progress if self.group.main else False  # one bar: rank 0's
-        self.stop = _StopRequests()
+        self.stop = StopRequests()
 
     def _setup(
         self,
@@ -199,25 +161,30 @@ class Trainer:
         self.rundir = RunDir(run_dir)
         self.rows = self.group.part(config.batch)
         self._build_model()
-        self.objective = self._objective(objective)
+        self.objective = resolve_objective(
+            objective, config, self.denoiser, self.group.world, self.device
+        )
         self.stats = StatsAccumulator(self.device, self.group)
         wrapped = [_CallbackHook(cb, callback_every, i) for i, cb in enumerate(callbacks)]
         self.hooks = check_hooks([*self.objective.hooks(), *wrapped, *hooks])
         self._build_optimizer()
         self.g_sigma = generator_for(config.seed, Stream.SIGMA)
         self.g_noise = generator_for(config.seed, Stream.NOISE)
-        self.order = _DataOrder(dataset.n, config.seed)
+        self.order = DataOrder(dataset.n, config.seed)
         self.x = dataset.x.to(self.device)
-        self.labels = dataset.labels.to(self.device) if config.conditional else None
+        labels = dataset.labels if config.conditional else None  # not None: checked above
+        self.labels = None if labels is None else labels.to(self.device)
         self.step = 0
         self.seconds = 0.0
         self.saved_step = -1  # the step of the last checkpoint written (-1: none yet)
         self.run_config = {
-            **run_config(config, dataset, self.denoiser, self.objective.schedule, str(self.device)),
+            **run_config(
+                config, dataset, self.denoiser, self.net, self.objective.schedule, str(self.device)
+            ),
             "processes": self.group.world,
         }
         if resume:
-            self._resume()
+            checkpoint.resume(self)
         elif self.group.main:
             self.rundir.start(self.run_config)
 
@@ -241,49 +208,13 @@ class Trainer:
         alone, so the net's steps are clipped as without them)."""
         c = self.config
         self.optimizer = torch.optim.AdamW(
-            [*self.params, *_objective_parameters(self.objective)],
+            [*self.params, *objective_parameters(self.objective)],
             lr=c.lr,
             betas=ADAM_BETAS,
             eps=ADAM_EPS,
             weight_decay=c.weight_decay,
             foreach=True,
         )
-
-    def _objective(self, objective: DenoisingLoss | None) -> DenoisingLoss:
-        """The given objective (whose schedule ``config.schedule`` must name) or the config's,
-        checked against the model."""
-        spec = self.config.schedule
-        if objective is None:
-            schedule = get_schedule(spec, sigma_data=self.config.sigma_data)
-            objective = (
-                UncertaintyLoss(schedule, seed=self.config.seed)
-                if self.config.uncertainty
-                else DenoisingLoss(schedule)
-            )
-        elif isinstance(objective, UncertaintyLoss) != self.config.uncertainty:
-            raise UserError(
-                f"the objective is {type(objective).__name__} but the config has uncertainty="
-                f"{self.config.uncertainty}; set TrainConfig.uncertainty to match"
-            )
-        elif objective.schedule.name.lower() != _schedule_name(spec):
-            raise UserError(
-                f"the objective's schedule is {objective.schedule.name!r} but the config names "
-                f"{_schedule_name(spec)!r}; set TrainConfig.schedule to the objective's"
-            )
-        objective.check(self.denoiser)
-        if _objective_parameters(objective):
-            if self.group.world > 1:
-                raise UserError(
-                    f"the objective {type(objective).__name__} has learnable parameters, which "
-                    "data-parallel training does not average; train it in one process"
-                )
-            objective.to(self.device)  # type: ignore[attr-defined]
-        if self.group.world > 1 and not _takes_part(objective):
-            raise UserError(
-                f"the objective {type(objective).__name__} takes no part=(start, total), so its "
-                "draws cannot be split across processes; train it in one process"
-            )
-        return objective
 
     def _data_parallel(self) -> Denoiser:
         """The denoiser the steps train through: under data parallelism, the net wrapped in
@@ -296,77 +227,6 @@ class Trainer:
         net = DistributedDataParallel(self.net, device_ids=ids)
         c = self.config
         return Denoiser(net, c.process, c.target, c.sigma_data)
-
-    # ----- run directory -------------------------------------------------------------------
-    def _resume(self) -> None:
-        ckpt = self.rundir.open_resume(self.run_config, self.dataset)
-        self.net.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.objective.load_state_dict(ckpt.get("objective", {}))  # none before lossfloor 0.2
-        self.g_sigma.set_state(ckpt["rng"]["sigma"])
-        self.g_noise.set_state(ckpt["rng"]["noise"])
-        self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
-        self.saved_step = self.step
-        if "stats" in ckpt:  # none in older checkpoints: an empty interval
-            self.stats.load_state_dict(ckpt["stats"])
-        self._load_hooks(ckpt.get("hooks", {}))
-        if self.config.steps < self.step:
-            raise ParameterError(
-                "steps", self.config.steps, f"the run in {self.rundir.path} is already at step "
-                f"{self.step}; give at least {self.step} to continue it",
-            )  # fmt: skip
-        if self.group.main:
-            self.rundir.continue_at(self.step, self.run_config)
-
-    def _load_hooks(self, states: Mapping[str, Any]) -> None:
-        """Give each hook its state in a checkpoint's "hooks" (one without starts as built)."""
-        unclaimed = set(states) - {hook.state_key for hook in self.hooks}
-        if unclaimed:
-            raise UserError(
-                f"the checkpoint holds the state of the hooks {sorted(unclaimed)}, which this run "
-                "does not have; resume with the hooks the run was trained with"
-            )
-        for hook in self.hooks:
-            if hook.state_key in states:
-                hook.load_state_dict(states[hook.state_key])
-
-    def _hook_states(self) -> dict[str, Any]:
-        """The checkpoint's "stats" and, where any other hook has state, "hooks"."""
-        with self.group.together():
-            out: dict[str, Any] = {"stats": self.stats.state_dict()}
-        states = {}
-        for hook in self.hooks:
-            with self.group.together():
-                state = hook.state_dict()
-            if state:
-                states[hook.state_key] = state
-        return {**out, "hooks": states} if states else out
-
-    def _save(self) -> None:
-        """checkpoint-latest.pt (and checkpoint-<step>.pt every ``snapshot_every`` steps) of
-        the state after ``self.step``, with the hooks' (the sums of the log interval so far)."""
-        for name, module in (("model", self.net), ("EMA", self.ema.model)):
-            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-                raise self.rundir.diverged(self.step, f"the {name} weights became non-finite")
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "images": self.step * self.config.batch,
-            "seconds": self.seconds,
-            "config": self.run_config,
-            "model": self.net.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "objective": self.objective.state_dict(),
-            "rng": {"sigma": self.g_sigma.get_state(), "noise": self.g_noise.get_state()},
-            **self._hook_states(),
-        }
-        every = self.config.snapshot_every
-        with self.group.together():
-            if self.group.main:
-                self.rundir.save(ckpt, snapshot=bool(every) and self.step % every == 0)
-        self.saved_step = self.step
 
     # ----- training ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -464,18 +324,6 @@ class Trainer:
         """stats.jsonl, opened to append on rank 0 (the others write nothing)."""
         return open(self.rundir.stats, "a") if self.group.main else nullcontext()
 
-    def _interrupted(self) -> Interrupted:
-        """Save the state after the last whole step (if any; with the hooks', the log interval
-        so far) unless it was just saved, and say what was kept."""
-        if self.step > 0:
-            if self.saved_step != self.step:
-                self._save()
-            return Interrupted(
-                f"saved a checkpoint at step {self.step} in {self.rundir.path}; run the same "
-                "command with --resume to continue"
-            )
-        return Interrupted("no training step had finished; nothing was saved")
-
     def run(self) -> StatsRecord | None:
         """Train to ``config.steps``; the last stats record (None if there was nothing to do;
         under data parallelism callbacks run, and add to it, on rank 0 only)."""
@@ -491,7 +339,7 @@ class Trainer:
             with self._stats_file() as stats, self.stop:
                 while self.step < c.steps:
                     if self._stop_now(after_step=False):
-                        raise self._interrupted()
+                        raise checkpoint.interrupted(self)
                     self._train_step(fed)
                     bar.update(1)
                     step = self.step
@@ -500,7 +348,7 @@ class Trainer:
                     if self._cadence_due(step) or ckpt or step % c.log_every == 0:
                         record = self._log()
                         with self.group.together():
-                            if self.group.main:
+                            if stats is not None:  # rank 0's file
                                 stats.write(json.dumps(record.to_json()) + "\n")
                                 stats.flush()
                         bar.set_postfix(loss=f"{record.loss:.4g}")
@@ -508,9 +356,9 @@ class Trainer:
                             log.info("%s", _progress_line(record, c.steps))
                         last = record
                     if ckpt or snapshot:
-                        self._save()
+                        checkpoint.save(self)
                     if step < c.steps and self._stop_now(after_step=True):
-                        raise self._interrupted()
+                        raise checkpoint.interrupted(self)
         finally:
             bar.close()
         return last
@@ -523,30 +371,6 @@ def _progress_line(record: StatsRecord, steps: int) -> str:
         f"train: step {record.step}/{steps}, {record.images} images, loss {record.loss:.4g} "
         f"(x0 units {record.loss_x0:.4g}){speed}, {record.seconds:.0f} s"
     )
-
-
-class _StopRequests:
-    """While active, SIGINT and SIGTERM only set ``requested`` (the loop stops between steps,
-    where the state is whole); outside the main thread signals are left alone."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.agreed = False  # several processes: whether any had been asked (Trainer._train_step)
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequests:
-        self.requested = self.agreed = False
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._request)
-        return self
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(

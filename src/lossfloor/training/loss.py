@@ -148,6 +148,9 @@ class LogVarianceNet(torch.nn.Module):
     random weights, no bias) a and b start at 0, so u ≡ 0 and training starts as the plain loss.
     """
 
+    freqs: Tensor  # the buffers f_j and φ0_j
+    phases: Tensor
+
     def __init__(self, channels: int = 128, seed: int = 0) -> None:
         super().__init__()
         if channels < 1:
