@@ -37,3 +37,11 @@ def test_an_option_is_named_as_estimate_takes_it(capsys):
     lossfloor.cli.main(["estimators"])
     block = capsys.readouterr().out.split("cdol: ")[1].split("\n\n")[0]
     assert "--source-in-random" in block and "--exclude-source" not in block
+
+
+def test_estimate_names_source_in_random_when_full_is_given_it(capsys):
+    """A parameter the estimator does not take is reported under estimate's option for it."""
+    argv = ["estimate", "--data", "digits", "--sigmas", "1", "--source-in-random", "no"]
+    assert lossfloor.cli.main([*argv, "--outer", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lossfloor: error: --source-in-random: applies to snis, dol and cdol")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lossfloor.cli.common import (
+    ESTIMATOR_OPTIONS,
     Declared,
     add_data_arguments,
     add_device_argument,
@@ -40,7 +41,7 @@ DECLARED = Declared(
     ),  # fmt: skip
 )
 #: Parameters of the Python API that options of another name set (for its errors).
-PARAM_OPTIONS = {"precision": "--dtype", "heldout": "--sources"}
+PARAM_OPTIONS = {"precision": "--dtype", "heldout": "--sources", **ESTIMATOR_OPTIONS}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
