@@ -27,16 +27,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import check_args, write_plot
-    from lossfloor.io import write_json
     from lossfloor.plots import plot_schedule
 
     check_args(args)
     schedule = build_schedule(args, allow_online=False)
     table = schedule.tabulated()
-    write_json(args.out, table)
-    resolved = table["params"]["resolved"]
+    table.save(args.out)
+    resolved = table.params["resolved"]
     print(f"σ* = {resolved['sigma_star']:.4g}, w_max = {resolved['w_max']:.4g}; "
-          f"{len(table['sigma'])} grid points written to {args.out}")  # fmt: skip
+          f"{len(table.sigma)} grid points written to {args.out}")  # fmt: skip
     if args.plot:
-        write_plot(args.plot, lambda: plot_schedule(args.plot, table), args.out)
+        write_plot(args.plot, lambda: plot_schedule(args.plot, table.json_fields()), args.out)
     return 0
