@@ -5,10 +5,11 @@ restructuring changed none of them (bitwise).
     python benchmarks/fingerprint_outputs.py OUT.json --compare BEFORE.json
 
 Each case runs one CLI command (digits; a 2-process estimate under torchrun) in a scratch
-folder and hashes what it wrote: JSON with keys that are times or versions dropped (floats
-hashed by their exact repr), CSV rows, checkpoint tensors by their bytes, stats.jsonl without
-times. A refused command is fingerprinted by its exit code and its one-line message. Results
-are compared only on one machine (float32 bits differ across CPUs).
+folder and hashes what it wrote: JSON with keys that are times or versions dropped, and a
+result file's header "format"/"version" (floats hashed by their exact repr), CSV rows,
+checkpoint tensors by their bytes, stats.jsonl without times. A refused command is
+fingerprinted by its exit code and its one-line message. Results are compared only on one
+machine (float32 bits differ across CPUs).
 """
 
 from __future__ import annotations
@@ -26,16 +27,24 @@ import numpy as np
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 VOLATILE = ("seconds", "time", "elapsed", "lossfloor_version", "torch_version", "date", "host")
+#: The header of a result file (``lossfloor.results``): the kind's tag and layout version, not
+#: numbers; dropped at the top level so a header change leaves a result's fingerprint as it was.
+HEADER = ("format", "version")
 SMALL = ["--sigmas", "0.05:20:6", "--outer", "256", "--seed", "3"]
 ESTIMATORS = ["full", "stratified", "gram", "snis", "dol", "cdol"]
 
 
-def canon(value):
-    """JSON value with volatile keys dropped, recursively."""
+def canon(value, top=True):
+    """JSON value with volatile keys dropped, recursively, and the result header (HEADER) at
+    the top level."""
     if isinstance(value, dict):
-        return {k: canon(v) for k, v in sorted(value.items()) if not any(s in k for s in VOLATILE)}
+        return {
+            k: canon(v, False)
+            for k, v in sorted(value.items())
+            if not any(s in k for s in VOLATILE) and not (top and k in HEADER)
+        }
     if isinstance(value, list):
-        return [canon(v) for v in value]
+        return [canon(v, False) for v in value]
     return repr(value) if isinstance(value, float) else value
 
 
