@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
@@ -321,7 +321,7 @@ class Curve(Result):
         return out
 
     @classmethod
-    def from_fields(cls, body: Mapping[str, Any]) -> Curve:
+    def from_fields(cls, body: Mapping[str, Any]) -> Self:
         """Read what ``json_fields`` writes (every file ``lossfloor estimate`` has written);
         only ``points`` with sigma and optimal_loss are required."""
         if not isinstance(body.get("points"), list):
