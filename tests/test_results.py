@@ -12,6 +12,7 @@ import pytest
 from test_cli_hardening import one_line_error
 
 from lossfloor import __version__
+from lossfloor.cli import main
 from lossfloor.diagnosis import REL_FLOOR, Diagnosis
 from lossfloor.errors import UserError
 from lossfloor.floor import Floor
@@ -248,3 +249,37 @@ def test_the_schedule_csv_is_its_grid(schedule_table, tmp_path):
 def test_a_scaling_fit_read_from_its_file_has_no_rows_to_plot(examples):
     with pytest.raises(UserError, match="no rows to plot"):
         examples[ScalingFit].plot()
+
+
+# --- the CLI writes the results through the base ------------------------------------------
+
+
+def test_the_schedule_cli_writes_the_table_and_its_csv(tmp_path, capsys):
+    out, table = tmp_path / "s.json", tmp_path / "s.csv"
+    curve = ROOT / "docs/results/fmnist-full.json"
+    argv = ["schedule", "--curve", str(curve), "--out", str(out), "--csv", str(table)]
+    assert main(argv) == 0, capsys.readouterr().err
+    result = ScheduleTable.load(out)
+    assert result.to_json()["lossfloor_version"] == __version__
+    result.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == out.read_bytes()
+    result.to_csv(tmp_path / "again.csv")
+    assert (tmp_path / "again.csv").read_bytes() == table.read_bytes()
+    assert len(_csv(table)) == 1 + len(result.sigma)
+
+
+def test_the_scaling_fit_cli_writes_one_csv_row_per_fit(tmp_path, capsys):
+    from test_scaling import _curve, _synthetic_rows
+
+    from lossfloor.scaling import write_runs
+
+    runs, est, out, table = (tmp_path / n for n in ("r.csv", "e.json", "f.json", "f.csv"))
+    write_runs(runs, _synthetic_rows())
+    _curve().save(est)
+    argv = ["scaling", "fit", "--runs", str(runs), "--optimal", str(est), "--out", str(out)]
+    assert main([*argv, "--csv", str(table)]) == 0, capsys.readouterr().err
+    result = ScalingFit.load(out)
+    _, *rows = _csv(table)
+    assert [r[0] for r in rows] == ["" if f.sigma is None else repr(f.sigma) for f in result.fits]
+    result.to_csv(tmp_path / "again.csv")
+    assert (tmp_path / "again.csv").read_bytes() == table.read_bytes()
