@@ -56,8 +56,8 @@ class Result:
     and, where the file's layout is not the fields' one, by overriding ``json_fields`` (add
     derived keys, restructure) and ``from_fields`` (the inverse; it checks what it needs and
     raises a one-line ``UserError``). ``rows`` gives the per-σ table (default: the body's
-    "points"). Every result has ``plot(ax)``, drawn by ``lossfloor.plots``, returning the
-    axes."""
+    "points"). Every result draws itself with ``plot(ax)`` (``plot(axes)`` where it has
+    several panels) through ``lossfloor.plots`` (a layer above this one) and returns the axes."""
 
     FORMAT: ClassVar[str]
     VERSION: ClassVar[int] = 1
