@@ -265,7 +265,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
     ),  # fmt: skip
     "floor": (
         ["floor", "--data", "{data}", "--heldout", "{held}", "--quiet"],
-        {"--out": ".json", "--plot": ".png"},
+        {"--out": ".json", "--csv": ".csv", "--plot": ".png"},
         None,
     ),
     "sample": (
@@ -276,7 +276,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
     "fid": (["fid", "--samples", "{samples}", "--data", "{data}"], {"--out": ".json"}, None),
     "scaling-fit": (
         ["scaling", "fit", "--runs", "{runs}", "--optimal", "{curve}"],
-        {"--plot": ".png", "--out": ".json"},
+        {"--plot": ".png", "--out": ".json", "--csv": ".csv"},
         None,
     ),
     "scaling-collect": (
@@ -286,7 +286,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
     ),  # fmt: skip
     "schedule": (
         ["schedule", "--curve", "{curve}", "--gap", "{gap}"],
-        {"--out": ".json", "--plot": ".png"},
+        {"--out": ".json", "--csv": ".csv", "--plot": ".png"},
         "--out",
     ),
     "train": (

@@ -17,8 +17,8 @@ def _fit(sigma: float, optimal_loss: float) -> SigmaFit:
     loss = optimal_loss + 0.5 * (x / 1e12) ** -0.3
     return SigmaFit(sigma=sigma, optimal_loss=optimal_loss, raw=power_law_fit(x, loss),
                     subtracted=power_law_fit(x, loss, optimal_loss),
-                    offset=offset_fit(x, loss, optimal_loss), x=tuple(x),
-                    loss=tuple(loss))  # fmt: skip
+                    offset=offset_fit(x, loss, optimal_loss), n=x.size,
+                    x=tuple(x), loss=tuple(loss))  # fmt: skip
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from lossfloor import __version__
 from lossfloor.diffusion import get_process, get_target
 from lossfloor.diffusion.targets import edm_lambda
 from lossfloor.errors import ParameterError, UserError
@@ -136,7 +137,7 @@ def test_density_is_w_times_gap_to_the_exponent_with_the_gap_floored():
     gap = {"sigma": [0.01, 1.0, 1e3], "value": [-0.01, 0.05, 0.02]}
     sched = OptimalLossSchedule.from_curve(TWO_POINT, gap=gap, sigma_min=0.01, sigma_max=1e3,
                                            exponent=0.5, gap_floor=0.1)  # fmt: skip
-    grid = np.array(sched.tabulated()["sigma"])
+    grid = np.array(sched.tabulated().sigma)
     s = torch.from_numpy(grid[[0, 700, 1140, 1700]])
     g_lin = np.interp(np.log(s.numpy()), np.log(gap["sigma"]), gap["value"])
     top = np.interp(np.log(grid), np.log(gap["sigma"]), gap["value"]).max()  # on the grid
@@ -293,6 +294,8 @@ def test_schedule_cli_writes_the_table_and_plot(tmp_path, cli, digits_curve):
     argv = ["schedule", "--curve", str(digits_curve), "--gap", str(gap), "--bump", "0.2"]
     assert cli([*argv, "--out", str(out), "--plot", str(plot)]) == 0
     table = json.loads(out.read_text())
+    header = {"format": "lossfloor-schedule", "version": 1, "lossfloor_version": __version__}
+    assert {k: table.pop(k) for k in header} == header
     assert set(table) == {"sigma", "log_sigma_density", "weight", "optimal_loss", "gap", "params"}
     u = np.log(table["sigma"])
     assert np.trapezoid(table["log_sigma_density"], u) == pytest.approx(1.0, abs=1e-12)
@@ -303,7 +306,7 @@ def test_schedule_cli_writes_the_table_and_plot(tmp_path, cli, digits_curve):
     curve = Curve.load(digits_curve)
     api = OptimalLossSchedule.from_curve(curve, Diagnosis.load(gap).gap_table(curve.dataset),
                                          bump=0.2)  # fmt: skip
-    assert table == json.loads(json.dumps(api.tabulated()))
+    assert table == json.loads(json.dumps(api.tabulated().json_fields()))
     curve = Curve.load(digits_curve)
     j = _power_law_interp(u, np.log(curve.sigmas), np.maximum(curve.values, 0))
     cap = table["params"]["resolved"]["w_max"]

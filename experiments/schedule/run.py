@@ -282,7 +282,7 @@ def collect(out: Path) -> None:
 
                 sched = get_schedule(read_json(run / "config.json")["schedule"])
                 sched.load_state_dict(ckpt["objective"]["schedule"])
-                plot_schedule(run / "schedule-final.png", sched.tabulated())
+                plot_schedule(run / "schedule-final.png", sched.tabulated().json_fields())
     arms = {}
     for arm in ARMS:
         fds = [r["fd_classifier"] for r in rows if r["arm"] == arm]

@@ -11,7 +11,9 @@ The public face, imported on first use (PEP 562), so that ``import lossfloor`` s
 Data (``load_dataset``, ``Dataset``), the optimal loss (``estimate_curve``, ``make_estimator``,
 ``Curve``), a model's gap to it (``diagnose``, ``Diagnosis``), the data-size floor
 (``estimate_floor``, ``Floor``), scaling fits (``fit_scaling``, ``collect_runs``, ``read_runs``,
-``ScalingFit``, ``RunRow``) and the registries of estimators, processes, targets and schedules.
+``ScalingFit``, ``RunRow``), the optimal-loss schedule's table (``ScheduleTable``), the base of
+these results (``Result``: save, load, CSV) and the registries of estimators, processes, targets
+and schedules.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "SCHEDULES": ("lossfloor.schedules", "SCHEDULES"),
     "get_schedule": ("lossfloor.schedules", "get_schedule"),
     "UserError": ("lossfloor.errors", "UserError"),
+    "Result": ("lossfloor.results", "Result"),
+    "ScheduleTable": ("lossfloor.schedules.optimal", "ScheduleTable"),
 }
 
 __all__ = [
@@ -68,9 +72,11 @@ __all__ = [
     "FloorPoint",
     "GapPoint",
     "PROCESSES",
+    "Result",
     "RunRow",
     "SCHEDULES",
     "ScalingFit",
+    "ScheduleTable",
     "TARGETS",
     "UserError",
     "collect_runs",
@@ -97,9 +103,11 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time, ``__getatt
     from lossfloor.optimal.curve import Curve, CurvePoint
     from lossfloor.optimal.estimate import estimate_curve
     from lossfloor.optimal.estimators import ESTIMATORS, Estimator, make_estimator
+    from lossfloor.results import Result
     from lossfloor.scaling import RunRow, ScalingFit, fit_scaling, read_runs
     from lossfloor.scaling.collection import collect as collect_runs
     from lossfloor.schedules import SCHEDULES, get_schedule
+    from lossfloor.schedules.optimal import ScheduleTable
 
 
 def __getattr__(name: str) -> Any:

@@ -15,19 +15,16 @@ underfitting.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
-from lossfloor import __version__
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import as_denoiser, read_protocol
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.io import read_json, write_csv, write_json
 from lossfloor.optimal import Curve, Full
 from lossfloor.optimal.cache import cached_per_sample, per_sample_key
 from lossfloor.optimal.capabilities import having, listed
@@ -47,6 +44,7 @@ from lossfloor.optimal.outer import (
     per_sample_values,
 )
 from lossfloor.progress import progress_bar
+from lossfloor.results import Result
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -165,29 +163,36 @@ class GapPoint:
             raise UserError(f"not a diagnosis point ({exc})") from None
 
 
-@dataclass(frozen=True)
-class Diagnosis:
+@dataclass(frozen=True, kw_only=True)
+class Diagnosis(Result):
     """A model's per-σ gap to the optimal loss (``diagnose``): the points, the data, the draws
     (outer M, seed), a description of the model and of the held-out data (if any).
     ``paired``: the gap's standard error is that of the paired per-sample differences; False
     when J* was read from an estimate (``optimal_from``) without its per-sample values: then it
     is the bound s.e.(J_θ) + s.e.(J*); only then the JSON has ``paired`` and ``optimal_from``.
     ``draws``: plain or tilted (then the JSON has ``draws``; files without it are plain).
-    ``to_json`` / ``save`` write what ``lossfloor diagnose --out`` writes; ``from_json`` /
-    ``load`` read it back."""
+    A ``Result`` ("lossfloor-diagnosis"): ``to_json`` / ``save`` write what ``lossfloor
+    diagnose --out`` writes, ``from_json`` / ``load`` read it back, ``to_csv`` the points."""
 
-    points: tuple[GapPoint, ...]
+    FORMAT: ClassVar[str] = "lossfloor-diagnosis"
+    WHAT: ClassVar[str] = "a diagnosis"
+    OMIT: ClassVar[Mapping[str, Any]] = {"model": None, "heldout": None, "draws": "plain"}
+    DECODE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+        "points": lambda ps: tuple(GapPoint.from_json(p) for p in ps)
+    }
+    CSV_COLUMNS: ClassVar[Mapping[str, str]] = CSV_COLUMNS
+
+    model: dict[str, Any] | None = None
     dataset: dict[str, Any]
+    heldout: dict[str, Any] | None = None
     outer: int
     seed: int
-    model: dict[str, Any] | None = None
-    heldout: dict[str, Any] | None = None
     per_element: bool = True
     units: str = UNITS
-    lossfloor_version: str = __version__
     paired: bool = True
     optimal_from: str | None = None
     draws: str = "plain"
+    points: tuple[GapPoint, ...]
 
     @property
     def largest_gap(self) -> GapPoint:
@@ -218,58 +223,24 @@ class Diagnosis:
             )
         return {"sigma": [p.sigma for p in self.points], "value": [p.gap for p in self.points]}
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **({} if self.model is None else {"model": self.model}),
-            "dataset": self.dataset,
-            **({} if self.heldout is None else {"heldout": self.heldout}),
-            "outer": self.outer,
-            "seed": self.seed,
-            "per_element": self.per_element,
-            "units": self.units,
-            "lossfloor_version": self.lossfloor_version,
-            **({} if self.paired else {"paired": False, "optimal_from": self.optimal_from}),
-            **({} if self.draws == "plain" else {"draws": self.draws}),
-            "points": [p.to_json(self.optimal_top) for p in self.points],
-        }
+    def json_fields(self) -> dict[str, Any]:
+        """The body: the fields but ``paired`` and ``optimal_from`` where paired (the
+        default), the points with ``relative_gap`` relative to ``optimal_top``."""
+        out = super().json_fields()
+        if self.paired:
+            del out["paired"], out["optimal_from"]
+        out["points"] = [p.to_json(self.optimal_top) for p in self.points]
+        return out
 
     @classmethod
-    def from_json(cls, obj: Any) -> Diagnosis:
-        if not isinstance(obj, dict) or not isinstance(obj.get("points"), list):
+    def from_fields(cls, body: Mapping[str, Any]) -> Self:
+        """Read what ``json_fields`` writes: points, dataset, outer and seed are required."""
+        if not isinstance(body.get("points"), list):
             raise UserError("not a diagnosis: expected points with sigma, model_loss, gap, …")
-        try:
-            fields = {k: obj[k] for k in ("dataset", "outer", "seed")}
-        except KeyError as exc:
-            raise UserError(f"not a diagnosis: no {exc.args[0]!r}") from None
-        return cls(
-            points=tuple(GapPoint.from_json(p) for p in obj["points"]),
-            **fields,
-            model=obj.get("model"),
-            heldout=obj.get("heldout"),
-            per_element=obj.get("per_element", True),
-            units=obj.get("units", UNITS),
-            lossfloor_version=obj.get("lossfloor_version", __version__),
-            paired=obj.get("paired", True),
-            optimal_from=obj.get("optimal_from"),
-            draws=obj.get("draws", "plain"),
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Diagnosis:
-        return cls.from_json(read_json(path))
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``to_json()`` atomically."""
-        write_json(path, self.to_json())
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """The points as CSV (``diagnose --csv``), atomically: one row per σ, the keys of a
-        point's JSON (the target-units columns empty for other models) with their units in
-        the header ("sigma [VE sigma]")."""
-        header = [f"{k} [{unit}]" if unit else k for k, unit in CSV_COLUMNS.items()]
-        top = self.optimal_top
-        rows = [[p.to_json(top).get(k) for k in CSV_COLUMNS] for p in self.points]
-        write_csv(path, header, rows)
+        missing = [k for k in ("dataset", "outer", "seed") if k not in body]
+        if missing:
+            raise UserError(f"not a diagnosis: no {missing[0]!r}")
+        return super().from_fields(body)
 
     def plot(self, axes: Sequence[Axes] | None = None, title: str = "") -> list[Axes]:
         """J_θ and J* against σ on ``axes[0]``, the gap ± 2 s.e. on ``axes[1]`` (a new pyplot

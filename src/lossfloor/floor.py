@@ -28,15 +28,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import torch
 
-from lossfloor import __version__
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.device import resolve_device
 from lossfloor.errors import ParameterError, UserError
@@ -59,6 +58,7 @@ from lossfloor.optimal.outer import (
     stratified_sources,
 )
 from lossfloor.progress import progress_bar
+from lossfloor.results import Result
 from lossfloor.seeding import Stream, generator_for
 from lossfloor.sigmas import same_sigma
 
@@ -87,7 +87,31 @@ CONVERGED_DRIFT = 0.05
 #: Extrapolation: the rise per doubling of n shrinks by a ratio r ≤ R_MAX (a geometric series).
 R_MAX = 0.95
 
+#: The tag of the floor's checkpoint key (``Units``), and of floor files written before the
+#: shared result header (``Floor.LEGACY_FORMAT``).
 FORMAT = "lossfloor-floor/1"
+
+#: The columns of ``Floor.to_csv``: a point's key and its unit.
+CSV_COLUMNS = {
+    "sigma": "VE sigma",
+    "lower": "x0 units per element",
+    "lower_stderr": "x0 units per element",
+    "upper": "x0 units per element",
+    "upper_stderr": "x0 units per element",
+    "upper_source": "",
+    "converged": "",
+    "verdict": "",
+    "rise": "x0 units per element",
+    "rise_stderr": "x0 units per element",
+    "extrapolated": "x0 units per element",
+    "extrapolated_stderr": "x0 units per element",
+    "crossing": "",
+    "heldout_loss": "x0 units per element",
+    "heldout_stderr": "x0 units per element",
+    "smoothed_loss": "x0 units per element",
+    "smoothed_stderr": "x0 units per element",
+    "bandwidth": "x0 units",
+}
 
 
 def smoothed_posterior_mean(
@@ -405,48 +429,43 @@ class FloorPoint:
         )
 
 
-@dataclass(frozen=True)
-class Floor:
-    """The floor over a σ grid (``floor``): points, both datasets and the parameters."""
+@dataclass(frozen=True, kw_only=True)
+class Floor(Result):
+    """The floor over a σ grid (``floor``): points, both datasets and the parameters. A
+    ``Result`` ("lossfloor-floor"; files tagged FORMAT, before the shared header, are read
+    too): ``save`` writes what ``lossfloor floor --out`` writes, ``to_csv`` the per-σ
+    bracket and verdict."""
 
-    points: list[FloorPoint]
+    LEGACY_FORMAT: ClassVar[str | None] = FORMAT  # the module's (read before it is shadowed)
+    FORMAT: ClassVar[str] = "lossfloor-floor"
+    WHAT: ClassVar[str] = "a floor"
+    DECODE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+        "points": lambda ps: [FloorPoint.from_json(p) for p in ps]
+    }
+    CSV_COLUMNS: ClassVar[Mapping[str, str]] = CSV_COLUMNS
+
     dataset: dict[str, Any]
     heldout: dict[str, Any]
     data_variance: float
     params: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": __version__,
-            "dataset": self.dataset,
-            "heldout": self.heldout,
-            "data_variance": self.data_variance,
-            "params": self.params,
-            "points": [p.to_json() for p in self.points],
-        }
+    points: list[FloorPoint]
 
     @classmethod
-    def from_json(cls, obj: Any) -> Floor:
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise UserError(f"not a floor file (expected format {FORMAT!r})")
+    def from_fields(cls, body: Mapping[str, Any]) -> Self:
+        """Read what ``json_fields`` writes; every field is required."""
+        names = ("points", "dataset", "heldout", "data_variance", "params")
+        missing = [f for f in names if f not in body]
+        if missing:
+            raise UserError(f"not a floor file: no {missing[0]!r}")
         try:
-            return cls(
-                points=[FloorPoint.from_json(p) for p in obj["points"]],
-                dataset=obj["dataset"],
-                heldout=obj["heldout"],
-                data_variance=obj["data_variance"],
-                params=obj["params"],
-            )
+            return super().from_fields(body)
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a floor file: {exc}") from None
 
-    def save(self, path: str) -> None:
-        write_json(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str) -> Floor:
-        return cls.from_json(read_json(path))
+    def rows(self) -> list[dict[str, Any]]:
+        """The per-σ table: each point's bracket, verdict, extrapolation and ``crossing``, and
+        its held-out losses (``HeldoutPoint``)."""
+        return [{**p.to_json(), **p.heldout.to_json(), "crossing": p.crossing} for p in self.points]
 
     def plot(self, axes: Sequence[Axes] | None = None, title: str = "") -> list[Axes]:
         """The bracket, J* by subset size and the extrapolation on ``axes[0]``, the N-trend on

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         param_options={"precision": "--dtype", "heldout": "--heldout"},
         declared=Declared(
             inputs=("--data", "--heldout"),
-            outputs=("--out", "--plot"),
+            outputs=("--out", "--csv", "--plot"),
             partial=("--out",),
             needs=(("--restart", "--out"),),
         ),
@@ -85,6 +85,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="discard FLOOR.json.partial of a run with other options",
     )
     p.add_argument("--plot", default=None, help="FLOOR.png: the bracket and the N-trend")
+    p.add_argument(
+        "--csv",
+        default=None,
+        metavar="FILE.csv",
+        help="the per-σ bracket as CSV (units in the header)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     _warn_crossing(result)
     if args.out:
         result.save(args.out)
+    if args.csv:
+        result.to_csv(args.csv)
     if args.plot:
         from lossfloor.plots import plot_floor
 

@@ -44,8 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fit only these σ (default: each σ in the file and the total)")  # fmt: skip
     f.add_argument("--plot", default=None, metavar="FILE.png", help="both fits per σ, log axes")
     f.add_argument("--out", default=None, metavar="FILE.json", help="the fits as JSON")
+    f.add_argument("--csv", default=None, metavar="FILE.csv",
+                   help="one row per fit as CSV (units in the header)")  # fmt: skip
     f.set_defaults(
-        run=run_fit, declared=Declared(inputs=("--runs", "--optimal"), outputs=("--plot", "--out"))
+        run=run_fit,
+        declared=Declared(inputs=("--runs", "--optimal"), outputs=("--plot", "--out", "--csv")),
     )
 
     c = actions.add_parser(
@@ -108,6 +111,8 @@ def run_fit(args: argparse.Namespace) -> int:
     _print_table(result)
     if args.out:
         result.save(args.out)
+    if args.csv:
+        result.to_csv(args.csv)
     if args.plot:
         from lossfloor.plots import plot_scaling
 

@@ -13,30 +13,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "schedule",
         help="the optimal-loss training schedule w(σ), p(σ) of a J* curve",
         description="Tabulate w(σ) = a·min(1/J*, w_max) + bump and the density of ln σ, "
-        "p ∝ (w·gap)^γ (docs/method.md §5), to --out (JSON) and --plot (PNG).",
+        "p ∝ (w·gap)^γ (docs/method.md §5), to --out (JSON), --csv and --plot (PNG).",
     )
     add_schedule_options(p)
     p.add_argument("--out", required=True, metavar="SCHEDULE.json", help="result JSON")
+    p.add_argument("--csv", default=None, metavar="FILE.csv",
+                   help="the grid as CSV (units in the header)")  # fmt: skip
     p.add_argument("--plot", default=None, metavar="SCHEDULE.png", help="w, p and J* against σ")
     p.set_defaults(
         run=run,
         param_options=PARAM_OPTIONS,
-        declared=Declared(inputs=("--curve", "--gap"), outputs=("--out", "--plot")),
+        declared=Declared(inputs=("--curve", "--gap"), outputs=("--out", "--csv", "--plot")),
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import check_args, write_plot
-    from lossfloor.io import write_json
     from lossfloor.plots import plot_schedule
 
     check_args(args)
     schedule = build_schedule(args, allow_online=False)
     table = schedule.tabulated()
-    write_json(args.out, table)
-    resolved = table["params"]["resolved"]
+    table.save(args.out)
+    if args.csv:
+        table.to_csv(args.csv)
+    resolved = table.params["resolved"]
     print(f"σ* = {resolved['sigma_star']:.4g}, w_max = {resolved['w_max']:.4g}; "
-          f"{len(table['sigma'])} grid points written to {args.out}")  # fmt: skip
+          f"{len(table.sigma)} grid points written to {args.out}")  # fmt: skip
     if args.plot:
-        write_plot(args.plot, lambda: plot_schedule(args.plot, table), args.out)
+        write_plot(args.plot, lambda: plot_schedule(args.plot, table.json_fields()), args.out)
     return 0

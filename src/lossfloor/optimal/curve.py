@@ -4,16 +4,15 @@ totals under a training objective, and the JSON contract other commands read."""
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
-from lossfloor import __version__
 from lossfloor.errors import UserError
-from lossfloor.io import read_json, write_csv, write_json
+from lossfloor.results import Result
 from lossfloor.schedules import NoiseSchedule
 from lossfloor.sigmas import SIGMA_RTOL, same_sigma
 
@@ -210,8 +209,8 @@ class Total:
         )
 
 
-@dataclass(frozen=True)
-class Curve:
+@dataclass(frozen=True, kw_only=True)
+class Curve(Result):
     """J*(σ) per element in VE σ and x0 units: the points, what produced them and the total.
 
     ``estimator`` is the estimator's ``to_config()`` (``ESTIMATORS.from_config`` rebuilds it);
@@ -220,11 +219,27 @@ class Curve:
     give that relative standard error, from a ``pilot`` of the first draws: its point's
     ``outer``), ``form`` the reported form. ``dataset``, ``sources`` (the held-out data of
     the outer draws, if any), ``process`` and ``target`` describe the data and the units of
-    ``t`` and ``optimal_loss_target`` where known. The JSON (``to_json``, ``save``) is what
-    ``lossfloor estimate --out`` writes; ``from_json`` / ``load`` read it back.
+    ``t`` and ``optimal_loss_target`` where known. A ``Result`` ("lossfloor-curve"): the file
+    (``to_json``, ``save``) is what ``lossfloor estimate --out`` writes, with the draw
+    parameters inside the estimator block; ``from_json`` / ``load`` read it back; ``to_csv``
+    writes the points (``estimate --csv``).
     """
 
-    points: tuple[CurvePoint, ...]
+    FORMAT: ClassVar[str] = "lossfloor-curve"
+    WHAT: ClassVar[str] = "an optimal-loss curve"
+    OMIT: ClassVar[Mapping[str, Any]] = dict.fromkeys(
+        ("dataset", "sources", "process", "target", "estimator")
+    )
+    DECODE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+        "points": lambda ps: tuple(CurvePoint.from_json(p) for p in ps),
+        "total": lambda t: None if t is None else Total.from_json(t),
+    }
+    CSV_COLUMNS: ClassVar[Mapping[str, str]] = CSV_COLUMNS
+
+    dataset: dict[str, Any] | None = None
+    sources: dict[str, Any] | None = None
+    process: dict[str, Any] | None = None
+    target: dict[str, Any] | None = None
     estimator: dict[str, Any] | None = None
     outer: int | None = None
     seed: int | None = None
@@ -232,15 +247,11 @@ class Curve:
     form: str | None = None
     target_rse: float | None = None
     pilot: int | None = None
+    per_element: bool = True
     data_variance: float | None = None
     precision: str | None = None
-    dataset: dict[str, Any] | None = None
-    sources: dict[str, Any] | None = None
-    process: dict[str, Any] | None = None
-    target: dict[str, Any] | None = None
+    points: tuple[CurvePoint, ...]
     total: Total | None = None
-    per_element: bool = True
-    lossfloor_version: str = __version__
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -296,69 +307,31 @@ class Curve:
 
     # --- JSON ------------------------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        """The result file: dataset, process, target (where known), the estimator block
-        (config + outer, seed, form), per_element, data_variance, precision, version, points,
-        total."""
-        out: dict[str, Any] = {}
-        for key in ("dataset", "sources", "process", "target"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
+    def json_fields(self) -> dict[str, Any]:
+        """The body: dataset, sources, process, target (where known), the estimator block
+        (config + outer, seed, form and the DRAW_KEYS that are set), per_element,
+        data_variance, precision, points, total."""
+        out = {k: v for k, v in super().json_fields().items() if k not in DRAW_KEYS}
         if self.estimator is not None:
             draws = {k: getattr(self, k) for k in DRAW_KEYS}
             for key in OPTIONAL_DRAW_KEYS:
                 if draws[key] is None:
                     del draws[key]
             out["estimator"] = {**self.estimator, **draws}
-        return {
-            **out,
-            "per_element": self.per_element,
-            "data_variance": self.data_variance,
-            "precision": self.precision,
-            "lossfloor_version": self.lossfloor_version,
-            "points": [p.to_json() for p in self.points],
-            "total": None if self.total is None else self.total.to_json(),
-        }
+        return out
 
     @classmethod
-    def from_json(cls, obj: Any) -> Curve:
-        """Read what ``to_json`` writes (every file ``lossfloor estimate`` has written); only
-        ``points`` with sigma and optimal_loss are required."""
-        if not isinstance(obj, dict) or not isinstance(obj.get("points"), list):
+    def from_fields(cls, body: Mapping[str, Any]) -> Self:
+        """Read what ``json_fields`` writes (every file ``lossfloor estimate`` has written);
+        only ``points`` with sigma and optimal_loss are required."""
+        if not isinstance(body.get("points"), list):
             raise UserError("not an optimal-loss curve: expected points with sigma, optimal_loss")
-        block = obj.get("estimator") or {}
+        block = body.get("estimator") or {}
         if not isinstance(block, dict):
             raise UserError(f"not an optimal-loss curve: the estimator block is {block!r}")
         config = {k: v for k, v in block.items() if k not in DRAW_KEYS}
-        total = obj.get("total")
-        return cls(
-            points=tuple(CurvePoint.from_json(p) for p in obj["points"]),
-            estimator=config or None,
-            **{k: block.get(k) for k in DRAW_KEYS},
-            data_variance=obj.get("data_variance"),
-            precision=obj.get("precision"),
-            dataset=obj.get("dataset"),
-            sources=obj.get("sources"),
-            process=obj.get("process"),
-            target=obj.get("target"),
-            total=None if total is None else Total.from_json(total),
-            per_element=obj.get("per_element", True),
-            lossfloor_version=obj.get("lossfloor_version", __version__),
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Curve:
-        return cls.from_json(read_json(path))
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``to_json()`` atomically: the same file as ``lossfloor estimate --out``."""
-        write_json(path, self.to_json())
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """The points as CSV (``estimate --csv``), atomically: one row per σ in the file's
-        order, the columns of CSV_COLUMNS with their units in the header ("sigma [VE sigma]")."""
-        header = [f"{k} [{unit}]" if unit else k for k, unit in CSV_COLUMNS.items()]
-        write_csv(path, header, ([getattr(p, k) for k in CSV_COLUMNS] for p in self.points))
+        draws = {k: block.get(k) for k in DRAW_KEYS}
+        return super().from_fields({**body, "estimator": config or None, **draws})
 
     def plot(self, ax: Axes | None = None, title: str = "") -> Axes:
         """J*(σ) ± 2 s.e. on ``ax`` (log axes; a new pyplot figure's without), labelled by the

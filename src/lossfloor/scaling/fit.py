@@ -26,15 +26,16 @@ import csv
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.io import atomic_path, write_json
+from lossfloor.io import atomic_path
+from lossfloor.results import Result
 from lossfloor.sigmas import SIGMA_RTOL, same_sigma
 
 if TYPE_CHECKING:
@@ -96,6 +97,13 @@ class PowerLawFit:
             out["dropped"] = [{"run": r, "x": x, "loss": j} for r, x, j in self.dropped]
         return out
 
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> PowerLawFit:
+        """Read what ``to_json`` writes (``dropped_rows`` is derived)."""
+        dropped = tuple((d["run"], d["x"], d["loss"]) for d in obj.get("dropped", ()))
+        keys = ("alpha", "beta", "rho", "r2", "n")
+        return cls(**{k: obj[k] for k in keys}, residuals=tuple(obj["residuals"]), dropped=dropped)
+
 
 @dataclass(frozen=True)
 class OffsetFit:
@@ -123,51 +131,114 @@ class OffsetFit:
             "r2": self.r2,
         }
 
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> OffsetFit:
+        return cls(**obj)
+
 
 @dataclass(frozen=True)
 class SigmaFit:
-    """The three fits at one σ (None: the total loss) against J* = ``optimal_loss``; ``x``
-    and ``loss`` are the rows fitted (for plots)."""
+    """The three fits at one σ (None: the total loss) against J* = ``optimal_loss``, on ``n``
+    rows; ``x`` and ``loss`` are those rows (for plots: a fit read from its JSON has none)."""
 
     sigma: float | None
     optimal_loss: float
+    n: int
     raw: PowerLawFit
     subtracted: PowerLawFit
     offset: OffsetFit | None
-    x: tuple[float, ...]
-    loss: tuple[float, ...]
+    x: tuple[float, ...] = ()
+    loss: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "sigma": self.sigma,
             "optimal_loss": self.optimal_loss,
-            "n": len(self.x),
+            "n": self.n,
             "raw": self.raw.to_json(with_dropped=False),
             "subtracted": self.subtracted.to_json(with_dropped=True),
             "offset": None if self.offset is None else self.offset.to_json(),
         }
 
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SigmaFit:
+        """Read what ``to_json`` writes (without the rows ``x``, ``loss``)."""
+        offset = obj["offset"]
+        return cls(
+            sigma=obj["sigma"],
+            optimal_loss=obj["optimal_loss"],
+            n=obj["n"],
+            raw=PowerLawFit.from_json(obj["raw"]),
+            subtracted=PowerLawFit.from_json(obj["subtracted"]),
+            offset=None if offset is None else OffsetFit.from_json(offset),
+        )
 
-@dataclass(frozen=True)
-class ScalingFit:
-    """All fits of a RUNS.csv against F = ``x`` (``fit_scaling``); ``to_json`` is the file
-    ``lossfloor scaling fit --out`` writes."""
+    def row(self) -> dict[str, Any]:
+        """The fit as one flat row (``ScalingFit.to_csv``): sigma, optimal_loss, n, then each
+        fit's numbers prefixed by its name (raw_alpha, subtracted_dropped_rows, …)."""
+        obj = self.to_json()
+        out = {k: obj[k] for k in ("sigma", "optimal_loss", "n")}
+        for name in ("raw", "subtracted", "offset"):
+            numbers = (obj[name] or {}).items()
+            out.update({f"{name}_{k}": v for k, v in numbers if k not in ("residuals", "dropped")})
+        return out
+
+
+#: The columns of ``ScalingFit.to_csv``: a fit's row key and its unit.
+CSV_COLUMNS = {
+    "sigma": "VE sigma (empty: the total loss)",
+    "optimal_loss": "x0 units per element",
+    "n": "rows",
+    **{f"{fit}_{k}": unit for fit in ("raw", "subtracted") for k, unit in (
+        ("alpha", "dimensionless"), ("beta", "x0 units per element / F^alpha"),
+        ("rho", "dimensionless"), ("r2", "dimensionless"))},
+    "subtracted_dropped_rows": "rows",
+    **{f"offset_{k}": unit for k, unit in (
+        ("alpha", "dimensionless"), ("beta", "x0 units per element / F^alpha"),
+        ("c", "x0 units per element"), ("c_stderr", "x0 units per element"),
+        ("alpha_stderr", "dimensionless"), ("beta_stderr", "x0 units per element / F^alpha"),
+        ("c_minus_optimal", "x0 units per element"), ("r2", "dimensionless"))},
+}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingFit(Result):
+    """All fits of a RUNS.csv against F = ``x`` (``fit_scaling``). A ``Result``
+    ("lossfloor-scaling-fit"): ``save`` writes what ``lossfloor scaling fit --out`` writes,
+    ``load`` reads it back (the fits without their rows), ``to_csv`` one row per fit."""
+
+    FORMAT: ClassVar[str] = "lossfloor-scaling-fit"
+    WHAT: ClassVar[str] = "a scaling fit"
+    DECODE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+        "fits": lambda fs: tuple(SigmaFit.from_json(f) for f in fs)
+    }
+    CSV_COLUMNS: ClassVar[Mapping[str, str]] = CSV_COLUMNS
 
     x: str
     fits: tuple[SigmaFit, ...]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"x": self.x, "fits": [f.to_json() for f in self.fits]}
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Self:
+        """Read what ``json_fields`` writes: x and fits are required."""
+        if not isinstance(body.get("fits"), list) or "x" not in body:
+            raise UserError("not a scaling fit: expected x and fits")
+        try:
+            return super().from_fields(body)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"not a scaling fit: no {exc}") from None
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``to_json()`` atomically."""
-        write_json(path, self.to_json())
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per fit (``SigmaFit.row``)."""
+        return [f.row() for f in self.fits]
 
     def plot(self, axes: Sequence[Axes] | None = None) -> list[Axes]:
         """One panel per fit on ``axes`` (a new pyplot figure's without): J against F, both
-        fits, J*: ``plots.draw_scaling``. Returns the axes."""
+        fits, J*: ``plots.draw_scaling``. Returns the axes. Needs the rows: a fit computed by
+        ``fit_scaling``, not one read from its JSON."""
         from lossfloor.plots import draw_scaling
 
+        if any(not f.x for f in self.fits):
+            raise UserError("a scaling fit read from its JSON has no rows to plot; fit the runs")
         return draw_scaling(self, axes)
 
 
@@ -405,6 +476,7 @@ def _sigma_fit(rows: Sequence[RunRow], curve: Curve, x: str, sigma: float | None
         raw=raw,
         subtracted=sub,
         offset=offset_fit(fx, fj, floor),
+        n=len(fx),
         x=tuple(float(v) for v in fx),
         loss=tuple(float(v) for v in fj),
     )

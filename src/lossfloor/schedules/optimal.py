@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ import torch
 from lossfloor.diffusion.processes import Process
 from lossfloor.diffusion.targets import Target
 from lossfloor.errors import ParameterError, UserError
+from lossfloor.results import Result
 from lossfloor.schedules.base import SCHEDULES, NoiseSchedule, _f64
 from lossfloor.sigmas import SIGMA_RTOL
 
@@ -144,6 +145,50 @@ def gap_range(
     if sigma_max is None and max(gap_sigmas) < hi * (1 - SIGMA_RTOL):
         hi = max(gap_sigmas)
     return lo, hi
+
+
+#: The columns of ``ScheduleTable.to_csv``: a grid column and its unit.
+CSV_COLUMNS = {
+    "sigma": "VE sigma",
+    "log_sigma_density": "per unit ln sigma",
+    "weight": "1 / (x0 units per element)",
+    "optimal_loss": "x0 units per element",
+    "gap": "x0 units per element",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleTable(Result):
+    """An optimal-loss schedule tabulated on its grid (``OptimalLossSchedule.tabulated``): σ,
+    the density of ln σ, w, J*, g (None without a gap source) and the parameters, resolved
+    ones included. A ``Result`` ("lossfloor-schedule"): ``save`` writes what ``lossfloor
+    schedule --out`` writes, ``to_csv`` one row per grid point."""
+
+    FORMAT: ClassVar[str] = "lossfloor-schedule"
+    WHAT: ClassVar[str] = "an optimal-loss schedule"
+    CSV_COLUMNS: ClassVar[Mapping[str, str]] = CSV_COLUMNS
+
+    sigma: list[float]
+    log_sigma_density: list[float]
+    weight: list[float]
+    optimal_loss: list[float]
+    gap: list[float] | None
+    params: dict[str, Any]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per grid point (the gap empty without a gap source)."""
+        gap: list[float | None] = [None] * len(self.sigma) if self.gap is None else [*self.gap]
+        columns = (self.sigma, self.log_sigma_density, self.weight, self.optimal_loss, gap)
+        return [
+            dict(zip(CSV_COLUMNS, values, strict=True)) for values in zip(*columns, strict=True)
+        ]
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        """w(σ), J*(σ) and the density of ln σ (twin axis) on ``ax`` (a new pyplot figure's
+        without), σ* marked: ``plots.draw_schedule``. Returns the axes."""
+        from lossfloor.plots import draw_schedule
+
+        return draw_schedule(self.json_fields(), ax)
 
 
 @SCHEDULES.register("optimal", "optimal-loss")
@@ -394,26 +439,23 @@ class OptimalLossSchedule(NoiseSchedule):
     def support(self) -> tuple[float, float]:
         return (self.sigma_min, self.sigma_max)
 
-    def tabulated(self) -> dict[str, Any]:
+    def tabulated(self) -> ScheduleTable:
         """The grid and the functions on it (``lossfloor schedule --out``): σ, the density of
         ln σ, w, J*, g (None without a gap source) and the parameters, resolved ones included."""
         s = self._u.exp()
         g = self.gap_at(s)
-        return {
-            "sigma": s.tolist(),
-            "log_sigma_density": self._q.tolist(),
-            "weight": self.weight(s).tolist(),
-            "optimal_loss": self.optimal_loss_at(s).tolist(),
-            "gap": None if g is None else g.tolist(),
-            "params": self.params(),
-        }
+        return ScheduleTable(
+            sigma=s.tolist(),
+            log_sigma_density=self._q.tolist(),
+            weight=self.weight(s).tolist(),
+            optimal_loss=self.optimal_loss_at(s).tolist(),
+            gap=None if g is None else g.tolist(),
+            params=self.params(),
+        )
 
     def plot(self, ax: Axes | None = None) -> Axes:
-        """w(σ), J*(σ) and the density of ln σ (twin axis) on ``ax`` (a new pyplot figure's
-        without), σ* marked: ``plots.draw_schedule`` of ``tabulated()``. Returns the axes."""
-        from lossfloor.plots import draw_schedule
-
-        return draw_schedule(self.tabulated(), ax)
+        """``tabulated().plot(ax)``: w(σ), J*(σ) and the density of ln σ. Returns the axes."""
+        return self.tabulated().plot(ax)
 
     def params(self) -> dict[str, Any]:
         """The parameters without the embedded tables, with σ*, w_max and μ as used."""
