@@ -240,6 +240,7 @@ def _read_only_folder(tmp_path) -> str:
 #: its outputs (option → suffix; "" for a folder); an output marked required is always given.
 COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
     "data": (["data", "--data", "{data}"], {"--json": ".json"}, None),
+    "estimators": (["estimators"], {"--json": ".json"}, None),
     "estimate": (
         ["estimate", "--data", "{data}", "--sources", "{held}", "--sigmas", "1", "--quiet"],
         {"--out": ".json", "--csv": ".csv", "--plot": ".png"},
