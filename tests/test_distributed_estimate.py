@@ -21,8 +21,8 @@ from torchrun import run_workers
 import lossfloor.cli
 from lossfloor.data import chunked, fingerprint, load_dataset
 from lossfloor.distributed import Group
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
+from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.shard import ShardedPool
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics, pytest.mark.slow]

@@ -38,7 +38,6 @@ from lossfloor.optimal.outer import (
     OUTER_BLOCK,
     TILT_NEIGHBOURS,
     OuterPlan,
-    PoolsByDtype,
     block_draws,
     block_noise,
     check_sigmas,
@@ -46,6 +45,7 @@ from lossfloor.optimal.outer import (
     mean_and_stderr,
     per_sample_values,
 )
+from lossfloor.optimal.pool_cache import PoolsByDtype
 from lossfloor.progress import progress_bar
 
 if TYPE_CHECKING:

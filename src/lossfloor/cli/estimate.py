@@ -83,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "plain draws) | snis | "
         "dol | cdol "
         "(the paper's sub-sampled estimators, for comparison). Each runs on data in memory; "
-        "under torchrun and on streamed data: full, snis, dol and cdol (the shared layout). "
+        "under torchrun and on streamed data: full, snis, dol, cdol and stratified (gram needs "
+        "every row in one process's memory). "
         "Their capabilities are declared on their classes (lossfloor.optimal.capabilities)",
     )
     p.add_argument(
