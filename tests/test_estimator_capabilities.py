@@ -87,6 +87,7 @@ def _agrees(name: str, got: list[list[float]], full: list[list[float]]) -> None:
                 assert abs(value - ref) <= STDERRS * math.hypot(se, ref_se), name
 
 
+@pytest.mark.slow  # the outcomes: one torchrun launch and every estimator, ~40 s
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize("draws", DRAWS)
 @pytest.mark.parametrize("name", ESTIMATORS.names)
@@ -105,6 +106,7 @@ def test_each_estimator_runs_and_agrees_with_full_or_is_refused_naming_the_capab
         assert f"it lacks the capability '{place}': {caps.why_not[place]}" in message
 
 
+@pytest.mark.slow  # the outcomes: one torchrun launch and every estimator, ~40 s
 @pytest.mark.parametrize("place", ["sharded", "streamed"])
 @pytest.mark.parametrize("draws", DRAWS)
 @pytest.mark.parametrize("key", SAMPLED)
