@@ -32,12 +32,23 @@ EXACT = {
     "stratified": {"inner": N},
 }
 DRAWS = ("plain", "tilted")
+#: Configurations that sample (their values are random, not the exact posterior's), each run on
+#: every place: the random sets are drawn over global indices, so every place computes the same
+#: sums as memory, in another order (``test_sampled_configurations_...``). Stratified's far
+#: sample and near stratum overlap (the weights and corrections by position); the independent
+#: layout gathers each query's own rows (``Pool.rows`` of a B×L index).
+SAMPLED = {
+    "stratified-partial": ("stratified", {"inner": 16, "near": 6, "share": 8}),
+    "snis-independent": ("snis", {"inner": 16, "layout": "independent"}),
+    "cdol-independent": ("cdol", {"inner": 16, "layout": "independent"}),
+}
 
 
-def outcome(data, name: str, draws: str) -> dict:
+def outcome(data, name: str, draws: str, params: dict | None = None) -> dict:
     """{"points": [[closed, closed s.e., direct, direct s.e.] per σ]} of estimator ``name``
-    on ``data`` (float64), or {"error": the refusal's message}."""
-    est = make_estimator(name, N, **EXACT.get(name, {}))
+    (with ``params``, default ``EXACT``'s) on ``data`` (float64), or {"error": the refusal's
+    message}."""
+    est = make_estimator(name, N, **(EXACT.get(name, {}) if params is None else params))
     try:
         curve = estimate_curve(
             data, SIGMAS, est, draws=draws, precision="float64", device="cpu", progress=False
@@ -58,6 +69,9 @@ def main(out: Path) -> None:
             for name in ESTIMATORS.names
             for draws in DRAWS
         }
+        for key, (name, params) in SAMPLED.items():
+            for draws in DRAWS:
+                results[f"{key}/{draws}"] = outcome(x, name, draws, params)
         (out / f"result-{group.rank}.json").write_text(json.dumps(results, indent=1))
 
 

@@ -102,7 +102,7 @@ def main(out: Path) -> None:
         results["resumed"]["partial_left"] = Path(f"{resumed}.partial").exists()
         other = estimate(out / "points.npy", 300 if group.rank == 0 else 299)  # other data on 1
         results["data"] = cli([*other, "--quiet"])
-        results["stratified"] = cli([*base, "--quiet", "--estimator", "stratified"])
+        results["gram"] = cli([*base, "--quiet", "--estimator", "gram"])
         results["reads"] = streamed_reads(out / "points.npy")
         summary = open_chunked(str(out / "points.npy")).summarise(group)
         results["fingerprints"] = [summary.sha256, summary.tensor_sha256]

@@ -21,8 +21,8 @@ from torchrun import run_workers
 import lossfloor.cli
 from lossfloor.data import chunked, fingerprint, load_dataset
 from lossfloor.distributed import Group
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
+from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.shard import ShardedPool
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics, pytest.mark.slow]
@@ -123,9 +123,12 @@ def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
 def test_what_does_not_shard_is_refused_on_every_rank(launch):
     _, results = launch
     for rank in (0, 1):
-        assert results[rank]["stratified"]["rc"] == 2
-        line = "the stratified estimator does not run on 2 processes yet"
-        assert line in results[rank]["stratified"]["stderr"]
+        assert results[rank]["gram"]["rc"] == 2
+        line = "the gram estimator does not run on 2 processes yet"
+        assert (
+            line in results[rank]["gram"]["stderr"]
+            and "Pool.dense" in results[rank]["gram"]["stderr"]
+        )
 
 
 def test_each_streaming_process_reads_only_its_shard(launch):

@@ -18,8 +18,8 @@ from lossfloor.errors import ParameterError
 from lossfloor.optimal import ESTIMATORS, Full, Gram, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import two_point_optimal_loss
 from lossfloor.optimal.estimate import Checkpoint
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.outer import resolve_draws, resolve_form
+from lossfloor.optimal.pools import Pool
 
 #: Two points ±a in 16 dims, ‖a‖ = R (tests/test_optimal_rare_events.py).
 DIM, R = 16, 2.2128884383056144

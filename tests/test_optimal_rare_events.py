@@ -12,8 +12,9 @@ import torch
 from lossfloor.cli import main
 from lossfloor.optimal import estimate_curve, make_estimator
 from lossfloor.optimal.analytic import two_point_optimal_loss
-from lossfloor.optimal.estimators import PerSample, Pool
+from lossfloor.optimal.estimators import PerSample
 from lossfloor.optimal.outer import MIN_EFFECTIVE_DRAWS, Moments, effective_draws
+from lossfloor.optimal.pools import Pool
 
 #: The issue's two-point set: ±a in 16 dims, ‖a‖ = r with J*(0.6) = 1.07e-4 per element.
 DIM, R = 16, 2.2128884383056144

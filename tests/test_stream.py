@@ -23,9 +23,9 @@ from lossfloor.data.formats import Items
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal import estimate_curve, make_estimator
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import logit_error_bound
 from lossfloor.optimal.outer import OuterPlan
+from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.stream import StreamedPool, chunk_rows
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
@@ -279,7 +279,7 @@ def test_a_streamed_pool_holds_no_rows(points):
 def test_what_streaming_does_not_do_is_one_line(points, tmp_path, capsys):
     base = ["estimate", "--data", str(points), "--stream", "--sigmas", "1", "--quiet"]
     for extra, says in [
-        (["--estimator", "stratified"], "the stratified estimator does not run on streamed data"),
+        (["--estimator", "gram"], "the gram estimator does not run on streamed data"),
         (["--xflip"], "--xflip: not with --stream"),
         (["--chunk-mb", "0"], "chunk"),
     ]:

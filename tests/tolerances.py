@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import logit_error_bound
 from lossfloor.optimal.outer import TILT_SHARE, closed_rounding
+from lossfloor.optimal.pools import Pool
 
 #: float64 machine epsilon, 2u (one ulp of 1).
 EPS64 = float(np.finfo(np.float64).eps)

@@ -35,7 +35,6 @@ from lossfloor.optimal.outer import (
     OUTER_BLOCK,
     TILT_NEIGHBOURS,
     OuterPlan,
-    PoolsByDtype,
     block_draws,
     block_noise,
     check_sigmas,
@@ -43,6 +42,7 @@ from lossfloor.optimal.outer import (
     mean_and_stderr,
     per_sample_values,
 )
+from lossfloor.optimal.pool_cache import PoolsByDtype
 from lossfloor.progress import progress_bar
 from lossfloor.results import Result
 

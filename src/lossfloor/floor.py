@@ -42,8 +42,8 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import read_json, write_json
 from lossfloor.optimal.curve import Curve
 from lossfloor.optimal.estimate import estimate_curve
-from lossfloor.optimal.estimators import ESTIMATORS, Pool
-from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, posterior_mean
+from lossfloor.optimal.estimators import ESTIMATORS
+from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.outer import (
     OUTER_BLOCK,
     Draws,
@@ -57,6 +57,7 @@ from lossfloor.optimal.outer import (
     mean_and_stderr,
     stratified_sources,
 )
+from lossfloor.optimal.pools import Pool
 from lossfloor.progress import progress_bar
 from lossfloor.results import Result
 from lossfloor.seeding import Stream, generator_for
@@ -127,10 +128,7 @@ def smoothed_posterior_mean(
     (1/N)·Σ_n 𝒩(x0; x_n, b²I) (b = 0 is μ_σ). ``exclude`` (B pool indices) leaves each query's
     own point out of the sum (leave-one-out validation)."""
     s = math.sqrt(sigma * sigma + bandwidth * bandwidth)
-    ids = None if exclude is None else torch.arange(pool.n, device=queries.device)
-    mu = posterior_mean(
-        queries, None, s, keys_aug=pool.aug, key_ids=ids, exclude_ids=exclude, tile_bytes=tile_bytes
-    )
+    mu = pool.merge(pool.accumulate(queries, s, exclude=exclude, tile_bytes=tile_bytes)).mean()
     v, b2 = sigma * sigma, bandwidth * bandwidth
     return (v * mu + b2 * queries) / (v + b2)
 
@@ -193,7 +191,7 @@ class _Pools:
 
 def _centred(x: Tensor, pool: Pool) -> Tensor:
     """x (n×...) flattened, in float64, centred by the training pool's mean."""
-    return x.reshape(x.shape[0], -1).to(device=pool.mean.device, dtype=torch.float64) - pool.mean
+    return pool.centre(x)
 
 
 def _losses(
@@ -218,14 +216,14 @@ def _losses(
     out = torch.empty(len(bandwidths), m, dtype=torch.float64)
     for j in range(math.ceil(m / OUTER_BLOCK)):
         lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
-        src = sources[lo:hi].to(pool.x.device)
+        src = sources[lo:hi].to(pool.device)
         eps = torch.randn(hi - lo, d, generator=generator_for(seed, stream, j), dtype=torch.float64)
         x = x0[src].to(dtype)
-        q = x + sigma * eps.to(device=pool.x.device, dtype=dtype)
+        q = x + sigma * eps.to(device=pool.device, dtype=dtype)
         for k, b in enumerate(bandwidths):
             excl = src if exclude else None
             if b == 0 and not exclude:
-                mu = posterior_mean(q, None, sigma, keys_aug=pool.aug, tile_bytes=tile_bytes)
+                mu = pool.merge(pool.accumulate(q, sigma, tile_bytes=tile_bytes)).mean()
             else:
                 mu = smoothed_posterior_mean(pool, q, sigma, b, exclude=excl, tile_bytes=tile_bytes)
             out[k, lo:hi] = ((x - mu).double().pow(2).sum(dim=1) / d).cpu()

@@ -105,7 +105,8 @@ def _add_estimator_option(p: argparse.ArgumentParser) -> None:
         "plain draws) | snis | "
         "dol | cdol "
         "(the paper's sub-sampled estimators, for comparison). Each runs on data in memory; "
-        "under torchrun and on streamed data: full, snis, dol and cdol (the shared layout). "
+        "under torchrun and on streamed data: full, snis, dol, cdol and stratified (gram needs "
+        "every row in one process's memory). "
         "Their capabilities are declared on their classes (lossfloor.optimal.capabilities)",
     )
 

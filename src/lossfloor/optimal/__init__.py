@@ -11,7 +11,6 @@ from lossfloor.optimal.estimators import (
     SNIS,
     Estimator,
     Full,
-    Pool,
     Stratified,
     Subset,
     declared,
@@ -21,6 +20,7 @@ from lossfloor.optimal.estimators import (
 from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, posterior_mean
 from lossfloor.optimal.neighbours import nearest_neighbours, neighbour_tables
+from lossfloor.optimal.pools import Pool
 
 __all__ = [
     "CDOL",

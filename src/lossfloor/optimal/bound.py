@@ -36,9 +36,9 @@ from functools import cache
 import numpy as np
 import torch
 
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import logit_error_bound
 from lossfloor.optimal.outer import OuterPlan
+from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor
 
@@ -118,7 +118,7 @@ class NearestPointBound:
             table = table[:, : (table.shape[1] if k is None else k + 1)]
             if table.shape[1] == 1:  # a pool of one point: no pairs
                 continue
-            rank = 4 * logit_error_bound(pool.max_sq, dim, 1.0, pool.x.dtype)
+            rank = 4 * logit_error_bound(pool.max_sq, dim, 1.0, pool.dtype)
             rows, e0 = _row_reader(plan, members, pool)
             d, unit = _neighbour_distances(rows, table, dim)
             rel = unit + (dim + 3) * _U64  # the rows' differences in their dtype, norms in float64
@@ -172,13 +172,11 @@ def _row_reader(
     """(the rows of pool indices, the most their distances may differ from the data's beyond
     the rounding of their differences): the pool's own rows where it holds every one (on its
     device; e₀ = 2(u + 2u₆₄)·R), else the data in memory (0), else the pool's rows read."""
-    e0 = 2 * (torch.finfo(pool.x.dtype).eps / 2 + 2 * _U64) * math.sqrt(pool.max_sq)
-    if pool.shards == 1 and pool.x.shape[0] == pool.n:
-        return lambda i: pool.x[i.to(pool.x.device)], e0
-    if isinstance(plan.data, Tensor):
+    e0 = 2 * (torch.finfo(pool.dtype).eps / 2 + 2 * _U64) * math.sqrt(pool.max_sq)
+    if pool.whole() is None and isinstance(plan.data, Tensor):
         x = plan.data.reshape(len(plan.data), -1)
         return lambda i: x[members[i.to(members.device)]], 0.0
-    return lambda i: pool.rows(i.to(pool.x.device))[0], e0
+    return lambda i: pool.rows(i.to(pool.device))[0], e0
 
 
 def _neighbour_distances(

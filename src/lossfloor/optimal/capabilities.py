@@ -30,7 +30,8 @@ class Capabilities:
     """An estimator's declaration.
 
     - ``runs_on``: the places (PLACES) it runs on; ``why_not[place]`` says, for each other
-      place, why not (what the estimator reads that such a pool does not hold).
+      place, why not (the ``Pool`` method the estimator needs that such a pool lacks:
+      ``lacks``).
     - ``draws`` / ``default_draws``: the outer draws it takes (plain, tilted) and ``auto``'s.
     - ``forms`` / ``default_form``: the forms of J* it reports (closed, direct, combined) and
       ``auto``'s.
@@ -81,10 +82,13 @@ def having(declared: Mapping[str, Capabilities], test) -> list[str]:
     return [name for name, caps in declared.items() if test(caps)]
 
 
-def reads_rows(what: str) -> dict[str, str]:
-    """``why_not`` of an estimator that reads the pool's arrays directly: ``what`` it reads
-    (e.g. "reads rows by index (pool.x, pool.sq)"), which only a pool in memory holds whole."""
+def lacks(method: str, what: str) -> dict[str, str]:
+    """``why_not`` of an estimator that needs the pool method ``method`` (e.g. "Pool.dense")
+    for ``what`` it does, which a sharded and a streamed pool refuse: only a pool in memory
+    holds every row in one process."""
     return {
-        "sharded": f"it {what}, of which a sharded pool holds only this process's rows",
-        "streamed": f"it {what}, which a streamed pool does not hold (it reads keys per chunk)",
+        "sharded": f"{what}: it needs {method}, which a sharded pool lacks (it holds only this "
+        "process's rows)",
+        "streamed": f"{what}: it needs {method}, which a streamed pool lacks (it reads its rows "
+        "per chunk)",
     }

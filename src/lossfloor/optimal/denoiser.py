@@ -7,9 +7,8 @@ from torch import nn
 
 from lossfloor.data import Dataset
 from lossfloor.errors import UserError
-from lossfloor.optimal.estimators import Pool
-from lossfloor.optimal.kernel import posterior_mean
 from lossfloor.optimal.outer import base_dtype, choose_dtype
+from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor
 
@@ -59,7 +58,6 @@ class OptimalDenoiser(nn.Module):
                 base = self._pool(key, base_dtype(self.precision))
                 dtype = choose_dtype(self.precision, [base], sv)
                 pool = self._pool(key, dtype)
-                q = flat[sel].cpu().double() - pool.mean
-                mu = posterior_mean(q.to(dtype), None, sv, keys_aug=pool.aug)
-                out[sel] = mu.double() + pool.mean
+                q = pool.centre(flat[sel].cpu())
+                out[sel] = pool.uncentre(pool.accumulate(q.to(dtype), sv).mean())
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)

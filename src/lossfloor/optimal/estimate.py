@@ -44,7 +44,6 @@ from lossfloor.optimal.outer import (
     Form,
     Moments,
     OuterPlan,
-    PoolsByDtype,
     Precision,
     base_dtype,
     block_noise,
@@ -56,6 +55,7 @@ from lossfloor.optimal.outer import (
     resolve_draws,
     resolve_form,
 )
+from lossfloor.optimal.pool_cache import PoolsByDtype
 from lossfloor.optimal.shard import check_sharded
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule

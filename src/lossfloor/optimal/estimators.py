@@ -32,124 +32,19 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.optimal.capabilities import PLACES, Capabilities, having, listed, reads_rows
-from lossfloor.optimal.kernel import (
-    DEFAULT_TILE_BYTES,
-    Adjust,
-    SoftmaxState,
-    accumulate_softmax,
-    augment,
-    keys_per_tile,
-)
+from lossfloor.optimal.capabilities import PLACES, Capabilities, having, listed
+from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, Adjust, SoftmaxState
+from lossfloor.optimal.pools import Pool
 from lossfloor.registry import Registry
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class Pool:
-    """The points a posterior ranges over: centred data x_n − x̄ (N×D), ‖x_n − x̄‖², A = mean‖·‖²,
-    max‖·‖² (float64, whatever the pool's dtype), the kernel's keys [x | 1 | −‖x‖²/2], and, for
-    the neighbour-aware estimators and draws, the neighbour table (N×(k+1): row n is n and its
-    k nearest points where n is a source of the draws; ``neighbours.neighbour_tables``)."""
-
-    x: Tensor
-    sq: Tensor
-    mean: Tensor
-    a: float
-    max_sq: float
-    aug: Tensor
-    neighbours: Tensor | None = None
-
-    @classmethod
-    def from_data(cls, data: Tensor, dtype: torch.dtype, device: torch.device | str) -> Pool:
-        x64 = data.reshape(data.shape[0], -1).to(device=device, dtype=torch.float64, copy=True)
-        mean = x64.mean(dim=0)
-        xc = x64.sub_(mean)  # centred in place: the copy above is ours
-        sq = xc.pow(2).sum(dim=1)
-        xd = xc.to(dtype)
-        return cls(
-            x=xd,
-            sq=sq.to(dtype),
-            mean=mean,
-            a=float(sq.mean()),
-            max_sq=float(sq.max()),
-            aug=augment(xd),
-        )
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.x.shape[1]
-
-    # What a sharded pool (``shard.ShardedPool``: this process's rows of the data) does with
-    # collectives; a whole pool holds every row and needs none.
-    @property
-    def shards(self) -> int:
-        """The number of processes the pool's rows are split over (1: this pool holds all)."""
-        return 1
-
-    @property
-    def first(self) -> int:
-        """The pool index of ``x``'s first row."""
-        return 0
-
-    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_n − x̄, ‖x_n − x̄‖²) of the pool indices ``idx``."""
-        return self.x[idx], self.sq[idx]
-
-    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(the kernel's keys, their pool indices) of those of ``idx`` that this pool holds."""
-        return self.aug[idx], idx
-
-    def key_chunks(self, step: int, idx: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """(the kernel's keys, their pool indices) of this pool's rows, or of those of ``idx``
-        it holds, in order, in chunks of a multiple of ``step`` rows where they are read in
-        chunks (``stream.StreamedPool``; here: one chunk)."""
-        if idx is None:
-            first, device = self.first, self.aug.device
-            yield self.aug, torch.arange(first, first + self.aug.shape[0], device=device)
-        else:
-            yield self.keys_of(idx)
-
-    def accumulate(
-        self,
-        queries: Tensor,
-        sigma: float,
-        idx: Tensor | None = None,
-        exclude: Tensor | None = None,
-        tile_bytes: int = DEFAULT_TILE_BYTES,
-    ) -> SoftmaxState:
-        """This pool's softmax state of ``queries`` over its keys (or those of the pool indices
-        ``idx``; key n masked for query b where n = exclude[b]), before ``merge``: each of
-        ``key_chunks`` continues the state of the chunks before it."""
-        b, d = queries.shape
-        state = SoftmaxState.empty(b, d, queries.dtype, queries.device)
-        step = keys_per_tile(b, queries.element_size(), tile_bytes)
-        for keys, ids in self.key_chunks(step, idx):
-            state = accumulate_softmax(
-                queries, None, sigma, keys_aug=keys, key_ids=ids.to(keys.device),
-                exclude_ids=exclude, state=state, tile_bytes=tile_bytes,
-            )  # fmt: skip
-        return state
-
-    def merge(self, state: SoftmaxState) -> SoftmaxState:
-        """The softmax state over every shard's keys from this pool's (here: ``state``)."""
-        return state
-
-    def across(self, columns: Tensor) -> Tensor:
-        """Every shard's ``columns`` (B×k), side by side (here: ``columns``)."""
-        return columns
 
 
 @dataclass
@@ -274,8 +169,8 @@ class Subset(Estimator):
     ``SNIS`` (C = None), ``DOL`` (C = 1) and ``CDOL`` (any C > 0, ∞ allowed).
 
     ``inner`` is L, the total inner size: R has L points for SNIS and L−1 with a source term.
-    The shared layout runs on every pool (through ``Pool.accumulate``); the independent one
-    gathers rows itself (``refusal``).
+    Both layouts run on every pool: the shared one through ``Pool.accumulate``, the
+    independent one through ``Pool.rows`` (each query's own random rows, gathered by index).
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -328,12 +223,6 @@ class Subset(Estimator):
         """L = max(2, N/10)."""
         return {"inner": max(2, min(n, n // 10))}
 
-    def refusal(self, place: str) -> str | None:
-        if self.layout == "independent" and place != "memory":
-            return reads_rows("gathers each query's own random rows (pool.x, pool.sq by index) "
-                              "in the independent layout")[place]  # fmt: skip
-        return super().refusal(place)
-
     def check(self, n: int) -> None:
         if self.inner > n:
             raise ParameterError("inner", self.inner, f"exceeds the number of data points N = {n}")
@@ -348,10 +237,9 @@ class Subset(Estimator):
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
         if self.layout == "shared":
-            state = self._shared(pool, queries, sources, sigma, generator, tile_bytes)
-        else:
+            state = pool.merge(self._shared(pool, queries, sources, sigma, generator, tile_bytes))
+        else:  # the gathered rows are every process's: nothing to merge
             state = self._independent(pool, queries, sources, sigma, generator, tile_bytes)
-        state = pool.merge(state)
         if self.C is not None:
             x_s, sq_s = pool.rows(sources)
             inv_var = 1.0 / (sigma * sigma)
@@ -400,9 +288,9 @@ class Subset(Estimator):
         step = max(1, tile_bytes // (queries.element_size() * d * b))
         for start in range(0, k, step):
             cols = idx[:, start : start + step]
-            keys = pool.x[cols]  # B×n×D gather: the memory-bound part
+            keys, sq = pool.rows(cols)  # B×n×D gather: the memory-bound part
             logits = torch.bmm(keys, queries[:, :, None])[:, :, 0]
-            logits.mul_(inv_var).sub_(pool.sq[cols] * (0.5 * inv_var))
+            logits.mul_(inv_var).sub_(sq * (0.5 * inv_var))
             state.add_batched(logits, keys)
         return state
 
@@ -484,15 +372,13 @@ class Stratified(Estimator):
 
     name: ClassVar[str] = "stratified"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        runs_on=frozenset({"memory"}),
+        runs_on=frozenset(PLACES),
         default_draws="tilted",
         default_form="combined",
         options=frozenset({"inner", "near", "share"}),
         needs_neighbours=True,
         adapts_inner=True,
-        why_not=reads_rows("reads the far sample's keys and the near stratum's rows by index "
-                           "(pool.aug, pool.x, pool.sq)"),
-    )  # fmt: skip
+    )
     inner: int
     near: int = 16
     share: int = 256
@@ -547,20 +433,15 @@ class Stratified(Estimator):
                 pos = pos_of[near[start : start + self.share]]
                 adjust = Adjust.from_positions(pos, torch.full_like(pos, -logw, dtype=q.dtype))
                 missing = pos < 0
-            state = accumulate_softmax(
-                q,
-                None,
-                sigma,
-                keys_aug=pool.aug[idx],
-                key_logw=torch.full((big,), logw, dtype=q.dtype, device=q.device),
-                adjust=adjust,
-                tile_bytes=tile_bytes,
+            logw_r = torch.full((big,), logw, dtype=q.dtype, device=q.device)
+            state = pool.merge(
+                pool.accumulate(q, sigma, idx, None, tile_bytes, key_logw=logw_r, adjust=adjust)
             )
             if missing is not None and bool(missing.any()):
                 ids = near[start : start + self.share]
-                keys = pool.x[ids]  # B×near×D: the near points that are not in R
+                keys, sq = pool.rows(ids)  # B×near×D: the near points that are not in R
                 logits = torch.bmm(keys, q[:, :, None])[:, :, 0]
-                logits.sub_(0.5 * pool.sq[ids]).mul_(1.0 / (sigma * sigma))
+                logits.sub_(0.5 * sq).mul_(1.0 / (sigma * sigma))
                 state.add_batched(logits.masked_fill_(~missing, -math.inf), keys)
             means.append(state.mean())
         return torch.cat(means)

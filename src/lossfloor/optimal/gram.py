@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from lossfloor.errors import ParameterError
-from lossfloor.optimal.capabilities import Capabilities, reads_rows
-from lossfloor.optimal.estimators import ESTIMATORS, Estimator, PerSample, Pool
+from lossfloor.optimal.capabilities import Capabilities, lacks
+from lossfloor.optimal.estimators import ESTIMATORS, Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor
 
@@ -81,9 +82,8 @@ class Gram(Estimator):
         default_form="combined",
         options=frozenset({"inner"}),
         sweeps_grid=True,
-        why_not=reads_rows("multiplies each query by every row and gathers the drawn ones "
-                           "(pool.x, pool.sq)"),
-    )  # fmt: skip
+        why_not=lacks("Pool.dense", "it multiplies each query by every point at once"),
+    )
     inner: int = 32
     rows: int = 16
 
@@ -101,17 +101,19 @@ class Gram(Estimator):
     ):
         """μ̂ = w_s·x_s + m_R·(the mean of the L draws from R): unbiased for μ."""
         width = _padded(pool.n)
+        dense = pool.dense()
         out = []
         for lo in range(0, queries.shape[0], self.rows):
             q = queries[lo : lo + self.rows]
-            logits = F.pad(q @ pool.x.T - 0.5 * pool.sq, (0, width - pool.n), value=-math.inf)
+            logits = F.pad(dense.logits(q), (0, width - pool.n), value=-math.inf)
             logits.sub_(logits.amax(dim=1, keepdim=True))
             draws = 1.0 - torch.rand(q.shape[0], self.inner, generator=generator)
             src = sources[lo : lo + self.rows]
             w = _weights(logits, 1.0 / (sigma * sigma), pool.n)
             own, rest, pick = _split(w, src, draws.to(q.device, w.dtype))
-            mean = F.embedding_bag(pick, pool.x, mode="mean")
-            out.append((own[:, None] * pool.x[src] + rest[:, None] * mean) / (own + rest)[:, None])
+            mean = pool.mean_rows(pick)
+            x_s = pool.rows(src)[0]
+            out.append((own[:, None] * x_s + rest[:, None] * mean) / (own + rest)[:, None])
         return torch.cat(out)
 
     def __call__(self, pool, sources, noise, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES):
@@ -133,13 +135,11 @@ class Gram(Estimator):
         )  # S×B×L
         closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
         direct = torch.empty_like(closed)
-        pad = _padded(pool.n) - pool.n
-        keys = F.pad(pool.x, (0, 0, 0, pad))  # zero rows: their products are 0
-        half_sq = F.pad(0.5 * pool.sq, (0, pad), value=math.inf)  # their logits −∞
+        dense = pool.dense(_padded(pool.n) - pool.n)  # padding: products 0, logits −∞
         for lo in range(0, b, GRAM_ROWS):
             x0, sq0 = pool.rows(sources[lo : lo + GRAM_ROWS])
-            both = torch.cat([x0, noise[lo : lo + GRAM_ROWS]]) @ keys.T  # one GEMM: g and e
-            a_all, e_all = both[: x0.shape[0]].sub_(half_sq), both[x0.shape[0] :]
+            both = dense.products(torch.cat([x0, noise[lo : lo + GRAM_ROWS]]))  # g and e: one GEMM
+            a_all, e_all = both[: x0.shape[0]].sub_(dense.half_sq), both[x0.shape[0] :]
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # the per-σ passes: small ops, faster in one thread
             try:
@@ -173,9 +173,9 @@ class Gram(Estimator):
         total = (own + rest).double()
         w_s, m = own.double() / total, rest.double() / total
         big = pick.shape[-1]
-        x_bar = F.embedding_bag(pick.reshape(-1, big), pool.x, mode="mean")
+        x_bar = pool.mean_rows(pick.reshape(-1, big))
         x_bar = x_bar.double().view(*pick.shape[:2], -1)  # S×B×D
-        x_sq = pool.sq[pick].double().sum(dim=-1)  # Σ_j ‖x_j‖²
+        x_sq = pool.norms(pick).double().sum(dim=-1)  # Σ_j ‖x_j‖²
         sq0 = sq0.double()
         x0_bar = (x_bar * x0.double()).sum(dim=-1)
         bar_sq = x_bar.pow(2).sum(dim=-1)

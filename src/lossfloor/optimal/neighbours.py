@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from lossfloor.optimal.cache import cache_path, read_arrays, write_arrays
-from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, keys_per_tile
 from lossfloor.optimal.outer import OuterPlan
+from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor
 
@@ -48,14 +48,14 @@ def nearest_neighbours(pool: Pool, rows: Tensor, k: int, tile_bytes: int = DEFAU
     d = pool.dim
     table = torch.empty(rows.numel(), k + 1, dtype=torch.long)
     for lo in range(0, rows.numel(), QUERY_BLOCK):
-        r = rows[lo : lo + QUERY_BLOCK].to(pool.x.device)
-        q = torch.zeros(r.numel(), pool.aug.shape[1], dtype=pool.x.dtype, device=pool.x.device)
+        r = rows[lo : lo + QUERY_BLOCK].to(pool.device)
+        q = torch.zeros(r.numel(), pool.width, dtype=pool.dtype, device=pool.device)
         q[:, :d] = pool.rows(r)[0]
         q[:, d + 1] = 1.0
         best_s = torch.full((r.numel(), 0), -torch.inf, dtype=q.dtype, device=q.device)
         best_i = torch.empty((r.numel(), 0), dtype=torch.long, device=q.device)
         step = keys_per_tile(r.numel(), q.element_size(), tile_bytes)
-        for keys, key_ids in pool.key_chunks(step):  # the pool's rows (read per chunk)
+        for keys, key_ids, _ in pool.key_chunks(step):  # the pool's rows (read per chunk)
             for start in range(0, keys.shape[0], step):
                 scores = q @ keys[start : start + step].T  # B×chunk: s_ij
                 ids = key_ids[start : start + step].to(q.device)
@@ -103,7 +103,7 @@ def neighbour_tables(
     nearest neighbours where point i is a source of the plan's draws, −1 elsewhere; from the
     cache where it holds this key, else computed and stored (where the work exceeds
     CACHE_MIN_WORK). k is capped at n − 1 per pool."""
-    key = index_key(plan, k, pools[0].x.dtype)
+    key = index_key(plan, k, pools[0].dtype)
     path = cache_path(key, "neighbours")
     rows = [_source_rows(plan, g) for g in range(len(plan.groups))]
     caps = [min(k, p.n - 1) for p in pools]

@@ -14,7 +14,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, cast, get_args
 
@@ -22,13 +22,11 @@ import torch
 
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.data.dataset import fingerprint
-from lossfloor.distributed import Group
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.capabilities import listed
-from lossfloor.optimal.estimators import Estimator, PerSample, Pool
+from lossfloor.optimal.estimators import Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, logit_error_bound
-from lossfloor.optimal.shard import ShardedPool
-from lossfloor.optimal.stream import StreamedPool
+from lossfloor.optimal.pools import Pool
 from lossfloor.seeding import Stream, generator_for
 from lossfloor.sigmas import same_sigma
 
@@ -517,7 +515,7 @@ def tilt_group(
     if pool.neighbours is None:
         raise UserError("tilted draws need the pools' neighbour tables")
     x, src_d, table = _tilt_rows(pool, sources)
-    key = (block, group, pool.x.dtype)
+    key = (block, group, pool.dtype)
     tilt = None if tilt_cache is None else tilt_cache.get(key)
     if tilt is None:
         tilt = TiltBlock.build(plan.seed, block, plain, x, src_d, table)
@@ -548,7 +546,7 @@ def block_draws(
         sel = torch.nonzero(local[src] >= 0).flatten()
         if sel.numel() == 0 or pool.n <= 1:
             continue
-        e, w = tilt_group(plan, block, g, pool, local[src[sel]].to(pool.x.device), plain[sel],
+        e, w = tilt_group(plan, block, g, pool, local[src[sel]].to(pool.device), plain[sel],
                           sigma, tilt_cache)  # fmt: skip
         eps[sel], weight[sel] = e.cpu(), w.cpu()
     return eps, weight
@@ -594,72 +592,11 @@ def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, sources, neighbour table) for one block's tilted draws: the pool's own, or, for a
     sharded pool, the gathered rows of the sources and their neighbours, renumbered into them
     (the same on every σ, so a cached ``TiltBlock`` stays valid)."""
-    if pool.shards == 1 and pool.x.shape[0] == pool.n:  # every row in memory
-        return pool.x, sources, pool.neighbours
+    if (whole := pool.whole()) is not None:  # every row in memory
+        return whole, sources, pool.neighbours
     table = pool.neighbours.to(sources.device)[sources, : TILT_NEIGHBOURS + 1]
     needed, inverse = torch.unique(table, return_inverse=True)  # column 0: the source itself
     shape = (needed.numel(), table.shape[1])
     renumbered = torch.full(shape, -1, dtype=torch.long, device=sources.device)
     renumbered[inverse[:, 0]] = inverse
     return pool.rows(needed)[0], inverse[:, 0], renumbered
-
-
-def make_pools(
-    plan: OuterPlan, dtype: torch.dtype, device: torch.device, group: Group | None = None
-) -> list[Pool]:
-    """One centred pool per group (the whole set, or each class; a group of every point reads
-    the data as they are, without a gathered copy); with a ``group`` of K > 1 processes, this
-    process's shard of the whole set (``shard.ShardedPool``); of a ``ChunkedDataset``, its keys
-    read per chunk (``stream.StreamedPool``, this process's shard)."""
-    if isinstance(plan.data, ChunkedDataset):
-        return [StreamedPool.from_stream(plan.data, dtype, device, group or Group())]
-    if group is not None and group.world > 1:
-        return [ShardedPool.from_shard(plan.data, dtype, device, group)]
-    n = plan.data.shape[0]
-    return [
-        Pool.from_data(plan.data if members.numel() == n else plan.data[members], dtype, device)
-        for members, _ in plan.groups
-    ]
-
-
-@dataclass
-class PoolsByDtype:
-    """``make_pools(plan, dtype, device)`` for each dtype a precision policy asks for, built on
-    first use."""
-
-    plan: OuterPlan
-    device: torch.device
-    group: Group | None = None  # K > 1 processes: each pool is this process's shard
-    built: dict[torch.dtype, list[Pool]] = field(default_factory=dict)
-    neighbours: list[Tensor] | None = None
-    tilts: dict = field(default_factory=dict)  # the tilted draws' TiltBlocks, kept across σ
-
-    def __call__(self, dtype: torch.dtype) -> list[Pool]:
-        if dtype not in self.built:
-            self.built[dtype] = make_pools(self.plan, dtype, self.device, self.group)
-            self._attach(self.built[dtype])
-        return self.built[dtype]
-
-    def attach(self, tables: list[Tensor]) -> None:
-        """Give every pool, built and to be built, its neighbour table."""
-        self.neighbours = tables
-        for pools in self.built.values():
-            self._attach(pools)
-
-    def _attach(self, pools: list[Pool]) -> None:
-        if self.neighbours is not None:
-            for pool, table in zip(pools, self.neighbours, strict=True):
-                pool.neighbours = table
-
-    def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
-        """The dtype ``precision`` works in at σ (``choose_dtype`` on the base dtype's pools)."""
-        return choose_dtype(precision, self(base_dtype(precision)), sigma)
-
-    def index_dtype(self, precision: str) -> torch.dtype:
-        """The dtype of the neighbour index's distances ‖x_i − x_j‖² (no σ in them): the
-        policy's base dtype; under ``auto`` float64 only where the data's squared norms exceed
-        FLOAT32_MAX_SQ_NORM."""
-        base = base_dtype(precision)
-        if precision == "auto" and max(p.max_sq for p in self(base)) > FLOAT32_MAX_SQ_NORM:
-            return torch.float64
-        return base

@@ -26,8 +26,9 @@ import torch
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal.capabilities import having, listed
-from lossfloor.optimal.estimators import Estimator, Pool, declared
+from lossfloor.optimal.estimators import Estimator, declared
 from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
+from lossfloor.optimal.pools import Dense, Pool
 
 Tensor = torch.Tensor
 
@@ -87,21 +88,49 @@ class ShardedPool(Pool):
     def _held(self, idx: Tensor) -> Tensor:
         return (idx >= self.start) & (idx < self.start + self.x.shape[0])
 
+    def whole(self) -> Tensor | None:
+        return self.x if self.shards == 1 and self.x.shape[0] == self.n else None
+
     def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices: each process fills the rows it holds,
-        one all-reduce sum (exact: the others add zeros)."""
+        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices (any shape): each process fills the rows
+        it holds, one all-reduce sum (exact: the others add zeros)."""
+        flat = idx.reshape(-1)
         d = self.dim
-        out = torch.zeros(idx.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
-        held = self._held(idx)
-        local = idx[held] - self.start
+        out = torch.zeros(flat.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
+        held = self._held(flat)
+        local = flat[held] - self.start
         out[held, :d] = self.x[local]
         out[held, d] = self.sq[local]
         self.group.sum(out)
-        return out[:, :d], out[:, d]
+        return out[:, :d].reshape(*idx.shape, d), out[:, d].reshape(idx.shape)
 
-    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        held = idx[self._held(idx)]
-        return self.aug[held - self.start], held
+    def norms(self, idx: Tensor) -> Tensor:
+        """‖x_n − x̄‖² of any pool indices (any shape), as ``rows``."""
+        flat = idx.reshape(-1)
+        out = torch.zeros(flat.numel(), dtype=self.x.dtype, device=self.x.device)
+        held = self._held(flat)
+        out[held] = self.sq[flat[held] - self.start]
+        self.group.sum(out)
+        return out.reshape(idx.shape)
+
+    def mean_rows(self, idx: Tensor) -> Tensor:
+        """The mean of the gathered rows (``rows``) of each row of ``idx`` (B×L → B×D)."""
+        return self.rows(idx)[0].mean(dim=1)
+
+    def dense(self, pad: int = 0) -> Dense:
+        """Refused unless this process holds every row: products with every point need them
+        all in one process's memory (N×D), which a sharded (or streamed) pool does not hold."""
+        if self.whole() is None:
+            raise UserError(
+                "Pool.dense (products with every point) needs every row in one process's "
+                f"memory, which a {type(self).__name__} does not hold"
+            )
+        return super().dense(pad)
+
+    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        mask = self._held(idx)
+        held = idx[mask]
+        return self.aug[held - self.start], held, torch.nonzero(mask).flatten()
 
     def merge(self, state: SoftmaxState) -> SoftmaxState:
         """m = max_r m_r, then Σ_r of each state rescaled to m (``kernel.rescaled``)."""

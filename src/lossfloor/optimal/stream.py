@@ -88,24 +88,35 @@ class StreamedPool(ShardedPool):
     def _keys(self, rows: Tensor) -> Tensor:
         return augment(self._centred(rows).to(self.x.dtype))
 
+    def whole(self) -> Tensor | None:
+        return None
+
     def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices: this process reads those it holds, one
-        all-reduce sum on K > 1 processes."""
+        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices (any shape): this process reads those it
+        holds, one all-reduce sum on K > 1 processes."""
+        flat = idx.reshape(-1)
         d = self.dim
-        out = torch.zeros(idx.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
-        held = self._held(idx)
+        out = torch.zeros(flat.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
+        held = self._held(flat)
         if bool(held.any()):
-            xc = self._centred(self.data.take(idx[held]))
+            xc = self._centred(self._data.take(flat[held]))
             out[held, d] = xc.pow(2).sum(dim=1).to(self.x.dtype)
             out[held, :d] = xc.to(self.x.dtype)
         self.group.sum(out)
-        return out[:, :d], out[:, d]
+        return out[:, :d].reshape(*idx.shape, d), out[:, d].reshape(idx.shape)
 
-    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        held = idx[self._held(idx)]
-        return self._keys(self.data.take(held)), held
+    def norms(self, idx: Tensor) -> Tensor:
+        """‖x_n − x̄‖² of any pool indices (any shape): the rows read (``rows``)."""
+        return self.rows(idx)[1]
 
-    def key_chunks(self, step: int, idx: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        mask = self._held(idx)
+        held = idx[mask]
+        return self._keys(self._data.take(held)), held, torch.nonzero(mask).flatten()
+
+    def key_chunks(
+        self, step: int, idx: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         """Keys read and augmented per chunk: a multiple of ``step`` rows where the chunk holds
         one (the in-memory pool's tiles), else ``chunk`` rows."""
         size = self.chunk if self.chunk < step else self.chunk // step * step
@@ -113,12 +124,18 @@ class StreamedPool(ShardedPool):
         if idx is None:
             for lo in range(self.start, self.stop, size):
                 hi = min(self.stop, lo + size)
-                yield self._keys(self.data.rows(lo, hi)), torch.arange(lo, hi, device=device)
+                keys = self._keys(self._data.rows(lo, hi))
+                yield keys, torch.arange(lo, hi, device=device), None
             return
-        held = idx[self._held(idx)]
-        for lo in range(0, held.numel(), size):
-            part = held[lo : lo + size]
-            yield self._keys(self.data.take(part)), part
+        at = torch.nonzero(self._held(idx)).flatten()
+        for lo in range(0, at.numel(), size):
+            part = at[lo : lo + size]
+            yield self._keys(self._data.take(idx[part])), idx[part], part
+
+    @property
+    def _data(self) -> ChunkedDataset:
+        assert self.data is not None  # from_stream sets it
+        return self.data
 
 
 #: Bytes per data element of an in-memory estimate on one process: the float32 items, the
