@@ -42,6 +42,7 @@ def test_gray_and_rgb_images_of_one_size_differ_in_channels(tmp_path, capsys):
 def _drawn_lines(monkeypatch) -> list[list[tuple[str, np.ndarray, np.ndarray]]]:
     """Record (label, x, y) of every line of each figure the plots save."""
     import lossfloor.plots
+    from lossfloor.plots import curves, diagnosis, floor, scaling, schedule
 
     figures, real = [], lossfloor.plots.save_figure
 
@@ -55,7 +56,8 @@ def _drawn_lines(monkeypatch) -> list[list[tuple[str, np.ndarray, np.ndarray]]]:
         )
         real(fig, path)
 
-    monkeypatch.setattr(lossfloor.plots, "save_figure", keep)
+    for module in (curves, diagnosis, floor, scaling, schedule):  # each saves its own PNGs
+        monkeypatch.setattr(module, "save_figure", keep)
     return figures
 
 

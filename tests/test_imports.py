@@ -384,3 +384,25 @@ def test_the_checker_counts_the_package_init_an_import_runs(tmp_path):
         ("lossfloor.pkg", "lossfloor.pkg.c"),
         ("lossfloor.pkg.c", "lossfloor.low"),
     ]]  # fmt: skip
+
+
+def test_the_checker_lets_a_command_import_its_own_parts_and_no_other_commands(tmp_path):
+    """A command package's parts (``cli.*.*``) sit below the commands: ``cli.a`` imports its part
+    ``cli.a.part``; ``cli.b`` importing that part runs the package ``cli.a``, a command."""
+    layers = read_layers(SYNTHETIC_LAYERS.replace(
+        "| commands |", "| parts | `cli.*.*` | yes |\n| commands |"
+    ))  # fmt: skip
+    src = _package(tmp_path, {
+        "__init__.py": "",
+        "low.py": "",
+        "cli/__init__.py": "",
+        "cli/a/__init__.py": "def run():\n    from lossfloor.cli.a.part import f\n",
+        "cli/a/part.py": "from lossfloor.low import g\nfrom lossfloor.cli.a.other import h\n",
+        "cli/a/other.py": "",
+        "cli/b.py": "from lossfloor.cli.a.part import f\n",
+    })  # fmt: skip
+    found = layering_violations(import_graph(src, "lossfloor"), layers)
+    assert found == [
+        "src/lossfloor/cli/b.py:1: lossfloor.cli.b imports lossfloor.cli.a: "
+        "modules of layer 'commands' do not import each other",
+    ]

@@ -209,7 +209,7 @@ def test_the_plot_marks_unresolved_points_and_memorised_bounds(monkeypatch, tmp_
         CurvePoint(sigma=1.0, optimal_loss=0.05, stderr=1e-3, resolved=True),
     )
     shown = {}
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: shown.update(fig=fig))
+    monkeypatch.setattr(plots.curves, "save_figure", lambda fig, path: shown.update(fig=fig))
     plots.plot_optimal_loss(tmp_path / "c.png", [("full", Curve(points=pts))])
     ax = shown["fig"].axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -312,9 +312,11 @@ def test_api_refuses_outer_below_2_before_computing(small_set, monkeypatch, digi
         diagnose(lambda x, s, labels=None: x, digits200, [1.0], outer=1, progress=False)
 
 
-@pytest.mark.parametrize("module", ["estimate", "diagnose"])
+@pytest.mark.parametrize(
+    "module", ["estimate/__init__", "estimate/inputs", "estimate/report", "diagnose"]
+)
 def test_subcommand_modules_import_nothing_heavy_at_top_level(module):
-    """Top-level imports of cli/estimate.py and cli/diagnose.py (TYPE_CHECKING blocks aside):
+    """Top-level imports of cli/estimate/*.py and cli/diagnose.py (TYPE_CHECKING blocks aside):
     no torch, numpy, scipy, matplotlib, tqdm or lossfloor module that imports them itself."""
     tree = ast.parse((ROOT / f"src/lossfloor/cli/{module}.py").read_text())
     names = []

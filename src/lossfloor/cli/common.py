@@ -99,9 +99,9 @@ PARTIAL = ".partial"
 def _data_files() -> tuple[str, ...]:
     """The files a data folder is read from: its images (``formats.IMAGE_SUFFIXES``) and the
     labels file."""
-    from lossfloor.data.formats import _LABELS_FILE, IMAGE_SUFFIXES
+    from lossfloor.data.formats import IMAGE_SUFFIXES, LABELS_FILE
 
-    return (*(f"*{s}" for s in IMAGE_SUFFIXES), _LABELS_FILE)
+    return (*(f"*{s}" for s in IMAGE_SUFFIXES), LABELS_FILE)
 
 
 def _dest(option: str) -> str:
