@@ -201,5 +201,6 @@ def test_the_cli_help_names_each_estimator_and_the_declared_defaults(capsys):
     everywhere = [n for n, c in declared().items() if c.runs_on == frozenset(PLACES)]
     assert f"under torchrun and on streamed data: {listed(everywhere)} (" in text
     assert all("memory" in c.runs_on for c in declared().values())
+    assert "read from the capabilities declared on its class: lossfloor estimators" in text
     assert f"auto (tilted for {' and '.join(tilted)}, else plain)" in text
     assert f"auto: combined for {', '.join(combined[:-1])} and {combined[-1]}, closed" in text

@@ -94,7 +94,8 @@ def _add_estimator_option(p: argparse.ArgumentParser) -> None:
         "(the paper's sub-sampled estimators, for comparison). Each runs on data in memory; "
         "under torchrun and on streamed data: full, snis, dol, cdol and stratified (gram needs "
         "every row in one process's memory). "
-        "Their capabilities are declared on their classes (lossfloor.optimal.capabilities)",
+        "What each can do (where it runs, draws, forms, options), read from the capabilities "
+        "declared on its class: lossfloor estimators",
     )
 
 
