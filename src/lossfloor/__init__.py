@@ -11,7 +11,8 @@ The public face, imported on first use (PEP 562), so that ``import lossfloor`` s
 Data (``load_dataset``, ``Dataset``), the optimal loss (``estimate_curve``, ``make_estimator``,
 ``Curve``), a model's gap to it (``diagnose``, ``Diagnosis``), the data-size floor
 (``estimate_floor``, ``Floor``), scaling fits (``fit_scaling``, ``collect_runs``, ``read_runs``,
-``ScalingFit``, ``RunRow``) and the registries of estimators, processes, targets and schedules.
+``ScalingFit``, ``RunRow``), the registries of estimators, processes, targets and schedules, and
+the per-σ gap in a training loop of one's own (``GapTracker``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ESTIMATORS": ("lossfloor.optimal.estimators", "ESTIMATORS"),
     "Diagnosis": ("lossfloor.diagnosis", "Diagnosis"),
     "GapPoint": ("lossfloor.diagnosis", "GapPoint"),
+    "GapTracker": ("lossfloor.tracker", "GapTracker"),
     "diagnose": ("lossfloor.diagnosis", "diagnose"),
     "Floor": ("lossfloor.floor", "Floor"),
     "FloorPoint": ("lossfloor.floor", "FloorPoint"),
@@ -67,6 +69,7 @@ __all__ = [
     "Floor",
     "FloorPoint",
     "GapPoint",
+    "GapTracker",
     "PROCESSES",
     "RunRow",
     "SCHEDULES",
@@ -100,6 +103,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time, ``__getatt
     from lossfloor.scaling import RunRow, ScalingFit, fit_scaling, read_runs
     from lossfloor.scaling.collection import collect as collect_runs
     from lossfloor.schedules import SCHEDULES, get_schedule
+    from lossfloor.tracker import GapTracker
 
 
 def __getattr__(name: str) -> Any:

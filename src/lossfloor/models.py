@@ -130,6 +130,29 @@ def _diffusers_dirs(root: Path) -> tuple[Path, Path]:
     return unet_dir, sched_dir
 
 
+def scheduler_table(scheduler: Any, where: str) -> tuple[Tensor, str]:
+    """(ᾱ of the timesteps a diffusers scheduler's σ̃ is finite at, float64; its prediction
+    type): any scheduler with ``alphas_cumprod`` (DDPM, DDIM, Euler, DPM-Solver, …); a
+    zero-terminal-SNR table (ᾱ = 0, σ̃ = ∞ at the end, or Euler's 2⁻²⁴ stand-in above its
+    predecessor) is cut to its longest prefix with 0 < ᾱ strictly decreasing. UserError
+    (naming ``where``) for a scheduler without the table or with another prediction type."""
+    name = type(scheduler).__name__
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise UserError(f"{where}: scheduler {name} has no alphas_cumprod table")
+    ac = torch.as_tensor(ac, dtype=torch.float64)
+    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
+    kept = int(torch.cumprod(ok.long(), 0).sum())
+    if kept < 2:
+        raise UserError(f"{where}: alphas_cumprod of {name} is not a decreasing table")
+    config = getattr(scheduler, "config", {})
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TARGETS:
+        raise UserError(f"{where}: prediction_type {prediction!r} is not supported "
+                        f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
+    return ac[:kept], prediction
+
+
 def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu") -> Denoiser:
     """The Denoiser of ``load_diffusers`` (without its description)."""
     return load_diffusers(path, device)[0]
@@ -170,20 +193,8 @@ def load_diffusers(
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{root}: cannot load the UNet or the scheduler ({first})") from None
-    ac = getattr(scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
-    ac = torch.as_tensor(ac, dtype=torch.float64)
-    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
-    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
-    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
-    kept = int(torch.cumprod(ok.long(), 0).sum())
-    if kept < 2:
-        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
-    prediction = scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TARGETS:
-        raise UserError(f"{sched_dir}: prediction_type {prediction!r} is not supported "
-                        f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
+    ac, prediction = scheduler_table(scheduler, str(sched_dir))
+    kept = ac.numel()
     cfg = unet.config
     channels, out_channels = cfg.in_channels, cfg.out_channels
     variance = scheduler.config.get("variance_type")
@@ -206,7 +217,7 @@ def load_diffusers(
         out = unet(x_in, t, class_labels=labels).sample
         return out[:, :channels] if split else out
 
-    denoiser = Denoiser(net, VPDiscrete(ac[:kept]), PREDICTION_TARGETS[prediction],
+    denoiser = Denoiser(net, VPDiscrete(ac), PREDICTION_TARGETS[prediction],
                         scale_input=False, label_dim=num_classes)  # fmt: skip
     denoiser.unet = unet  # registers the weights with the Module (device moves, eval)
     size = cfg.sample_size
@@ -217,7 +228,7 @@ def load_diffusers(
         "scheduler": sched_class,
         "prediction_type": prediction,
         "timesteps": kept,
-        "timesteps_dropped": int(ac.numel()) - kept,
+        "timesteps_dropped": len(scheduler.alphas_cumprod) - kept,
         "image_shape": [channels, height, width],
         "num_classes": num_classes or None,
         "conditional": num_classes > 0,
