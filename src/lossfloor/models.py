@@ -22,6 +22,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser, read_protocol
+from lossfloor.diffusion.schedulers import PREDICTION_TARGETS, scheduler_table
 from lossfloor.errors import UserError
 from lossfloor.runfiles import CHECKPOINT_LATEST
 
@@ -97,10 +98,6 @@ def load_run(
     return denoiser.to(device).eval().requires_grad_(False), config
 
 
-PREDICTION_TARGETS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-"""diffusers' ``prediction_type`` → lossfloor's target (v: Salimans–Ho, diffusers' get_velocity)."""
-
-
 def _json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -128,29 +125,6 @@ def _diffusers_dirs(root: Path) -> tuple[Path, Path]:
             f"save the training scheduler there with scheduler.save_pretrained({str(root)!r})"
         )
     return unet_dir, sched_dir
-
-
-def scheduler_table(scheduler: Any, where: str) -> tuple[Tensor, str]:
-    """(ᾱ of the timesteps a diffusers scheduler's σ̃ is finite at, float64; its prediction
-    type): any scheduler with ``alphas_cumprod`` (DDPM, DDIM, Euler, DPM-Solver, …); a
-    zero-terminal-SNR table (ᾱ = 0, σ̃ = ∞ at the end, or Euler's 2⁻²⁴ stand-in above its
-    predecessor) is cut to its longest prefix with 0 < ᾱ strictly decreasing. UserError
-    (naming ``where``) for a scheduler without the table or with another prediction type."""
-    name = type(scheduler).__name__
-    ac = getattr(scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise UserError(f"{where}: scheduler {name} has no alphas_cumprod table")
-    ac = torch.as_tensor(ac, dtype=torch.float64)
-    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
-    kept = int(torch.cumprod(ok.long(), 0).sum())
-    if kept < 2:
-        raise UserError(f"{where}: alphas_cumprod of {name} is not a decreasing table")
-    config = getattr(scheduler, "config", {})
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TARGETS:
-        raise UserError(f"{where}: prediction_type {prediction!r} is not supported "
-                        f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
-    return ac[:kept], prediction
 
 
 def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu") -> Denoiser:

@@ -42,6 +42,7 @@ import torch
 
 from lossfloor.diagnosis import REL_FLOOR
 from lossfloor.diffusion.processes import Process, get_process
+from lossfloor.diffusion.schedulers import scheduler_units
 from lossfloor.diffusion.targets import Target, get_target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.curve import Curve
@@ -101,13 +102,7 @@ class GapTracker(Hook):
                 f"{str(theirs)[:12]} vs {str(mine)[:12]}); estimate J* on the data you train on"
             )
         if scheduler is not None:
-            from lossfloor.models import PREDICTION_TARGETS, scheduler_table
-
-            table, prediction = scheduler_table(scheduler, "GapTracker")
-            process, target = (
-                {"name": "vp-discrete", "alphas_cumprod": table},
-                {"name": PREDICTION_TARGETS[prediction]},
-            )
+            process, target = scheduler_units(scheduler, "GapTracker")
         self.process = get_process(process)
         self.target = get_target(target, sigma_data)
         if not (isinstance(bins, int) and bins >= 1):
