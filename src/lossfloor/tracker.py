@@ -247,12 +247,15 @@ class GapTracker(Hook):
                          "ratio": ratio, "count": w})  # fmt: skip
         return rows
 
-    def log_dict(self, prefix: str = "") -> dict[str, float]:
+    def log_dict(
+        self, prefix: str = "", rows: list[dict[str, Any]] | None = None
+    ) -> dict[str, float]:
         """{f"{prefix}gap/sigma={σ:.3g}": gap, f"{prefix}ratio/sigma={σ:.3g}": ratio} of the bins
         with samples, keyed by the bin centre (stable names across logs): what
-        accelerate's ``log``, W&B and TensorBoard take."""
+        accelerate's ``log``, W&B and TensorBoard take. ``rows``: a ``summary()`` already
+        taken (else it is taken here)."""
         out = {}
-        for k, row in enumerate(self.summary()):
+        for k, row in enumerate(self.summary() if rows is None else rows):
             if row["gap"] is None:
                 continue
             name = f"sigma={math.exp(float(self.centres[k])):.3g}"
