@@ -34,17 +34,16 @@ def test_public_name_is_the_tracker_class():
     assert lossfloor.GapTracker is GapTracker
 
 
-def test_gap_is_the_weighted_least_squares_line_at_the_bin_centre():
-    """Noise-free y = c0 + c1·u with σ on one side of the centre mostly: the line's value at
-    the centre is c0 exactly (a bin mean would be biased by c1·ū)."""
+def test_gap_is_the_least_squares_quadratic_at_the_bin_centre():
+    """Noise-free y = c0 + c1·u + c2·u² with σ mostly on one side of the centre: the fit's
+    value at the centre is c0 exactly (a bin mean would be biased by c1·ū + c2·E[u²])."""
     t = tracker(bins=4)
     lo, hi = float(t.edges[1]), float(t.edges[2])  # bin 1
     centre = 0.5 * (lo + hi)
-    u = torch.tensor([-0.3, -0.2, -0.1, 0.05, 0.3]) * (hi - lo)
-    s = torch.exp(centre + u.double())
-    c0, c1 = 0.013, -0.02
-    loss_x0 = t.optimal_loss(s) + c0 + c1 * u.double()
-    t.update_x0(s, loss_x0)
+    u = torch.tensor([-0.3, -0.2, -0.1, 0.05, 0.3], dtype=torch.float64) * (hi - lo)
+    s = torch.exp(centre + u)
+    c0, c1, c2 = 0.013, -0.02, 0.05
+    t.update_x0(s, t.optimal_loss(s) + c0 + c1 * u + c2 * u**2)
     row = t.summary()[1]
     assert row["sigma"] == pytest.approx(math.exp(centre), rel=1e-12)
     assert row["gap"] == pytest.approx(c0, abs=1e-12)
@@ -55,22 +54,38 @@ def test_gap_is_the_weighted_least_squares_line_at_the_bin_centre():
     assert all(r["gap"] is None and r["count"] == 0 for i, r in enumerate(t.summary()) if i != 1)
 
 
+def test_two_distinct_sigma_give_the_line_through_them():
+    """Two σ in a bin (a quadratic is not determined): the line through their means, read at
+    the centre (it lies between them)."""
+    t = tracker(bins=4)
+    lo, hi = float(t.edges[1]), float(t.edges[2])
+    centre = 0.5 * (lo + hi)
+    u = torch.tensor([-0.2, -0.2, 0.3, 0.3, 0.3], dtype=torch.float64) * (hi - lo)
+    y = torch.tensor([0.01, 0.03, 0.05, 0.06, 0.07], dtype=torch.float64)
+    s = torch.exp(centre + u)
+    t.update_x0(s, t.optimal_loss(s) + y)
+    row = t.summary()[1]
+    y_lo, y_hi, u_lo, u_hi = 0.02, 0.06, float(u[0]), float(u[-1])
+    assert row["gap"] == pytest.approx(y_lo + (y_hi - y_lo) * (0 - u_lo) / (u_hi - u_lo), rel=1e-9)
+
+
 def test_gap_and_stderr_equal_ordinary_least_squares_in_float64():
-    """No decay: the intercept at the centre and its standard error are OLS's, computed here
-    with numpy's lstsq and the textbook s.e. (s²·[(XᵀX)⁻¹]₀₀, n − 2 degrees of freedom)."""
+    """No decay: the quadratic's value at the centre and its standard error are OLS's,
+    computed here with numpy's lstsq and the textbook s.e. (s²·[(XᵀX)⁻¹]₀₀, n − 3 degrees of
+    freedom)."""
     g = torch.Generator().manual_seed(3)
     t = tracker(bins=3)
     lo, hi = float(t.edges[1]), float(t.edges[2])
     centre = 0.5 * (lo + hi)
     u = (torch.rand(400, generator=g, dtype=torch.float64) - 0.5) * (hi - lo)
     s = torch.exp(centre + u)
-    y = 0.02 + 0.01 * u + 0.005 * torch.randn(400, generator=g, dtype=torch.float64)
+    y = 0.02 + 0.01 * u + 0.03 * u**2 + 0.005 * torch.randn(400, generator=g, dtype=torch.float64)
     for part in torch.split(torch.arange(400), 64):
         t.update_x0(s[part], t.optimal_loss(s[part]) + y[part])
     row = t.summary()[1]
-    x = np.stack([np.ones(400), u.numpy()], 1)
+    x = np.stack([np.ones(400), u.numpy(), u.numpy() ** 2], 1)
     beta, res, *_ = np.linalg.lstsq(x, y.numpy(), rcond=None)
-    s2 = float(res[0]) / (400 - 2)
+    s2 = float(res[0]) / (400 - 3)
     se = math.sqrt(s2 * np.linalg.inv(x.T @ x)[0, 0])
     assert row["sigma"] == pytest.approx(math.exp(centre), rel=1e-12)  # |ū| < sd(u)
     assert row["gap"] == pytest.approx(beta[0], rel=1e-9)

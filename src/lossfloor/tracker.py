@@ -12,12 +12,15 @@ schedule reads it: ``schedules.optimal``).
 Bins are uniform in ln σ over the curve's range (``schedules.bins``: the same decayed sums as
 the optimal schedule's online gap). Per bin, with u_i = ln σ_i − (the bin's centre) and decayed
 weights w_i (each batch of n multiplies past weights by 2^(−n/h), h = ``half_life`` samples),
-it keeps Σw, Σw², Σwu, Σwu², Σwy, Σwuy, Σwy². The gap at u* is the weighted least-squares line
-through (u_i, y_i), a + b·u*, so a trend of the gap across the bin (and the density of σ within
-it) does not bias it; u* = 0 (the centre) unless the bin's draws lie to one side: u* is the
-centre clamped to ū ± sd(u). Its standard error is s·√((1 + (u* − ū)²/S_uu)/n_eff), s² the
-residual variance (n_eff − 2 degrees of freedom), n_eff = (Σw)²/Σw². A bin whose draws share
-one σ gives their mean there (b = 0, n_eff − 1 degrees of freedom).
+it keeps Σw·u^k (k = 0…4), Σw·u^k·y (k = 0…2), Σw·y² and Σw². The gap at u* is the weighted
+least-squares quadratic through (u_i, y_i), evaluated at u*: a bin's mean would be biased by the
+gap's trend and curvature across the bin (an x0 loss ∝ σ² has mean e^{2u} ≈ 1 + 2·Var(u), +24%
+on a bin 1.2 wide in ln σ) and by the density of σ within it. u* = 0 (the centre) unless the
+bin's draws lie to one side: u* is the centre clamped to ū ± sd(u). With X the rows (1, u, u²)
+and M = Σw·XᵀX/Σw, the standard error is s·√(x*ᵀM⁻¹x*/n_eff), s² the residual mean square
+(n_eff − 3 degrees of freedom), n_eff = (Σw)²/Σw² (exactly OLS without decay). Where the draws
+hold too few distinct σ for a quadratic (M singular to 1e-9 relative), the line (n_eff − 2), or
+with one σ their mean there (n_eff − 1).
 
 summary() rows: sigma (where the row's values hold: e^(centre + u*)), loss (J_θ = J* + gap, x0
 units), optimal_loss (J*(σ)), gap, gap_stderr, ratio = loss/optimal_loss (None where J* is 0,
@@ -53,8 +56,8 @@ from lossfloor.training.hooks import Batch, Hook, LogStep, Reducer
 
 Tensor = torch.Tensor
 
-#: The moment columns kept per bin (weights w decayed; Σw² decays with d²).
-MOMENTS = ("w", "wu", "wuu", "wy", "wuy", "wyy")
+#: The moment columns kept per bin (weights w decayed; Σw² decays with d², kept apart).
+MOMENTS = ("w", "wu", "wu2", "wu3", "wu4", "wy", "wuy", "wu2y", "wyy")
 
 
 def _fingerprint(data: Any) -> str | None:
@@ -187,7 +190,8 @@ class GapTracker(Hook):
         log_s = s.log()
         k = bin_index(log_s, self.edges)
         u = log_s - self.centres[k]
-        cols = torch.stack([torch.ones_like(u), u, u * u, y, u * y, y * y], dim=1)
+        one, u2 = torch.ones_like(u), u * u
+        cols = torch.stack([one, u, u2, u2 * u, u2 * u2, y, u * y, u2 * y, y * y], dim=1)
         n = len(s) * (self.reducer.world if self.reducer is not None else 1)
         d = decay(n, self.half_life)
         self._m = decayed_add(self._m, k, cols, d)
@@ -219,31 +223,18 @@ class GapTracker(Hook):
         rows = []
         for k in range(self.bins):
             centre = float(self.centres[k])
-            w, wu, wuu, wy, wuy, wyy = (float(x) for x in m[k])
+            w = float(m[k, 0])
             if w <= 0:
                 rows.append(_empty_row(math.exp(centre)))
                 continue
             n_eff = w * w / float(w2[k]) if w2[k] > 0 else 0.0
-            ub, yb = wu / w, wy / w
-            suu = max(wuu / w - ub * ub, 0.0)
-            suy, syy = wuy / w - ub * yb, max(wyy / w - yb * yb, 0.0)
-            spread = suu > (1e-6 * float(self.edges[1] - self.edges[0])) ** 2 and n_eff > 2
-            if spread:
-                sd = math.sqrt(suu)
-                at = min(max(0.0, ub - sd), ub + sd)
-                slope = suy / suu
-                resid, dof = max(syy - slope * suy, 0.0), n_eff - 2
-                var = resid * n_eff / dof * (1 + (at - ub) ** 2 / suu) / n_eff
-            else:
-                at, slope = ub, 0.0
-                var = syy / (n_eff - 1) if n_eff > 1 else math.nan
-            gap = yb + slope * (at - ub)
+            gap, var, at = _local_fit(m[k].numpy() / w, n_eff)
             sigma = math.exp(centre + at)
             opt = float(self.optimal_loss(sigma))
             loss = opt + gap
             ratio = loss / opt if opt > REL_FLOOR * self._top and opt > 0 else None
             rows.append({"sigma": sigma, "loss": loss, "optimal_loss": opt, "gap": gap,
-                         "gap_stderr": math.sqrt(var) if var == var else None,
+                         "gap_stderr": math.sqrt(var) if math.isfinite(var) else None,
                          "ratio": ratio, "count": w})  # fmt: skip
         return rows
 
@@ -278,6 +269,31 @@ class GapTracker(Hook):
             raise UserError("the saved GapTracker state has other σ bins than this tracker")
         self._m = torch.as_tensor(state["moments"], dtype=torch.float64).clone()
         self._w2 = torch.as_tensor(state["w2"], dtype=torch.float64).clone()
+
+
+def _local_fit(moments: np.ndarray, n_eff: float) -> tuple[float, float, float]:
+    """(the fit at u*, its variance, u*) from one bin's normalised moments E_w[u^k] (k = 0…4),
+    E_w[u^k·y] (k = 0…2), E_w[y²] (module docstring): the quadratic, else the line, else the
+    mean, whichever the draws' distinct σ determine."""
+    pu, py, yy = moments[:5], moments[5:8], float(moments[8])
+    mean_u = float(pu[1])
+    sd = math.sqrt(max(float(pu[2]) - mean_u**2, 0.0))
+    at = min(max(0.0, mean_u - sd), mean_u + sd)
+    size = 1
+    for degree in (2, 1):  # the highest degree whose normal equations are well posed
+        gram = np.array([[pu[i + j] for j in range(degree + 1)] for i in range(degree + 1)])
+        scale = np.sqrt(np.diag(gram))
+        if np.all(scale > 0) and np.linalg.cond(gram / np.outer(scale, scale)) < 1e9:
+            size = degree + 1
+            break
+    if size == 1:
+        at = mean_u  # one σ: the mean holds there
+    gram = np.array([[pu[i + j] for j in range(size)] for i in range(size)])
+    x_at = np.array([at**i for i in range(size)])
+    beta = np.linalg.solve(gram, py[:size])
+    resid, dof = max(yy - float(beta @ py[:size]), 0.0), n_eff - size
+    var = resid / dof * float(x_at @ np.linalg.solve(gram, x_at)) if dof > 0 else math.nan
+    return float(beta @ x_at), var, at
 
 
 def _empty_row(sigma: float) -> dict[str, Any]:
