@@ -235,3 +235,16 @@ def test_bad_input_is_refused_in_one_line():
 
 def test_a_curve_of_the_training_data_is_accepted():
     GapTracker(power_curve("c" * 64), data={"sha256": "c" * 64})
+
+
+def test_batches_from_a_trainer_leave_out_sigma_outside_the_bins_but_count_for_the_decay():
+    """update_x0 (the hook's path) drops σ outside the bins' range; update refuses them."""
+    t = tracker(bins=2, half_life=4)
+    s = torch.tensor([1.0, 1.0, 1e-4, 1e4], dtype=torch.float64)
+    t.update_x0(s, t.optimal_loss(s.clamp(0.01, 200)) + 0.1)
+    t.update_x0(s[:2], t.optimal_loss(s[:2]) + 0.4)
+    row = next(r for r in t.summary() if r["count"])
+    # the first batch (4 draws) decays by 2^(−2/4) when the second (2 draws) comes
+    w_old = 2 * 0.5**0.5
+    assert row["count"] == pytest.approx(w_old + 2, rel=1e-12)
+    assert row["gap"] == pytest.approx((0.1 * w_old + 0.4 * 2) / (w_old + 2), rel=1e-12)

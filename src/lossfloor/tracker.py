@@ -184,15 +184,21 @@ class GapTracker(Hook):
         self.update_x0(s, loss_x0)
 
     def update_x0(self, sigma: Tensor, loss_x0: Tensor) -> None:
-        """Add a batch already in VE σ and x0 units (what ``training.hooks.Batch`` holds)."""
+        """Add a batch already in VE σ and x0 units (what ``training.hooks.Batch`` holds); σ
+        outside the bins' range are left out (a trainer's draws may reach past the curve).
+        The decay counts the whole batch."""
         s = torch.as_tensor(sigma).detach().to("cpu", torch.float64).reshape(-1)
-        y = loss_x0.detach().to("cpu", torch.float64).reshape(-1) - self.optimal_loss(s)
+        loss = loss_x0.detach().to("cpu", torch.float64).reshape(-1)
+        n = len(s) * (self.reducer.world if self.reducer is not None else 1)
         log_s = s.log()
+        lo, hi = float(self.edges[0]), float(self.edges[-1])
+        inside = (log_s >= lo - SIGMA_RTOL) & (log_s <= hi + SIGMA_RTOL)
+        s, loss, log_s = s[inside], loss[inside], log_s[inside]
+        y = loss - self.optimal_loss(s)
         k = bin_index(log_s, self.edges)
         u = log_s - self.centres[k]
         one, u2 = torch.ones_like(u), u * u
         cols = torch.stack([one, u, u2, u2 * u, u2 * u2, y, u * y, u2 * y, y * y], dim=1)
-        n = len(s) * (self.reducer.world if self.reducer is not None else 1)
         d = decay(n, self.half_life)
         self._m = decayed_add(self._m, k, cols, d)
         self._w2 = decayed_add(self._w2, k, torch.ones_like(u), d * d)
