@@ -244,6 +244,21 @@ def test_edm_training_stats_report_is_used_where_edm_is_importable(monkeypatch):
     assert sum(k for _, k in reported) == 16
 
 
+def test_edm_wrappers_pickle_as_edm_snapshots_do(monkeypatch):
+    """EDM's loop pickles loss_fn into every snapshot: the wrapper, its tracker and its stats
+    survive a round trip with the same state."""
+    import pickle
+
+    import lossfloor.integrations.edm as edm
+
+    monkeypatch.setattr(edm, "edm_report", lambda: None)
+    loss_fn = edm.EDM2GapLoss(curve=edm_curve(), bins=4)
+    loss_fn(ToyNet(), torch.rand(8, 1, 4, 4))
+    copy = pickle.loads(pickle.dumps(loss_fn))
+    assert copy.tracker.summary() == loss_fn.tracker.summary()
+    assert copy.stats.as_dict() == loss_fn.stats.as_dict()
+
+
 def test_edm_wrapper_refuses_a_tracker_in_other_units():
     from lossfloor.integrations.edm import EDMGapLoss
 

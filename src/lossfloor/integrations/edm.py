@@ -107,8 +107,8 @@ class _GapLoss:
                 f"sigma_data={sigma_data}), not target {target.to_config()}"
             )
         self.tracker = tracker
-        self.report = edm_report()
-        self.stats = stats if stats is not None else (StatsJsonl() if self.report is None else None)
+        self.edm_stats = edm_report() is not None  # looked up per call: the loss stays picklable
+        self.stats = stats if stats is not None or self.edm_stats else StatsJsonl()
 
     def observe(self, sigma: Tensor, per_sample: Tensor) -> None:
         """The tracker's update, then each bin's per-sample gaps reported (module docstring)."""
@@ -116,11 +116,12 @@ class _GapLoss:
         self.tracker.update_x0(s, loss_x0)
         gaps = loss_x0 - self.tracker.optimal_loss(s)
         k = bin_index(s.log(), self.tracker.edges)
+        report = edm_report() if self.edm_stats else None
         for b in range(self.tracker.bins):
             name = f"Gap/sigma={math.exp(float(self.tracker.centres[b])):.3g}"
             values = gaps[k == b]
-            if self.report is not None:
-                self.report(name, values.to(per_sample.device, torch.float32))
+            if report is not None:
+                report(name, values.to(per_sample.device, torch.float32))
             elif self.stats is not None:
                 self.stats.report(name, values)
 
