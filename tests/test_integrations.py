@@ -11,10 +11,10 @@ import types
 
 import pytest
 import torch
+from test_tracker import power_curve
 
 from lossfloor.errors import UserError
 from lossfloor.tracker import GapTracker
-from tests.test_tracker import power_curve
 
 
 def fed_tracker(**kw) -> GapTracker:

@@ -4,11 +4,11 @@ each rank's summary sums the bins over both and equals one process fed the whole
 from __future__ import annotations
 
 import pytest
+from test_tracker import power_curve
 from torchrun import run_workers
 from tracker_worker import batches
 
 from lossfloor.tracker import GapTracker
-from tests.test_tracker import power_curve
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,9 @@ from lossfloor.schedules.fit import (
     fit_lognormal,
     timestep_probabilities,
 )
+
+
+FMNIST = Path(__file__).resolve().parents[1] / "docs" / "results" / "fmnist-full.json"
 
 
 def wide_curve() -> dict[str, list[float]]:
@@ -130,7 +134,7 @@ def test_schedule_fit_writes_and_prints_the_lognormal(tmp_path, capsys):
     """``lossfloor schedule --fit`` on the Fashion-MNIST curve in docs: P_mean, P_std printed
     and written (JSON key fit), the same numbers as fit_lognormal; without --fit, no key."""
     out = tmp_path / "s.json"
-    assert main(["schedule", "--curve", "docs/results/fmnist-full.json", "--out", str(out),
+    assert main(["schedule", "--curve", str(FMNIST), "--out", str(out),
                  "--fit"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     fit = json.loads(out.read_text())["fit"]
@@ -138,5 +142,5 @@ def test_schedule_fit_writes_and_prints_the_lognormal(tmp_path, capsys):
     assert fit["logit_normal"] == {"m": fit["P_mean"], "s": fit["P_std"]}
     assert set(fit["share_below_sigma_star"]) == {"optimal", "lognormal"}
     plain = tmp_path / "p.json"
-    assert main(["schedule", "--curve", "docs/results/fmnist-full.json", "--out", str(plain)]) == 0
+    assert main(["schedule", "--curve", str(FMNIST), "--out", str(plain)]) == 0
     assert "fit" not in json.loads(plain.read_text())

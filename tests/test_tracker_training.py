@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training_hooks import _ckpt, _curve, _digits, _tiny
 
 from lossfloor.tracker import GapTracker
 from lossfloor.training import train
 from lossfloor.training.monitor import GapMonitor
 from lossfloor.training.stats import read_stats
-from tests.test_training_hooks import _ckpt, _curve, _digits, _tiny
 
 
 @pytest.mark.slow
