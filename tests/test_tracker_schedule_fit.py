@@ -21,7 +21,6 @@ from lossfloor.schedules.fit import (
     timestep_probabilities,
 )
 
-
 FMNIST = Path(__file__).resolve().parents[1] / "docs" / "results" / "fmnist-full.json"
 
 
