@@ -223,6 +223,13 @@ def test_bad_input_is_refused_in_one_line():
     with pytest.raises(UserError, match="sigma= or timesteps=") as e:
         t.update(torch.ones(2))
     _one_line(e)
+    with pytest.raises(UserError, match="not finite") as e:
+        t.update(torch.tensor([1.0, math.nan]), sigma=torch.ones(2))
+    _one_line(e)
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    with pytest.raises(UserError, match=r"timesteps outside the process's \[0, 999\]") as e:
+        tracker(process=VPDiscrete(ac), target="eps").update(torch.ones(2), timesteps=[5, 1000])
+    _one_line(e)
     with pytest.raises(UserError, match="other data") as e:
         GapTracker(power_curve("a" * 64), data="b" * 64)
     _one_line(e)
@@ -231,6 +238,14 @@ def test_bad_input_is_refused_in_one_line():
     with pytest.raises(UserError, match="has no alphas_cumprod") as e:
         GapTracker(power_curve(), scheduler=FlowMatchEulerDiscreteScheduler())
     _one_line(e)
+
+
+def test_outside_skip_leaves_out_and_counts_sigma_past_the_curve():
+    t, u = tracker(outside="skip"), tracker()
+    sigma = torch.tensor([1e-4, 0.5, 2.0, 1e4], dtype=torch.float64)
+    t.update(torch.tensor([0.1, 0.2, 0.3, 0.4]), sigma=sigma)
+    u.update(torch.tensor([0.2, 0.3]), sigma=sigma[1:3])
+    assert t.skipped == 2 and t.summary() == u.summary()
 
 
 def test_a_curve_of_the_training_data_is_accepted():

@@ -78,6 +78,8 @@ class GapTracker(Hook):
     objects; ``sigma_data`` for target F). ``data``: the training data (a Dataset, its
     description or sha256), checked against the curve's. ``bins`` uniform in ln σ over
     ``sigma_range`` (default the curve's); ``half_life`` in samples (math.inf: no decay).
+    ``outside``: a σ outside the curve is an error ("error"), or left out and counted in
+    ``skipped`` ("skip": for unbounded draws such as EDM's lognormal).
     """
 
     state_key = "gap_tracker"
@@ -96,6 +98,7 @@ class GapTracker(Hook):
         sigma_range: tuple[float, float] | None = None,
         reduce: Reducer | str | None = None,
         log_every: int = 0,
+        outside: str = "error",
     ) -> None:
         self.curve = curve if isinstance(curve, Curve) else Curve.load(curve)
         mine, theirs = _fingerprint(data), (self.curve.dataset or {}).get("sha256")
@@ -129,6 +132,9 @@ class GapTracker(Hook):
         self.reducer = reduce if isinstance(reduce, Reducer) else None
         if reduce is not None and self.reducer is None:
             raise ParameterError("reduce", reduce, 'must be None, "auto" or a Reducer')
+        if outside not in ("error", "skip"):
+            raise ParameterError("outside", outside, 'must be "error" or "skip"')
+        self.outside, self.skipped = outside, 0
         self._top = float(self._j.max())
         self.reset()
 
@@ -161,18 +167,30 @@ class GapTracker(Hook):
         if v.numel() != loss.numel():
             name = "sigma" if sigma is not None else "timesteps"
             raise UserError(f"GapTracker.update: {v.numel()} {name} for {loss.numel()} losses")
+        if timesteps is not None:
+            lo_t, hi_t = self.process.t_min, self.process.t_max
+            if bool(((v < lo_t) | (v > hi_t)).any()):
+                raise UserError(
+                    f"timesteps outside the process's [{lo_t:g}, {hi_t:g}] (first: "
+                    f"{float(v[(v < lo_t) | (v > hi_t)][0]):g})"
+                )
         t = self.process.t_of_sigma_ve(v) if sigma is not None else v
         s = v if sigma is not None else self.process.sigma_ve(t)
         lo, hi = self._s[0] * (1 - SIGMA_RTOL), self._s[-1] * (1 + SIGMA_RTOL)
         outside = (s < lo) | (s > hi) | ~torch.isfinite(s)
-        if bool(outside.any()):
+        if bool(outside.any()) and self.outside == "error":
             bad = float(s[outside][0])
             raise UserError(
                 f"σ = {bad:.4g} lies outside the optimal-loss curve's [{self._s[0]:.4g}, "
-                f"{self._s[-1]:.4g}]; estimate J* over the σ range you train on"
+                f"{self._s[-1]:.4g}]; estimate J* over the σ range you train on (or build the "
+                'tracker with outside="skip")'
             )
         ell = loss.detach().to("cpu", torch.float64)
-        return s, ell / self.target.loss_factor(t, self.process)
+        if not bool(torch.isfinite(ell).all()):
+            raise UserError("GapTracker.update: a loss is not finite (NaN or inf)")
+        self.skipped += int(outside.sum())
+        keep = ~outside
+        return s[keep], ell[keep] / self.target.loss_factor(t[keep], self.process)
 
     # ----- observations ----------------------------------------------------------------------
     def update(

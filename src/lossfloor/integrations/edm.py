@@ -16,8 +16,10 @@ a ``GapTracker`` (process "edm", target F, the loss's σ_d) and is reported per 
 * else into ``stats`` (a ``StatsJsonl``), whose ``write(path)`` appends one line in EDM's
   stats.jsonl format ({name: {"num", "mean", "std"}, "timestamp"}) and starts a new period.
 
-In EDM's training/train.py: ``c.loss_kwargs.class_name = "lossfloor.integrations.edm.EDMGapLoss"``
-with ``tracker=`` (or ``curve=``: the estimate JSON the tracker is built from).
+A tracker built here from ``curve=`` leaves out (and counts in ``tracker.skipped``) the σ
+EDM's unbounded lognormal draws outside the curve. In EDM's training/train.py:
+``c.loss_kwargs.class_name = "lossfloor.integrations.edm.EDMGapLoss"`` with ``tracker=`` (or
+``curve=``: the estimate JSON the tracker is built from).
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class _GapLoss:
         if (tracker is None) == (curve is None):
             raise UserError(f"{type(self).__name__} needs tracker= or curve= (one of them)")
         if tracker is None:
-            tracker = GapTracker(curve, process="edm", target="F", sigma_data=sigma_data, bins=bins)
+            tracker = GapTracker(curve, process="edm", target="F", sigma_data=sigma_data,
+                                 bins=bins, outside="skip")  # fmt: skip
         target = tracker.target
         if not (isinstance(target, EDMF) and target.sigma_data == sigma_data):
             raise UserError(
