@@ -22,7 +22,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser, read_protocol
-from lossfloor.diffusion.schedulers import PREDICTION_TARGETS, scheduler_table
+from lossfloor.diffusion.schedulers import PREDICTION_TARGETS
 from lossfloor.errors import UserError
 from lossfloor.runfiles import CHECKPOINT_LATEST
 
@@ -98,6 +98,8 @@ def load_run(
     return denoiser.to(device).eval().requires_grad_(False), config
 
 
+
+
 def _json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -167,8 +169,20 @@ def load_diffusers(
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{root}: cannot load the UNet or the scheduler ({first})") from None
-    ac, prediction = scheduler_table(scheduler, str(sched_dir))
-    kept = ac.numel()
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
+    ac = torch.as_tensor(ac, dtype=torch.float64)
+    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
+    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
+    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
+    kept = int(torch.cumprod(ok.long(), 0).sum())
+    if kept < 2:
+        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TARGETS:
+        raise UserError(f"{sched_dir}: prediction_type {prediction!r} is not supported "
+                        f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
     cfg = unet.config
     channels, out_channels = cfg.in_channels, cfg.out_channels
     variance = scheduler.config.get("variance_type")
@@ -191,7 +205,7 @@ def load_diffusers(
         out = unet(x_in, t, class_labels=labels).sample
         return out[:, :channels] if split else out
 
-    denoiser = Denoiser(net, VPDiscrete(ac), PREDICTION_TARGETS[prediction],
+    denoiser = Denoiser(net, VPDiscrete(ac[:kept]), PREDICTION_TARGETS[prediction],
                         scale_input=False, label_dim=num_classes)  # fmt: skip
     denoiser.unet = unet  # registers the weights with the Module (device moves, eval)
     size = cfg.sample_size
@@ -202,7 +216,7 @@ def load_diffusers(
         "scheduler": sched_class,
         "prediction_type": prediction,
         "timesteps": kept,
-        "timesteps_dropped": len(scheduler.alphas_cumprod) - kept,
+        "timesteps_dropped": int(ac.numel()) - kept,
         "image_shape": [channels, height, width],
         "num_classes": num_classes or None,
         "conditional": num_classes > 0,
