@@ -98,8 +98,6 @@ def load_run(
     return denoiser.to(device).eval().requires_grad_(False), config
 
 
-
-
 def _json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
