@@ -11,8 +11,7 @@ The public face, imported on first use (PEP 562), so that ``import lossfloor`` s
 Data (``load_dataset``, ``Dataset``), the optimal loss (``estimate_curve``, ``make_estimator``,
 ``Curve``), a model's gap to it (``diagnose``, ``Diagnosis``), the data-size floor
 (``estimate_floor``, ``Floor``), scaling fits (``fit_scaling``, ``collect_runs``, ``read_runs``,
-``ScalingFit``, ``RunRow``), the registries of estimators, processes, targets and schedules, and
-the per-σ gap in a training loop of one's own (``GapTracker``).
+``ScalingFit``, ``RunRow``) and the registries of estimators, processes, targets and schedules.
 """
 
 from __future__ import annotations
