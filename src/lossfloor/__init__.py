@@ -40,6 +40,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ESTIMATORS": ("lossfloor.optimal.estimators", "ESTIMATORS"),
     "Diagnosis": ("lossfloor.diagnosis", "Diagnosis"),
     "GapPoint": ("lossfloor.diagnosis", "GapPoint"),
+    "GapTracker": ("lossfloor.tracker", "GapTracker"),
     "diagnose": ("lossfloor.diagnosis", "diagnose"),
     "Floor": ("lossfloor.floor", "Floor"),
     "FloorPoint": ("lossfloor.floor", "FloorPoint"),
@@ -71,6 +72,7 @@ __all__ = [
     "Floor",
     "FloorPoint",
     "GapPoint",
+    "GapTracker",
     "PROCESSES",
     "Result",
     "RunRow",
@@ -108,6 +110,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time, ``__getatt
     from lossfloor.scaling.collection import collect as collect_runs
     from lossfloor.schedules import SCHEDULES, get_schedule
     from lossfloor.schedules.optimal import ScheduleTable
+    from lossfloor.tracker import GapTracker
 
 
 def __getattr__(name: str) -> Any:

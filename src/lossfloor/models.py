@@ -22,6 +22,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser, read_protocol
+from lossfloor.diffusion.schedulers import PREDICTION_TARGETS
 from lossfloor.errors import UserError
 from lossfloor.runfiles import CHECKPOINT_LATEST
 
@@ -95,10 +96,6 @@ def load_run(
     denoiser = Denoiser(net, config["process"], config["target"], config["train"]["sigma_data"],
                         label_dim=num_classes)  # fmt: skip
     return denoiser.to(device).eval().requires_grad_(False), config
-
-
-PREDICTION_TARGETS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-"""diffusers' ``prediction_type`` → lossfloor's target (v: Salimans–Ho, diffusers' get_velocity)."""
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ a gap, tabulated to JSON and plotted. Its options are shared with ``lossfloor tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from lossfloor.cli.common import PARAM_OPTIONS, Declared, add_schedule_options, build_schedule
 
@@ -20,6 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", default=None, metavar="FILE.csv",
                    help="the grid as CSV (units in the header)")  # fmt: skip
     p.add_argument("--plot", default=None, metavar="SCHEDULE.png", help="w, p and J* against σ")
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="also the lognormal closest to the density: EDM's P_mean, P_std (SD3's "
+        "logit-normal m, s), its KL, shares below σ* and above 10σ* (JSON key fit)",
+    )
     p.set_defaults(
         run=run,
         param_options=PARAM_OPTIONS,
@@ -34,12 +41,23 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     schedule = build_schedule(args, allow_online=False)
     table = schedule.tabulated()
+    if args.fit:
+        from lossfloor.schedules.fit import fit_lognormal
+
+        table = dataclasses.replace(table, fit=fit_lognormal(schedule).to_json())
     table.save(args.out)
     if args.csv:
         table.to_csv(args.csv)
     resolved = table.params["resolved"]
     print(f"σ* = {resolved['sigma_star']:.4g}, w_max = {resolved['w_max']:.4g}; "
           f"{len(table.sigma)} grid points written to {args.out}")  # fmt: skip
+    if table.fit is not None:
+        fit = table.fit
+        below, above = fit["share_below_sigma_star"], fit["share_above_10_sigma_star"]
+        print(f"lognormal fit: P_mean = {fit['P_mean']:.4f}, P_std = {fit['P_std']:.4f} (SD3 "
+              f"logit-normal m, s: the same), KL = {fit['kl']:.4f} nats; share below σ*: "
+              f"{below['optimal']:.3f} optimal, {below['lognormal']:.3f} lognormal; above 10σ*: "
+              f"{above['optimal']:.3f}, {above['lognormal']:.3f}")  # fmt: skip
     if args.plot:
         write_plot(args.plot, lambda: plot_schedule(args.plot, table.json_fields()), args.out)
     return 0

@@ -79,6 +79,23 @@ class NoiseSchedule(ABC):
         schedule (module docstring); nothing to check by default."""
         return None
 
+    def sample_with_weights(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(σ ~ p, w(σ) in x0 units) for any loop (``schedules.fit.sample_with_weights``)."""
+        from lossfloor.schedules.fit import sample_with_weights
+
+        return sample_with_weights(self, n, generator)
+
+    def sample_timesteps(
+        self, n: int, scheduler: Any, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(a diffusers scheduler's timesteps drawn by this density, weights in its prediction
+        units) (``schedules.fit.sample_timesteps``)."""
+        from lossfloor.schedules.fit import sample_timesteps
+
+        return sample_timesteps(self, n, scheduler, generator)
+
     def to_config(self) -> dict[str, Any]:
         """The name and parameters, JSON-serialisable (``get_schedule`` rebuilds it)."""
         return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]

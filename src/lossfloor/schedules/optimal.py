@@ -58,6 +58,7 @@ from lossfloor.diffusion.targets import Target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.results import Result
 from lossfloor.schedules.base import SCHEDULES, NoiseSchedule, _f64
+from lossfloor.schedules.bins import bin_index, decay, decayed_add, log_edges
 from lossfloor.sigmas import SIGMA_RTOL
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class ScheduleTable(Result):
     FORMAT: ClassVar[str] = "lossfloor-schedule"
     WHAT: ClassVar[str] = "an optimal-loss schedule"
     CSV_COLUMNS: ClassVar[Mapping[str, str]] = CSV_COLUMNS
+    OMIT: ClassVar[Mapping[str, Any]] = {"fit": None}
 
     sigma: list[float]
     log_sigma_density: list[float]
@@ -174,6 +176,8 @@ class ScheduleTable(Result):
     optimal_loss: list[float]
     gap: list[float] | None
     params: dict[str, Any]
+    #: ``lossfloor schedule --fit``: the closest lognormal (``schedules.fit.fit_lognormal``).
+    fit: dict[str, Any] | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per grid point (the gap empty without a gap source)."""
@@ -284,10 +288,7 @@ class OptimalLossSchedule(NoiseSchedule):
                 )  # fmt: skip
         elif self.gap not in (None, "online"):
             raise ParameterError("gap", self.gap, 'must be None, "online" or a gap table')
-        edges = torch.linspace(
-            math.log(self.sigma_min), math.log(self.sigma_max), self.bins + 1, dtype=torch.float64
-        )
-        self._bin_edges = edges
+        self._bin_edges = log_edges(self.sigma_min, self.sigma_max, self.bins)
         self._sum = torch.zeros(self.bins, dtype=torch.float64)
         self._count = torch.zeros(self.bins, dtype=torch.float64)
         self._tabulate()
@@ -489,12 +490,9 @@ class OptimalLossSchedule(NoiseSchedule):
             return
         s = _f64(sigma).detach().cpu()
         diff = loss_x0.detach().double().cpu() - self._optimal(s)
-        k = torch.bucketize(s.log(), self._bin_edges[1:-1])
-        decay = 0.5 ** (len(s) / self.halflife)
-        self._sum = decay * self._sum + torch.zeros_like(self._sum).index_add_(0, k, diff)
-        self._count = decay * self._count + torch.zeros_like(self._count).index_add_(
-            0, k, torch.ones_like(diff)
-        )
+        k, d = bin_index(s.log(), self._bin_edges), decay(len(s), self.halflife)
+        self._sum = decayed_add(self._sum, k, diff, d)
+        self._count = decayed_add(self._count, k, torch.ones_like(diff), d)
         self._tabulate()
 
     def state_dict(self) -> dict[str, Any]:

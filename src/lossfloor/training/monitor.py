@@ -1,4 +1,5 @@
-"""A training hook that logs the gap to a cached optimal-loss curve on fixed draws."""
+"""A training hook that logs the gap to a cached optimal-loss curve on fixed draws, and the
+per-σ-bin gap of the training losses themselves (``lossfloor.GapTracker``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from lossfloor.diagnosis import DenoiserFn, model_per_sample_loss
 from lossfloor.diffusion.denoiser import as_denoiser
 from lossfloor.optimal import Curve
 from lossfloor.optimal.outer import OuterPlan
-from lossfloor.training.hooks import Hook, LogStep
+from lossfloor.tracker import GapTracker
+from lossfloor.training.hooks import Batch, Hook, LogStep
 
 
 class GapMonitor(Hook):
@@ -23,7 +25,10 @@ class GapMonitor(Hook):
     ``gap = {σ: J_θ − J*}`` of the log step's model (the trainer's EMA denoiser). As a callback:
     ``monitor(step, denoiser, record)`` (any denoiser with EDM's protocol) sets
     ``record["gap"]``. The draws (``n`` sources and noises) are fixed at construction, so
-    successive values are paired.
+    successive values are paired. As a hook it also feeds ``tracker`` (a ``GapTracker`` on the
+    curve, summed over the processes) each batch's σ and x0 losses and logs its rows as
+    ``gap_bins`` once it has any: the gap of the training losses, no extra forward passes (not
+    checkpointed: a resumed run's starts anew).
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class GapMonitor(Hook):
         self.labels = dataset.labels if labels else None
         self.log_every = log_every
         self.seconds = 0.0
+        self.tracker = GapTracker(curve, reduce="auto")
 
     def gaps(self, denoiser: DenoiserFn) -> dict[str, float]:
         """{f"{σ:g}": J_θ(σ) − J*(σ)} on the fixed draws (its time added to ``seconds``)."""
@@ -58,8 +64,15 @@ class GapMonitor(Hook):
         self.seconds += time.perf_counter() - t0
         return gaps
 
+    def on_batch(self, batch: Batch) -> None:
+        self.tracker.on_batch(batch)
+
     def on_log(self, log: LogStep) -> dict[str, Any]:
-        return {"gap": self.gaps(log.model)} if log.main else {}
+        rows = self.tracker.summary()  # on every process: it sums over them
+        if not log.main:
+            return {}
+        seen = any(row["count"] for row in rows)
+        return {"gap": self.gaps(log.model), **({"gap_bins": rows} if seen else {})}
 
     def __call__(self, step: int, denoiser: DenoiserFn, record: dict[str, Any]) -> None:
         record["gap"] = self.gaps(denoiser)
