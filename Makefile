@@ -23,8 +23,8 @@ demo: $(STAMP)
 # ruff, then mypy on the modules listed in pyproject's [tool.mypy] files (those that check
 # clean so far; the rest are listed there too, to be added as they are cleaned).
 lint: typecheck
-	$(VENV)/bin/ruff check src tests benchmarks experiments
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments
+	$(VENV)/bin/ruff check src tests benchmarks experiments examples
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
