@@ -5,18 +5,21 @@ restructuring changed none of them (bitwise).
     python benchmarks/fingerprint_outputs.py OUT.json --compare BEFORE.json
 
 Each case runs one CLI command (digits; a 2-process estimate under torchrun) in a scratch
-folder and hashes what it wrote: JSON with keys that are times or versions dropped (floats
-hashed by their exact repr), CSV rows, checkpoint tensors by their bytes, stats.jsonl without
-times. A refused command is fingerprinted by its exit code and its one-line message. Results
-are compared only on one machine (float32 bits differ across CPUs).
+folder and hashes what it wrote: JSON with keys that are times or versions dropped, and a
+result file's header "format"/"version" (floats hashed by their exact repr), CSV rows without
+time columns, checkpoint tensors by their bytes, stats.jsonl without times and rates; paths in
+the scratch folder read TMP. A refused command is fingerprinted by its exit code and its
+one-line message. Results are compared only on one machine (float32 bits differ across CPUs).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,17 +28,38 @@ from pathlib import Path
 import numpy as np
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-VOLATILE = ("seconds", "time", "elapsed", "lossfloor_version", "torch_version", "date", "host")
+VOLATILE = (
+    "seconds",
+    "time",
+    "elapsed",
+    "per_s",
+    "lossfloor_version",
+    "torch_version",
+    "date",
+    "host",
+)
+#: The header of a result file (``lossfloor.results``): the kind's tag and layout version, not
+#: numbers; dropped at the top level so a header change leaves a result's fingerprint as it was.
+HEADER = ("format", "version")
+#: The scratch folder, written as TMP wherever a file names a path in it.
+SCRATCH = [""]
 SMALL = ["--sigmas", "0.05:20:6", "--outer", "256", "--seed", "3"]
 ESTIMATORS = ["full", "stratified", "gram", "snis", "dol", "cdol"]
 
 
-def canon(value):
-    """JSON value with volatile keys dropped, recursively."""
+def canon(value, top=True):
+    """JSON value with volatile keys dropped, recursively, and the result header (HEADER) at
+    the top level."""
     if isinstance(value, dict):
-        return {k: canon(v) for k, v in sorted(value.items()) if not any(s in k for s in VOLATILE)}
+        return {
+            k: canon(v, False)
+            for k, v in sorted(value.items())
+            if not any(s in k for s in VOLATILE) and not (top and k in HEADER)
+        }
     if isinstance(value, list):
-        return [canon(v) for v in value]
+        return [canon(v, False) for v in value]
+    if isinstance(value, str) and SCRATCH[0]:
+        return value.replace(SCRATCH[0], "TMP")
     return repr(value) if isinstance(value, float) else value
 
 
@@ -65,6 +89,11 @@ def digest(path: Path) -> str:
                 h.update(f"{key}={obj!r}".encode())
 
         walk(torch.load(path, map_location="cpu", weights_only=False))
+    elif path.suffix == ".csv":
+        rows = list(csv.reader(path.read_text().splitlines()))
+        keep = [i for i, c in enumerate(rows[0]) if not any(s in c for s in VOLATILE)]
+        for row in rows:
+            h.update(repr([row[i] for i in keep if i < len(row)]).encode())
     else:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -118,7 +147,7 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         "--target-rse",
         "0.05",
         "--max-outer",
-        "1024",
+        "8192",
     ]
     c["full-heldout"] = [
         "estimate",
@@ -135,7 +164,7 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         c[f"{est}-stream"] = [
             "estimate",
             "--data",
-            str(tmp / "train.npz"),
+            str(tmp / "train.npy"),
             *SMALL,
             "--stream",
             "--chunk-mb",
@@ -225,11 +254,22 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         str(tmp / "full-plain" / "out.json"),
         "--gap",
         "online",
+        "--sigma-min",
+        "0.05",
+        "--sigma-max",
+        "20",
         "--no-progress",
         "--device",
         "cpu",
     ]
     return c  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port free now (several checks may run at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
@@ -243,12 +283,13 @@ def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
     }
     if argv[0] == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29731", "-m", "lossfloor", *argv[1:]]  # fmt: skip
+               "--master_port", str(free_port()), "-m", "lossfloor", *argv[1:]]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "lossfloor", *argv]
-    if argv[0] in ("estimate", "diagnose", "floor", "schedule"):
-        cmd += ["--out", str(out / "out.json"), "--quiet"]
-    if argv[0] in ("estimate", "diagnose"):
+    command = argv[1] if argv[0] == "torchrun" else argv[0]
+    if command in ("estimate", "diagnose", "floor", "schedule"):
+        cmd += ["--out", str(out / "out.json")] + (["--quiet"] if command != "schedule" else [])
+    if command in ("estimate", "diagnose"):
         cmd += ["--csv", str(out / "out.csv")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     result = {"rc": str(p.returncode)}
@@ -257,7 +298,7 @@ def run_case(name: str, argv: list[str], tmp: Path) -> dict[str, str]:
     for f in sorted(out.rglob("*")) if argv[0] != "train" else []:
         if f.is_file() and not f.name.endswith(".partial"):
             result[f.name] = digest(f)
-    if argv[0] == "train":
+    if argv[0] == "train" and not p.returncode:
         run = Path(argv[argv.index("--run-dir") + 1])
         for f in sorted(run.iterdir()):
             if f.suffix in (".pt", ".jsonl"):
@@ -273,11 +314,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        SCRATCH[0] = str(tmp)
         from sklearn.datasets import load_digits
 
         x = load_digits().data.astype(np.float32) / 8.0 - 1.0
         y = load_digits().target
         np.savez(tmp / "train.npz", x=x[:1200].reshape(-1, 1, 8, 8), y=y[:1200])
+        np.save(tmp / "train.npy", x[:1200].reshape(-1, 1, 8, 8))
         np.savez(tmp / "heldout.npz", x=x[1200:].reshape(-1, 1, 8, 8), y=y[1200:])
         todo = cases(tmp)
         if args.only:

@@ -25,8 +25,9 @@ from lossfloor.data.chunked import open_chunked
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
 from lossfloor.optimal.capabilities import PLACES, Capabilities, listed
+from lossfloor.optimal.draws import resolve_draws
 from lossfloor.optimal.estimators import declared
-from lossfloor.optimal.outer import resolve_draws, resolve_form
+from lossfloor.optimal.moments import resolve_form
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 WORKER = Path(__file__).parent / "capabilities_worker.py"

@@ -8,8 +8,9 @@ import torch
 
 import lossfloor.optimal.neighbours as nb
 from lossfloor.optimal.cache import canonical
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.estimators import Pool
-from lossfloor.optimal.outer import OuterPlan, make_pools
+from lossfloor.optimal.outer import make_pools
 
 
 def brute_force(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,9 +4,10 @@ copy give the same bits as the plain formulas, and leave the caller's data untou
 import pytest
 import torch
 
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import augment
-from lossfloor.optimal.outer import OuterPlan, make_pools
+from lossfloor.optimal.outer import make_pools
 
 
 def reference(data: torch.Tensor, dtype: torch.dtype) -> Pool:

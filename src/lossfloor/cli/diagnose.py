@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.floor import Floor, check_floor, check_heldout, read_heldout
     from lossfloor.models import load_model
     from lossfloor.optimal import Curve
-    from lossfloor.optimal.outer import check_outer
+    from lossfloor.optimal.draws import check_outer
     from lossfloor.plots import plot_diagnosis
 
     check_args(args)

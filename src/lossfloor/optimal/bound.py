@@ -36,9 +36,9 @@ from functools import cache
 import numpy as np
 import torch
 
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import logit_error_bound
-from lossfloor.optimal.outer import OuterPlan
 
 Tensor = torch.Tensor
 

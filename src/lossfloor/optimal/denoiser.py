@@ -7,9 +7,11 @@ from torch import nn
 
 from lossfloor.data import Dataset
 from lossfloor.errors import UserError
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import posterior_mean
-from lossfloor.optimal.outer import base_dtype, choose_dtype
+from lossfloor.optimal.outer import PoolsByDtype
+from lossfloor.optimal.precision import base_dtype, choose_dtype
 
 Tensor = torch.Tensor
 
@@ -27,18 +29,15 @@ class OptimalDenoiser(nn.Module):
         base_dtype(precision)  # an unknown policy fails here, not at the first call
         self.precision = precision
         flat = dataset.flat()
-        if conditional:
-            self.groups = {
-                c: flat[dataset.labels == c] for c in torch.unique(dataset.labels).tolist()
-            }
-        else:
-            self.groups = {-1: flat}
-        self._pools: dict[tuple[int, torch.dtype], Pool] = {}
+        keys = torch.unique(dataset.labels).tolist() if conditional else [-1]
+        self.groups = {key: i for i, key in enumerate(keys)}  # class → its pool's index
+        # the plan's draws play no part: its groups (every point, or each class) are the pools'
+        labels = dataset.labels if conditional else None
+        plan = OuterPlan.build(flat, labels, max(2, flat.shape[0]), 0, conditional)
+        self._pools = PoolsByDtype(plan, torch.device("cpu"))
 
     def _pool(self, key: int, dtype: torch.dtype) -> Pool:
-        if (key, dtype) not in self._pools:
-            self._pools[(key, dtype)] = Pool.from_data(self.groups[key], dtype, "cpu")
-        return self._pools[(key, dtype)]
+        return self._pools(dtype)[self.groups[key]]
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         if self.conditional and labels is None:

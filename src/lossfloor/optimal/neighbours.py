@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from lossfloor.optimal.cache import cache_path, read_arrays, write_arrays
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.estimators import Pool
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, keys_per_tile
-from lossfloor.optimal.outer import OuterPlan
 
 Tensor = torch.Tensor
 
