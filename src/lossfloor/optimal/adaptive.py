@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -83,9 +83,10 @@ def adaptive_values(
     value, se = Moments.from_samples(first).pick(form)
     est = estimator
     n = min(members.numel() for members, _ in plan.groups)
-    if estimator.capabilities.adapts_inner and estimator.inner < n:
-        big = estimator.inner
-        wider = dataclasses.replace(estimator, inner=min(n, 2 * big))
+    ratio: Any = estimator  # adapts_inner: a dataclass with a far sample ``inner`` (Stratified)
+    if estimator.capabilities.adapts_inner and ratio.inner < n:
+        big = ratio.inner
+        wider = dataclasses.replace(ratio, inner=min(n, 2 * big))
         second, dtype = run(wider, pilot, dtype)
         value2, se2 = Moments.from_samples(second).pick(form)
         slope = (value - value2) / (1 / big - 1 / wider.inner)  # b in J_L = J + b/L
@@ -95,7 +96,7 @@ def adaptive_values(
             if size <= wider.inner:
                 est, first, value, se = wider, second, value2, se2
             else:
-                est = dataclasses.replace(estimator, inner=size)
+                est = dataclasses.replace(ratio, inner=size)
                 first, dtype = run(est, pilot, dtype)
                 value, se = Moments.from_samples(first).pick(form)
     need = outer_for(pilot, value, se, target)

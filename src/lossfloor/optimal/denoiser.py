@@ -46,7 +46,7 @@ class OptimalDenoiser(nn.Module):
         flat = x.reshape(n, -1)
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).cpu()
         s = s.expand(n) if s.numel() == 1 else s
-        keys = labels.reshape(-1).tolist() if self.conditional else [-1] * n
+        keys = labels.reshape(-1).tolist() if labels is not None and self.conditional else [-1] * n
         unknown = sorted(set(keys) - set(self.groups))
         if unknown:
             raise UserError(f"the optimal denoiser has no data points of class {unknown[0]}")

@@ -251,7 +251,7 @@ def tilt_group(
     block's ``TiltBlock`` for the next σ."""
     if pool.neighbours is None:
         raise UserError("tilted draws need the pools' neighbour tables")
-    x, src_d, table = _tilt_rows(pool, sources)
+    x, src_d, table = _tilt_rows(pool, pool.neighbours, sources)
     key = (block, group, pool.x.dtype)
     tilt = None if tilt_cache is None else tilt_cache.get(key)
     if tilt is None:
@@ -303,13 +303,14 @@ def join_samples(first: PerSample, rest: PerSample) -> PerSample:
     )
 
 
-def _tilt_rows(pool: Pool, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(rows, sources, neighbour table) for one block's tilted draws: the pool's own, or, for a
+def _tilt_rows(pool: Pool, neighbours: Tensor, sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, sources, neighbour table) for one block's tilted draws (``neighbours``: the pool's
+    table): the pool's own, or, for a
     sharded pool, the gathered rows of the sources and their neighbours, renumbered into them
     (the same on every σ, so a cached ``TiltBlock`` stays valid)."""
     if pool.shards == 1 and pool.x.shape[0] == pool.n:  # every row in memory
-        return pool.x, sources, pool.neighbours
-    table = pool.neighbours.to(sources.device)[sources, : TILT_NEIGHBOURS + 1]
+        return pool.x, sources, neighbours
+    table = neighbours.to(sources.device)[sources, : TILT_NEIGHBOURS + 1]
     needed, inverse = torch.unique(table, return_inverse=True)  # column 0: the source itself
     shape = (needed.numel(), table.shape[1])
     renumbered = torch.full(shape, -1, dtype=torch.long, device=sources.device)

@@ -111,9 +111,7 @@ def estimate_curve(
         estimator = as_estimator(estimator, len(x))
         adaptive = adaptive_sizes(target_rse, max_outer, outer)
         m = adaptive[2] if adaptive is not None else len(x) if outer is None else outer
-        plan = OuterPlan.build(x, labels, m, seed, conditional)
-        for members, _ in plan.groups:
-            estimator.check(members.numel())
+        plan = _plan(x, labels, m, seed, conditional, estimator)
         base_dtype(precision)  # an unknown policy fails before any work
         draws = resolve_draws(draws, estimator)
         check_sharded(estimator, conditional, group, streamed=isinstance(x, ChunkedDataset))
@@ -129,11 +127,7 @@ def estimate_curve(
         group.check_same("data", plan.fingerprint, f"sha256 {plan.fingerprint[:12]}…")
         group.check_same("options", json.dumps([options, list(sigmas)], default=str))
     if checkpoint is not None:
-        with group.together():
-            saved = _resume(checkpoint, options, plan, sigmas, restart, run.progress)
-        saved.writes = group.main
-        group.check_same("checkpoints", str(sorted(saved.done)))
-        run = dataclasses.replace(run, saved=saved)
+        run = dataclasses.replace(run, saved=_resume(run, checkpoint, options, sigmas, restart))
     curve = Curve(points=tuple(_estimate_points(run, sigmas)), data_variance=run.variance,
                   dataset=described, **options)  # fmt: skip
     if schedule is not None:
@@ -333,17 +327,47 @@ def _estimate_point(run: EstimateRun, sigma: float) -> CurvePoint:
     return run.point(sigma, samples, dtype, time.perf_counter() - t0, used)
 
 
+def _plan(
+    x: torch.Tensor | ChunkedDataset,
+    labels: torch.Tensor | None,
+    m: int,
+    seed: int,
+    conditional: bool,
+    estimator: Estimator,
+) -> OuterPlan:
+    """The plan of M draws, each of its groups checked as the estimator's pool."""
+    plan = OuterPlan.build(x, labels, m, seed, conditional)
+    for members, _ in plan.groups:
+        estimator.check(members.numel())
+    return plan
+
+
 def _resume(
+    run: EstimateRun,
     path: str | os.PathLike[str],
     options: dict,
-    plan: OuterPlan,
     sigmas: Sequence[float],
     restart: bool,
-    announce: bool,
 ) -> Checkpoint:
-    """The checkpoint at ``path`` for these options and draws (logging at INFO which of
-    ``sigmas`` it holds, if ``announce``); refused where its points do not read as points."""
-    draws = [plan.fingerprint, plan.conditional]
+    """The checkpoint at ``path`` for these options and the run's draws, the same on every
+    process (rank 0 writes; logging at INFO which of ``sigmas`` it holds, if the run shows
+    progress); refused where its points do not read as points."""
+    with run.group.together():
+        saved = _open(path, [run.plan.fingerprint, run.plan.conditional], options, restart)
+        found = [s for s in sigmas if _find(saved, s) is not None]
+        if run.progress and found:
+            listed = ", ".join(f"{s:.4g}" for s in found)
+            log.info("resuming: %d of %d σ already computed in %s (σ = %s)", len(found),
+                     len(sigmas), saved.path, listed)  # fmt: skip
+    saved.writes = run.group.main
+    run.group.check_same("checkpoints", str(sorted(saved.done)))
+    return saved
+
+
+def _open(path: str | os.PathLike[str], draws: list, options: dict, restart: bool) -> Checkpoint:
+    """The checkpoint at ``path`` under the key of everything a point's numbers depend on: the
+    draws (data fingerprint, conditional; M and seed are options), the estimator, the form, the
+    precision, process and target."""
     key = checkpoint_key([CHECKPOINT_FORMAT, draws, options])
     saved = Checkpoint.open(path, key, "an estimate", restart)
     try:
@@ -354,11 +378,6 @@ def _resume(
             "restart", None, f"{path} is not a checkpoint of an estimate; delete it, or set "
             "{option} to overwrite it",
         ) from None  # fmt: skip
-    found = [s for s in sigmas if _find(saved, s) is not None]
-    if announce and found:
-        listed = ", ".join(f"{s:.4g}" for s in found)
-        log.info("resuming: %d of %d σ already computed in %s (σ = %s)", len(found),
-                 len(sigmas), saved.path, listed)  # fmt: skip
     return saved
 
 

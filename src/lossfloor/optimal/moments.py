@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 
@@ -166,11 +166,11 @@ def curve_point(
     mom = Moments.from_samples(samples)
     value, se = mom.pick(form)
     value = max(value, 0.0)  # J* is an expected squared error: a negative mean is noise
-    sizes = {}
+    sizes: dict[str, Any] = {}
     if used is not None:
         sizes = {
             "outer": used[0],
-            "inner": used[1].inner if used[1].capabilities.adapts_inner else None,
+            "inner": cast(Any, used[1]).inner if used[1].capabilities.adapts_inner else None,
             "rse": se / value if value > 0 else None,
         }
     # tilted draws bound the closed form's rounding; not finite where σ² underflows the logits
