@@ -36,8 +36,8 @@ from common import machine
 from lossfloor.data import load_dataset
 from lossfloor.io import write_json
 from lossfloor.optimal import Pool
+from lossfloor.optimal.draws import OUTER_BLOCK
 from lossfloor.optimal.kernel import augment, keys_per_tile
-from lossfloor.optimal.outer import OUTER_BLOCK
 
 SIGMAS = (1.0, 10.0)
 OUTER = 6000

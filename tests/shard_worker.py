@@ -21,7 +21,7 @@ from lossfloor.data.chunked import ChunkedDataset, open_chunked
 from lossfloor.data.formats import Items
 from lossfloor.distributed import launched
 from lossfloor.optimal import estimate_curve, make_estimator
-from lossfloor.optimal.estimate import Checkpoint
+from lossfloor.optimal.checkpoint import Checkpoint
 
 #: float64: the comparisons with one process are then tight (``_tolerance`` in the test: the
 #: float32 closed form's rounding bound is ~1e-3 at σ = 0.5 here, above J* itself); the

@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(estimate_module, "per_sample_values", flaky)
     assert run_cli(capsys, *args, "--out", str(out))[0] == 130
     assert not out.exists()
-    assert len(json.loads((tmp_path / "run.json.partial").read_text())["points"]) == 2
+    assert len(json.loads((tmp_path / "run.json.partial").read_text())["done"]) == 2
     monkeypatch.setattr(estimate_module, "per_sample_values", real)
     rc, _, err = run_cli(capsys, *args, "--out", str(out))
     assert rc == 0, err

@@ -101,7 +101,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(launch, tmp_path):
     assert results[0]["across"]["rc"] == 0
     partial = tmp_path / "across.json.partial"
     partial.write_bytes((out / "across.json.partial").read_bytes())
-    saved = json.loads(partial.read_text())["points"]
+    saved = list(json.loads(partial.read_text())["done"].values())
     argv = [*estimate(out / "points.npy"), "--quiet", "--out", str(tmp_path / "across.json")]
     assert lossfloor.cli.main(argv) == 0
     assert not partial.exists()

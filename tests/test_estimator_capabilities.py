@@ -26,8 +26,9 @@ from lossfloor.distributed import Group
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal import ESTIMATORS, make_estimator
 from lossfloor.optimal.capabilities import PLACES, Capabilities, listed
+from lossfloor.optimal.draws import resolve_draws
 from lossfloor.optimal.estimators import declared
-from lossfloor.optimal.outer import resolve_draws, resolve_form
+from lossfloor.optimal.moments import resolve_form
 from lossfloor.optimal.stream import StreamedPool
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]

@@ -12,13 +12,15 @@ import pytest
 import torch
 
 import lossfloor.optimal.estimate as estimate_module
+import lossfloor.optimal.sweep as sweep_module
 from lossfloor.cli import main
 from lossfloor.data import load_dataset
 from lossfloor.errors import ParameterError
 from lossfloor.optimal import ESTIMATORS, Full, Gram, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import two_point_optimal_loss
-from lossfloor.optimal.estimate import Checkpoint
-from lossfloor.optimal.outer import resolve_draws, resolve_form
+from lossfloor.optimal.checkpoint import Checkpoint
+from lossfloor.optimal.draws import resolve_draws
+from lossfloor.optimal.moments import resolve_form
 from lossfloor.optimal.pools import Pool
 
 #: Two points ±a in 16 dims, ‖a‖ = R (tests/test_optimal_rare_events.py).
@@ -235,7 +237,7 @@ def test_grid_values_do_not_depend_on_the_thread_count_and_restore_it(digits):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch):
-    """M = 1500 (two outer blocks): the sweep (``_grid_values``, no ``per_sample_values``)
+    """M = 1500 (two outer blocks): the sweep (``sweep._grid_values``, no ``per_sample_values``)
     gives the numbers of gram run σ by σ through ``per_sample_values``, bitwise."""
     x, sigmas = digits.x[:400], [0.2, 0.7, 2.0, 8.0]
     kw = dict(outer=1500, seed=5, draws="plain", precision=precision, progress=False)
@@ -246,7 +248,7 @@ def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch)
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
     sweep = estimate_curve(x, sigmas, est, **kw)
     assert calls == []
-    monkeypatch.setattr(estimate_module, "_sweeps", lambda *a: False)
+    monkeypatch.setattr(estimate_module, "sweeps", lambda *a: False)
     by_sigma = estimate_curve(x, sigmas, est, **kw)
     assert calls == sigmas
     assert without_seconds(sweep.to_json()) == without_seconds(by_sigma.to_json())
@@ -371,22 +373,22 @@ def test_checkpoint_is_removed_and_an_interrupted_sweep_resumes(digits, tmp_path
     real_add = Checkpoint.add
     adds = []
 
-    def flaky(self, point):
-        adds.append(point.sigma)
+    def flaky(self, name, point):
+        adds.append(point["sigma"])
         if len(adds) == 3:
             raise KeyboardInterrupt
-        real_add(self, point)
+        real_add(self, name, point)
 
     monkeypatch.setattr(Checkpoint, "add", flaky)
     with pytest.raises(KeyboardInterrupt):
         estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
-    held = [p["sigma"] for p in json.loads(ckpt.read_text())["points"]]
+    held = [p["sigma"] for p in json.loads(ckpt.read_text())["done"].values()]
     assert held == adds[:2]
 
     monkeypatch.setattr(Checkpoint, "add", real_add)
-    real_grid = estimate_module._grid_values
+    real_grid = sweep_module._grid_values
     swept = []
-    monkeypatch.setattr(estimate_module, "_grid_values",
+    monkeypatch.setattr(sweep_module, "_grid_values",
                         lambda *a: swept.extend(a[2]) or real_grid(*a))  # fmt: skip
     resumed = estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
     assert sorted(swept) == sorted(s for s in sigmas if s not in held)

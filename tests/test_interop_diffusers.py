@@ -13,7 +13,7 @@ from lossfloor.data import load_dataset
 from lossfloor.diagnosis import model_per_sample_loss
 from lossfloor.errors import UserError
 from lossfloor.models import load_model
-from lossfloor.optimal.outer import OuterPlan, block_noise
+from lossfloor.optimal.draws import OuterPlan, block_noise
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -8,7 +8,7 @@ import torch
 
 import lossfloor.optimal.neighbours as nb
 from lossfloor.optimal.cache import canonical
-from lossfloor.optimal.outer import OuterPlan
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.pool_cache import make_pools
 from lossfloor.optimal.pools import Pool
 

@@ -14,8 +14,9 @@ from lossfloor.cli import main
 from lossfloor.errors import ParameterError
 from lossfloor.optimal import Curve, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import line_optimal_loss, two_point_optimal_loss
+from lossfloor.optimal.draws import OUTER_BLOCK
 from lossfloor.optimal.estimators import PerSample
-from lossfloor.optimal.outer import OUTER_BLOCK, Moments, control_variate
+from lossfloor.optimal.moments import Moments, control_variate
 
 DIM, R = 16, 2.2128884383056144
 

@@ -16,8 +16,8 @@ from lossfloor.cli import main
 from lossfloor.optimal import estimate_curve, make_estimator
 from lossfloor.optimal.analytic import line_optimal_loss, two_point_optimal_loss
 from lossfloor.optimal.bound import MEMORISED_SHARE, NearestPointBound, log_pair_term, u_star
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.neighbours import neighbour_tables
-from lossfloor.optimal.outer import OuterPlan
 from lossfloor.optimal.pool_cache import make_pools
 
 SIGMAS = np.geomspace(0.005, 50, 25)

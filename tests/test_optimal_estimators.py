@@ -12,8 +12,8 @@ from lossfloor.data import load_dataset
 from lossfloor.errors import UserError
 from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
 from lossfloor.optimal.analytic import gaussian_optimal_loss, two_point_optimal_loss
+from lossfloor.optimal.draws import OUTER_BLOCK, block_noise, stratified_sources
 from lossfloor.optimal.estimators import as_estimator
-from lossfloor.optimal.outer import OUTER_BLOCK, block_noise, stratified_sources
 
 
 @pytest.fixture(scope="module")

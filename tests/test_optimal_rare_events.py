@@ -13,7 +13,7 @@ from lossfloor.cli import main
 from lossfloor.optimal import estimate_curve, make_estimator
 from lossfloor.optimal.analytic import two_point_optimal_loss
 from lossfloor.optimal.estimators import PerSample
-from lossfloor.optimal.outer import MIN_EFFECTIVE_DRAWS, Moments, effective_draws
+from lossfloor.optimal.moments import MIN_EFFECTIVE_DRAWS, Moments, effective_draws
 from lossfloor.optimal.pools import Pool
 
 #: The issue's two-point set: ±a in 16 dims, ‖a‖ = r with J*(0.6) = 1.07e-4 per element.
@@ -116,8 +116,8 @@ def test_the_tilted_weight_is_the_ratio_of_the_normal_to_the_mixture_density():
     """w(ε) = φ(ε)/q(ε) with q the defensive mixture written out by scipy's densities."""
     from scipy.stats import multivariate_normal
 
+    from lossfloor.optimal.draws import TILT_SHARE, TiltBlock, tilted_noise
     from lossfloor.optimal.neighbours import nearest_neighbours
-    from lossfloor.optimal.outer import TILT_SHARE, TiltBlock, tilted_noise
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -190,13 +190,13 @@ def test_a_negative_closed_form_is_recorded_with_its_weight_and_rounding_bound_n
     """Tilted draws where J* ≈ 0: the closed form's mean may be negative (an unbiased mean of
     per-draw values); the point keeps it, with the weight the combination gave it and its
     rounding bound, while optimal_loss stays ≥ 0."""
-    from lossfloor.optimal.estimate import _make_point
+    from lossfloor.optimal.moments import curve_point
 
     g = torch.Generator().manual_seed(0)
     direct = torch.rand(4000, generator=g, dtype=torch.float64) * 1e-6
     closed = direct - 4e-3 + 1e-3 * torch.randn(4000, generator=g, dtype=torch.float64)
     samples = PerSample(closed=closed, direct=direct, weight=torch.ones(4000), closed_error=2e-3)
-    p = _make_point(0.2, samples, torch.float32, "combined", 1.0, None, None, "tilted")
+    p = curve_point(0.2, samples, torch.float32, 1.0, form="combined", draws="tilted")
     assert p.closed < 0 and p.optimal_loss >= 0
     assert p.closed_rounding == 2e-3 and p.combined_weight_closed == 0.0  # left out: rounding
     assert p.to_json()["closed_rounding"] == 2e-3

@@ -354,7 +354,7 @@ def test_estimate_curve_resumes_from_its_checkpoint(tmp_path, monkeypatch, digit
     monkeypatch.setattr(estimate_module, "per_sample_values", flaky)
     with pytest.raises(KeyboardInterrupt):
         estimate_curve(digits200, sigmas, est, checkpoint=ckpt, **kw)
-    assert [p["sigma"] for p in json.loads(ckpt.read_text())["points"]] == sigmas[:2]
+    assert [p["sigma"] for p in json.loads(ckpt.read_text())["done"].values()] == sigmas[:2]
 
     calls.clear()
     monkeypatch.setattr(estimate_module, "per_sample_values",
@@ -369,9 +369,9 @@ def test_estimate_curve_resumes_from_its_checkpoint(tmp_path, monkeypatch, digit
 @pytest.mark.parametrize(
     "content",
     [
-        json.dumps({"key": "other options", "points": [{"sigma": 0.5, "optimal_loss": 123.0}]}),
+        json.dumps({"key": "other options", "done": {"sigma=0.5": {"sigma": 0.5}}}),
         '{"key": "truncated',
-        json.dumps({"points": 3}),
+        json.dumps({"done": 3}),
     ],
     ids=["foreign", "truncated", "malformed"],
 )
@@ -410,7 +410,7 @@ def test_a_checkpoint_of_another_seed_is_refused_not_reused(tmp_path, monkeypatc
     monkeypatch.setattr(estimate_module, "per_sample_values", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         estimate_curve(small_set, [0.5, 1.0], Full(), seed=0, checkpoint=ckpt, progress=False)
-    assert len(json.loads(ckpt.read_text())["points"]) == 1
+    assert len(json.loads(ckpt.read_text())["done"]) == 1
     monkeypatch.setattr(estimate_module, "per_sample_values",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
     calls.clear()

@@ -11,10 +11,10 @@ import torch
 from lossfloor.data import load_dataset
 from lossfloor.errors import ParameterError
 from lossfloor.optimal import ESTIMATORS, estimate_curve, make_estimator
+from lossfloor.optimal.draws import OUTER_BLOCK
 from lossfloor.optimal.estimators import Stratified
 from lossfloor.optimal.kernel import accumulate_softmax, posterior_mean
 from lossfloor.optimal.neighbours import nearest_neighbours
-from lossfloor.optimal.outer import OUTER_BLOCK
 from lossfloor.optimal.pools import Pool
 
 

@@ -4,8 +4,8 @@ copy give the same bits as the plain formulas, and leave the caller's data untou
 import pytest
 import torch
 
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.kernel import augment
-from lossfloor.optimal.outer import OuterPlan
 from lossfloor.optimal.pool_cache import make_pools
 from lossfloor.optimal.pools import Pool
 

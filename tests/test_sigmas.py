@@ -7,7 +7,7 @@ import pytest
 
 from lossfloor.errors import ParameterError
 from lossfloor.optimal.curve import Curve, CurvePoint
-from lossfloor.optimal.outer import check_sigmas
+from lossfloor.optimal.precision import check_sigmas
 from lossfloor.scaling import RunRow, fit_scaling
 from lossfloor.sigmas import SIGMA_RTOL, same_sigma
 

@@ -23,8 +23,8 @@ from lossfloor.data.formats import Items
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal import estimate_curve, make_estimator
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.kernel import logit_error_bound
-from lossfloor.optimal.outer import OuterPlan
 from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.stream import StreamedPool, chunk_rows
 

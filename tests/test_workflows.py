@@ -156,7 +156,7 @@ def test_a_denoiser_returning_its_input_has_loss_sigma_squared_on_tilted_draws(d
     """D(x_t) = x_t has x0 loss σ²‖ε‖²/D, whose mean under ε ~ N(0, I) is exactly σ². Tilted ε
     are shifted toward neighbours (at σ = 0.05 their mean ‖ε‖²/D is above 3), so only the
     likelihood-ratio weights bring J_θ back to σ²: within Z of its s.e. at every σ."""
-    from lossfloor.optimal.outer import OuterPlan, block_draws
+    from lossfloor.optimal.draws import OuterPlan, block_draws
     from lossfloor.optimal.pool_cache import PoolsByDtype
 
     sigmas = [0.05, 0.3, 1.0, 3.0]

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from lossfloor.optimal.draws import TILT_SHARE
 from lossfloor.optimal.kernel import logit_error_bound
-from lossfloor.optimal.outer import TILT_SHARE, closed_rounding
 from lossfloor.optimal.pools import Pool
+from lossfloor.optimal.precision import closed_rounding
 
 #: float64 machine epsilon, 2u (one ulp of 1).
 EPS64 = float(np.finfo(np.float64).eps)
@@ -38,7 +39,7 @@ def rounding_bound(pool: Pool, sigma: float, draws: str | None) -> float:
     """How far a per-σ value (per element) of two estimates of the same draws that sum in
     other orders (processes, chunks, tiles, CPUs) can differ: twice one run's rounding bound.
 
-    Per draw, the closed form (A − ‖μ‖²)/D is off by at most ``outer.closed_rounding`` (μ's
+    Per draw, the closed form (A − ‖μ‖²)/D is off by at most ``precision.closed_rounding`` (μ's
     error from the logits' rounding and its own; ‖μ‖ ≤ R = max‖x‖, μ being a mean of the
     centred rows), the direct form ‖x0 − μ‖²/D (‖x0 − μ‖ ≤ 2R) by at most twice that, both
     times the likelihood ratio w ≤ 1/(1 − TILT_SHARE) of tilted draws; A itself, a float64
@@ -74,7 +75,7 @@ def assert_same_point(p2: dict[str, Any], p1: dict[str, Any], tol: float, outer:
 def posterior_mean_atol(keys: torch.Tensor, sigma: float, dtype: torch.dtype) -> float:
     """A bound on the rounding error of μ = Σ p(n|q)·x_n computed by the kernel in ``dtype``:
     the weights' relative error δ (``kernel.logit_error_bound``) moves μ by ≤ 4δ·R, and μ's own
-    rounding by 2u·R (R = max‖x_n‖), as ``outer.closed_rounding`` takes it."""
+    rounding by 2u·R (R = max‖x_n‖), as ``precision.closed_rounding`` takes it."""
     max_sq = float(keys.double().pow(2).sum(dim=1).max())
     r = math.sqrt(max_sq)
     delta = logit_error_bound(max_sq, keys.shape[1], sigma, dtype)

@@ -2,11 +2,11 @@
 
     gap(σ) = J_θ(σ) − J*(σ),  J_θ(σ) = E‖D_θ(x0 + σε, σ) − x0‖²/D,  J*(σ) = E‖μ(x0 + σε) − x0‖²/D
 
-Both terms are evaluated on the same (x0, ε) draws (``lossfloor.optimal.outer``), so the gap's
+Both terms are evaluated on the same (x0, ε) draws (``lossfloor.optimal.draws``), so the gap's
 standard error comes from the paired per-sample differences and is small. The draws are plain
-(ε ~ N(0, I)) or tilted (``outer.tilted_noise``, the estimate's default): each draw then
+(ε ~ N(0, I)) or tilted (``draws.tilted_noise``, the estimate's default): each draw then
 carries its likelihood ratio w and every mean is the estimate's, the mean of
-``outer.control_variate``(w·v, w) over the per-draw values v (J_θ, J* and their difference
+``moments.control_variate``(w·v, w) over the per-draw values v (J_θ, J* and their difference
 alike), with its standard error. Reading a gap: below
 σ* (where J* ≈ 0) the training set's optimum is the memorising denoiser, which a model that
 generalises never reaches, so a gap there is partly the price of generalisation, not only
@@ -26,23 +26,16 @@ from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import as_denoiser, read_protocol
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal import Curve, Full
+from lossfloor.optimal.blocks import outer_blocks, per_sample_values
 from lossfloor.optimal.cache import cached_per_sample, per_sample_key
 from lossfloor.optimal.capabilities import having, listed
-from lossfloor.optimal.estimators import declared
+from lossfloor.optimal.draws import TILT_NEIGHBOURS, OuterPlan, block_draws
+from lossfloor.optimal.estimators import PerSample, declared
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.moments import control_variate, mean_and_stderr
 from lossfloor.optimal.neighbours import neighbour_tables
-from lossfloor.optimal.outer import (
-    OUTER_BLOCK,
-    TILT_NEIGHBOURS,
-    OuterPlan,
-    block_draws,
-    block_noise,
-    check_sigmas,
-    control_variate,
-    mean_and_stderr,
-    per_sample_values,
-)
 from lossfloor.optimal.pool_cache import PoolsByDtype
+from lossfloor.optimal.precision import Overflow, check_sigmas, finite
 from lossfloor.progress import progress_bar
 from lossfloor.results import Result
 
@@ -82,7 +75,7 @@ DERIVED = ("relative_gap", "model_loss_target", "optimal_loss_target", "gap_targ
 #: below it J* ≈ 0, the optimum memorises, and the ratio (1e7, 1e33) says nothing.
 REL_FLOOR = 1e-6
 
-#: The outer draws a diagnosis can pair on (``outer.tilted_noise`` for tilted).
+#: The outer draws a diagnosis can pair on (``draws.tilted_noise`` for tilted).
 DRAWS = ("plain", "tilted")
 
 
@@ -267,13 +260,12 @@ def model_per_sample_loss(
     labels: Tensor | None,
     noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor:
-    """‖D_θ(x0 + σε, σ) − x0‖²/D for every outer draw of ``plan`` (float64); ε of block j is
-    ``noise(j)`` (default: the plain ``block_noise``)."""
-    m = plan.sources.numel()
-    out = torch.empty(m, dtype=torch.float64)
-    for j in range(plan.blocks):
-        lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
-        eps = block_noise(plan.seed, j, hi - lo, dataset.dim) if noise is None else noise(j)
+    """‖D_θ(x0 + σε, σ) − x0‖²/D for every outer draw of ``plan`` (float64), block by block
+    (``blocks.outer_blocks``); ε of block j is ``noise(j)`` (default: the plain ε)."""
+    out = torch.empty(plan.outer, dtype=torch.float64)
+    for block in outer_blocks(plan.sources, plan.seed, dataset.dim):
+        lo, hi = block.lo, block.hi
+        eps = block.noise if noise is None else noise(block.index)
         for b in range(lo, hi, batch):
             e = min(hi, b + batch)
             src = plan.sources[b:e]
@@ -441,29 +433,32 @@ def _check_model_input_range(sigmas: Sequence[float], dtype: torch.dtype) -> Non
 
 def optimal_per_sample_loss(
     plan: OuterPlan, pools: PoolsByDtype, sigma: float, cache: bool = True, draws: str = "plain"
-) -> Tensor:
+) -> tuple[Tensor, torch.dtype]:
     """‖μ(x0 + σε) − x0‖²/D for every outer draw of ``plan`` (the exact posterior mean, dtype
-    by the ``auto`` policy; float64), from the cache when ``cache`` and it holds them; on
+    by the ``auto`` policy, float64 where float32 overflows: ``precision.Overflow``; float64)
+    and the dtype they were computed in, from the cache when ``cache`` and it holds them; on
     ``tilted`` draws (the pools need their neighbour tables) w·‖μ − x0‖²/D, w the draw's
     likelihood ratio."""
-    dtype = pools.dtype_at("auto", sigma)
     estimator = Full()
 
-    def compute():
-        return per_sample_values(plan, estimator, sigma, dtype, pools.device, pools(dtype),
-                                 draws=draws, tilt_cache=pools.tilts)  # fmt: skip
+    def compute(dtype: torch.dtype) -> Tensor:
+        def values() -> PerSample:
+            return per_sample_values(plan, estimator, sigma, dtype, pools.device, pools(dtype),
+                                     draws=draws, tilt_cache=pools.tilts)  # fmt: skip
 
-    if not cache:
-        return compute().direct
-    key = per_sample_key(plan, estimator, sigma, dtype, pools.device, DEFAULT_TILE_BYTES)
-    if draws != "plain":  # plain keys as before, so their files stay valid
-        key["draws"] = draws
-    return cached_per_sample(key, plan.outer, compute).direct
+        if not cache:
+            return values().direct
+        key = per_sample_key(plan, estimator, sigma, dtype, pools.device, DEFAULT_TILE_BYTES)
+        if draws != "plain":  # plain keys as before, so their files stay valid
+            key["draws"] = draws
+        return cached_per_sample(key, plan.outer, values).direct
+
+    return Overflow("auto").run(sigma, pools.dtype_at("auto", sigma), compute, finite)
 
 
 def _draw_dtype(pools: PoolsByDtype, sigma: float, saved: str | None) -> torch.dtype:
-    """The dtype whose pools drew the tilted ε at σ: the estimate's (``saved``), else the
-    ``auto`` policy's (J* computed here, or an estimate that did not record it)."""
+    """The dtype whose pools drew the tilted ε at σ: J*'s (``saved``: computed here, or the
+    estimate's), else the ``auto`` policy's (an estimate that did not record it)."""
     named = {"float32": torch.float32, "float64": torch.float64}
     return named[saved] if saved in named else pools.dtype_at("auto", sigma)
 
@@ -485,12 +480,13 @@ def _gap_point(
     draws) J* is not computed and the gap's s.e. is bounded by s.e.(J_θ) + s.e.(J*)
     (sd(a − b) ≤ sd(a) + sd(b) whatever their correlation)."""
     t0 = time.perf_counter()
-    opt = None if known is not None else optimal_per_sample_loss(plan, pools, sigma, cache, draws)
-    if opt is not None and not torch.isfinite(opt).all():
-        raise ParameterError("sigmas", sigma, "J* overflows at this σ for this data's scale")
+    opt, drawn = None, None if known is None else known[2]
+    if known is None:
+        opt, dtype = optimal_per_sample_loss(plan, pools, sigma, cache, draws)
+        drawn = str(dtype).removeprefix("torch.")
     noise, weight, weights = None, None, []
     if draws == "tilted":
-        tables = pools(_draw_dtype(pools, sigma, None if known is None else known[2]))
+        tables = pools(_draw_dtype(pools, sigma, drawn))
 
         def noise(j: int) -> Tensor:
             """Block j's tilted ε, its likelihood ratios kept in ``weights`` (each block is

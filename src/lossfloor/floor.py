@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
@@ -39,25 +36,24 @@ import torch
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.device import resolve_device
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.io import read_json, write_json
+from lossfloor.optimal.blocks import outer_blocks
+from lossfloor.optimal.checkpoint import Checkpoint, checkpoint_key
 from lossfloor.optimal.curve import Curve
+from lossfloor.optimal.draws import Draws, OuterPlan, check_outer, check_seed, stratified_sources
 from lossfloor.optimal.estimate import estimate_curve
 from lossfloor.optimal.estimators import ESTIMATORS
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
-from lossfloor.optimal.outer import (
-    OUTER_BLOCK,
-    Draws,
-    OuterPlan,
+from lossfloor.optimal.moments import mean_and_stderr
+from lossfloor.optimal.pool_cache import PoolsByDtype
+from lossfloor.optimal.pools import Pool
+from lossfloor.optimal.precision import (
+    Overflow,
     Precision,
     base_dtype,
-    check_outer,
-    check_seed,
     check_sigmas,
     choose_dtype,
-    mean_and_stderr,
-    stratified_sources,
+    finite,
 )
-from lossfloor.optimal.pools import Pool
 from lossfloor.progress import progress_bar
 from lossfloor.results import Result
 from lossfloor.seeding import Stream, generator_for
@@ -171,17 +167,18 @@ def check_bandwidth(bandwidth: float | str | None) -> None:
 
 
 class _Pools:
-    """The training pool in each dtype a precision policy asks for, built on first use, and the
-    dtype at σ (the fp32 error bound over training and held-out norms)."""
+    """The training pool in each dtype a precision policy asks for (``outer.PoolsByDtype`` of
+    the training set as one group), and the dtype at σ (the fp32 error bound over training and
+    held-out norms)."""
 
     def __init__(self, train: Tensor, heldout_max_sq: float, device: torch.device) -> None:
         self.train, self.device, self.heldout_max_sq = train, device, heldout_max_sq
-        self.built: dict[torch.dtype, Pool] = {}
+        # the plan's draws play no part: its one group of every point is what the pools are of
+        plan = OuterPlan.build(train, None, max(2, train.shape[0]), 0, False)
+        self.by_dtype = PoolsByDtype(plan, device)
 
     def __call__(self, dtype: torch.dtype) -> Pool:
-        if dtype not in self.built:
-            self.built[dtype] = Pool.from_data(self.train, dtype, self.device)
-        return self.built[dtype]
+        return self.by_dtype(dtype)[0]
 
     def dtype_at(self, precision: str, sigma: float) -> torch.dtype:
         pool = self(base_dtype(precision))
@@ -208,26 +205,30 @@ def _losses(
     exclude: bool = False,
 ) -> Tensor:
     """Per-sample ‖x0_s − D_b(x0_s + σε)‖²/D for each b (K×M, float64; b = 0 is μ_σ); ε from the
-    stream (seed, stream, block) in blocks of OUTER_BLOCK: the estimate's ε when stream is
-    ``Stream.OUTER_NOISE``."""
+    stream (seed, stream, block) in the blocks of ``blocks.outer_blocks``: the estimate's ε when
+    stream is ``Stream.OUTER_NOISE``. Values that overflow the dtype follow the
+    ``precision.Overflow`` policy."""
+
+    def compute(dtype: torch.dtype) -> Tensor:
+        pool = pools(dtype)
+        d = x0.shape[1]
+        out = torch.empty(len(bandwidths), sources.numel(), dtype=torch.float64)
+        for block in outer_blocks(sources, seed, d, stream=stream):
+            src = block.sources.to(pool.device)
+            x = x0[src].to(dtype)
+            q = x + sigma * block.noise.to(device=pool.device, dtype=dtype)
+            for k, b in enumerate(bandwidths):
+                excl = src if exclude else None
+                if b == 0 and not exclude:
+                    mu = pool.merge(pool.accumulate(q, sigma, tile_bytes=tile_bytes)).mean()
+                else:
+                    mu = smoothed_posterior_mean(pool, q, sigma, b, exclude=excl,
+                                                 tile_bytes=tile_bytes)  # fmt: skip
+                out[k, block.lo : block.hi] = ((x - mu).double().pow(2).sum(dim=1) / d).cpu()
+        return out
+
     dtype = pools.dtype_at(precision, sigma)
-    pool = pools(dtype)
-    m, d = sources.numel(), x0.shape[1]
-    out = torch.empty(len(bandwidths), m, dtype=torch.float64)
-    for j in range(math.ceil(m / OUTER_BLOCK)):
-        lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
-        src = sources[lo:hi].to(pool.device)
-        eps = torch.randn(hi - lo, d, generator=generator_for(seed, stream, j), dtype=torch.float64)
-        x = x0[src].to(dtype)
-        q = x + sigma * eps.to(device=pool.device, dtype=dtype)
-        for k, b in enumerate(bandwidths):
-            excl = src if exclude else None
-            if b == 0 and not exclude:
-                mu = pool.merge(pool.accumulate(q, sigma, tile_bytes=tile_bytes)).mean()
-            else:
-                mu = smoothed_posterior_mean(pool, q, sigma, b, exclude=excl, tile_bytes=tile_bytes)
-            out[k, lo:hi] = ((x - mu).double().pow(2).sum(dim=1) / d).cpu()
-    return out
+    return Overflow(precision).run(sigma, dtype, compute, finite)[0]
 
 
 def choose_bandwidth(
@@ -572,7 +573,7 @@ def floor(
         "memorised_below": MEMORISED,
     }
     key = [FORMAT, train.sha256, heldout.sha256, list(map(float, sigmas)), params]
-    saved = None if checkpoint is None else Units.open(checkpoint, key, restart)
+    saved = None if checkpoint is None else _open(checkpoint, key, restart)
     perms = [
         torch.randperm(train.n, generator=generator_for(seed, Stream.FLOOR_SUBSETS, r))
         for r in range(repeats)
@@ -636,62 +637,17 @@ def floor(
     )
 
 
-def _unit(saved: Units | None, name: str, compute: Callable[[], Any]) -> Any:
+def _open(path: str | os.PathLike[str], key: Any, restart: bool) -> Checkpoint:
+    """The floor's checkpoint at ``path`` under ``key`` (logging at INFO what it holds)."""
+    saved = Checkpoint.open(path, checkpoint_key(key), "a floor", restart)
+    if saved.done:
+        log.info("resuming: %d finished units in %s", len(saved.done), path)
+    return saved
+
+
+def _unit(saved: Checkpoint | None, name: str, compute: Callable[[], Any]) -> Any:
     """The saved result of unit ``name``, or ``compute()`` (then saved)."""
-    if saved is not None and name in saved.done:
-        return saved.done[name]
-    value = compute()
-    if saved is not None:
-        saved.add(name, value)
-    return value
-
-
-@dataclass
-class Units:
-    """Finished units of work (name → JSON value) saved atomically to ``path`` under the
-    ``key`` of the data and options; another key's file, or a file that is not one, is refused
-    unless ``restart``."""
-
-    path: Path
-    key: str
-    done: dict[str, Any]
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], key: Any, restart: bool = False) -> Units:
-        path = Path(path)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-        done: dict[str, Any] = {}
-        if path.is_file() and not restart:
-            try:
-                saved = read_json(path)
-                ok = isinstance(saved, dict) and isinstance(saved.get("done"), dict)
-            except UserError:
-                ok = False
-            if not ok:
-                raise ParameterError(
-                    "restart",
-                    None,
-                    f"{path} is not a checkpoint of a floor; delete it, "
-                    "or set {option} to overwrite it",
-                )
-            if saved.get("key") != digest:
-                raise ParameterError(
-                    "restart",
-                    None,
-                    f"{path} holds a floor with other data "
-                    "or options; rerun with those, or set {option} to discard it",
-                )
-            done = saved["done"]
-            if done:
-                log.info("resuming: %d finished units in %s", len(done), path)
-        return cls(path=path, key=digest, done=done)
-
-    def add(self, name: str, value: Any) -> None:
-        self.done[name] = value
-        write_json(self.path, {"key": self.key, "done": self.done})
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+    return compute() if saved is None else saved.unit(name, compute)
 
 
 def size_verdict(by_n: Sequence[SizePoint], variance: float) -> str:

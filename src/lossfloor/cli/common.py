@@ -196,8 +196,8 @@ def write_plot(path: str, draw: Callable[[], object], written: str | None) -> No
 
 def parse_sigmas(text: str, option: str = "--sigmas") -> list[float]:
     """``"0.1,1,10"`` (a list) or ``"min:max:count"`` (log-spaced, both ends included), checked
-    as a σ grid (``lossfloor.optimal.outer.check_sigmas``) and reported under ``option``."""
-    from lossfloor.optimal.outer import check_sigmas
+    as a σ grid (``lossfloor.optimal.precision.check_sigmas``) and reported under ``option``."""
+    from lossfloor.optimal.precision import check_sigmas
 
     text = text.strip()
     try:
@@ -270,7 +270,7 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """--dtype, the precision rule of the estimators (``outer.choose_dtype``)."""
+    """--dtype, the precision rule of the estimators (``precision.choose_dtype``)."""
     parser.add_argument(
         "--dtype",
         default="auto",

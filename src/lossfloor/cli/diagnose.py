@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.floor import Floor
     from lossfloor.models import load_model
     from lossfloor.optimal import Curve
-    from lossfloor.optimal.outer import check_outer
+    from lossfloor.optimal.draws import check_outer
 
     check_args(args)
     curve = None if args.curve is None else Curve.load(args.curve)

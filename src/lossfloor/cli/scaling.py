@@ -123,7 +123,7 @@ def run_fit(args: argparse.Namespace) -> int:
 @_under_options
 def run_collect(args: argparse.Namespace) -> int:
     from lossfloor.cli.common import check_args, load_data_from_args, parse_sigmas, resolve_device
-    from lossfloor.optimal.outer import check_outer
+    from lossfloor.optimal.draws import check_outer
     from lossfloor.scaling import write_runs
     from lossfloor.scaling.collection import collect
 

@@ -1,9 +1,10 @@
 """The optimal loss J*(σ) of a dataset and its estimators (docs/method.md §2–3)."""
 
 from lossfloor.optimal.capabilities import Capabilities
+from lossfloor.optimal.checkpoint import Checkpoint
 from lossfloor.optimal.curve import Curve, CurvePoint, Total
 from lossfloor.optimal.denoiser import OptimalDenoiser
-from lossfloor.optimal.estimate import Checkpoint, estimate_curve
+from lossfloor.optimal.estimate import estimate_curve
 from lossfloor.optimal.estimators import (
     CDOL,
     DOL,

@@ -36,8 +36,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.kernel import logit_error_bound
-from lossfloor.optimal.outer import OuterPlan
 from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor

@@ -24,8 +24,8 @@ import torch
 from lossfloor.data import cache_dir
 from lossfloor.errors import UserError
 from lossfloor.io import save_with
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.estimators import Estimator, PerSample
-from lossfloor.optimal.outer import OuterPlan
 
 #: Part of every key: bumped when the per-sample values of the same key would change.
 CACHE_FORMAT = "lossfloor-per-sample/1"

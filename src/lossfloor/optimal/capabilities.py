@@ -1,8 +1,9 @@
 """What an estimator can do, declared on its class (``Estimator.capabilities``): where it runs,
 which draws and forms it takes and defaults to, what it needs and what it computes. The
-resolution of defaults (``outer.resolve_draws``/``resolve_form``), every refusal
-(``shard.check_sharded``, ``make_estimator``'s parameters, a diagnosis's curve) and the CLI's
-help read these declarations; a new estimator is one class with its ``Capabilities``.
+resolution of defaults (``resolve_option``: ``draws.resolve_draws``, ``moments.resolve_form``),
+every refusal (``shard.check_sharded``, ``make_estimator``'s parameters, a diagnosis's curve)
+and the CLI's help read these declarations; a new estimator is one class with its
+``Capabilities``.
 
 No torch here: the declarations are plain data.
 """
@@ -11,6 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lossfloor.errors import ParameterError
+
+if TYPE_CHECKING:
+    from lossfloor.optimal.estimators import Estimator
 
 #: Where an estimator runs: one pool held in memory, a pool sharded over processes
 #: (``shard.ShardedPool``), a pool read per chunk (``stream.StreamedPool``).
@@ -92,3 +99,17 @@ def lacks(method: str, what: str) -> dict[str, str]:
         "streamed": f"{what}: it needs {method}, which a streamed pool lacks (it reads its rows "
         "per chunk)",
     }
+
+
+def resolve_option(param: str, value: str, estimator: Estimator, able: frozenset[str]) -> str:
+    """``value``, or the ``estimator``'s default ``param`` (draws or form) for ``auto``;
+    refused where ``able`` lacks it."""
+    caps = estimator.capabilities
+    if value == "auto":
+        return caps.default_draws if param == "draws" else caps.default_form
+    if value not in able:
+        reason = (
+            f"the {estimator.name} estimator does not take it ({param}: {listed(sorted(able))})"
+        )
+        raise ParameterError(param, value, reason)
+    return value

@@ -77,10 +77,10 @@ class CurvePoint:
     below 0 is noise around a J* near 0; the unclipped mean is a·closed + (1−a)·direct).
     ``closed`` is an unbiased mean of per-draw values that may be negative where J* is near 0
     (likewise ``direct`` on tilted draws, after the control variate); on tilted draws
-    ``closed_rounding`` bounds its float rounding (``outer.closed_rounding``; None where that
+    ``closed_rounding`` bounds its float rounding (``precision.closed_rounding``; None where that
     bound is not finite), and a = 0 where
     that bound exceeds a tenth of its standard error and the two forms disagree
-    (``outer.Moments.from_samples``): then the closed form is not in the value.
+    (``moments.Moments.from_samples``): then the closed form is not in the value.
     ``ess``, the effective number of draws that carry the value ((Σv)²/Σv² of the direct
     form's per-draw values), and ``resolved``: whether it is large enough for the standard
     error to mean something (never with ESS 0). ``upper_bound``: a rigorous bound J* ≤ it (the

@@ -7,8 +7,10 @@ from torch import nn
 
 from lossfloor.data import Dataset
 from lossfloor.errors import UserError
-from lossfloor.optimal.outer import base_dtype, choose_dtype
+from lossfloor.optimal.draws import OuterPlan
+from lossfloor.optimal.pool_cache import PoolsByDtype
 from lossfloor.optimal.pools import Pool
+from lossfloor.optimal.precision import base_dtype, choose_dtype
 
 Tensor = torch.Tensor
 
@@ -26,18 +28,15 @@ class OptimalDenoiser(nn.Module):
         base_dtype(precision)  # an unknown policy fails here, not at the first call
         self.precision = precision
         flat = dataset.flat()
-        if conditional:
-            self.groups = {
-                c: flat[dataset.labels == c] for c in torch.unique(dataset.labels).tolist()
-            }
-        else:
-            self.groups = {-1: flat}
-        self._pools: dict[tuple[int, torch.dtype], Pool] = {}
+        keys = torch.unique(dataset.labels).tolist() if conditional else [-1]
+        self.groups = {key: i for i, key in enumerate(keys)}  # class → its pool's index
+        # the plan's draws play no part: its groups (every point, or each class) are the pools'
+        labels = dataset.labels if conditional else None
+        plan = OuterPlan.build(flat, labels, max(2, flat.shape[0]), 0, conditional)
+        self._pools = PoolsByDtype(plan, torch.device("cpu"))
 
     def _pool(self, key: int, dtype: torch.dtype) -> Pool:
-        if (key, dtype) not in self._pools:
-            self._pools[(key, dtype)] = Pool.from_data(self.groups[key], dtype, "cpu")
-        return self._pools[(key, dtype)]
+        return self._pools(dtype)[self.groups[key]]
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         if self.conditional and labels is None:
@@ -46,7 +45,7 @@ class OptimalDenoiser(nn.Module):
         flat = x.reshape(n, -1)
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).cpu()
         s = s.expand(n) if s.numel() == 1 else s
-        keys = labels.reshape(-1).tolist() if self.conditional else [-1] * n
+        keys = labels.reshape(-1).tolist() if labels is not None and self.conditional else [-1] * n
         unknown = sorted(set(keys) - set(self.groups))
         if unknown:
             raise UserError(f"the optimal denoiser has no data points of class {unknown[0]}")

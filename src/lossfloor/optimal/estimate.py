@@ -5,21 +5,19 @@
 
 estimated from M outer draws shared across the grid; μ from one of the estimators. With a
 ``checkpoint`` file every finished σ is saved, and a rerun with the same data and options
-resumes from it.
+resumes from it. What the points of one estimate share travels in one ``EstimateRun``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -29,43 +27,34 @@ from lossfloor.device import resolve_device
 from lossfloor.diffusion import Process, Target
 from lossfloor.distributed import Group, current
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.io import read_json, write_json
+from lossfloor.optimal.adaptive import adaptive_sizes, adaptive_values
+from lossfloor.optimal.blocks import per_sample_values
 from lossfloor.optimal.bound import BOUND_NEIGHBOURS, MEMORISED_SHARE, NearestPointBound
+from lossfloor.optimal.checkpoint import Checkpoint, checkpoint_key
 from lossfloor.optimal.curve import Curve, CurvePoint
+from lossfloor.optimal.draws import TILT_NEIGHBOURS, Draws, OuterPlan, resolve_draws
 from lossfloor.optimal.estimators import Estimator, EstimatorSpec, PerSample, as_estimator
-from lossfloor.optimal.gram import Gram
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.moments import Form, curve_point, resolve_form
 from lossfloor.optimal.neighbours import neighbour_tables
-from lossfloor.optimal.outer import (
-    MIN_EFFECTIVE_DRAWS,
-    OUTER_BLOCK,
-    TILT_NEIGHBOURS,
-    Draws,
-    Form,
-    Moments,
-    OuterPlan,
+from lossfloor.optimal.pool_cache import PoolsByDtype
+from lossfloor.optimal.precision import (
+    Overflow,
     Precision,
     base_dtype,
-    block_noise,
-    check_outer,
     check_sigmas,
-    join_samples,
-    outer_for,
-    per_sample_values,
-    resolve_draws,
-    resolve_form,
+    finite_samples,
 )
-from lossfloor.optimal.pool_cache import PoolsByDtype
 from lossfloor.optimal.shard import check_sharded
+from lossfloor.optimal.sweep import grid_points, sweeps
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
-from lossfloor.seeding import Stream, generator_for
 from lossfloor.sigmas import same_sigma
 
 log = logging.getLogger(__name__)
 
 #: Bumped when a checkpoint's points would no longer match what the code computes.
-CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/2"
+CHECKPOINT_FORMAT = "lossfloor-estimate-checkpoint/3"
 
 
 def estimate_curve(
@@ -97,19 +86,19 @@ def estimate_curve(
     a name's defaults depend on N, so a name is resolved here, once N is known).
 
     ``outer`` M defaults to N (every point once). ``draws``: ``tilted`` (importance-sampled
-    noise toward each source's nearest neighbours, ``outer.tilted_noise``: right below σ*, where
+    noise toward each source's nearest neighbours, ``draws.tilted_noise``: right below σ*, where
     J* rests on rare draws), ``plain`` (ε ~ N(0, I), as in the paper) or ``auto`` (tilted for
-    full and stratified, plain for snis/dol/cdol: ``outer.resolve_draws``).
+    full and stratified, plain for snis/dol/cdol: ``draws.resolve_draws``).
     ``process``/``target`` (lossfloor.diffusion) add each σ's process time t and the value in
     the target's units; ``schedule`` the total E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a
     file path), each finished σ is saved there and a rerun with the same data and options
     computes only the missing σ; the file is removed once the curve is complete. A checkpoint
     of other data or options is refused unless ``restart`` (which discards it).
 
-    ``target_rse`` (adaptive sizes, ``_adaptive_values``): per σ, the number of draws (and the
-    stratified estimator's far sample) for this relative standard error, from a pilot of the
-    first ``outer`` draws (default ADAPTIVE_PILOT; whole blocks of OUTER_BLOCK) of a plan of
-    ``max_outer`` (default ADAPTIVE_CAP × the pilot); each point records what it used.
+    ``target_rse`` (adaptive sizes, ``adaptive.adaptive_values``): per σ, the number of draws
+    (and the stratified estimator's far sample) for this relative standard error, from a pilot
+    of the first ``outer`` draws (default ADAPTIVE_PILOT; whole blocks of OUTER_BLOCK) of a plan
+    of ``max_outer`` (default ADAPTIVE_CAP × the pilot); each point records what it used.
     ``device``: ``"auto"`` is cuda when available, else cpu (``lossfloor.device``).
     """
     device = resolve_device(device)
@@ -119,52 +108,112 @@ def estimate_curve(
             data = load_dataset(data)
         x, labels, described = _unpack(data, labels, conditional, group)
         _check_grid(x, sigmas, outer)
-        n = len(x)
-        estimator = as_estimator(estimator, n)
-        adaptive = _adaptive_sizes(target_rse, max_outer, outer)
-        m = adaptive[2] if adaptive is not None else n if outer is None else outer
-        plan = OuterPlan.build(x, labels, m, seed, conditional)
-        for members, _ in plan.groups:
-            estimator.check(members.numel())
+        estimator = as_estimator(estimator, len(x))
+        adaptive = adaptive_sizes(target_rse, max_outer, outer)
+        m = adaptive[2] if adaptive is not None else len(x) if outer is None else outer
+        plan = _plan(x, labels, m, seed, conditional, estimator)
         base_dtype(precision)  # an unknown policy fails before any work
         draws = resolve_draws(draws, estimator)
         check_sharded(estimator, conditional, group, streamed=isinstance(x, ChunkedDataset))
-    options = {
-        "estimator": estimator.to_config(),
-        "outer": plan.outer,
-        "seed": seed,
-        "draws": draws,
-        "form": resolve_form(form, estimator),
-        "precision": precision,
-        "process": None if process is None else process.to_config(),
-        "target": None if target is None else target.to_config(),
-    }
-    if adaptive is not None:  # only then: the checkpoint keys of other runs stay as they were
-        options.update(target_rse=adaptive[0], pilot=adaptive[1])
+    run = EstimateRun(
+        plan=plan, estimator=estimator, form=resolve_form(form, estimator), draws=draws,
+        precision=precision, pools=PoolsByDtype(plan, torch.device(device), group),
+        tile_bytes=tile_bytes, process=process, target=target, group=group,
+        adaptive=None if adaptive is None else adaptive[:2], progress=progress and group.main,
+        variance=x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1],
+    )  # fmt: skip
+    options = run.options(seed)
     if group.world > 1:  # the same data and options on every process, before any work
         group.check_same("data", plan.fingerprint, f"sha256 {plan.fingerprint[:12]}…")
         group.check_same("options", json.dumps([options, list(sigmas)], default=str))
-    with group.together():
-        saved = (
-            None
-            if checkpoint is None
-            else _resume(checkpoint, options, plan, sigmas, restart, progress and group.main)
-        )
-    if saved is not None:
-        saved.writes = group.main
-        group.check_same("checkpoints", str(sorted(saved.points)))
-    variance = x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1]
-    points = _estimate_points(
-        plan, estimator, sigmas, options["form"], precision, torch.device(device), tile_bytes,
-        process, target, saved, progress and group.main, draws, group,
-        None if adaptive is None else adaptive[:2], variance,
-    )  # fmt: skip
-    curve = Curve(points=tuple(points), data_variance=variance, dataset=described, **options)
+    if checkpoint is not None:
+        run = dataclasses.replace(run, saved=_resume(run, checkpoint, options, sigmas, restart))
+    curve = Curve(points=tuple(_estimate_points(run, sigmas)), data_variance=run.variance,
+                  dataset=described, **options)  # fmt: skip
     if schedule is not None:
         curve = dataclasses.replace(curve, total=curve.total_under(schedule))
-    if saved is not None:
-        saved.remove()
+    if run.saved is not None:
+        run.saved.remove()
     return curve
+
+
+def _nothing() -> None:
+    """The ``on_block`` of a run without a progress bar."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimateRun:
+    """What every point of one estimate shares: the plan of the draws and its pools (per dtype,
+    with the neighbour tables and tilts they gather), the estimator, the resolved form and
+    draws, the precision policy, the tile size, the process and target (a point's t and value
+    in target units), the processes, the checkpoint, adaptive sizes ((target rse, pilot) or
+    None), the data variance (the bound's cap), whether to show progress, and the callback
+    after each block of draws."""
+
+    plan: OuterPlan
+    estimator: Estimator
+    form: str
+    draws: str
+    precision: str
+    pools: PoolsByDtype
+    tile_bytes: int
+    process: Process | None
+    target: Target | None
+    group: Group
+    adaptive: tuple[float, int] | None
+    variance: float
+    progress: bool
+    saved: Checkpoint | None = None
+    on_block: Callable[[], None] = _nothing
+
+    def options(self, seed: int) -> dict:
+        """The options a curve records and a checkpoint's key covers."""
+        options = {
+            "estimator": self.estimator.to_config(),
+            "outer": self.plan.outer,
+            "seed": seed,
+            "draws": self.draws,
+            "form": self.form,
+            "precision": self.precision,
+            "process": None if self.process is None else self.process.to_config(),
+            "target": None if self.target is None else self.target.to_config(),
+        }
+        if self.adaptive is not None:  # only then: the checkpoint keys of others stay as they were
+            options.update(target_rse=self.adaptive[0], pilot=self.adaptive[1])
+        return options
+
+    def values(
+        self, sigma: float, estimator: Estimator, m: int, dtype: torch.dtype, first_block: int = 0
+    ) -> tuple[PerSample, torch.dtype]:
+        """``per_sample_values`` of ``estimator`` at σ on the plan's first m draws (from block
+        ``first_block``) in ``dtype``, under the ``Overflow`` policy; and their dtype."""
+        plan = self.plan.prefix(m)
+
+        def compute(dtype: torch.dtype) -> PerSample:
+            return per_sample_values(
+                plan, estimator, sigma, dtype, self.pools.device, self.pools(dtype),
+                self.tile_bytes, self.on_block, self.draws, self.pools.tilts, first_block,
+            )  # fmt: skip
+
+        return Overflow(self.precision).run(sigma, dtype, compute, finite_samples)
+
+    def point(
+        self,
+        sigma: float,
+        samples: PerSample,
+        dtype: torch.dtype,
+        seconds: float,
+        used: tuple[int, Estimator] | None = None,
+    ) -> CurvePoint:
+        """The point at σ (``moments.curve_point``) in this run's form, draws and units."""
+        return curve_point(sigma, samples, dtype, seconds, form=self.form, draws=self.draws,
+                           process=self.process, target=self.target, used=used)  # fmt: skip
+
+    def save(self, point: CurvePoint) -> None:
+        """Add ``point`` to the checkpoint, if any (rank 0 writes)."""
+        if self.saved is not None:
+            with self.group.together():
+                self.saved.add(_unit_name(point.sigma), point.to_json())
 
 
 def _unpack(
@@ -199,70 +248,57 @@ def _check_grid(
         )  # fmt: skip
 
 
-def _estimate_points(
-    plan: OuterPlan,
-    estimator: Estimator,
-    sigmas: Sequence[float],
-    form: str,
-    precision: str,
-    device: torch.device,
-    tile_bytes: int,
-    process: Process | None,
-    target: Target | None,
-    saved: Checkpoint | None,
-    progress: bool,
-    draws: str,
-    group: Group,
-    adaptive: tuple[float, int] | None = None,
-    variance: float | None = None,
-) -> list[CurvePoint]:
-    """One point per σ of ``sigmas``: from ``saved`` where it has one, else computed (and
-    added to ``saved``); on K > 1 processes, each on its shard of the data. Where the draws
-    use a neighbour index that lists every point, each computed point also gets the bound J* ≤
+def _estimate_points(run: EstimateRun, sigmas: Sequence[float]) -> list[CurvePoint]:
+    """One point per σ of ``sigmas``: from the run's checkpoint where it has one, else computed
+    (and added to it); on K > 1 processes, each on its shard of the data. Where the draws use a
+    neighbour index that lists every point, each computed point also gets the bound J* ≤
     ``upper_bound`` (``_with_bound``; the index then holds at least BOUND_NEIGHBOURS, but for
     streamed data; a grid in one sweep has plain draws, no index)."""
-    done = {s: p for s in sigmas if saved is not None and (p := saved.find(s)) is not None}
+    plan = run.plan
+    found = {s: _find(run.saved, s) for s in sigmas}
+    done = {s: p for s, p in found.items() if p is not None}
     todo = [s for s in sigmas if s not in done]
     bar = progress_bar(
-        total=None if adaptive else len(todo) * plan.blocks, enabled=progress, unit="block",
-        leave=False,
+        total=None if run.adaptive else len(todo) * plan.blocks, enabled=run.progress,
+        unit="block", leave=False,
         desc=f"J*(σ) in blocks of the {plan.outer} draws ({plan.blocks} per σ)"
-        if adaptive is None
+        if run.adaptive is None
         else f"J*(σ) in blocks of up to {plan.outer} draws per σ",
     )  # fmt: skip
-    pools = PoolsByDtype(plan, device, group)
-    k = max(estimator.neighbours_needed, TILT_NEIGHBOURS * (draws == "tilted"))
-    bound = None
-    if todo and k > 0:  # the first k columns are the same for any k (``nearest_neighbours``)
-        # the bound's distances: from the data in memory; of streamed data, by reading rows
-        # (only those the draws' index lists: reads as many as the tilted draws make)
-        streamed = isinstance(plan.data, ChunkedDataset)
-        k_bound = k if streamed else max(k, BOUND_NEIGHBOURS)
-        index_pools = pools(pools.index_dtype(precision))
-        tables = neighbour_tables(plan, index_pools, k_bound, tile_bytes)
-        pools.attach(tables)
-        bound = NearestPointBound.from_index(plan, index_pools, tables)
-    if _sweeps(plan, estimator, draws, group, adaptive) and todo:
-        done.update(_grid_points(plan, estimator, todo, form, precision, pools, bar.update,
-                                 process, target, saved, group))  # fmt: skip
+    run = dataclasses.replace(run, on_block=bar.update)
+    bound = _neighbour_index(run) if todo else None
+    if sweeps(run) and todo:
+        done.update(grid_points(run, todo))
     points = []
     for sigma in sigmas:
         if sigma in done:
             points.append(done[sigma])
             continue
         bar.set_postfix(sigma=f"{sigma:.4g}")
-        point = _estimate_point(
-            plan, estimator, sigma, form, precision, pools, tile_bytes, process, target,
-            bar.update, draws, adaptive,
-        )  # fmt: skip
-        if bound is not None and variance is not None:
-            point = _with_bound(point, bound(sigma), variance)
+        point = _estimate_point(run, sigma)
+        if bound is not None:
+            point = _with_bound(point, bound(sigma), run.variance)
         points.append(point)
-        if saved is not None:
-            with group.together():  # rank 0 writes
-                saved.add(point)
+        run.save(point)
     bar.close()
     return points
+
+
+def _neighbour_index(run: EstimateRun) -> NearestPointBound | None:
+    """Where the estimator or the tilted draws need neighbours: the index of the sources'
+    k nearest points, attached to the pools, and the nearest-point bound it gives; else None.
+    The first k columns are the same for any k (``nearest_neighbours``)."""
+    k = max(run.estimator.neighbours_needed, TILT_NEIGHBOURS * (run.draws == "tilted"))
+    if k == 0:
+        return None
+    # the bound's distances: from the data in memory; of streamed data, by reading rows (only
+    # those the draws' index lists: reads as many as the tilted draws make)
+    streamed = isinstance(run.plan.data, ChunkedDataset)
+    k_bound = k if streamed else max(k, BOUND_NEIGHBOURS)
+    index_pools = run.pools(run.pools.index_dtype(run.precision))
+    tables = neighbour_tables(run.plan, index_pools, k_bound, run.tile_bytes)
+    run.pools.attach(tables)
+    return NearestPointBound.from_index(run.plan, index_pools, tables)
 
 
 def _with_bound(point: CurvePoint, bound: float, variance: float) -> CurvePoint:
@@ -275,389 +311,84 @@ def _with_bound(point: CurvePoint, bound: float, variance: float) -> CurvePoint:
     )
 
 
-def _sweeps(
-    plan: OuterPlan,
-    estimator: Estimator,
-    draws: str,
-    group: Group,
-    adaptive: tuple[float, int] | None,
-) -> bool:
-    """Whether the whole grid is one sweep (``Gram.grid_values``): an estimator that sweeps
-    grids (``capabilities.sweeps_grid``: gram) on plain draws, one pool held in memory by one
-    process, fixed sizes; else it runs σ by σ like the others."""
-    return (
-        estimator.capabilities.sweeps_grid
-        and draws == "plain"
-        and adaptive is None
-        and group.world == 1
-        and len(plan.groups) == 1
-        and not isinstance(plan.data, ChunkedDataset)
-    )
-
-
-def _grid_points(
-    plan: OuterPlan,
-    estimator: Gram,
-    sigmas: Sequence[float],
-    form: str,
-    precision: str,
-    pools: PoolsByDtype,
-    on_block: Callable[[], None],
-    process: Process | None,
-    target: Target | None,
-    saved: Checkpoint | None,
-    group: Group,
-) -> dict[float, CurvePoint]:
-    """Every σ of ``sigmas`` from one sweep over the draws per dtype (the σ that overflow
-    float32 under ``auto`` again in float64); each point's ``seconds`` is its dtype's sweep
-    time over its σ."""
-    by_dtype: dict[torch.dtype, list[float]] = {}
-    for sigma in sigmas:
-        by_dtype.setdefault(pools.dtype_at(precision, sigma), []).append(sigma)
-    points: dict[float, CurvePoint] = {}
-    while by_dtype:
-        dtype, group_sigmas = by_dtype.popitem()
-        t0 = time.perf_counter()
-        samples = _grid_values(plan, estimator, group_sigmas, dtype, pools, on_block)
-        seconds = (time.perf_counter() - t0) / len(group_sigmas)
-        for sigma, s in zip(group_sigmas, samples, strict=True):
-            if not bool(s.closed.isfinite().all() and s.direct.isfinite().all()):
-                if precision == "auto" and dtype != torch.float64:
-                    by_dtype.setdefault(torch.float64, []).append(sigma)
-                    continue
-                raise ParameterError(
-                    "sigmas", sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at "
-                    "this σ for this data's scale",
-                )  # fmt: skip
-            point = _make_point(sigma, s, dtype, form, seconds, process, target, "plain")
-            points[sigma] = point
-            if saved is not None:
-                with group.together():
-                    saved.add(point)
-    return points
-
-
-def _grid_values(
-    plan: OuterPlan,
-    estimator: Gram,
-    sigmas: Sequence[float],
-    dtype: torch.dtype,
-    pools: PoolsByDtype,
-    on_block: Callable[[], None],
-) -> list[PerSample]:
-    """Per-sample values at every σ of ``sigmas`` on the plan's plain draws, block by block
-    (the draws and inner streams of ``per_sample_values``: equal to gram σ by σ)."""
-    pool = pools(dtype)[0]
-    m, dim = plan.outer, pool.dim
-    closed = [torch.empty(m, dtype=torch.float64) for _ in sigmas]
-    direct = [torch.empty(m, dtype=torch.float64) for _ in sigmas]
-    for j in range(plan.blocks):
-        lo, hi = j * OUTER_BLOCK, min(m, (j + 1) * OUTER_BLOCK)
-        noise = block_noise(plan.seed, j, hi - lo, dim).to(device=pools.device, dtype=dtype)
-        gens = [generator_for(plan.seed, Stream.INNER, j) for _ in sigmas]
-        src = plan.sources[lo:hi].to(pools.device)
-        for i, s in enumerate(estimator.grid_values(pool, src, noise, sigmas, gens)):
-            closed[i][lo:hi], direct[i][lo:hi] = s.closed.cpu(), s.direct.cpu()
-            on_block()
-    return [PerSample(closed=c, direct=d) for c, d in zip(closed, direct, strict=True)]
-
-
-def _estimate_point(
-    plan: OuterPlan,
-    estimator: Estimator,
-    sigma: float,
-    form: str,
-    precision: str,
-    pools: PoolsByDtype,
-    tile_bytes: int,
-    process: Process | None,
-    target: Target | None,
-    on_block: Callable[[], None],
-    draws: str,
-    adaptive: tuple[float, int] | None = None,
-) -> CurvePoint:
-    """J*(σ) from the per-sample values of both forms (``Moments``), with the process time t
-    and the value in the target's units (J*·loss factor) where a process and target are given;
-    ``adaptive`` = (target rse, pilot draws): sizes from ``_adaptive_values``."""
-    dtype = pools.dtype_at(precision, sigma)
+def _estimate_point(run: EstimateRun, sigma: float) -> CurvePoint:
+    """J*(σ) from the per-sample values of both forms (``EstimateRun.point``); with adaptive
+    sizes, sizes from ``adaptive_values``."""
+    dtype = run.pools.dtype_at(run.precision, sigma)
     t0 = time.perf_counter()
-    run = _Run(plan, sigma, precision, pools, tile_bytes, on_block, draws)
     used: tuple[int, Estimator] | None = None
-    if adaptive is None:
-        samples, dtype = run(estimator, plan.outer, dtype)
+    if run.adaptive is None:
+        samples, dtype = run.values(sigma, run.estimator, run.plan.outer, dtype)
     else:
-        samples, dtype, used = _adaptive_values(run, estimator, form, dtype, *adaptive)
-    seconds = time.perf_counter() - t0
-    return _make_point(sigma, samples, dtype, form, seconds, process, target, draws, used)
-
-
-def _make_point(
-    sigma: float,
-    samples: PerSample,
-    dtype: torch.dtype,
-    form: str,
-    seconds: float,
-    process: Process | None,
-    target: Target | None,
-    draws: str,
-    used: tuple[int, Estimator] | None = None,
-) -> CurvePoint:
-    """The point at σ from its per-sample values (``Moments``); ``used`` = (M, estimator)
-    where adaptive sizes chose them."""
-    mom = Moments.from_samples(samples)
-    value, se = mom.pick(form)
-    value = max(value, 0.0)  # J* is an expected squared error: a negative mean is noise
-    sizes = {}
-    if used is not None:
-        sizes = {
-            "outer": used[0],
-            "inner": used[1].inner if used[1].capabilities.adapts_inner else None,
-            "rse": se / value if value > 0 else None,
-        }
-    # tilted draws bound the closed form's rounding; not finite where σ² underflows the logits
-    rounding = samples.closed_error if draws == "tilted" else None
-    rounding = rounding if rounding is not None and math.isfinite(rounding) else None
-    in_target = None
-    if process is not None and target is not None:
-        in_target = in_target_units(value, sigma, process, target)
-    return CurvePoint(
-        sigma=sigma,
-        t=float(process.t_of_sigma_ve(sigma)) if process is not None else sigma,
-        optimal_loss=value,
-        stderr=se,
-        optimal_loss_target=in_target,
-        seconds=seconds,
-        closed=mom.closed,
-        closed_stderr=mom.closed_stderr,
-        direct=mom.direct,
-        direct_stderr=mom.direct_stderr,
-        combined_weight_closed=mom.weight_closed,
-        closed_rounding=rounding,
-        dtype=str(dtype).removeprefix("torch."),
-        ess=mom.ess,
-        resolved=bool(mom.ess >= MIN_EFFECTIVE_DRAWS),  # ESS 0: no draw carries a value
-        **sizes,
-    )
-
-
-def in_target_units(value: float, sigma: float, process: Process, target: Target) -> float:
-    """A loss per element in x0 units at σ in the target's units: value·(its loss factor at
-    the process time of σ)."""
-    return value * float(target.loss_factor(process.t_of_sigma_ve(sigma), process))
-
-
-#: Adaptive sizes: the default pilot (draws), the default plan (× the pilot), and the share of
-#: the target error the stratified estimator's far-sample bias may take.
-ADAPTIVE_PILOT = 4 * OUTER_BLOCK
-ADAPTIVE_CAP = 64
-ADAPTIVE_BIAS_SHARE = 0.5
-
-
-def _adaptive_sizes(
-    target_rse: float | None, max_outer: int | None, outer: int | None
-) -> tuple[float, int, int] | None:
-    """(target, pilot, plan size) of adaptive sizes, checked; None without a target. The pilot
-    is ``outer`` (default ADAPTIVE_PILOT) rounded up to whole blocks of OUTER_BLOCK."""
-    if target_rse is None:
-        if max_outer is not None:
-            raise ParameterError("max_outer", max_outer, "applies to adaptive sizes: give a target")
-        return None
-    if not (isinstance(target_rse, int | float) and 0 < target_rse < 1):
-        raise ParameterError("target_rse", target_rse, "a relative standard error in (0, 1)")
-    pilot = ADAPTIVE_PILOT if outer is None else outer
-    check_outer(pilot)
-    pilot = math.ceil(pilot / OUTER_BLOCK) * OUTER_BLOCK
-    cap = ADAPTIVE_CAP * pilot if max_outer is None else max_outer
-    check_outer(cap)
-    if cap < pilot:
-        raise ParameterError(
-            "max_outer", cap, f"below the pilot's {pilot} draws (whole blocks of {OUTER_BLOCK})"
+        values = functools.partial(run.values, sigma)
+        samples, dtype, used = adaptive_values(
+            values, run.plan, run.estimator, run.form, dtype, *run.adaptive
         )
-    return float(target_rse), min(pilot, cap), cap
+    return run.point(sigma, samples, dtype, time.perf_counter() - t0, used)
 
 
-@dataclass
-class _Run:
-    """The per-sample values of an estimator on the first m draws of a plan at one σ, in a
-    dtype (switching to float64 under ``auto`` where float32 overflows)."""
-
-    plan: OuterPlan
-    sigma: float
-    precision: str
-    pools: PoolsByDtype
-    tile_bytes: int
-    on_block: Callable[[], None]
-    draws: str
-
-    def __call__(
-        self, estimator: Estimator, m: int, dtype: torch.dtype, first_block: int = 0
-    ) -> tuple[PerSample, torch.dtype]:
-        plan = self.plan.prefix(m)
-        args = (plan, estimator, self.sigma, self.pools, self.tile_bytes, self.on_block,
-                self.draws, first_block)  # fmt: skip
-        samples = _finite_values(*args[:3], dtype, *args[3:])
-        if samples is None and self.precision == "auto" and dtype != torch.float64:
-            dtype = torch.float64  # float32 overflowed: σ is far from the data's scale
-            samples = _finite_values(*args[:3], dtype, *args[3:])
-        if samples is None:
-            hint = "" if dtype == torch.float64 else "; choose precision float64"
-            raise ParameterError(
-                "sigmas", self.sigma, f"J* overflows {str(dtype).removeprefix('torch.')} at "
-                f"this σ for this data's scale{hint}",
-            )  # fmt: skip
-        return samples, dtype
-
-
-def _adaptive_values(
-    run: _Run, estimator: Estimator, form: str, dtype: torch.dtype, target: float, pilot: int
-) -> tuple[PerSample, torch.dtype, tuple[int, Estimator]]:
-    """Per-sample values at one σ with sizes chosen for a relative standard error ``target``:
-
-    1. a pilot on the first ``pilot`` draws gives J₀ ± s₀;
-    2. stratified: the far sample L from the ratio-estimator bias b/L (O(1/L), the
-       ``Stratified`` docstring): the pilot at L' = min(2L, N) on the same draws gives
-       b = (J_L − J_L')/(1/L − 1/L'), and L grows to |b|/(share·target·J_L') so the bias b/L
-       is at most share = ADAPTIVE_BIAS_SHARE of the target (the pilot is rerun at the chosen
-       L if it is neither L nor L');
-    3. M = M₀·(s₀/(target·J₀))² (s ∝ 1/√M: ``outer.outer_for``), in whole blocks, within
-       [pilot, the plan's M]; the pilot's draws are the first M's (they are not drawn again).
-
-    The reported stderr is that of the M draws, so the achieved relative error is measured, not
-    assumed; it misses the target where M reaches the plan's size."""
-    first, dtype = run(estimator, pilot, dtype)
-    value, se = Moments.from_samples(first).pick(form)
-    est = estimator
-    n = min(members.numel() for members, _ in run.plan.groups)
-    if estimator.capabilities.adapts_inner and estimator.inner < n:
-        big = estimator.inner
-        wider = dataclasses.replace(estimator, inner=min(n, 2 * big))
-        second, dtype = run(wider, pilot, dtype)
-        value2, se2 = Moments.from_samples(second).pick(form)
-        slope = (value - value2) / (1 / big - 1 / wider.inner)  # b in J_L = J + b/L
-        want = abs(slope) / (ADAPTIVE_BIAS_SHARE * target * value2) if value2 > 0 else n
-        if want > big:
-            size = min(n, math.ceil(want))
-            if size <= wider.inner:
-                est, first, value, se = wider, second, value2, se2
-            else:
-                est = dataclasses.replace(estimator, inner=size)
-                first, dtype = run(est, pilot, dtype)
-                value, se = Moments.from_samples(first).pick(form)
-    need = outer_for(pilot, value, se, target)
-    blocks = math.ceil(need / OUTER_BLOCK) if math.isfinite(need) else run.plan.blocks
-    m = min(run.plan.outer, max(pilot, blocks * OUTER_BLOCK))
-    if m > pilot:
-        rest, wider_dtype = run(est, m, dtype, pilot // OUTER_BLOCK)
-        if wider_dtype != dtype:  # the rest overflowed float32: all of it in float64
-            first, dtype = run(est, m, wider_dtype)
-        else:
-            first = join_samples(first, rest)
-    return first, dtype, (m, est)
-
-
-def _finite_values(
-    plan: OuterPlan,
+def _plan(
+    x: torch.Tensor | ChunkedDataset,
+    labels: torch.Tensor | None,
+    m: int,
+    seed: int,
+    conditional: bool,
     estimator: Estimator,
-    sigma: float,
-    dtype: torch.dtype,
-    pools: PoolsByDtype,
-    tile_bytes: int,
-    on_block: Callable[[], None],
-    draws: str,
-    first_block: int = 0,
-) -> PerSample | None:
-    """``per_sample_values`` at σ in ``dtype``, or None where they overflow it."""
-    try:
-        s = per_sample_values(
-            plan, estimator, sigma, dtype, pools.device, pools(dtype), tile_bytes, on_block, draws,
-            pools.tilts, first_block,
-        )  # fmt: skip
-    except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
-        if "overflow" not in str(exc):
-            raise
-        return None
-    return s if bool(s.closed.isfinite().all() and s.direct.isfinite().all()) else None
+) -> OuterPlan:
+    """The plan of M draws, each of its groups checked as the estimator's pool."""
+    plan = OuterPlan.build(x, labels, m, seed, conditional)
+    for members, _ in plan.groups:
+        estimator.check(members.numel())
+    return plan
 
 
 def _resume(
+    run: EstimateRun,
     path: str | os.PathLike[str],
     options: dict,
-    plan: OuterPlan,
     sigmas: Sequence[float],
     restart: bool,
-    announce: bool,
 ) -> Checkpoint:
-    """The checkpoint at ``path`` for these options and draws (logging at INFO which of
-    ``sigmas`` it holds, if ``announce``)."""
-    saved = Checkpoint.open(path, _checkpoint_key(options, plan), restart)
-    found = [s for s in sigmas if saved.find(s) is not None]
-    if announce and found:
-        listed = ", ".join(f"{s:.4g}" for s in found)
-        log.info(
-            "resuming: %d of %d σ already computed in %s (σ = %s)",
-            len(found),
-            len(sigmas),
-            saved.path,
-            listed,
-        )
+    """The checkpoint at ``path`` for these options and the run's draws, the same on every
+    process (rank 0 writes; logging at INFO which of ``sigmas`` it holds, if the run shows
+    progress); refused where its points do not read as points."""
+    with run.group.together():
+        saved = _open(path, [run.plan.fingerprint, run.plan.conditional], options, restart)
+        found = [s for s in sigmas if _find(saved, s) is not None]
+        if run.progress and found:
+            listed = ", ".join(f"{s:.4g}" for s in found)
+            log.info("resuming: %d of %d σ already computed in %s (σ = %s)", len(found),
+                     len(sigmas), saved.path, listed)  # fmt: skip
+    saved.writes = run.group.main
+    run.group.check_same("checkpoints", str(sorted(saved.done)))
     return saved
 
 
-def _checkpoint_key(options: dict, plan: OuterPlan) -> str:
-    """sha256 of everything a point's numbers depend on: the draws (data fingerprint, M, seed,
-    conditional), the estimator, the form, the precision, process and target."""
-    draws = [plan.fingerprint, plan.conditional]
-    text = json.dumps([CHECKPOINT_FORMAT, draws, options], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def _open(path: str | os.PathLike[str], draws: list, options: dict, restart: bool) -> Checkpoint:
+    """The checkpoint at ``path`` under the key of everything a point's numbers depend on: the
+    draws (data fingerprint, conditional; M and seed are options), the estimator, the form, the
+    precision, process and target."""
+    key = checkpoint_key([CHECKPOINT_FORMAT, draws, options])
+    saved = Checkpoint.open(path, key, "an estimate", restart)
+    try:
+        for p in saved.done.values():
+            CurvePoint.from_json(p)
+    except (UserError, AttributeError, KeyError, TypeError, ValueError):
+        raise ParameterError(
+            "restart", None, f"{path} is not a checkpoint of an estimate; delete it, or set "
+            "{option} to overwrite it",
+        ) from None  # fmt: skip
+    return saved
 
 
-@dataclass
-class Checkpoint:
-    """The finished points of an estimate, saved one σ at a time to ``path`` (atomically) under
-    the ``key`` of the data and options that produced them. A file of other options, or one
-    that is not a checkpoint, is refused unless ``restart`` (then it is overwritten by the
-    first new point)."""
+def _unit_name(sigma: float) -> str:
+    """A point's unit in the checkpoint."""
+    return f"sigma={sigma!r}"
 
-    path: Path
-    key: str
-    points: dict[float, CurvePoint]
-    writes: bool = True  # False on the processes other than rank 0: they only read
 
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], key: str, restart: bool = False) -> Checkpoint:
-        path = Path(path)
-        points: dict[float, CurvePoint] = {}
-        if path.is_file() and not restart:
-            try:
-                saved = read_json(path)
-                if not isinstance(saved, dict) or not isinstance(saved.get("points"), list):
-                    raise ValueError
-                loaded = [CurvePoint.from_json(p) for p in saved["points"]]
-            except (UserError, AttributeError, KeyError, TypeError, ValueError):
-                raise ParameterError(
-                    "restart", None, f"{path} is not a checkpoint of an estimate; delete it, "
-                    "or set {option} to overwrite it",
-                ) from None  # fmt: skip
-            if saved.get("key") != key:
-                raise ParameterError(
-                    "restart", None, f"{path} holds {len(loaded)} σ of an estimate with other "
-                    "data or options; rerun with those, or set {option} to discard them",
-                )  # fmt: skip
-            points = {p.sigma: p for p in loaded}
-        return cls(path=path, key=key, points=points)
-
-    def find(self, sigma: float) -> CurvePoint | None:
-        """The saved point at ``sigma`` (``same_sigma``), if any."""
-        return next((p for s, p in self.points.items() if same_sigma(s, sigma)), None)
-
-    def add(self, point: CurvePoint) -> None:
-        """Record ``point`` and rewrite the file (if this process writes)."""
-        self.points[point.sigma] = point
-        if self.writes:
-            points = [p.to_json() for p in self.points.values()]
-            write_json(self.path, {"key": self.key, "points": points})
-
-    def remove(self) -> None:
-        """Delete the file (the curve is complete; if this process writes)."""
-        if self.writes:
-            self.path.unlink(missing_ok=True)
+def _find(saved: Checkpoint | None, sigma: float) -> CurvePoint | None:
+    """The saved point at ``sigma`` (``same_sigma``), if any."""
+    if saved is None:
+        return None
+    points = (CurvePoint.from_json(p) for p in saved.done.values())
+    return next((p for p in points if same_sigma(p.sigma, sigma)), None)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from lossfloor.optimal.cache import cache_path, read_arrays, write_arrays
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES, keys_per_tile
-from lossfloor.optimal.outer import OuterPlan
 from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor

@@ -1,7 +1,8 @@
 """The pools of an estimate: which kind of pool a plan's data get (``make_pools``: in memory,
 sharded over processes, streamed per chunk) and the pools per dtype a precision policy asks for
 (``PoolsByDtype``). Above ``pools.py``, ``shard.py`` and ``stream.py`` (whose pool kinds it
-builds) and ``outer.py`` (the plan and the precision policy), so none of them imports it.
+builds), ``draws.py`` (the plan) and ``precision.py`` (the precision policy), so none of them
+imports it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch
 
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.distributed import Group
-from lossfloor.optimal.outer import FLOAT32_MAX_SQ_NORM, OuterPlan, base_dtype, choose_dtype
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.pools import Pool
+from lossfloor.optimal.precision import FLOAT32_MAX_SQ_NORM, base_dtype, choose_dtype
 from lossfloor.optimal.shard import ShardedPool
 from lossfloor.optimal.stream import StreamedPool
 

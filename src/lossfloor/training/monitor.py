@@ -13,7 +13,7 @@ from lossfloor.data import Dataset
 from lossfloor.diagnosis import DenoiserFn, model_per_sample_loss
 from lossfloor.diffusion.denoiser import as_denoiser
 from lossfloor.optimal import Curve
-from lossfloor.optimal.outer import OuterPlan
+from lossfloor.optimal.draws import OuterPlan
 from lossfloor.tracker import GapTracker
 from lossfloor.training.hooks import Batch, Hook, LogStep
 

@@ -43,7 +43,7 @@ def read_inputs(args: argparse.Namespace, group: Group) -> Inputs:
     estimator."""
     from lossfloor.cli.common import check_args, load_data_from_args, parse_sigmas, parse_total
     from lossfloor.diffusion import get_process, get_target
-    from lossfloor.optimal.outer import check_outer
+    from lossfloor.optimal.draws import check_outer
 
     check_args(args, write=group.main)
     sigmas = parse_sigmas(args.sigmas)

@@ -63,7 +63,7 @@ def _print_heldout(curve: Curve, sources: dict[str, Any]) -> None:
 def _warn_unresolved(curve: Curve) -> None:
     """One line on stderr naming the σ whose value rests on too few draws to trust its stderr,
     but for those where the bound shows J* memorised (the table reports the bound there)."""
-    from lossfloor.optimal.outer import MIN_EFFECTIVE_DRAWS
+    from lossfloor.optimal.moments import MIN_EFFECTIVE_DRAWS
 
     bad = [p for p in curve.points if p.resolved is False and not p.memorised]
     if bad:
@@ -101,7 +101,7 @@ def _print_table(curve: Curve, args: argparse.Namespace) -> None:
     estimate."""
     from lossfloor.diffusion import get_process, get_target
     from lossfloor.optimal.bound import MEMORISED_SHARE
-    from lossfloor.optimal.estimate import in_target_units
+    from lossfloor.optimal.moments import in_target_units
 
     process = get_process(args.process)
     target = get_target(args.target, sigma_data=args.sigma_data)
