@@ -345,6 +345,27 @@ def test_the_memory_rule_that_makes_an_estimate_stream_is_the_library_s(points, 
     assert memory_need("digits") is None
 
 
+def test_estimate_curve_given_a_path_streams_where_memory_is_short_as_the_cli_does(
+    points, monkeypatch, caplog
+):
+    """The library's rule (``stream.must_stream``), not only the CLI's: a path that does not fit
+    the memory available is read in chunks (the same numbers as ``open_chunked``'s, bitwise in
+    one run), with a log record; one that fits is loaded (those of ``load_dataset``)."""
+    from lossfloor.optimal import stream
+
+    kw = {"sigmas": [0.5, 2.0], "outer": 64, "progress": False, "device": "cpu"}
+    monkeypatch.setattr(stream, "available_bytes", lambda: 1000.0)
+    with caplog.at_level("INFO", logger="lossfloor.optimal.stream"):
+        short = estimate_curve(str(points), **kw)
+    assert short.dataset["streamed"] is True
+    assert "streaming it" in caplog.text
+    assert _numbers(short) == _numbers(estimate_curve(open_chunked(str(points)), **kw))
+    monkeypatch.setattr(stream, "available_bytes", lambda: 1e12)
+    fits = estimate_curve(str(points), **kw)
+    assert "streamed" not in fits.dataset
+    assert _numbers(fits) == _numbers(estimate_curve(load_dataset(str(points)), **kw))
+
+
 @pytest.mark.slow
 def test_adaptive_sizes_streamed_give_the_numbers_in_memory(points):
     """--target-rse on streamed data: the same pilot, the same chosen M per σ, the same bits."""

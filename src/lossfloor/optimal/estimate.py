@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lossfloor.data import Dataset, load_dataset, mean_and_variance
+from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.device import resolve_device
 from lossfloor.diffusion import Process, Target
@@ -46,6 +46,7 @@ from lossfloor.optimal.precision import (
     finite_samples,
 )
 from lossfloor.optimal.shard import check_sharded
+from lossfloor.optimal.stream import open_for_estimate
 from lossfloor.optimal.sweep import grid_points, sweeps
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
@@ -82,8 +83,10 @@ def estimate_curve(
 ) -> Curve:
     """J*(σ) per element for each σ (VE) of ``sigmas`` on the empirical set ``data`` (N×...,
     or a Dataset: its labels, and its description recorded in the curve; or a dataset spec,
-    ``load_dataset``'s). ``estimator``: an Estimator, a name or a config (``as_estimator``:
-    a name's defaults depend on N, so a name is resolved here, once N is known).
+    ``load_dataset``'s, read in chunks where an in-memory estimate would not fit: the library's
+    rule ``stream.must_stream``, as ``lossfloor estimate``'s). ``estimator``: an Estimator, a
+    name or a config (``as_estimator``: a name's defaults depend on N, so a name is resolved
+    here, once N is known).
 
     ``outer`` M defaults to N (every point once). ``draws``: ``tilted`` (importance-sampled
     noise toward each source's nearest neighbours, ``draws.tilted_noise``: right below σ*, where
@@ -104,8 +107,8 @@ def estimate_curve(
     device = resolve_device(device)
     group = current(device)
     with group.together():
-        if isinstance(data, str):
-            data = load_dataset(data)
+        if isinstance(data, str):  # in chunks where memory is short: stream.must_stream
+            data = open_for_estimate(data, group)
         x, labels, described = _unpack(data, labels, conditional, group)
         _check_grid(x, sigmas, outer)
         estimator = as_estimator(estimator, len(x))

@@ -22,6 +22,7 @@ Under torchrun it is a ``ShardedPool``: each process reads only its rows [⌊rN/
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -31,12 +32,14 @@ from pathlib import Path
 import torch
 
 from lossfloor.data.chunked import ChunkedDataset
+from lossfloor.data.dataset import Dataset
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal.kernel import augment
 from lossfloor.optimal.shard import ShardedPool
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 def chunk_rows(chunk_mb: float, dim: int, dtype: torch.dtype) -> int:
@@ -179,6 +182,36 @@ def memory_need(
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     budget = memory_bytes if memory_bytes is not None else available_bytes() / local
     return MemoryNeed(need=elements * (4 + (IN_MEMORY_BYTES - 4) / world), budget=budget)
+
+
+def must_stream(
+    data: str, group: Group, *, limit: int | None = None, memory_bytes: float | None = None
+) -> MemoryNeed | None:
+    """The library's rule for reading a path in chunks: the ``memory_need`` of an in-memory
+    estimate of ``data`` where it exceeds the budget on any process of ``group`` (then every
+    process streams: they read the data alike), else None. ``estimate_curve`` given a path and
+    ``lossfloor estimate`` follow it."""
+    need = memory_need(data, limit=limit, world=group.world, memory_bytes=memory_bytes)
+    return need if group.any(need is not None and need.stream) and need is not None else None
+
+
+def open_for_estimate(
+    data: str, group: Group, *, limit: int | None = None
+) -> Dataset | ChunkedDataset:
+    """The items of the spec ``data`` for an estimate: a ``ChunkedDataset`` read per chunk where
+    ``must_stream`` says so (with a note on the ``lossfloor.optimal`` logger), else the
+    ``Dataset`` in memory (``load_dataset``)."""
+    from lossfloor.data import load_dataset
+    from lossfloor.data.chunked import open_chunked
+
+    need = must_stream(data, group, limit=limit)
+    if need is None:
+        return load_dataset(data, limit=limit)
+    log.info(
+        "%s needs ~%.3g GiB per process in memory, more than %.3g GiB: streaming it",
+        data, need.need / 2**30, need.budget / 2**30,
+    )  # fmt: skip
+    return open_chunked(data, limit=limit)
 
 
 def available_bytes() -> float:

@@ -57,8 +57,8 @@ def read_inputs(args: argparse.Namespace, group: Group) -> Inputs:
     if args.sources is not None and group.world > 1:
         raise UserError("--sources: held-out losses run in one process, not under torchrun")
     bandwidth = _bandwidth(args)
-    # every process streams if one must (they must read the data alike)
-    stream = args.stream or group.any(_too_large(args, group))
+    # every process streams if one must (they must read the data alike: stream.must_stream)
+    stream = args.stream or _too_large(args, group)
     ds = _open_stream(args) if stream else load_data_from_args(args)
     heldout = _heldout(args, ds)
     estimator = _estimator(args, ds.n)
@@ -134,15 +134,15 @@ def _too_large(args: argparse.Namespace, group: Group) -> bool:
     """Whether the data in memory would need more than --memory-gb (default: the memory
     available, shared by this machine's processes; ``optimal.stream.memory_need``): then say so
     and stream. Data that cannot stream (.npz, --xflip, --sources) are loaded as asked."""
-    from lossfloor.optimal.stream import memory_need
+    from lossfloor.optimal.stream import must_stream
 
     if args.memory_gb is not None and not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
         raise UserError(f"--memory-gb {args.memory_gb}: must be a finite number of GiB > 0")
     if args.xflip or args.sources or args.key or args.labels_key:
         return False
     memory = None if args.memory_gb is None else args.memory_gb * 2**30
-    need = memory_need(args.data, limit=args.limit, world=group.world, memory_bytes=memory)
-    if need is None or not need.stream:
+    need = must_stream(args.data, group, limit=args.limit, memory_bytes=memory)
+    if need is None:
         return False
     if group.main:
         print(
