@@ -24,9 +24,9 @@ Tensor = torch.Tensor
 class PerSample:
     """Per-sample values of the two forms of J*(σ), per element: closed (A − ‖μ‖²)/D and
     direct ‖x0 − μ‖²/D; on importance-sampled (tilted) draws, the likelihood ratio w of each
-    draw (``outer.tilted_noise``; None on plain draws), whose known mean 1 gives a control
-    variate (``outer.control_variate``), and a bound on the rounding error of the closed form's
-    mean (the mean of w·``outer.closed_rounding``; 0: not checked)."""
+    draw (``draws.tilted_noise``; None on plain draws), whose known mean 1 gives a control
+    variate (``moments.control_variate``), and a bound on the rounding error of the closed form's
+    mean (the mean of w·``precision.closed_rounding``; 0: not checked)."""
 
     closed: Tensor
     direct: Tensor
