@@ -22,7 +22,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser, read_protocol
-from lossfloor.diffusion.schedulers import PREDICTION_TARGETS
+from lossfloor.diffusion.schedulers import PREDICTION_TARGETS, scheduler_table
 from lossfloor.errors import UserError
 from lossfloor.runfiles import CHECKPOINT_LATEST
 
@@ -155,22 +155,6 @@ def _load_diffusers_parts(root: Path) -> tuple[Any, Any, tuple[Path, Path, str]]
     return unet, scheduler, (unet_dir, sched_dir, str(sched_class))  # a diffusers class name
 
 
-def _decreasing_alphas(scheduler: Any, sched_dir: Path, sched_class: str) -> tuple[Tensor, int]:
-    """The scheduler's ᾱ table (float64) and the length of its longest prefix with 0 < ᾱ
-    strictly decreasing (a zero-terminal-SNR table ends in ᾱ = 0, σ̃ = ∞)."""
-    ac = getattr(scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise UserError(f"{sched_dir}: scheduler {sched_class} has no alphas_cumprod table")
-    ac = torch.as_tensor(ac, dtype=torch.float64)
-    # zero terminal SNR: ᾱ = 0 (σ̃ = ∞) at the end, or Euler's 2⁻²⁴ stand-in above its
-    # predecessor; keep the longest prefix with 0 < ᾱ strictly decreasing
-    ok = (ac > 0) & torch.cat([torch.ones(1, dtype=torch.bool), ac[1:] < ac[:-1]])
-    kept = int(torch.cumprod(ok.long(), 0).sum())
-    if kept < 2:
-        raise UserError(f"{sched_dir}: alphas_cumprod of {sched_class} is not a decreasing table")
-    return ac, kept
-
-
 def _unet_channels(cfg: Any, scheduler: Any, unet_dir: Path) -> tuple[int, bool, int]:
     """(image channels C, whether the UNet's 2C outputs are split into mean and learned
     variance, number of classes: 0 if unconditional) of a UNet config."""
@@ -223,15 +207,12 @@ def load_diffusers(
 
     root = Path(path)
     unet, scheduler, (unet_dir, sched_dir, sched_class) = _load_diffusers_parts(root)
-    ac, kept = _decreasing_alphas(scheduler, sched_dir, sched_class)
-    prediction = scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TARGETS:
-        raise UserError(f"{sched_dir}: prediction_type {prediction!r} is not supported "
-                        f"(supported: {', '.join(PREDICTION_TARGETS)})")  # fmt: skip
+    table, prediction = scheduler_table(scheduler, str(sched_dir))
+    kept = int(table.numel())
     cfg = unet.config
     channels, split, num_classes = _unet_channels(cfg, scheduler, unet_dir)
     net = _diffusers_net(unet, root, channels, split, num_classes)
-    denoiser = Denoiser(net, VPDiscrete(ac[:kept]), PREDICTION_TARGETS[prediction],
+    denoiser = Denoiser(net, VPDiscrete(table), PREDICTION_TARGETS[prediction],
                         scale_input=False, label_dim=num_classes)  # fmt: skip
     denoiser.unet = unet  # registers the weights with the Module (device moves, eval)
     size = cfg.sample_size
@@ -242,7 +223,7 @@ def load_diffusers(
         "scheduler": sched_class,
         "prediction_type": prediction,
         "timesteps": kept,
-        "timesteps_dropped": int(ac.numel()) - kept,
+        "timesteps_dropped": len(scheduler.alphas_cumprod) - kept,
         "image_shape": [channels, height, width],
         "num_classes": num_classes or None,
         "conditional": num_classes > 0,

@@ -50,7 +50,7 @@ from lossfloor.diffusion.targets import Target, get_target
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.optimal.curve import Curve
 from lossfloor.schedules.bins import bin_index, decay, decayed_add, log_edges
-from lossfloor.schedules.optimal import _interp_ln
+from lossfloor.schedules.tabulated import _interp_ln
 from lossfloor.sigmas import SIGMA_RTOL
 from lossfloor.training.hooks import Batch, Hook, LogStep, Reducer
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from lossfloor.device import resolve_device
 from lossfloor.errors import ParameterError, UserError
-from lossfloor.scaling.fit import RunRow
+from lossfloor.scaling.runs import RunRow
 
 if TYPE_CHECKING:
     import torch

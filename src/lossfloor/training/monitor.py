@@ -4,7 +4,7 @@ per-σ-bin gap of the training losses themselves (``lossfloor.GapTracker``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from lossfloor.data import Dataset
 from lossfloor.diagnosis import DenoiserFn, model_per_sample_loss
 from lossfloor.diffusion.denoiser import as_denoiser
+from lossfloor.errors import UserError
 from lossfloor.optimal import Curve
 from lossfloor.optimal.draws import OuterPlan
 from lossfloor.tracker import GapTracker
@@ -27,9 +28,12 @@ class GapMonitor(Hook):
     ``record["gap"]``. The draws (``n`` sources and noises) are fixed at construction, so
     successive values are paired. As a hook it also feeds ``tracker`` (a ``GapTracker`` on the
     curve, summed over the processes) each batch's σ and x0 losses and logs its rows as
-    ``gap_bins`` once it has any: the gap of the training losses, no extra forward passes (not
-    checkpointed: a resumed run's starts anew).
+    ``gap_bins`` once it has any: the gap of the training losses, no extra forward passes. Its
+    state is the tracker's (``state_dict``: checkpointed under ``state_key``), so a resumed run
+    logs what an uninterrupted one does.
     """
+
+    state_key = "gap_monitor"
 
     def __init__(
         self,
@@ -73,6 +77,16 @@ class GapMonitor(Hook):
             return {}
         seen = any(row["count"] for row in rows)
         return {"gap": self.gaps(log.model), **({"gap_bins": rows} if seen else {})}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's state (its decayed per-bin sums, this process's)."""
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s tracker state (refused for another layout)."""
+        if set(state) != {"tracker"}:
+            raise UserError(f"not a GapMonitor state (keys {sorted(state)})")
+        self.tracker.load_state_dict(state["tracker"])
 
     def __call__(self, step: int, denoiser: DenoiserFn, record: dict[str, Any]) -> None:
         record["gap"] = self.gaps(denoiser)
