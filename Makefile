@@ -20,8 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lossfloor estimate --data digits --sigmas 0.02:50:20 --estimator full --total edm \
 		--out $(DEMO_DIR)/digits-optimal-loss.json --plot $(DEMO_DIR)/digits-optimal-loss.png
 
-# ruff, then mypy on the modules listed in pyproject's [tool.mypy] files (those that check
-# clean so far; the rest are listed there too, to be added as they are cleaned).
+# mypy on every module of the package (pyproject's [tool.mypy]), then ruff.
 lint: typecheck
 	$(VENV)/bin/ruff check src tests benchmarks experiments examples
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments examples
