@@ -44,7 +44,10 @@ th, td { text-align: left; vertical-align: top; padding: .2rem .4rem;
 th { width: 30%; font-weight: 600; }
 table.values th { width: auto; }
 code { font-size: .9em; }
-@media (max-width: 40rem) { body { font-size: 15px; } main { padding: .5rem; } th { width: 40%; } }
+@media (max-width: 40rem) {
+  body { font-size: 15px; } main { padding: .5rem; } th { width: 40%; }
+  h1 { font-size: 1.3rem; } h2 { font-size: 1.1rem; }
+}
 @media print {
   nav { display: none; }
   main { max-width: none; padding: 0; }

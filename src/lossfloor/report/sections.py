@@ -259,7 +259,7 @@ def diagnosis_section(item: Input, star: float | None, index: int) -> Section:
             text.append(
                 f"Below σ* ≈ {g(star)} J* ≈ 0 because the optimum memorises: the gap there (up "
                 f"to {g(max(p.gap for p in low))}) is partly the price of generalising, not "
-                "only underfitting; `lossfloor floor` and `diagnose --floor` tell them apart."
+                "only underfitting; lossfloor floor and lossfloor diagnose --floor tell them apart."
             )
     text.append(UNITS)
     prov = _common_provenance(item)
@@ -410,7 +410,7 @@ def schedule_section(item: Input) -> Section:
         f"w_max) (w_max = {g(w_max)}), so that the loss reads as J_θ/J*, and noise levels "
         f"drawn with the density of ln σ shown (right axis; {t.params.get('density')} rule"
         + (", from the model's gap" if t.gap is not None else "")
-        + ")."
+        + f"), over σ = {g(float(s[0]))} to {g(float(s[-1]))}."
     ]
     text.append(
         f"Schedule: σ* = {g(star)}; the density peaks at σ ≈ {g(float(s[int(np.argmax(p))]))}"
@@ -459,8 +459,9 @@ def scaling_section(item: Input, index: int) -> Section:
         figure.tight_layout()
     where = [f for f in fit.fits if f.sigma is not None]
     text = [
-        f"Each panel fits the runs' loss J against {fit.x} F as a power law: raw, J = β·F^α "
-        "and with J* subtracted, J − J* = β·F^α: only the part above J* can shrink with scale."
+        f"Per σ (and for the total loss), the runs' loss J is fitted against {fit.x} F as a "
+        "power law: raw, J = β·F^α, and with J* subtracted, J − J* = β·F^α: only the part "
+        "above J* can shrink with scale."
     ]
     if where:
         big = max(where, key=lambda f: abs(f.subtracted.alpha - f.raw.alpha))
@@ -475,7 +476,7 @@ def scaling_section(item: Input, index: int) -> Section:
             f"Total loss: α = {g(total.raw.alpha)} raw, {g(total.subtracted.alpha)} above J*."
         )
     if figure is None:
-        text.append("The file holds the fits, not the runs' losses: the table gives them.")
+        text.append("The file holds the fits, not the runs' losses, so there is no figure.")
     text.append("ρ: the correlation of the log–log fit (−1: a perfect power law).")
     text.append("Losses per element, in x0 units.")
     prov = _common_provenance(item)
@@ -496,7 +497,7 @@ def scaling_section(item: Input, index: int) -> Section:
     summary = ""
     if total is not None:
         summary = (
-            f"Scaling against {fit.x}: total loss ∝ F^{g(total.raw.alpha)} raw, the part above "
+            f"Scaling against F = {fit.x}: total loss ∝ F^{g(total.raw.alpha)} raw, the part above "
             f"J* ∝ F^{g(total.subtracted.alpha)}."
         )
     return Section(f"scaling-{index}", title, figure, text, prov, alt, (header, rows), summary)
