@@ -123,6 +123,7 @@ def test_the_page_references_nothing_outside_itself(page):
     assert {h[1:] for h in hrefs} <= ids
 
 
+@pytest.mark.slow
 def test_a_floor_reading_is_said_per_sigma():
     """The Fashion-MNIST reading (docs/results): each reading with its σ, the model named."""
     path = RESULTS / "fmnist-floor-reading.json"
@@ -137,6 +138,7 @@ def test_a_floor_reading_is_said_per_sigma():
     assert "Model 1 (edm-s0)" in text
 
 
+@pytest.mark.slow
 def test_results_of_other_data_are_other_groups_and_a_run_directory_joins_its_data(tmp_path):
     """A run directory (config.json's data, stats.jsonl) is drawn with the results of its data;
     Fashion-MNIST's estimate is a group of its own; a scaling fit records no data."""
@@ -249,3 +251,32 @@ def test_the_page_renders_in_headless_chromium(page, tmp_path):
     assert pixels.shape == (2400, 1000)
     assert pixels.std() > 10 and len(np.unique(pixels)) > 50  # text and figures, not blank
     assert (pixels < 128).mean() > 0.01  # dark ink on a good share of the screen
+
+
+@pytest.mark.slow
+def test_unresolved_points_are_said_and_not_zeros(tmp_path):
+    """Points the draws do not resolve (low ESS) are named as unresolved, with their σ."""
+    obj = json.loads(CURVE.read_text())
+    for p in obj["points"][:3]:
+        p["resolved"], p["ess"] = False, 1.5
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps(obj))
+    text = _text(build_report([str(path)]))
+    sigmas = [p["sigma"] for p in obj["points"][:3]]
+    assert f"3 of {len(obj['points'])} points are unresolved" in text
+    assert f"too few effective draws: {sigma_list(sigmas)})" in text and "not zeros" in text
+
+
+def test_a_model_within_two_standard_errors_is_said_so(tmp_path):
+    """A gap within 2 s.e. of zero at σ = 0.1 (the committed diagnosis with that point's gap
+    set to 1.5 s.e.): that σ is named as nothing left to learn; the peak stays at the largest
+    gap."""
+    obj = json.loads(DIAGNOSIS.read_text())
+    first = obj["points"][0]
+    first["gap"] = 1.5 * first["gap_stderr"]
+    path = tmp_path / "diagnosis.json"
+    path.write_text(json.dumps(obj))
+    text = _text(build_report([str(path)]))
+    assert "within 2 s.e. of J* at σ = 0.1: nothing is left to learn there" in text
+    peak = max(obj["points"], key=lambda p: p["gap"])
+    assert f"The gap peaks at σ ≈ {g(peak['sigma'])} ({g(peak['gap'])}" in text
