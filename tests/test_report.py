@@ -16,7 +16,7 @@ import pytest
 from lossfloor.cli import main
 from lossfloor.diagnosis import Diagnosis
 from lossfloor.floor import Floor
-from lossfloor.optimal.curve import Curve
+from lossfloor.optimal import Curve
 from lossfloor.report import build_report, sigma_star
 from lossfloor.report.sections import g, sigma_list
 from lossfloor.schedules.optimal import ScheduleTable

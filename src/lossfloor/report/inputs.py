@@ -65,8 +65,8 @@ def _classes() -> dict[str, tuple[str, type[Result]]]:
     """header ``format`` → (kind, result class)."""
     from lossfloor.diagnosis import Diagnosis
     from lossfloor.floor import Floor
-    from lossfloor.optimal.curve import Curve
-    from lossfloor.scaling.fit import ScalingFit
+    from lossfloor.optimal import Curve
+    from lossfloor.scaling import ScalingFit
     from lossfloor.schedules.optimal import ScheduleTable
 
     table: dict[str, tuple[str, type[Result]]] = {

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
     from lossfloor.diagnosis import Diagnosis
     from lossfloor.floor import Floor
-    from lossfloor.optimal.curve import Curve
-    from lossfloor.scaling.fit import ScalingFit
+    from lossfloor.optimal import Curve
+    from lossfloor.scaling import ScalingFit
     from lossfloor.schedules.optimal import ScheduleTable
     from lossfloor.training.stats import StatsRecord
 
