@@ -285,6 +285,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
         {"--out": ".csv"},
         "--out",
     ),  # fmt: skip
+    "report": (["report", "{curve}", "{floor}"], {"--out": ".html"}, "--out"),
     "schedule": (
         ["schedule", "--curve", "{curve}", "--gap", "{gap}"],
         {"--out": ".json", "--csv": ".csv", "--plot": ".png"},
@@ -430,7 +431,7 @@ def test_every_command_declares_what_the_cases_above_cover():
         declared = p.get_default("declared")
         argv, outputs, _ = COMMANDS[name]
         assert sorted((*declared.outputs, *declared.folders)) == sorted(outputs), name
-        given = {a for a in argv if a.startswith("--")} | {"RUN_DIR"}
+        given = {a for a in argv if a.startswith("--")} | {"RUN_DIR", "RESULT"}
         assert set(declared.inputs) <= given, name
 
 

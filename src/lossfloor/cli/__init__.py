@@ -23,7 +23,7 @@ from lossfloor import __version__
 from lossfloor.errors import Interrupted, ParameterError, UserError
 
 SUBCOMMANDS = ["data", "estimate", "estimators", "diagnose", "train", "sample", "fid", "scaling",
-               "floor", "schedule"]  # fmt: skip
+               "floor", "schedule", "report"]  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):
