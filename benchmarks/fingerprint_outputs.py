@@ -37,6 +37,7 @@ VOLATILE = (
     "torch_version",
     "date",
     "host",
+    "provenance",
 )
 #: The header of a result file (``lossfloor.results``): the kind's tag and layout version, not
 #: numbers; dropped at the top level so a header change leaves a result's fingerprint as it was.

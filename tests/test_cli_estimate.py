@@ -61,6 +61,35 @@ def test_target_units_follow_the_process(tmp_path, capsys):
         assert p["optimal_loss_target"] == pytest.approx(p["optimal_loss"] / t**2, rel=1e-10)
 
 
+def test_the_file_records_its_provenance_and_round_trips_byte_for_byte(tmp_path, capsys):
+    """``--out`` holds the provenance of the run (``provenance.describe_run``): the command as
+    given, the torch version; ``Curve.load`` keeps it, so the file saves back byte for byte,
+    and a file without it (written before it was recorded) still loads, without one."""
+    import shlex
+
+    import torch
+
+    from lossfloor.optimal import Curve
+
+    out = tmp_path / "j.json"
+    argv = [*BASE, "--sigmas", "1", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    rec = json.loads(out.read_text())
+    run = rec["provenance"]
+    assert list(rec)[-1] == "provenance"
+    assert shlex.split(run["command"]) == ["lossfloor", *argv]
+    assert run["torch"] == torch.__version__
+    assert run["seconds"] >= 0 and run["started"] <= run["finished"]
+    curve = Curve.load(out)
+    assert curve.provenance == run
+    curve.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == out.read_bytes()
+    del rec["provenance"]
+    (tmp_path / "old.json").write_text(json.dumps(rec))
+    assert Curve.load(tmp_path / "old.json").provenance is None
+    assert "provenance" not in Curve.load(tmp_path / "old.json").to_json()
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_file(tmp_path, capsys, monkeypatch):
     args = ["--sigmas", "0.2:5:5", "--estimator", "cdol", "--inner", "40", "--seed", "3"]
@@ -86,9 +115,10 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, capsys, monkeypatch)
     assert rc == 0, err
     assert not (tmp_path / "run.json.partial").exists()
 
-    def strip(rec):
+    def strip(rec):  # the timings and the provenance (command, times) are the run's own
         for p in rec["points"]:
             p.pop("seconds")
+        rec.pop("provenance")
         return rec
 
     assert strip(json.loads(out.read_text())) == strip(json.loads(ref.read_text()))

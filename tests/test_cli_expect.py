@@ -311,7 +311,8 @@ def test_train_prints_a_line_per_log_interval_when_stderr_is_not_a_terminal(tmp_
 @pytest.mark.slow
 def test_the_readme_python_example_writes_what_the_cli_writes(tmp_path, capsys, monkeypatch):
     """The README's Python API block, run as it is, saves the same JSON and CSV as the command
-    its comment names (on the CPU: same numbers to the last bit; only the seconds differ)."""
+    its comment names (on the CPU: same numbers to the last bit; only the seconds differ, and
+    the CLI's file adds its provenance)."""
     import re
     from pathlib import Path
 
@@ -325,6 +326,7 @@ def test_the_readme_python_example_writes_what_the_cli_writes(tmp_path, capsys, 
     assert "--sigmas 0.1,0.3,1,3,10 --outer 3594 --total edm" in block
     assert main(argv) == 0
     api, cli = (json.loads(Path(f).read_text()) for f in ("digits.json", "cli.json"))
+    assert "provenance" not in api and cli.pop("provenance")["command"].startswith("lossfloor ")
     for rec in (api, cli):
         for p in rec["points"]:
             p.pop("seconds")

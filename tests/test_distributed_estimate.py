@@ -45,11 +45,11 @@ def launch(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def _points(path: Path) -> tuple[dict, list[dict]]:
-    """(the curve's options, its points without timings)."""
+    """(the curve's options but its provenance, its points without timings)."""
     curve = json.loads(path.read_text())
     keys = ("sigma", "dtype", "resolved", "outer", *NUMBERS)
     points = [{k: p.get(k) for k in keys} for p in curve["points"]]
-    options = {k: v for k, v in curve.items() if k != "points"}
+    options = {k: v for k, v in curve.items() if k not in ("points", "provenance")}
     return options, points
 
 

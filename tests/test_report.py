@@ -87,6 +87,37 @@ def test_the_sentences_carry_the_results_numbers(page, digits):
     assert curve.dataset["sha256"] in text  # provenance: the full fingerprint
 
 
+def _sections(page: str) -> dict[str, str]:
+    """Each result section's text by its key ("estimate", "floor", …), runs of white space
+    as one space (a table row reads "label value")."""
+    found = re.findall(r'<section class="result" id="d1-([\w-]+)">(.*?)</section>', page, re.S)
+    return {key: re.sub(r"\s+", " ", _text(body)) for key, body in found}
+
+
+@pytest.mark.slow
+def test_a_cli_files_provenance_is_on_the_page_and_an_old_files_is_said_missing(page, digits):
+    """The floor and the schedule, written by the CLI here, show the torch version, the
+    command and the CPU; the committed estimate (written before provenance) says it lacks them."""
+    import shlex
+
+    import torch
+
+    sections = _sections(page)
+    floor = Floor.load(digits["floor"]).provenance
+    assert floor is not None
+    words = shlex.split(floor["command"])
+    assert words[:2] == ["lossfloor", "floor"]
+    assert words[words.index("--out") + 1] == str(digits["floor"])
+    for key in ("floor", "schedule"):
+        text = sections[key]
+        assert f"torch {torch.__version__}" in text, key
+        assert f"command lossfloor {key} " in text, key
+        assert floor["cpu"] in text, key
+        assert "torch version, CPU/GPU, command" not in text, key
+    assert floor["command"] in sections["floor"]
+    assert "torch version, CPU/GPU, command not recorded in the file" in sections["estimate"]
+
+
 @pytest.mark.slow
 def test_sigma_star_is_the_schedules_rule(digits):
     """The report's σ* of the curve is the one the optimal-loss schedule resolved from it."""

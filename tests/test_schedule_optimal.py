@@ -296,6 +296,7 @@ def test_schedule_cli_writes_the_table_and_plot(tmp_path, cli, digits_curve):
     table = json.loads(out.read_text())
     header = {"format": "lossfloor-schedule", "version": 1, "lossfloor_version": __version__}
     assert {k: table.pop(k) for k in header} == header
+    assert table.pop("provenance")["command"].startswith("lossfloor schedule --curve ")
     assert set(table) == {"sigma", "log_sigma_density", "weight", "optimal_loss", "gap", "params"}
     u = np.log(table["sigma"])
     assert np.trapezoid(table["log_sigma_density"], u) == pytest.approx(1.0, abs=1e-12)

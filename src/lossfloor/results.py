@@ -6,10 +6,12 @@ A result file is indented JSON (``io.write_json``) that starts with the header
 
     {"format": FORMAT, "version": VERSION, "lossfloor_version": "<the writer's version>", ...}
 
-followed by the result's fields in their order. ``FORMAT`` names the kind ("lossfloor-curve"),
-``VERSION`` the layout of its body (an integer; a newer one than this lossfloor reads is
-refused), ``lossfloor_version`` the package that wrote it (kept through load and save, so a
-file round-trips byte for byte). Files written before the shared header are still read: those
+followed by the result's fields in their order, and last, in files the CLI writes, a
+``provenance`` block (``lossfloor.provenance.describe_run``: versions, command, CPU/GPU,
+times). ``FORMAT`` names the kind ("lossfloor-curve"), ``VERSION`` the layout of its body (an
+integer; a newer one than this lossfloor reads is refused), ``lossfloor_version`` the package
+that wrote it (kept through load and save, as is the provenance, so a file round-trips byte
+for byte). Files written before the shared header are still read: those
 without a ``format`` (curves, diagnoses, scaling fits) when their body reads as the kind, and
 those with the kind's ``LEGACY_FORMAT`` tag, whose ``version`` was the package's.
 """
@@ -71,18 +73,26 @@ class Result:
 
     #: The lossfloor that wrote the result (None: a file written before it was recorded).
     lossfloor_version: str | None = __version__
+    #: Where the result came from (``provenance.describe_run``: versions, command, CPU/GPU,
+    #: times), added by the CLI; None (the library's results, older files): left out of the JSON.
+    provenance: dict[str, Any] | None = None
 
     # --- JSON ------------------------------------------------------------------------------
 
     def json_fields(self) -> dict[str, Any]:
         """The body: each field (but the header's) in order, ``encode``d, except where it
-        equals its ``OMIT`` value."""
+        equals its ``OMIT`` value; ``provenance`` last, where there is one (a subclass's
+        ``OMIT`` replaces the base's, so the base leaves it out itself)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in HEADER or (f.name in self.OMIT and value == self.OMIT[f.name]):
+            if f.name in (*HEADER, "provenance") or (
+                f.name in self.OMIT and value == self.OMIT[f.name]
+            ):
                 continue
             out[f.name] = encode(value)
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
         return out
 
     def to_json(self) -> dict[str, Any]:

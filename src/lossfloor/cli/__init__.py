@@ -16,10 +16,12 @@ import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import NoReturn
 
 from lossfloor import __version__
+from lossfloor.cli.common import Invocation
 from lossfloor.errors import Interrupted, ParameterError, UserError
 
 SUBCOMMANDS = ["data", "estimate", "estimators", "diagnose", "train", "sample", "fid", "scaling",
@@ -112,11 +114,13 @@ def _stderr_log(level: int) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = None
     try:
         args = parser.parse_args(argv)
+        args.invocation = Invocation(["lossfloor", *argv], started)  # for with_provenance
         _file_backend()
         with _stderr_log(logging.WARNING if getattr(args, "quiet", False) else logging.INFO):
             return int(args.run(args) or 0)

@@ -9,9 +9,9 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lossfloor.errors import ParameterError, UserError
 from lossfloor.io import check_writable
@@ -20,7 +20,10 @@ if TYPE_CHECKING:  # torch and the data layer load when a command runs, not for 
     import torch
 
     from lossfloor.data import Dataset
+    from lossfloor.results import Result
     from lossfloor.schedules import NoiseSchedule, OptimalLossSchedule
+
+    R = TypeVar("R", bound=Result)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +184,27 @@ def check_args(args: argparse.Namespace, write: bool = True) -> None:
         for option, path in outputs:
             siblings = (PARTIAL,) if option in declared.partial else ()
             check_writable(path, option, siblings, folder=option in declared.folders)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """How this command was run: its argv ("lossfloor", the command, its options) and when it
+    started (``time.time()``); ``main`` puts it on the parsed arguments as ``args.invocation``."""
+
+    argv: list[str]
+    started: float
+
+
+def save_result(result: R, path: str, args: argparse.Namespace) -> R:
+    """Save ``result`` at ``path`` with the provenance of this run (``args.invocation``, the
+    time now: ``provenance.describe_run``); returns the result saved. The one place the CLI
+    records where its result files came from (the library's results carry none)."""
+    from lossfloor.provenance import describe_run
+
+    run: Invocation = args.invocation
+    saved = replace(result, provenance=describe_run(run.argv, run.started))
+    saved.save(path)
+    return saved
 
 
 def write_plot(path: str, draw: Callable[[], object], written: str | None) -> None:

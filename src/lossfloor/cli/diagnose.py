@@ -231,12 +231,12 @@ def _warn_other_data(model: str, info: dict[str, Any], ds: Dataset) -> None:
 def _report(result: Diagnosis, args: argparse.Namespace, ds: Dataset) -> None:
     """The table (unless --quiet), the JSON, the CSV and the plot the options ask for (in that
     order: a failing plot leaves the JSON written)."""
-    from lossfloor.cli.common import write_plot
+    from lossfloor.cli.common import save_result, write_plot
     from lossfloor.plots import plot_diagnosis
 
     if not args.quiet:
         _print_table(result)
-    result.save(args.out)
+    save_result(result, args.out, args)
     if args.csv:
         result.to_csv(args.csv)
     if args.plot:

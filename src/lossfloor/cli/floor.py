@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         parse_bandwidth,
         parse_sigmas,
         resolve_device,
+        save_result,
         write_plot,
     )
     from lossfloor.data import load_dataset
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         _print_table(result)
     _warn_crossing(result)
     if args.out:
-        result.save(args.out)
+        save_result(result, args.out, args)
     if args.csv:
         result.to_csv(args.csv)
     if args.plot:

@@ -93,7 +93,7 @@ def _under_options(run: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 @_under_options
 def run_fit(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import check_args
+    from lossfloor.cli.common import check_args, save_result
     from lossfloor.optimal import Curve
     from lossfloor.scaling import fit_scaling, read_runs, total_left_out
 
@@ -110,7 +110,7 @@ def run_fit(args: argparse.Namespace) -> int:
         )
     _print_table(result)
     if args.out:
-        result.save(args.out)
+        save_result(result, args.out, args)
     if args.csv:
         result.to_csv(args.csv)
     if args.plot:

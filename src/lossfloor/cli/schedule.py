@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.cli.common import check_args, write_plot
+    from lossfloor.cli.common import check_args, save_result, write_plot
     from lossfloor.plots import plot_schedule
 
     check_args(args)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         from lossfloor.schedules.fit import fit_lognormal
 
         table = dataclasses.replace(table, fit=fit_lognormal(schedule).to_json())
-    table.save(args.out)
+    save_result(table, args.out, args)
     if args.csv:
         table.to_csv(args.csv)
     resolved = table.params["resolved"]

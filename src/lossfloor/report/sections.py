@@ -124,11 +124,29 @@ def _common_provenance(item: Input) -> dict[str, str]:
 NOT_RECORDED = "not recorded in the file"
 
 
-def _run_provenance(seconds: float | None) -> dict[str, str]:
-    return {
-        "compute time": NOT_RECORDED if not seconds else _time(seconds),
-        "torch version, CPU/GPU, command": NOT_RECORDED,
-    }
+def _run_provenance(item: Input, seconds: float | None) -> dict[str, str]:
+    """The run's rows: the compute time (``seconds``, the result's own per-σ times), and from
+    the file's ``provenance`` block (``lossfloor.provenance.describe_run``, written by the CLI)
+    the software, the machine, the command and the wall-clock time, else "not recorded"."""
+    run = getattr(item.result, "provenance", None)
+    out = {"compute time": NOT_RECORDED if not seconds else _time(seconds)}
+    if not isinstance(run, dict):
+        out["torch version, CPU/GPU, command"] = NOT_RECORDED
+        return out
+    out["software"] = ", ".join(
+        f"{name} {run[key]}"
+        for key, name in (("lossfloor", "lossfloor"), ("torch", "torch"), ("python", "Python"))
+        if key in run
+    )
+    machine = [str(run[key]) for key in ("cpu", "gpu") if run.get(key)]
+    if "threads" in run:
+        machine.append(f"{run['threads']} torch threads")
+    out["CPU/GPU"] = ", ".join(machine) or NOT_RECORDED
+    out["command"] = str(run.get("command", NOT_RECORDED))
+    if "started" in run:
+        wall = f" ({_time(run['seconds'])})" if isinstance(run.get("seconds"), int | float) else ""
+        out["run"] = f"{run['started']} to {run.get('finished', '?')}{wall}"
+    return out
 
 
 # --- estimate: J*(σ) ---------------------------------------------------------------------------
@@ -190,7 +208,7 @@ def curve_section(item: Input) -> Section:
             prov[key] = str(value)
     if curve.process:
         prov["process, target"] = f"{json_text(curve.process)}, {json_text(curve.target)}"
-    prov.update(_run_provenance(sum(p.seconds or 0.0 for p in curve.points)))
+    prov.update(_run_provenance(item, sum(p.seconds or 0.0 for p in curve.points)))
     alt = "J* against σ on log axes with its ±2 s.e. band and σ* marked"
     return Section("estimate", "Optimal loss J*(σ)", fig, text, prov, alt, summary=summary)
 
@@ -269,7 +287,7 @@ def diagnosis_section(item: Input, star: float | None, index: int) -> Section:
         prov["J* from"] = d.optimal_from
     if d.heldout:
         prov["held-out data"] = describe_data(d.heldout)
-    prov.update(_run_provenance(sum(p.seconds for p in d.points)))
+    prov.update(_run_provenance(item, sum(p.seconds for p in d.points)))
     alt = "model loss and J* against σ, and the gap with ±2 s.e. error bars"
     summary = f"Model {index} ({name}): " + peak[0].lower() + peak[1:]
     return Section(f"diagnosis-{index}", f"Model {index}: distance to J*", fig, text, prov, alt,
@@ -385,7 +403,7 @@ def floor_section(item: Input) -> Section:
     prov = _common_provenance(item)
     prov["held-out data"] = held
     prov["options"] = json_text(f.params)
-    prov.update(_run_provenance(None))
+    prov.update(_run_provenance(item, None))
     alt = "upper: the floor's bracket against σ; lower: J* of subsets against their size"
     summary = "Floor: " + "; ".join(f"{v} at {sigma_list(s)}" for v, s in by.items()) + "."
     return Section("floor", "Generalising floor", fig, text, prov, alt, summary=summary)
@@ -433,6 +451,7 @@ def schedule_section(item: Input) -> Section:
         {k: v for k, v in t.params.items() if k not in ("resolved", "dataset")}
     )
     prov["resolved"] = json_text(resolved)
+    prov.update(_run_provenance(item, None))
     alt = "the schedule's weight, J* and the density of ln σ against σ"
     summary = text[1]
     if t.fit is not None:
@@ -482,6 +501,7 @@ def scaling_section(item: Input, index: int) -> Section:
     prov = _common_provenance(item)
     prov["x"] = fit.x
     prov["runs per fit"] = ", ".join(sorted({str(f.n) for f in fit.fits}))
+    prov.update(_run_provenance(item, None))
     header = ["σ", "J*", "raw α (ρ)", "α above J* (ρ)"]
     rows = [
         [
@@ -549,7 +569,7 @@ def training_section(item: Input, index: int) -> Section:
     if item.config is not None:
         prov["data"] = describe_data(item.dataset)
         prov["config"] = json_text({k: v for k, v in item.config.items() if k != "data"})
-    prov.update(_run_provenance(last.seconds))
+    prov.update(_run_provenance(item, last.seconds))
     alt = "training loss against step, by σ bin"
     summary = f"Training run {index}: " + text[0]
     return Section(f"training-{index}", f"Training run {index}", fig, text, prov, alt,

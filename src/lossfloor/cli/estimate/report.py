@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset) -> None:
     """The table (unless --quiet), the JSON and the plot the options ask for (in that order:
     a failing plot leaves the JSON written)."""
-    from lossfloor.cli.common import write_plot
+    from lossfloor.cli.common import save_result, write_plot
 
     if not args.quiet:
         _print_table(curve, args)
@@ -25,7 +25,7 @@ def report(curve: Curve, args: argparse.Namespace, ds: Dataset | ChunkedDataset)
     _warn_unresolved(curve)
     _warn_target_missed(curve)
     if args.out:
-        curve.save(args.out)
+        save_result(curve, args.out, args)
     if args.csv:
         curve.to_csv(args.csv)
     if args.plot:
