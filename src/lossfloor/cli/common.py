@@ -40,15 +40,49 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--xflip", action="store_true", help="add mirrored copies (doubles the set)")
     g.add_argument("--key", default=None, help="array key inside an .npz (default: x, or the only)")
     g.add_argument("--labels-key", default=None, help="labels key inside an .npz (default: y)")
+    g.add_argument(
+        "--encoder",
+        choices=("sd-vae", "raw"),
+        default=None,
+        help="latent data (an EDM2 latent zip, an .npz with mean and std) to final units: "
+        "sd-vae = EDM2's Stable Diffusion VAE constants, raw = as stored",
+    )
+    g.add_argument(
+        "--latent-scale",
+        type=_floats,
+        default=None,
+        metavar="S[,S...]",
+        help="latent data's final units: x·S + B per channel (or one value for all)",
+    )
+    g.add_argument("--latent-bias", type=_floats, default=None, metavar="B[,B...]",
+                   help="see --latent-scale (default 0)")  # fmt: skip
+
+
+def _floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (argparse's type: a bad one exits 2 in one line)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
 
 
 def load_data_from_args(args: argparse.Namespace) -> Dataset:
-    """The Dataset named by --data/--limit/--xflip/--key/--labels-key (a --limit beyond the
-    data's size is said, ``note_limit``)."""
+    """The Dataset named by --data/--limit/--xflip/--key/--labels-key and, for latent data,
+    --encoder/--latent-scale/--latent-bias (a --limit beyond the data's size is said,
+    ``note_limit``)."""
     from lossfloor.data import load_dataset
 
     ds = load_dataset(
-        args.data, limit=args.limit, xflip=args.xflip, key=args.key, labels_key=args.labels_key
+        args.data,
+        limit=args.limit,
+        xflip=args.xflip,
+        key=args.key,
+        labels_key=args.labels_key,
+        encoder=args.encoder,
+        latent_scale=args.latent_scale,
+        latent_bias=args.latent_bias,
     )
     note_limit(args.limit, ds.n // 2 if ds.xflip else ds.n)
     return ds

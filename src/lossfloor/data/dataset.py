@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,13 @@ from lossfloor.data.formats import (
     open_edm_zip,
     open_image_folder,
 )
+from lossfloor.data.formats.items import gaussian_refusal
+from lossfloor.data.formats.latents import (
+    LatentTransform,
+    is_latent_zip,
+    latent_transform,
+    load_edm_latents,
+)
 from lossfloor.data.sources import NAMED_SOURCES
 from lossfloor.errors import ParameterError, UserError
 
@@ -35,17 +43,25 @@ _DIVISORS = {"uint8": 127.5, "digits": 8.0}
 
 @dataclass(frozen=True)
 class Dataset:
-    """Items in [−1, 1] (N×C×H×W images or N×D vectors), optional labels, a fingerprint."""
+    """Items in [−1, 1] (N×C×H×W images or N×D vectors), optional labels, a fingerprint.
+    With ``std`` (of x's shape), Gaussian items: item i is N(x_i, diag std_i²), the posterior
+    of a VAE (``formats.latents``), and ``x`` holds the means; what computes J* of points
+    refuses them (``require_points``)."""
 
     name: str
     x: torch.Tensor
     labels: torch.Tensor | None
     sha256: str
     xflip: bool
+    std: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim < 2:
             raise ValueError(f"Dataset.x must be float32 of shape N×..., got {self.x.dtype}")
+        if self.std is not None and (
+            self.std.dtype != torch.float32 or self.std.shape != self.x.shape
+        ):
+            raise ValueError("Dataset.std must be float32 of x's shape")
         if self.labels is not None and (
             self.labels.dtype != torch.int64 or self.labels.shape != (len(self.x),)
         ):
@@ -71,6 +87,17 @@ class Dataset:
         """Largest label + 1, or None without labels."""
         return None if self.labels is None else int(self.labels.max()) + 1
 
+    @property
+    def gaussian(self) -> bool:
+        """Whether the items are Gaussians (means ``x``, stds ``std``) rather than points."""
+        return self.std is not None
+
+    def require_points(self) -> None:
+        """UserError (one line) for Gaussian items: every J* estimator, the trainer and the
+        optimal denoiser take points only, for now."""
+        if self.std is not None:
+            raise UserError(gaussian_refusal(self.name))
+
     def flat(self) -> torch.Tensor:
         """The items as an N×D tensor."""
         return self.x.reshape(self.n, self.dim)
@@ -85,7 +112,7 @@ class Dataset:
             "xflip": self.xflip,
             "labels": self.labels is not None,
             "num_classes": self.num_classes,
-        }
+        } | ({"gaussian_items": True} if self.std is not None else {})
 
 
 class Fingerprint:
@@ -141,6 +168,16 @@ def to_unit(values: np.ndarray, scale: str, where: str) -> torch.Tensor:
     return x
 
 
+def posterior_variance(std: torch.Tensor, chunk: int = 4096) -> float:
+    """mean(s²) over all elements of Gaussian items' stds, in float64 (in chunks): the
+    per-element variance within the items, added to the means' variance in J*(σ → ∞)."""
+    flat = std.reshape(len(std), -1)
+    total = sum(
+        float(flat[i : i + chunk].double().square().sum()) for i in range(0, len(flat), chunk)
+    )
+    return total / flat.numel()
+
+
 def mean_and_variance(x: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
     """Mean of all elements, and the per-element variance across items (1/N) averaged over
     elements — the optimal per-element x0 loss as σ → ∞. Accumulated in float64, in chunks
@@ -175,7 +212,7 @@ def _reader(spec: str) -> tuple[Callable[..., RawData], bool]:
         readers: dict[str, Callable[..., RawData]] = {
             ".npz": load_npz,
             ".npy": load_npy,
-            ".zip": load_edm_zip,
+            ".zip": _load_zip,
         }
         suffix = path.suffix.lower()
         if suffix not in readers:
@@ -187,6 +224,16 @@ def _reader(spec: str) -> tuple[Callable[..., RawData], bool]:
         raise UserError(f"file or folder not found: {spec}")
     names = ", ".join(NAMED_SOURCES)
     raise UserError(f"unknown dataset {spec!r}: use one of {names}, or a path to {FILE_KINDS}")
+
+
+def _load_zip(path: Path, *, limit: int | None) -> RawData:
+    """An EDM zip of images (``load_edm_zip``) or an EDM2 latent zip (``load_edm_latents``)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            latent = is_latent_zip(zf.namelist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path} is not a readable zip file ({exc})") from None
+    return (load_edm_latents if latent else load_edm_zip)(path, limit=limit)
 
 
 def open_items(spec: str, *, limit: int | None = None) -> Items:
@@ -219,19 +266,37 @@ def load_dataset(
     xflip: bool = False,
     key: str | None = None,
     labels_key: str | None = None,
+    encoder: str | None = None,
+    latent_scale: Sequence[float] | None = None,
+    latent_bias: Sequence[float] | None = None,
 ) -> Dataset:
     """Load a named source or a file, take the first ``limit`` items, scale to [−1, 1] and
-    optionally append horizontally mirrored copies (labels duplicated)."""
+    optionally append horizontally mirrored copies (labels duplicated). Gaussian items (an
+    .npz with ``mean`` and ``std``, an EDM2 latent zip: ``formats.latents``) give a Dataset
+    with ``std``, in final units through ``encoder`` or ``latent_scale``/``latent_bias``
+    (``latents.latent_transform``; required for a latent zip, whose latents are raw); on a
+    latent zip, ``key="mean"`` gives the final-unit means as points."""
     if limit is not None and limit < 1:
         raise ParameterError("limit", limit, "must be at least 1 (leave it out to use all items)")
+    transform = latent_transform(encoder, latent_scale, latent_bias)
     read, is_npz = _reader(spec)
+    is_zip = spec not in NAMED_SOURCES and Path(spec).suffix.lower() == ".zip"
     if is_npz:
         raw = read(limit=limit, key=key, labels_key=labels_key)
-    elif key is not None or labels_key is not None:
+    elif (key is not None and not is_zip) or labels_key is not None:
         param, value = ("key", key) if key is not None else ("labels_key", labels_key)
         raise ParameterError(param, value, f"applies only to .npz files, not to {spec}")
     else:
         raw = read(limit=limit)
+    if raw.std is None and transform is not None:
+        given = {"encoder": encoder, "latent_scale": latent_scale, "latent_bias": latent_bias}
+        raise ParameterError(
+            next(p for p, v in given.items() if v is not None), None, "applies only to latent "
+            "data (an EDM2 latent zip, or an .npz with arrays mean and std read without a key), "
+            f"not to {spec}",
+        )  # fmt: skip
+    if raw.std is not None or (key is not None and is_zip):
+        return _gaussian_dataset(spec, raw, transform, xflip, key, is_zip)
     values = raw.values
     x = to_unit(values, raw.scale, spec)
     labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
@@ -241,3 +306,42 @@ def load_dataset(
         x = torch.cat([x, x.flip(-1)])
         labels = None if labels is None else torch.cat([labels, labels])
     return Dataset(spec, x, labels, fingerprint(values, raw.scale), xflip)
+
+
+def _gaussian_dataset(
+    spec: str,
+    raw: RawData,
+    transform: LatentTransform | None,
+    xflip: bool,
+    key: str | None,
+    is_zip: bool,
+) -> Dataset:
+    """Gaussian items of ``raw`` (mean ``values``, ``std``) in final units, fingerprinted
+    there (mean then std, float32): the same distribution gives the same sha256 however
+    stored. ``key="mean"``: the means alone, as points."""
+    if raw.std is None:  # a key of an image zip
+        raise ParameterError("key", key, f"applies to .npz files and latent zips, not to {spec}")
+    if key is not None and key != "mean":
+        raise ParameterError("key", key, f"{spec} is an EDM2 latent zip; only 'mean' applies")
+    mean, std = raw.values, raw.std
+    if transform is not None:
+        mean, std = transform.apply(mean, std, spec)
+    elif is_zip:
+        raise UserError(
+            f"{spec}: an EDM2 latent zip holds raw VAE latents; give --encoder sd-vae (EDM2's "
+            "Stable Diffusion VAE), --encoder raw, or --latent-scale S --latent-bias B "
+            "(per channel) for the final units"
+        )
+    digest = Fingerprint("gaussian", np.dtype(np.float32), (2, *mean.shape))
+    digest.update(mean)
+    digest.update(std)
+    x, s = torch.from_numpy(mean), torch.from_numpy(std)
+    labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
+    if xflip:
+        if x.ndim != 4:
+            raise ParameterError("xflip", True, f"mirrors images, but {spec} holds N×D vectors")
+        x, s = torch.cat([x, x.flip(-1)]), torch.cat([s, s.flip(-1)])
+        labels = None if labels is None else torch.cat([labels, labels])
+    if key == "mean":
+        return Dataset(spec, x, labels, fingerprint(mean, "float"), xflip)
+    return Dataset(spec, x, labels, digest.hexdigest(), xflip, s)

@@ -81,6 +81,7 @@ def diagnose(
     estimate's draws (tilted: with their weights), and the gap's standard error is the bound
     s.e.(J_θ) + s.e.(J*).
     """
+    dataset.require_points()
     check_sigmas(sigmas)
     check_model_sigmas(model, sigmas, dataset.x.dtype)
     if not batch >= 1:

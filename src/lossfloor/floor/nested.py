@@ -201,6 +201,8 @@ class FloorRun:
     def __post_init__(self, levels: int, requested: Sequence[int] | None) -> None:
         """Check the data, σ grid, seed, bandwidth, draws and repeats (in this order), then
         set the subset sizes."""
+        self.train.require_points()
+        self.heldout.require_points()
         check_heldout(self.train.x, self.heldout.x)
         check_sigmas(list(self.sigmas))
         check_seed(self.seed)

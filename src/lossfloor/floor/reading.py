@@ -43,6 +43,8 @@ def with_heldout(
     """``curve`` (J* of ``train``) with each point's held-out losses (``heldout_losses`` with
     the curve's seed; M = ``outer``, default the held-out size) and ``sources`` = the held-out
     dataset's description."""
+    train.require_points()
+    heldout.require_points()
     if curve.dataset is not None and curve.dataset.get("conditional"):
         raise ParameterError("sources", heldout.name, "held-out sources need an unconditional J*")
     held = heldout_losses(
@@ -107,6 +109,8 @@ def read_heldout(
     ``reading``."""
     from lossfloor.diagnosis import model_per_sample_loss
 
+    train.require_points()
+    heldout.require_points()
     check_heldout(train.x, heldout.x)
     if floor_result is not None:
         check_floor(floor_result, train, [p.sigma for p in diagnosis.points])

@@ -21,6 +21,7 @@ class OptimalDenoiser(nn.Module):
 
     def __init__(self, dataset: Dataset, conditional: bool = False, precision: str = "auto"):
         super().__init__()
+        dataset.require_points()
         if conditional and dataset.labels is None:
             raise UserError("a conditional optimal denoiser needs labels; this dataset has none")
         self.shape = dataset.shape

@@ -230,6 +230,8 @@ def _unpack(
     here: one pass over its blocks, split over the processes)."""
     if isinstance(data, ChunkedDataset):
         data.summarise(group)
+    if isinstance(data, Dataset):
+        data.require_points()
     if isinstance(data, Dataset | ChunkedDataset):
         described = {**data.describe(), "conditional": conditional}
         items = data if isinstance(data, ChunkedDataset) else data.x

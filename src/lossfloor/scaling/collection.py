@@ -101,6 +101,7 @@ def collect(
     parameter count; FLOPs = ``denoiser_step_flops`` × step; images_seen = step × batch.
     Extra columns: step, loss_stderr, optimal_loss (J* on the same draws). ``device``:
     ``"auto"`` is cuda when available (``lossfloor.device``); the models load there."""
+    dataset.require_points()
     if len(sigmas) < 2:
         raise ParameterError("sigmas", list(sigmas), "the total loss needs at least 2 σ values")
     device = resolve_device(device)

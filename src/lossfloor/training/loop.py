@@ -151,6 +151,7 @@ class Trainer:
         callback_every: int,
     ) -> None:
         """Checks, model, objective, hooks, draws and the run directory (started or resumed)."""
+        dataset.require_points()
         if dataset.x.ndim != 4:
             raise UserError(f"training needs images (N×C×H×W); {dataset.name} holds N×D vectors")
         if config.conditional and dataset.labels is None:

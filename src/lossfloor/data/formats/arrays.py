@@ -14,11 +14,13 @@ from typing import Literal
 import numpy as np
 
 from lossfloor.data.formats.items import Items, RawData, canonical_array, check_items, check_labels
+from lossfloor.data.formats.latents import gaussian_items
 from lossfloor.errors import ParameterError, UserError
 
 
 def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int | None) -> RawData:
-    """Read array ``key`` (default ``x``, or the only one) and labels (default ``y``)."""
+    """Read array ``key`` (default ``x``, or the only one) and labels (default ``y``); without
+    ``key``, arrays ``mean`` and ``std`` are Gaussian items (``latents.gaussian_items``)."""
     npz = _np_load(path, ".npz")
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise UserError(f"{path} holds a single array (an .npy file); rename it to .npy")
@@ -27,7 +29,10 @@ def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int 
         if not keys:
             raise UserError(f"{path} holds no arrays; save the data with np.savez(path, x=...)")
         available = ", ".join(keys)
-        if key is None:
+        gaussian = key is None and {"mean", "std"} <= set(keys)
+        if gaussian:
+            key = "mean"
+        elif key is None:
             if "x" not in keys and len(keys) > 1:
                 raise ParameterError(
                     "key", None, f"{path} has arrays {available} but none named x; choose one"
@@ -42,10 +47,14 @@ def load_npz(path: Path, *, key: str | None, labels_key: str | None, limit: int 
                 "labels_key", labels_key, f"{path} has no such array; available: {available}"
             )
         arr = _npz_member(npz, key, path)
+        std = _npz_member(npz, "std", path) if gaussian else None
         labels = None if labels_key is None else _npz_member(npz, labels_key, path)
     check_items(arr.shape, f"{path}[{key}]")
     if labels is not None:
         labels = check_labels(labels, len(arr), f"{path}[{labels_key}]")[:limit]
+    if std is not None:
+        mean, std = gaussian_items(arr, std, str(path), limit)
+        return RawData(mean, labels, "float", std)
     values, scale = canonical_array(arr[:limit], f"{path}[{key}]")
     return RawData(values, labels, scale)
 

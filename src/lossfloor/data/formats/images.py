@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from lossfloor.data.formats.items import Items, RawData
+from lossfloor.data.formats.items import Items, RawData, gaussian_refusal
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:  # PIL loads only when images are decoded
@@ -110,6 +110,8 @@ def open_edm_zip(path: Path, *, limit: int | None) -> ImageItems:
     files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         zf.close()
+        if any(n.endswith(".npy") for n in names):  # an EDM2 latent zip: latents.py
+            raise UserError(gaussian_refusal(str(path)))
         raise UserError(f"{path}: the zip holds no PNG/JPEG images")
     labels = None
     if LABELS_FILE in names:

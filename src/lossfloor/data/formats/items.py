@@ -19,12 +19,22 @@ import numpy as np
 from lossfloor.errors import UserError
 
 
+def gaussian_refusal(where: str) -> str:
+    """The one line that refuses Gaussian items where only points are handled yet."""
+    return (
+        f"{where}: J* of Gaussian items (VAE latents with a std) is not computed yet; "
+        "meanwhile give --key mean (key='mean') to treat the means as points, which is not the "
+        "latent distribution"
+    )
+
+
 class RawData(NamedTuple):
     """Items before scaling, in canonical layout, already cut to ``limit``."""
 
     values: np.ndarray  # N×C×H×W or N×D; uint8 pixel values or floats
     labels: np.ndarray | None  # int64, shape N
     scale: str  # "uint8": x/127.5 − 1, "digits": x/8 − 1, "float": as is
+    std: np.ndarray | None = None  # Gaussian items (``latents``): values are the means
 
 
 def check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
