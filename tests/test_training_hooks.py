@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_training import RecordingLoss
+from test_training import RecordingLoss, _states_equal
 from tolerances import sum_rtol
 
 from lossfloor.data import load_dataset
@@ -200,16 +200,6 @@ def test_a_run_without_hook_state_keeps_the_checkpoint_layout(tmp_path):
     keys = ["format", "step", "images", "seconds", "config", "model", "ema", "optimizer",
             "objective", "rng", "stats"]  # fmt: skip
     assert list(_ckpt(tmp_path / "r")) == keys
-
-
-def _states_equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    return a == b
 
 
 # ----- checks ---------------------------------------------------------------------------------
