@@ -59,10 +59,12 @@ from lossfloor.errors import ParameterError, UserError
 from lossfloor.schedules.base import SCHEDULES, NoiseSchedule, _f64
 from lossfloor.schedules.bins import bin_index, decay, decayed_add, log_edges
 from lossfloor.schedules.tabulated import (
+    STAR_THRESHOLD,
     ScheduleTable,
     _interp_ln,
     _table,
     sample_piecewise_linear,
+    sigma_star,
 )
 from lossfloor.sigmas import SIGMA_RTOL
 
@@ -113,7 +115,7 @@ class OptimalLossSchedule(NoiseSchedule):
     a: float = 1.0
     w_max: float | None = None
     sigma_star: float | None = None
-    star_threshold: float = 0.01
+    star_threshold: float = STAR_THRESHOLD
     bump: float = 0.0
     bump_mean: float | None = None
     bump_std: float = 0.5
@@ -199,22 +201,13 @@ class OptimalLossSchedule(NoiseSchedule):
         """σ* (the rule or given), w_max (1/J*(σ*) or given), the bump's μ."""
         var = self.data_variance if self.data_variance is not None else float(self._j[-1])
         self.variance = var
-        if self.sigma_star is None:
-            level = self.star_threshold * var
-            above = np.nonzero(self._j >= level)[0]
-            if above.size == 0:
+        if self.sigma_star is None:  # where J* (``_optimal``) crosses τ·Var
+            found = sigma_star(self._s, self._j, var, self.star_threshold)
+            if found is None:
                 raise ParameterError(
                     "star_threshold", self.star_threshold, "J* never reaches this share of Var"
                 )
-            k = int(above[0])
-            if k == 0:
-                star = float(self._s[0])
-            else:  # where J* (``_optimal`` between points k−1 and k) crosses the level
-                u0, u1 = np.log(self._s[k - 1 : k + 1])
-                j0, j1 = self._j[k - 1 : k + 1]
-                if j0 > 0:
-                    j0, j1, level = np.log(j0), np.log(j1), np.log(level)
-                star = float(np.exp(u0 + (level - j0) / (j1 - j0) * (u1 - u0)))
+            star = found
         else:
             star = float(self.sigma_star)
         self.star = star

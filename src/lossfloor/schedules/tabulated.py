@@ -1,8 +1,8 @@
 """Tabulated functions of σ for the optimal-loss schedule (``schedules.optimal``): a checked
-{"sigma", "value"} table (``_table``), its interpolation in ln σ (``_interp_ln``, also read by
-``GapTracker``), exact inverse-CDF draws from a density piecewise linear in ln σ
-(``sample_piecewise_linear``) and the schedule's grid as a result, ``ScheduleTable``
-(``lossfloor-schedule``)."""
+{"sigma", "value"} table (``_table``), σ* of a J* table (``sigma_star``, also read by the
+report), its interpolation in ln σ (``_interp_ln``, also read by ``GapTracker``), exact
+inverse-CDF draws from a density piecewise linear in ln σ (``sample_piecewise_linear``) and
+the schedule's grid as a result, ``ScheduleTable`` (``lossfloor-schedule``)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,30 @@ def _table(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if np.any(np.diff(s) <= 0):
         raise ParameterError(what, "…", "σ values must be distinct")
     return s, v
+
+
+#: τ of the σ* rule: σ* is the smallest σ with J*(σ) ≥ τ·Var (``OptimalLossSchedule``'s default).
+STAR_THRESHOLD = 0.01
+
+
+def sigma_star(
+    sigmas: np.ndarray, values: np.ndarray, variance: float, threshold: float = STAR_THRESHOLD
+) -> float | None:
+    """σ* = the smallest σ where J* reaches ``threshold``·Var, interpolated linearly in
+    (ln σ, ln J*) between the grid points around the crossing (linearly in J* where J* = 0 at the
+    lower one); the first σ where J* starts above the level; None where J* never reaches it."""
+    level = threshold * variance
+    above = np.nonzero(values >= level)[0]
+    if above.size == 0:
+        return None
+    k = int(above[0])
+    if k == 0:
+        return float(sigmas[0])
+    u0, u1 = np.log(sigmas[k - 1 : k + 1])
+    j0, j1 = values[k - 1 : k + 1]
+    if j0 > 0:
+        j0, j1, level = np.log(j0), np.log(j1), np.log(level)
+    return float(np.exp(u0 + (level - j0) / (j1 - j0) * (u1 - u0)))
 
 
 def _interp_ln(sigma: Tensor, s: np.ndarray, v: np.ndarray, log_values: bool = False) -> Tensor:

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lossfloor.report.inputs import DataGroup, Input
-from lossfloor.report.sections.common import Section, g, sigma_list, sigma_star
+from lossfloor.report.sections.common import Section, g, sigma_list
 from lossfloor.report.sections.estimate import curve_section, curve_star
 from lossfloor.report.sections.floor import floor_section
 from lossfloor.report.sections.models import diagnosis_section, overview_section
 from lossfloor.report.sections.scaling import scaling_section
 from lossfloor.report.sections.schedule import schedule_section
 from lossfloor.report.sections.training import training_section
+from lossfloor.schedules.tabulated import sigma_star
 
 if TYPE_CHECKING:
     from lossfloor.diagnosis import Diagnosis

@@ -1,5 +1,5 @@
-"""What the sections share: the ``Section`` record, the number and σ wording, σ* by the
-schedule's rule, the bare figure every section draws on, and the provenance rows.
+"""What the sections share: the ``Section`` record, the number and σ wording, the bare
+figure every section draws on, and the provenance rows.
 
 Units throughout: σ is the VE noise level (x = x0 + σ·ε, the data in [−1, 1]); losses are
 per element, in x0 units (‖D(x) − x0‖²/D).
@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from lossfloor.plots import new_figure
 from lossfloor.report.inputs import Input, describe_data
 
@@ -21,9 +19,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-#: σ* is the smallest σ with J*(σ) ≥ STAR_THRESHOLD·Var: the optimal-loss schedule's rule
-#: (``OptimalLossSchedule.star_threshold``'s default; tests/test_report.py checks the two agree).
-STAR_THRESHOLD = 0.01
 
 #: The sentence on units every figure's section ends its reading with.
 UNITS = "σ: VE noise level (x = x0 + σ·ε, data in [−1, 1]); losses per element, in x0 units."
@@ -67,24 +62,6 @@ def sigma_list(sigmas: Sequence[float]) -> str:
     if len(vals) > 4:
         return f"σ = {vals[0]} to {vals[-1]} ({len(vals)} levels)"
     return "σ = " + (vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " and " + vals[-1])
-
-
-def sigma_star(sigmas: np.ndarray, values: np.ndarray, variance: float) -> float | None:
-    """σ* = the smallest σ where J* reaches STAR_THRESHOLD·Var, interpolated linearly in
-    (ln σ, ln J*) between the grid points around the crossing (the schedule's rule); None where
-    J* never reaches it."""
-    level = STAR_THRESHOLD * variance
-    above = np.nonzero(values >= level)[0]
-    if above.size == 0:
-        return None
-    k = int(above[0])
-    if k == 0:
-        return float(sigmas[0])
-    u0, u1 = np.log(sigmas[k - 1 : k + 1])
-    j0, j1 = values[k - 1 : k + 1]
-    if j0 > 0:
-        j0, j1, level = np.log(j0), np.log(j1), np.log(level)
-    return float(np.exp(u0 + (level - j0) / (j1 - j0) * (u1 - u0)))
 
 
 def bare_figure(

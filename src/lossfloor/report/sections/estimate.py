@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 from lossfloor.report.inputs import Input, json_text
 from lossfloor.report.sections.common import (
     NOT_RECORDED,
-    STAR_THRESHOLD,
     UNITS,
     Section,
     bare_figure,
@@ -17,8 +16,8 @@ from lossfloor.report.sections.common import (
     pct,
     run_provenance,
     sigma_list,
-    sigma_star,
 )
+from lossfloor.schedules.tabulated import STAR_THRESHOLD, sigma_star
 
 if TYPE_CHECKING:
     from lossfloor.optimal import Curve
