@@ -32,7 +32,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="SPEC",
-        help="digits | fashion-mnist[:test] | mnist10k | FILE.npz | FILE.npy | FOLDER | EDM.zip",
+        help="digits | fashion-mnist[:test] | mnist10k | FILE.npz | FILE.npy | FOLDER | EDM.zip "
+        "| LATENT_FOLDER (LightningDiT shards)",
     )
     g.add_argument(
         "--limit", type=int, default=None, metavar="N", help="use the first N items (default: all)"
@@ -42,10 +43,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels-key", default=None, help="labels key inside an .npz (default: y)")
     g.add_argument(
         "--encoder",
-        choices=("sd-vae", "raw"),
+        choices=("sd-vae", "raw", "lightningdit"),
         default=None,
-        help="latent data (an EDM2 latent zip, an .npz with mean and std) to final units: "
-        "sd-vae = EDM2's Stable Diffusion VAE constants, raw = as stored",
+        help="latent data (an EDM2 latent zip, an .npz with mean and std, a LightningDiT "
+        "latent FOLDER) to final units: sd-vae = EDM2's Stable Diffusion VAE constants, raw = "
+        "as stored, lightningdit = (x − mean)/std of its latents_stats.pt (its default)",
     )
     g.add_argument(
         "--latent-scale",

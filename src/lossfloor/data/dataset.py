@@ -33,6 +33,7 @@ from lossfloor.data.formats.latents import (
     latent_transform,
     load_edm_latents,
 )
+from lossfloor.data.formats.lightningdit import is_latent_folder, load_lightningdit
 from lossfloor.data.sources import NAMED_SOURCES
 from lossfloor.errors import ParameterError, UserError
 
@@ -245,6 +246,8 @@ def open_items(spec: str, *, limit: int | None = None) -> Items:
     if spec in NAMED_SOURCES:
         raw = NAMED_SOURCES[spec](limit)
         return ArrayItems(raw.values, raw.scale, raw.labels, spec)
+    if is_latent_folder(Path(spec).expanduser()):
+        raise UserError(f"{spec}: a LightningDiT latent folder is read whole; leave out --stream")
     read, is_npz = _reader(spec)
     if is_npz:
         raise UserError(
@@ -278,6 +281,9 @@ def load_dataset(
     latent zip, ``key="mean"`` gives the final-unit means as points."""
     if limit is not None and limit < 1:
         raise ParameterError("limit", limit, "must be at least 1 (leave it out to use all items)")
+    if spec not in NAMED_SOURCES and is_latent_folder(Path(spec).expanduser()):
+        keys = {"key": key, "labels_key": labels_key}
+        return _lightningdit_dataset(spec, limit, xflip, keys, encoder, latent_scale, latent_bias)
     transform = latent_transform(encoder, latent_scale, latent_bias)
     read, is_npz = _reader(spec)
     is_zip = spec not in NAMED_SOURCES and Path(spec).suffix.lower() == ".zip"
@@ -306,6 +312,30 @@ def load_dataset(
         x = torch.cat([x, x.flip(-1)])
         labels = None if labels is None else torch.cat([labels, labels])
     return Dataset(spec, x, labels, fingerprint(values, raw.scale), xflip)
+
+
+def _lightningdit_dataset(
+    spec: str,
+    limit: int | None,
+    xflip: bool,
+    keys: dict[str, str | None],
+    encoder: str | None,
+    latent_scale: Sequence[float] | None,
+    latent_bias: Sequence[float] | None,
+) -> Dataset:
+    """A LightningDiT latent folder's 2N points (``formats.lightningdit``): each image's latent
+    and its mirrored image's, so the Dataset's mirrored copies are already there."""
+    if xflip:
+        raise ParameterError("xflip", True, f"{spec} holds each image's mirrored latent already "
+                             "(latents_flip)")  # fmt: skip
+    for param, value in keys.items():
+        if value is not None:
+            raise ParameterError(param, value, f"applies only to .npz files, not to {spec}")
+    raw = load_lightningdit(Path(spec).expanduser(), limit=limit, encoder=encoder,
+                            latent_scale=latent_scale, latent_bias=latent_bias)  # fmt: skip
+    labels = None if raw.labels is None else torch.from_numpy(raw.labels.astype(np.int64))
+    values = raw.values
+    return Dataset(spec, torch.from_numpy(values), labels, fingerprint(values, "float"), True)
 
 
 def _gaussian_dataset(

@@ -29,7 +29,7 @@ from lossfloor.errors import ParameterError, UserError
 SD_VAE_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 SD_VAE_RAW_STD = (4.17, 4.62, 3.71, 3.28)
 SD_VAE_FINAL_STD = 0.5
-ENCODERS = ("sd-vae", "raw")
+ENCODERS = ("sd-vae", "raw", "lightningdit")  # lightningdit: formats.lightningdit only
 LATENT_SUFFIX = ".npy"
 
 
@@ -42,16 +42,25 @@ class LatentTransform:
 
     def apply(self, mean: np.ndarray, std: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         """(mean·scale + bias, std·|scale|) of N×C×… float32 arrays, per channel."""
-        channels = mean.shape[1]
+        scale, bias = self._per_channel(mean, where)
+        return mean * scale + bias, std * np.abs(scale)
+
+    def points(self, values: np.ndarray, where: str) -> np.ndarray:
+        """values·scale + bias of N×C×… float32 points (sampled latents), per channel."""
+        scale, bias = self._per_channel(values, where)
+        return values * scale + bias
+
+    def _per_channel(self, values: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """scale and bias shaped to broadcast over N×C×… ``values`` (one value or C each)."""
+        channels = values.shape[1]
         for name, v in (("latent_scale", self.scale), ("latent_bias", self.bias)):
             if len(v) not in (1, channels):
                 raise ParameterError(
                     name, ",".join(f"{x:g}" for x in v), f"{where} has {channels} channels; "
                     f"give one value or {channels}",
                 )  # fmt: skip
-        shape = (1, -1) + (1,) * (mean.ndim - 2)
-        scale, bias = self.scale.reshape(shape), self.bias.reshape(shape)
-        return mean * scale + bias, std * np.abs(scale)
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        return self.scale.reshape(shape), self.bias.reshape(shape)
 
 
 def latent_transform(
@@ -71,6 +80,8 @@ def latent_transform(
         return LatentTransform(s, np.float32(0) - np.array(SD_VAE_RAW_MEAN, dtype=np.float32) * s)
     if encoder == "raw":
         return LatentTransform(np.ones(1, np.float32), np.zeros(1, np.float32))
+    if encoder == "lightningdit":
+        raise ParameterError("encoder", encoder, "applies only to LightningDiT latent folders")
     if encoder is not None:
         raise ParameterError(
             "encoder", encoder, f"unknown encoder; use one of {', '.join(ENCODERS)}"
