@@ -76,7 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="the samples are VAE latents (lossfloor sample of a run on latents, without "
         "--vae): decode them through this diffusers AutoencoderKL first, raw = (x − bias)/scale "
-        "as the run recorded; --data stays the pixel dataset (FID measures images)",
+        "as the run recorded (none recorded: as they are); --data stays the pixel dataset (FID "
+        "measures images)",
     )
     parser.add_argument("--out", metavar="FILE.json", default=None, help="the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
