@@ -106,19 +106,18 @@ class Dataset:
 
     def describe(self) -> dict:
         """What identifies this dataset in a result file."""
-        return (
-            {
-                "name": self.name,
-                "n": self.n,
-                "shape": list(self.shape),
-                "sha256": self.sha256,
-                "xflip": self.xflip,
-                "labels": self.labels is not None,
-                "num_classes": self.num_classes,
-            }
-            | ({"gaussian_items": True} if self.std is not None else {})
-            | ({"latent_transform": self.latent.to_json()} if self.latent is not None else {})
-        )
+        extra = {"gaussian_items": True} if self.std is not None else {}
+        if self.latent is not None:
+            extra["latent_transform"] = self.latent.to_json()
+        return {
+            "name": self.name,
+            "n": self.n,
+            "shape": list(self.shape),
+            "sha256": self.sha256,
+            "xflip": self.xflip,
+            "labels": self.labels is not None,
+            "num_classes": self.num_classes,
+        } | extra
 
 
 class Fingerprint:
