@@ -106,7 +106,7 @@ class Dataset:
 
     def describe(self) -> dict:
         """What identifies this dataset in a result file."""
-        extra = {"gaussian_items": True} if self.std is not None else {}
+        extra: dict[str, object] = {"gaussian_items": True} if self.std is not None else {}
         if self.latent is not None:
             extra["latent_transform"] = self.latent.to_json()
         return {
