@@ -51,6 +51,7 @@ def test_the_purposes_keep_their_values():
         "SIGMA": 2,
         "NOISE": 3,
         "UNCERTAINTY": 4,
+        "LATENT": 13,
     }
 
 

@@ -36,6 +36,7 @@ class Stream(int, Enum):
     SIGMA = 2, "training"  # the objective's σ: (seed, SIGMA)
     NOISE = 3, "training"  # the objective's ε: (seed, NOISE)
     UNCERTAINTY = 4, "training"  # the uncertainty net's Fourier features: (seed, UNCERTAINTY)
+    LATENT = 13, "training"  # each step's z of Gaussian items' x0 = m + s·z: (seed, LATENT, step)
 
     def __new__(cls, key: int, domain: str) -> Stream:
         obj = int.__new__(cls, key)

@@ -16,6 +16,7 @@ from lossfloor.cli.common import (
     note_limit,
     resolve_device,
 )
+from lossfloor.errors import UserError
 from lossfloor.evaluation import FEATURES, KID_SUBSETS
 from lossfloor.io import write_json
 
@@ -69,6 +70,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kid-subsets", type=int, default=KID_SUBSETS, help="number of KID's random subsets"
     )
+    parser.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="the samples are VAE latents (lossfloor sample of a run on latents, without "
+        "--vae): decode them through this diffusers AutoencoderKL first, raw = (x − bias)/scale "
+        "as the run recorded (none recorded: as they are); --data stays the pixel dataset (FID "
+        "measures images)",
+    )
     parser.add_argument("--out", metavar="FILE.json", default=None, help="the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(
@@ -81,12 +91,24 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     device = resolve_device(args.device)
+    latents = _latent_samples(args)
     samples = load_samples(args.samples, args.n)
     note_limit(args.n, len(samples.x), "--n")
     dataset = load_data_from_args(args)
+    if dataset.gaussian or dataset.latent is not None:
+        raise UserError(
+            f"--data {args.data}: FID measures images, and these are VAE latents; give the "
+            "pixel dataset (and --vae DIR to decode latent samples)"
+        )
+    images = samples.x
+    if args.vae is not None:
+        from lossfloor.vae import decode, load_vae, transform_of
+
+        transform = transform_of((latents or {}).get("data"))
+        images = decode(load_vae(args.vae, device), images, transform, args.batch, device)
     features = FEATURES if args.feature == "both" else (args.feature,)
     result = evaluate(
-        samples.x,
+        images,
         dataset,
         features=features,
         n_reference=args.n_reference,
@@ -109,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
             "kid_subsets": args.kid_subsets,
             "n": args.n,
             "n_reference": args.n_reference,
-        },
+        }
+        | ({"vae": args.vae} if args.vae is not None else {}),
         "lossfloor_version": __version__,
     }
     for s in result["scores"].values():
@@ -125,6 +148,27 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, result)
     return 0
+
+
+def _latent_samples(args: argparse.Namespace) -> dict | None:
+    """The meta of --samples where they are latents to decode (a sample file of latents, or
+    any samples given with --vae; None otherwise); UserError (one line) for latents without
+    --vae (no FID on latents) or images with it."""
+    from lossfloor.vae import sample_meta
+
+    meta = sample_meta(args.samples)
+    latent = meta is not None and bool(meta.get("latent"))
+    if latent and args.vae is None:
+        raise UserError(
+            f"--samples {args.samples} are VAE latents, not images; give --vae DIR to decode "
+            "them (FID measures images)"
+        )
+    if args.vae is not None and meta is not None and not latent:
+        raise UserError(
+            f"--vae: --samples {args.samples} are images already (lossfloor sample wrote "
+            "them without latents); drop --vae"
+        )
+    return None if args.vae is None else (meta or {})
 
 
 def _warn_small_fid(score: dict) -> None:

@@ -70,7 +70,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out-npz",
         default=None,
         metavar="FILE.npz",
-        help="x: float32 N×C×H×W in [−1, 1] (clipped), y: labels, seeds, meta",
+        help="x: float32 N×C×H×W in [−1, 1] (clipped), y: labels, seeds, meta; a model "
+        "trained on VAE latents writes its latents as latents (unclipped, the data's final "
+        "units) unless --vae decodes them into images",
+    )
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="decode the samples through this diffusers AutoencoderKL (save_pretrained folder): "
+        "latents in the run's final units are mapped back to the VAE's, raw = (x − bias)/scale "
+        "per channel as recorded when the run read its data (none recorded: as they are), and "
+        "written as images in [−1, 1]",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(
@@ -118,6 +129,7 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 def run(args: argparse.Namespace) -> int:
     from lossfloor.models import load_model
     from lossfloor.sampling import Churn, generate, image_grid, sampling_sigmas
+    from lossfloor.vae import check_fits, decode, is_latent_data, load_vae, transform_of
 
     if args.out_grid is None and args.out_npz is None:
         raise UserError("give --out-grid FILE.png and/or --out-npz FILE.npz")
@@ -130,6 +142,16 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     denoiser, info = load_model(args.model, None, device, ema=not args.raw)
     shape = _shape(args.shape, info.get("image_shape"))
+    data = info.get("config", {}).get("data")
+    latent = is_latent_data(data) and args.vae is None  # latents written as latents
+    if latent and args.out_grid is not None:
+        raise UserError(
+            f"--out-grid: {args.model} draws VAE latents, not images; give --vae DIR to decode "
+            "them (or write the latents with --out-npz alone)"
+        )
+    vae = None if args.vae is None else load_vae(args.vae, device)
+    if vae is not None:
+        check_fits(vae, tuple(shape))
     labels = _labels(args.labels, args.n, info.get("num_classes"))
     sigmas = sampling_sigmas(denoiser, args.steps, args.sigma_min, args.sigma_max, args.rho)
     seeds = list(range(args.seed, args.seed + args.n))
@@ -147,13 +169,18 @@ def run(args: argparse.Namespace) -> int:
         churn=churn,
         device=device,
         progress=False if args.no_progress else None,
-    ).clamp(-1, 1)
+    )
+    if vae is not None:
+        x = decode(vae, x, transform_of(data), args.batch, device)
+    elif not latent:
+        x = x.clamp(-1, 1)
     if args.out_grid is not None:
         grid = image_grid(x)
         save_with(args.out_grid, lambda p: grid.save(p, format="PNG"))
     if args.out_npz is not None:
         _write_npz(args, x, labels, seeds, sigmas, churn, info)
-    print(f"{args.n} samples ({args.sampler}, {args.steps} steps, σ {float(sigmas[0]):g} → "
+    what = "latents" if latent else "samples" if vae is None else f"images (decoded by {args.vae})"
+    print(f"{args.n} {what} ({args.sampler}, {args.steps} steps, σ {float(sigmas[0]):g} → "
           f"{float(sigmas[-2]):g}) from {args.model}")  # fmt: skip
     return 0
 
@@ -171,7 +198,9 @@ def _write_npz(
     saying how they were drawn, written atomically."""
     import numpy as np
 
-    meta = {
+    from lossfloor.vae import is_latent_data
+
+    meta: dict[str, Any] = {
         "model": {k: v for k, v in info.items() if k != "config"},
         "ema": not args.raw,
         "sampler": args.sampler,
@@ -184,6 +213,10 @@ def _write_npz(
         "data": info.get("config", {}).get("data"),
         "lossfloor_version": __version__,
     }
+    if args.vae is not None:
+        meta["vae"] = args.vae  # images decoded from latents (through data's latent_transform)
+    elif is_latent_data(meta["data"]):
+        meta["latent"] = True  # latents, not images: ``lossfloor fid`` wants --vae
     arrays = {"x": x.numpy(), "seeds": np.asarray(seeds, dtype=np.int64)}
     if labels is not None:
         arrays["y"] = labels.numpy()

@@ -47,7 +47,8 @@ class Dataset:
     """Items in [−1, 1] (N×C×H×W images or N×D vectors), optional labels, a fingerprint.
     With ``std`` (of x's shape), Gaussian items: item i is N(x_i, diag std_i²), the posterior
     of a VAE (``formats.latents``), and ``x`` holds the means; what computes J* of points
-    refuses them (``require_points``)."""
+    refuses them (``require_points``). ``latent``: the transform latents were read through to
+    final units (raw·scale + bias), recorded so that samples can be mapped back and decoded."""
 
     name: str
     x: torch.Tensor
@@ -55,6 +56,7 @@ class Dataset:
     sha256: str
     xflip: bool
     std: torch.Tensor | None = None
+    latent: LatentTransform | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim < 2:
@@ -94,8 +96,8 @@ class Dataset:
         return self.std is not None
 
     def require_points(self) -> None:
-        """UserError (one line) for Gaussian items: every J* estimator, the trainer and the
-        optimal denoiser take points only, for now."""
+        """UserError (one line) for Gaussian items: every J* estimator and the optimal
+        denoiser take points only, for now (the trainer takes both)."""
         if self.std is not None:
             raise UserError(gaussian_refusal(self.name))
 
@@ -105,6 +107,9 @@ class Dataset:
 
     def describe(self) -> dict:
         """What identifies this dataset in a result file."""
+        extra: dict[str, object] = {"gaussian_items": True} if self.std is not None else {}
+        if self.latent is not None:
+            extra["latent_transform"] = self.latent.to_json()
         return {
             "name": self.name,
             "n": self.n,
@@ -113,7 +118,7 @@ class Dataset:
             "xflip": self.xflip,
             "labels": self.labels is not None,
             "num_classes": self.num_classes,
-        } | ({"gaussian_items": True} if self.std is not None else {})
+        } | extra
 
 
 class Fingerprint:
@@ -373,5 +378,5 @@ def _gaussian_dataset(
         x, s = torch.cat([x, x.flip(-1)]), torch.cat([s, s.flip(-1)])
         labels = None if labels is None else torch.cat([labels, labels])
     if key == "mean":
-        return Dataset(spec, x, labels, fingerprint(mean, "float"), xflip)
-    return Dataset(spec, x, labels, digest.hexdigest(), xflip, s)
+        return Dataset(spec, x, labels, fingerprint(mean, "float"), xflip, latent=transform)
+    return Dataset(spec, x, labels, digest.hexdigest(), xflip, s, transform)

@@ -12,10 +12,12 @@ weighting): its parameters join the AdamW optimizer and the checkpoint. After ea
 (``training.hooks``) get the batch's σ and losses: the statistics (``training.stats``), the
 objective's (an online gap), then the caller's; at each log step they add to the stats record.
 Randomness: data order from a permutation per epoch seeded by (seed, epoch) — a pure function of
-the images seen — and σ and ε from two seeded CPU generators whose states are checkpointed with
-the objective's state, the sums of the log interval under way (the statistics' state, "stats")
-and the other hooks' states ("hooks", by ``state_key``; absent where none has state), so a
-resumed run is bitwise the uninterrupted one, its stats.jsonl too (timings aside).
+the images seen — and, for Gaussian items (VAE latents, ``Dataset.std``), x0 = m + s·z with z
+drawn afresh at every step from (seed, LATENT, step) (``training.order.Batches``), and σ and ε
+from two seeded CPU generators whose states are checkpointed with the objective's state, the
+sums of the log interval under way (the statistics' state, "stats") and the other hooks' states
+("hooks", by ``state_key``; absent where none has state), so a resumed run is bitwise the
+uninterrupted one, its stats.jsonl too (timings aside).
 checkpoint-latest.pt is written every ``checkpoint_every`` steps, at the end, and with each
 snapshot (every ``snapshot_every`` steps, whatever ``checkpoint_every`` is); a stop request
 (SIGINT, SIGTERM) ends the run after the step under way has been logged and checkpointed as
@@ -30,10 +32,10 @@ writes config.json, checkpoints and stats; every process loads the checkpoint on
 are agreed on (start-up, every step's forward and its hooks, each hook at a log step and at a
 checkpoint, every write), so a failure on one process stops all with the same message.
 
-Parts: ``training.order`` (the data order), ``training.objective`` (the objective, checked),
-``training.checkpoint`` (what a checkpoint holds: save, resume, interrupt), ``training.signals``
-(stop requests); files: ``training.rundir``; options: ``training.config``; stats records:
-``training.stats``.
+Parts: ``training.order`` (the data order, the batches' x0), ``training.objective`` (the
+objective, checked), ``training.checkpoint`` (what a checkpoint holds: save, resume,
+interrupt), ``training.signals`` (stop requests); files: ``training.rundir``; options:
+``training.config``; stats records: ``training.stats``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from lossfloor.training.ema import EMA
 from lossfloor.training.hooks import Batch, Hook, LogStep, TrainingHook, check_hooks
 from lossfloor.training.loss import DenoisingLoss
 from lossfloor.training.objective import objective_parameters, resolve_objective
-from lossfloor.training.order import DataOrder
+from lossfloor.training.order import Batches
 from lossfloor.training.rundir import RunDir
 from lossfloor.training.signals import StopRequests
 from lossfloor.training.stats import StatsAccumulator, StatsRecord
@@ -151,7 +153,6 @@ class Trainer:
         callback_every: int,
     ) -> None:
         """Checks, model, objective, hooks, draws and the run directory (started or resumed)."""
-        dataset.require_points()
         if dataset.x.ndim != 4:
             raise UserError(f"training needs images (N×C×H×W); {dataset.name} holds N×D vectors")
         if config.conditional and dataset.labels is None:
@@ -171,10 +172,7 @@ class Trainer:
         self._build_optimizer()
         self.g_sigma = generator_for(config.seed, Stream.SIGMA)
         self.g_noise = generator_for(config.seed, Stream.NOISE)
-        self.order = DataOrder(dataset.n, config.seed)
-        self.x = dataset.x.to(self.device)
-        labels = dataset.labels if config.conditional else None  # not None: checked above
-        self.labels = None if labels is None else labels.to(self.device)
+        self.batches = Batches(dataset, config.seed, config.batch, config.conditional, self.device)
         self.step = 0
         self.seconds = 0.0
         self.saved_step = -1  # the step of the last checkpoint written (-1: none yet)
@@ -240,10 +238,8 @@ class Trainer:
         ``hooks`` with the batch loss: the mean over processes of their rows' mean losses. The
         processes agree on a stop request (``self.stop.agreed``) in the same all-reduce."""
         start = time.perf_counter()
-        b, (lo, hi) = self.config.batch, self.rows
-        idx = self.order.indices(self.step * b, b)[lo:hi].to(self.device)
-        x0 = self.x[idx]
-        labels = None if self.labels is None else self.labels[idx]
+        b, lo = self.config.batch, self.rows[0]
+        x0, labels = self.batches.take(self.step, self.rows)
         part = {} if self.group.world == 1 else {"part": (lo, b)}
         with self.group.together():
             losses = self.objective(

@@ -46,6 +46,11 @@ class GapMonitor(Hook):
         device: str | torch.device = "cpu",
         log_every: int = 100,
     ) -> None:
+        if dataset.gaussian:
+            raise UserError(
+                f"{dataset.name}: the gap monitor needs J_θ on draws from Gaussian items, not "
+                "computed yet; train without --monitor and diagnose the run afterwards"
+            )
         self.device = torch.device(device)
         self.sigmas = [float(s) for s in sigmas]
         self.optimal = {s: float(curve(s)) for s in self.sigmas}  # checks the grid covers σ

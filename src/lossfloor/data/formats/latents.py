@@ -62,6 +62,15 @@ class LatentTransform:
         shape = (1, -1) + (1,) * (values.ndim - 2)
         return self.scale.reshape(shape), self.bias.reshape(shape)
 
+    def to_json(self) -> dict[str, list[float]]:
+        """{"scale": [...], "bias": [...]}: the record a run or a sample file keeps."""
+        return {"scale": self.scale.tolist(), "bias": self.bias.tolist()}
+
+    @classmethod
+    def from_json(cls, record: dict[str, list[float]]) -> LatentTransform:
+        """The transform ``to_json`` recorded (float32 values round-trip exactly)."""
+        return cls(np.array(record["scale"], np.float32), np.array(record["bias"], np.float32))
+
 
 def latent_transform(
     encoder: str | None,
