@@ -369,3 +369,24 @@ def test_a_saved_pipelines_vae_folder_is_found(tmp_path, vae_dir):
     shutil.copytree(vae_dir, pipeline / "vae")
     (pipeline / "model_index.json").write_text("{}")
     assert open_encoder(str(pipeline), "cpu").identity == open_encoder(str(vae_dir)).identity
+
+
+def test_latents_of_two_shapes_are_one_line(tmp_path, capsys, monkeypatch):
+    spec = _module(
+        tmp_path,
+        monkeypatch,
+        ENCODERS
+        + """
+calls = []
+
+def growing(x):
+    calls.append(1)
+    m = torch.zeros(len(x), 1, len(calls), 2)
+    return m, m + 1
+""",
+    )
+    data = str(_images(tmp_path / "img.npz"))
+    line = _one_line(capsys, ["encode", "--data", data, "--vae", f"{spec}:growing", "--out",
+                              str(tmp_path / "o.zip"), "--batch", "4", "--quiet"])  # fmt: skip
+    assert "2×1×2 latents for batch 0 but 2×2×2 for batch 1" in line, line
+    assert not (tmp_path / "o.zip").exists()

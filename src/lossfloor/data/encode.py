@@ -286,8 +286,12 @@ def encode_dataset(
     if pixel_range not in PIXEL_RANGES:
         raise ParameterError("pixel_range", pixel_range, f"use one of {', '.join(PIXEL_RANGES)}")
     items = pixel_items(data, limit=limit, key=key, labels_key=labels_key)
-    encoder = vae if isinstance(vae, Encoder) else open_encoder(vae, device)
-    _check_fits(encoder, items.shape, data)
+    try:
+        encoder = vae if isinstance(vae, Encoder) else open_encoder(vae, device)
+        _check_fits(encoder, items.shape, data)
+    except BaseException:
+        items.close()
+        raise
     folder = Path(partial) if partial is not None else out.with_name(out.name + ".partial")
     run_key = {
         "version": _PARTIAL_VERSION,
@@ -435,6 +439,10 @@ def _write_zip(
             latents, _ = _load_batch(folder / f"batch-{k:08d}.npz")
             if k == 0:
                 shape = tuple(latents.shape[1:])
+            elif latents.shape[1:] != shape:
+                raise UserError(f"the VAE gave {'×'.join(map(str, shape))} latents for batch 0 "
+                                f"but {'×'.join(map(str, latents.shape[1:]))} for batch {k}; "
+                                "every item needs one shape")  # fmt: skip
             c = shape[0] // 2
             m, s = latents[:, :c].astype(np.float64), latents[:, c:].astype(np.float64)
             for name, v in (("m", m), ("m2", m * m), ("s", s), ("s2", s * s)):
