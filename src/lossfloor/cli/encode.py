@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     units = ["read it back with --encoder raw (raw VAE units)"]
     if vae.get("scaling_factor") is not None:
         sf, shift = vae["scaling_factor"], vae.get("shift_factor") or 0.0
-        units.append(f"diffusers' units with --latent-scale {sf:g} --latent-bias {-shift * sf:g}")
+        bias0 = 0.0 - shift * sf  # 0.0 − x: no "-0" when there is no shift
+        units.append(f"diffusers' units with --latent-scale {sf:g} --latent-bias {bias0:g}")
     scale = [0.5 / s if s > 0 else 1.0 for s in stats["std_of_samples"]]
     bias = [-m * c for m, c in zip(stats["mean_of_means"], scale, strict=True)]
     units.append(

@@ -162,6 +162,8 @@ def open_encoder(spec: str, device: str | torch.device = "auto") -> Encoder:
         "latent_channels": int(cfg.latent_channels),
         "scaling_factor": cfg.get("scaling_factor"),
         "shift_factor": cfg.get("shift_factor"),
+        "latents_mean": cfg.get("latents_mean"),  # diffusers' per-channel normalisation, if set
+        "latents_std": cfg.get("latents_std"),
     }
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     return Encoder(run, _weights_sha256(vae), info, int(cfg.in_channels), factor, dev)
