@@ -275,6 +275,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str], str | None]] = {
         None,
     ),
     "fid": (["fid", "--samples", "{samples}", "--data", "{data}"], {"--out": ".json"}, None),
+    "encode": (["encode", "--data", "{data}", "--vae", "{run}"], {"--out": ".zip"}, "--out"),
     "scaling-fit": (
         ["scaling", "fit", "--runs", "{runs}", "--optimal", "{curve}"],
         {"--plot": ".png", "--out": ".json", "--csv": ".csv"},

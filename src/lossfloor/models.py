@@ -9,11 +9,7 @@ trainer's resume go through here.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import json
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from lossfloor.data import Dataset
 from lossfloor.diffusion.denoiser import Denoiser, read_protocol
 from lossfloor.diffusion.schedulers import PREDICTION_TARGETS, scheduler_table
 from lossfloor.errors import UserError
+from lossfloor.pyspec import PYTHON_PREFIX, cwd_importable, import_callable
 from lossfloor.runfiles import CHECKPOINT_LATEST
 
 Tensor = torch.Tensor
@@ -231,9 +228,6 @@ def load_diffusers(
     return denoiser.to(device).eval().requires_grad_(False), info
 
 
-PYTHON_PREFIX = "python:"
-
-
 def _image_shape(model: Any) -> list[int] | None:
     """The C×H×W image shape a model declares: EDM's img_channels/img_resolution, or the
     config of a lossfloor backbone (``model.net.config``); None if it declares none."""
@@ -253,34 +247,13 @@ def load_python_model(
     CALLABLE() and return what it returns — any object with EDM's denoiser protocol (callable as
     D(x, sigma, class_labels), with sigma_min and sigma_max; see ``read_protocol``) — moved to
     ``device`` in eval mode, with its description."""
-    module_name, _, attr = spec.removeprefix(PYTHON_PREFIX).partition(":")
-    if not module_name or not attr:
-        raise UserError(f"model {spec!r}: expected python:MODULE:CALLABLE (e.g. python:mine:make)")
-    cwd, added = os.getcwd(), os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
+    factory = import_callable(spec, "model")
     try:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise UserError(f"model {spec}: no module named {exc.name!r} (looked on sys.path "
-                            f"and in {cwd})") from None  # fmt: skip
-        except Exception as exc:  # the user's module failed: say how, in one line
-            raise UserError(f"model {spec}: importing {module_name} failed "
-                            f"({type(exc).__name__}: {exc})") from None  # fmt: skip
-        try:
-            factory = functools.reduce(getattr, attr.split("."), module)
-        except AttributeError:
-            raise UserError(f"model {spec}: {module_name} has no attribute {attr!r}") from None
-        if not callable(factory):
-            raise UserError(f"model {spec}: {attr} is not callable")
-        try:
+        with cwd_importable():
             model = factory()
-        except Exception as exc:  # the user's factory failed: say how, in one line
-            raise UserError(f"model {spec}: {attr}() raised {type(exc).__name__}: {exc}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
+    except Exception as exc:  # the user's factory failed: say how, in one line
+        raise UserError(f"model {spec}: {spec.rpartition(':')[2]}() raised "
+                        f"{type(exc).__name__}: {exc}") from None  # fmt: skip
     protocol = read_protocol(model, strict=True)
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval().requires_grad_(False)

@@ -25,7 +25,7 @@ from lossfloor.cli.common import Invocation
 from lossfloor.errors import Interrupted, ParameterError, UserError
 
 SUBCOMMANDS = ["data", "estimate", "estimators", "diagnose", "train", "sample", "fid", "scaling",
-               "floor", "schedule", "report"]  # fmt: skip
+               "floor", "schedule", "report", "encode"]  # fmt: skip
 
 
 class _Help(argparse.HelpFormatter):

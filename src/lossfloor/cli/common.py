@@ -128,7 +128,7 @@ class Declared:
 #: other files in those folders are free to write.
 MODEL_FILES = ("config.json", "model_index.json", "scheduler_config.json", "stats.jsonl",
                "*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin")  # fmt: skip
-_MODEL_OPTIONS = ("--model", "RUN_DIR")
+_MODEL_OPTIONS = ("--model", "RUN_DIR", "--vae")
 
 
 #: The suffix of the checkpoint beside an output that a rerun resumes from.
