@@ -13,6 +13,7 @@ import torch
 
 import lossfloor.cli
 from lossfloor.data import load_dataset
+from lossfloor.data.encode import load_vae
 from lossfloor.data.formats.latents import LatentTransform, latent_transform
 from lossfloor.training import TrainConfig, train
 from lossfloor.vae import decode, to_raw
@@ -142,7 +143,8 @@ def test_sample_vae_writes_the_decoded_images_of_the_runs_latents(
     s = torch.tensor([float(v) for v in SCALE.split(",")]).reshape(1, 4, 1, 1)
     b = torch.tensor([float(v) for v in BIAS.split(",")]).reshape(1, 4, 1, 1)
     with torch.no_grad():
-        expected = _tiny_vae().decode((torch.from_numpy(latents) - b) / s).sample.clamp(-1, 1)
+        # the VAE as the command loads it: its kernels (weights without grad) round alike
+        expected = load_vae(vae_dir).decode((torch.from_numpy(latents) - b) / s).sample.clamp(-1, 1)
     assert torch.equal(torch.from_numpy(images), expected)  # the same computation
     assert images.min() >= -1 and images.max() <= 1
 
@@ -219,7 +221,7 @@ def test_fid_with_vae_is_the_fid_of_the_decoded_images(vae_dir, tmp_path, monkey
     with np.load(latents) as z:
         x = torch.from_numpy(z["x"])
     t = latent_transform(None, *([float(v) for v in a.split(",")] for a in (SCALE, BIAS)))
-    decoded = decode(_tiny_vae(), x, t)
+    decoded = decode(load_vae(vae_dir), x, t)
     np.savez(tmp_path / "dec.npz", samples=decoded.numpy())
     measured = []
     evaluate = fid.evaluate

@@ -3,7 +3,8 @@
 run's data) draws latents; raw = (x − bias)/scale maps them back to the VAE's units, and a
 diffusers ``AutoencoderKL`` (saved with ``save_pretrained``) decodes them into images in
 [−1, 1] (clipped), the units of pixel data. A sample file of latents says so in its ``meta``
-(``latent``), so that what measures images refuses it undecoded."""
+(``latent``), so that what measures images refuses it undecoded.
+The VAE folder is read by ``data.encode.load_vae``."""
 
 from __future__ import annotations
 
@@ -19,39 +20,6 @@ from lossfloor.data.formats.latents import LatentTransform
 from lossfloor.errors import UserError
 
 Tensor = torch.Tensor
-VAE_CLASS = "AutoencoderKL"
-
-
-def _vae_folder(path: Path) -> Path:
-    """The folder of the AutoencoderKL: ``path``, or its ``vae/`` (a saved pipeline)."""
-    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        return path / "vae"
-    return path
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    """The diffusers AutoencoderKL saved in ``path`` (or in its ``vae/``), in eval mode on
-    ``device``; UserError (one line) for a folder that holds none."""
-    if not Path(path).expanduser().is_dir():
-        raise UserError(f"--vae {path}: folder not found")
-    where = _vae_folder(Path(path).expanduser())
-    try:
-        name = json.loads((where / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        raise UserError(
-            f"--vae {path}: no diffusers model config (config.json) there; give a folder an "
-            f"{VAE_CLASS} was saved to with save_pretrained"
-        ) from None
-    if name != VAE_CLASS:
-        raise UserError(f"--vae {path}: holds a {name!r}, not an {VAE_CLASS}")
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(where)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--vae {path}: cannot load the {VAE_CLASS} ({reason})") from None
-    return vae.to(device).eval()
 
 
 def to_raw(x: Tensor, transform: LatentTransform | None) -> Tensor:
@@ -84,9 +52,10 @@ def decode(
     vae.decode((x − bias)/scale), ``batch`` latents at a time on ``device``."""
     check_fits(vae, tuple(x.shape[1:]))
     out = []
-    for i in range(0, len(x), batch):
-        raw = to_raw(x[i : i + batch].to(device), transform)
-        out.append(vae.decode(raw).sample.float().cpu())
+    with torch.no_grad():  # the same kernels whether or not the VAE's weights require grad
+        for i in range(0, len(x), batch):
+            raw = to_raw(x[i : i + batch].to(device), transform)
+            out.append(vae.decode(raw).sample.float().cpu())
     return torch.cat(out).clamp_(-1, 1)
 
 

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         )
     images = samples.x
     if args.vae is not None:
-        from lossfloor.vae import decode, load_vae, transform_of
+        from lossfloor.data.encode import load_vae
+        from lossfloor.vae import decode, transform_of
 
         transform = transform_of((latents or {}).get("data"))
         images = decode(load_vae(args.vae, device), images, transform, args.batch, device)

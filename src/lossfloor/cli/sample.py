@@ -127,9 +127,10 @@ def _labels(text: str | None, n: int, num_classes: int | None) -> torch.Tensor |
 
 
 def run(args: argparse.Namespace) -> int:
+    from lossfloor.data.encode import load_vae
     from lossfloor.models import load_model
     from lossfloor.sampling import Churn, generate, image_grid, sampling_sigmas
-    from lossfloor.vae import check_fits, decode, is_latent_data, load_vae, transform_of
+    from lossfloor.vae import check_fits, decode, is_latent_data, transform_of
 
     if args.out_grid is None and args.out_npz is None:
         raise UserError("give --out-grid FILE.png and/or --out-npz FILE.npz")
