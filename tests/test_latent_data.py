@@ -181,12 +181,11 @@ def gauss(tmp_path) -> str:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["diagnose", "--model", "optimal", "--sigmas", "0.5,1", "--out", "{t}/d.json"],
         ["floor", "--heldout", "{g}", "--sigmas", "0.5,1", "--out", "{t}/f.json"],
         ["train", "--run-dir", "{t}/run", "--steps", "2"],
         ["scaling", "collect", "{t}", "--out", "{t}/r.csv"],
     ],
-    ids=["diagnose", "floor", "train", "scaling-collect"],
+    ids=["floor", "train", "scaling-collect"],
 )
 def test_commands_refuse_gaussian_items_in_one_line(gauss, tmp_path, capsys, argv):
     argv = [a.format(t=tmp_path, g=gauss) for a in argv]
@@ -195,13 +194,11 @@ def test_commands_refuse_gaussian_items_in_one_line(gauss, tmp_path, capsys, arg
 
 
 def test_the_api_refuses_gaussian_items(gauss, tmp_path):
-    from lossfloor.diagnosis import diagnose
     from lossfloor.floor import floor
     from lossfloor.training import TrainConfig, train
 
     ds = load_dataset(gauss)
     calls = [
-        lambda: diagnose(lambda x, s: x, ds, [1.0]),
         lambda: floor(ds, ds, [1.0]),
         lambda: train(TrainConfig(steps=1), ds, tmp_path / "run"),
     ]

@@ -321,3 +321,41 @@ def test_a_path_of_gaussian_items_is_estimated_in_memory(tmp_path):
     by_data = estimate_curve(load_dataset(str(tmp_path / "g.npz")), [0.5], outer=200,
                              progress=False)  # fmt: skip
     assert by_path.points[0].optimal_loss == by_data.points[0].optimal_loss
+
+
+# ---------------------------------------------------------------- diagnosis
+
+
+def test_diagnosis_pairs_the_mixture_optimum_with_a_model_on_the_same_component_draws():
+    """The optimal denoiser of the Gaussian items, diagnosed on them, has a gap of ~0 (its loss
+    and J* on the same x0 = m + s z and ε, up to its float32 inputs); the means-as-points
+    denoiser, which ignores the within-item variance, has a gap far above its error at σ below
+    the stds."""
+    from lossfloor.diagnosis import diagnose
+
+    m, s = _items(30, 4, seed=15, s_lo=0.05, s_hi=0.2)
+    ds = _dataset(m, s)
+    points = Dataset(name="p", x=m.float(), labels=None, sha256="p", xflip=False)
+    sigmas = [0.05, 0.5]
+    kw = {"outer": 1024, "progress": False, "cache": False}
+    best = diagnose(OptimalDenoiser(ds, precision="float64"), ds, sigmas, **kw)
+    means = diagnose(OptimalDenoiser(points, precision="float64"), ds, sigmas, **kw)
+    curve = estimate_curve(ds, sigmas, outer=1024, progress=False)
+    for b, c in zip(best.points, curve.points, strict=True):
+        # float32 inputs round x by ~6e-8·|x|: μ moves by as much, ‖x0 − μ‖² by ≲ 1e-6 of J*
+        assert abs(b.gap) <= 1e-5 * b.optimal_loss
+        assert b.optimal_loss == pytest.approx(c.direct, rel=1e-5)  # the estimate's draws
+    assert means.points[0].gap > 10 * means.points[0].gap_stderr
+
+
+def test_cli_diagnose_of_gaussian_items_pairs_and_refuses_tilted_draws(tmp_path, capsys):
+    mean, std = _raw_latents(n=10)
+    np.savez(tmp_path / "g.npz", mean=mean, std=std)
+    argv = ["diagnose", "--data", str(tmp_path / "g.npz"), "--model", "optimal", "--sigmas",
+            "0.1,1", "--outer", "256", "--quiet", "--no-cache"]  # fmt: skip
+    code, _, err = _cli(capsys, *argv, "--out", str(tmp_path / "d.json"))
+    assert code == 0, err
+    for p in json.loads((tmp_path / "d.json").read_text())["points"]:
+        assert abs(p["gap"]) <= 1e-5 * p["optimal_loss"]  # the optimum against itself
+    out = str(tmp_path / "t.json")
+    assert "take plain draws" in _one_line_error(capsys, *argv, "--draws", "tilted", "--out", out)
