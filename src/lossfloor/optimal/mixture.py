@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -176,7 +176,7 @@ class MixturePool(Pool):
         return u * (q * q * spread + (math.sqrt(2 * d) * q * math.sqrt(r2) + r2) / v0 + logs)
 
 
-def check_gaussian(estimator: Estimator, draws: str, world: int) -> str:
+def check_gaussian(estimator: Estimator, draws: str, world: int) -> Literal["plain"]:
     """The draws an estimate of Gaussian items takes (``auto``: plain), after refusing what
     does not run on them yet: an estimator without the capability 'gaussian'
     (``Capabilities.items``), tilted draws, several processes."""
