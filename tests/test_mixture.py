@@ -13,6 +13,7 @@ import torch
 from test_latent_data import _cli, _edm_zip, _one_line_error, _raw_latents, _sd_vae
 
 from lossfloor.data import Dataset, load_dataset
+from lossfloor.errors import UserError
 from lossfloor.optimal import estimate_curve
 from lossfloor.optimal.blocks import per_sample_values
 from lossfloor.optimal.denoiser import OptimalDenoiser
@@ -309,7 +310,7 @@ def test_each_estimators_gaussian_capability_matches_what_it_does():
             assert caps.refusal("gaussian") is None
             estimate_curve(ds, [0.5], est, outer=100, progress=False)
         else:
-            with pytest.raises(Exception, match="lacks the capability 'gaussian'") as info:
+            with pytest.raises(UserError, match="lacks the capability .gaussian.") as info:
                 estimate_curve(ds, [0.5], est, outer=100, progress=False)
             assert caps.why_not["gaussian"] in str(info.value)
 
