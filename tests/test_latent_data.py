@@ -22,7 +22,7 @@ from lossfloor.errors import UserError
 # constants are checked against these, not against themselves.
 RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15], dtype=np.float32)
 RAW_STD = np.array([4.17, 4.62, 3.71, 3.28], dtype=np.float32)
-REFUSAL = "J* of Gaussian items (VAE latents with a std) is not computed yet"
+REFUSAL = "Gaussian items (VAE latents with a std) are not handled here yet"
 
 
 def _raw_latents(n: int = 6, c: int = 4, hw: int = 4, seed: int = 0):
@@ -181,12 +181,10 @@ def gauss(tmp_path) -> str:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["estimate", "--sigmas", "0.5,1", "--out", "{t}/c.json"],
-        ["diagnose", "--model", "optimal", "--sigmas", "0.5,1", "--out", "{t}/d.json"],
         ["floor", "--heldout", "{g}", "--sigmas", "0.5,1", "--out", "{t}/f.json"],
         ["scaling", "collect", "{t}", "--out", "{t}/r.csv"],
     ],
-    ids=["estimate", "diagnose", "floor", "scaling-collect"],
+    ids=["floor", "scaling-collect"],
 )
 def test_commands_refuse_gaussian_items_in_one_line(gauss, tmp_path, capsys, argv):
     argv = [a.format(t=tmp_path, g=gauss) for a in argv]
@@ -194,26 +192,21 @@ def test_commands_refuse_gaussian_items_in_one_line(gauss, tmp_path, capsys, arg
 
 
 def test_the_api_refuses_gaussian_items(gauss):
-    from lossfloor import estimate_curve
-    from lossfloor.diagnosis import diagnose
     from lossfloor.floor import floor
 
     ds = load_dataset(gauss)
     calls = [
-        lambda: estimate_curve(ds, [1.0]),
-        lambda: estimate_curve(gauss, [1.0]),
-        lambda: diagnose(lambda x, s: x, ds, [1.0]),
         lambda: floor(ds, ds, [1.0]),
     ]
     for call in calls:
-        with pytest.raises(UserError, match="not computed yet"):
+        with pytest.raises(UserError, match="not handled here yet"):
             call()
 
 
 def test_a_latent_zip_does_not_stream(tmp_path):
     mean, std = _raw_latents()
     zpath = _edm_zip(tmp_path / "l.zip", mean, std, None)
-    with pytest.raises(UserError, match="not computed yet"):
+    with pytest.raises(UserError, match="not handled here yet"):
         open_items(str(zpath))
 
 

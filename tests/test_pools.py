@@ -1,8 +1,8 @@
 """The pools are the only data interface of the estimators: nothing outside the pool kinds
-(optimal/pools.py, shard.py, stream.py) reads a pool's arrays (``x``, ``sq``, ``aug``, ``mean``),
-and each ``Pool`` method gives what those arrays gave, on every pool kind: in memory, sharded
-(one process of one: the same code path as K, with its collectives the identity) and streamed
-(chunks smaller than the data)."""
+(optimal/pools.py, shard.py, stream.py, mixture.py) reads a pool's arrays (``x``, ``sq``,
+``aug``, ``mean``), and each ``Pool`` method gives what those arrays gave, on every pool kind:
+in memory, sharded (one process of one: the same code path as K, with its collectives the
+identity) and streamed (chunks smaller than the data)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from lossfloor.optimal.stream import StreamedPool
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lossfloor"
 #: The modules that implement the pool kinds: the only ones that read a pool's arrays.
-POOL_KINDS = {"optimal/pools.py", "optimal/shard.py", "optimal/stream.py"}
+POOL_KINDS = {
+    "optimal/pools.py", "optimal/shard.py", "optimal/stream.py", "optimal/mixture.py",
+}  # fmt: skip
 ARRAYS = {"x", "sq", "aug", "mean"}
 
 

@@ -46,6 +46,7 @@ def test_the_purposes_keep_their_values():
         "TILT": 3,
         "FLOOR_SUBSETS": 10,
         "FLOOR_VALIDATION": 11,
+        "COMPONENT": 12,
         "MODEL": 0,
         "DATA_ORDER": 1,
         "SIGMA": 2,

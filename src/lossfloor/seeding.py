@@ -30,6 +30,7 @@ class Stream(int, Enum):
     TILT = 3, "estimate"  # each block's tilt component uniforms: (seed, TILT, block)
     FLOOR_SUBSETS = 10, "estimate"  # the floor's nested subsets: (seed, FLOOR_SUBSETS, repeat)
     FLOOR_VALIDATION = 11, "estimate"  # the floor's bandwidth validation ε, by block
+    COMPONENT = 12, "estimate"  # each block's z of Gaussian items' x0 = m + s·z: (seed, ., block)
     # training: a run
     MODEL = 0, "training"  # the net's initial weights: torch.manual_seed((seed, MODEL))
     DATA_ORDER = 1, "training"  # each epoch's permutation: (seed, DATA_ORDER, epoch)

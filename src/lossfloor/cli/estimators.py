@@ -26,7 +26,7 @@ def _choices(values: frozenset[str], default: str) -> str:
 
 def describe() -> dict[str, dict[str, Any]]:
     """Each registered estimator's name → its summary line and declared capabilities."""
-    from lossfloor.optimal.capabilities import PLACES
+    from lossfloor.optimal.capabilities import ITEMS, PLACES
     from lossfloor.optimal.estimators import ESTIMATORS, declared
 
     out = {}
@@ -36,6 +36,8 @@ def describe() -> dict[str, dict[str, Any]]:
             "summary": doc.splitlines()[0].replace("``", "") if doc else "",
             "runs_on": [p for p in PLACES if p in caps.runs_on],
             "not_on": {p: caps.why_not[p] for p in PLACES if p not in caps.runs_on},
+            "items": [k for k in ITEMS if k in caps.items],
+            "not_for": {k: caps.why_not[k] for k in ITEMS if k not in caps.items},
             "draws": sorted(caps.draws),
             "default_draws": caps.default_draws,
             "forms": sorted(caps.forms),
@@ -50,7 +52,7 @@ def describe() -> dict[str, dict[str, Any]]:
 
 
 def _lines(name: str, d: dict[str, Any]) -> list[str]:
-    from lossfloor.optimal.capabilities import PLACE_TEXT
+    from lossfloor.optimal.capabilities import ITEM_TEXT, PLACE_TEXT
 
     flags = [
         ("exact", "exact per-draw values (a diagnosis pairs a model's loss with them)"),
@@ -61,6 +63,8 @@ def _lines(name: str, d: dict[str, Any]) -> list[str]:
     lines = [f"{name}: {d['summary']}"]
     lines.append("  runs on   " + ", ".join(PLACE_TEXT[p] for p in d["runs_on"]))
     lines += [f"  not on    {PLACE_TEXT[p]}: {why}" for p, why in d["not_on"].items()]
+    lines.append("  items     " + ", ".join(ITEM_TEXT[k] for k in d["items"]))
+    lines += [f"  not for   {ITEM_TEXT[k]}: {why}" for k, why in d["not_for"].items()]
     lines.append("  draws     " + _choices(frozenset(d["draws"]), d["default_draws"]))
     lines.append("  forms     " + _choices(frozenset(d["forms"]), d["default_form"]))
     options = ", ".join(estimator_option(o) for o in d["options"]) or "none"

@@ -39,7 +39,8 @@ def model_per_sample_loss(
     noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor:
     """‖D_θ(x0 + σε, σ) − x0‖²/D for every outer draw of ``plan`` (float64), block by block
-    (``blocks.outer_blocks``); ε of block j is ``noise(j)`` (default: the plain ε)."""
+    (``blocks.outer_blocks``); ε of block j is ``noise(j)`` (default: the plain ε). Of Gaussian
+    items x0 = m + s⊙z with the estimate's z (``Block.component``)."""
     out = torch.empty(plan.outer, dtype=torch.float64)
     for block in outer_blocks(plan.sources, plan.seed, dataset.dim):
         lo, hi = block.lo, block.hi
@@ -48,6 +49,9 @@ def model_per_sample_loss(
             e = min(hi, b + batch)
             src = plan.sources[b:e]
             x0 = dataset.x[src].to(device)
+            if dataset.std is not None:  # in float64, as the mixture pool draws it
+                z = block.component[b - lo : e - lo].reshape(x0.shape)
+                x0 = (dataset.x[src].double() + dataset.std[src].double() * z).to(x0)
             noise_b = eps[b - lo : e - lo].reshape(x0.shape).to(device=device, dtype=x0.dtype)
             sig = torch.full((e - b,), sigma, dtype=x0.dtype, device=device)
             lab = None if labels is None else labels[src].to(device)

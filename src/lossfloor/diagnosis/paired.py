@@ -27,6 +27,7 @@ from lossfloor.optimal.cache import cached_per_sample, per_sample_key
 from lossfloor.optimal.draws import TILT_NEIGHBOURS, OuterPlan, block_draws
 from lossfloor.optimal.estimators import PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.mixture import GAUSSIAN_TEXT
 from lossfloor.optimal.moments import control_variate, mean_and_stderr
 from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.pool_cache import PoolsByDtype
@@ -79,16 +80,18 @@ def diagnose(
     this data on the same draws (``optimal_from``: its file, recorded), J* is read from it
     (``optimal_from_curve``) instead of computed, the model's loss is evaluated on the
     estimate's draws (tilted: with their weights), and the gap's standard error is the bound
-    s.e.(J_θ) + s.e.(J*).
+    s.e.(J_θ) + s.e.(J*). Of Gaussian items (``Dataset.std``), each draw's x0 = m + s⊙z is
+    the estimate's (z of ``Stream.COMPONENT``), so J_θ and J* of the mixture pair; plain draws.
     """
-    dataset.require_points()
     check_sigmas(sigmas)
     check_model_sigmas(model, sigmas, dataset.x.dtype)
     if not batch >= 1:
         raise ParameterError("batch", batch, "must be ≥ 1")
     draws = _resolve_draws(draws, optimal)
+    if dataset.std is not None and draws != "plain":
+        raise ParameterError("draws", draws, f"{GAUSSIAN_TEXT} take plain draws")
     device = torch.device(device)
-    plan = OuterPlan.build(dataset.x, dataset.labels, outer, seed, conditional)
+    plan = OuterPlan.build(dataset.x, dataset.labels, outer, seed, conditional, dataset.std)
     labels = dataset.labels if use_labels else None
     if use_labels and labels is None:
         raise UserError("the model is class-conditional but the dataset has no labels")

@@ -42,6 +42,11 @@ class Block:
     def noise(self) -> Tensor:
         return block_noise(self.seed, self.index, self.hi - self.lo, self.dim, self.stream)
 
+    @cached_property
+    def component(self) -> Tensor:
+        """z of Gaussian items' x0 = m + s⊙z (float64 N(0, I) from (seed, COMPONENT, index))."""
+        return block_noise(self.seed, self.index, self.hi - self.lo, self.dim, Stream.COMPONENT)
+
 
 def outer_blocks(
     sources: Tensor, seed: int, dim: int, *, stream: Stream = Stream.OUTER_NOISE, first: int = 0
@@ -67,7 +72,8 @@ def per_sample_values(
     tilt_cache: dict | None = None,
     first_block: int = 0,
 ) -> PerSample:
-    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``).
+    """Both forms for every outer sample at σ (float64, in the order of ``plan.sources``); on
+    Gaussian items each draw's x0 = m + s⊙z with z of (seed, ``Stream.COMPONENT``, block).
 
     ``draws``: ``plain`` ε ~ N(0, I), or ``tilted`` (``draws.tilted_noise``; the pools need
     their neighbour tables), whose values are the unbiased terms w·direct and A/D +
@@ -86,12 +92,15 @@ def per_sample_values(
             if s_local.numel() == 0:
                 continue
             eps = block.noise if sel is None else block.noise[sel]
+            z = None  # Gaussian items: x0 = m + s⊙z
+            if pool.gaussian:
+                z = block.component if sel is None else block.component[sel]
             weight = None
             if draws == "tilted" and pool.n > 1:
                 eps, weight = tilt_group(plan, block.index, g, pool, s_local.to(device), eps,
                                          sigma, tilt_cache)  # fmt: skip
             out = estimator(pool, s_local.to(device), eps.to(device=device, dtype=dtype), sigma,
-                            inner_g, tile_bytes)  # fmt: skip
+                            inner_g, tile_bytes, component=z)  # fmt: skip
             if weight is not None:
                 out = acc.weigh(out, weight, pool, sigma, dtype)
             at = block.lo - start

@@ -28,6 +28,10 @@ PLACE_TEXT = {
     "sharded": "several processes",
     "streamed": "streamed data (--stream)",
 }
+#: The kinds of items an estimator may range over: points, or Gaussians N(m_i, diag s_i²)
+#: (``mixture.MixturePool``: VAE latents with a std).
+ITEMS = ("points", "gaussian")
+ITEM_TEXT = {"points": "points", "gaussian": "Gaussian items (VAE latents with a std)"}
 ALL_DRAWS = frozenset({"plain", "tilted"})
 ALL_FORMS = frozenset({"closed", "direct", "combined"})
 
@@ -50,6 +54,8 @@ class Capabilities:
       estimator's bias ∝ 1/L).
     - ``exact``: its per-draw values are those of the exact posterior, so a model's loss on
       the same draws pairs with them (a diagnosis reads such an estimate).
+    - ``items``: the kinds of items (ITEMS) it ranges over; ``why_not[kind]`` says, for each
+      other kind, why not.
     """
 
     runs_on: frozenset[str]
@@ -62,19 +68,24 @@ class Capabilities:
     sweeps_grid: bool = False
     adapts_inner: bool = False
     exact: bool = False
+    items: frozenset[str] = frozenset({"points"})
     why_not: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = self.runs_on - set(PLACES)
-        missing = [p for p in PLACES if p not in self.runs_on and p not in self.why_not]
+        unknown = (self.runs_on - set(PLACES)) | (self.items - set(ITEMS))
+        able = self.runs_on | self.items
+        missing = [p for p in PLACES + ITEMS if p not in able and p not in self.why_not]
         if unknown or missing:
-            raise ValueError(f"places {sorted(unknown)} unknown, {missing} without a reason")
+            raise ValueError(
+                f"places or items {sorted(unknown)} unknown, {missing} without a reason"
+            )
         if self.default_draws not in self.draws or self.default_form not in self.forms:
             raise ValueError("a default draws or form that the estimator does not take")
 
     def refusal(self, place: str) -> str | None:
-        """Why the estimator does not run on ``place``, or None where it does."""
-        return None if place in self.runs_on else self.why_not[place]
+        """Why the estimator does not run on ``place`` (a place or a kind of items), or None
+        where it does."""
+        return None if place in self.runs_on or place in self.items else self.why_not[place]
 
 
 def listed(names: Iterable[str]) -> str:

@@ -17,11 +17,11 @@ Tensor = torch.Tensor
 
 class OptimalDenoiser(nn.Module):
     """D*(x, σ, labels) = Σ_n softmax_n(−‖x − x_n‖²/2σ²)·x_n over the empirical set; with
-    ``conditional``, over the points of each query's class (labels required)."""
+    ``conditional``, over the points of each query's class (labels required). Of Gaussian
+    items N(m_i, diag s_i²): D* = Σ_i w_i(x)·(σ²m_i + s_i²x)/(s_i² + σ²) (``mixture.py``)."""
 
     def __init__(self, dataset: Dataset, conditional: bool = False, precision: str = "auto"):
         super().__init__()
-        dataset.require_points()
         if conditional and dataset.labels is None:
             raise UserError("a conditional optimal denoiser needs labels; this dataset has none")
         self.shape = dataset.shape
@@ -33,7 +33,8 @@ class OptimalDenoiser(nn.Module):
         self.groups = {key: i for i, key in enumerate(keys)}  # class → its pool's index
         # the plan's draws play no part: its groups (every point, or each class) are the pools'
         labels = dataset.labels if conditional else None
-        plan = OuterPlan.build(flat, labels, max(2, flat.shape[0]), 0, conditional)
+        std = None if dataset.std is None else dataset.std.reshape(flat.shape)
+        plan = OuterPlan.build(flat, labels, max(2, flat.shape[0]), 0, conditional, std)
         self._pools = PoolsByDtype(plan, torch.device("cpu"))
 
     def _pool(self, key: int, dtype: torch.dtype) -> Pool:
@@ -59,5 +60,6 @@ class OptimalDenoiser(nn.Module):
                 dtype = choose_dtype(self.precision, [base], sv)
                 pool = self._pool(key, dtype)
                 q = pool.centre(flat[sel].cpu())
-                out[sel] = pool.uncentre(pool.accumulate(q.to(dtype), sv).mean())
+                q = q.to(dtype)
+                out[sel] = pool.uncentre(pool.posterior(pool.accumulate(q, sv), q))
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)

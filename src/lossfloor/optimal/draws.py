@@ -174,6 +174,7 @@ class OuterPlan:
     data: Tensor | ChunkedDataset  # chunked: read per chunk (``stream.StreamedPool``)
     seed: int
     conditional: bool
+    std: Tensor | None = None  # Gaussian items N(data_i, diag std_i²) (``mixture.py``)
 
     @classmethod
     def build(
@@ -183,6 +184,7 @@ class OuterPlan:
         m: int,
         seed: int,
         conditional: bool,
+        std: Tensor | None = None,
     ) -> OuterPlan:
         n = len(data)
         check_outer(m)
@@ -200,17 +202,21 @@ class OuterPlan:
             local[idx] = torch.arange(idx.numel())
             groups.append((idx, local))
         sources = stratified_sources(n, m, seed)
-        return cls(sources=sources, groups=groups, data=data, seed=seed, conditional=conditional)
+        return cls(sources=sources, groups=groups, data=data, seed=seed, conditional=conditional,
+                   std=std)  # fmt: skip
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the data and, conditional, of the class partition: with (M, seed,
+        """sha256 of the data (of Gaussian items, with their stds) and, conditional, of the
+        class partition: with (M, seed,
         conditional) it identifies the draws and the pools."""
         if isinstance(self.data, ChunkedDataset):  # the same, from its statistics pass
             data = self.data.summary.tensor_sha256
         else:
             data = fingerprint(self.data.detach().cpu().numpy(), "tensor")
         digest = hashlib.sha256(data.encode())
+        if self.std is not None:  # Gaussian items: their stds too
+            digest.update(b"std|" + fingerprint(self.std.detach().cpu().numpy(), "tensor").encode())
         if self.conditional:
             for members, _ in self.groups:
                 digest.update(members.numpy().tobytes() + b"|")

@@ -23,6 +23,7 @@ import torch
 
 from lossfloor.data import Dataset, mean_and_variance
 from lossfloor.data.chunked import ChunkedDataset
+from lossfloor.data.dataset import posterior_variance
 from lossfloor.device import resolve_device
 from lossfloor.diffusion import Process, Target
 from lossfloor.distributed import Group, current
@@ -35,6 +36,7 @@ from lossfloor.optimal.curve import Curve, CurvePoint
 from lossfloor.optimal.draws import TILT_NEIGHBOURS, Draws, OuterPlan, resolve_draws
 from lossfloor.optimal.estimators import Estimator, EstimatorSpec, PerSample, as_estimator
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.mixture import check_gaussian
 from lossfloor.optimal.moments import Form, curve_point, resolve_form
 from lossfloor.optimal.neighbours import neighbour_tables
 from lossfloor.optimal.pool_cache import PoolsByDtype
@@ -103,6 +105,10 @@ def estimate_curve(
     of the first ``outer`` draws (default ADAPTIVE_PILOT; whole blocks of OUTER_BLOCK) of a plan
     of ``max_outer`` (default ADAPTIVE_CAP × the pilot); each point records what it used.
     ``device``: ``"auto"`` is cuda when available, else cpu (``lossfloor.device``).
+
+    A Dataset of Gaussian items (``Dataset.std``: VAE latents) gives J* of the mixture of its
+    N(m_i, diag s_i²) (``mixture.MixturePool``): the ``full`` estimator, plain draws, one
+    process, in memory (``mixture.check_gaussian`` refuses the rest).
     """
     device = resolve_device(device)
     group = current(device)
@@ -110,20 +116,23 @@ def estimate_curve(
         if isinstance(data, str):  # in chunks where memory is short: stream.must_stream
             data = open_for_estimate(data, group)
         x, labels, described = _unpack(data, labels, conditional, group)
+        std = data.std if isinstance(data, Dataset) else None  # Gaussian items: mixture.py
         _check_grid(x, sigmas, outer)
         estimator = as_estimator(estimator, len(x))
         adaptive = adaptive_sizes(target_rse, max_outer, outer)
         m = adaptive[2] if adaptive is not None else len(x) if outer is None else outer
-        plan = _plan(x, labels, m, seed, conditional, estimator)
+        plan = _plan(x, labels, m, seed, conditional, estimator, std)
         base_dtype(precision)  # an unknown policy fails before any work
-        draws = resolve_draws(draws, estimator)
+        asked, draws = draws, resolve_draws(draws, estimator)
+        if std is not None:
+            draws = check_gaussian(estimator, asked, group.world)
         check_sharded(estimator, conditional, group, streamed=isinstance(x, ChunkedDataset))
     run = EstimateRun(
         plan=plan, estimator=estimator, form=resolve_form(form, estimator), draws=draws,
         precision=precision, pools=PoolsByDtype(plan, torch.device(device), group),
         tile_bytes=tile_bytes, process=process, target=target, group=group,
         adaptive=None if adaptive is None else adaptive[:2], progress=progress and group.main,
-        variance=x.summary.variance if isinstance(x, ChunkedDataset) else mean_and_variance(x)[1],
+        variance=_variance(x, std),
     )  # fmt: skip
     options = run.options(seed)
     if group.world > 1:  # the same data and options on every process, before any work
@@ -230,13 +239,19 @@ def _unpack(
     here: one pass over its blocks, split over the processes)."""
     if isinstance(data, ChunkedDataset):
         data.summarise(group)
-    if isinstance(data, Dataset):
-        data.require_points()
     if isinstance(data, Dataset | ChunkedDataset):
         described = {**data.describe(), "conditional": conditional}
         items = data if isinstance(data, ChunkedDataset) else data.x
         return items, data.labels if labels is None else labels, described
     return data, labels, None
+
+
+def _variance(x: torch.Tensor | ChunkedDataset, std: torch.Tensor | None) -> float:
+    """The data's per-element variance, J*(σ → ∞): of the items' means, plus mean(s²) of
+    Gaussian items' stds (``posterior_variance``)."""
+    if isinstance(x, ChunkedDataset):
+        return x.summary.variance
+    return mean_and_variance(x)[1] + (0.0 if std is None else posterior_variance(std))
 
 
 def _check_grid(
@@ -339,9 +354,11 @@ def _plan(
     seed: int,
     conditional: bool,
     estimator: Estimator,
+    std: torch.Tensor | None = None,
 ) -> OuterPlan:
-    """The plan of M draws, each of its groups checked as the estimator's pool."""
-    plan = OuterPlan.build(x, labels, m, seed, conditional)
+    """The plan of M draws (of Gaussian items N(x_i, diag std_i²) with ``std``), each of its
+    groups checked as the estimator's pool."""
+    plan = OuterPlan.build(x, labels, m, seed, conditional, std)
     for members, _ in plan.groups:
         estimator.check(members.numel())
     return plan

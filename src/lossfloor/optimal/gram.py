@@ -82,7 +82,11 @@ class Gram(Estimator):
         default_form="combined",
         options=frozenset({"inner"}),
         sweeps_grid=True,
-        why_not=lacks("Pool.dense", "it multiplies each query by every point at once"),
+        why_not={
+            **lacks("Pool.dense", "it multiplies each query by every point at once"),
+            "gaussian": "its two σ-free Gram products give the point logits of every σ; a "
+            "component's logits weigh x by 1/(s² + σ²) per element, so they change with σ",
+        },
     )
     inner: int = 32
     rows: int = 16
@@ -116,7 +120,9 @@ class Gram(Estimator):
             out.append((own[:, None] * x_s + rest[:, None] * mean) / (own + rest)[:, None])
         return torch.cat(out)
 
-    def __call__(self, pool, sources, noise, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES):
+    def __call__(
+        self, pool, sources, noise, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES, component=None
+    ):
         return self.grid_values(pool, sources, noise, [sigma], [generator])[0]
 
     def grid_values(

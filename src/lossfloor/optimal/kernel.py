@@ -234,19 +234,45 @@ def accumulate_softmax(
     q_aug = torch.zeros(b, keys_aug.shape[1], dtype=queries.dtype, device=queries.device)
     torch.mul(queries, inv_var, out=q_aug[:, :d])
     q_aug[:, d + 1] = inv_var
-    step = keys_per_tile(b, queries.element_size(), tile_bytes)
-    for start in range(0, keys_aug.shape[0], step):
-        chunk = keys_aug[start : start + step]
+    return accumulate_keys(
+        q_aug, keys_aug, keys_aug, d, state, key_ids=key_ids, exclude_ids=exclude_ids,
+        adjust=adjust, tile_bytes=tile_bytes,
+    )  # fmt: skip
+
+
+def accumulate_keys(
+    q_aug: Tensor,
+    logit_keys: Tensor,
+    value_keys: Tensor,
+    shift_col: int,
+    state: SoftmaxState,
+    *,
+    key_ids: Tensor | None = None,
+    exclude_ids: Tensor | None = None,
+    adjust: Adjust | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> SoftmaxState:
+    """The loop of ``accumulate_softmax`` for any keys: logits l_bn = ⟨q_aug_b, logit_keys_n⟩
+    (queries B×W, keys N×W; column ``shift_col`` of the keys is 1 and that of the queries is
+    overwritten by −(running max) per tile), values ``value_keys`` (N×(V+1…): V = the width of
+    ``state.acc``, column V is 1: the normaliser z). The point kernel passes the same ``augment``
+    keys for both (V = D, ``shift_col`` = D); a mixture pool its per-σ keys (``mixture.py``).
+    Exclusion, ``adjust``, exact max raising and tiles as ``accumulate_softmax``'s."""
+    step = keys_per_tile(q_aug.shape[0], q_aug.element_size(), tile_bytes)
+    for start in range(0, logit_keys.shape[0], step):
+        chunk = logit_keys[start : start + step]
+        values = chunk if value_keys is logit_keys else value_keys[start : start + step]
         ids = None if key_ids is None else key_ids[start : start + step]
         adj = None if adjust is None else adjust.tile(start, start + chunk.shape[0])
-        q_aug[:, d] = -_shift(state)
+        q_aug[:, shift_col] = -_shift(state)
         logits_t = _logits_t(q_aug, chunk, ids, exclude_ids, adj)
-        if _fold_fresh_queries(state, logits_t, chunk):
+        if _fold_fresh_queries(state, logits_t, values):
             continue
         _raise_max(state, logits_t)
-        t = _exp_(logits_t).T @ chunk
-        state.z.add_(t[:, d])
-        state.acc.add_(t[:, :d])
+        t = _exp_(logits_t).T @ values
+        v = state.acc.shape[1]
+        state.z.add_(t[:, v])
+        state.acc.add_(t[:, :v])
     return state
 
 

@@ -14,6 +14,7 @@ import torch
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.distributed import Group
 from lossfloor.optimal.draws import OuterPlan
+from lossfloor.optimal.mixture import MixturePool
 from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.precision import FLOAT32_MAX_SQ_NORM, base_dtype, choose_dtype
 from lossfloor.optimal.shard import ShardedPool
@@ -28,9 +29,15 @@ def make_pools(
     """One centred pool per group (the whole set, or each class; a group of every point reads
     the data as they are, without a gathered copy); with a ``group`` of K > 1 processes, this
     process's shard of the whole set (``shard.ShardedPool``); of a ``ChunkedDataset``, its keys
-    read per chunk (``stream.StreamedPool``, this process's shard)."""
+    read per chunk (``stream.StreamedPool``, this process's shard); of Gaussian items (the
+    plan's ``std``), a ``mixture.MixturePool`` per group."""
     if isinstance(plan.data, ChunkedDataset):
         return [StreamedPool.from_stream(plan.data, dtype, device, group or Group())]
+    if plan.std is not None:  # Gaussian items: one mixture pool per group
+        return [
+            MixturePool.from_items(plan.data[members], plan.std[members], dtype, device)
+            for members, _ in plan.groups
+        ]
     if group is not None and group.world > 1:
         return [ShardedPool.from_shard(plan.data, dtype, device, group)]
     n = plan.data.shape[0]

@@ -1,7 +1,7 @@
 """The one data interface of the estimators: a ``Pool`` gives the centred rows, norms, keys,
 softmax states and products an estimator needs through its methods; nothing outside the pool
-kinds (this module, ``shard.py``, ``stream.py``) reads a pool's arrays (``x``, ``sq``, ``aug``,
-``mean``; tests/test_pools.py checks it).
+kinds (this module, ``shard.py``, ``stream.py``, ``mixture.py``) reads a pool's arrays (``x``,
+``sq``, ``aug``, ``mean``; tests/test_pools.py checks it).
 
 ``Pool`` holds every row in memory; ``shard.ShardedPool`` holds this process's rows and
 implements each method with collectives; ``stream.StreamedPool`` reads rows per chunk. A method
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from lossfloor.optimal.kernel import (
     accumulate_softmax,
     augment,
     keys_per_tile,
+    logit_error_bound,
 )
 
 Tensor = torch.Tensor
@@ -61,6 +63,8 @@ class Pool:
     max_sq: float
     aug: Tensor
     neighbours: Tensor | None = None
+    #: Whether the items are Gaussians N(m_i, diag s_i²) (``mixture.MixturePool``), not points.
+    gaussian: ClassVar[bool] = False
 
     @classmethod
     def from_data(cls, data: Tensor, dtype: torch.dtype, device: torch.device | str) -> Pool:
@@ -132,6 +136,21 @@ class Pool:
         """(x_n − x̄, ‖x_n − x̄‖²) of the pool indices ``idx``, of any shape (idx.shape×D,
         idx.shape)."""
         return self.x[idx], self.sq[idx]
+
+    def draw(self, idx: Tensor, component: Tensor | None) -> Tensor:
+        """The centred x0 of draws from the items ``idx`` (B): the points themselves (``rows``;
+        ``component``, the z of Gaussian items' x0 = m + s⊙z, is None for points)."""
+        return self.rows(idx)[0]
+
+    def posterior(self, state: SoftmaxState, queries: Tensor) -> Tensor:
+        """μ of the centred ``queries`` from their softmax state over this pool's keys
+        (``accumulate``, ``merge``): acc/z (``SoftmaxState.mean``)."""
+        return state.mean()
+
+    def logit_error(self, sigma: float, dtype: torch.dtype) -> float:
+        """A bound on one logit's rounding error at σ in ``dtype`` (``kernel.logit_error_bound``
+        of this pool's max‖x − x̄‖² and D): the precision policy's guard."""
+        return logit_error_bound(self.max_sq, self.dim, sigma, dtype)
 
     def norms(self, idx: Tensor) -> Tensor:
         """‖x_n − x̄‖² of the pool indices ``idx`` (any shape)."""

@@ -15,7 +15,6 @@ import torch
 
 from lossfloor.errors import ParameterError
 from lossfloor.optimal.estimators import PerSample
-from lossfloor.optimal.kernel import logit_error_bound
 from lossfloor.optimal.pools import Pool
 from lossfloor.sigmas import same_sigma
 
@@ -70,7 +69,8 @@ def base_dtype(precision: str) -> torch.dtype:
 
 
 def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.dtype:
-    """float32 / float64, or ``auto``: float64 where the fp32 logit error bound at σ exceeds
+    """float32 / float64, or ``auto``: float64 where the fp32 logit error bound at σ
+    (``Pool.logit_error``: a mixture pool's own for Gaussian items) exceeds
     AUTO_LOGIT_TOLERANCE (small σ on data with large norms) or the squared norms of the data
     or of a typical query x0 + σε (R² + D·σ²) exceed FLOAT32_MAX_SQ_NORM (large data or huge
     σ), float32 elsewhere."""
@@ -78,7 +78,7 @@ def choose_dtype(precision: str, pools: Iterable[Pool], sigma: float) -> torch.d
         return base_dtype(precision)
     if max(p.max_sq + p.dim * sigma * sigma for p in pools) > FLOAT32_MAX_SQ_NORM:
         return torch.float64
-    worst = max(logit_error_bound(p.max_sq, p.dim, sigma, torch.float32) for p in pools)
+    worst = max(p.logit_error(sigma, torch.float32) for p in pools)
     return torch.float64 if worst > AUTO_LOGIT_TOLERANCE else torch.float32
 
 
@@ -90,7 +90,7 @@ def closed_rounding(pool: Pool, sigma: float, dtype: torch.dtype, closed: Tensor
     A − ‖μ‖² is a difference of nearly equal numbers and this error, systematic for a σ, is
     not in the closed form's standard error; at large σ, ‖μ‖ → 0 and so does the bound."""
     u = torch.finfo(dtype).eps / 2
-    delta = logit_error_bound(pool.max_sq, pool.dim, sigma, dtype)
+    delta = pool.logit_error(sigma, dtype)
     norm = (pool.a - pool.dim * closed.double()).clamp(min=0).sqrt()  # ‖μ‖
     e = 4 * delta * math.sqrt(pool.max_sq) + 2 * u * norm
     return (2 * norm * e + e * e) / pool.dim

@@ -66,13 +66,14 @@ def _warn_unresolved(curve: Curve) -> None:
     from lossfloor.optimal.moments import MIN_EFFECTIVE_DRAWS
 
     bad = [p for p in curve.points if p.resolved is False and not p.memorised]
+    gaussian = bool((curve.dataset or {}).get("gaussian_items"))  # plain draws only
     if bad:
         listed = ", ".join(f"{p.sigma:.4g} (ESS {p.ess:.3g})" for p in bad)
         print(
             f"lossfloor: warning: J* is not resolved at σ = {listed}: fewer than "
             f"{MIN_EFFECTIVE_DRAWS:g} effective draws carry it, so its value and standard error "
             "are unreliable; "
-            + ("use more --outer" if curve.draws == "tilted" else "use --draws tilted"),
+            + ("use more --outer" if curve.draws == "tilted" or gaussian else "use --draws tilted"),
             file=sys.stderr,
         )
 

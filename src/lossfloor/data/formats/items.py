@@ -22,9 +22,9 @@ from lossfloor.errors import UserError
 def gaussian_refusal(where: str) -> str:
     """The one line that refuses Gaussian items where only points are handled yet."""
     return (
-        f"{where}: J* of Gaussian items (VAE latents with a std) is not computed yet; "
-        "meanwhile give --key mean (key='mean') to treat the means as points, which is not the "
-        "latent distribution"
+        f"{where}: Gaussian items (VAE latents with a std) are not handled here yet (J* of them "
+        "is: lossfloor estimate, in memory); meanwhile give --key mean (key='mean') to treat the "
+        "means as points, which is not the latent distribution"
     )
 
 

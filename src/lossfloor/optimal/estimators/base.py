@@ -97,9 +97,11 @@ class Estimator(ABC):
         sigma: float,
         generator: torch.Generator,
         tile_bytes: int = DEFAULT_TILE_BYTES,
+        component: Tensor | None = None,
     ) -> PerSample:
-        """Per-sample J* values for x_t = x0[sources] + σ·noise."""
-        x0 = pool.rows(sources)[0]
+        """Per-sample J* values for x_t = x0 + σ·noise, x0 the points ``sources`` (of Gaussian
+        items: m + s⊙``component``, ``Pool.draw``)."""
+        x0 = pool.draw(sources, component)
         mu = self.posterior_mean(pool, x0 + sigma * noise, sources, sigma, generator, tile_bytes)
         d = pool.dim
         closed = (pool.a - mu.double().pow(2).sum(dim=1)) / d

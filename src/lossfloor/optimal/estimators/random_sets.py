@@ -33,6 +33,10 @@ class Subset(Estimator):
         default_draws="plain",
         default_form="closed",
         options=frozenset({"inner", "C", "replace", "exclude_source", "layout", "share"}),
+        why_not={
+            "gaussian": "its random inner sets and source term weigh points by the point "
+            "kernel's logits (Pool.rows), not by a component's per-σ keys; full is exact on them"
+        },
     )
 
     inner: int

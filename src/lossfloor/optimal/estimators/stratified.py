@@ -50,6 +50,11 @@ class Stratified(Estimator):
         options=frozenset({"inner", "near", "share"}),
         needs_neighbours=True,
         adapts_inner=True,
+        why_not={
+            "gaussian": "its near stratum (the neighbour index of the points) and its far "
+            "sample's weights are the point kernel's, not a component's per-σ keys; full is "
+            "exact on them"
+        },
     )
     inner: int
     near: int = 16

@@ -1,0 +1,203 @@
+"""Gaussian items (VAE latents): the pool of a mixture of N diagonal Gaussians N(m_i, diag s_i²)
+(docs/method.md, "Gaussian items").
+
+With x_t = x0 + σε, x0 ~ N(m_i, diag s_i²) and v_i = s_i² + σ² (per element), component i's
+likelihood is N(x_t; m_i, diag v_i), so the posterior over components has the logits
+
+    l_i(x) = −½ Σ_d (x − m_i)²/v_i − ½ Σ_d ln v_i
+           = Σ_d x²·(−½/v_i) + Σ_d x·m_i/v_i + c_i,   c_i = −½ Σ_d (m_i²/v_i + ln v_i),
+
+one GEMM of the queries [x² | x | 1] with per-σ keys [−½/v | m/v | c]; and within component i
+E[x0 | x, i] = (σ²m_i + s_i²x)/v_i, Var[x0 | x, i] = s_i²σ²/v_i, so the posterior mean is
+
+    μ(x) = Σ_i p_i σ²m_i/v_i + (Σ_i p_i s_i²/v_i)⊙x,
+
+the weights times the value keys [σ²m/v | s²/v | 1] (a second GEMM: 2D values and the
+normaliser). Both run in the one loop of the point kernel (``kernel.accumulate_keys``).
+
+Per-query constants do not change the softmax, so the keys subtract them where they cost digits:
+the x² column holds −½(1/v_id − r_d) with r_d the mid-range of 1/v_id over the items (0 where
+every s_d is equal: for s ≡ 0 these are the point kernel's logits ⟨x, m⟩/σ² − ‖m‖²/2σ²), and
+c_i holds −½ Σ_d ln(1 + s_id²/σ²) in place of −½ Σ_d ln v_id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.optimal.kernel import (
+    ALIGN,
+    DEFAULT_TILE_BYTES,
+    Adjust,
+    SoftmaxState,
+    accumulate_keys,
+)
+from lossfloor.optimal.pools import Pool
+
+if TYPE_CHECKING:
+    from lossfloor.optimal.estimators import Estimator
+
+Tensor = torch.Tensor
+
+#: What refusals call Gaussian items.
+GAUSSIAN_TEXT = "Gaussian items (VAE latents with a std)"
+
+
+def _aligned(width: int) -> int:
+    return -(-width // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class MixtureKeys:
+    """The per-σ keys of a mixture pool: ``logits`` [−½(1/v − r) | m/v | c | 1 | 0…] (N×W) and
+    ``values`` [σ²m/v | s²/v | 1 | 0…] (N×W'), in the pool's dtype."""
+
+    sigma: float
+    logits: Tensor
+    values: Tensor
+
+
+@dataclass
+class MixturePool(Pool):
+    """A pool of Gaussian items: the centred means m_i − x̄ as its rows (``x``, ``sq``), their
+    variances s_i² (``var``, float64), A = E‖x0 − x̄‖² = mean_i(‖m_i − x̄‖² + Σ_d s_id²) (so
+    the closed form (A − ‖μ‖²)/D holds: E[x0·μ] = E‖μ‖² for any distribution), and the
+    per-σ keys of the last σ asked for (``keys_at``)."""
+
+    gaussian: ClassVar[bool] = True
+    var: Tensor = field(default_factory=lambda: torch.empty(0))
+    means: Tensor = field(default_factory=lambda: torch.empty(0))  # m − x̄, float64
+    _cached: MixtureKeys | None = None
+
+    @classmethod
+    def from_items(
+        cls, data: Tensor, std: Tensor, dtype: torch.dtype, device: torch.device | str
+    ) -> MixturePool:
+        """The pool of items N(data_i, diag std_i²) (N×..., both), centred at x̄ = mean_i m_i."""
+        n = data.shape[0]
+        m64 = data.reshape(n, -1).to(device=device, dtype=torch.float64, copy=True)
+        mean = m64.mean(dim=0)
+        mc = m64.sub_(mean)
+        var = std.reshape(n, -1).to(device=device, dtype=torch.float64).pow(2)
+        sq = mc.pow(2).sum(dim=1)
+        return cls(
+            x=mc.to(dtype),
+            sq=sq.to(dtype),
+            mean=mean,
+            a=float((sq + var.sum(dim=1)).mean()),
+            max_sq=float(sq.max()),
+            aug=torch.empty(0, 0, dtype=dtype, device=device),  # the keys are per σ
+            var=var,
+            means=mc,
+        )
+
+    def draw(self, idx: Tensor, component: Tensor | None) -> Tensor:
+        """x0 = m_i + s_i⊙z of the items ``idx`` (centred; B×D) with z = ``component``."""
+        if component is None:
+            raise ValueError("draws from Gaussian items need their component noise z")
+        z = component.to(device=self.means.device, dtype=torch.float64)
+        return (self.means[idx] + self.var[idx].sqrt() * z).to(self.dtype)
+
+    def keys_at(self, sigma: float) -> MixtureKeys:
+        """The keys at σ (computed in float64 from m and s², O(N·D); the last σ's are kept)."""
+        if self._cached is not None and self._cached.sigma == sigma:
+            return self._cached
+        n, d = self.means.shape
+        s2 = sigma * sigma
+        inv = 1.0 / (self.var + s2)  # 1/v
+        ref = 0.5 * (inv.amax(dim=0) + inv.amin(dim=0))  # r_d: a per-query constant ½Σ r x²
+        logits = torch.zeros(n, _aligned(2 * d + 2), dtype=torch.float64, device=inv.device)
+        logits[:, :d] = -0.5 * (inv - ref)
+        torch.mul(self.means, inv, out=logits[:, d : 2 * d])
+        quad = (self.means.pow(2) * inv).sum(dim=1)
+        logits[:, 2 * d] = -0.5 * (quad + torch.log1p(self.var / s2).sum(dim=1))
+        logits[:, 2 * d + 1] = 1.0  # the shift column
+        values = torch.zeros(n, _aligned(2 * d + 1), dtype=torch.float64, device=inv.device)
+        torch.mul(self.means, inv * s2, out=values[:, :d])
+        torch.mul(self.var, inv, out=values[:, d : 2 * d])
+        values[:, 2 * d] = 1.0
+        self._cached = MixtureKeys(sigma, logits.to(self.dtype), values.to(self.dtype))
+        return self._cached
+
+    def accumulate(
+        self,
+        queries: Tensor,
+        sigma: float,
+        idx: Tensor | None = None,
+        exclude: Tensor | None = None,
+        tile_bytes: int = DEFAULT_TILE_BYTES,
+        *,
+        key_logw: Tensor | None = None,
+        adjust: Adjust | None = None,
+    ) -> SoftmaxState:
+        """The softmax state over every component (acc: [Σp σ²m/v | Σp s²/v], 2D wide) of the
+        centred ``queries`` (B×D) at σ; ``posterior`` turns it into μ. Inner subsets, masks,
+        weights and additions are the point estimators' (refused on Gaussian items before any
+        work: ``check_gaussian``)."""
+        if idx is not None or exclude is not None or key_logw is not None or adjust is not None:
+            raise ValueError("a mixture pool's softmax runs over every component")
+        b, d = queries.shape
+        keys = self.keys_at(sigma)
+        q_aug = torch.zeros(b, keys.logits.shape[1], dtype=queries.dtype, device=queries.device)
+        torch.mul(queries, queries, out=q_aug[:, :d])
+        q_aug[:, d : 2 * d] = queries
+        q_aug[:, 2 * d] = 1.0
+        state = SoftmaxState.empty(b, 2 * d, queries.dtype, queries.device)
+        return accumulate_keys(
+            q_aug, keys.logits, keys.values, 2 * d + 1, state, tile_bytes=tile_bytes
+        )
+
+    def posterior(self, state: SoftmaxState, queries: Tensor) -> Tensor:
+        """μ = a + b⊙q from [a | b] = acc/z (the component means' σ²m/v and gains s²/v)."""
+        d = queries.shape[1]
+        ab = state.mean()
+        return ab[:, :d] + ab[:, d:] * queries
+
+    def logit_error(self, sigma: float, dtype: torch.dtype) -> float:
+        """A bound on one logit's rounding error in ``dtype``: u·(‖q‖²·w + (√(2D)·‖q‖R + R²)/v₀
+        + |c|-terms), with v₀ = σ² + min s², w = max_d (max_i 1/v − min_i 1/v)/2 (the x² column
+        after its reference), R² = max‖m − x̄‖², ‖q‖² ≤ R² + D(σ² + max s²) (a typical query) and
+        ½ Σ_d ln(1 + s²/σ²) ≤ ½D·ln(1 + max s²/σ²): ``kernel.logit_error_bound`` with v₀ for σ²,
+        the x² column and the log term."""
+        u = torch.finfo(dtype).eps / 2
+        d = self.dim
+        s2 = sigma * sigma
+        lo, hi = float(self.var.min()), float(self.var.max())
+        v0 = s2 + lo
+        spread = 0.5 * (1.0 / v0 - 1.0 / (s2 + hi))
+        r2 = self.max_sq
+        q = math.sqrt(r2 + d * (s2 + hi))
+        logs = 0.5 * d * math.log1p(hi / s2)
+        return u * (q * q * spread + (math.sqrt(2 * d) * q * math.sqrt(r2) + r2) / v0 + logs)
+
+
+def check_gaussian(estimator: Estimator, draws: str, world: int) -> Literal["plain"]:
+    """The draws an estimate of Gaussian items takes (``auto``: plain), after refusing what
+    does not run on them yet: an estimator without the capability 'gaussian'
+    (``Capabilities.items``), tilted draws, several processes."""
+    from lossfloor.optimal.capabilities import having, listed
+    from lossfloor.optimal.estimators import declared
+
+    reason = estimator.capabilities.refusal("gaussian")
+    if reason is not None:
+        able = listed(having(declared(), lambda caps: "gaussian" in caps.items))
+        raise UserError(
+            f"the {estimator.name} estimator does not run on {GAUSSIAN_TEXT} yet; it lacks the "
+            f"capability 'gaussian': {reason} (gaussian: {able})"
+        )
+    if draws == "tilted":
+        raise ParameterError(
+            "draws", draws, f"tilted draws shift ε toward neighbouring points; {GAUSSIAN_TEXT} "
+            "take plain draws (auto)",
+        )  # fmt: skip
+    if world > 1:
+        raise UserError(
+            f"J* of {GAUSSIAN_TEXT} runs in one process, not on {world} processes yet; run it "
+            "in one process"
+        )
+    return "plain"
