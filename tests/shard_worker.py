@@ -51,6 +51,17 @@ SCENARIOS = {
     "adaptive": ["--target-rse", "0.003", "--outer", "1024", "--max-outer", "6144"],
 }
 
+#: gram on digits (1,797 points, D = 64), 6 σ, M = N: in memory and streamed (chunks of 29 rows:
+#: a block of the draws' SAMPLE_BLOCK columns spans several), float64 and float32 (the test runs
+#: each in one process, in memory)
+GRAM = ["estimate", "--data", "digits", "--estimator", "gram", "--sigmas", "0.2,0.5,1,2,5,20",
+        "--device", "cpu"]  # fmt: skip
+GRAM_SCENARIOS = {
+    "gram": ["--dtype", "float64"],
+    "gram-stream": ["--dtype", "float64", "--stream", "--chunk-mb", "0.05"],
+    "gram-float32": ["--dtype", "float32"],
+}
+
 #: Rows per block of the streamed statistics pass here (5 blocks of the 300 points).
 STATS_ROWS = 64
 
@@ -102,7 +113,8 @@ def main(out: Path) -> None:
         results["resumed"]["partial_left"] = Path(f"{resumed}.partial").exists()
         other = estimate(out / "points.npy", 300 if group.rank == 0 else 299)  # other data on 1
         results["data"] = cli([*other, "--quiet"])
-        results["gram"] = cli([*base, "--quiet", "--estimator", "gram"])
+        for name, options in GRAM_SCENARIOS.items():
+            results[name] = cli([*GRAM, "--quiet", *options, "--out", str(out / f"{name}.json")])
         results["reads"] = streamed_reads(out / "points.npy")
         summary = open_chunked(str(out / "points.npy")).summarise(group)
         results["fingerprints"] = [summary.sha256, summary.tensor_sha256]
