@@ -380,6 +380,26 @@ def test_cli_stream_gives_the_in_memory_numbers(tmp_path, capsys):
             assert s[key] == pytest.approx(m[key], rel=1e-9, abs=1e-15), (key, m, s)
 
 
+def test_gram_streams_where_memory_is_short_and_gives_the_in_memory_numbers(tmp_path, capsys):
+    """The library's rule (``stream.must_stream``) applies to gram as to every estimator: an
+    estimate that would not fit in --memory-gb streams, says so, and (float64, the whole data
+    in one chunk) gives the in-memory numbers to rounding."""
+    path = tmp_path / "points.npy"
+    np.save(path, np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32))
+    base = ["estimate", "--data", str(path), "--sigmas", "1,3,9", "--estimator", "gram",
+            "--dtype", "float64", "--quiet"]  # fmt: skip
+    curves = []
+    for memory in ("0.00001", "1"):
+        out = tmp_path / f"{memory}.json"
+        assert main([*base, "--memory-gb", memory, "--out", str(out)]) == 0
+        assert ("streaming it" in capsys.readouterr().err) == (memory != "1")
+        curves.append(json.loads(out.read_text()))
+    assert curves[0]["dataset"]["streamed"] is True and "streamed" not in curves[1]["dataset"]
+    for s, m in zip(curves[0]["points"], curves[1]["points"], strict=True):
+        assert s["optimal_loss"] == pytest.approx(m["optimal_loss"], rel=1e-12)
+        assert s["direct"] == pytest.approx(m["direct"], rel=1e-12)
+
+
 @pytest.mark.numerics
 def test_streamed_products_in_chunks_smaller_than_a_block_give_the_in_memory_values(tmp_path):
     """Chunks of 11 rows, each its own GEMM, against one GEMM in memory (float64, 700 points,
