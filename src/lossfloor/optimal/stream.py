@@ -6,7 +6,9 @@ augments them (``kernel.augment``), and ``Pool.accumulate`` folds each chunk int
 softmax state (``accumulate_softmax(..., state=...)``). Rows asked for by index (the draws'
 sources and their neighbours, the random inner sets of snis/dol/cdol) are read by index.
 Memory: one chunk of keys (``chunk_mb``: its float32 rows, their float64 centred copy and the
-augmented keys) plus the kernel's tile and one outer block, never N×D.
+augmented keys) plus the kernel's tile and one outer block, never N×D. The ``gram`` estimator's
+products are filled per chunk (``ChunkProducts``: a block of draws times this process's N/K
+rows, O(B·N/K)) and the rows its draws pick are read by index (``bags``).
 
 A chunk holds a multiple of the kernel's tile (``keys_per_tile``) where ``chunk_mb`` allows
 one, so the tiles are those of the in-memory pool and, with the same x̄, the numbers are the
@@ -131,9 +133,7 @@ class StreamedPool(ShardedPool):
         out = torch.zeros(flat.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
         held = self._held(flat)
         if bool(held.any()):
-            xc = self._centred(self._data.take(flat[held]))
-            out[held, d] = xc.pow(2).sum(dim=1).to(self.x.dtype)
-            out[held, :d] = xc.to(self.x.dtype)
+            out[held, :d], out[held, d] = self._read(flat[held])
         self.group.sum(out)
         return out[:, :d].reshape(*idx.shape, d), out[:, d].reshape(idx.shape)
 
