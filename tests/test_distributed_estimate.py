@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_worker import GRAM, GRAM_SCENARIOS, SCENARIOS, STATS_ROWS, estimate
+from shard_worker import GRAM, GRAM_SCENARIOS, SCENARIOS, STATS_ROWS, estimate, redo_case
 from tolerances import assert_same_point, pool_of, rounding_bound
 from torchrun import run_workers
 
@@ -150,6 +150,28 @@ def test_gram_on_two_processes_gives_the_numbers_of_one_process_in_memory(
                 assert p2[se] == pytest.approx(p1[se], rel=1e-9, abs=1e-15), (se, p1, p2)
             else:
                 assert abs(p2[key] - p1[key]) <= p1[se], (key, p1, p2)
+
+
+def test_gram_s_redone_rows_and_posterior_mean_on_two_processes_are_one_process_s(launch):
+    """A row whose other points are ~e^450 more probable than the source is redone relative
+    to its largest logit, the max over both processes (the source on rank 0, the two points on
+    rank 1); its draws and μ̂'s cross the processes: every value is one process's (float64,
+    the same draws: to rounding), and the same on both ranks."""
+    from lossfloor.optimal.gram import Gram
+
+    _, results = launch
+    assert results[0]["gram-pieces"] == results[1]["gram-pieces"]
+    points, sources, noise, sigma = redo_case()
+    pool = Pool.from_data(points, torch.float64, "cpu")
+    est = Gram(inner=64)
+    one = est(pool, sources, noise, sigma, torch.Generator().manual_seed(1))
+    q = pool.rows(sources)[0] + sigma * noise
+    mu = est.posterior_mean(pool, q, sources, sigma, torch.Generator().manual_seed(2))
+    two = results[0]["gram-pieces"]
+    assert 8.9 < 4 * float(one.direct[0]) < 9.1  # row 0 redone: μ near point 1, not midway
+    for got, want in [(two["closed"], one.closed), (two["direct"], one.direct), (two["mu"], mu)]:
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-12,
+                                   atol=1e-12)  # fmt: skip
 
 
 def test_each_streaming_process_reads_only_its_shard(launch):
