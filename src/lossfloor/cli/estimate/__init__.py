@@ -216,7 +216,7 @@ def _add_resource_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="data larger than memory: read the items in chunks (.npy, image folder, "
         "EDM zip, named source), never all at once; under torchrun each process reads its "
-        "shard (full, snis, dol, cdol; docs/distributed.md)",
+        "shard (every estimator; docs/distributed.md)",
     )
     p.add_argument(
         "--chunk-mb",
