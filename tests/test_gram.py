@@ -467,14 +467,17 @@ def test_products_that_do_not_fit_take_fewer_draws_or_are_refused(monkeypatch):
     from lossfloor.errors import UserError
     from lossfloor.optimal import gram, stream
 
-    big = types.SimpleNamespace(n_held=1_000_000)  # products of 1,000,192 columns
+    big = types.SimpleNamespace(n_held=1_000_000, shards=1)  # products of 1,000,192 columns
     per_draw = 2 * 1_000_192 * 4
-    assert gram._rows_per_product(types.SimpleNamespace(n_held=1797), 4, 16) == gram.GRAM_ROWS
+    assert (
+        gram._rows_per_product(types.SimpleNamespace(n_held=1797, shards=1), 4, 16)
+        == gram.GRAM_ROWS
+    )
     monkeypatch.setattr(stream, "available_bytes", lambda: 2 * 100 * per_draw)
     assert gram._rows_per_product(big, 4, 16) == 96  # 100 draws fit: 6 × 16
     monkeypatch.setattr(stream, "available_bytes", lambda: 2 * 15 * per_draw)
-    with pytest.raises(UserError, match=r"needs 0\.119 GiB for the products of 16 draws .* "
-                       r"1000000 points") as exc:  # fmt: skip
+    says = r"needs 0\.119 GiB per process for the products of 16 draws with 1000000 points, "
+    with pytest.raises(UserError, match=says + r"more than the 0\.112 GiB") as exc:
         gram._rows_per_product(big, 4, 16)
     assert "\n" not in str(exc.value)
 

@@ -254,21 +254,26 @@ def _padded(n: int) -> int:
 def _rows_per_product(pool: Pool, itemsize: int, rows: int) -> int:
     """Draws per pair of products: GRAM_ROWS, or the most (a multiple of ``rows``) whose two
     products with this process's columns, 2·draws·columns·itemsize bytes, take at most
-    PRODUCT_SHARE of the memory available to this process; a UserError where ``rows`` draws'
+    PRODUCT_SHARE of the memory available to this process (on K processes the least of
+    theirs: the blocks, and their collectives, must agree); a UserError where ``rows`` draws'
     do not fit."""
     from lossfloor.optimal.stream import available_bytes
 
     per_draw = 2 * _padded(pool.n_held) * itemsize
-    if GRAM_ROWS * per_draw <= SMALL_PRODUCTS:
-        return GRAM_ROWS
-    budget = PRODUCT_SHARE * available_bytes() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    fit = min(GRAM_ROWS, int(budget // per_draw) // rows * rows)
+    own, budget = GRAM_ROWS, 0.0
+    if GRAM_ROWS * per_draw > SMALL_PRODUCTS:
+        budget = PRODUCT_SHARE * available_bytes() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        own = min(GRAM_ROWS, int(budget // per_draw) // rows * rows)
+    fit = own
+    if pool.shards > 1:
+        fit = int(pool.across(torch.tensor([[own]], device=pool.device)).min())
     if fit < rows:
+        short = f"the {budget / 2**30:.3g} GiB" if own < rows else "what one of the processes has"
         raise UserError(
-            f"the gram estimator needs {rows * per_draw / 2**30:.3g} GiB for the products of "
-            f"{rows} draws with this process's {pool.n_held} points, more than "
-            f"{budget / 2**30:.3g} GiB ({PRODUCT_SHARE:g} of the memory available): use more "
-            "processes (torchrun) or another estimator"
+            f"the gram estimator needs {rows * per_draw / 2**30:.3g} GiB per process for the "
+            f"products of {rows} draws with {pool.n_held} points, more than {short} "
+            f"({PRODUCT_SHARE:g} of the memory available): use more processes (torchrun) or "
+            "another estimator"
         )
     return fit
 
