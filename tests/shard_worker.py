@@ -51,6 +51,17 @@ SCENARIOS = {
     "adaptive": ["--target-rse", "0.003", "--outer", "1024", "--max-outer", "6144"],
 }
 
+#: gram on digits (1,797 points, D = 64), 6 σ, M = N: in memory and streamed (chunks of 29 rows:
+#: a block of the draws' SAMPLE_BLOCK columns spans several), float64 and float32 (the test runs
+#: each in one process, in memory)
+GRAM = ["estimate", "--data", "digits", "--estimator", "gram", "--sigmas", "0.2,0.5,1,2,5,20",
+        "--device", "cpu"]  # fmt: skip
+GRAM_SCENARIOS = {
+    "gram": ["--dtype", "float64"],
+    "gram-stream": ["--dtype", "float64", "--stream", "--chunk-mb", "0.05"],
+    "gram-float32": ["--dtype", "float32"],
+}
+
 #: Rows per block of the streamed statistics pass here (5 blocks of the 300 points).
 STATS_ROWS = 64
 
@@ -81,6 +92,32 @@ def streamed_reads(points: Path) -> dict:
     return {"reads": items.reads, "takes": items.takes}
 
 
+def redo_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(points, sources, noise, σ) where gram redoes a row relative to its largest logit
+    (tests/test_gram.py's case): two points ~e^450 more probable than the source at σ = 0.1;
+    on 2 processes the source (point 0) is rank 0's, the two others rank 1's."""
+    points = torch.zeros(3, 4, dtype=torch.float64)
+    points[1, 0], points[2, 0], points[2, 1] = 3.0, 3.0, 1.0
+    x_t = points[1] + torch.tensor([0.0, 0.45, 0.0, 0.0], dtype=torch.float64)
+    noise = torch.stack([(x_t - points[0]) / 0.1, torch.ones(4, dtype=torch.float64)])
+    return points, torch.tensor([0, 2]), noise, 0.1
+
+
+def gram_pieces(group) -> dict:
+    """gram's per-draw values and μ̂ (``posterior_mean``) of ``redo_case`` on this process's
+    shard (the redone row's largest logit and the draws across the processes)."""
+    from lossfloor.optimal.gram import Gram
+    from lossfloor.optimal.shard import ShardedPool
+
+    points, sources, noise, sigma = redo_case()
+    pool = ShardedPool.from_shard(points, torch.float64, "cpu", group)
+    est = Gram(inner=64)
+    got = est(pool, sources, noise, sigma, torch.Generator().manual_seed(1))
+    q = pool.rows(sources)[0] + sigma * noise
+    mu = est.posterior_mean(pool, q, sources, sigma, torch.Generator().manual_seed(2))
+    return {"closed": got.closed.tolist(), "direct": got.direct.tolist(), "mu": mu.tolist()}
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     chunked.STATS_ROWS = STATS_ROWS
@@ -102,7 +139,9 @@ def main(out: Path) -> None:
         results["resumed"]["partial_left"] = Path(f"{resumed}.partial").exists()
         other = estimate(out / "points.npy", 300 if group.rank == 0 else 299)  # other data on 1
         results["data"] = cli([*other, "--quiet"])
-        results["gram"] = cli([*base, "--quiet", "--estimator", "gram"])
+        for name, options in GRAM_SCENARIOS.items():
+            results[name] = cli([*GRAM, "--quiet", *options, "--out", str(out / f"{name}.json")])
+        results["gram-pieces"] = gram_pieces(group)
         results["reads"] = streamed_reads(out / "points.npy")
         summary = open_chunked(str(out / "points.npy")).summarise(group)
         results["fingerprints"] = [summary.sha256, summary.tensor_sha256]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_worker import SCENARIOS, STATS_ROWS, estimate
+from shard_worker import GRAM, GRAM_SCENARIOS, SCENARIOS, STATS_ROWS, estimate, redo_case
 from tolerances import assert_same_point, pool_of, rounding_bound
 from torchrun import run_workers
 
@@ -120,15 +120,58 @@ def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
     assert "the 2 processes hold different data (rank 0: sha256" in errors[0]["stderr"]
 
 
-def test_what_does_not_shard_is_refused_on_every_rank(launch):
-    _, results = launch
+@pytest.mark.parametrize("scenario", list(GRAM_SCENARIOS))
+def test_gram_on_two_processes_gives_the_numbers_of_one_process_in_memory(
+    launch, scenario, tmp_path
+):
+    """gram (the σ grid in one sweep) on 2 processes, in memory and streamed, against one
+    in-memory process. The draws of the rest are one process's up to the rounding of the
+    cumulative weights at a column's edge (``gram._shard_split``): in float64 ~N·1e-16 per
+    draw (1,797 × 32 draws per σ: none expected), so every number agrees to rounding (1e-9
+    relative: the float64 sums of ~1e4 terms, added in another order, differ by ~1e-12); in
+    float32 ~N·1e-7 per draw, a few of the ~57,000 draws per σ take a neighbouring column —
+    another draw from the same weights — which moves J* by far less than its standard error."""
+    out, results = launch
     for rank in (0, 1):
-        assert results[rank]["gram"]["rc"] == 2
-        line = "the gram estimator does not run on 2 processes yet"
-        assert (
-            line in results[rank]["gram"]["stderr"]
-            and "Pool.dense" in results[rank]["gram"]["stderr"]
-        )
+        assert results[rank][scenario]["rc"] == 0, results[rank][scenario]["stderr"]
+    one = tmp_path / "one.json"
+    dtype = [o for o in GRAM_SCENARIOS[scenario] if o.startswith("float")]
+    argv = [*GRAM, "--quiet", "--dtype", *dtype, "--out", str(one)]
+    assert lossfloor.cli.main(argv) == 0
+    (opt2, pts2), (opt1, pts1) = _points(out / f"{scenario}.json"), _points(one)
+    assert opt2["estimator"] == opt1["estimator"]
+    assert opt2["estimator"]["name"] == "gram" and opt2["estimator"]["outer"] == 1797
+    for p2, p1 in zip(pts2, pts1, strict=True):
+        assert (p2["sigma"], p2["dtype"]) == (p1["sigma"], p1["dtype"])
+        for key, se in [("optimal_loss", "stderr"), ("closed", "closed_stderr"),
+                        ("direct", "direct_stderr")]:  # fmt: skip
+            if dtype == ["float64"]:
+                assert p2[key] == pytest.approx(p1[key], rel=1e-9, abs=1e-15), (key, p1, p2)
+                assert p2[se] == pytest.approx(p1[se], rel=1e-9, abs=1e-15), (se, p1, p2)
+            else:
+                assert abs(p2[key] - p1[key]) <= p1[se], (key, p1, p2)
+
+
+def test_gram_s_redone_rows_and_posterior_mean_on_two_processes_are_one_process_s(launch):
+    """A row whose other points are ~e^450 more probable than the source is redone relative
+    to its largest logit, the max over both processes (the source on rank 0, the two points on
+    rank 1); its draws and μ̂'s cross the processes: every value is one process's (float64,
+    the same draws: to rounding), and the same on both ranks."""
+    from lossfloor.optimal.gram import Gram
+
+    _, results = launch
+    assert results[0]["gram-pieces"] == results[1]["gram-pieces"]
+    points, sources, noise, sigma = redo_case()
+    pool = Pool.from_data(points, torch.float64, "cpu")
+    est = Gram(inner=64)
+    one = est(pool, sources, noise, sigma, torch.Generator().manual_seed(1))
+    q = pool.rows(sources)[0] + sigma * noise
+    mu = est.posterior_mean(pool, q, sources, sigma, torch.Generator().manual_seed(2))
+    two = results[0]["gram-pieces"]
+    assert 8.9 < 4 * float(one.direct[0]) < 9.1  # row 0 redone: μ near point 1, not midway
+    for got, want in [(two["closed"], one.closed), (two["direct"], one.direct), (two["mu"], mu)]:
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-12,
+                                   atol=1e-12)  # fmt: skip
 
 
 def test_each_streaming_process_reads_only_its_shard(launch):

@@ -340,12 +340,11 @@ def test_cli_records_gram(tmp_path, capsys):
     assert all(p["optimal_loss"] > 0 for p in rec["points"])
 
 
-def test_cli_refuses_gram_on_streamed_data_and_bad_sizes(tmp_path, capsys):
+def test_cli_refuses_bad_sizes_of_gram(tmp_path, capsys):
     path = tmp_path / "points.npy"
     np.save(path, np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
     base = ["estimate", "--data", str(path), "--sigmas", "1", "--quiet", "--estimator", "gram"]
     for extra, says in [
-        (["--stream"], "the gram estimator does not run on streamed data"),
         (["--inner", "1"], "≥ 2"),
         (["--near", "4"], "stratified only"),
     ]:
@@ -354,6 +353,133 @@ def test_cli_refuses_gram_on_streamed_data_and_bad_sizes(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
         assert not out.exists()
+
+
+# --- streamed and sharded ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_stream_gives_the_in_memory_numbers(tmp_path, capsys):
+    """digits, 6 σ, float64, read in chunks of 292 rows (the products per chunk, a block of
+    SAMPLE_BLOCK columns across two chunks): every number of each point the in-memory run's
+    to float64 rounding (the same draws of the rest but where a uniform falls within the
+    rounding of a column's cumulative edge, ~N·1e-16 per draw: ``gram`` module docstring)."""
+    argv = ["estimate", "--data", "digits", "--estimator", "gram", "--dtype", "float64",
+            "--sigmas", "0.2,0.5,1,2,5,20", "--quiet"]  # fmt: skip
+    curves = []
+    for extra, name in [([], "memory.json"), (["--stream", "--chunk-mb", "0.5"], "stream.json")]:
+        assert main([*argv, *extra, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        curves.append(json.loads((tmp_path / name).read_text()))
+    memory, streamed = curves
+    assert (
+        streamed["dataset"]["streamed"]
+        and memory["dataset"]["sha256"] == streamed["dataset"]["sha256"]
+    )
+    for m, s in zip(memory["points"], streamed["points"], strict=True):
+        for key in ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr"):
+            assert s[key] == pytest.approx(m[key], rel=1e-9, abs=1e-15), (key, m, s)
+
+
+def test_gram_streams_where_memory_is_short_and_gives_the_in_memory_numbers(tmp_path, capsys):
+    """The library's rule (``stream.must_stream``) applies to gram as to every estimator: an
+    estimate that would not fit in --memory-gb streams, says so, and (float64, the whole data
+    in one chunk) gives the in-memory numbers to rounding."""
+    path = tmp_path / "points.npy"
+    np.save(path, np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32))
+    base = ["estimate", "--data", str(path), "--sigmas", "1,3,9", "--estimator", "gram",
+            "--dtype", "float64", "--quiet"]  # fmt: skip
+    curves = []
+    for memory in ("0.00001", "1"):
+        out = tmp_path / f"{memory}.json"
+        assert main([*base, "--memory-gb", memory, "--out", str(out)]) == 0
+        assert ("streaming it" in capsys.readouterr().err) == (memory != "1")
+        curves.append(json.loads(out.read_text()))
+    assert curves[0]["dataset"]["streamed"] is True and "streamed" not in curves[1]["dataset"]
+    for s, m in zip(curves[0]["points"], curves[1]["points"], strict=True):
+        assert s["optimal_loss"] == pytest.approx(m["optimal_loss"], rel=1e-12)
+        assert s["direct"] == pytest.approx(m["direct"], rel=1e-12)
+
+
+@pytest.mark.numerics
+def test_streamed_products_in_chunks_smaller_than_a_block_give_the_in_memory_values(tmp_path):
+    """Chunks of 11 rows, each its own GEMM, against one GEMM in memory (float64, 700 points,
+    4 σ): the per-draw values to float64 rounding of the logits (their relative error ~1e-16
+    times the logits' size, ≤ ~1e3 at σ = 0.1), and an estimate of μ (``posterior_mean``)."""
+    from lossfloor.data.chunked import open_chunked
+    from lossfloor.distributed import Group
+    from lossfloor.optimal.stream import StreamedPool
+
+    x = load_dataset("digits").x[:700]
+    np.save(tmp_path / "points.npy", x.numpy())
+    memory = Pool.from_data(x, torch.float64, "cpu")
+    chunked = open_chunked(str(tmp_path / "points.npy"), chunk_mb=11 * 28 * 64 / 2**20)
+    chunked.summarise()
+    streamed = StreamedPool.from_stream(chunked, torch.float64, "cpu", Group())
+    assert streamed.chunk == 11
+    src, noise = draws_of(memory, 300, seed=4)
+    sigmas, est = [0.1, 0.5, 2.0, 10.0], Gram(inner=8)
+    runs = [
+        est.grid_values(
+            pool, src, noise, sigmas, [torch.Generator().manual_seed(i) for i in range(4)]
+        )
+        for pool in (memory, streamed)
+    ]
+    for m, s in zip(*runs, strict=True):
+        for form in ("closed", "direct"):
+            ref = getattr(m, form)
+            torch.testing.assert_close(
+                getattr(s, form), ref, rtol=1e-11, atol=1e-11 * float(ref.abs().max())
+            )
+    q = memory.rows(src)[0] + 0.5 * noise
+    mus = [
+        est.posterior_mean(p, q, src, 0.5, torch.Generator().manual_seed(1))
+        for p in (memory, streamed)
+    ]
+    torch.testing.assert_close(mus[1], mus[0], rtol=1e-11, atol=1e-11)
+
+
+def test_the_split_across_the_processes_of_one_is_split_bitwise(digits):
+    """``_shard_split`` (the draws across processes: a process by its mass, then a column) on
+    a sharded pool of one process, whose collectives return their input, is ``_split``: the
+    same source weight, mass and columns, bitwise, float32."""
+    from lossfloor.distributed import Group
+    from lossfloor.optimal.gram import _padded, _shard_split, _split, _weights
+    from lossfloor.optimal.shard import ShardedPool
+
+    pool = ShardedPool.from_shard(digits.x[:600], torch.float32, "cpu", Group())
+    src, noise = draws_of(pool, 16, seed=9)
+    prod, half_sq = pool.products(_padded(600) - 600)(pool.rows(src)[0] + 0.7 * noise)
+    logits = prod - half_sq
+    logits -= logits.amax(dim=1, keepdim=True)
+    w = _weights(logits, 0.7**-2, 600)
+    draws = 1.0 - torch.rand(16, 32, generator=torch.Generator().manual_seed(3))
+    one, many = _split(w.clone(), src, draws), _shard_split(w.clone(), src, draws, pool)
+    assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
+    assert len(set(one[2].flatten().tolist())) > 32  # the draws spread over the columns
+
+
+def test_products_that_do_not_fit_take_fewer_draws_or_are_refused(monkeypatch):
+    """The two products of GRAM_ROWS draws with N_k columns take 2·GRAM_ROWS·N_k·itemsize
+    bytes: fewer draws (a multiple of ``rows``) where that exceeds PRODUCT_SHARE of the memory
+    available, a one-line refusal naming the size where even ``rows`` draws' do not fit."""
+    import types
+
+    from lossfloor.errors import UserError
+    from lossfloor.optimal import gram, stream
+
+    big = types.SimpleNamespace(n_held=1_000_000, shards=1)  # products of 1,000,192 columns
+    per_draw = 2 * 1_000_192 * 4
+    assert (
+        gram._rows_per_product(types.SimpleNamespace(n_held=1797, shards=1), 4, 16)
+        == gram.GRAM_ROWS
+    )
+    monkeypatch.setattr(stream, "available_bytes", lambda: 2 * 100 * per_draw)
+    assert gram._rows_per_product(big, 4, 16) == 96  # 100 draws fit: 6 × 16
+    monkeypatch.setattr(stream, "available_bytes", lambda: 2 * 15 * per_draw)
+    says = r"needs 0\.119 GiB per process for the products of 16 draws with 1000000 points, "
+    with pytest.raises(UserError, match=says + r"more than the 0\.112 GiB") as exc:
+        gram._rows_per_product(big, 4, 16)
+    assert "\n" not in str(exc.value)
 
 
 # --- checkpoint ------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch
 
 from lossfloor.data.chunked import open_chunked
 from lossfloor.distributed import Group
-from lossfloor.errors import UserError
 from lossfloor.optimal.kernel import Adjust, accumulate_softmax
 from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.shard import ShardedPool
@@ -136,14 +135,20 @@ def test_each_pool_kind_accumulates_weighted_and_adjusted_keys_by_index(kinds, k
     torch.testing.assert_close(pool.merge(state).mean(), want, rtol=1e-12, atol=1e-12)
 
 
-def test_dense_products_are_those_with_every_point_and_refused_without_every_row(kinds):
-    pool = kinds["memory"]
+@pytest.mark.parametrize("kind", ["memory", "sharded", "streamed"])
+def test_each_pool_kind_gives_the_products_with_its_rows_and_the_bags_of_rows(kinds, kind):
+    """``products``: rows·Xᵀ and ½‖x‖² over the rows a process holds (here all N; the streamed
+    pool per chunk of ~7 rows), padded with products 0 and ½‖x‖² = +∞; ``bags``: each row of an
+    index's mean row and the norms, as ``mean_rows`` and ``norms`` give them."""
+    pool, ref = kinds[kind], kinds["memory"]
     q = torch.randn(3, D, dtype=torch.float64)
-    dense = pool.dense(pad=4)
-    assert dense.keys.shape == (N + 4, D)
-    want = q @ pool.x.T - 0.5 * (pool.x**2).sum(1)
-    torch.testing.assert_close(dense.logits(q)[:, :N], want, rtol=1e-12, atol=1e-12)
-    assert bool((dense.logits(q)[:, N:] == -torch.inf).all())
-    torch.testing.assert_close(kinds["sharded"].dense().logits(q), want, rtol=1e-12, atol=1e-12)
-    with pytest.raises(UserError, match=r"Pool\.dense .* StreamedPool does not hold"):
-        kinds["streamed"].dense()
+    assert pool.n_held == N
+    prod, half_sq = pool.products(pad=4)(q)
+    assert prod.shape == (3, N + 4) and half_sq.shape == (N + 4,)
+    torch.testing.assert_close(prod[:, :N], q @ ref.x.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(half_sq[:N], 0.5 * (ref.x**2).sum(1), rtol=1e-12, atol=1e-12)
+    assert bool((prod[:, N:] == 0).all()) and bool((half_sq[N:] == torch.inf).all())
+    idx = torch.tensor([[3, 0, 39, 3], [7, 7, 12, 20], [1, 2, 3, 4]])
+    mean, norms = pool.bags(idx)
+    torch.testing.assert_close(mean, ref.x[idx].mean(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norms, (ref.x[idx] ** 2).sum(-1), rtol=1e-12, atol=1e-12)

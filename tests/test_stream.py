@@ -279,7 +279,6 @@ def test_a_streamed_pool_holds_no_rows(points):
 def test_what_streaming_does_not_do_is_one_line(points, tmp_path, capsys):
     base = ["estimate", "--data", str(points), "--stream", "--sigmas", "1", "--quiet"]
     for extra, says in [
-        (["--estimator", "gram"], "the gram estimator does not run on streamed data"),
         (["--xflip"], "--xflip: not with --stream"),
         (["--chunk-mb", "0"], "chunk"),
     ]:

@@ -41,15 +41,14 @@ class Capabilities:
     """An estimator's declaration.
 
     - ``runs_on``: the places (PLACES) it runs on; ``why_not[place]`` says, for each other
-      place, why not (the ``Pool`` method the estimator needs that such a pool lacks:
-      ``lacks``).
+      place, why not (e.g. the ``Pool`` method the estimator needs that such a pool lacks).
     - ``draws`` / ``default_draws``: the outer draws it takes (plain, tilted) and ``auto``'s.
     - ``forms`` / ``default_form``: the forms of J* it reports (closed, direct, combined) and
       ``auto``'s.
     - ``options``: the parameters of ``make_estimator`` it takes (others are refused).
     - ``needs_neighbours``: it reads the pool's neighbour table (``neighbours_needed`` > 0).
     - ``sweeps_grid``: it computes a whole σ grid in one sweep (``grid_values``) where the
-      draws are plain, the pool is one in memory and the sizes are fixed.
+      draws are plain, the pool is one (not per class) and the sizes are fixed.
     - ``adapts_inner``: adaptive sizes (``target_rse``) also choose its ``inner`` (a ratio
       estimator's bias ∝ 1/L).
     - ``exact``: its per-draw values are those of the exact posterior, so a model's loss on
@@ -98,18 +97,6 @@ def having(declared: Mapping[str, Capabilities], test) -> list[str]:
     """The names of ``declared`` (name → Capabilities, in order) whose declaration passes
     ``test``."""
     return [name for name, caps in declared.items() if test(caps)]
-
-
-def lacks(method: str, what: str) -> dict[str, str]:
-    """``why_not`` of an estimator that needs the pool method ``method`` (e.g. "Pool.dense")
-    for ``what`` it does, which a sharded and a streamed pool refuse: only a pool in memory
-    holds every row in one process."""
-    return {
-        "sharded": f"{what}: it needs {method}, which a sharded pool lacks (it holds only this "
-        "process's rows)",
-        "streamed": f"{what}: it needs {method}, which a streamed pool lacks (it reads its rows "
-        "per chunk)",
-    }
 
 
 def resolve_option(param: str, value: str, estimator: Estimator, able: frozenset[str]) -> str:

@@ -28,20 +28,40 @@ per draw; the two products are computed once per block of draws for the whole gr
 (``grid_values``). A single σ (``__call__``: tilted draws, adaptive sizes, conditional
 pools) computes them for that σ alone, at about ``full``'s cost, and gives the same values
 bitwise.
+
+Sharded (K processes, ``shard.ShardedPool``): each process multiplies by its own rows (its
+columns of g and e) and computes its columns' weights relative to the source's logit, which is
+global (the source's column comes from the process that holds it); so each process's sums of its
+columns add exactly, and the rest's mass is Σ_k m_k. The draws invert the same cumulative
+weights, in the same global column order, with the same uniforms u as one process: a process k
+first, where u·Σ_k m_k falls among the K processes' masses (all-gathered), then a column within
+k's block totals (``_shard_split``); the picked rows' means and norms are all-reduced
+(``Pool.bags``). In exact arithmetic these are one process's draws; in floating point a uniform
+that falls within the rounding of a cumulative sum at a column's edge picks its neighbour (the
+sums run in another order): in float64 the chance per draw is ~N·10⁻¹⁶ and the numbers are one
+process's to rounding; in float32 ~N·10⁻⁷ (tens of the L·M draws of a σ at N = 10⁴), another
+draw from the same weights, which moves J* by far less than its standard error
+(docs/distributed.md: 3·10⁻³ of it on 10,000 Fashion-MNIST images).
+Streamed (``stream.StreamedPool``): the products read this process's rows in chunks; the rest's
+draws are read by index. Memory per block: the two products, 2·B·N_k·itemsize bytes for B =
+GRAM_ROWS draws and the N_k = N/K columns of this process (fewer draws per product where that
+exceeds PRODUCT_SHARE of the memory available: ``_rows_per_product``), plus one chunk when
+streamed; never N×D when streamed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from lossfloor.errors import ParameterError
-from lossfloor.optimal.capabilities import Capabilities, lacks
+from lossfloor.errors import ParameterError, UserError
+from lossfloor.optimal.capabilities import PLACES, Capabilities
 from lossfloor.optimal.estimators import ESTIMATORS, Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
 from lossfloor.optimal.pools import Pool
@@ -53,6 +73,10 @@ Tensor = torch.Tensor
 GRAM_ROWS = 256
 SAMPLE_BLOCK = 256
 HIGH_EXPONENT = 100.0
+#: The share of the memory available that the two products of a block of draws may take;
+#: products of up to SMALL_PRODUCTS bytes are made without asking.
+PRODUCT_SHARE = 0.5
+SMALL_PRODUCTS = 2**28
 
 
 def _weights(logits: Tensor, scale: float, n: int) -> Tensor:
@@ -77,13 +101,12 @@ class Gram(Estimator):
 
     name: ClassVar[str] = "gram"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        runs_on=frozenset({"memory"}),
+        runs_on=frozenset(PLACES),
         default_draws="plain",
         default_form="combined",
         options=frozenset({"inner"}),
         sweeps_grid=True,
         why_not={
-            **lacks("Pool.dense", "it multiplies each query by every point at once"),
             "gaussian": "its two σ-free Gram products give the point logits of every σ; a "
             "component's logits weigh x by 1/(s² + σ²) per element, so they change with σ",
         },
@@ -104,17 +127,20 @@ class Gram(Estimator):
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
     ):
         """μ̂ = w_s·x_s + m_R·(the mean of the L draws from R): unbiased for μ."""
-        width = _padded(pool.n)
-        dense = pool.dense()
+        n = pool.n_held
+        width = _padded(n)
+        products = pool.products()
+        shared = pool if pool.shards > 1 else None
         out = []
         for lo in range(0, queries.shape[0], self.rows):
             q = queries[lo : lo + self.rows]
-            logits = F.pad(dense.logits(q), (0, width - pool.n), value=-math.inf)
-            logits.sub_(logits.amax(dim=1, keepdim=True))
+            prod, half_sq = products(q)
+            logits = F.pad(prod - half_sq, (0, width - n), value=-math.inf)
+            logits.sub_(_row_max(logits, shared))
             draws = 1.0 - torch.rand(q.shape[0], self.inner, generator=generator)
             src = sources[lo : lo + self.rows]
-            w = _weights(logits, 1.0 / (sigma * sigma), pool.n)
-            own, rest, pick = _split(w, src, draws.to(q.device, w.dtype))
+            w = _weights(logits, 1.0 / (sigma * sigma), n)
+            own, rest, pick = _splitter(shared)(w, src, draws.to(q.device, w.dtype))
             mean = pool.mean_rows(pick)
             x_s = pool.rows(src)[0]
             out.append((own[:, None] * x_s + rest[:, None] * mean) / (own + rest)[:, None])
@@ -134,18 +160,22 @@ class Gram(Estimator):
         generators: Sequence[torch.Generator],
     ) -> list[PerSample]:
         """Per-sample values at each σ of ``sigmas`` for x_t = x0[sources] + σ·noise, from one
-        pair of Gram products per GRAM_ROWS draws; ``generators[i]`` draws σ_i's samples."""
+        pair of Gram products per GRAM_ROWS draws (``_rows_per_product``); ``generators[i]``
+        draws σ_i's samples. On a sharded pool every process returns the same values."""
         b = noise.shape[0]
         draws = torch.stack([1.0 - torch.rand(b, self.inner, generator=g) for g in generators]).to(
             noise.device, noise.dtype
         )  # S×B×L
         closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
         direct = torch.empty_like(closed)
-        dense = pool.dense(_padded(pool.n) - pool.n)  # padding: products 0, logits −∞
-        for lo in range(0, b, GRAM_ROWS):
-            x0, sq0 = pool.rows(sources[lo : lo + GRAM_ROWS])
-            both = dense.products(torch.cat([x0, noise[lo : lo + GRAM_ROWS]]))  # g and e: one GEMM
-            a_all, e_all = both[: x0.shape[0]].sub_(dense.half_sq), both[x0.shape[0] :]
+        n = pool.n_held  # this process's columns
+        products = pool.products(_padded(n) - n)  # padding: products 0, logits −∞
+        shared = pool if pool.shards > 1 else None
+        step = _rows_per_product(pool, noise.element_size(), self.rows)
+        for lo in range(0, b, step):
+            x0, sq0 = pool.rows(sources[lo : lo + step])
+            both, half_sq = products(torch.cat([x0, noise[lo : lo + step]]))  # g and e: one GEMM
+            a_all, e_all = both[: x0.shape[0]].sub_(half_sq), both[x0.shape[0] :]
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # the per-σ passes: small ops, faster in one thread
             try:
@@ -153,11 +183,11 @@ class Gram(Estimator):
                     at = slice(lo + s0, lo + s0 + self.rows)
                     src = sources[at]
                     a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                    at_src = torch.arange(a.shape[0], device=a.device), src
-                    a, e = a - a[at_src][:, None], e - e[at_src][:, None]  # l_n − l_s = a_n + σ·e_n
+                    a_s, e_s = _at_sources(a, e, src, shared)
+                    a, e = a - a_s, e - e_s  # l_n − l_s = a_n + σ·e_n
                     buf = torch.empty_like(a)
                     parts = [
-                        _source_split(a, e, sigma, pool.n, src, draws[i, at], buf)
+                        _source_split(a, e, sigma, n, src, draws[i, at], buf, shared)
                         for i, sigma in enumerate(sigmas)
                     ]
                     own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
@@ -179,9 +209,9 @@ class Gram(Estimator):
         total = (own + rest).double()
         w_s, m = own.double() / total, rest.double() / total
         big = pick.shape[-1]
-        x_bar = pool.mean_rows(pick.reshape(-1, big))
+        x_bar, x_norms = pool.bags(pick.reshape(-1, big))
         x_bar = x_bar.double().view(*pick.shape[:2], -1)  # S×B×D
-        x_sq = pool.norms(pick).double().sum(dim=-1)  # Σ_j ‖x_j‖²
+        x_sq = x_norms.view(pick.shape).double().sum(dim=-1)  # Σ_j ‖x_j‖²
         sq0 = sq0.double()
         x0_bar = (x_bar * x0.double()).sum(dim=-1)
         bar_sq = x_bar.pow(2).sum(dim=-1)
@@ -194,45 +224,145 @@ class Gram(Estimator):
 
 
 def _source_split(
-    a: Tensor, e: Tensor, sigma: float, n: int, src: Tensor, draws: Tensor, buf: Tensor
+    a: Tensor,
+    e: Tensor,
+    sigma: float,
+    n: int,
+    src: Tensor,
+    draws: Tensor,
+    buf: Tensor,
+    shared: Pool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``_split`` of the weights at σ from the logits relative to the source's, (a + σ·e)/σ²
     (written into ``buf``); rows where some weight reached 2^HIGH_EXPONENT (a point far more
-    probable than the source) are redone relative to their largest logit."""
-    own, rest, pick = _split(
+    probable than the source) are redone relative to their largest logit. ``shared``: the
+    sharded pool whose processes hold the other columns (``_shard_split``)."""
+    split = _splitter(shared)
+    own, rest, pick = split(
         _weights(torch.add(a, e, alpha=sigma, out=buf), sigma**-2, n), src, draws
     )
-    redo = torch.nonzero(rest >= 2.0**HIGH_EXPONENT).flatten()
+    redo = torch.nonzero(rest >= 2.0**HIGH_EXPONENT).flatten()  # rest is global: the same rows
     if redo.numel():
         logits = torch.add(a[redo], e[redo], alpha=sigma)
-        logits.sub_(logits.amax(dim=1, keepdim=True))
-        parts = _split(_weights(logits, sigma**-2, n), src[redo], draws[redo])
+        logits.sub_(_row_max(logits, shared))
+        parts = split(_weights(logits, sigma**-2, n), src[redo], draws[redo])
         for whole, part in zip((own, rest, pick), parts, strict=True):
             whole[redo] = part
     return own, rest, pick
 
 
 def _padded(n: int) -> int:
-    """N rounded up to whole blocks of SAMPLE_BLOCK columns (the two-level draws)."""
-    return -(-n // SAMPLE_BLOCK) * SAMPLE_BLOCK
+    """N rounded up to whole blocks of SAMPLE_BLOCK columns (the two-level draws); one block
+    at least (a process that holds no row: its columns weigh 0)."""
+    return max(1, -(-n // SAMPLE_BLOCK)) * SAMPLE_BLOCK
+
+
+def _rows_per_product(pool: Pool, itemsize: int, rows: int) -> int:
+    """Draws per pair of products: GRAM_ROWS, or the most (a multiple of ``rows``) whose two
+    products with this process's columns, 2·draws·columns·itemsize bytes, take at most
+    PRODUCT_SHARE of the memory available to this process (on K processes the least of
+    theirs: the blocks, and their collectives, must agree); a UserError where ``rows`` draws'
+    do not fit."""
+    from lossfloor.optimal.stream import available_bytes
+
+    per_draw = 2 * _padded(pool.n_held) * itemsize
+    own, budget = GRAM_ROWS, 0.0
+    if GRAM_ROWS * per_draw > SMALL_PRODUCTS:
+        budget = PRODUCT_SHARE * available_bytes() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        own = min(GRAM_ROWS, int(budget // per_draw) // rows * rows)
+    fit = own
+    if pool.shards > 1:
+        fit = int(pool.across(torch.tensor([[own]], device=pool.device)).min())
+    if fit < rows:
+        short = f"the {budget / 2**30:.3g} GiB" if own < rows else "what one of the processes has"
+        raise UserError(
+            f"the gram estimator needs {rows * per_draw / 2**30:.3g} GiB per process for the "
+            f"products of {rows} draws with {pool.n_held} points, more than {short} "
+            f"({PRODUCT_SHARE:g} of the memory available): use more processes (torchrun) or "
+            "another estimator"
+        )
+    return fit
+
+
+def _at_sources(a: Tensor, e: Tensor, src: Tensor, shared: Pool | None) -> tuple[Tensor, Tensor]:
+    """The source's columns a_s, e_s of each row (B×1 each): from this process's columns, or,
+    on a sharded pool, from the process that holds the source (all-gathered, 0 from the
+    others: their sum is exact)."""
+    at = torch.arange(a.shape[0], device=a.device)
+    if shared is None:
+        return a[at, src][:, None], e[at, src][:, None]
+    local = src - shared.first
+    held = (local >= 0) & (local < shared.n_held)
+    col = local.clamp(0, max(shared.n_held - 1, 0))
+    mine = torch.stack([a[at, col], e[at, col]], dim=1) * held[:, None]
+    both = shared.across(mine).view(a.shape[0], -1, 2).sum(dim=1)
+    return both[:, :1], both[:, 1:]
+
+
+def _row_max(logits: Tensor, shared: Pool | None) -> Tensor:
+    """Each row's largest logit (B×1), over every process's columns on a sharded pool."""
+    top = logits.amax(dim=1, keepdim=True)
+    return top if shared is None else shared.across(top).amax(dim=1, keepdim=True)
+
+
+def _splitter(shared: Pool | None) -> Callable[[Tensor, Tensor, Tensor], tuple]:
+    """``_split``, or ``_shard_split`` across the processes of the sharded pool ``shared``."""
+    if shared is None:
+        return _split
+    return lambda w, src, draws: _shard_split(w, src, draws, shared)
 
 
 def _split(w: Tensor, src: Tensor, draws: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(the source's weight, the rest's total, L draws from the rest ∝ weight) per row of the
     unnormalised weights ``w`` (B×width, ``_weights``; the source entries are set to 0 in
     place). The draws invert the cumulative weights in two levels: a block of SAMPLE_BLOCK
-    columns from the block totals, then a column within it; ``draws`` ∈ (0, 1], so a column
-    of weight 0 is never drawn (where a row's rest is 0 its draws are column 0, weighted 0)."""
+    columns from the block totals, then a column within it (``_pick``); ``draws`` ∈ (0, 1], so
+    a column of weight 0 is never drawn (where a row's rest is 0 its draws are column 0,
+    weighted 0)."""
     rows = w.shape[0]
     at = torch.arange(rows, device=w.device)
     own = w[at, src]
     w[at, src] = 0.0
     blocks = w.view(rows, -1, SAMPLE_BLOCK)
     cum = torch.cumsum(blocks.sum(dim=2), dim=1)
-    target = draws * cum[:, -1:]
+    return own, cum[:, -1], _pick(blocks, cum, draws * cum[:, -1:])
+
+
+def _pick(blocks: Tensor, cum: Tensor, target: Tensor) -> Tensor:
+    """The column (B×L) where each row's cumulative weight first reaches ``target`` (B×L),
+    from the weights in blocks (B×blocks×SAMPLE_BLOCK) and their cumulative block totals
+    ``cum`` (B×blocks): the block, then the column within it."""
+    at = torch.arange(blocks.shape[0], device=blocks.device)
     block = torch.searchsorted(cum, target).clamp_(max=cum.shape[1] - 1)
     before = torch.where(block > 0, cum.gather(1, (block - 1).clamp_(min=0)), 0.0)
     inner = torch.cumsum(blocks[at[:, None], block], dim=2)  # B×L×SAMPLE_BLOCK
     left = torch.minimum(target - before, inner[..., -1]).clamp_(min=0.0)
     col = torch.searchsorted(inner, left[..., None]).clamp_(max=SAMPLE_BLOCK - 1)[..., 0]
-    return own, cum[:, -1], block * SAMPLE_BLOCK + col
+    return block * SAMPLE_BLOCK + col
+
+
+def _shard_split(
+    w: Tensor, src: Tensor, draws: Tensor, shared: Pool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_split`` across the K processes of a sharded pool, each with the weights ``w`` of its
+    own columns relative to the same global reference: the source's weight from the process
+    that holds it, the rest's total Σ_k m_k of the processes' masses (one all-gather of
+    [w_s | m_k]), and the draws' targets u·Σ_k m_k located first among the processes (their
+    cumulative masses, the same on every process), then among the owner's columns (``_pick``);
+    the global columns all-gathered from their owners. Every process returns the same."""
+    rows = w.shape[0]
+    at = torch.arange(rows, device=w.device)
+    local = src - shared.first
+    held = (local >= 0) & (local < shared.n_held)
+    own = torch.where(held, w[at, local.clamp(0, w.shape[1] - 1)], 0.0)
+    w[at[held], local[held]] = 0.0
+    blocks = w.view(rows, -1, SAMPLE_BLOCK)
+    cum = torch.cumsum(blocks.sum(dim=2), dim=1)
+    both = shared.across(torch.stack([own, cum[:, -1]], dim=1)).view(rows, -1, 2)
+    own, through = both[..., 0].sum(dim=1), torch.cumsum(both[..., 1], dim=1)  # B, B×K
+    target = draws * through[:, -1:]
+    owner = torch.searchsorted(through, target).clamp_(max=through.shape[1] - 1)
+    before = torch.where(owner > 0, through.gather(1, (owner - 1).clamp_(min=0)), 0.0)
+    mine = _pick(blocks, cum, target - before) + shared.first  # B×L, where this process owns
+    picks = shared.across(mine).view(rows, -1, draws.shape[1])  # B×K×L
+    return own, through[:, -1], picks.gather(1, owner[:, None, :])[:, 0]

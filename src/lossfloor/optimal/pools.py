@@ -5,14 +5,14 @@ kinds (this module, ``shard.py``, ``stream.py``, ``mixture.py``) reads a pool's 
 
 ``Pool`` holds every row in memory; ``shard.ShardedPool`` holds this process's rows and
 implements each method with collectives; ``stream.StreamedPool`` reads rows per chunk. A method
-a pool kind cannot implement within its memory raises a ``UserError`` naming it (``dense``: every
-row in one process), and the estimators that need it declare so (``Capabilities.why_not``).
+a pool kind cannot implement within its memory raises a ``UserError`` naming it, and the
+estimators that need it declare so (``Capabilities.why_not``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,20 +33,17 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Dense:
-    """Every row of a pool at once, for products with all of them: X (N×D, padded with zero
-    rows) and ½‖x‖² (N, padded with +∞: a padded key's logit is −∞)."""
+class Products:
+    """Products with every row X this process holds (``Pool.products``): ``keys`` X (padded
+    with zero rows) and ``half_sq`` ½‖x‖² (padded with +∞: a padded key's logit is −∞)."""
 
     keys: Tensor
     half_sq: Tensor
 
-    def products(self, rows: Tensor) -> Tensor:
-        """rows·Xᵀ (B×N, padding included): one GEMM."""
-        return rows @ self.keys.T
-
-    def logits(self, queries: Tensor) -> Tensor:
-        """q·x_n − ½‖x_n‖² for every query and point (B×N): the kernel's logits times σ²."""
-        return self.products(queries) - self.half_sq
+    def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows·Xᵀ (B×columns, padding included: one GEMM), ½‖x‖² per column): the kernel's
+        logits times σ² are rows·x_n − ½‖x_n‖²."""
+        return rows @ self.keys.T, self.half_sq
 
 
 @dataclass
@@ -160,12 +157,24 @@ class Pool:
         """The mean of the rows of each row of pool indices ``idx`` (B×L → B×D)."""
         return F.embedding_bag(idx, self.x, mode="mean")
 
-    def dense(self, pad: int = 0) -> Dense:
-        """Every row, ``pad`` zero rows after them, for products with all of them (``Dense``)."""
+    @property
+    def n_held(self) -> int:
+        """The number of rows this process holds (the columns of ``products``)."""
+        return self.n
+
+    def products(self, pad: int = 0) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """Products with every row this process holds, ``pad`` zero rows after them
+        (``Products``): in memory one GEMM per call; a streamed pool reads its rows per chunk."""
         if pad == 0:
-            return Dense(keys=self.x, half_sq=0.5 * self.sq)
+            return Products(keys=self.x, half_sq=0.5 * self.sq)
         keys = F.pad(self.x, (0, 0, 0, pad))  # zero rows: their products are 0
-        return Dense(keys=keys, half_sq=F.pad(0.5 * self.sq, (0, pad), value=math.inf))
+        return Products(keys=keys, half_sq=F.pad(0.5 * self.sq, (0, pad), value=math.inf))
+
+    def bags(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(the mean of the rows of each row of pool indices ``idx``, their norms ‖x_n − x̄‖²)
+        (B×L → B×D, B×L): ``mean_rows`` and ``norms`` at once (one read of the rows where
+        they are read by index)."""
+        return self.mean_rows(idx), self.norms(idx)
 
     def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(the kernel's keys, their pool indices, their positions in ``idx``; None: all, in

@@ -22,13 +22,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal.capabilities import having, listed
 from lossfloor.optimal.estimators import Estimator, declared
 from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
-from lossfloor.optimal.pools import Dense, Pool
+from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor
 
@@ -113,19 +114,36 @@ class ShardedPool(Pool):
         self.group.sum(out)
         return out.reshape(idx.shape)
 
-    def mean_rows(self, idx: Tensor) -> Tensor:
-        """The mean of the gathered rows (``rows``) of each row of ``idx`` (B×L → B×D)."""
-        return self.rows(idx)[0].mean(dim=1)
+    @property
+    def n_held(self) -> int:
+        return int(self.x.shape[0])
 
-    def dense(self, pad: int = 0) -> Dense:
-        """Refused unless this process holds every row: products with every point need them
-        all in one process's memory (N×D), which a sharded (or streamed) pool does not hold."""
-        if self.whole() is None:
-            raise UserError(
-                "Pool.dense (products with every point) needs every row in one process's "
-                f"memory, which a {type(self).__name__} does not hold"
-            )
-        return super().dense(pad)
+    def mean_rows(self, idx: Tensor) -> Tensor:
+        """The mean of the rows of each row of ``idx`` (B×L → B×D): ``bags``."""
+        return self.bags(idx)[0]
+
+    def bags(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(the mean of the rows of each row of ``idx``, their norms) (B×L → B×D, B×L): each
+        process sums the rows it holds per row of ``idx`` and takes their norms (0 for the
+        others), one all-reduce sum of B×(D + L), then the sums over L."""
+        b, size = idx.shape
+        flat = idx.reshape(-1)
+        at = torch.nonzero(self._held(flat)).flatten()
+        d = self.dim
+        out = torch.zeros(b, d + size, dtype=self.x.dtype, device=self.x.device)
+        norms = torch.zeros(b * size, dtype=self.x.dtype, device=self.x.device)
+        self._bag_sums(flat[at] - self.start, at // size, out[:, :d], norms, at)
+        out[:, d:] = norms.view(b, size)
+        self.group.sum(out)
+        return out[:, :d] / size, out[:, d:]
+
+    def _bag_sums(
+        self, local: Tensor, bag: Tensor, sums: Tensor, norms: Tensor, at: Tensor
+    ) -> None:
+        """Add this process's rows ``local`` (its row numbers, ordered by ``bag``: the row of
+        ``sums`` each adds to) to ``sums``; their norms to positions ``at`` of ``norms``."""
+        sums += F.embedding_bag(local, self.x, bag_offsets(bag, sums.shape[0]), mode="sum")
+        norms[at] = self.sq[local]
 
     def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         mask = self._held(idx)
@@ -143,6 +161,13 @@ class ShardedPool(Pool):
 
     def across(self, columns: Tensor) -> Tensor:
         return self.group.cat(columns, dim=1)
+
+
+def bag_offsets(bag: Tensor, bags: int) -> Tensor:
+    """The start of each of ``bags`` bags in a list of entries ordered by bag (``bag``: the bag
+    of each entry), as ``F.embedding_bag`` takes them (an empty bag sums to 0)."""
+    ends = torch.cumsum(torch.bincount(bag, minlength=bags), dim=0)
+    return torch.cat([ends.new_zeros(1), ends[:-1]])
 
 
 def check_sharded(

@@ -6,7 +6,9 @@ augments them (``kernel.augment``), and ``Pool.accumulate`` folds each chunk int
 softmax state (``accumulate_softmax(..., state=...)``). Rows asked for by index (the draws'
 sources and their neighbours, the random inner sets of snis/dol/cdol) are read by index.
 Memory: one chunk of keys (``chunk_mb``: its float32 rows, their float64 centred copy and the
-augmented keys) plus the kernel's tile and one outer block, never N×D.
+augmented keys) plus the kernel's tile and one outer block, never N×D. The ``gram`` estimator's
+products are filled per chunk (``ChunkProducts``: a block of draws times this process's N/K
+rows, O(B·N/K)) and the rows its draws pick are read by index (``bags``).
 
 A chunk holds a multiple of the kernel's tile (``keys_per_tile``) where ``chunk_mb`` allows
 one, so the tiles are those of the in-memory pool and, with the same x̄, the numbers are the
@@ -30,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.data.dataset import Dataset
 from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal.kernel import augment
-from lossfloor.optimal.shard import ShardedPool
+from lossfloor.optimal.shard import ShardedPool, bag_offsets
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -94,6 +97,34 @@ class StreamedPool(ShardedPool):
     def whole(self) -> Tensor | None:
         return None
 
+    @property
+    def n_held(self) -> int:
+        return self.stop - self.start
+
+    def products(self, pad: int = 0) -> ChunkProducts:
+        """Products with this process's rows read per chunk (``ChunkProducts``)."""
+        return ChunkProducts(pool=self, pad=pad)
+
+    def _read(self, idx: Tensor | None = None, lo: int = 0, hi: int = 0) -> tuple[Tensor, Tensor]:
+        """(x_n − x̄ in the pool's dtype, ‖x_n − x̄‖²) of the rows at ``idx``, else of rows
+        [lo, hi): centred in float64 and cast as ``Pool.from_data`` does."""
+        rows = self._data.rows(lo, hi) if idx is None else self._data.take(idx)
+        xc = self._centred(rows)
+        return xc.to(self.x.dtype), xc.pow(2).sum(dim=1).to(self.x.dtype)
+
+    def _bag_sums(
+        self, local: Tensor, bag: Tensor, sums: Tensor, norms: Tensor, at: Tensor
+    ) -> None:
+        """``ShardedPool._bag_sums`` of rows read by index: each distinct row once, ``chunk``
+        rows at a time."""
+        rows, inverse = torch.unique(local, return_inverse=True)
+        for lo in range(0, rows.numel(), self.chunk):
+            x, sq = self._read(rows[lo : lo + self.chunk] + self.start)
+            mine = torch.nonzero((inverse >= lo) & (inverse < lo + x.shape[0])).flatten()
+            part = inverse[mine] - lo
+            sums += F.embedding_bag(part, x, bag_offsets(bag[mine], sums.shape[0]), mode="sum")
+            norms[at[mine]] = sq[part]
+
     def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices (any shape): this process reads those it
         holds, one all-reduce sum on K > 1 processes."""
@@ -102,9 +133,7 @@ class StreamedPool(ShardedPool):
         out = torch.zeros(flat.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
         held = self._held(flat)
         if bool(held.any()):
-            xc = self._centred(self._data.take(flat[held]))
-            out[held, d] = xc.pow(2).sum(dim=1).to(self.x.dtype)
-            out[held, :d] = xc.to(self.x.dtype)
+            out[held, :d], out[held, d] = self._read(flat[held])
         self.group.sum(out)
         return out[:, :d].reshape(*idx.shape, d), out[:, d].reshape(idx.shape)
 
@@ -139,6 +168,27 @@ class StreamedPool(ShardedPool):
     def _data(self) -> ChunkedDataset:
         assert self.data is not None  # from_stream sets it
         return self.data
+
+
+@dataclass(frozen=True)
+class ChunkProducts:
+    """``pools.Products`` of a ``StreamedPool``: its rows read ``pool.chunk`` at a time, centred
+    and cast (``StreamedPool._read``); a call holds one chunk and the B×columns products."""
+
+    pool: StreamedPool
+    pad: int = 0
+
+    def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        pool = self.pool
+        width = pool.n_held + self.pad
+        out = rows.new_zeros(rows.shape[0], width)
+        half_sq = rows.new_full((width,), math.inf)
+        for lo in range(pool.start, pool.stop, pool.chunk):
+            hi = min(pool.stop, lo + pool.chunk)
+            x, sq = pool._read(lo=lo, hi=hi)
+            out[:, lo - pool.start : hi - pool.start] = rows @ x.T
+            half_sq[lo - pool.start : hi - pool.start] = 0.5 * sq
+        return out, half_sq
 
 
 #: Bytes per data element of an in-memory estimate on one process: the float32 items, the

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from lossfloor.data.chunked import ChunkedDataset
 from lossfloor.optimal.blocks import outer_blocks
 from lossfloor.optimal.curve import CurvePoint
 from lossfloor.optimal.estimators import PerSample
@@ -25,15 +24,13 @@ if TYPE_CHECKING:
 
 def sweeps(run: EstimateRun) -> bool:
     """Whether the whole grid is one sweep (``Gram.grid_values``): an estimator that sweeps
-    grids (``capabilities.sweeps_grid``: gram) on plain draws, one pool held in memory by one
-    process, fixed sizes; else it runs σ by σ like the others."""
+    grids (``capabilities.sweeps_grid``: gram) on plain draws, one pool (in memory, sharded or
+    streamed), fixed sizes; else it runs σ by σ like the others."""
     return (
         run.estimator.capabilities.sweeps_grid
         and run.draws == "plain"
         and run.adaptive is None
-        and run.group.world == 1
         and len(run.plan.groups) == 1
-        and not isinstance(run.plan.data, ChunkedDataset)
     )
 
 

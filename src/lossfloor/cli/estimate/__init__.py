@@ -92,8 +92,8 @@ def _add_estimator_option(p: argparse.ArgumentParser) -> None:
         "plain draws) | snis | "
         "dol | cdol "
         "(the paper's sub-sampled estimators, for comparison). Each runs on data in memory; "
-        "under torchrun and on streamed data: full, snis, dol, cdol and stratified (gram needs "
-        "every row in one process's memory). "
+        "under torchrun and on streamed data: full, snis, dol, cdol, stratified and gram (all "
+        "of them). "
         "What each can do (where it runs, draws, forms, options), read from the capabilities "
         "declared on its class: lossfloor estimators",
     )
@@ -216,7 +216,7 @@ def _add_resource_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="data larger than memory: read the items in chunks (.npy, image folder, "
         "EDM zip, named source), never all at once; under torchrun each process reads its "
-        "shard (full, snis, dol, cdol; docs/distributed.md)",
+        "shard (every estimator; docs/distributed.md)",
     )
     p.add_argument(
         "--chunk-mb",
