@@ -44,7 +44,7 @@ from lossfloor.errors import ParameterError
 from lossfloor.optimal.capabilities import Capabilities, lacks
 from lossfloor.optimal.estimators import ESTIMATORS, Estimator, PerSample
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
-from lossfloor.optimal.pools import Pool
+from lossfloor.optimal.pools import Dense, Pool
 
 Tensor = torch.Tensor
 
@@ -126,9 +126,14 @@ class Gram(Estimator):
         noise: Tensor,
         sigmas: Sequence[float],
         generators: Sequence[torch.Generator],
+        toward: Sequence[Tensor] | None = None,
     ) -> list[PerSample]:
         """Per-sample values at each σ of ``sigmas`` for x_t = x0[sources] + σ·noise, from one
-        pair of Gram products per GRAM_ROWS draws; ``generators[i]`` draws σ_i's samples."""
+        pair of Gram products per GRAM_ROWS draws; ``generators[i]`` draws σ_i's samples.
+        ``toward`` (tilted draws, ``draws.tilt_toward``): σ_i's noise is noise + (x_c − x_s)/2σ_i
+        with c = toward[i][b] (−1: none), so ε·Xᵀ = e + (x_c − x_s)·Xᵀ/2σ_i: the products of
+        the differences to the sources of the chosen neighbours, once per (c, s) for the grid
+        (``_tilt_products``)."""
         b = noise.shape[0]
         draws = torch.stack([1.0 - torch.rand(b, self.inner, generator=g) for g in generators]).to(
             noise.device, noise.dtype
@@ -150,8 +155,21 @@ class Gram(Estimator):
                     at_src = torch.arange(a.shape[0], device=a.device), src
                     a, e = a - a[at_src][:, None], e - e[at_src][:, None]  # l_n − l_s = a_n + σ·e_n
                     buf = torch.empty_like(a)
+                    shift = None
+                    if toward is not None:
+                        torch.set_num_threads(threads)  # its GEMM
+                        shift = _tilt_products(pool, dense, [t[at] for t in toward], src)
+                        torch.set_num_threads(1)
                     parts = [
-                        _source_split(a, e, sigma, pool.n, src, draws[i, at], buf)
+                        _source_split(
+                            a,
+                            e if shift is None else _tilted(e, *shift, i, sigma, at_src),
+                            sigma,
+                            pool.n,
+                            src,
+                            draws[i, at],
+                            buf,
+                        )  # fmt: skip
                         for i, sigma in enumerate(sigmas)
                     ]
                     own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
@@ -204,6 +222,35 @@ def _source_split(
         for whole, part in zip((own, rest, pick), parts, strict=True):
             whole[redo] = part
     return own, rest, pick
+
+
+def _tilt_products(
+    pool: Pool, dense: Dense, toward: Sequence[Tensor], src: Tensor
+) -> tuple[Tensor, Tensor]:
+    """((x_c − x_s)·Xᵀ for each distinct pair (c, s) that ``toward`` (per σ, per draw: c or
+    −1) names with the draws' sources ``src``: U×width; and each σ's and draw's row of it, −1
+    where the draw is plain: S×B). At most min(B·K, S·B) rows: the cheaper of the neighbours'
+    rows shared by the grid and each σ's chosen rows."""
+    chosen = torch.stack(list(toward))  # S×B
+    shifted = chosen >= 0
+    pair = chosen * pool.n + src[None, :]
+    distinct, where = torch.unique(pair[shifted], return_inverse=True)
+    row = torch.full_like(chosen, -1)
+    row[shifted] = where
+    diff = pool.rows(distinct // pool.n)[0] - pool.rows(distinct % pool.n)[0]
+    return dense.products(diff), row
+
+
+def _tilted(
+    e: Tensor, products: Tensor, row: Tensor, i: int, sigma: float, at_src: tuple[Tensor, Tensor]
+) -> Tensor:
+    """σ_i's tilted ε·Xᵀ relative to the source's column: e + (x_c − x_s)·Xᵀ/2σ on the shifted
+    draws (``_tilt_products``), minus its value at the source."""
+    shifted = torch.nonzero(row[i] >= 0).flatten()
+    if shifted.numel() == 0:
+        return e
+    out = e.index_add(0, shifted, products[row[i, shifted]], alpha=1.0 / (2.0 * sigma))
+    return out.sub_(out[at_src][:, None])
 
 
 def _padded(n: int) -> int:
