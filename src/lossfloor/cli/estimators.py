@@ -54,7 +54,7 @@ def _lines(name: str, d: dict[str, Any]) -> list[str]:
 
     flags = [
         ("exact", "exact per-draw values (a diagnosis pairs a model's loss with them)"),
-        ("sweeps_grid", "sweeps a whole σ grid at once (plain draws, data in memory)"),
+        ("sweeps_grid", "sweeps a whole σ grid at once (data in memory, one process)"),
         ("needs_neighbours", "reads the neighbour index of the sources"),
         ("adapts_inner", "--target-rse also sizes its --inner"),
     ]

@@ -25,9 +25,10 @@ few points share it (the rare draws that carry J* below σ*) the draws find them
 Cost per σ: four passes over B×N (the logits relative to the source's, their scale and clamp,
 exp2) and the block totals for the draws, instead of ``full``'s two GEMMs, plus L gathered rows
 per draw; the two products are computed once per block of draws for the whole grid
-(``grid_values``). A single σ (``__call__``: tilted draws, adaptive sizes, conditional
-pools) computes them for that σ alone, at about ``full``'s cost, and gives the same values
-bitwise.
+(``grid_values``; tilted draws add the products of the chosen neighbours' differences to the
+sources, once per pair for the grid). A single σ (``__call__``: where no sweep runs, e.g. on
+several processes) computes them for that σ alone, at about ``full``'s cost, and gives the
+same values bitwise.
 """
 
 from __future__ import annotations
