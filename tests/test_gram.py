@@ -320,7 +320,7 @@ def test_config_round_trip_and_checks():
         make_estimator("gram", 100, C=3.0)
     assert exc.value.param == "C"
     assert resolve_form("auto", Gram()) == "combined"
-    assert resolve_draws("auto", Gram()) == "plain"
+    assert resolve_draws("auto", Gram()) == "tilted"
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def test_cli_records_gram(tmp_path, capsys):
     rec = json.loads(out.read_text())
     est = rec["estimator"]
     assert (est["name"], est["inner"], est["rows"]) == ("gram", 32, 16)
-    assert est["draws"] == "plain" and est["form"] == "combined" and est["outer"] == 512
+    assert est["draws"] == "tilted" and est["form"] == "combined" and est["outer"] == 512
     assert [p["sigma"] for p in rec["points"]] == [0.5, 2.0]
     assert all(p["optimal_loss"] > 0 for p in rec["points"])
 

@@ -82,9 +82,9 @@ def block_noise(
 
 def resolve_draws(draws: Draws, estimator: Estimator) -> Literal["tilted", "plain"]:
     """``auto``: the estimator's ``capabilities.default_draws``: ``tilted`` for the exact and
-    near-exact ones (J* right below σ*), ``plain`` for the paper's sub-sampled ones (as the
-    paper ran them: their closed form A − ‖μ̂‖², weighted, gains variance from the weights where
-    it has no rare events to find) and for gram (its grid sweep takes plain draws); draws the
+    near-exact ones and gram (J* right below σ*; gram sweeps its grid on them too), ``plain``
+    for the paper's sub-sampled ones (as the paper ran them: their closed form A − ‖μ̂‖²,
+    weighted, gains variance from the weights where it has no rare events to find); draws the
     estimator does not take (``capabilities.draws``) are refused."""
     if draws not in DRAWS:
         raise ParameterError("draws", draws, f"expected one of {', '.join(DRAWS)}")

@@ -91,7 +91,7 @@ def estimate_curve(
     ``outer`` M defaults to N (every point once). ``draws``: ``tilted`` (importance-sampled
     noise toward each source's nearest neighbours, ``draws.tilted_noise``: right below σ*, where
     J* rests on rare draws), ``plain`` (ε ~ N(0, I), as in the paper) or ``auto`` (tilted for
-    full and stratified, plain for snis/dol/cdol: ``draws.resolve_draws``).
+    full, stratified and gram, plain for snis/dol/cdol: ``draws.resolve_draws``).
     ``process``/``target`` (lossfloor.diffusion) add each σ's process time t and the value in
     the target's units; ``schedule`` the total E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a
     file path), each finished σ is saved there and a rerun with the same data and options

@@ -79,7 +79,7 @@ class Gram(Estimator):
     name: ClassVar[str] = "gram"
     capabilities: ClassVar[Capabilities] = Capabilities(
         runs_on=frozenset({"memory"}),
-        default_draws="plain",
+        default_draws="tilted",
         default_form="combined",
         options=frozenset({"inner"}),
         sweeps_grid=True,
