@@ -247,10 +247,10 @@ def rare_sets() -> dict[str, tuple[torch.Tensor, list[float], list[float]]]:
 
 def rare(args) -> dict:
     out: dict = {"machine": machine(), "seeds": args.seeds, "first_seed": args.first_seed,
-                 "outer": args.outer, "sets": {}}  # fmt: skip
+                 "outer": args.outer, "estimator": args.estimator, "sets": {}}  # fmt: skip
     for name, (data, sigmas, exact) in rare_sets().items():
         exact = np.array(exact)
-        est = make_estimator("full", data.shape[0])
+        est = make_estimator(args.estimator, data.shape[0])
         var = float(((data - data.mean(0)) ** 2).sum(1).mean() / data.shape[1])
         res: dict = {"sigmas": sigmas, "exact": exact.tolist(), "data_variance": var}
         for draws in args.draws.split(","):
@@ -361,6 +361,7 @@ def main() -> int:
     r.add_argument("--outer", type=int, default=8000)
     r.add_argument("--first-seed", type=int, default=0)
     r.add_argument("--draws", default="tilted,plain")
+    r.add_argument("--estimator", default="full", help="full, or gram (its grid sweep)")
     r.add_argument("--out", default="docs/results/bench_neighbours_rare.json")
     g = sub.add_parser("grid")
     g.add_argument("--limit", type=int, default=None)

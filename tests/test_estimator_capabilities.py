@@ -204,5 +204,5 @@ def test_the_cli_help_names_each_estimator_and_the_declared_defaults(capsys):
     assert f"under torchrun and on streamed data: {listed(everywhere)} (" in text
     assert all("memory" in c.runs_on for c in declared().values())
     assert "read from the capabilities declared on its class: lossfloor estimators" in text
-    assert f"auto (tilted for {' and '.join(tilted)}, else plain)" in text
+    assert f"auto (tilted for {listed(tilted)}, else plain)" in text
     assert f"auto: combined for {', '.join(combined[:-1])} and {combined[-1]}, closed" in text

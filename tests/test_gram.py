@@ -320,7 +320,7 @@ def test_config_round_trip_and_checks():
         make_estimator("gram", 100, C=3.0)
     assert exc.value.param == "C"
     assert resolve_form("auto", Gram()) == "combined"
-    assert resolve_draws("auto", Gram()) == "plain"
+    assert resolve_draws("auto", Gram()) == "tilted"
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def test_cli_records_gram(tmp_path, capsys):
     rec = json.loads(out.read_text())
     est = rec["estimator"]
     assert (est["name"], est["inner"], est["rows"]) == ("gram", 32, 16)
-    assert est["draws"] == "plain" and est["form"] == "combined" and est["outer"] == 512
+    assert est["draws"] == "tilted" and est["form"] == "combined" and est["outer"] == 512
     assert [p["sigma"] for p in rec["points"]] == [0.5, 2.0]
     assert all(p["optimal_loss"] > 0 for p in rec["points"])
 
@@ -522,11 +522,88 @@ def test_checkpoint_is_removed_and_an_interrupted_sweep_resumes(digits, tmp_path
     assert without_seconds(resumed.to_json()) == without_seconds(ref.to_json())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("draws", ["plain", "tilted"])
+def test_a_sweep_interrupted_after_k_blocks_resumes_at_block_k_with_the_same_numbers(
+    digits, tmp_path, monkeypatch, draws
+):
+    """A conditional sweep of M = 3500 (four blocks, the last of 428 draws) interrupted after
+    two finished blocks: the checkpoint holds those two blocks' values of every σ (2·S·1024
+    float64 per form, and the likelihood ratios on tilted draws), the rerun starts at block 2
+    and its curve is the uninterrupted one bitwise; the checkpoint is removed at the end."""
+    x, sigmas = digits.x[:400], [0.3, 1.0, 4.0]
+    est = make_estimator("gram", 400, inner=8)
+    kw = dict(outer=3500, seed=3, progress=False, draws=draws, conditional=True,
+              labels=digits.labels[:400])  # fmt: skip
+    ref = estimate_curve(x, sigmas, est, **kw)
+    ckpt = tmp_path / "curve.partial"
+    real_add = sweep_module._Blocks.add
+
+    def interrupted(self, block, *a):
+        real_add(self, block, *a)
+        if block == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module._Blocks, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
+    done = json.loads(ckpt.read_text())["done"]
+    assert sorted(n.rsplit(" ", 1)[1] for n in done) == ["0", "1"]  # blocks, no points yet
+    forms = ("closed", "direct", "ratio") if draws == "tilted" else ("closed", "direct")
+    for unit in done.values():
+        assert unit["sigma"] == [0, 1, 2]
+        for form in forms:
+            assert [sweep_module._decode(v).numel() for v in unit[form]] == [1024] * 3
+    monkeypatch.setattr(sweep_module._Blocks, "add", real_add)
+    real, firsts = sweep_module.outer_blocks, []
+    monkeypatch.setattr(sweep_module, "outer_blocks",
+                        lambda *a, **k: firsts.append(k["first"]) or real(*a, **k))  # fmt: skip
+    resumed = estimate_curve(x, sigmas, est, checkpoint=ckpt, **kw)
+    assert firsts == [2]
+    assert not ckpt.exists()
+    assert without_seconds(resumed.to_json()) == without_seconds(ref.to_json())
+
+
+@pytest.mark.slow
+def test_the_cli_resumes_a_sweep_interrupted_with_sigint(tmp_path):
+    """``lossfloor estimate`` (gram, digits, 24 blocks) sent SIGINT once the checkpoint holds a
+    finished block: the rerun resumes from it and writes the uninterrupted run's numbers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return [sys.executable, "-m", "lossfloor", "estimate", "--data", "digits", "--estimator",
+                "gram", "--outer", "24000", "--sigmas", "0.3,1,4", "--seed", "4", "--quiet",
+                "--out", str(out)]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(command(tmp_path / "ref.json"), env=env, check=True)
+    out = tmp_path / "cut.json"
+    partial = tmp_path / "cut.json.partial"
+    proc = subprocess.Popen(command(out), env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and "block " in partial.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no block was saved"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and not out.exists() and partial.exists(), err
+    blocks = len(json.loads(partial.read_text())["done"])
+    assert 1 <= blocks < 24
+    subprocess.run(command(out), env=env, check=True)
+    ref, cut = (json.loads((tmp_path / n).read_text()) for n in ("ref.json", "cut.json"))
+    assert without_seconds(cut)["points"] == without_seconds(ref)["points"]
+    assert not partial.exists()
+
+
 # --- tilted draws ----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_tilted_draws_run_sigma_by_sigma_and_match_full(digits, monkeypatch):
+def test_tilted_draws_sweep_the_grid_and_match_full(digits, monkeypatch):
     sigmas = [0.4, 0.7, 1.0, 2.0, 5.0]
     kw = dict(outer=1797, seed=2, draws="tilted", progress=False)
     full = estimate_curve(digits.x, sigmas, make_estimator("full", 1797), **kw)
@@ -535,8 +612,66 @@ def test_tilted_draws_run_sigma_by_sigma_and_match_full(digits, monkeypatch):
     monkeypatch.setattr(estimate_module, "per_sample_values",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
     gram = estimate_curve(digits.x, sigmas, make_estimator("gram", 1797), **kw)
-    assert calls == sigmas and gram.draws == "tilted"
+    assert calls == [] and gram.draws == "tilted"
     assert _within(gram, full, 0.03, where=1e-2) >= 4
+    assert [p.upper_bound for p in gram.points] == [p.upper_bound for p in full.points]
+
+
+#: What a point's numbers are, for the sweep's comparisons with gram σ by σ.
+NUMBERS = ("optimal_loss", "stderr", "closed", "closed_stderr", "direct", "direct_stderr",
+           "combined_weight_closed", "ess", "closed_rounding", "upper_bound")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(conditional=True),
+        dict(outer=1024, target_rse=0.03, max_outer=8192),
+        dict(conditional=True, outer=1024, target_rse=0.05, max_outer=4096),
+        dict(draws="tilted", precision="float64"),
+        dict(draws="tilted", precision="float64", conditional=True),
+        dict(draws="tilted", precision="float64", outer=1024, target_rse=0.05, max_outer=4096),
+    ],
+    ids=[
+        "conditional",
+        "adaptive",
+        "conditional-adaptive",
+        "tilted",
+        "tilted-conditional",
+        "tilted-adaptive",
+    ],  # fmt: skip
+)
+def test_the_sweep_is_gram_sigma_by_sigma(digits, kw, monkeypatch):
+    """Conditional pools, adaptive sizes and tilted draws in the sweep (``sweep._grid_values``,
+    no ``per_sample_values``) give gram's numbers σ by σ: bitwise on plain draws; on tilted
+    ones the sweep sums ε·Xᵀ as z·Xᵀ + (x_c − x_s)·Xᵀ/2σ where σ by σ multiplies (z + δ)·Xᵀ,
+    so in float64 the values differ by rounding only: relative ~1e-16 × the logits' scale
+    (|l|σ² ≲ 1e3 here), far below the 1e-9 asserted (a wrong term would differ at O(1))."""
+    x, labels, sigmas = digits.x[:400], digits.labels[:400], [0.2, 0.7, 2.0, 8.0]
+    kw = dict(outer=1500, seed=5, progress=False, labels=labels) | kw
+    est = make_estimator("gram", 400, inner=8)
+    real = estimate_module.per_sample_values
+    calls = []
+    monkeypatch.setattr(estimate_module, "per_sample_values",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
+    sweep = estimate_curve(x, sigmas, est, **kw)
+    assert calls == []
+    monkeypatch.setattr(estimate_module, "sweeps", lambda *a: False)
+    by_sigma = estimate_curve(x, sigmas, est, **kw)
+    assert calls
+    if "target_rse" in kw:  # the sizes differ between σ: the sweep's extra draws per σ
+        assert len({p.outer for p in sweep.points}) > 1
+        assert [p.outer for p in sweep.points] == [p.outer for p in by_sigma.points]
+    if kw.get("draws") != "tilted":
+        assert without_seconds(sweep.to_json()) == without_seconds(by_sigma.to_json())
+        return
+    for a, b in zip(sweep.points, by_sigma.points, strict=True):
+        for name in NUMBERS:
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None) == (v is None), name
+            if u is not None:
+                assert u == pytest.approx(v, rel=1e-9, abs=1e-300), (a.sigma, name)
 
 
 def test_weights_relative_to_the_source_redo_rows_where_other_points_dominate() -> None:

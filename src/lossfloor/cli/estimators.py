@@ -56,7 +56,11 @@ def _lines(name: str, d: dict[str, Any]) -> list[str]:
 
     flags = [
         ("exact", "exact per-draw values (a diagnosis pairs a model's loss with them)"),
-        ("sweeps_grid", "sweeps a whole σ grid at once (plain draws, fixed sizes)"),
+        (
+            "sweeps_grid",
+            "sweeps a whole σ grid at once (one process in memory: any draws and "
+            "sizes; sharded or streamed: plain draws, fixed sizes)",
+        ),
         ("needs_neighbours", "reads the neighbour index of the sources"),
         ("adapts_inner", "--target-rse also sizes its --inner"),
     ]

@@ -99,9 +99,7 @@ def adaptive_values(
                 est = dataclasses.replace(ratio, inner=size)
                 first, dtype = run(est, pilot, dtype)
                 value, se = Moments.from_samples(first).pick(form)
-    need = outer_for(pilot, value, se, target)
-    blocks = math.ceil(need / OUTER_BLOCK) if math.isfinite(need) else plan.blocks
-    m = min(plan.outer, max(pilot, blocks * OUTER_BLOCK))
+    m = adaptive_outer(plan, pilot, value, se, target)
     if m > pilot:
         rest, wider_dtype = run(est, m, dtype, pilot // OUTER_BLOCK)
         if wider_dtype != dtype:  # the rest overflowed float32: all of it in float64
@@ -109,3 +107,11 @@ def adaptive_values(
         else:
             first = join_samples(first, rest)
     return first, dtype, (m, est)
+
+
+def adaptive_outer(plan: OuterPlan, pilot: int, value: float, se: float, target: float) -> int:
+    """Step 3 of ``adaptive_values``: M = M₀·(s₀/(target·J₀))² (``moments.outer_for``) from
+    the pilot's J₀ ± s₀, in whole blocks, within [pilot, the M of ``plan``]."""
+    need = outer_for(pilot, value, se, target)
+    blocks = math.ceil(need / OUTER_BLOCK) if math.isfinite(need) else plan.blocks
+    return min(plan.outer, max(pilot, blocks * OUTER_BLOCK))

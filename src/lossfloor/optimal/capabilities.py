@@ -47,8 +47,9 @@ class Capabilities:
       ``auto``'s.
     - ``options``: the parameters of ``make_estimator`` it takes (others are refused).
     - ``needs_neighbours``: it reads the pool's neighbour table (``neighbours_needed`` > 0).
-    - ``sweeps_grid``: it computes a whole σ grid in one sweep (``grid_values``) where the
-      draws are plain, the pool is one (not per class) and the sizes are fixed.
+    - ``sweeps_grid``: it computes a whole σ grid in one sweep (``grid_values``): in memory in
+      one process with any draws, pools and sizes; sharded or streamed on plain draws at fixed
+      sizes (``sweep.sweeps``).
     - ``adapts_inner``: adaptive sizes (``target_rse``) also choose its ``inner`` (a ratio
       estimator's bias ∝ 1/L).
     - ``exact``: its per-draw values are those of the exact posterior, so a model's loss on

@@ -67,6 +67,14 @@ class Checkpoint:
         if self.writes:
             write_json(self.path, {"key": self.key, "done": self.done})
 
+    def drop(self, names: list[str]) -> None:
+        """Forget units ``names`` and rewrite the file (if any of them was held)."""
+        held = [name for name in names if name in self.done]
+        for name in held:
+            del self.done[name]
+        if held and self.writes:
+            write_json(self.path, {"key": self.key, "done": self.done})
+
     def remove(self) -> None:
         """Delete the file (the run is complete; if this process writes)."""
         if self.writes:

@@ -82,9 +82,9 @@ def block_noise(
 
 def resolve_draws(draws: Draws, estimator: Estimator) -> Literal["tilted", "plain"]:
     """``auto``: the estimator's ``capabilities.default_draws``: ``tilted`` for the exact and
-    near-exact ones (J* right below σ*), ``plain`` for the paper's sub-sampled ones (as the
-    paper ran them: their closed form A − ‖μ̂‖², weighted, gains variance from the weights where
-    it has no rare events to find) and for gram (its grid sweep takes plain draws); draws the
+    near-exact ones and gram (J* right below σ*; gram sweeps its grid on them too), ``plain``
+    for the paper's sub-sampled ones (as the paper ran them: their closed form A − ‖μ̂‖²,
+    weighted, gains variance from the weights where it has no rare events to find); draws the
     estimator does not take (``capabilities.draws``) are refused."""
     if draws not in DRAWS:
         raise ParameterError("draws", draws, f"expected one of {', '.join(DRAWS)}")
@@ -145,6 +145,15 @@ def tilted_noise(
     At large σ, δ → 0 and w → 1: the draws become the plain ones. ``Moments`` adds the control
     variate w − 1 (``control_variate``): on the two-point set of docs/benchmarks.md it cuts the
     variance 1.9–10× at σ ≥ 0.8, where the shifted half of the draws no longer carries J*."""
+    sel, chosen, w = tilt_choice(tilt, sigma)
+    eps = plain.to(device=x.device, dtype=torch.float64).clone()
+    eps[sel] += (x[chosen].double() - x[sources[sel]].double()) / (2 * sigma)
+    return eps, w
+
+
+def tilt_choice(tilt: TiltBlock, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``tilted_noise``'s choice at σ: (the draws shifted, the neighbour c each is shifted
+    toward, as an index of ``tilt``'s table's rows, and every draw's likelihood ratio w)."""
     two_s = 2 * sigma
     k = tilt.neighbours.shape[1]
     half_sq = torch.diagonal(tilt.gram, dim1=1, dim2=2) / (2 * two_s * two_s)
@@ -157,11 +166,8 @@ def tilted_noise(
     dot = tilt.z_dot / two_s + tilted[:, None] * tilt.gram[rows, comp] / (two_s * two_s)
     log_mix = torch.logsumexp(dot - half_sq + log_beta, dim=1) + math.log(TILT_SHARE)
     log_q = torch.logaddexp(log_mix, torch.full_like(log_mix, math.log(1 - TILT_SHARE)))
-    eps = plain.to(device=x.device, dtype=torch.float64).clone()
     sel = torch.nonzero(tilted).flatten()
-    chosen = tilt.neighbours[sel, comp[sel]]
-    eps[sel] += (x[chosen].double() - x[sources[sel]].double()) / two_s
-    return eps, torch.exp(-log_q)
+    return sel, tilt.neighbours[sel, comp[sel]], torch.exp(-log_q)
 
 
 @dataclass
@@ -256,6 +262,40 @@ def tilt_group(
     indices, on the pool's device) lie in ``group``, from their plain draws: the noise
     ``per_sample_values`` uses (the pool needs its neighbour table); ``tilt_cache`` keeps the
     block's ``TiltBlock`` for the next σ."""
+    x, src_d, tilt = _tilt_block(plan, block, group, pool, sources, plain, tilt_cache)
+    return tilted_noise(tilt, plain, x, src_d, sigma)
+
+
+def tilt_toward(
+    plan: OuterPlan,
+    block: int,
+    group: int,
+    pool: Pool,
+    sources: Tensor,
+    plain: Tensor,
+    sigma: float,
+    tilt_cache: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``tilt_group``'s draws as (toward, w): ε = plain + (x_c − x_s)/2σ with c = toward[b]
+    (a pool index; −1 where the draw is plain), for a pool holding every row in memory (the
+    grid sweep: ``Gram.grid_values``)."""
+    _, _, tilt = _tilt_block(plan, block, group, pool, sources, plain, tilt_cache)
+    sel, chosen, w = tilt_choice(tilt, sigma)
+    toward = torch.full_like(sources, -1)
+    toward[sel] = chosen
+    return toward, w
+
+
+def _tilt_block(
+    plan: OuterPlan,
+    block: int,
+    group: int,
+    pool: Pool,
+    sources: Tensor,
+    plain: Tensor,
+    tilt_cache: dict | None,
+) -> tuple[Tensor, Tensor, TiltBlock]:
+    """(rows, sources, ``TiltBlock``) of ``tilt_group``'s draws (the block's from the cache)."""
     if pool.neighbours is None:
         raise UserError("tilted draws need the pools' neighbour tables")
     x, src_d, table = _tilt_rows(pool, pool.neighbours, sources)
@@ -265,7 +305,7 @@ def tilt_group(
         tilt = TiltBlock.build(plan.seed, block, plain, x, src_d, table)
         if tilt_cache is not None:
             tilt_cache[key] = tilt
-    return tilted_noise(tilt, plain, x, src_d, sigma)
+    return x, src_d, tilt
 
 
 def block_draws(

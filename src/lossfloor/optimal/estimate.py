@@ -49,7 +49,7 @@ from lossfloor.optimal.precision import (
 )
 from lossfloor.optimal.shard import check_sharded
 from lossfloor.optimal.stream import open_for_estimate
-from lossfloor.optimal.sweep import grid_points, sweeps
+from lossfloor.optimal.sweep import BLOCK_UNIT, grid_points, sweeps
 from lossfloor.progress import progress_bar
 from lossfloor.schedules import NoiseSchedule
 from lossfloor.sigmas import same_sigma
@@ -93,7 +93,7 @@ def estimate_curve(
     ``outer`` M defaults to N (every point once). ``draws``: ``tilted`` (importance-sampled
     noise toward each source's nearest neighbours, ``draws.tilted_noise``: right below σ*, where
     J* rests on rare draws), ``plain`` (ε ~ N(0, I), as in the paper) or ``auto`` (tilted for
-    full and stratified, plain for snis/dol/cdol: ``draws.resolve_draws``).
+    full, stratified and gram, plain for snis/dol/cdol: ``draws.resolve_draws``).
     ``process``/``target`` (lossfloor.diffusion) add each σ's process time t and the value in
     the target's units; ``schedule`` the total E_{σ~p}[w(σ)·J*(σ)]. With ``checkpoint`` (a
     file path), each finished σ is saved there and a rerun with the same data and options
@@ -273,7 +273,7 @@ def _estimate_points(run: EstimateRun, sigmas: Sequence[float]) -> list[CurvePoi
     (and added to it); on K > 1 processes, each on its shard of the data. Where the draws use a
     neighbour index that lists every point, each computed point also gets the bound J* ≤
     ``upper_bound`` (``_with_bound``; the index then holds at least BOUND_NEIGHBOURS, but for
-    streamed data; a grid in one sweep has plain draws, no index)."""
+    streamed data)."""
     plan = run.plan
     found = {s: _find(run.saved, s) for s in sigmas}
     done = {s: p for s, p in found.items() if p is not None}
@@ -288,7 +288,11 @@ def _estimate_points(run: EstimateRun, sigmas: Sequence[float]) -> list[CurvePoi
     run = dataclasses.replace(run, on_block=bar.update)
     bound = _neighbour_index(run) if todo else None
     if sweeps(run) and todo:
-        done.update(grid_points(run, todo))
+
+        def finish(point: CurvePoint) -> CurvePoint:
+            return point if bound is None else _with_bound(point, bound(point.sigma), run.variance)
+
+        done.update(grid_points(run, todo, functools.partial(_estimate_point, run), finish))
     points = []
     for sigma in sigmas:
         if sigma in done:
@@ -393,8 +397,9 @@ def _open(path: str | os.PathLike[str], draws: list, options: dict, restart: boo
     key = checkpoint_key([CHECKPOINT_FORMAT, draws, options])
     saved = Checkpoint.open(path, key, "an estimate", restart)
     try:
-        for p in saved.done.values():
-            CurvePoint.from_json(p)
+        for name, p in saved.done.items():
+            if not name.startswith(BLOCK_UNIT):  # a sweep's finished blocks: sweep._Blocks
+                CurvePoint.from_json(p)
     except (UserError, AttributeError, KeyError, TypeError, ValueError):
         raise ParameterError(
             "restart", None, f"{path} is not a checkpoint of an estimate; delete it, or set "
@@ -412,5 +417,5 @@ def _find(saved: Checkpoint | None, sigma: float) -> CurvePoint | None:
     """The saved point at ``sigma`` (``same_sigma``), if any."""
     if saved is None:
         return None
-    points = (CurvePoint.from_json(p) for p in saved.done.values())
+    points = (CurvePoint.from_json(p) for n, p in saved.done.items() if n.startswith("sigma="))
     return next((p for p in points if same_sigma(p.sigma, sigma)), None)

@@ -25,9 +25,10 @@ few points share it (the rare draws that carry J* below σ*) the draws find them
 Cost per σ: four passes over B×N (the logits relative to the source's, their scale and clamp,
 exp2) and the block totals for the draws, instead of ``full``'s two GEMMs, plus L gathered rows
 per draw; the two products are computed once per block of draws for the whole grid
-(``grid_values``). A single σ (``__call__``: tilted draws, adaptive sizes, conditional
-pools) computes them for that σ alone, at about ``full``'s cost, and gives the same values
-bitwise.
+(``grid_values``; tilted draws add the products of the chosen neighbours' differences to the
+sources, once per pair for the grid). A single σ (``__call__``: where no sweep runs, e.g.
+tilted draws on several processes) computes them for that σ alone, at about ``full``'s cost,
+and gives the same values bitwise.
 
 Sharded (K processes, ``shard.ShardedPool``): each process multiplies by its own rows (its
 columns of g and e) and computes its columns' weights relative to the source's logit, which is
@@ -102,7 +103,7 @@ class Gram(Estimator):
     name: ClassVar[str] = "gram"
     capabilities: ClassVar[Capabilities] = Capabilities(
         runs_on=frozenset(PLACES),
-        default_draws="plain",
+        default_draws="tilted",
         default_form="combined",
         options=frozenset({"inner"}),
         sweeps_grid=True,
@@ -158,10 +159,15 @@ class Gram(Estimator):
         noise: Tensor,
         sigmas: Sequence[float],
         generators: Sequence[torch.Generator],
+        toward: Sequence[Tensor] | None = None,
     ) -> list[PerSample]:
         """Per-sample values at each σ of ``sigmas`` for x_t = x0[sources] + σ·noise, from one
         pair of Gram products per GRAM_ROWS draws (``_rows_per_product``); ``generators[i]``
-        draws σ_i's samples. On a sharded pool every process returns the same values."""
+        draws σ_i's samples. On a sharded pool every process returns the same values.
+        ``toward`` (tilted draws, ``draws.tilt_toward``): σ_i's noise is noise + (x_c − x_s)/2σ_i
+        with c = toward[i][b] (−1: none), so ε·Xᵀ = e + (x_c − x_s)·Xᵀ/2σ_i: the products of
+        the differences to the sources of the chosen neighbours, once per (c, s) for the grid
+        (``_tilt_products``)."""
         b = noise.shape[0]
         draws = torch.stack([1.0 - torch.rand(b, self.inner, generator=g) for g in generators]).to(
             noise.device, noise.dtype
@@ -183,11 +189,25 @@ class Gram(Estimator):
                     at = slice(lo + s0, lo + s0 + self.rows)
                     src = sources[at]
                     a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                    a_s, e_s = _at_sources(a, e, src, shared)
+                    a_s, e_s = _at_sources([a, e], src, shared)
                     a, e = a - a_s, e - e_s  # l_n − l_s = a_n + σ·e_n
                     buf = torch.empty_like(a)
+                    shift = None
+                    if toward is not None:
+                        torch.set_num_threads(threads)  # its GEMM
+                        shift = _tilt_products(pool, products, [t[at] for t in toward], src)
+                        torch.set_num_threads(1)
                     parts = [
-                        _source_split(a, e, sigma, n, src, draws[i, at], buf, shared)
+                        _source_split(
+                            a,
+                            e if shift is None else _tilted(e, *shift, i, sigma, src, shared),
+                            sigma,
+                            n,
+                            src,
+                            draws[i, at],
+                            buf,
+                            shared,
+                        )  # fmt: skip
                         for i, sigma in enumerate(sigmas)
                     ]
                     own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
@@ -251,6 +271,44 @@ def _source_split(
     return own, rest, pick
 
 
+def _tilt_products(
+    pool: Pool,
+    products: Callable[[Tensor], tuple[Tensor, Tensor]],
+    toward: Sequence[Tensor],
+    src: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """((x_c − x_s)·Xᵀ for each distinct pair (c, s) that ``toward`` (per σ, per draw: c or
+    −1) names with the draws' sources ``src``: U×width; and each σ's and draw's row of it, −1
+    where the draw is plain: S×B). At most min(B·K, S·B) rows: the cheaper of the neighbours'
+    rows shared by the grid and each σ's chosen rows."""
+    chosen = torch.stack(list(toward))  # S×B
+    shifted = chosen >= 0
+    pair = chosen * pool.n + src[None, :]
+    distinct, where = torch.unique(pair[shifted], return_inverse=True)
+    row = torch.full_like(chosen, -1)
+    row[shifted] = where
+    diff = pool.rows(distinct // pool.n)[0] - pool.rows(distinct % pool.n)[0]
+    return products(diff)[0], row
+
+
+def _tilted(
+    e: Tensor,
+    products: Tensor,
+    row: Tensor,
+    i: int,
+    sigma: float,
+    src: Tensor,
+    shared: Pool | None,
+) -> Tensor:
+    """σ_i's tilted ε·Xᵀ relative to the source's column: e + (x_c − x_s)·Xᵀ/2σ on the shifted
+    draws (``_tilt_products``), minus its value at the source (``_at_sources``)."""
+    shifted = torch.nonzero(row[i] >= 0).flatten()
+    if shifted.numel() == 0:
+        return e
+    out = e.index_add(0, shifted, products[row[i, shifted]], alpha=1.0 / (2.0 * sigma))
+    return out.sub_(_at_sources([out], src, shared)[0])
+
+
 def _padded(n: int) -> int:
     """N rounded up to whole blocks of SAMPLE_BLOCK columns (the two-level draws); one block
     at least (a process that holds no row: its columns weigh 0)."""
@@ -284,19 +342,20 @@ def _rows_per_product(pool: Pool, itemsize: int, rows: int) -> int:
     return fit
 
 
-def _at_sources(a: Tensor, e: Tensor, src: Tensor, shared: Pool | None) -> tuple[Tensor, Tensor]:
-    """The source's columns a_s, e_s of each row (B×1 each): from this process's columns, or,
-    on a sharded pool, from the process that holds the source (all-gathered, 0 from the
-    others: their sum is exact)."""
-    at = torch.arange(a.shape[0], device=a.device)
+def _at_sources(mats: Sequence[Tensor], src: Tensor, shared: Pool | None) -> list[Tensor]:
+    """Each matrix's source column per row (B×1 each): from this process's columns, or, on a
+    sharded pool, from the process that holds the source (all-gathered, 0 from the others:
+    their sum is exact)."""
+    at = torch.arange(mats[0].shape[0], device=mats[0].device)
     if shared is None:
-        return a[at, src][:, None], e[at, src][:, None]
+        return [m[at, src][:, None] for m in mats]
     local = src - shared.first
     held = (local >= 0) & (local < shared.n_held)
     col = local.clamp(0, max(shared.n_held - 1, 0))
-    mine = torch.stack([a[at, col], e[at, col]], dim=1) * held[:, None]
-    both = shared.across(mine).view(a.shape[0], -1, 2).sum(dim=1)
-    return both[:, :1], both[:, 1:]
+    mine = torch.stack([m[at, col] for m in mats], dim=1) * held[:, None]
+    k = len(mats)
+    both = shared.across(mine).view(at.numel(), -1, k).sum(dim=1)
+    return [both[:, j : j + 1] for j in range(k)]
 
 
 def _row_max(logits: Tensor, shared: Pool | None) -> Tensor:

@@ -173,7 +173,7 @@ def _add_draw_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="outer noise: tilted (importance-sampled toward each source's nearest neighbours, "
         "with likelihood-ratio weights: right below σ*, where J* rests on rare draws) | plain "
-        "(ε ~ N(0, I), as in the paper) | auto (tilted for full and stratified, else plain)",
+        "(ε ~ N(0, I), as in the paper) | auto (tilted for full, stratified and gram, else plain)",
     )
     p.add_argument(
         "--form",
