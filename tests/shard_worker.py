@@ -55,7 +55,7 @@ SCENARIOS = {
 #: a block of the draws' SAMPLE_BLOCK columns spans several), float64 and float32 (the test runs
 #: each in one process, in memory)
 GRAM = ["estimate", "--data", "digits", "--estimator", "gram", "--sigmas", "0.2,0.5,1,2,5,20",
-        "--device", "cpu"]  # fmt: skip
+        "--draws", "plain", "--device", "cpu"]  # fmt: skip
 GRAM_SCENARIOS = {
     "gram": ["--dtype", "float64"],
     "gram-stream": ["--dtype", "float64", "--stream", "--chunk-mb", "0.05"],

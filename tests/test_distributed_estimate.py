@@ -124,8 +124,8 @@ def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
 def test_gram_on_two_processes_gives_the_numbers_of_one_process_in_memory(
     launch, scenario, tmp_path
 ):
-    """gram (the σ grid in one sweep) on 2 processes, in memory and streamed, against one
-    in-memory process. The draws of the rest are one process's up to the rounding of the
+    """gram (the σ grid in one sweep: plain draws) on 2 processes, in memory and streamed,
+    against one in-memory process. The draws of the rest are one process's up to the rounding of the
     cumulative weights at a column's edge (``gram._shard_split``): in float64 ~N·1e-16 per
     draw (1,797 × 32 draws per σ: none expected), so every number agrees to rounding (1e-9
     relative: the float64 sums of ~1e4 terms, added in another order, differ by ~1e-12); in
