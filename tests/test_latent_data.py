@@ -203,11 +203,14 @@ def test_the_api_refuses_gaussian_items(gauss):
             call()
 
 
-def test_a_latent_zip_does_not_stream(tmp_path):
+def test_a_latent_zip_does_not_stream(tmp_path, capsys):
     mean, std = _raw_latents()
     zpath = _edm_zip(tmp_path / "l.zip", mean, std, None)
-    with pytest.raises(UserError, match="not handled here yet"):
+    with pytest.raises(UserError, match="is read whole, not by rows; leave out --stream"):
         open_items(str(zpath))
+    argv = ["estimate", "--data", str(zpath), "--encoder", "sd-vae", "--stream", "--sigmas",
+            "0.5", "--out", str(tmp_path / "c.json")]  # fmt: skip
+    assert "an EDM2 latent zip (Gaussian items) is read whole" in _one_line_error(capsys, *argv)
 
 
 # ---------------------------------------------------------------- bad input (one line, exit 2)
