@@ -158,3 +158,30 @@ def test_cli_train_monitors_the_gap_on_gaussian_items(tmp_path, capsys):
     gaps = [r["gap"] for r in logged if "gap" in r]
     assert gaps and all(set(g) == {"0.2", "1", "5"} for g in gaps)
     assert all(math.isfinite(v) for g in gaps for v in g.values())
+
+
+@pytest.mark.slow
+def test_scaling_collect_on_gaussian_items_is_diagnose_of_their_mixture(
+    tmp_path, capsys, monkeypatch
+):
+    """scaling collect needs only diagnose's J_θ and J*: on Gaussian items its rows are
+    diagnose's on the same draws (x0 = m + s z, J* of the mixture)."""
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))  # J* cache files: here
+    from lossfloor.diagnosis import diagnose
+    from lossfloor.models import load_run
+    from lossfloor.scaling import read_runs
+
+    ds = _latents(tmp_path, n=8)
+    run = tmp_path / "run"
+    train(_tiny(2, checkpoint_every=2, snapshot_every=2), ds, run, progress=False)
+    out = tmp_path / "runs.csv"
+    argv = ["scaling", "collect", str(run), "--data", str(tmp_path / "g.npz"), "--sigmas",
+            "0.1,1", "--outer", "32", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = {r.sigma: r for r in read_runs(out)}
+    model, _ = load_run(run / "checkpoint-00000002.pt")
+    ref = diagnose(model, ds, [0.1, 1.0], outer=32, progress=False)
+    assert ref.dataset["gaussian_items"] is True
+    for p in ref.points:
+        assert rows[p.sigma].loss == p.model_loss
+        assert float(rows[p.sigma].extra["optimal_loss"]) == p.optimal_loss

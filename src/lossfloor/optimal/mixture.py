@@ -113,8 +113,7 @@ class MixturePool(Pool):
         if component is None:
             raise ValueError("draws from Gaussian items need their component noise z")
         means, var = self.items(idx)
-        z = component.to(device=means.device, dtype=torch.float64)
-        return (means + var.sqrt() * z).to(self.dtype)
+        return gaussian_draws(means, var, component, self.dtype)
 
     def keys_at(self, sigma: float) -> MixtureKeys:
         """The keys at σ (computed in float64 from m and s², O(N·D); the last σ's are kept)."""
@@ -150,10 +149,10 @@ class MixturePool(Pool):
         adjust: Adjust | None = None,
     ) -> SoftmaxState:
         """The softmax state over every component (acc: [Σp σ²m/v | Σp s²/v], 2D wide) of the
-        centred ``queries`` (B×D) at σ; ``posterior`` turns it into μ. Inner subsets, masks,
-        weights and additions are the point estimators' (refused on Gaussian items before any
-        work: ``check_gaussian``)."""
-        if idx is not None or exclude is not None or key_logw is not None or adjust is not None:
+        centred ``queries`` (B×D) at σ, component n left out for query b where n = exclude[b]
+        (leave-one-out); ``posterior`` turns it into μ. Inner subsets, weights and additions are
+        the point estimators' (refused on Gaussian items before any work: ``check_gaussian``)."""
+        if idx is not None or key_logw is not None or adjust is not None:
             raise ValueError("a mixture pool's softmax runs over every component")
         b, d = queries.shape
         keys = self.keys_at(sigma)
@@ -162,9 +161,14 @@ class MixturePool(Pool):
         q_aug[:, d : 2 * d] = queries
         q_aug[:, 2 * d] = 1.0
         state = SoftmaxState.empty(b, 2 * d, queries.dtype, queries.device)
+        ids = None
+        if exclude is not None:
+            first, held = self.first, keys.logits.shape[0]
+            ids = torch.arange(first, first + held, device=keys.logits.device)
         return accumulate_keys(
-            q_aug, keys.logits, keys.values, 2 * d + 1, state, tile_bytes=tile_bytes
-        )
+            q_aug, keys.logits, keys.values, 2 * d + 1, state, key_ids=ids, exclude_ids=exclude,
+            tile_bytes=tile_bytes,
+        )  # fmt: skip
 
     def posterior(self, state: SoftmaxState, queries: Tensor) -> Tensor:
         """μ = a + b⊙q from [a | b] = acc/z (the component means' σ²m/v and gains s²/v)."""
@@ -188,6 +192,12 @@ class MixturePool(Pool):
         q = math.sqrt(r2 + d * (s2 + hi))
         logs = 0.5 * d * math.log1p(hi / s2)
         return u * (q * q * spread + (math.sqrt(2 * d) * q * math.sqrt(r2) + r2) / v0 + logs)
+
+
+def gaussian_draws(means: Tensor, var: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+    """x0 = m + s⊙z of items with (centred) means ``means`` and variances ``var`` (B×D,
+    float64) and their z (B×D), computed in float64, in ``dtype``."""
+    return (means + var.sqrt() * z.to(device=means.device, dtype=torch.float64)).to(dtype)
 
 
 def check_gaussian(estimator: Estimator, draws: str) -> Literal["plain"]:
