@@ -62,6 +62,11 @@ GRAM_SCENARIOS = {
     "gram-float32": ["--dtype", "float32"],
 }
 
+#: Gaussian items (``OUT/gauss.npz``: mean and std, written by the test): the full estimator of
+#: the mixture, each process holding its half of the items (the test runs it in one process too)
+GAUSSIAN = ["estimate", "--data", "{out}/gauss.npz", "--sigmas", "0.02,0.3,3", *OPTIONS]
+GAUSSIAN_SCENARIOS = {"gaussian": []}
+
 #: Rows per block of the streamed statistics pass here (5 blocks of the 300 points).
 STATS_ROWS = 64
 
@@ -141,6 +146,9 @@ def main(out: Path) -> None:
         results["data"] = cli([*other, "--quiet"])
         for name, options in GRAM_SCENARIOS.items():
             results[name] = cli([*GRAM, "--quiet", *options, "--out", str(out / f"{name}.json")])
+        for name, options in GAUSSIAN_SCENARIOS.items():
+            argv = [a.format(out=out) for a in GAUSSIAN]
+            results[name] = cli([*argv, "--quiet", *options, "--out", str(out / f"{name}.json")])
         results["gram-pieces"] = gram_pieces(group)
         results["reads"] = streamed_reads(out / "points.npy")
         summary = open_chunked(str(out / "points.npy")).summarise(group)

@@ -14,16 +14,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_worker import GRAM, GRAM_SCENARIOS, SCENARIOS, STATS_ROWS, estimate, redo_case
-from tolerances import assert_same_point, pool_of, rounding_bound
+from shard_worker import (
+    GAUSSIAN,
+    GAUSSIAN_SCENARIOS,
+    GRAM,
+    GRAM_SCENARIOS,
+    SCENARIOS,
+    STATS_ROWS,
+    estimate,
+    redo_case,
+)
+from tolerances import EPS64, assert_same_point, pool_of, rounding_bound
 from torchrun import run_workers
 
 import lossfloor.cli
 from lossfloor.data import chunked, fingerprint, load_dataset
 from lossfloor.distributed import Group
 from lossfloor.optimal.kernel import SoftmaxState, accumulate_softmax, rescaled
+from lossfloor.optimal.mixture import MixturePool
 from lossfloor.optimal.pools import Pool
-from lossfloor.optimal.shard import ShardedPool
+from lossfloor.optimal.shard import ShardedMixturePool, ShardedPool
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics, pytest.mark.slow]
 WORKER = Path(__file__).parent / "shard_worker.py"
@@ -41,6 +51,10 @@ def launch(tmp_path_factory) -> tuple[Path, list[dict]]:
     # index of the tilted draws does not depend on the distances' last bits (see test below)
     g = torch.Generator().manual_seed(3)
     np.save(out / "points.npy", (0.5 * torch.randn(300, 64, generator=g)).numpy())
+    # Gaussian items: 61 means (an odd count: shards of 30 and 31), stds from 0.02 to 0.5
+    mean = 0.5 * torch.randn(61, 16, generator=g)
+    std = 0.02 + 0.48 * torch.rand(61, 16, generator=g)
+    np.savez(out / "gauss.npz", mean=mean.numpy(), std=std.numpy())
     return out, run_workers(WORKER, out)
 
 
@@ -118,6 +132,48 @@ def test_different_data_on_the_ranks_is_refused_on_every_rank(launch):
     assert errors[0]["stderr"] == errors[1]["stderr"]
     assert errors[0]["stderr"].count("\n") == 1
     assert "the 2 processes hold different data (rank 0: sha256" in errors[0]["stderr"]
+
+
+def _mixture_tolerance(items: Path, sigma: float) -> float:
+    """How far a per-σ value (per element) of two float64 estimates of the same draws of the
+    Gaussian items in ``items`` that sum in other orders can differ: twice one run's bound.
+    A logit errs by ≤ δ (``MixturePool.logit_error``), so a weight by a relative ~δ; the
+    components' E[x0 | x, i] = σ²m_i/v_i + (s_i²/v_i)x lie within 2R + ‖x‖ of each other
+    (R = max‖m − x̄‖, s²/v ≤ 1), so μ moves by e ≤ 4δ(2R + Q) + 2u·Q, Q a bound on ‖x‖ =
+    ‖m + s z + σε‖ ≤ R + (max s + σ)(√D + 6) (‖z‖, ‖ε‖ ≤ √D + 6 but with probability
+    ~e^-18); ‖μ‖ and ‖x0 − μ‖ ≤ 2Q, so each form moves by ≤ (4Q·e + e²)/D, and A (a float64
+    sum of N terms in another order) by N·ε·A/D."""
+    with np.load(items) as f:
+        m, s = (torch.from_numpy(f[k]).double() for k in ("mean", "std"))
+    pool = MixturePool.from_items(m, s, torch.float64, "cpu")
+    d, r = pool.dim, math.sqrt(pool.max_sq)
+    q = r + (float(s.max()) + sigma) * (math.sqrt(d) + 6)
+    e = 4 * pool.logit_error(sigma, torch.float64) * (2 * r + q) + EPS64 * q
+    return 2 * ((4 * q * e + e * e) / d + pool.n * EPS64 * pool.a / d)
+
+
+@pytest.mark.parametrize("scenario", list(GAUSSIAN_SCENARIOS))
+def test_two_shards_of_gaussian_items_give_the_numbers_of_one_process(launch, scenario, tmp_path):
+    """The mixture's full estimate with each process holding its half of the items (its keys,
+    its softmax states merged, the draws' m and s across the processes) against one process:
+    the same draws, so the same numbers to rounding (``_mixture_tolerance``)."""
+    out, results = launch
+    for rank in (0, 1):
+        assert results[rank][scenario]["rc"] == 0, results[rank][scenario]["stderr"]
+    one = tmp_path / "one.json"
+    argv = [a.format(out=out) for a in GAUSSIAN]
+    assert (
+        lossfloor.cli.main([*argv, "--quiet", *GAUSSIAN_SCENARIOS[scenario], "--out", str(one)])
+        == 0
+    )
+    (opt2, pts2), (opt1, pts1) = _points(out / f"{scenario}.json"), _points(one)
+    assert opt2 == opt1 and opt1["dataset"]["gaussian_items"] is True
+    assert opt1["estimator"]["draws"] == "plain"
+    for p2, p1 in zip(pts2, pts1, strict=True):
+        assert (p2["sigma"], p2["dtype"]) == (p1["sigma"], p1["dtype"])
+        tol = _mixture_tolerance(out / "gauss.npz", p1["sigma"])
+        assert tol < 1e-4 * p1["optimal_loss"]  # tight enough to mean something
+        assert_same_point(p2, p1, tol, opt1["estimator"]["outer"])
 
 
 @pytest.mark.parametrize("scenario", list(GRAM_SCENARIOS))
@@ -242,3 +298,21 @@ def test_a_pool_of_one_shard_is_the_whole_pool():
     idx = torch.tensor([3, 0, 10])
     rows, sq = shard.rows(idx)
     assert torch.equal(rows, shard.x[idx]) and torch.equal(sq, shard.sq[idx])
+
+
+def test_a_mixture_pool_of_one_shard_is_the_whole_mixture_pool():
+    g = torch.Generator().manual_seed(4)
+    m, s = torch.randn(9, 5, generator=g), 0.1 + torch.rand(9, 5, generator=g)
+    whole = MixturePool.from_items(m, s, torch.float64, "cpu")
+    shard = ShardedMixturePool.from_items_shard(m, s, torch.float64, "cpu", Group())
+    assert (shard.n, shard.shards, shard.gaussian) == (9, 1, True)
+    for name in ("x", "means", "var", "var_lo", "var_hi"):
+        assert torch.equal(getattr(shard, name), getattr(whole, name)), name
+    assert shard.a == pytest.approx(whole.a, rel=1e-15)
+    idx, z = torch.tensor([8, 0, 3]), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    assert torch.equal(shard.draw(idx, z), whole.draw(idx, z))
+    q = whole.draw(idx, z) + 0.3 * z.flip(0)
+    for keys in ("logits", "values"):
+        assert torch.equal(getattr(shard.keys_at(0.3), keys), getattr(whole.keys_at(0.3), keys))
+    mu = [p.posterior(p.merge(p.accumulate(q, 0.3)), q) for p in (shard, whole)]
+    assert torch.equal(mu[0], mu[1])

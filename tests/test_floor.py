@@ -512,3 +512,124 @@ def test_floor_cli_warns_once_per_kind_of_crossing(capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(e.startswith("lossfloor: warning: lower > upper") for e in err)
     assert "σ = 7.28, within error" in err[0] and "σ = 9, beyond error" in err[1]
+
+
+# ----- Gaussian items (VAE latents): the training mixture's denoiser on held-out items ---------
+
+
+def _items(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), 0.05 + 0.6 * torch.rand(n, d, generator=g)
+
+
+def _brute_mu(x, m, s, sigma):
+    """E[x0 | x] under the prior (1/N)·Σ_n 𝒩(m_n, diag s_n²), by its definition (float64):
+    softmax_n(log 𝒩(x; m_n, diag(s_n² + σ²))) times E[x0 | x, n] = m_n + s_n²/v_n·(x − m_n)."""
+    v = s * s + sigma * sigma
+    diff = x[:, None, :] - m[None]
+    w = torch.softmax(-0.5 * (diff * diff / v).sum(-1) - 0.5 * torch.log(v).sum(-1), dim=1)
+    return (w[:, :, None] * (m[None] + (s * s / v)[None] * diff)).sum(1)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("sigma", [0.03, 0.4, 3.0])
+def test_heldout_losses_of_gaussian_items_equal_a_float64_brute_force(sigma):
+    """Train and held-out sets of Gaussian items: each held-out draw x0 = m_h + s_h z (z and ε
+    as the estimate draws them), x = x0 + σε; μ_train and D_b by their definitions over the
+    training mixture (D_b: the prior (1/N)Σ 𝒩(m_n, diag(s_n² + b²)), no shrinkage formula)."""
+    from lossfloor.optimal.blocks import outer_blocks
+    from lossfloor.optimal.draws import stratified_sources
+
+    (mt, st), (mh, sh) = _items(7, 3, seed=20), _items(5, 3, seed=21)
+    b, m_draws, seed = 0.25, 300, 4
+    got = heldout_losses(mt, mh, [sigma], outer=m_draws, seed=seed, bandwidth=b,
+                         precision="float64", device="cpu", train_std=st,
+                         heldout_std=sh)[0]  # fmt: skip
+    mt64, st64, mh64, sh64 = (a.double() for a in (mt, st, mh, sh))
+    plain, smooth = [], []
+    for block in outer_blocks(stratified_sources(5, m_draws, seed), seed, 3):
+        src = block.sources
+        x0 = mh64[src] + sh64[src] * block.component
+        x = x0 + sigma * block.noise
+        bw = (st64 * st64 + b * b).sqrt()
+        plain.append((x0 - _brute_mu(x, mt64, st64, sigma)).pow(2).mean(1))
+        smooth.append((x0 - _brute_mu(x, mt64, bw, sigma)).pow(2).mean(1))
+    # float64 on 7 items in 3 dimensions: the kernel's expanded logits against the direct
+    # form err by ~1e-16·(‖x‖² + ‖m‖²)/v_min ≲ 1e-11 at σ = 0.03; the means far less
+    assert got.heldout_loss == pytest.approx(float(torch.cat(plain).mean()), rel=1e-9)
+    assert got.smoothed_loss == pytest.approx(float(torch.cat(smooth).mean()), rel=1e-9)
+    assert got.bandwidth == b
+
+
+def test_heldout_gaussian_items_equal_to_train_are_the_estimates_direct_form():
+    m, s = _items(30, 4, seed=22)
+    ds = Dataset("g", m, None, "g" * 64, False, std=s)
+    sigmas = [0.02, 0.5, 5.0]
+    curve = estimate_curve(ds, sigmas, Full(), outer=200, seed=6, progress=False)
+    held = heldout_losses(m, m, sigmas, outer=200, seed=6, device="cpu", train_std=s,
+                          heldout_std=s)  # fmt: skip
+    for p, h in zip(curve.points, held, strict=True):
+        assert h.heldout_loss == pytest.approx(p.direct, rel=1e-12)  # the same draws, dtype
+        assert h.heldout_stderr == pytest.approx(p.direct_stderr, rel=1e-9)
+
+
+@pytest.mark.numerics
+def test_leave_one_out_on_a_mixture_pool_drops_the_item():
+    from lossfloor.optimal.mixture import MixturePool
+
+    m, s = _items(12, 3, seed=23)
+    pool = MixturePool.from_items(m, s, torch.float64, "cpu")
+    q = pool.means[:5] + 0.2
+    loo = smoothed_posterior_mean(pool, q, 0.3, 0.1, exclude=torch.arange(5), tile_bytes=1)
+    m64, s64 = pool.means, s.double()
+    for i in range(5):
+        keep = torch.arange(12) != i
+        bw = (s64[keep] ** 2 + 0.01).sqrt()
+        ref = _brute_mu(q[i : i + 1], m64[keep], bw, 0.3)
+        torch.testing.assert_close(loo[i : i + 1], ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_floor_of_gaussian_items_brackets_with_their_mixture(tmp_path, capsys):
+    """The floor of Gaussian items end to end (CLI, bandwidth auto: leave-one-out over the
+    mixture): J*(N) is the mixture's estimate (draws auto = plain), the data variance includes
+    the items' own, and below the stds neither bound falls under the within-item variance
+    E[s²σ²/(s² + σ²)] (law of total variance: J* ≥ E[Var(x0 | x, i)]), nor do they cross."""
+    m, s = _items(64, 4, seed=24)
+    mh, sh = _items(32, 4, seed=25)
+    np.savez(tmp_path / "t.npz", mean=m.numpy(), std=s.numpy())
+    np.savez(tmp_path / "h.npz", mean=mh.numpy(), std=sh.numpy())
+    argv = ["floor", "--data", str(tmp_path / "t.npz"), "--heldout", str(tmp_path / "h.npz"),
+            "--sigmas", "0.05,1", "--levels", "2", "--repeats", "1", "--outer", "256",
+            "--out", str(tmp_path / "f.json")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = Floor.load(str(tmp_path / "f.json"))
+    var = float(m.double().var(0, unbiased=False).mean() + s.double().pow(2).mean())
+    assert result.data_variance == pytest.approx(var, rel=1e-12)
+    ds = load_dataset(str(tmp_path / "t.npz"))
+    curve = estimate_curve(ds, [0.05, 1.0], Full(), outer=64, seed=0, progress=False)
+    for p, c in zip(result.points, curve.points, strict=True):
+        assert p.by_n[-1].n == 64 and p.lower == c.optimal_loss
+    within = [
+        float((v * 0.05**2 / (v + 0.05**2)).mean()) for v in (s.double() ** 2, sh.double() ** 2)
+    ]
+    low = result.points[0]
+    assert low.lower >= within[0] - 4 * low.lower_stderr
+    assert low.upper >= within[1] - 4 * low.upper_stderr
+    assert all(p.crossing != "beyond error" for p in result.points)
+
+
+def test_a_models_heldout_loss_on_gaussian_items_draws_x0_from_the_held_out_items():
+    """read_heldout with heldout = train: the held-out draws (x0 = m + s z) are the
+    diagnosis' own, so the model's held-out loss is its loss there, bitwise."""
+    from lossfloor.diagnosis import diagnose
+    from lossfloor.floor import read_heldout
+    from lossfloor.optimal import OptimalDenoiser
+
+    m, s = _items(16, 4, seed=26)
+    ds = Dataset("g", m, None, "g" * 64, False, std=s)
+    model = OptimalDenoiser(Dataset("p", m, None, "p" * 64, False), precision="float64")
+    diag = diagnose(model, ds, [0.05, 1.0], outer=64, progress=False, cache=False)
+    read = read_heldout(diag, model, ds, ds)
+    for p in read.points:
+        assert p.heldout_model_loss == p.model_loss

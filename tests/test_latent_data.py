@@ -22,7 +22,6 @@ from lossfloor.errors import UserError
 # constants are checked against these, not against themselves.
 RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15], dtype=np.float32)
 RAW_STD = np.array([4.17, 4.62, 3.71, 3.28], dtype=np.float32)
-REFUSAL = "Gaussian items (VAE latents with a std) are not handled here yet"
 
 
 def _raw_latents(n: int = 6, c: int = 4, hw: int = 4, seed: int = 0):
@@ -181,33 +180,38 @@ def gauss(tmp_path) -> str:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["floor", "--heldout", "{g}", "--sigmas", "0.5,1", "--out", "{t}/f.json"],
-        ["scaling", "collect", "{t}", "--out", "{t}/r.csv"],
+        ["floor", "--sigmas", "0.5,1", "--out", "{t}/f.json"],
+        ["estimate", "--sigmas", "0.5", "--out", "{t}/c.json", "--sources"],
+        ["diagnose", "--model", "optimal", "--sigmas", "0.5", "--out", "{t}/d.json", "--heldout"],
     ],
-    ids=["floor", "scaling-collect"],
+    ids=["floor", "estimate-sources", "diagnose-heldout"],
 )
-def test_commands_refuse_gaussian_items_in_one_line(gauss, tmp_path, capsys, argv):
-    argv = [a.format(t=tmp_path, g=gauss) for a in argv]
-    assert REFUSAL in _one_line_error(capsys, *argv, "--data", gauss)
+@pytest.mark.parametrize("gaussian_train", [True, False])
+def test_held_out_sets_of_another_kind_of_item_are_refused_in_one_line(
+    gauss, tmp_path, capsys, argv, gaussian_train
+):
+    """A held-out loss bounds J* of the held-out items' distribution: Gaussian items against
+    points (either way round) are refused before any work."""
+    points = tmp_path / "p.npz"
+    np.savez(points, x=np.load(gauss)["mean"])
+    train, held = (gauss, str(points)) if gaussian_train else (str(points), gauss)
+    argv = [a.format(t=tmp_path) for a in argv]
+    if argv[0] == "floor":
+        argv += ["--heldout"]
+    says = _one_line_error(capsys, *argv, held, "--data", train)
+    kinds = ("Gaussian items", "points") if gaussian_train else ("points", "Gaussian items")
+    assert f"the training set holds {kinds[0]}" in says and kinds[1] in says
+    assert not list(tmp_path.glob("*.json"))
 
 
-def test_the_api_refuses_gaussian_items(gauss):
-    from lossfloor.floor import floor
-
-    ds = load_dataset(gauss)
-    calls = [
-        lambda: floor(ds, ds, [1.0]),
-    ]
-    for call in calls:
-        with pytest.raises(UserError, match="not handled here yet"):
-            call()
-
-
-def test_a_latent_zip_does_not_stream(tmp_path):
+def test_a_latent_zip_does_not_stream(tmp_path, capsys):
     mean, std = _raw_latents()
     zpath = _edm_zip(tmp_path / "l.zip", mean, std, None)
-    with pytest.raises(UserError, match="not handled here yet"):
+    with pytest.raises(UserError, match="is read whole, not by rows; leave out --stream"):
         open_items(str(zpath))
+    argv = ["estimate", "--data", str(zpath), "--encoder", "sd-vae", "--stream", "--sigmas",
+            "0.5", "--out", str(tmp_path / "c.json")]  # fmt: skip
+    assert "an EDM2 latent zip (Gaussian items) is read whole" in _one_line_error(capsys, *argv)
 
 
 # ---------------------------------------------------------------- bad input (one line, exit 2)

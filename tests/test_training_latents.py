@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ import torch
 from test_training import _ckpt, _states_equal
 
 from lossfloor.backbone import UNetBackbone, backbone_config
+from lossfloor.cli import main
 from lossfloor.data import Dataset, load_dataset
-from lossfloor.errors import UserError
+from lossfloor.optimal import estimate_curve
+from lossfloor.optimal.denoiser import OptimalDenoiser
 from lossfloor.seeding import Stream, generator_for
 from lossfloor.training import TrainConfig, train
 from lossfloor.training.monitor import GapMonitor
@@ -120,7 +123,65 @@ def test_the_run_records_the_latent_transform_it_read_the_data_through(tmp_path)
     assert "latent_transform" not in load_dataset(str(tmp_path / "l.npz")).describe()
 
 
-def test_the_gap_monitor_refuses_gaussian_items_in_one_line(tmp_path):
-    with pytest.raises(UserError, match="Gaussian items") as err:
-        GapMonitor(None, _latents(tmp_path), [1.0])  # type: ignore[arg-type]
-    assert "\n" not in str(err.value)
+def test_the_gap_monitor_on_gaussian_items_draws_the_estimates_x0(tmp_path):
+    """The monitor's fixed draws of Gaussian items are the estimate's x0 = m + s z and ε (M = n,
+    the same seed): the optimal denoiser's J_θ there is the estimate's direct form (up to the
+    model's float32 input, ~1e-7 relative per element), and its gap J_θ − J* the estimate's
+    direct − combined; the means-as-points denoiser, blind to the within-item variance, has a
+    gap far above the standard error at σ below the stds."""
+    ds = _latents(tmp_path, n=12, std_scale=0.3)
+    sigmas = [0.02, 0.5, 2.0]
+    curve = estimate_curve(ds, sigmas, outer=256, seed=5, precision="float64", progress=False)
+    monitor = GapMonitor(curve, ds, sigmas, n=256, seed=5)
+    record: dict = {}
+    monitor(1, OptimalDenoiser(ds, precision="float64"), record)
+    for p in curve.points:
+        gap = record["gap"][f"{p.sigma:g}"]
+        assert gap + p.optimal_loss == pytest.approx(p.direct, rel=1e-5)
+        assert abs(gap) <= 2 * p.stderr
+    means = Dataset("means", ds.x.clone(), None, "0" * 64, False)
+    monitor(2, OptimalDenoiser(means, precision="float64"), record)
+    assert record["gap"]["0.02"] > 10 * curve.points[0].stderr
+
+
+def test_cli_train_monitors_the_gap_on_gaussian_items(tmp_path, capsys):
+    _latents(tmp_path, n=8)
+    data, curve = str(tmp_path / "g.npz"), str(tmp_path / "curve.json")
+    argv = ["estimate", "--data", data, "--sigmas", "0.2,1,5", "--outer", "16", "--quiet",
+            "--out", curve]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    argv = ["train", "--data", data, "--monitor", curve, "--monitor-n", "16", "--monitor-every",
+            "1", "--steps", "2", "--model", "tiny", "--batch", "4", "--warmup", "1",
+            "--log-every", "1", "--no-progress", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    logged = [json.loads(r) for r in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    gaps = [r["gap"] for r in logged if "gap" in r]
+    assert gaps and all(set(g) == {"0.2", "1", "5"} for g in gaps)
+    assert all(math.isfinite(v) for g in gaps for v in g.values())
+
+
+@pytest.mark.slow
+def test_scaling_collect_on_gaussian_items_is_diagnose_of_their_mixture(
+    tmp_path, capsys, monkeypatch
+):
+    """scaling collect needs only diagnose's J_θ and J*: on Gaussian items its rows are
+    diagnose's on the same draws (x0 = m + s z, J* of the mixture)."""
+    monkeypatch.setenv("LOSSFLOOR_CACHE", str(tmp_path / "cache"))  # J* cache files: here
+    from lossfloor.diagnosis import diagnose
+    from lossfloor.models import load_run
+    from lossfloor.scaling import read_runs
+
+    ds = _latents(tmp_path, n=8)
+    run = tmp_path / "run"
+    train(_tiny(2, checkpoint_every=2, snapshot_every=2), ds, run, progress=False)
+    out = tmp_path / "runs.csv"
+    argv = ["scaling", "collect", str(run), "--data", str(tmp_path / "g.npz"), "--sigmas",
+            "0.1,1", "--outer", "32", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = {r.sigma: r for r in read_runs(out)}
+    model, _ = load_run(run / "checkpoint-00000002.pt")
+    ref = diagnose(model, ds, [0.1, 1.0], outer=32, progress=False)
+    assert ref.dataset["gaussian_items"] is True
+    for p in ref.points:
+        assert rows[p.sigma].loss == p.model_loss
+        assert float(rows[p.sigma].extra["optimal_loss"]) == p.optimal_loss

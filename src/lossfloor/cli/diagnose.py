@@ -207,10 +207,11 @@ def _heldout(
     if spec is None:
         return None
     from lossfloor.data import load_dataset
-    from lossfloor.floor import check_floor, check_heldout
+    from lossfloor.floor import check_floor, check_heldout, check_same_kind
 
     heldout = load_dataset(spec)
     check_heldout(ds.x, heldout.x)
+    check_same_kind(ds.std, heldout.std)
     if floor_result is not None:
         check_floor(floor_result, ds, sigmas)
     return heldout

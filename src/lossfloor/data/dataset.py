@@ -26,7 +26,6 @@ from lossfloor.data.formats import (
     open_edm_zip,
     open_image_folder,
 )
-from lossfloor.data.formats.items import gaussian_refusal
 from lossfloor.data.formats.latents import (
     LatentTransform,
     is_latent_zip,
@@ -46,8 +45,9 @@ _DIVISORS = {"uint8": 127.5, "digits": 8.0}
 class Dataset:
     """Items in [−1, 1] (N×C×H×W images or N×D vectors), optional labels, a fingerprint.
     With ``std`` (of x's shape), Gaussian items: item i is N(x_i, diag std_i²), the posterior
-    of a VAE (``formats.latents``), and ``x`` holds the means; what computes J* of points
-    refuses them (``require_points``). ``latent``: the transform latents were read through to
+    of a VAE (``formats.latents``), and ``x`` holds the means; J* is that of their mixture
+    (``optimal.mixture``; estimators without the capability 'gaussian' refuse them:
+    ``mixture.check_gaussian``). ``latent``: the transform latents were read through to
     final units (raw·scale + bias), recorded so that samples can be mapped back and decoded."""
 
     name: str
@@ -94,12 +94,6 @@ class Dataset:
     def gaussian(self) -> bool:
         """Whether the items are Gaussians (means ``x``, stds ``std``) rather than points."""
         return self.std is not None
-
-    def require_points(self) -> None:
-        """UserError (one line) for Gaussian items: every J* estimator and the optimal
-        denoiser take points only, for now (the trainer takes both)."""
-        if self.std is not None:
-            raise UserError(gaussian_refusal(self.name))
 
     def flat(self) -> torch.Tensor:
         """The items as an N×D tensor."""

@@ -6,6 +6,11 @@ Gaussian kernel density estimate of the training set (bandwidth b):
 
 with μ_s the optimal denoiser of the training set at noise level s (the same kernel). Any
 denoiser fixed without the held-out data has expected held-out loss ≥ J*_pop.
+
+Of Gaussian items (VAE latents: both sets N(m_i, diag s_i²)), μ_train is the posterior mean of
+the training items' mixture (``mixture.MixturePool``), each held-out x0 = m_h + s_h⊙z is drawn
+from its item (z as the estimate draws it, ``Block.component``), and D_b, the posterior mean
+under the mixture of N(m_i, diag(s_i² + b²)), takes the same formula with μ_s the mixture's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from lossfloor.errors import ParameterError
 from lossfloor.optimal.blocks import outer_blocks
 from lossfloor.optimal.draws import OuterPlan, check_outer, check_seed, stratified_sources
 from lossfloor.optimal.kernel import DEFAULT_TILE_BYTES
+from lossfloor.optimal.mixture import gaussian_draws
 from lossfloor.optimal.moments import mean_and_stderr
 from lossfloor.optimal.pool_cache import PoolsByDtype
 from lossfloor.optimal.pools import Pool
@@ -57,10 +63,13 @@ def smoothed_posterior_mean(
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> Tensor:
     """D_b(q) = (σ²·μ_s(q) + b²·q)/(σ² + b²), s = √(σ² + b²): E[x0 | q] under the prior
-    (1/N)·Σ_n 𝒩(x0; x_n, b²I) (b = 0 is μ_σ). ``exclude`` (B pool indices) leaves each query's
-    own point out of the sum (leave-one-out validation)."""
+    (1/N)·Σ_n 𝒩(x0; x_n, b²I) (b = 0 is μ_σ; of Gaussian items (1/N)·Σ_n 𝒩(x0; m_n,
+    diag(s_n² + b²)): x0 = y + b·w, y from the mixture, so E[y | q] = μ_s(q) and
+    E[b·w | q − y] = b²/(σ² + b²)·(q − y)). ``exclude`` (B pool indices) leaves each query's
+    own item out of the sum (leave-one-out validation)."""
     s = math.sqrt(sigma * sigma + bandwidth * bandwidth)
-    mu = pool.merge(pool.accumulate(queries, s, exclude=exclude, tile_bytes=tile_bytes)).mean()
+    state = pool.merge(pool.accumulate(queries, s, exclude=exclude, tile_bytes=tile_bytes))
+    mu = pool.posterior(state, queries)
     v, b2 = sigma * sigma, bandwidth * bandwidth
     return (v * mu + b2 * queries) / (v + b2)
 
@@ -102,6 +111,20 @@ def check_heldout(train: Tensor, heldout: Tensor) -> None:
         )
 
 
+def check_same_kind(train_std: Tensor | None, heldout_std: Tensor | None) -> None:
+    """Both sets Gaussian items, or both points: a held-out loss bounds J* of the held-out
+    items' distribution, which the training items sample only where they are of one kind."""
+    if (train_std is None) != (heldout_std is None):
+        kinds = (
+            ("Gaussian items", "points") if heldout_std is None else ("points", "Gaussian items")
+        )
+        raise ParameterError(
+            "heldout", kinds[1], f"the training set holds {kinds[0]}: a held-out loss bounds "
+            "J* of the held-out distribution, the training set's only where both hold one kind "
+            "of item (give both as Gaussian items, or both as points)",
+        )  # fmt: skip
+
+
 def check_bandwidth(bandwidth: float | str | None) -> None:
     """None, ``"auto"`` or a finite b ≥ 0."""
     if bandwidth is None or bandwidth == "auto":
@@ -112,13 +135,20 @@ def check_bandwidth(bandwidth: float | str | None) -> None:
 
 class TrainingPools:
     """The training pool in each dtype a precision policy asks for (``pool_cache.PoolsByDtype`` of
-    the training set as one group), and the dtype at σ (the fp32 error bound over training and
-    held-out norms)."""
+    the training set as one group; of Gaussian items with their stds ``train_std``, a mixture
+    pool), and the dtype at σ (the fp32 error bound over training and held-out norms)."""
 
-    def __init__(self, train: Tensor, heldout_max_sq: float, device: torch.device) -> None:
+    def __init__(
+        self,
+        train: Tensor,
+        heldout_max_sq: float,
+        device: torch.device,
+        train_std: Tensor | None = None,
+    ) -> None:
         self.train, self.device, self.heldout_max_sq = train, device, heldout_max_sq
+        self.train_std = train_std
         # the plan's draws play no part: its one group of every point is what the pools are of
-        plan = OuterPlan.build(train, None, max(2, train.shape[0]), 0, False)
+        plan = OuterPlan.build(train, None, max(2, train.shape[0]), 0, False, train_std)
         self.by_dtype = PoolsByDtype(plan, device)
 
     def __call__(self, dtype: torch.dtype) -> Pool:
@@ -142,11 +172,14 @@ def _losses(
     precision: Precision,
     tile_bytes: int,
     exclude: bool = False,
+    var: Tensor | None = None,
 ) -> Tensor:
     """Per-sample ‖x0_s − D_b(x0_s + σε)‖²/D for each b (K×M, float64; b = 0 is μ_σ); ε from the
     stream (seed, stream, block) in the blocks of ``blocks.outer_blocks``: the estimate's ε when
-    stream is ``Stream.OUTER_NOISE``. Values that overflow the dtype follow the
-    ``precision.Overflow`` policy."""
+    stream is ``Stream.OUTER_NOISE``. Of Gaussian items (their variances ``var``, float64), x0
+    of source s is m_s + s_s⊙z (``mixture.gaussian_draws``, z the estimate's
+    ``Block.component``). Values that overflow the dtype follow the ``precision.Overflow``
+    policy."""
 
     def compute(dtype: torch.dtype) -> Tensor:
         pool = pools(dtype)
@@ -154,12 +187,16 @@ def _losses(
         out = torch.empty(len(bandwidths), sources.numel(), dtype=torch.float64)
         for block in outer_blocks(sources, seed, d, stream=stream):
             src = block.sources.to(pool.device)
-            x = x0[src].to(dtype)
+            if var is None:
+                x = x0[src].to(dtype)
+            else:
+                x = gaussian_draws(x0[src], var[src], block.component, dtype)
             q = x + sigma * block.noise.to(device=pool.device, dtype=dtype)
             for k, b in enumerate(bandwidths):
                 excl = src if exclude else None
                 if b == 0 and not exclude:
-                    mu = pool.merge(pool.accumulate(q, sigma, tile_bytes=tile_bytes)).mean()
+                    state = pool.merge(pool.accumulate(q, sigma, tile_bytes=tile_bytes))
+                    mu = pool.posterior(state, q)
                 else:
                     mu = smoothed_posterior_mean(pool, q, sigma, b, exclude=excl,
                                                  tile_bytes=tile_bytes)  # fmt: skip
@@ -198,13 +235,15 @@ def choose_bandwidth(
         precision=precision,
         tile_bytes=tile_bytes,
         exclude=True,
+        var=_variances(pools.train_std, x0),
     )
     return candidates[int(losses.mean(dim=1).argmin())]
 
 
 class HeldoutRun:
     """The held-out draws of ``heldout_losses``, set up once (the training pools, the centred
-    held-out points, the sources); ``point(σ)`` computes one σ."""
+    held-out points (of Gaussian items, their means and variances), the sources); ``point(σ)``
+    computes one σ."""
 
     def __init__(
         self,
@@ -218,14 +257,18 @@ class HeldoutRun:
         precision: Precision,
         device: str | torch.device,
         tile_bytes: int,
+        train_std: Tensor | None = None,
+        heldout_std: Tensor | None = None,
     ) -> None:
         check_heldout(train, heldout)
+        check_same_kind(train_std, heldout_std)
         check_seed(seed)
         check_bandwidth(bandwidth)
         m = heldout.shape[0] if outer is None else outer
         check_outer(m)
-        self.pools = TrainingPools(train, 0.0, resolve_device(device))
+        self.pools = TrainingPools(train, 0.0, resolve_device(device), train_std)
         self.x0 = self.pools(base_dtype(precision)).centre(heldout)
+        self.var = _variances(heldout_std, self.x0)
         self.pools.heldout_max_sq = float(self.x0.pow(2).sum(dim=1).max())
         self.sources = stratified_sources(heldout.shape[0], m, seed)
         self.validation = max(2, min(validation, train.shape[0]))
@@ -254,6 +297,7 @@ class HeldoutRun:
             stream=Stream.OUTER_NOISE,
             precision=self.precision,
             tile_bytes=self.tile_bytes,
+            var=self.var,
         )
         value, se = mean_and_stderr(losses[0])
         smooth = (None, None) if b is None else mean_and_stderr(losses[1])
@@ -280,6 +324,8 @@ def heldout_losses(
     device: str | torch.device = "auto",
     tile_bytes: int = DEFAULT_TILE_BYTES,
     progress: bool = False,
+    train_std: Tensor | None = None,
+    heldout_std: Tensor | None = None,
 ) -> list[HeldoutPoint]:
     """Per σ, the held-out losses of μ_train and (with ``bandwidth``: a number, or ``"auto"``
     = ``choose_bandwidth`` per σ on min(``validation``, N) draws) of D_b.
@@ -288,7 +334,9 @@ def heldout_losses(
     estimate draws its sources) with the estimate's plain noise ε ~ N(0, I) (the loss of a
     fixed denoiser on unseen points needs no tilting), so with heldout = train and b = None
     ``heldout_loss`` equals the direct form of ``estimate_curve``'s full estimator with
-    ``draws="plain"`` on the same draws, bitwise.
+    ``draws="plain"`` on the same draws, bitwise. With ``train_std`` and ``heldout_std``
+    (their stds), both sets are Gaussian items (see the module docstring): with heldout = train
+    and b = None, ``heldout_loss`` is again the estimate's direct form on the same draws.
     """
     check_sigmas(list(sigmas))
     run = HeldoutRun(
@@ -301,7 +349,16 @@ def heldout_losses(
         precision=precision,
         device=device,
         tile_bytes=tile_bytes,
+        train_std=train_std,
+        heldout_std=heldout_std,
     )
     return [
         run.point(s) for s in progress_bar(sigmas, desc="held-out σ", unit="σ", enabled=progress)
     ]
+
+
+def _variances(std: Tensor | None, like: Tensor) -> Tensor | None:
+    """s² of Gaussian items (N×D, float64, where ``like`` is: their centred means), or None."""
+    if std is None:
+        return None
+    return std.reshape(like.shape).to(device=like.device, dtype=torch.float64).pow(2)

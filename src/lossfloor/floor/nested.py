@@ -7,6 +7,7 @@ is extrapolated (a geometric series). ``floor`` runs the subsets and the held-ou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -20,6 +21,7 @@ import numpy.typing as npt
 import torch
 
 from lossfloor.data import Dataset, mean_and_variance
+from lossfloor.data.dataset import posterior_variance
 from lossfloor.errors import ParameterError
 from lossfloor.floor.heldout import (
     VALIDATION_DRAWS,
@@ -27,6 +29,7 @@ from lossfloor.floor.heldout import (
     HeldoutRun,
     check_bandwidth,
     check_heldout,
+    check_same_kind,
 )
 from lossfloor.floor.result import FORMAT, Floor, FloorPoint, SizePoint
 from lossfloor.optimal.checkpoint import Checkpoint, checkpoint_key
@@ -201,9 +204,8 @@ class FloorRun:
     def __post_init__(self, levels: int, requested: Sequence[int] | None) -> None:
         """Check the data, σ grid, seed, bandwidth, draws and repeats (in this order), then
         set the subset sizes."""
-        self.train.require_points()
-        self.heldout.require_points()
         check_heldout(self.train.x, self.heldout.x)
+        check_same_kind(self.train.std, self.heldout.std)
         check_sigmas(list(self.sigmas))
         check_seed(self.seed)
         check_bandwidth(self.bandwidth)
@@ -237,9 +239,13 @@ class FloorRun:
 
     def subset_values(self, n: int, perm: Tensor) -> list[list[float]]:
         """[J*, stderr] at each σ of the subset of the first n points of ``perm`` (the whole
-        training set at n = N): the full estimator with min(n, outer) draws."""
-        x = self.train.x
-        subset = x if n == self.train.n else x[perm[:n]]
+        training set at n = N): the full estimator with min(n, outer) draws (of Gaussian items,
+        J* of the subset's mixture)."""
+        x, std = self.train.x, self.train.std
+        subset: Tensor | Dataset = x if n == self.train.n else x[perm[:n]]
+        if std is not None:  # the items with their stds, unconditional (as points' subsets)
+            keep = slice(None) if n == self.train.n else perm[:n]
+            subset = dataclasses.replace(self.train, x=x[keep], std=std[keep], labels=None)
         curve = estimate_curve(
             subset,
             self.sigmas,
@@ -284,6 +290,8 @@ class FloorRun:
             precision=self.precision,
             device=self.device,
             tile_bytes=self.tile_bytes,
+            train_std=self.train.std,
+            heldout_std=self.heldout.std,
         )
 
     def heldout_json(self, sigma: float) -> dict[str, Any]:
@@ -301,6 +309,8 @@ class FloorRun:
     def result(self, by_size: dict[int, list[SubsetValues]], held: list[HeldoutPoint]) -> Floor:
         """The ``Floor``: a ``floor_point`` per σ, both datasets and ``params``."""
         variance = mean_and_variance(self.train.x)[1]
+        if self.train.std is not None:  # Gaussian items: the variance within them too
+            variance += posterior_variance(self.train.std)
         points = [
             floor_point(sigma, size_points(self.sizes, by_size, i), held[i], variance, self.seed)
             for i, sigma in enumerate(self.sigmas)

@@ -14,7 +14,7 @@ import torch
 
 from lossfloor.data import Dataset
 from lossfloor.errors import ParameterError
-from lossfloor.floor.heldout import check_heldout, heldout_losses
+from lossfloor.floor.heldout import check_heldout, check_same_kind, heldout_losses
 from lossfloor.floor.result import Floor, FloorPoint
 from lossfloor.optimal.curve import Curve
 from lossfloor.optimal.draws import OuterPlan
@@ -42,9 +42,7 @@ def with_heldout(
 ) -> Curve:
     """``curve`` (J* of ``train``) with each point's held-out losses (``heldout_losses`` with
     the curve's seed; M = ``outer``, default the held-out size) and ``sources`` = the held-out
-    dataset's description."""
-    train.require_points()
-    heldout.require_points()
+    dataset's description. Of Gaussian items both sets are (``heldout.check_same_kind``)."""
     if curve.dataset is not None and curve.dataset.get("conditional"):
         raise ParameterError("sources", heldout.name, "held-out sources need an unconditional J*")
     held = heldout_losses(
@@ -58,6 +56,8 @@ def with_heldout(
         device=device,
         tile_bytes=tile_bytes,
         progress=progress,
+        train_std=train.std,
+        heldout_std=heldout.std,
     )
     points = tuple(
         dataclasses.replace(p, **{k: v for k, v in h.to_json().items() if k != "sigma"})
@@ -106,17 +106,18 @@ def read_heldout(
 ) -> Diagnosis:
     """``diagnosis`` with each point's held-out model loss E‖D_θ(x0_h + σε) − x0_h‖²/D (draws
     as the diagnosis': outer M and seed, over ``heldout``) and, with the floor of ``train``, its
-    ``reading``."""
+    ``reading``. Of Gaussian items (both sets: ``heldout.check_same_kind``) each held-out
+    x0 = m + s⊙z is drawn as the diagnosis draws it."""
     from lossfloor.diagnosis import model_per_sample_loss
 
-    train.require_points()
-    heldout.require_points()
     check_heldout(train.x, heldout.x)
+    check_same_kind(train.std, heldout.std)
     if floor_result is not None:
         check_floor(floor_result, train, [p.sigma for p in diagnosis.points])
     if use_labels and heldout.labels is None:
         raise ParameterError("heldout", heldout.name, "has no labels for a conditional model")
-    plan = OuterPlan.build(heldout.x, heldout.labels, diagnosis.outer, diagnosis.seed, False)
+    plan = OuterPlan.build(heldout.x, heldout.labels, diagnosis.outer, diagnosis.seed, False,
+                           heldout.std)  # fmt: skip
     labels = heldout.labels if use_labels else None
     points = []
     for p in diagnosis.points:

@@ -107,8 +107,9 @@ def estimate_curve(
     ``device``: ``"auto"`` is cuda when available, else cpu (``lossfloor.device``).
 
     A Dataset of Gaussian items (``Dataset.std``: VAE latents) gives J* of the mixture of its
-    N(m_i, diag s_i²) (``mixture.MixturePool``): the ``full`` estimator, plain draws, one
-    process, in memory (``mixture.check_gaussian`` refuses the rest).
+    N(m_i, diag s_i²) (``mixture.MixturePool``; on K > 1 processes each holds its shard,
+    ``shard.ShardedMixturePool``): the ``full`` estimator, plain draws, in memory
+    (``mixture.check_gaussian`` refuses the rest).
     """
     device = resolve_device(device)
     group = current(device)
@@ -125,7 +126,7 @@ def estimate_curve(
         base_dtype(precision)  # an unknown policy fails before any work
         asked, draws = draws, resolve_draws(draws, estimator)
         if std is not None:
-            draws = check_gaussian(estimator, asked, group.world)
+            draws = check_gaussian(estimator, asked)
         check_sharded(estimator, conditional, group, streamed=isinstance(x, ChunkedDataset))
     run = EstimateRun(
         plan=plan, estimator=estimator, form=resolve_form(form, estimator), draws=draws,

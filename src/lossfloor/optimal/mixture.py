@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import torch
 
@@ -66,12 +66,15 @@ class MixtureKeys:
 class MixturePool(Pool):
     """A pool of Gaussian items: the centred means m_i − x̄ as its rows (``x``, ``sq``), their
     variances s_i² (``var``, float64), A = E‖x0 − x̄‖² = mean_i(‖m_i − x̄‖² + Σ_d s_id²) (so
-    the closed form (A − ‖μ‖²)/D holds: E[x0·μ] = E‖μ‖² for any distribution), and the
-    per-σ keys of the last σ asked for (``keys_at``)."""
+    the closed form (A − ‖μ‖²)/D holds: E[x0·μ] = E‖μ‖² for any distribution), the per-element
+    least and largest s² over every item (``var_lo``, ``var_hi``: the keys' reference and the
+    precision guard), and the per-σ keys of the last σ asked for (``keys_at``)."""
 
     gaussian: ClassVar[bool] = True
     var: Tensor = field(default_factory=lambda: torch.empty(0))
     means: Tensor = field(default_factory=lambda: torch.empty(0))  # m − x̄, float64
+    var_lo: Tensor = field(default_factory=lambda: torch.empty(0))
+    var_hi: Tensor = field(default_factory=lambda: torch.empty(0))
     _cached: MixtureKeys | None = None
 
     @classmethod
@@ -85,23 +88,32 @@ class MixturePool(Pool):
         mc = m64.sub_(mean)
         var = std.reshape(n, -1).to(device=device, dtype=torch.float64).pow(2)
         sq = mc.pow(2).sum(dim=1)
-        return cls(
-            x=mc.to(dtype),
-            sq=sq.to(dtype),
-            mean=mean,
-            a=float((sq + var.sum(dim=1)).mean()),
-            max_sq=float(sq.max()),
-            aug=torch.empty(0, 0, dtype=dtype, device=device),  # the keys are per σ
-            var=var,
-            means=mc,
-        )
+        return cls.of_items(
+            mc, var, sq, mean, dtype, a=float((sq + var.sum(dim=1)).mean()),
+            max_sq=float(sq.max()), var_lo=var.amin(dim=0), var_hi=var.amax(dim=0),
+        )  # fmt: skip
+
+    @classmethod
+    def of_items(
+        cls, means: Tensor, var: Tensor, sq: Tensor, mean: Tensor, dtype: torch.dtype, **rest: Any
+    ) -> Self:
+        """The pool of the items m_i − x̄ and s_i² (float64; ‖m_i − x̄‖² ``sq``) about x̄
+        ``mean``, its rows in ``dtype`` and no fixed keys (they are per σ: ``keys_at``); the
+        other fields (A, max‖·‖², the range of s², ...) from ``rest``."""
+        aug = torch.empty(0, 0, dtype=dtype, device=means.device)
+        return cls(x=means.to(dtype), sq=sq.to(dtype), mean=mean, aug=aug, var=var, means=means,
+                   **rest)  # fmt: skip
+
+    def items(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(m_i − x̄, s_i²) of the items ``idx`` (B), float64."""
+        return self.means[idx], self.var[idx]
 
     def draw(self, idx: Tensor, component: Tensor | None) -> Tensor:
         """x0 = m_i + s_i⊙z of the items ``idx`` (centred; B×D) with z = ``component``."""
         if component is None:
             raise ValueError("draws from Gaussian items need their component noise z")
-        z = component.to(device=self.means.device, dtype=torch.float64)
-        return (self.means[idx] + self.var[idx].sqrt() * z).to(self.dtype)
+        means, var = self.items(idx)
+        return gaussian_draws(means, var, component, self.dtype)
 
     def keys_at(self, sigma: float) -> MixtureKeys:
         """The keys at σ (computed in float64 from m and s², O(N·D); the last σ's are kept)."""
@@ -110,7 +122,8 @@ class MixturePool(Pool):
         n, d = self.means.shape
         s2 = sigma * sigma
         inv = 1.0 / (self.var + s2)  # 1/v
-        ref = 0.5 * (inv.amax(dim=0) + inv.amin(dim=0))  # r_d: a per-query constant ½Σ r x²
+        # r_d: a per-query constant ½Σ r x², the same on every shard (1/v falls with s²)
+        ref = 0.5 * (1.0 / (self.var_lo + s2) + 1.0 / (self.var_hi + s2))
         logits = torch.zeros(n, _aligned(2 * d + 2), dtype=torch.float64, device=inv.device)
         logits[:, :d] = -0.5 * (inv - ref)
         torch.mul(self.means, inv, out=logits[:, d : 2 * d])
@@ -136,10 +149,10 @@ class MixturePool(Pool):
         adjust: Adjust | None = None,
     ) -> SoftmaxState:
         """The softmax state over every component (acc: [Σp σ²m/v | Σp s²/v], 2D wide) of the
-        centred ``queries`` (B×D) at σ; ``posterior`` turns it into μ. Inner subsets, masks,
-        weights and additions are the point estimators' (refused on Gaussian items before any
-        work: ``check_gaussian``)."""
-        if idx is not None or exclude is not None or key_logw is not None or adjust is not None:
+        centred ``queries`` (B×D) at σ, component n left out for query b where n = exclude[b]
+        (leave-one-out); ``posterior`` turns it into μ. Inner subsets, weights and additions are
+        the point estimators' (refused on Gaussian items before any work: ``check_gaussian``)."""
+        if idx is not None or key_logw is not None or adjust is not None:
             raise ValueError("a mixture pool's softmax runs over every component")
         b, d = queries.shape
         keys = self.keys_at(sigma)
@@ -148,9 +161,14 @@ class MixturePool(Pool):
         q_aug[:, d : 2 * d] = queries
         q_aug[:, 2 * d] = 1.0
         state = SoftmaxState.empty(b, 2 * d, queries.dtype, queries.device)
+        ids = None
+        if exclude is not None:
+            first, held = self.first, keys.logits.shape[0]
+            ids = torch.arange(first, first + held, device=keys.logits.device)
         return accumulate_keys(
-            q_aug, keys.logits, keys.values, 2 * d + 1, state, tile_bytes=tile_bytes
-        )
+            q_aug, keys.logits, keys.values, 2 * d + 1, state, key_ids=ids, exclude_ids=exclude,
+            tile_bytes=tile_bytes,
+        )  # fmt: skip
 
     def posterior(self, state: SoftmaxState, queries: Tensor) -> Tensor:
         """μ = a + b⊙q from [a | b] = acc/z (the component means' σ²m/v and gains s²/v)."""
@@ -167,7 +185,7 @@ class MixturePool(Pool):
         u = torch.finfo(dtype).eps / 2
         d = self.dim
         s2 = sigma * sigma
-        lo, hi = float(self.var.min()), float(self.var.max())
+        lo, hi = float(self.var_lo.min()), float(self.var_hi.max())
         v0 = s2 + lo
         spread = 0.5 * (1.0 / v0 - 1.0 / (s2 + hi))
         r2 = self.max_sq
@@ -176,10 +194,17 @@ class MixturePool(Pool):
         return u * (q * q * spread + (math.sqrt(2 * d) * q * math.sqrt(r2) + r2) / v0 + logs)
 
 
-def check_gaussian(estimator: Estimator, draws: str, world: int) -> Literal["plain"]:
+def gaussian_draws(means: Tensor, var: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+    """x0 = m + s⊙z of items with (centred) means ``means`` and variances ``var`` (B×D,
+    float64) and their z (B×D), computed in float64, in ``dtype``."""
+    return (means + var.sqrt() * z.to(device=means.device, dtype=torch.float64)).to(dtype)
+
+
+def check_gaussian(estimator: Estimator, draws: str) -> Literal["plain"]:
     """The draws an estimate of Gaussian items takes (``auto``: plain), after refusing what
-    does not run on them yet: an estimator without the capability 'gaussian'
-    (``Capabilities.items``), tilted draws, several processes."""
+    does not run on them: an estimator without the capability 'gaussian'
+    (``Capabilities.items``), tilted draws. (They run in memory, on one process or sharded
+    over several; they never stream: a latent zip or .npz is read whole.)"""
     from lossfloor.optimal.capabilities import having, listed
     from lossfloor.optimal.estimators import declared
 
@@ -195,9 +220,4 @@ def check_gaussian(estimator: Estimator, draws: str, world: int) -> Literal["pla
             "draws", draws, f"tilted draws shift ε toward neighbouring points; {GAUSSIAN_TEXT} "
             "take plain draws (auto)",
         )  # fmt: skip
-    if world > 1:
-        raise UserError(
-            f"J* of {GAUSSIAN_TEXT} runs in one process, not on {world} processes yet; run it "
-            "in one process"
-        )
     return "plain"

@@ -17,7 +17,7 @@ from lossfloor.optimal.draws import OuterPlan
 from lossfloor.optimal.mixture import MixturePool
 from lossfloor.optimal.pools import Pool
 from lossfloor.optimal.precision import FLOAT32_MAX_SQ_NORM, base_dtype, choose_dtype
-from lossfloor.optimal.shard import ShardedPool
+from lossfloor.optimal.shard import ShardedMixturePool, ShardedPool
 from lossfloor.optimal.stream import StreamedPool
 
 Tensor = torch.Tensor
@@ -30,16 +30,19 @@ def make_pools(
     the data as they are, without a gathered copy); with a ``group`` of K > 1 processes, this
     process's shard of the whole set (``shard.ShardedPool``); of a ``ChunkedDataset``, its keys
     read per chunk (``stream.StreamedPool``, this process's shard); of Gaussian items (the
-    plan's ``std``), a ``mixture.MixturePool`` per group."""
+    plan's ``std``), a ``mixture.MixturePool`` per group (K > 1: this process's shard of the
+    whole set, ``shard.ShardedMixturePool``)."""
     if isinstance(plan.data, ChunkedDataset):
         return [StreamedPool.from_stream(plan.data, dtype, device, group or Group())]
+    if group is not None and group.world > 1:  # this process's shard of the whole set
+        if plan.std is not None:
+            return [ShardedMixturePool.from_items_shard(plan.data, plan.std, dtype, device, group)]
+        return [ShardedPool.from_shard(plan.data, dtype, device, group)]
     if plan.std is not None:  # Gaussian items: one mixture pool per group
         return [
             MixturePool.from_items(plan.data[members], plan.std[members], dtype, device)
             for members, _ in plan.groups
         ]
-    if group is not None and group.world > 1:
-        return [ShardedPool.from_shard(plan.data, dtype, device, group)]
     n = plan.data.shape[0]
     return [
         Pool.from_data(plan.data if members.numel() == n else plan.data[members], dtype, device)

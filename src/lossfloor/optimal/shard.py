@@ -13,7 +13,8 @@ rows it holds to an all-reduce sum, exact since the others contribute zeros), an
 index (each process ranks its slice, the K top-k lists are merged). The draws and random inner
 sets are drawn over global indices, identically on every process, so they do not depend on K;
 every process ends with the same per-sample values, up to float reduction order against one
-process.
+process. Gaussian items (``ShardedMixturePool``) shard the same way: each process holds its
+items' m and s² and their per-σ keys (``mixture.MixturePool``), and merges the same states.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lossfloor.errors import UserError
 from lossfloor.optimal.capabilities import having, listed
 from lossfloor.optimal.estimators import Estimator, declared
 from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
+from lossfloor.optimal.mixture import MixturePool
 from lossfloor.optimal.pools import Pool
 
 Tensor = torch.Tensor
@@ -54,20 +56,15 @@ class ShardedPool(Pool):
         quantised pixels often give, by the rounding of these rows); A = Σ‖x − x̄‖²/N and
         max‖x − x̄‖² from all-reduced float64 sums and max."""
         n = data.shape[0]
-        start, stop = group.shard(n)
-        mean = data.reshape(n, -1).to(device=device, dtype=torch.float64).mean(dim=0)
-        x64 = data[start:stop].reshape(stop - start, -1).to(device=device, dtype=torch.float64)
-        xc = x64 - mean
-        sq = xc.pow(2).sum(dim=1)
+        start, mean, xc, sq, top = centred_shard(data, device, group)
         sums = group.sum(sq.sum().reshape(1))
-        top = group.max(torch.cat([sq, sq.new_full((1,), -math.inf)]).max().reshape(1))
         xd = xc.to(dtype)
         return cls(
             x=xd,
             sq=sq.to(dtype),
             mean=mean,
             a=float(sums) / n,
-            max_sq=float(top),
+            max_sq=top,
             aug=augment(xd),
             group=group,
             start=start,
@@ -92,27 +89,33 @@ class ShardedPool(Pool):
     def whole(self) -> Tensor | None:
         return self.x if self.shards == 1 and self.x.shape[0] == self.n else None
 
-    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices (any shape): each process fills the rows
-        it holds, one all-reduce sum (exact: the others add zeros)."""
+    def by_index(self, idx: Tensor, *tables: Tensor) -> list[Tensor]:
+        """The entries of any pool indices ``idx`` (any shape) in each of ``tables`` (this
+        process's rows of a per-row table, N_held×w or N_held, one dtype; idx.shape×w or
+        idx.shape): each process fills the rows it holds, one all-reduce sum of them all
+        (exact: the others add zeros)."""
         flat = idx.reshape(-1)
-        d = self.dim
-        out = torch.zeros(flat.numel(), d + 1, dtype=self.x.dtype, device=self.x.device)
+        cols = [t.reshape(t.shape[0], -1) for t in tables]
+        widths = [c.shape[1] for c in cols]
+        out = torch.zeros(flat.numel(), sum(widths), dtype=cols[0].dtype, device=cols[0].device)
         held = self._held(flat)
         local = flat[held] - self.start
-        out[held, :d] = self.x[local]
-        out[held, d] = self.sq[local]
+        at = 0
+        for c, w in zip(cols, widths, strict=True):
+            out[held, at : at + w] = c[local]
+            at += w
         self.group.sum(out)
-        return out[:, :d].reshape(*idx.shape, d), out[:, d].reshape(idx.shape)
+        parts = out.split(widths, dim=1)
+        return [p.reshape(*idx.shape, *t.shape[1:]) for p, t in zip(parts, tables, strict=True)]
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_n − x̄, ‖x_n − x̄‖²) of any pool indices (any shape): ``by_index``."""
+        x, sq = self.by_index(idx, self.x, self.sq)
+        return x, sq
 
     def norms(self, idx: Tensor) -> Tensor:
-        """‖x_n − x̄‖² of any pool indices (any shape), as ``rows``."""
-        flat = idx.reshape(-1)
-        out = torch.zeros(flat.numel(), dtype=self.x.dtype, device=self.x.device)
-        held = self._held(flat)
-        out[held] = self.sq[flat[held] - self.start]
-        self.group.sum(out)
-        return out.reshape(idx.shape)
+        """‖x_n − x̄‖² of any pool indices (any shape): ``by_index``."""
+        return self.by_index(idx, self.sq)[0]
 
     @property
     def n_held(self) -> int:
@@ -161,6 +164,60 @@ class ShardedPool(Pool):
 
     def across(self, columns: Tensor) -> Tensor:
         return self.group.cat(columns, dim=1)
+
+
+@dataclass
+class ShardedMixturePool(ShardedPool, MixturePool):
+    """This process's rows [start, start + len(x)) of a pool of ``total`` Gaussian items:
+    ``mixture.MixturePool``'s per-σ keys (of its rows), softmax states and posterior, over
+    ``ShardedPool``'s collectives: the states merged exactly (``merge``; acc is the 2D-wide
+    [Σp σ²m/v | Σp s²/v]), any item's m − x̄ and s² by index for the draws (``items``: one
+    all-reduce, as ``rows``). Global: x̄ (from the whole data, as one process computes it),
+    A = Σ_i(‖m_i − x̄‖² + Σ_d s_id²)/N and max‖m − x̄‖² (float64 all-reduces), and the
+    per-element range of s² (all-reduced min and max: every shard's keys take the same
+    reference r_d, so their logits are one softmax's)."""
+
+    @classmethod
+    def from_items_shard(
+        cls, data: Tensor, std: Tensor, dtype: torch.dtype, device: torch.device | str,
+        group: Group,
+    ) -> ShardedMixturePool:  # fmt: skip
+        """The pool of items N(data_i, diag std_i²) (N×..., both, every process the same),
+        keeping ``group.shard(N)``."""
+        n = data.shape[0]
+        start, mean, mc, sq, top = centred_shard(data, device, group)
+        rows = mc.shape[0]
+        var = std[start : start + rows].reshape(rows, -1).to(device=device, dtype=torch.float64)
+        var = var.pow(2)
+        total = group.sum((sq + var.sum(dim=1)).sum().reshape(1))
+        edge = var.new_full((1, var.shape[1]), math.inf)  # an empty shard's min and max
+        lo = group.max(torch.cat([var, edge]).amin(dim=0).neg()).neg()
+        hi = group.max(torch.cat([var, -edge]).amax(dim=0))
+        return cls.of_items(
+            mc, var, sq, mean, dtype, a=float(total) / n, max_sq=top, var_lo=lo, var_hi=hi,
+            group=group, start=start, total=n,
+        )  # fmt: skip
+
+    def items(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(m_i − x̄, s_i²) of any items ``idx`` (B), float64: ``by_index``."""
+        means, var = self.by_index(idx, self.means, self.var)
+        return means, var
+
+
+def centred_shard(
+    data: Tensor, device: torch.device | str, group: Group
+) -> tuple[int, Tensor, Tensor, Tensor, float]:
+    """(this process's first row, x̄ of the whole ``data`` (N×..., as ``Pool.from_data``
+    computes it, so the rows are bitwise one process's), its rows ``group.shard(N)`` centred
+    (float64, flattened), their ‖x − x̄‖², the max ‖x − x̄‖² over every process)."""
+    n = data.shape[0]
+    start, stop = group.shard(n)
+    mean = data.reshape(n, -1).to(device=device, dtype=torch.float64).mean(dim=0)
+    x64 = data[start:stop].reshape(stop - start, -1).to(device=device, dtype=torch.float64)
+    xc = x64 - mean
+    sq = xc.pow(2).sum(dim=1)
+    top = group.max(torch.cat([sq, sq.new_full((1,), -math.inf)]).max().reshape(1))
+    return start, mean, xc, sq, float(top)
 
 
 def bag_offsets(bag: Tensor, bags: int) -> Tensor:

@@ -100,8 +100,8 @@ def collect(
     finer grid, plus the schedule's mass outside the grid times the end values); the
     parameter count; FLOPs = ``denoiser_step_flops`` × step; images_seen = step × batch.
     Extra columns: step, loss_stderr, optimal_loss (J* on the same draws). ``device``:
-    ``"auto"`` is cuda when available (``lossfloor.device``); the models load there."""
-    dataset.require_points()
+    ``"auto"`` is cuda when available (``lossfloor.device``); the models load there. Of
+    Gaussian items, diagnose's draws x0 = m + s⊙z and J* of their mixture."""
     if len(sigmas) < 2:
         raise ParameterError("sigmas", list(sigmas), "the total loss needs at least 2 σ values")
     device = resolve_device(device)

@@ -31,6 +31,10 @@ class GapMonitor(Hook):
     ``gap_bins`` once it has any: the gap of the training losses, no extra forward passes. Its
     state is the tracker's (``state_dict``: checkpointed under ``state_key``), so a resumed run
     logs what an uninterrupted one does.
+
+    Of Gaussian items (``Dataset.std``: the curve is J* of their mixture), each fixed draw's
+    x0 = m + s⊙z is the estimate's (``model_per_sample_loss``), so on the draws of an estimate
+    with M = ``n`` and the same seed the optimal denoiser's J_θ is that estimate's direct form.
     """
 
     state_key = "gap_monitor"
@@ -46,16 +50,11 @@ class GapMonitor(Hook):
         device: str | torch.device = "cpu",
         log_every: int = 100,
     ) -> None:
-        if dataset.gaussian:
-            raise UserError(
-                f"{dataset.name}: the gap monitor needs J_θ on draws from Gaussian items, not "
-                "computed yet; train without --monitor and diagnose the run afterwards"
-            )
         self.device = torch.device(device)
         self.sigmas = [float(s) for s in sigmas]
         self.optimal = {s: float(curve(s)) for s in self.sigmas}  # checks the grid covers σ
         self.dataset = dataset
-        self.plan = OuterPlan.build(dataset.x, dataset.labels, n, seed, False)
+        self.plan = OuterPlan.build(dataset.x, dataset.labels, n, seed, False, dataset.std)
         self.labels = dataset.labels if labels else None
         self.log_every = log_every
         self.seconds = 0.0

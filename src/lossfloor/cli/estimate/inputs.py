@@ -172,13 +172,14 @@ def _heldout(
     if args.sources is None:
         return None
     from lossfloor.data import Dataset, load_dataset
-    from lossfloor.floor import check_heldout
+    from lossfloor.floor import check_heldout, check_same_kind
 
     if args.conditional:
         raise UserError("--sources: held-out sources need an unconditional J* (no --conditional)")
     assert isinstance(ds, Dataset)  # --sources never streams (_open_stream, _too_large)
     heldout = load_dataset(args.sources)
     check_heldout(ds.x, heldout.x)
+    check_same_kind(ds.std, heldout.std)
     return ds, heldout
 
 

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from lossfloor.data.formats.items import Items, RawData, gaussian_refusal
+from lossfloor.data.formats.items import Items, RawData
 from lossfloor.errors import UserError
 
 if TYPE_CHECKING:  # PIL loads only when images are decoded
@@ -111,7 +111,10 @@ def open_edm_zip(path: Path, *, limit: int | None) -> ImageItems:
     if not files:
         zf.close()
         if any(n.endswith(".npy") for n in names):  # an EDM2 latent zip: latents.py
-            raise UserError(gaussian_refusal(str(path)))
+            raise UserError(
+                f"{path}: an EDM2 latent zip (Gaussian items) is read whole, not by rows; leave "
+                "out --stream (J* of it runs in memory, sharded over the processes of torchrun)"
+            )
         raise UserError(f"{path}: the zip holds no PNG/JPEG images")
     labels = None
     if LABELS_FILE in names:

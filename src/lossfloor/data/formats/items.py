@@ -19,15 +19,6 @@ import numpy as np
 from lossfloor.errors import UserError
 
 
-def gaussian_refusal(where: str) -> str:
-    """The one line that refuses Gaussian items where only points are handled yet."""
-    return (
-        f"{where}: Gaussian items (VAE latents with a std) are not handled here yet (J* of them "
-        "is: lossfloor estimate, in memory); meanwhile give --key mean (key='mean') to treat the "
-        "means as points, which is not the latent distribution"
-    )
-
-
 class RawData(NamedTuple):
     """Items before scaling, in canonical layout, already cut to ``limit``."""
 
