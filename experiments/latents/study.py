@@ -169,8 +169,8 @@ def train_marker(study: Study, transform: dict[str, Any], seed: int) -> None:
     last = json.loads(lines[-1])
     config = read_json(run / "config.json")
     write_json(study.out / f"train-seed{seed}.json", {
-        "run": str(run), "seed": seed, "steps": study.steps, "batch": study.batch,
-        "model": study.model, "params": config.get("params"),
+        "run": run.name, "seed": seed, "steps": study.steps, "batch": study.batch,
+        "model": study.model, "parameters": config.get("parameters"),
         "train_seconds": last["seconds"], "this_call_seconds": time.time() - started,
         "last_loss": last["loss"], "last_loss_x0": last["loss_x0"],
     })  # fmt: skip
@@ -360,7 +360,7 @@ def plot(
     right.axhline(1, color="k", lw=0.8)
     right.set(xscale="log", yscale="log", xlabel="σ", ylabel="J_θ / J*",
               title="the model's normalised loss")  # fmt: skip
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
