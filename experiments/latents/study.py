@@ -149,7 +149,10 @@ def write_sampled(study: Study, transform: dict[str, Any]) -> None:
 
     def save(tmp: Path) -> None:
         with tmp.open("wb") as f:
-            np.savez(f, x=x) if y is None else np.savez(f, x=x, y=y)
+            if y is None:
+                np.savez(f, x=x)
+            else:
+                np.savez(f, x=x, y=y)
 
     save_with(study.work / "sampled.npz", save)
 
