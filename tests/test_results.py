@@ -39,6 +39,12 @@ COMMITTED = {
     "docs/results/scaling/fit-flops.json": ScalingFit,
     "docs/results/scaling/fit-params.json": ScalingFit,
 }
+#: Committed result files written with the header (no pre-header text): docs/latents.md's.
+LATER: dict[str, type[Result]] = {
+    f"docs/experiments/latents/study/{name}.json": kind
+    for name, kind in [("jstar-mixture", Curve), ("jstar-means", Curve), ("jstar-sampled", Curve),
+                       ("diagnose-mixture-seed0", Diagnosis), ("diagnose-means-seed0", Diagnosis)]
+}  # fmt: skip
 KINDS: list[type[Result]] = [Curve, Diagnosis, Floor, ScalingFit, ScheduleTable]
 
 
@@ -68,9 +74,9 @@ def examples(schedule_table: ScheduleTable) -> dict[type[Result], Result]:
 # --- committed files ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: Path(p).name)
+@pytest.mark.parametrize("path", COMMITTED | LATER, ids=lambda p: Path(p).name)
 def test_every_committed_result_file_round_trips_byte_for_byte(path, tmp_path):
-    COMMITTED[path].load(ROOT / path).save(tmp_path / "again.json")
+    (COMMITTED | LATER)[path].load(ROOT / path).save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_bytes() == (ROOT / path).read_bytes()
 
 
@@ -82,7 +88,7 @@ def test_every_committed_file_with_a_result_header_is_listed():
             obj = json.loads(path.read_text())
             if isinstance(obj, dict) and obj.get("format") in tags:
                 found.append(path.relative_to(ROOT).as_posix())
-    assert sorted(found) == sorted(COMMITTED)
+    assert sorted(found) == sorted(COMMITTED | LATER)
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: Path(p).name)
