@@ -98,9 +98,7 @@ class _GemmThreads:
         self.threads, self.calls, self.best = threads, 0, threads
         self.probe: dict[int, float] = {}
 
-    def __call__(
-        self, products: Callable[[Tensor], tuple[Tensor, Tensor]], rows: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, products: Callable[[Tensor], tuple[Tensor, Tensor]], rows: Tensor):
         step = self.calls % REPROBE
         self.calls += 1
         if self.threads == 1 or step >= 2 * PROBES:
