@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import lossfloor.optimal.estimate as estimate_module
-import lossfloor.optimal.gram as gram_module
 import lossfloor.optimal.sweep as sweep_module
 from lossfloor.cli import main
 from lossfloor.data import load_dataset
@@ -233,90 +232,6 @@ def test_grid_values_do_not_depend_on_the_thread_count_and_restore_it(digits):
         torch.set_num_threads(threads)
     for one, two in zip(*runs, strict=True):
         assert torch.equal(one.closed, two.closed) and torch.equal(one.direct, two.direct)
-
-
-def test_small_ops_run_in_one_thread_but_the_products_in_torch_s(digits, monkeypatch):
-    """Beside a busy process (issue 25 item 5): inside ``small_ops`` (nested or not) torch runs
-    one thread, the Gram products (base and tilted) the threads set outside it; on leaving,
-    the setting is restored."""
-    pool = Pool.from_data(digits.x[:300], torch.float32, "cpu")
-    src, noise = draws_of(pool, 300, seed=5)
-    toward = [torch.where(torch.arange(300) % 2 == 0, (src + 1) % 300, -1)] * 2
-    seen: list[int] = []
-    real = Pool.products
-
-    def products(self, pad=0):
-        inner = real(self, pad)
-
-        def call(rows):
-            seen.append(torch.get_num_threads())
-            return inner(rows)
-
-        return call
-
-    monkeypatch.setattr(Pool, "products", products)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with gram_module.small_ops():
-            assert torch.get_num_threads() == 1
-            Gram(inner=8).grid_values(pool, src, noise, [0.3, 3.0],
-                                      [torch.Generator().manual_seed(i) for i in range(2)],
-                                      toward)  # fmt: skip
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
-    # the base products and the tilted ones; the first 2·PROBES probe 2 and 1 thread in turn
-    assert len(seen) > 2 * gram_module.PROBES and set(seen) <= {1, 2}
-    assert seen[: 2 * gram_module.PROBES] == [2, 1] * gram_module.PROBES
-
-
-@pytest.mark.parametrize("slow_threads, best", [(2, 1), (1, 2)])
-def test_gemm_threads_keep_the_count_that_took_less_time_per_row(monkeypatch, slow_threads, best):
-    """A fake clock: a product takes 5 ticks per row in ``slow_threads`` threads, 1 in the
-    other; after the probe (PROBES calls of each) every call runs in the faster count until the
-    next probe, REPROBE calls after the first; the values are the products' own."""
-    clock = [0.0]
-    monkeypatch.setattr(gram_module.time, "perf_counter", lambda: clock[0])
-    seen: list[int] = []
-
-    def products(rows):
-        seen.append(torch.get_num_threads())
-        clock[0] += rows.shape[0] * (5.0 if seen[-1] == slow_threads else 1.0)
-        return rows * 2.0, rows
-
-    threads = torch.get_num_threads()
-    rows = torch.arange(12.0).view(3, 4)
-    try:
-        torch.set_num_threads(2)
-        with gram_module.small_ops():
-            call = gram_module._threaded(products)
-            outs = [call(rows) for _ in range(gram_module.REPROBE + 1)]
-            assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
-    probe = 2 * gram_module.PROBES
-    assert seen[:probe] == [2, 1] * gram_module.PROBES
-    assert seen[probe : gram_module.REPROBE] == [best] * (gram_module.REPROBE - probe)
-    assert seen[gram_module.REPROBE] == 2  # the next probe
-    assert all(torch.equal(out[0], rows * 2.0) for out in outs)
-
-
-def test_gram_products_are_the_same_in_one_thread_and_two(digits):
-    """The adaptive GEMM threads (``_GemmThreads``) change no value: this BLAS's products are
-    bitwise the same in 1 and 2 threads (a property of the BLAS the policy relies on)."""
-    pool = Pool.from_data(digits.x, torch.float32, "cpu")
-    rows = torch.randn(300, pool.dim, generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    try:
-        out = []
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            out.append(pool.products()(rows)[0])
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(out[0], out[1])
 
 
 @pytest.mark.slow

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,55 +79,18 @@ HIGH_EXPONENT = 100.0
 #: products of up to SMALL_PRODUCTS bytes are made without asking.
 PRODUCT_SHARE = 0.5
 SMALL_PRODUCTS = 2**28
-#: gram's GEMMs inside ``small_ops`` (``_GemmThreads``): calls per probe of each thread count,
-#: and calls from one probe to the next.
-PROBES = 2
-REPROBE = 64
-
-
-class _GemmThreads:
-    """The threads of gram's GEMMs inside ``small_ops``: torch's count on entry (``threads``) or
-    one, whichever took less wall time per row in the last probe — PROBES calls of each,
-    alternately, every REPROBE calls. Beside a busy process a GEMM in threads waits for the
-    descheduled one (docs/benchmarks.md); on a quiet machine the threads win. The products'
-    values do not depend on the thread count where the BLAS splits only the rows and columns
-    among threads (MKL and OpenBLAS GEMMs; tests/test_gram.py checks the values per count)."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads, self.calls, self.best = threads, 0, threads
-        self.probe: dict[int, float] = {}
-
-    def __call__(self, products: Callable[[Tensor], tuple[Tensor, Tensor]], rows: Tensor):
-        step = self.calls % REPROBE
-        self.calls += 1
-        if self.threads == 1 or step >= 2 * PROBES:
-            torch.set_num_threads(self.best)
-            return products(rows)
-        count = self.threads if step % 2 == 0 else 1
-        torch.set_num_threads(count)
-        t0 = time.perf_counter()
-        out = products(rows)
-        per_row = (time.perf_counter() - t0) / max(rows.shape[0], 1)
-        self.probe[count] = self.probe.get(count, 0.0) + per_row
-        if step == 2 * PROBES - 1:
-            self.best = min(self.probe, key=self.probe.__getitem__)
-            self.probe = {}
-        return out
-
-
-#: The GEMM threads of the open ``small_ops`` (innermost last; empty outside).
-_GEMM_THREADS: list[_GemmThreads] = []
+#: torch's thread count outside the outermost ``small_ops`` (innermost last; empty outside).
+_GEMM_THREADS: list[int] = []
 
 
 @contextmanager
 def small_ops() -> Iterator[None]:
-    """Run the enclosed torch ops in one thread, gram's GEMMs excepted (``_threaded``: in
-    torch's count on entry to the outermost ``small_ops``, or in one where that was measured
-    faster, ``_GemmThreads``). A sweep's ops other than its GEMMs are small (16 draws × N per
-    pass, each its own parallel region): in threads they stall whenever one thread is
-    descheduled (beside a busy process: docs/benchmarks.md)."""
+    """Run the enclosed torch ops in one thread, gram's GEMMs excepted (``_threaded``: torch's
+    count on entry to the outermost ``small_ops``). A sweep's ops other than its GEMMs are
+    small (16 draws × N per pass, each its own parallel region): in threads they stall
+    whenever one thread is descheduled (beside a busy process: docs/benchmarks.md)."""
     threads = torch.get_num_threads()
-    _GEMM_THREADS.append(_GEMM_THREADS[-1] if _GEMM_THREADS else _GemmThreads(threads))
+    _GEMM_THREADS.append(_GEMM_THREADS[-1] if _GEMM_THREADS else threads)
     torch.set_num_threads(1)
     try:
         yield
@@ -140,13 +102,14 @@ def small_ops() -> Iterator[None]:
 def _threaded(
     products: Callable[[Tensor], tuple[Tensor, Tensor]],
 ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """``products`` (a GEMM) in the threads of the open ``small_ops`` (``_GemmThreads``)."""
+    """``products`` (a GEMM) in the threads torch had outside ``small_ops``."""
 
     def call(rows: Tensor) -> tuple[Tensor, Tensor]:
         if not _GEMM_THREADS:
             return products(rows)
+        torch.set_num_threads(_GEMM_THREADS[-1])
         try:
-            return _GEMM_THREADS[-1](products, rows)
+            return products(rows)
         finally:
             torch.set_num_threads(1)
 
