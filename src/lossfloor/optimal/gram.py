@@ -85,10 +85,11 @@ _GEMM_THREADS: list[int] = []
 
 @contextmanager
 def small_ops() -> Iterator[None]:
-    """Run the enclosed torch ops in one thread, gram's GEMMs excepted (``_threaded``: torch's
-    count on entry to the outermost ``small_ops``). A sweep's ops other than its GEMMs are
-    small (16 draws × N per pass, each its own parallel region): in threads they stall
-    whenever one thread is descheduled (beside a busy process: docs/benchmarks.md)."""
+    """Run the enclosed torch ops in one thread, the two Gram products of a block of draws
+    excepted (``_threaded``: torch's count on entry to the outermost ``small_ops``). A sweep's
+    other ops are small (16 draws × N per pass, or the tilted draws' products of ≤ 16·K rows,
+    each its own parallel region): in threads they stall whenever one thread is descheduled
+    (beside a busy process: docs/benchmarks.md)."""
     threads = torch.get_num_threads()
     _GEMM_THREADS.append(_GEMM_THREADS[-1] if _GEMM_THREADS else threads)
     torch.set_num_threads(1)
@@ -224,7 +225,8 @@ class Gram(Estimator):
         closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
         direct = torch.empty_like(closed)
         n = pool.n_held  # this process's columns
-        products = _threaded(pool.products(_padded(n) - n))  # padding: products 0, logits −∞
+        raw = pool.products(_padded(n) - n)  # padding: products 0, logits −∞
+        products = _threaded(raw)  # the tilted products (small GEMMs) in one thread
         shared = pool if pool.shards > 1 else None
         step = _rows_per_product(pool, noise.element_size(), self.rows)
         for lo in range(0, b, step):
@@ -240,7 +242,7 @@ class Gram(Estimator):
                 buf = torch.empty_like(a)
                 shift = None
                 if toward is not None:
-                    shift = _tilt_products(pool, products, [t[at] for t in toward], src)
+                    shift = _tilt_products(pool, raw, [t[at] for t in toward], src)
                 parts = [
                     _source_split(
                         a,
