@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lossfloor.optimal.estimate as estimate_module
+import lossfloor.optimal.gram as gram_module
 import lossfloor.optimal.sweep as sweep_module
 from lossfloor.cli import main
 from lossfloor.data import load_dataset
@@ -232,6 +233,44 @@ def test_grid_values_do_not_depend_on_the_thread_count_and_restore_it(digits):
         torch.set_num_threads(threads)
     for one, two in zip(*runs, strict=True):
         assert torch.equal(one.closed, two.closed) and torch.equal(one.direct, two.direct)
+
+
+def test_small_ops_run_in_one_thread_but_the_products_in_torch_s(digits, monkeypatch):
+    """Beside a busy process (issue 25 item 5): inside ``small_ops`` (nested or not) torch runs
+    one thread, the two Gram products of a block the threads set outside it; on leaving, the
+    setting is restored."""
+    pool = Pool.from_data(digits.x[:300], torch.float32, "cpu")
+    src, noise = draws_of(pool, 300, seed=5)
+    toward = [torch.where(torch.arange(300) % 2 == 0, (src + 1) % 300, -1)] * 2
+    seen: list[int] = []
+    real = Pool.products
+
+    def products(self, pad=0):
+        inner = real(self, pad)
+
+        def call(rows):
+            seen.append(torch.get_num_threads())
+            return inner(rows)
+
+        return call
+
+    monkeypatch.setattr(Pool, "products", products)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with gram_module.small_ops():
+            assert torch.get_num_threads() == 1
+            Gram(inner=8).grid_values(pool, src, noise, [0.3, 3.0],
+                                      [torch.Generator().manual_seed(i) for i in range(2)],
+                                      toward)  # fmt: skip
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    # the base products (one per GRAM_ROWS draws) in 2 threads, the tilted draws' neighbour
+    # products (one per 16 draws: small GEMMs) in one
+    assert seen.count(2) == -(-300 // gram_module.GRAM_ROWS)
+    assert seen.count(1) == -(-300 // 16) and len(seen) == seen.count(1) + seen.count(2)
 
 
 @pytest.mark.slow

@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,6 +79,42 @@ HIGH_EXPONENT = 100.0
 #: products of up to SMALL_PRODUCTS bytes are made without asking.
 PRODUCT_SHARE = 0.5
 SMALL_PRODUCTS = 2**28
+#: torch's thread count outside the outermost ``small_ops`` (innermost last; empty outside).
+_GEMM_THREADS: list[int] = []
+
+
+@contextmanager
+def small_ops() -> Iterator[None]:
+    """Run the enclosed torch ops in one thread, the two Gram products of a block of draws
+    excepted (``_threaded``: torch's count on entry to the outermost ``small_ops``). A sweep's
+    other ops are small (16 draws × N per pass, or the tilted draws' products of ≤ 16·K rows,
+    each its own parallel region): in threads they stall whenever one thread is descheduled
+    (beside a busy process: docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    _GEMM_THREADS.append(_GEMM_THREADS[-1] if _GEMM_THREADS else threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _GEMM_THREADS.pop()
+        torch.set_num_threads(threads)
+
+
+def _threaded(
+    products: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``products`` (a GEMM) in the threads torch had outside ``small_ops``."""
+
+    def call(rows: Tensor) -> tuple[Tensor, Tensor]:
+        if not _GEMM_THREADS:
+            return products(rows)
+        torch.set_num_threads(_GEMM_THREADS[-1])
+        try:
+            return products(rows)
+        finally:
+            torch.set_num_threads(1)
+
+    return call
 
 
 def _weights(logits: Tensor, scale: float, n: int) -> Tensor:
@@ -168,6 +205,19 @@ class Gram(Estimator):
         with c = toward[i][b] (−1: none), so ε·Xᵀ = e + (x_c − x_s)·Xᵀ/2σ_i: the products of
         the differences to the sources of the chosen neighbours, once per (c, s) for the grid
         (``_tilt_products``)."""
+        with small_ops():
+            return self._grid_values(pool, sources, noise, sigmas, generators, toward)
+
+    def _grid_values(
+        self,
+        pool: Pool,
+        sources: Tensor,
+        noise: Tensor,
+        sigmas: Sequence[float],
+        generators: Sequence[torch.Generator],
+        toward: Sequence[Tensor] | None,
+    ) -> list[PerSample]:
+        """``grid_values`` in one thread (``small_ops``)."""
         b = noise.shape[0]
         draws = torch.stack([1.0 - torch.rand(b, self.inner, generator=g) for g in generators]).to(
             noise.device, noise.dtype
@@ -175,46 +225,40 @@ class Gram(Estimator):
         closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
         direct = torch.empty_like(closed)
         n = pool.n_held  # this process's columns
-        products = pool.products(_padded(n) - n)  # padding: products 0, logits −∞
+        raw = pool.products(_padded(n) - n)  # padding: products 0, logits −∞
+        products = _threaded(raw)  # the tilted products (small GEMMs) in one thread
         shared = pool if pool.shards > 1 else None
         step = _rows_per_product(pool, noise.element_size(), self.rows)
         for lo in range(0, b, step):
             x0, sq0 = pool.rows(sources[lo : lo + step])
             both, half_sq = products(torch.cat([x0, noise[lo : lo + step]]))  # g and e: one GEMM
             a_all, e_all = both[: x0.shape[0]].sub_(half_sq), both[x0.shape[0] :]
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # the per-σ passes: small ops, faster in one thread
-            try:
-                for s0 in range(0, x0.shape[0], self.rows):
-                    at = slice(lo + s0, lo + s0 + self.rows)
-                    src = sources[at]
-                    a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                    a_s, e_s = _at_sources([a, e], src, shared)
-                    a, e = a - a_s, e - e_s  # l_n − l_s = a_n + σ·e_n
-                    buf = torch.empty_like(a)
-                    shift = None
-                    if toward is not None:
-                        torch.set_num_threads(threads)  # its GEMM
-                        shift = _tilt_products(pool, products, [t[at] for t in toward], src)
-                        torch.set_num_threads(1)
-                    parts = [
-                        _source_split(
-                            a,
-                            e if shift is None else _tilted(e, *shift, i, sigma, src, shared),
-                            sigma,
-                            n,
-                            src,
-                            draws[i, at],
-                            buf,
-                            shared,
-                        )  # fmt: skip
-                        for i, sigma in enumerate(sigmas)
-                    ]
-                    own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
-                    x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
-                    closed[:, at], direct[:, at] = self._forms(pool, own, rest, pick, x, sq)
-            finally:
-                torch.set_num_threads(threads)
+            for s0 in range(0, x0.shape[0], self.rows):
+                at = slice(lo + s0, lo + s0 + self.rows)
+                src = sources[at]
+                a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
+                a_s, e_s = _at_sources([a, e], src, shared)
+                a, e = a - a_s, e - e_s  # l_n − l_s = a_n + σ·e_n
+                buf = torch.empty_like(a)
+                shift = None
+                if toward is not None:
+                    shift = _tilt_products(pool, raw, [t[at] for t in toward], src)
+                parts = [
+                    _source_split(
+                        a,
+                        e if shift is None else _tilted(e, *shift, i, sigma, src, shared),
+                        sigma,
+                        n,
+                        src,
+                        draws[i, at],
+                        buf,
+                        shared,
+                    )  # fmt: skip
+                    for i, sigma in enumerate(sigmas)
+                ]
+                own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
+                x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
+                closed[:, at], direct[:, at] = self._forms(pool, own, rest, pick, x, sq)
         d = pool.dim
         return [
             PerSample(closed=c / d, direct=dd / d) for c, dd in zip(closed, direct, strict=True)

@@ -27,7 +27,7 @@ from lossfloor.optimal.checkpoint import Checkpoint, checkpoint_key
 from lossfloor.optimal.curve import CurvePoint
 from lossfloor.optimal.draws import OUTER_BLOCK, join_samples, tilt_toward
 from lossfloor.optimal.estimators import PerSample
-from lossfloor.optimal.gram import Gram
+from lossfloor.optimal.gram import Gram, small_ops
 from lossfloor.optimal.moments import Moments
 from lossfloor.optimal.precision import Overflow, finite_samples
 from lossfloor.seeding import Stream, generator_for
@@ -161,35 +161,36 @@ def _grid_values(
     saved = None if run.saved is None else _Blocks(run.saved, dtype, sigmas, ends, first)
     resume = first if saved is None else saved.restore(acc)
     sources = plan.sources[: max(ends)]
-    for block in outer_blocks(sources, plan.seed, pools[0].dim, first=resume):
-        live = [i for i, end in enumerate(ends) if block.lo < end]
-        gens = [generator_for(plan.seed, Stream.INNER, block.index) for _ in live]
-        at = block.lo - start
-        for g, ((_, local), pool) in enumerate(zip(plan.groups, pools, strict=True)):
-            src = block.sources
-            sel = torch.nonzero(local[src] >= 0).flatten() if len(plan.groups) > 1 else None
-            s_local = (local[src] if sel is None else local[src[sel]]).to(device)
-            if s_local.numel() == 0:
-                continue
-            plain = block.noise if sel is None else block.noise[sel]
-            toward: list[torch.Tensor] | None = None
-            weights: list[torch.Tensor] | None = None
-            if tilted and pool.n > 1:
-                tilts = [tilt_toward(plan, block.index, g, pool, s_local, plain, sigmas[i],
-                                     run.pools.tilts) for i in live]  # fmt: skip
-                toward, weights = [t for t, _ in tilts], [w for _, w in tilts]
-            eps = plain.to(device=device, dtype=dtype)
-            outs = estimator.grid_values(pool, s_local, eps, [sigmas[i] for i in live], gens,
-                                         toward)  # fmt: skip
-            where = slice(at, block.hi - start) if sel is None else sel + at
-            for k, i in enumerate(live):
-                w = None if weights is None else weights[k]
-                out = outs[k] if w is None else acc[i].weigh(outs[k], w, pool, sigmas[i], dtype)
-                acc[i].put(where, out, w)
-        for _ in live:
-            run.on_block()
-        if saved is not None:
-            saved.add(block.index, slice(at, block.hi - start), live, acc)
+    with small_ops():  # the blocks' small ops in one thread, their GEMMs in torch's
+        for block in outer_blocks(sources, plan.seed, pools[0].dim, first=resume):
+            live = [i for i, end in enumerate(ends) if block.lo < end]
+            gens = [generator_for(plan.seed, Stream.INNER, block.index) for _ in live]
+            at = block.lo - start
+            for g, ((_, local), pool) in enumerate(zip(plan.groups, pools, strict=True)):
+                src = block.sources
+                sel = torch.nonzero(local[src] >= 0).flatten() if len(plan.groups) > 1 else None
+                s_local = (local[src] if sel is None else local[src[sel]]).to(device)
+                if s_local.numel() == 0:
+                    continue
+                plain = block.noise if sel is None else block.noise[sel]
+                toward: list[torch.Tensor] | None = None
+                weights: list[torch.Tensor] | None = None
+                if tilted and pool.n > 1:
+                    tilts = [tilt_toward(plan, block.index, g, pool, s_local, plain, sigmas[i],
+                                         run.pools.tilts) for i in live]  # fmt: skip
+                    toward, weights = [t for t, _ in tilts], [w for _, w in tilts]
+                eps = plain.to(device=device, dtype=dtype)
+                outs = estimator.grid_values(pool, s_local, eps, [sigmas[i] for i in live], gens,
+                                             toward)  # fmt: skip
+                where = slice(at, block.hi - start) if sel is None else sel + at
+                for k, i in enumerate(live):
+                    w = None if weights is None else weights[k]
+                    out = outs[k] if w is None else acc[i].weigh(outs[k], w, pool, sigmas[i], dtype)
+                    acc[i].put(where, out, w)
+            for _ in live:
+                run.on_block()
+            if saved is not None:
+                saved.add(block.index, slice(at, block.hi - start), live, acc)
     return [a.samples() for a in acc]
 
 
