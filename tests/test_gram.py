@@ -273,13 +273,9 @@ def test_small_ops_run_in_one_thread_but_the_products_in_torch_s(digits, monkeyp
     assert seen.count(1) == -(-300 // 16) and len(seen) == seen.count(1) + seen.count(2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch):
-    """M = 1500 (two outer blocks): the sweep (``sweep._grid_values``, no ``per_sample_values``)
-    gives the numbers of gram run σ by σ through ``per_sample_values``, bitwise."""
-    x, sigmas = digits.x[:400], [0.2, 0.7, 2.0, 8.0]
-    kw = dict(outer=1500, seed=5, draws="plain", precision=precision, progress=False)
+def _swept_and_by_sigma(x, sigmas, kw, monkeypatch):
+    """gram (inner 8) on ``x`` with options ``kw``: the curve from the sweep (asserting that no
+    σ ran through ``per_sample_values``), the curve σ by σ, and the σ that ran there."""
     est = make_estimator("gram", 400, inner=8)
     real = estimate_module.per_sample_values
     calls = []
@@ -288,7 +284,17 @@ def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch)
     sweep = estimate_curve(x, sigmas, est, **kw)
     assert calls == []
     monkeypatch.setattr(estimate_module, "sweeps", lambda *a: False)
-    by_sigma = estimate_curve(x, sigmas, est, **kw)
+    return sweep, estimate_curve(x, sigmas, est, **kw), calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_the_curve_s_sweep_is_the_per_sigma_path(digits, precision, monkeypatch):
+    """M = 1500 (two outer blocks): the sweep (``sweep._grid_values``, no ``per_sample_values``)
+    gives the numbers of gram run σ by σ through ``per_sample_values``, bitwise."""
+    x, sigmas = digits.x[:400], [0.2, 0.7, 2.0, 8.0]
+    kw = dict(outer=1500, seed=5, draws="plain", precision=precision, progress=False)
+    sweep, by_sigma, calls = _swept_and_by_sigma(x, sigmas, kw, monkeypatch)
     assert calls == sigmas
     assert without_seconds(sweep.to_json()) == without_seconds(by_sigma.to_json())
 
@@ -691,15 +697,7 @@ def test_the_sweep_is_gram_sigma_by_sigma(digits, kw, monkeypatch):
     (|l|σ² ≲ 1e3 here), far below the 1e-9 asserted (a wrong term would differ at O(1))."""
     x, labels, sigmas = digits.x[:400], digits.labels[:400], [0.2, 0.7, 2.0, 8.0]
     kw = dict(outer=1500, seed=5, progress=False, labels=labels) | kw
-    est = make_estimator("gram", 400, inner=8)
-    real = estimate_module.per_sample_values
-    calls = []
-    monkeypatch.setattr(estimate_module, "per_sample_values",
-                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))  # fmt: skip
-    sweep = estimate_curve(x, sigmas, est, **kw)
-    assert calls == []
-    monkeypatch.setattr(estimate_module, "sweeps", lambda *a: False)
-    by_sigma = estimate_curve(x, sigmas, est, **kw)
+    sweep, by_sigma, calls = _swept_and_by_sigma(x, sigmas, kw, monkeypatch)
     assert calls
     if "target_rse" in kw:  # the sizes differ between σ: the sweep's extra draws per σ
         assert len({p.outer for p in sweep.points}) > 1

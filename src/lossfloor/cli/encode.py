@@ -7,7 +7,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from lossfloor.cli.common import PARTIAL, Declared, add_device_argument, check_args, say
+from lossfloor.cli.common import (
+    PARTIAL,
+    Declared,
+    add_device_argument,
+    check_args,
+    note_limit,
+)
 
 DESCRIPTION = (
     "Encode a pixel dataset with a VAE into EDM2's latent zip (as EDM2's dataset_tool.py encode "
@@ -90,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
         restart=args.restart,
         progress=not args.quiet,
     )
-    if args.limit is not None and args.limit > summary.n:
-        say(f"lossfloor: note: --limit {args.limit}: the data has {summary.n} items; using all")
+    note_limit(args.limit, summary.n)
     shape = "×".join(map(str, summary.image_shape))
     latent = "×".join(map(str, summary.latent_shape))
     resumed = f", {summary.resumed} of them from {args.out}{PARTIAL}" if summary.resumed else ""
