@@ -43,11 +43,11 @@ import time
 
 import numpy as np
 import torch
-from common import machine
+from common import import_torch_seconds, machine
 
 from lossfloor.data import load_dataset
 from lossfloor.io import read_json, write_json
-from lossfloor.optimal import Curve, estimate_curve, make_estimator
+from lossfloor.optimal import Curve, estimate_curve, fused, make_estimator
 from lossfloor.optimal.analytic import line_optimal_loss, two_point_optimal_loss
 
 FMNIST_SIGMAS = np.geomspace(0.2, 80, 32).tolist()
@@ -112,7 +112,10 @@ def fmnist(args) -> dict:
 GRID_RUNS = [
     ("full (plain)", "full", {}, "plain"),
     ("gram", "gram", {}, "plain"),
+    ("gram (fused)", "gram", {"fused": True}, "plain"),
     ("full (default: tilted)", "full", {}, "tilted"),
+    ("gram (tilted)", "gram", {}, "tilted"),
+    ("gram (fused, tilted)", "gram", {"fused": True}, "tilted"),
     ("stratified", "stratified", {}, "tilted"),
     ("dol", "dol", {}, "plain"),
     ("snis", "snis", {}, "plain"),
@@ -132,12 +135,16 @@ def grid(args) -> dict:
     if stages.get("key") != key:
         stages = {"key": key, "runs": {}}
     timed(x[:256], sigmas[:2], make_estimator("full", 256), 256)  # warm-up: first calls, pages
+    with tempfile.TemporaryDirectory() as cache:  # gram --fused: its kernel compiled cold
+        os.environ["LOSSFLOOR_CACHE"] = cache
+        timed(x[:256], sigmas[:2], make_estimator("gram", 256, fused=True), 256)
+        stages.setdefault("fused_compile_seconds", fused.compile_seconds())
     for label, name, params, draws in GRID_RUNS:
         if label in stages["runs"]:
             continue
         c = params.get("C")
         c = 16 * n / max(2, n // 10) if c == "16N/L" else c
-        est = make_estimator(name, n, **({"C": c} if c is not None else {}))
+        est = make_estimator(name, n, **({"C": c} if c is not None else {**params}))
         with tempfile.TemporaryDirectory() as cache:
             os.environ["LOSSFLOOR_CACHE"] = cache  # an index is built inside the timed run
             curve, secs = timed(x, sigmas, est, m, draws=draws)
@@ -149,7 +156,9 @@ def grid(args) -> dict:
     tilted, t_tilted = runs["full (default: tilted)"]
     var = plain.data_variance
     out: dict = {"machine": machine(), "dataset": ds.describe(), "outer": m, "sigmas": sigmas,
-                 "data_variance": var, "estimators": {}}  # fmt: skip
+                 "data_variance": var, "estimators": {},
+                 "fused_compile_seconds": stages.get("fused_compile_seconds"),
+                 "import_torch_seconds": import_torch_seconds()}  # fmt: skip
     for label, _, _, draws in GRID_RUNS:
         curve, secs = runs[label]
         ref = tilted if draws == "tilted" else plain

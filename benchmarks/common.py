@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -27,6 +29,14 @@ def machine() -> dict:
         "torch": torch.__version__,
         "load_average": os.getloadavg()[0],
     }
+
+
+def import_torch_seconds() -> float:
+    """Wall seconds of ``python -c "import torch"`` in a fresh process: the start-up every
+    command pays, stated beside each timing (machines of one kind differ)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - t0
 
 
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:

@@ -100,17 +100,23 @@ def small_ops() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _threaded(
-    products: Callable[[Tensor], tuple[Tensor, Tensor]],
-) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """``products`` (a GEMM) in the threads torch had outside ``small_ops``."""
+ProductsFn = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _threaded(products: ProductsFn, width: int) -> ProductsFn:
+    """``products`` (a GEMM: B×``width``) in the threads torch had outside ``small_ops``, into
+    one buffer reused from call to call (a call's result is the caller's until its next)."""
+    buffer: list[Tensor] = []
 
     def call(rows: Tensor) -> tuple[Tensor, Tensor]:
+        if not buffer or buffer[0].numel() < rows.shape[0] * width:
+            buffer[:] = [rows.new_empty(rows.shape[0] * width)]
+        out = buffer[0][: rows.shape[0] * width].view(rows.shape[0], width)
         if not _GEMM_THREADS:
-            return products(rows)
+            return products(rows, out=out)
         torch.set_num_threads(_GEMM_THREADS[-1])
         try:
-            return products(rows)
+            return products(rows, out=out)
         finally:
             torch.set_num_threads(1)
 
@@ -142,7 +148,7 @@ class Gram(Estimator):
         runs_on=frozenset(PLACES),
         default_draws="tilted",
         default_form="combined",
-        options=frozenset({"inner"}),
+        options=frozenset({"inner", "fused"}),
         sweeps_grid=True,
         why_not={
             "gaussian": "its two σ-free Gram products give the point logits of every σ; a "
@@ -151,6 +157,7 @@ class Gram(Estimator):
     )
     inner: int = 32
     rows: int = 16
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if not self.inner >= 2:
@@ -159,7 +166,8 @@ class Gram(Estimator):
             raise ParameterError("rows", self.rows, "must be ≥ 1")
 
     def to_config(self) -> dict[str, Any]:
-        return {"name": self.name, "inner": self.inner, "rows": self.rows}
+        config = {"name": self.name, "inner": self.inner, "rows": self.rows}
+        return config | ({"fused": True} if self.fused else {})  # older records: no key
 
     def posterior_mean(
         self, pool, queries, sources, sigma, generator, tile_bytes=DEFAULT_TILE_BYTES
@@ -225,8 +233,10 @@ class Gram(Estimator):
         closed = torch.empty(len(sigmas), b, dtype=torch.float64, device=noise.device)
         direct = torch.empty_like(closed)
         n = pool.n_held  # this process's columns
-        raw = pool.products(_padded(n) - n)  # padding: products 0, logits −∞
-        products = _threaded(raw)  # the tilted products (small GEMMs) in one thread
+        # padding: products 0, logits −∞ (the torch passes' blocks; the fused pass needs none)
+        width = n if self.fused else _padded(n)
+        raw = pool.products(width - n)
+        products = _threaded(raw, width)  # the tilted products (small GEMMs) in one thread
         shared = pool if pool.shards > 1 else None
         step = _rows_per_product(pool, noise.element_size(), self.rows)
         for lo in range(0, b, step):
@@ -237,28 +247,14 @@ class Gram(Estimator):
                 at = slice(lo + s0, lo + s0 + self.rows)
                 src = sources[at]
                 a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
-                a_s, e_s = _at_sources([a, e], src, shared)
-                a, e = a - a_s, e - e_s  # l_n − l_s = a_n + σ·e_n
-                buf = torch.empty_like(a)
                 shift = None
                 if toward is not None:
                     shift = _tilt_products(pool, raw, [t[at] for t in toward], src)
-                parts = [
-                    _source_split(
-                        a,
-                        e if shift is None else _tilted(e, *shift, i, sigma, src, shared),
-                        sigma,
-                        n,
-                        src,
-                        draws[i, at],
-                        buf,
-                        shared,
-                    )  # fmt: skip
-                    for i, sigma in enumerate(sigmas)
-                ]
-                own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
+                split = _fused_split if self.fused else _torch_split
+                own, rest, pick = split(a, e, n, src, sigmas, draws[:, at], shift, shared)
                 x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
-                closed[:, at], direct[:, at] = self._forms(pool, own, rest, pick, x, sq)
+                forms = _fused_forms(pool, own, rest, pick, src, sq) if self.fused else None
+                closed[:, at], direct[:, at] = forms or self._forms(pool, own, rest, pick, x, sq)
         d = pool.dim
         return [
             PerSample(closed=c / d, direct=dd / d) for c, dd in zip(closed, direct, strict=True)
@@ -283,8 +279,109 @@ class Gram(Estimator):
         pairs = big * (big - 1)
         pairs_x = (big * big * bar_sq - x_sq) / pairs
         pairs_u = (big * big * (bar_sq - 2.0 * x0_bar + sq0) - u_sq) / pairs
-        mu_sq = w_s.pow(2) * sq0 + 2.0 * m * w_s * x0_bar + m.pow(2) * pairs_x
-        return pool.a - mu_sq, m.pow(2) * pairs_u
+        return _closed_direct(pool.a, w_s, m, sq0, x0_bar, pairs_x, pairs_u)
+
+
+def _closed_direct(
+    a: float, w_s: Tensor, m: Tensor, sq0: Tensor, x0_bar: Tensor, pairs_x: Tensor, pairs_u: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(A − ‖μ‖², ‖δ‖²) from the source's weight w_s, the rest's mass m, ‖x0‖², x0·(the
+    draws' mean) and the U-statistics of ‖E_R[x]‖² and ‖E_R[u]‖² (the module docstring):
+    ‖μ‖² = w_s²‖x0‖² + 2·w_s·m·x0·x̄ + m²·pairs_x, ‖δ‖² = m²·pairs_u."""
+    mu_sq = w_s.pow(2) * sq0 + 2.0 * m * w_s * x0_bar + m.pow(2) * pairs_x
+    return a - mu_sq, m.pow(2) * pairs_u
+
+
+def _fused_forms(
+    pool: Pool, own: Tensor, rest: Tensor, pick: Tensor, src: Tensor, sq0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``Gram._forms`` from the draws' sums in one pass over their rows (``Pool.bag_moments``,
+    in torch's threads outside ``small_ops``): pairs_x = (‖Σx_j‖² − Σ‖x_j‖²)/L(L−1), pairs_u
+    likewise of u_j = x_j − x0, the differences taken before squaring."""
+    s, b, big = pick.shape
+    moments = pool.bag_moments(pick.reshape(-1, big), src.repeat(s), _gemm_threads())
+    x_sq, dot, sum_sq, u_sq, u_sum_sq = moments.view(s, b, 5).unbind(dim=-1)
+    total = own + rest
+    pairs = big * (big - 1)
+    return _closed_direct(
+        pool.a, own / total, rest / total, sq0.double(), dot / big,
+        (sum_sq - x_sq) / pairs, (u_sum_sq - u_sq) / pairs,
+    )  # fmt: skip
+
+
+def _gemm_threads() -> int:
+    """torch's thread count outside ``small_ops`` (the GEMMs'): the fused kernels' threads."""
+    return _GEMM_THREADS[-1] if _GEMM_THREADS else torch.get_num_threads()
+
+
+def _torch_split(
+    a: Tensor,
+    e: Tensor,
+    n: int,
+    src: Tensor,
+    sigmas: Sequence[float],
+    draws: Tensor,
+    shift: tuple[Tensor, Tensor] | None,
+    shared: Pool | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(own, rest, pick), each stacked over the σ (S×B, S×B, S×B×L): ``_source_split`` of each
+    σ from the products a = x0·Xᵀ − ½‖X‖² and e = ε·Xᵀ relative to the source's column
+    (l_n − l_s = (a_n − a_s) + σ·(e_n − e_s)), tilted by ``shift`` (``_tilt_products``)."""
+    a_s, e_s = _at_sources([a, e], src, shared)
+    a, e = a - a_s, e - e_s
+    buf = torch.empty_like(a)
+    parts = [
+        _source_split(
+            a,
+            e if shift is None else _tilted(e, *shift, i, sigma, src, shared),
+            sigma,
+            n,
+            src,
+            draws[i],
+            buf,
+            shared,
+        )  # fmt: skip
+        for i, sigma in enumerate(sigmas)
+    ]
+    own, rest, pick = (torch.stack(p) for p in zip(*parts, strict=True))
+    return own, rest, pick
+
+
+def _fused_split(
+    a: Tensor,
+    e: Tensor,
+    n: int,
+    src: Tensor,
+    sigmas: Sequence[float],
+    draws: Tensor,
+    shift: tuple[Tensor, Tensor] | None,
+    shared: Pool | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_torch_split`` in one compiled pass over the products for every σ (``fused``, in
+    torch's threads outside ``small_ops``); the rows where some weight reached
+    2^HIGH_EXPONENT are redone by ``_torch_split`` (relative to their largest logit)."""
+    from lossfloor.optimal import fused
+
+    if shared is not None:
+        raise UserError("--fused runs in one process: leave it out under torchrun")
+    if a.device.type != "cpu":
+        raise UserError(f"--fused runs on the CPU, not on {a.device.type}: leave it out")
+    floor = math.log2(torch.finfo(a.dtype).tiny) + 1.0
+    own, rest, pick = fused.source_split(
+        a, e, n, src, sigmas, draws, shift, floor, HIGH_EXPONENT, _gemm_threads()
+    )
+    redo = rest >= 2.0**HIGH_EXPONENT
+    pad = (0, _padded(n) - n)  # the torch passes' blocks: padding logits −∞, products 0
+    for i in torch.nonzero(redo.any(dim=1)).flatten().tolist():
+        rows = torch.nonzero(redo[i]).flatten()
+        tilted = None if shift is None else (F.pad(shift[0][:, :n], pad), shift[1][i : i + 1, rows])
+        part = _torch_split(
+            F.pad(a[rows, :n], pad, value=-math.inf), F.pad(e[rows, :n], pad), n, src[rows],
+            sigmas[i : i + 1], draws[i : i + 1, rows], tilted, None,
+        )  # fmt: skip
+        for whole, redone in zip((own, rest, pick), part, strict=True):
+            whole[i, rows] = redone[0].to(whole.dtype)
+    return own, rest, pick
 
 
 def _source_split(
@@ -317,7 +414,7 @@ def _source_split(
 
 def _tilt_products(
     pool: Pool,
-    products: Callable[[Tensor], tuple[Tensor, Tensor]],
+    products: ProductsFn,
     toward: Sequence[Tensor],
     src: Tensor,
 ) -> tuple[Tensor, Tensor]:

@@ -169,11 +169,17 @@ def _logits_t(
     ids: Tensor | None,
     exclude: Tensor | None,
     adjust: Adjust | None = None,
+    buffer: Tensor | None = None,
 ) -> Tensor:
     """Shifted logits of a tile, transposed (keys × queries: MKL's faster orientation), with
     each query's excluded key (if any) at −inf and the tile's per-(key, query) ``adjust``
-    added."""
-    logits_t = chunk @ q_aug.T
+    added; written into ``buffer`` (≥ keys × queries elements) where given: a tile-sized
+    allocation is mapped fresh page by page each time (the same GEMM, the same bits)."""
+    if buffer is None:
+        logits_t = chunk @ q_aug.T
+    else:
+        out = buffer[: chunk.shape[0] * q_aug.shape[0]].view(chunk.shape[0], q_aug.shape[0])
+        logits_t = torch.mm(chunk, q_aug.T, out=out)
     if ids is not None and exclude is not None:
         logits_t.masked_fill_(ids[:, None] == exclude[None, :], -math.inf)
     if adjust is not None:
@@ -259,13 +265,14 @@ def accumulate_keys(
     keys for both (V = D, ``shift_col`` = D); a mixture pool its per-σ keys (``mixture.py``).
     Exclusion, ``adjust``, exact max raising and tiles as ``accumulate_softmax``'s."""
     step = keys_per_tile(q_aug.shape[0], q_aug.element_size(), tile_bytes)
+    buffer = q_aug.new_empty(min(step, logit_keys.shape[0]) * q_aug.shape[0])  # every tile's
     for start in range(0, logit_keys.shape[0], step):
         chunk = logit_keys[start : start + step]
         values = chunk if value_keys is logit_keys else value_keys[start : start + step]
         ids = None if key_ids is None else key_ids[start : start + step]
         adj = None if adjust is None else adjust.tile(start, start + chunk.shape[0])
         q_aug[:, shift_col] = -_shift(state)
-        logits_t = _logits_t(q_aug, chunk, ids, exclude_ids, adj)
+        logits_t = _logits_t(q_aug, chunk, ids, exclude_ids, adj, buffer)
         if _fold_fresh_queries(state, logits_t, values):
             continue
         _raise_max(state, logits_t)

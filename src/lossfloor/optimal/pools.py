@@ -40,10 +40,27 @@ class Products:
     keys: Tensor
     half_sq: Tensor
 
-    def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows·Xᵀ (B×columns, padding included: one GEMM), ½‖x‖² per column): the kernel's
-        logits times σ² are rows·x_n − ½‖x_n‖²."""
-        return rows @ self.keys.T, self.half_sq
+    def __call__(self, rows: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(rows·Xᵀ (B×columns, padding included: one GEMM; into ``out`` where given, a
+        reused buffer: a fresh one of this size is mapped page by page), ½‖x‖² per column):
+        the kernel's logits times σ² are rows·x_n − ½‖x_n‖²."""
+        if out is None:
+            return rows @ self.keys.T, self.half_sq
+        return torch.mm(rows, self.keys.T, out=out), self.half_sq
+
+
+def moments_from_bags(pool: Pool, idx: Tensor, centres: Tensor) -> Tensor:
+    """``Pool.bag_moments`` from ``pool.bags`` and ``pool.rows`` (any pool kind): Σx_j = L·mean,
+    Σ‖x_j − x_c‖² = Σ‖x_j‖² − 2x_c·Σx_j + L‖x_c‖², in float64."""
+    big = idx.shape[1]
+    mean, norms = pool.bags(idx)
+    x_c, sq_c = pool.rows(centres)
+    total, x_c = big * mean.double(), x_c.double()
+    norms = norms.double().sum(dim=1)
+    dot = (total * x_c).sum(dim=1)
+    spread = (total - big * x_c).pow(2).sum(dim=1)
+    moments = [norms, dot, total.pow(2).sum(dim=1), norms - 2.0 * dot + big * sq_c.double()]
+    return torch.stack([*moments, spread], dim=1)
 
 
 @dataclass
@@ -162,7 +179,7 @@ class Pool:
         """The number of rows this process holds (the columns of ``products``)."""
         return self.n
 
-    def products(self, pad: int = 0) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    def products(self, pad: int = 0) -> Callable[..., tuple[Tensor, Tensor]]:
         """Products with every row this process holds, ``pad`` zero rows after them
         (``Products``): in memory one GEMM per call; a streamed pool reads its rows per chunk."""
         if pad == 0:
@@ -175,6 +192,16 @@ class Pool:
         (B×L → B×D, B×L): ``mean_rows`` and ``norms`` at once (one read of the rows where
         they are read by index)."""
         return self.mean_rows(idx), self.norms(idx)
+
+    def bag_moments(self, idx: Tensor, centres: Tensor, threads: int = 1) -> Tensor:
+        """Per row r of pool indices ``idx`` (R×L) with the centre row c = ``centres[r]``:
+        [Σ_j‖x_j‖², x_c·Σ_j x_j, ‖Σ_j x_j‖², Σ_j‖x_j − x_c‖², ‖Σ_j (x_j − x_c)‖²] (R×5,
+        float64; gram's U-statistics, ``--fused``): in memory one compiled pass over the rows
+        (``fused.bag_moments``, in ``threads`` threads); a sharded or streamed pool through
+        ``bags`` (``moments_from_bags``)."""
+        from lossfloor.optimal import fused
+
+        return fused.bag_moments(self.x, self.sq, idx, centres, threads)
 
     def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(the kernel's keys, their pool indices, their positions in ``idx``; None: all, in

@@ -31,7 +31,7 @@ from lossfloor.optimal.capabilities import having, listed
 from lossfloor.optimal.estimators import Estimator, declared
 from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
 from lossfloor.optimal.mixture import MixturePool
-from lossfloor.optimal.pools import Pool
+from lossfloor.optimal.pools import Pool, moments_from_bags
 
 Tensor = torch.Tensor
 
@@ -124,6 +124,10 @@ class ShardedPool(Pool):
     def mean_rows(self, idx: Tensor) -> Tensor:
         """The mean of the rows of each row of ``idx`` (B×L → B×D): ``bags``."""
         return self.bags(idx)[0]
+
+    def bag_moments(self, idx: Tensor, centres: Tensor, threads: int = 1) -> Tensor:
+        """``Pool.bag_moments`` through ``bags`` (its collectives; ``moments_from_bags``)."""
+        return moments_from_bags(self, idx, centres)
 
     def bags(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(the mean of the rows of each row of ``idx``, their norms) (B×L → B×D, B×L): each

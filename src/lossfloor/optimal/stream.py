@@ -178,10 +178,10 @@ class ChunkProducts:
     pool: StreamedPool
     pad: int = 0
 
-    def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, rows: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         pool = self.pool
         width = pool.n_held + self.pad
-        out = rows.new_zeros(rows.shape[0], width)
+        out = rows.new_zeros(rows.shape[0], width) if out is None else out.zero_()
         half_sq = rows.new_full((width,), math.inf)
         for lo in range(pool.start, pool.stop, pool.chunk):
             hi = min(pool.stop, lo + pool.chunk)

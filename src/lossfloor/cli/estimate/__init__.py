@@ -138,6 +138,13 @@ def _add_inner_set_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--share", type=int, default=256, help="queries sharing one random inner set (shared)"
     )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="gram: every σ's weights and draws in one compiled pass over the products (a C "
+        "kernel built at first use with the system's compiler, cached; one process); equal to "
+        "the default passes up to rounding, several times faster",
+    )
 
 
 def _add_draw_options(p: argparse.ArgumentParser) -> None:

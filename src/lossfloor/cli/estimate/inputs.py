@@ -197,4 +197,5 @@ def _estimator(args: argparse.Namespace, n: int) -> Estimator:
         layout=args.layout,
         share=args.share,
         near=args.near,
+        fused=args.fused,
     )

@@ -114,7 +114,7 @@ class Estimator(ABC):
 #: name them.
 NOT_GIVEN: dict[str, Any] = {
     "inner": None, "C": None, "replace": False, "exclude_source": None, "layout": "shared",
-    "share": 256, "near": None,
+    "share": 256, "near": None, "fused": False,
 }  # fmt: skip
 
 
