@@ -139,6 +139,9 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         "stratified",
     ]
     c["gram-xflip"] = ["estimate", "--data", "digits", *SMALL, "--xflip", "--estimator", "gram"]
+    for draws in ("plain", "tilted"):  # gram's compiled pass (its own numbers: to rounding)
+        c[f"gram-fused-{draws}"] = ["estimate", "--data", "digits", *SMALL, "--estimator",
+                                    "gram", "--fused", "--draws", draws]  # fmt: skip
     c["full-adaptive"] = [
         "estimate",
         "--data",

@@ -268,7 +268,7 @@ def test_a_streamed_pool_holds_no_rows(points):
     data = open_chunked(str(points))
     data.summarise()
     pool = StreamedPool.from_stream(data, torch.float32, "cpu", Group())
-    assert pool.x.shape == (0, D) and pool.aug.shape[0] == 0
+    assert pool.x.shape == (0, D) and pool.augmented().shape[0] == 0
     assert (pool.n, pool.dim, pool.shards) == (N, D, 1)
     idx = torch.tensor([5, 0, 5, 299])
     rows, sq = pool.rows(idx)

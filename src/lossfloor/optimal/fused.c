@@ -71,7 +71,7 @@ static inline vf64 exp2_f64(vf64 x)
 /* The weights of one vector of columns (the formula above): loads from unaligned pointers. */
 #define DEFINE_WEIGHTS(T, SUF, VI)                                                             \
     typedef struct {                                                                           \
-        T as, es, ps, sigma, c, k, lo, hi, least; /* least: the weight at lo */                \
+        T ps, sigma, c, k, lo, hi, least; /* least: the weight at lo */                        \
         const T *p; /* NULL: a plain draw */                                                   \
     } args_##SUF;                                                                              \
                                                                                                \
@@ -82,15 +82,16 @@ static inline vf64 exp2_f64(vf64 x)
         return v;                                                                              \
     }                                                                                          \
                                                                                                \
-    /* The exponents k·t before the clamp: nondecreasing in a, e and p (σ, c, k > 0, each      \
-     * rounding monotone), so the maxima of a block's a, e and p bound every column's. */      \
+    /* The exponents k·t before the clamp, from a − a_s and e − e_s: nondecreasing in them     \
+     * and in p (σ, c, k > 0, each rounding monotone), so the maxima of a block's bound every  \
+     * column's. */                                                                            \
     static inline v##SUF exponent_##SUF(v##SUF a, v##SUF e, const v##SUF *p,                   \
                                         const args_##SUF *g)                                   \
     {                                                                                          \
-        v##SUF d = e - g->es;                                                                  \
+        v##SUF d = e;                                                                          \
         if (p)                                                                                 \
             d += g->c * (*p - g->ps);                                                          \
-        return ((a - g->as) + g->sigma * d) * g->k;                                            \
+        return (a + g->sigma * d) * g->k;                                                      \
     }                                                                                          \
                                                                                                \
     static inline v##SUF weight_##SUF(const T *a, const T *e, const T *p, const args_##SUF *g) \
@@ -234,19 +235,21 @@ static int64_t first_reaching(const double *cum, int64_t m, double t)
         double *tot = malloc(sizeof(double) * (size_t)(S * nblk + BLOCK));                     \
         draw_t *order = malloc(sizeof(draw_t) * (size_t)L);                                    \
         args_##SUF *g = malloc(sizeof(args_##SUF) * (size_t)S);                                \
-        T *w = malloc(sizeof(T) * (4 * BLOCK + 2 * nblk));                                     \
+        T *w = malloc(sizeof(T) * (size_t)(4 * BLOCK + 2 * nblk + 2 * n));                     \
         if (!tot || !order || !g || !w) {                                                      \
             free(tot), free(order), free(g), free(w);                                          \
             return -1;                                                                         \
         }                                                                                      \
         double *inner = tot + S * nblk;                                                        \
         for (int64_t b = r0; b < r1; b++) {                                                    \
-            const T *ab = a + b * ld, *eb = e + b * ld;                                        \
+            T *ab = w + 4 * BLOCK + 2 * nblk, *eb = ab + n; /* a − a_s, e − e_s */             \
             int64_t s0 = src[b], sb = s0 / BLOCK;                                              \
+            for (int64_t j = 0; j < n; j++)                                                    \
+                ab[j] = a[b * ld + j] - a[b * ld + s0], eb[j] = e[b * ld + j] - e[b * ld + s0]; \
             for (int64_t s = 0; s < S; s++) {                                                  \
                 int64_t pr = P ? prow[s * B + b] : -1;                                         \
                 g[s].p = pr >= 0 ? P + pr * ldp : NULL;                                        \
-                g[s].as = ab[s0], g[s].es = eb[s0], g[s].ps = g[s].p ? g[s].p[s0] : 0;         \
+                g[s].ps = g[s].p ? g[s].p[s0] : 0;                                             \
                 g[s].sigma = (T)sigma[s], g[s].c = (T)(0.5 / sigma[s]);                        \
                 g[s].k = (T)(M_LOG2E / (sigma[s] * sigma[s]));                                 \
                 g[s].lo = (T)lo, g[s].hi = (T)hi;                                              \

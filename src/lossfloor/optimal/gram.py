@@ -24,11 +24,13 @@ few points share it (the rare draws that carry J* below σ*) the draws find them
 
 Cost per σ: four passes over B×N (the logits relative to the source's, their scale and clamp,
 exp2) and the block totals for the draws, instead of ``full``'s two GEMMs, plus L gathered rows
-per draw; the two products are computed once per block of draws for the whole grid
-(``grid_values``; tilted draws add the products of the chosen neighbours' differences to the
-sources, once per pair for the grid). A single σ (``__call__``: where no sweep runs, e.g.
-tilted draws on several processes) computes them for that σ alone, at about ``full``'s cost,
-and gives the same values bitwise.
+per draw (``fused=True``, ``--fused``: one compiled pass over each block of columns for every σ
+of the grid, writing only block totals, and one over the draws' rows: ``fused.py``, equal to
+these passes up to rounding); the two products are computed once per block of draws for the
+whole grid (``grid_values``; tilted draws add the products of the chosen neighbours'
+differences to the sources, once per pair for the grid). A single σ (``__call__``: where no
+sweep runs, e.g. tilted draws on several processes) computes them for that σ alone, at about
+``full``'s cost, and gives the same values bitwise.
 
 Sharded (K processes, ``shard.ShardedPool``): each process multiplies by its own rows (its
 columns of g and e) and computes its columns' weights relative to the source's logit, which is
@@ -236,7 +238,11 @@ class Gram(Estimator):
         # padding: products 0, logits −∞ (the torch passes' blocks; the fused pass needs none)
         width = n if self.fused else _padded(n)
         raw = pool.products(width - n)
-        products = _threaded(raw, width)  # the tilted products (small GEMMs) in one thread
+        products = _threaded(raw, width)
+        # the tilted draws' neighbour products: in one thread beside the torch passes (small
+        # GEMMs between small ops); in torch's beside the fused pass (≤ 16·K rows, each call
+        # about as long as one of the fused pass's)
+        tilt = _threaded(raw, width) if self.fused else raw
         shared = pool if pool.shards > 1 else None
         step = _rows_per_product(pool, noise.element_size(), self.rows)
         for lo in range(0, b, step):
@@ -249,7 +255,7 @@ class Gram(Estimator):
                 a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
                 shift = None
                 if toward is not None:
-                    shift = _tilt_products(pool, raw, [t[at] for t in toward], src)
+                    shift = _tilt_products(pool, tilt, [t[at] for t in toward], src)
                 split = _fused_split if self.fused else _torch_split
                 own, rest, pick = split(a, e, n, src, sigmas, draws[:, at], shift, shared)
                 x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]

@@ -63,19 +63,25 @@ def moments_from_bags(pool: Pool, idx: Tensor, centres: Tensor) -> Tensor:
     return torch.stack([*moments, spread], dim=1)
 
 
+#: Rows squared per pass in ``Pool.from_data`` (each row's sum is the same whatever the split;
+#: the whole float64 N×D square is never held).
+SQUARE_ROWS = 8192
+
+
 @dataclass
 class Pool:
     """The points a posterior ranges over: centred data x_n − x̄ (N×D), ‖x_n − x̄‖², A = mean‖·‖²,
-    max‖·‖² (float64, whatever the pool's dtype), the kernel's keys [x | 1 | −‖x‖²/2], and, for
-    the neighbour-aware estimators and draws, the neighbour table (N×(k+1): row n is n and its
-    k nearest points where n is a source of the draws; ``neighbours.neighbour_tables``)."""
+    max‖·‖² (float64, whatever the pool's dtype), the kernel's keys [x | 1 | −‖x‖²/2] (``aug``:
+    made at first use, ``augmented``), and, for the neighbour-aware estimators and draws, the
+    neighbour table (N×(k+1): row n is n and its k nearest points where n is a source of the
+    draws; ``neighbours.neighbour_tables``)."""
 
     x: Tensor
     sq: Tensor
     mean: Tensor
     a: float
     max_sq: float
-    aug: Tensor
+    aug: Tensor | None = None
     neighbours: Tensor | None = None
     #: Whether the items are Gaussians N(m_i, diag s_i²) (``mixture.MixturePool``), not points.
     gaussian: ClassVar[bool] = False
@@ -85,16 +91,9 @@ class Pool:
         x64 = data.reshape(data.shape[0], -1).to(device=device, dtype=torch.float64, copy=True)
         mean = x64.mean(dim=0)
         xc = x64.sub_(mean)  # centred in place: the copy above is ours
-        sq = xc.pow(2).sum(dim=1)
+        sq = torch.cat([rows.pow(2).sum(dim=1) for rows in xc.split(SQUARE_ROWS)])  # per row
         xd = xc.to(dtype)
-        return cls(
-            x=xd,
-            sq=sq.to(dtype),
-            mean=mean,
-            a=float(sq.mean()),
-            max_sq=float(sq.max()),
-            aug=augment(xd),
-        )
+        return cls(x=xd, sq=sq.to(dtype), mean=mean, a=float(sq.mean()), max_sq=float(sq.max()))
 
     @property
     def n(self) -> int:
@@ -117,7 +116,14 @@ class Pool:
     @property
     def width(self) -> int:
         """Columns of a key (``kernel.augment``: D + 2 rounded up to ``kernel.ALIGN``)."""
-        return int(self.aug.shape[1])
+        return int(self.augmented().shape[1])
+
+    def augmented(self) -> Tensor:
+        """The kernel's keys [x | 1 | −‖x‖²/2 | 0…] of this pool's rows (``kernel.augment``),
+        made at their first use (gram never reads them)."""
+        if self.aug is None:
+            self.aug = augment(self.x)
+        return self.aug
 
     def centre(self, x: Tensor) -> Tensor:
         """x − x̄ of a batch (B×..., flattened to B×D), float64, on x̄'s device."""
@@ -206,7 +212,7 @@ class Pool:
     def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(the kernel's keys, their pool indices, their positions in ``idx``; None: all, in
         order) of those of ``idx`` (a vector) that this pool holds."""
-        return self.aug[idx], idx, None
+        return self.augmented()[idx], idx, None
 
     def key_chunks(
         self, step: int, idx: Tensor | None = None
@@ -216,8 +222,12 @@ class Pool:
         in chunks of a multiple of ``step`` rows where they are read in chunks
         (``stream.StreamedPool``; here: one chunk)."""
         if idx is None:
-            first, device = self.first, self.aug.device
-            yield self.aug, torch.arange(first, first + self.aug.shape[0], device=device), None
+            keys = self.augmented()
+            yield (
+                keys,
+                torch.arange(self.first, self.first + keys.shape[0], device=keys.device),
+                None,
+            )
         else:
             yield self.keys_of(idx)
 

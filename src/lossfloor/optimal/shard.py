@@ -29,7 +29,7 @@ from lossfloor.distributed import Group
 from lossfloor.errors import UserError
 from lossfloor.optimal.capabilities import having, listed
 from lossfloor.optimal.estimators import Estimator, declared
-from lossfloor.optimal.kernel import SoftmaxState, augment, rescaled
+from lossfloor.optimal.kernel import SoftmaxState, rescaled
 from lossfloor.optimal.mixture import MixturePool
 from lossfloor.optimal.pools import Pool, moments_from_bags
 
@@ -65,7 +65,6 @@ class ShardedPool(Pool):
             mean=mean,
             a=float(sums) / n,
             max_sq=top,
-            aug=augment(xd),
             group=group,
             start=start,
             total=n,
@@ -155,7 +154,7 @@ class ShardedPool(Pool):
     def keys_of(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         mask = self._held(idx)
         held = idx[mask]
-        return self.aug[held - self.start], held, torch.nonzero(mask).flatten()
+        return self.augmented()[held - self.start], held, torch.nonzero(mask).flatten()
 
     def merge(self, state: SoftmaxState) -> SoftmaxState:
         """m = max_r m_r, then Σ_r of each state rescaled to m (``kernel.rescaled``)."""

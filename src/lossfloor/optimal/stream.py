@@ -75,7 +75,6 @@ class StreamedPool(ShardedPool):
             mean=s.mean.to(device),
             a=s.sq_sum / data.n,
             max_sq=s.sq_max,
-            aug=augment(empty),
             group=group,
             start=start,
             total=data.n,
