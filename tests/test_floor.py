@@ -47,7 +47,7 @@ def test_zero_bandwidth_is_the_optimal_denoiser_and_loo_drops_the_source():
     q = pool.x[:7] + 0.3
     from lossfloor.optimal import posterior_mean
 
-    mu = posterior_mean(q, None, 0.5, keys_aug=pool.aug)
+    mu = posterior_mean(q, None, 0.5, keys_aug=pool.augmented())
     assert torch.equal(smoothed_posterior_mean(pool, q, 0.5, 0.0), mu)
     loo = smoothed_posterior_mean(pool, q, 0.5, 0.0, exclude=torch.arange(7))
     # other keys, other tiles: μ of each within 4δ·R of the exact one (``closed_rounding``)

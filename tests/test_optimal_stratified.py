@@ -60,7 +60,9 @@ def test_an_empty_near_stratum_is_snis_with_weights():
         idx = torch.randperm(400, generator=gen)[:50].sort().values
         logw = torch.full((50,), math.log(400 / 50), dtype=torch.float64)
         qb = q[start : start + 100]
-        ref = accumulate_softmax(qb, None, 0.7, keys_aug=pool.aug[idx], key_logw=logw).mean()
+        ref = accumulate_softmax(
+            qb, None, 0.7, keys_aug=pool.augmented()[idx], key_logw=logw
+        ).mean()
         assert torch.equal(got[start : start + 100], ref)
         snis = posterior_mean(qb, pool.x[idx], 0.7)
         torch.testing.assert_close(got[start : start + 100], snis, rtol=1e-12, atol=1e-14)
@@ -92,7 +94,7 @@ def test_error_falls_at_the_ratio_estimator_rate():
     src = torch.randint(400, (2000,), generator=g)
     x0 = pool.x[src]
     q = x0 + 2.0 * torch.randn(2000, 4, generator=g, dtype=torch.float64)
-    mu = posterior_mean(q, None, 2.0, keys_aug=pool.aug)
+    mu = posterior_mean(q, None, 2.0, keys_aug=pool.augmented())
     j_exact = (x0 - mu).pow(2).sum(1).mean().item()
     mse, bias = [], []
     sizes = [25, 50, 100, 200]

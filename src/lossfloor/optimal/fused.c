@@ -19,6 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef M_LOG2E
+#define M_LOG2E 1.4426950408889634
+#endif
 #define BLOCK 256
 #define VBYTES 64
 #define LN(T) ((int)(VBYTES / sizeof(T))) /* lanes of a vector of T */

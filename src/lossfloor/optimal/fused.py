@@ -9,9 +9,10 @@ compiler's version, the flags and the CPU's flags (a copied cache never runs cod
 another CPU), written atomically; ``compile_seconds()`` is the last compile's time in this
 process (0 where the cache had it). No compiler: one line (``UserError``).
 
-The values equal the torch passes' up to rounding: exp2 is a degree-7 (float32) or 12
-(float64) polynomial (≤ 2 ulp), the sums run in another order; a draw whose uniform falls
-within that rounding of a column's cumulative edge picks the neighbouring column.
+The values equal the torch passes' up to rounding: exp2 is a Taylor polynomial of degree 7
+(float32) or 12 (float64) on [−½, ½] (truncation below 6e-9 and 2e-16 relative), the sums run
+in another order; a draw whose uniform falls within that rounding of a column's cumulative
+edge picks the neighbouring column (tests/test_gram_fused.py bounds each).
 """
 
 from __future__ import annotations
