@@ -77,6 +77,8 @@ Tensor = torch.Tensor
 GRAM_ROWS = 256
 SAMPLE_BLOCK = 256
 HIGH_EXPONENT = 100.0
+#: The fused pass's U-statistics leave out the draws of a rest whose mass is below this.
+NEGLIGIBLE_MASS = 2.0**-64
 #: The share of the memory available that the two products of a block of draws may take;
 #: products of up to SMALL_PRODUCTS bytes are made without asking.
 PRODUCT_SHARE = 0.5
@@ -305,12 +307,19 @@ def _fused_forms(
     in torch's threads outside ``small_ops``): pairs_x = (‖Σx_j‖² − Σ‖x_j‖²)/L(L−1), pairs_u
     likewise of u_j = x_j − x0, the differences taken before squaring."""
     s, b, big = pick.shape
-    moments = pool.bag_moments(pick.reshape(-1, big), src.repeat(s), _gemm_threads())
-    x_sq, dot, sum_sq, u_sq, u_sum_sq = moments.view(s, b, 5).unbind(dim=-1)
     total = own + rest
+    m = rest / total
+    # where the rest's mass is below NEGLIGIBLE_MASS its terms (≤ 2m·max‖x‖², 1e-19 of it) are
+    # left out and its draws' rows not read (at small σ, most draws)
+    moments = torch.zeros(s * b, 5, dtype=torch.float64, device=pick.device)
+    need = (m > NEGLIGIBLE_MASS).flatten()
+    if bool(need.any()):
+        idx, centres = pick.reshape(-1, big)[need], src.repeat(s)[need]
+        moments[need] = pool.bag_moments(idx, centres, _gemm_threads())
+    x_sq, dot, sum_sq, u_sq, u_sum_sq = moments.view(s, b, 5).unbind(dim=-1)
     pairs = big * (big - 1)
     return _closed_direct(
-        pool.a, own / total, rest / total, sq0.double(), dot / big,
+        pool.a, own / total, m, sq0.double(), dot / big,
         (sum_sq - x_sq) / pairs, (u_sum_sq - u_sq) / pairs,
     )  # fmt: skip
 
