@@ -6,6 +6,7 @@ regime against exact values.
     python benchmarks/bench_neighbours.py rare [--seeds 200] [--outer 8000] [--first-seed 0]
         [--draws tilted,plain] [--out FILE]
     python benchmarks/bench_neighbours.py adaptive [--seeds 30] [--target 0.02] [--pilot 2048]
+    python benchmarks/bench_neighbours.py ratio [--rounds 3] [--outer 2048] [--out FILE]
     python benchmarks/bench_neighbours.py speedup [--sizes 2000,5000,20000,60000] [--grids 8,32]
         [--threads 1,2] [--outer 1024] [--skip 60000x32x1] [--out FILE]
 
@@ -356,6 +357,43 @@ def adaptive(args) -> dict:
     return out
 
 
+def ratio(args) -> dict:
+    """gram --fused against full on the same plain draws of all of Fashion-MNIST (32 σ),
+    alternately for ``--rounds`` rounds in one process: the time ratio per round (wall and
+    process CPU time), so a slower or faster spell of a shared machine meets both."""
+    ds = load_dataset("fashion-mnist", limit=args.limit)
+    sigmas, m = FMNIST_SIGMAS, args.outer
+    timed(ds.x[:256], sigmas[:2], make_estimator("gram", 256, fused=True), 256)  # warm-up
+    timed(ds.x[:256], sigmas[:2], make_estimator("full", 256), 256)
+    rounds = []
+    for _ in range(args.rounds):
+        row = {}
+        for label, est in [("full", make_estimator("full", ds.n)),
+                           ("gram_fused", make_estimator("gram", ds.n, fused=True))]:  # fmt: skip
+            cpu = time.process_time()
+            curve, secs = timed(ds.x, sigmas, est, m, draws="plain")
+            row[label] = {"seconds": secs, "cpu_seconds": time.process_time() - cpu,
+                          "values": curve.values.tolist()}  # fmt: skip
+        rel, worst = relative_errors(
+            np.array(row["gram_fused"]["values"]), np.array(row["full"]["values"]),
+            curve.data_variance,
+        )  # fmt: skip
+        row["ratio"] = row["gram_fused"]["seconds"] / row["full"]["seconds"]
+        row["cpu_ratio"] = row["gram_fused"]["cpu_seconds"] / row["full"]["cpu_seconds"]
+        row["max_abs_rel_error_where_J_above_1e-3_var"] = worst
+        row["load_average"] = os.getloadavg()[0]
+        rounds.append(row)
+        print(
+            f"full {row['full']['seconds']:.1f}s gram --fused {row['gram_fused']['seconds']:.2f}s"
+            f" ratio {row['ratio']:.4f} (CPU {row['cpu_ratio']:.4f})",
+            file=sys.stderr,
+        )
+    ratios = sorted(r["ratio"] for r in rounds)
+    return {"machine": machine(), "import_torch_seconds": import_torch_seconds(), "outer": m,
+            "sigmas": sigmas, "rounds": rounds,
+            "median_ratio": ratios[len(ratios) // 2]}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -377,6 +415,11 @@ def main() -> int:
     g.add_argument("--outer", type=int, default=2048)
     g.add_argument("--stages", default="benchmarks/runs/grid_stages.json")
     g.add_argument("--out", default="docs/results/bench_neighbours_grid.json")
+    q = sub.add_parser("ratio")
+    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--outer", type=int, default=2048)
+    q.add_argument("--rounds", type=int, default=3)
+    q.add_argument("--out", default="docs/results/bench_gram_fused_ratio.json")
     a = sub.add_parser("adaptive")
     a.add_argument("--seeds", type=int, default=30)
     a.add_argument("--target", type=float, default=0.02)
@@ -391,7 +434,8 @@ def main() -> int:
     sp.add_argument("--stages", default="benchmarks/runs/speedup_stages.json")
     sp.add_argument("--out", default="docs/results/bench_gram_speedup.json")
     args = ap.parse_args()
-    modes = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive, "grid": grid, "speedup": speedup}
+    modes = {"fmnist": fmnist, "rare": rare, "adaptive": adaptive, "grid": grid,
+             "speedup": speedup, "ratio": ratio}  # fmt: skip
     result = modes[args.what](args)
     write_json(args.out, result)
     return 0
