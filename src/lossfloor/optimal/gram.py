@@ -240,11 +240,7 @@ class Gram(Estimator):
         # padding: products 0, logits −∞ (the torch passes' blocks; the fused pass needs none)
         width = n if self.fused else _padded(n)
         raw = pool.products(width - n)
-        products = _threaded(raw, width)
-        # the tilted draws' neighbour products: in one thread beside the torch passes (small
-        # GEMMs between small ops); in torch's beside the fused pass (≤ 16·K rows, each call
-        # about as long as one of the fused pass's)
-        tilt = _threaded(raw, width) if self.fused else raw
+        products = _threaded(raw, width)  # the tilted products (small GEMMs) in one thread
         shared = pool if pool.shards > 1 else None
         step = _rows_per_product(pool, noise.element_size(), self.rows)
         for lo in range(0, b, step):
@@ -257,7 +253,7 @@ class Gram(Estimator):
                 a, e = a_all[s0 : s0 + self.rows], e_all[s0 : s0 + self.rows]
                 shift = None
                 if toward is not None:
-                    shift = _tilt_products(pool, tilt, [t[at] for t in toward], src)
+                    shift = _tilt_products(pool, raw, [t[at] for t in toward], src)
                 split = _fused_split if self.fused else _torch_split
                 own, rest, pick = split(a, e, n, src, sigmas, draws[:, at], shift, shared)
                 x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
