@@ -205,8 +205,9 @@ static int64_t first_reaching(const double *cum, int64_t m, double t)
 /* lossfloor_gram_<SUF>: rows [r0, r1) of B draws. a, e: B×ld (row-major; columns 0..n the
  * points); src: B source columns; sigma: S; u: S×B×L uniforms in (0, 1]; P: the tilted draws'
  * products (U×ldp) and prow: S×B rows of P (−1: plain), or P = NULL; lo, hi: the exponent's
- * clamp. Out: own, rest (S×B: the source's weight, the rest's total) and pick (S×B×L columns).
- * Returns 0, or −1 where memory ran out. */
+ * clamp; negligible: no draws where the rest's share rest/(own + rest) is at most this. Out:
+ * own, rest (S×B: the source's weight, the rest's total) and pick (S×B×L columns; −1 where no
+ * draw was made). Returns 0, or −1 where memory ran out. */
 #define DEFINE_KERNEL(T, SUF)                                                                  \
     /* Block blk's weights into w (its total returned): through padded copies where it is the  \
      * last, partial block; the source's column (if here) to *own, then 0. */                  \
@@ -232,7 +233,7 @@ static int64_t first_reaching(const double *cum, int64_t m, double t)
                              int64_t r0, int64_t r1, const int64_t *src, int64_t S,            \
                              const double *sigma, const T *u, int64_t L, const T *P,           \
                              int64_t ldp, const int64_t *prow, double lo, double hi,           \
-                             double *own, double *rest, int64_t *pick)                         \
+                             double negligible, double *own, double *rest, int64_t *pick)      \
     {                                                                                          \
         int64_t nblk = (n + BLOCK - 1) / BLOCK;                                                \
         double *tot = malloc(sizeof(double) * (size_t)(S * nblk + BLOCK));                     \
@@ -285,6 +286,11 @@ static int64_t first_reaching(const double *cum, int64_t m, double t)
                     cum[blk] += cum[blk - 1];                                                  \
                 double all = cum[nblk - 1], ignored;                                           \
                 rest[s * B + b] = all;                                                         \
+                if (all <= negligible * (own[s * B + b] + all)) { /* no draw needed: −1 */     \
+                    for (int64_t l = 0; l < L; l++)                                            \
+                        pick[(s * B + b) * L + l] = -1;                                        \
+                    continue;                                                                  \
+                }                                                                              \
                 const T *ub = u + (s * B + b) * L;                                             \
                 for (int64_t l = 0; l < L; l++) {                                              \
                     order[l].target = (double)ub[l] * all;                                     \

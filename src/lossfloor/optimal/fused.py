@@ -127,13 +127,16 @@ def source_split(
     tilt: tuple[Tensor, Tensor] | None,
     lo: float,
     hi: float,
+    negligible: float,
     threads: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """gram's ``_source_split`` for every σ at once: (the source's weight, the rest's total:
-    S×B float64; L draws from the rest: S×B×L columns) from the products a = x0·Xᵀ − ½‖X‖²,
-    e = ε·Xᵀ (B×width, columns 0..n the points), the sources ``src`` (B), the uniforms
-    ``draws`` (S×B×L in (0, 1]), the tilted draws' (products, rows) or None, and the exponent's
-    clamp [lo, hi]; rows split over ``threads`` threads (the kernel runs without the GIL)."""
+    S×B float64; L draws from the rest: S×B×L columns, −1 where the rest's share
+    rest/(own + rest) is at most ``negligible``: no draws made) from the products
+    a = x0·Xᵀ − ½‖X‖², e = ε·Xᵀ (B×width, columns 0..n the points), the sources ``src`` (B),
+    the uniforms ``draws`` (S×B×L in (0, 1]), the tilted draws' (products, rows) or None, and
+    the exponent's clamp [lo, hi]; rows split over ``threads`` threads (the kernel runs
+    without the GIL)."""
     kernel = {torch.float32: "lossfloor_gram_f32", torch.float64: "lossfloor_gram_f64"}
     fn = getattr(library(), kernel[a.dtype])
     b, width = a.shape
@@ -158,8 +161,8 @@ def source_split(
             ctypes.c_int64(s), ptr(sig.data_ptr()), ptr(draws.data_ptr()), ctypes.c_int64(big),
             ptr(None if products is None else products.data_ptr()), ctypes.c_int64(ldp),
             ptr(None if rows is None else rows.data_ptr()), ctypes.c_double(lo),
-            ctypes.c_double(hi), ptr(own.data_ptr()), ptr(rest.data_ptr()),
-            ptr(pick.data_ptr()),
+            ctypes.c_double(hi), ctypes.c_double(negligible), ptr(own.data_ptr()),
+            ptr(rest.data_ptr()), ptr(pick.data_ptr()),
         )  # fmt: skip
 
     _spread(run, b, ROWS_PER_TASK, threads)

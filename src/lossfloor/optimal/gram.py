@@ -77,7 +77,8 @@ Tensor = torch.Tensor
 GRAM_ROWS = 256
 SAMPLE_BLOCK = 256
 HIGH_EXPONENT = 100.0
-#: The fused pass's U-statistics leave out the draws of a rest whose mass is below this.
+#: The fused pass makes no draws of a rest whose share of the posterior is at most this, and
+#: its U-statistics leave its terms out.
 NEGLIGIBLE_MASS = 2.0**-64
 #: The share of the memory available that the two products of a block of draws may take;
 #: products of up to SMALL_PRODUCTS bytes are made without asking.
@@ -304,18 +305,17 @@ def _fused_forms(
     likewise of u_j = x_j − x0, the differences taken before squaring."""
     s, b, big = pick.shape
     total = own + rest
-    m = rest / total
-    # where the rest's mass is below NEGLIGIBLE_MASS its terms (≤ 2m·max‖x‖², 1e-19 of it) are
-    # left out and its draws' rows not read (at small σ, most draws)
+    # where the rest's share is at most NEGLIGIBLE_MASS (at small σ, most draws) no draws were
+    # made (−1, ``_fused_split``) and its terms (≤ 2m·max‖x‖², 1e-19 of it) are left out
     moments = torch.zeros(s * b, 5, dtype=torch.float64, device=pick.device)
-    need = (m > NEGLIGIBLE_MASS).flatten()
+    need = (pick[..., 0] >= 0).flatten()
     if bool(need.any()):
         idx, centres = pick.reshape(-1, big)[need], src.repeat(s)[need]
         moments[need] = pool.bag_moments(idx, centres, _gemm_threads())
     x_sq, dot, sum_sq, u_sq, u_sum_sq = moments.view(s, b, 5).unbind(dim=-1)
     pairs = big * (big - 1)
     return _closed_direct(
-        pool.a, own / total, m, sq0.double(), dot / big,
+        pool.a, own / total, rest / total, sq0.double(), dot / big,
         (sum_sq - x_sq) / pairs, (u_sum_sq - u_sq) / pairs,
     )  # fmt: skip
 
@@ -379,7 +379,7 @@ def _fused_split(
         raise UserError(f"--fused runs on the CPU, not on {a.device.type}: leave it out")
     floor = math.log2(torch.finfo(a.dtype).tiny) + 1.0
     own, rest, pick = fused.source_split(
-        a, e, n, src, sigmas, draws, shift, floor, HIGH_EXPONENT, _gemm_threads()
+        a, e, n, src, sigmas, draws, shift, floor, HIGH_EXPONENT, NEGLIGIBLE_MASS, _gemm_threads()
     )
     redo = rest >= 2.0**HIGH_EXPONENT
     pad = (0, _padded(n) - n)  # the torch passes' blocks: padding logits −∞, products 0
