@@ -145,7 +145,7 @@ def grid(args) -> dict:
             continue
         c = params.get("C")
         c = 16 * n / max(2, n // 10) if c == "16N/L" else c
-        est = make_estimator(name, n, **({"C": c} if c is not None else {**params}))
+        est = make_estimator(name, n, **({"C": c} if c is not None else params))
         with tempfile.TemporaryDirectory() as cache:
             os.environ["LOSSFLOOR_CACHE"] = cache  # an index is built inside the timed run
             curve, secs = timed(x, sigmas, est, m, draws=draws)
@@ -374,7 +374,7 @@ def ratio(args) -> dict:
             curve, secs = timed(ds.x, sigmas, est, m, draws="plain")
             row[label] = {"seconds": secs, "cpu_seconds": time.process_time() - cpu,
                           "values": curve.values.tolist()}  # fmt: skip
-        rel, worst = relative_errors(
+        _, worst = relative_errors(
             np.array(row["gram_fused"]["values"]), np.array(row["full"]["values"]),
             curve.data_variance,
         )  # fmt: skip
