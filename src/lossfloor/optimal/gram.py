@@ -258,8 +258,11 @@ class Gram(Estimator):
                 split = _fused_split if self.fused else _torch_split
                 own, rest, pick = split(a, e, n, src, sigmas, draws[:, at], shift, shared)
                 x, sq = x0[s0 : s0 + self.rows], sq0[s0 : s0 + self.rows]
-                forms = _fused_forms(pool, own, rest, pick, src, sq) if self.fused else None
-                closed[:, at], direct[:, at] = forms or self._forms(pool, own, rest, pick, x, sq)
+                if self.fused:
+                    forms = _fused_forms(pool, own, rest, pick, src, sq)
+                else:
+                    forms = self._forms(pool, own, rest, pick, x, sq)
+                closed[:, at], direct[:, at] = forms
         d = pool.dim
         return [
             PerSample(closed=c / d, direct=dd / d) for c, dd in zip(closed, direct, strict=True)
